@@ -1,0 +1,3 @@
+"""UnisonDB: a log-native key-value database server."""
+
+__version__ = "0.1.0"

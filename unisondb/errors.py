@@ -1,0 +1,128 @@
+"""The one error tree of UnisonDB.
+
+Every failure that crosses a module boundary is one of these. Each edge translates
+them exactly once: the HTTP layer (``api/errors.py``) maps ``http_status``, the CLI
+(``cli/__init__.py``) maps ``exit_code``. Foreign exceptions (``OSError``,
+``lmdb.Error``) are converted at the storage boundary with ``raise ... from exc``.
+
+Grouped by who has to act::
+
+    UnisonDBError
+    ├── InvalidRequest          400  the caller sent something we refuse (bad key, bad JSON, bad path)
+    │   └── PayloadTooLarge     413  the body is over the documented limit
+    ├── NotFound                404  unknown namespace, segment or route
+    ├── Conflict                409  a file or state already exists and differs
+    ├── BackupGap               409  asked for segments that retention already deleted
+    ├── StorageError            500  the operator must act on the machine
+    │   ├── PermissionDenied    500  EACCES/EPERM on a path
+    │   ├── NoSpace             507  ENOSPC/EDQUOT on a path
+    │   └── CorruptLog          500  a WAL segment fails its checksum or structure
+    │       └── LsnGap          500  replay would skip LSNs
+    ├── LockedError             exit 3  another process holds the namespace LOCK
+    └── Unavailable             503  the engine is closed or shutting down
+"""
+
+from __future__ import annotations
+
+import errno
+from pathlib import Path
+
+
+class UnisonDBError(Exception):
+    """Base of every error we raise on purpose."""
+
+    http_status = 500
+    exit_code = 1
+
+    def __init__(self, message: str, *, hint: str | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        self.hint = hint
+
+    def __str__(self) -> str:
+        if self.hint:
+            return f"{self.message} (hint: {self.hint})"
+        return self.message
+
+
+class InvalidRequest(UnisonDBError):
+    http_status = 400
+    exit_code = 2
+
+
+class PayloadTooLarge(InvalidRequest):
+    http_status = 413
+
+
+class NotFound(UnisonDBError):
+    http_status = 404
+    exit_code = 4
+
+
+class Conflict(UnisonDBError):
+    http_status = 409
+    exit_code = 5
+
+
+class BackupGap(Conflict):
+    """Segments the caller expects are no longer on disk (deleted by retention)."""
+
+
+class StorageError(UnisonDBError):
+    http_status = 500
+    exit_code = 6
+
+
+class PermissionDenied(StorageError):
+    http_status = 500
+
+
+class NoSpace(StorageError):
+    http_status = 507
+
+
+class CorruptLog(StorageError):
+    """A WAL segment is damaged somewhere other than the torn tail of the newest segment."""
+
+    def __init__(
+        self, message: str, *, path: Path | str | None = None, offset: int | None = None,
+        hint: str | None = None,
+    ) -> None:
+        where = ""
+        if path is not None:
+            where = f"{path}"
+            if offset is not None:
+                where += f" at offset {offset}"
+            where += ": "
+        super().__init__(where + message, hint=hint)
+        self.path = path
+        self.offset = offset
+
+
+class LsnGap(CorruptLog):
+    """Replay found a hole in the LSN sequence."""
+
+
+class LockedError(UnisonDBError):
+    http_status = 503
+    exit_code = 3
+
+
+class Unavailable(UnisonDBError):
+    http_status = 503
+    exit_code = 7
+
+
+def from_os_error(exc: OSError, path: Path | str | None = None) -> UnisonDBError:
+    """Translate an OSError into our tree, naming the path the way the docs show it.
+
+    ``permission denied: <path>`` and ``no space left on device: <path>`` are the exact
+    messages the Backup and Restore document's troubleshooting section shows.
+    """
+    where = path if path is not None else (exc.filename or "")
+    if exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS):
+        return PermissionDenied(f"permission denied: {where}")
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return NoSpace(f"no space left on device: {where}")
+    reason = exc.strerror or str(exc)
+    return StorageError(f"I/O error: {reason.lower()}: {where}")

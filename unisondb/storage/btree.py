@@ -1,0 +1,207 @@
+"""The B-tree: one LMDB environment per namespace at ``<ns>/db/`` (file ``data.mdb``).
+
+Two named sub-databases:
+
+* ``kv``   user keys → values;
+* ``meta`` the checkpoint (``b"checkpoint"``, format below), written in the **same**
+  transaction as the data it describes, so any copy of ``data.mdb`` knows exactly
+  which WAL records it already contains.
+
+Checkpoint value (48 bytes, little-endian)::
+
+    Offset  Size  Field
+    0       8     applied_lsn   last WAL record applied (0 = none)
+    8       8     segment_id    segment holding that record
+    16      8     offset        offset just past that record in its segment
+    24      8     timeline      history this state belongs to
+    32      8     time_ns       time of the applied record
+    40      8     reserved      zero
+
+Durability: LMDB runs with ``metasync=False``: every commit still fsyncs its data
+pages, and LMDB guarantees that a crash can at most undo the *last* commit, never
+corrupt the file. The WAL holds everything acknowledged, so an undone commit is
+replayed on the next start. We never use ``sync=False`` (a crash could then corrupt).
+"""
+
+from __future__ import annotations
+
+import struct
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, BinaryIO
+
+import lmdb
+
+from unisondb.errors import CorruptLog, StorageError, from_os_error
+from unisondb.storage.record import EntryKind, Record
+
+CHECKPOINT_KEY = b"checkpoint"
+CHECKPOINT = struct.Struct("<QQQQQ8x")
+DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space to start; grows by doubling
+
+
+@dataclass(frozen=True, slots=True)
+class Checkpoint:
+    applied_lsn: int = 0
+    segment_id: int = 0
+    offset: int = 0
+    timeline: int = 1
+    time_ns: int = 0
+
+    def encode(self) -> bytes:
+        return CHECKPOINT.pack(
+            self.applied_lsn, self.segment_id, self.offset, self.timeline, self.time_ns
+        )
+
+    @classmethod
+    def decode(cls, raw: bytes) -> Checkpoint:
+        if len(raw) != CHECKPOINT.size:
+            raise CorruptLog(f"checkpoint record has {len(raw)} bytes, expected {CHECKPOINT.size}")
+        return cls(*CHECKPOINT.unpack(raw))
+
+
+class _ReadWriteLock:
+    """Readers share; the map-resize path excludes them (LMDB requires no live txns)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+
+    @contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if self._readers == 0:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class BTree:
+    """LMDB environment of one namespace. Writes come only from the engine's writer thread."""
+
+    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE) -> None:
+        self.path = path
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+            data_file = path / "data.mdb"
+            existing = data_file.stat().st_size if data_file.exists() else 0
+            # A restored snapshot may be larger than the configured map: start above it.
+            size = max(map_size, _round_up(existing * 2, 1 << 20))
+            self.env = lmdb.open(
+                str(path), map_size=size, max_dbs=4, subdir=True, sync=True,
+                metasync=False, readahead=False, max_readers=512, lock=True,
+            )
+            self._kv = self.env.open_db(b"kv")
+            self._meta = self.env.open_db(b"meta")
+        except lmdb.Error as exc:
+            raise CorruptLog(
+                f"cannot open LMDB environment: {exc}", path=path / "data.mdb",
+                hint="if data.mdb was copied from a snapshot, check it with "
+                "'sha256sum -c <snapshot>.sha256'",
+            ) from exc
+        except OSError as exc:
+            raise from_os_error(exc, path) from exc
+        self._rw = _ReadWriteLock()
+        self.map_size = size
+
+    # --- reads (any thread) ---
+
+    def get(self, key: bytes) -> bytes | None:
+        with self._rw.read(), self.env.begin(db=self._kv, buffers=False) as txn:
+            value: bytes | None = txn.get(key)
+            return value
+
+    def read_checkpoint(self) -> Checkpoint:
+        with self._rw.read(), self.env.begin(db=self._meta) as txn:
+            raw = txn.get(CHECKPOINT_KEY)
+        return Checkpoint() if raw is None else Checkpoint.decode(raw)
+
+    def count(self) -> int:
+        with self._rw.read(), self.env.begin(db=self._kv) as txn:
+            n: int = txn.stat(self._kv)["entries"]
+            return n
+
+    def items(self) -> Iterator[tuple[bytes, bytes]]:
+        """All key/value pairs in key order, from one consistent read transaction."""
+        with self._rw.read(), self.env.begin(db=self._kv) as txn:
+            yield from txn.cursor().iternext(keys=True, values=True)
+
+    # --- writes (engine writer thread only) ---
+
+    def apply(self, records: list[Record], checkpoint: Checkpoint) -> None:
+        """Apply records and the checkpoint that ends after them in one durable transaction."""
+        while True:
+            try:
+                with self._rw.read(), self.env.begin(write=True) as txn:
+                    for rec in records:
+                        for e in rec.entries:
+                            if e.kind == EntryKind.PUT:
+                                txn.put(e.key, e.value, db=self._kv)
+                            else:
+                                txn.delete(e.key, db=self._kv)
+                    txn.put(CHECKPOINT_KEY, checkpoint.encode(), db=self._meta)
+                return
+            except lmdb.MapFullError:
+                self._grow()
+            except lmdb.Error as exc:
+                raise StorageError(f"LMDB write failed: {exc}") from exc
+
+    def set_checkpoint(self, checkpoint: Checkpoint) -> None:
+        self.apply([], checkpoint)
+
+    def _grow(self) -> None:
+        with self._rw.write():
+            self.map_size *= 2
+            self.env.set_mapsize(self.map_size)
+
+    def sync(self) -> None:
+        """Force everything committed so far (including the last meta page) to disk."""
+        self.env.sync(True)
+
+    # --- snapshots ---
+
+    def snapshot_to(self, f: BinaryIO) -> Checkpoint:
+        """Write a compacted, consistent copy of the environment to ``f``.
+
+        The copy and the returned checkpoint come from the same read transaction, so
+        the checkpoint says exactly which WAL records the copy contains.
+        """
+        with self._rw.read(), self.env.begin() as txn:
+            raw = txn.get(CHECKPOINT_KEY, db=self._meta)
+            cp = Checkpoint() if raw is None else Checkpoint.decode(raw)
+            self.env.copyfd(f.fileno(), compact=True, txn=txn)
+        return cp
+
+    def stat(self) -> dict[str, Any]:
+        info: dict[str, Any] = self.env.info()
+        return info
+
+    def close(self) -> None:
+        self.env.close()
+
+
+def _round_up(n: int, step: int) -> int:
+    return ((n + step - 1) // step) * step

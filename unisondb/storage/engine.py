@@ -1,0 +1,423 @@
+"""Engine: one namespace = one WAL + one LMDB B-tree, with group commit.
+
+Write path (durable when the returned future resolves)::
+
+    submit(entries) ──► queue ──► writer thread: take every queued request
+                                   ├─ assign contiguous LSNs, encode records
+                                   ├─ append to the active segment (rotate by size)
+                                   ├─ ONE fdatasync for the whole group
+                                   ├─ apply to LMDB + checkpoint in ONE transaction
+                                   └─ resolve every request's future with its LSN
+
+Concurrent writers therefore share one WAL fsync and one LMDB commit. A request is
+acknowledged only after its record is on disk *and* visible to readers.
+
+Reads go straight to LMDB from the caller's thread (read transactions never block on
+the writer).
+
+Failure policy: a failed WAL write (e.g. ENOSPC) is cut back off the segment and fails
+that group's requests; the engine keeps serving. A failed fsync, or an LMDB failure
+after the WAL is durable, leaves the on-disk state uncertain, so the engine stops
+accepting writes (``Unavailable``) until restarted; recovery then replays the WAL.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections import deque
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from unisondb.config import EngineConfig
+from unisondb.errors import InvalidRequest, StorageError, UnisonDBError, Unavailable, from_os_error
+from unisondb.storage import fsutil, layout, record
+from unisondb.storage.btree import BTree, Checkpoint
+from unisondb.storage.lockfile import NamespaceLock
+from unisondb.storage.record import Entry, EntryKind, Record
+from unisondb.storage.recovery import RecoveryResult, recover
+from unisondb.storage.wal import SegmentInfo, Wal
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(slots=True)
+class _Request:
+    entries: tuple[Entry, ...] | None  # None = a control command
+    future: Future[Any]
+    command: str = ""
+
+
+@dataclass(slots=True)
+class EngineStats:
+    ops_received: int = 0
+    ops_flushed: int = 0
+    group_commits: int = 0
+    records_written: int = 0
+
+
+class Engine:
+    """The storage engine of one namespace. Create with ``Engine.open``; close with ``close``."""
+
+    def __init__(self, data_dir: Path, namespace: str, config: EngineConfig) -> None:
+        self.data_dir = data_dir
+        self.namespace = namespace
+        self.config = config
+        self.stats = EngineStats()
+        self._queue: deque[_Request] = deque()
+        self._cond = threading.Condition()
+        self._closing = False
+        self._failed: UnisonDBError | None = None
+        self._thread: threading.Thread | None = None
+        self._lock = NamespaceLock(layout.lock_path(data_dir, namespace))
+        self.btree: BTree
+        self.wal: Wal
+        self.recovery: RecoveryResult
+        self._next_lsn = 1
+        self._last_time_ns = 0
+        self._checkpoint = Checkpoint()
+        #: Highest LSN known to be in a durable LMDB state (after an explicit env sync).
+        self._durable_lsn = 0
+        self._last_retention_check = 0.0
+
+    # --- lifecycle ---
+
+    @classmethod
+    def open(cls, data_dir: Path, namespace: str, config: EngineConfig | None = None) -> Engine:
+        """Lock the namespace, recover, and start the writer thread."""
+        layout.validate_namespace(namespace)
+        eng = cls(data_dir, namespace, config or EngineConfig())
+        ns_dir = layout.namespace_dir(data_dir, namespace)
+        try:
+            ns_dir.mkdir(parents=True, exist_ok=True)
+            layout.backup_root(data_dir, namespace).mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise from_os_error(exc, ns_dir) from exc
+        eng._lock.acquire()
+        try:
+            eng._recover()
+        except BaseException:
+            eng._lock.release()
+            raise
+        eng._thread = threading.Thread(target=eng._writer_loop, name=f"wal-writer-{namespace}",
+                                       daemon=True)
+        eng._thread.start()
+        return eng
+
+    def _recover(self) -> None:
+        removed = fsutil.clean_tmp_files(layout.backup_root(self.data_dir, self.namespace))
+        removed += fsutil.clean_tmp_files(layout.wal_dir(self.data_dir, self.namespace))
+        if removed:
+            log.warning("startup.removed_tmp_files", namespace=self.namespace,
+                        files=[str(p) for p in removed])
+        self.btree = BTree(layout.btree_dir(self.data_dir, self.namespace),
+                           map_size=self.config.map_size)
+        try:
+            self.wal = Wal.open(layout.wal_dir(self.data_dir, self.namespace), self.namespace)
+            self.recovery = recover(self.wal, self.btree)
+            cp = self.recovery.checkpoint
+            # Every start begins a fresh segment: the previous active one is sealed (so it can
+            # be backed up and is immutable), and ids keep growing past anything the
+            # checkpoint has seen (a snapshot copied in from elsewhere included).
+            self.wal.seal_active_if_nonempty()
+            next_id = max(self.wal.max_segment_id(), cp.segment_id) + 1
+            if self.wal.active is not None:
+                next_id = self.wal.active.header.segment_id
+            self.wal.start_segment(next_id, cp.timeline, self.recovery.next_lsn)
+        except BaseException:
+            self.btree.close()
+            raise
+        self.btree.sync()
+        self._checkpoint = cp
+        self._durable_lsn = cp.applied_lsn
+        self._next_lsn = self.recovery.next_lsn
+        self._last_time_ns = cp.time_ns
+        log.info("engine.opened", namespace=self.namespace, applied_lsn=cp.applied_lsn,
+                 replayed=self.recovery.records_replayed, timeline=cp.timeline,
+                 segment=next_id)
+
+    def close(self) -> None:
+        """Finish queued writes, seal nothing, sync and close. Idempotent."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join()
+        try:
+            if self.wal.active is not None and self._failed is None:
+                self.wal.sync()
+            self.btree.sync()
+        finally:
+            self.wal.close()
+            self.btree.close()
+            self._lock.release()
+
+    # --- writes ---
+
+    def submit(self, entries: tuple[Entry, ...] | list[Entry]) -> Future[int]:
+        """Queue one atomic write; the future resolves to its LSN once durable and visible."""
+        entries = tuple(entries)
+        _validate_entries(entries)
+        return self._enqueue(_Request(entries, Future()))
+
+    def _enqueue(self, req: _Request) -> Future[Any]:
+        with self._cond:
+            if self._closing:
+                raise Unavailable(f"namespace {self.namespace} is shutting down")
+            if self._failed is not None:
+                raise Unavailable(
+                    f"namespace {self.namespace} stopped accepting writes after a storage "
+                    f"failure: {self._failed.message}",
+                    hint="fix the cause and restart the server; recovery replays the WAL",
+                )
+            self._queue.append(req)
+            if req.entries is not None:
+                self.stats.ops_received += 1
+            self._cond.notify()
+        return req.future
+
+    def write(self, entries: tuple[Entry, ...] | list[Entry]) -> int:
+        return self.submit(entries).result()
+
+    def put(self, key: bytes, value: bytes) -> int:
+        return self.write([Entry(EntryKind.PUT, key, value)])
+
+    def delete(self, key: bytes) -> int:
+        return self.write([Entry(EntryKind.DELETE, key)])
+
+    def rotate(self) -> int | None:
+        """Seal the active segment if it holds records; return its id (None if it was empty)."""
+        result: int | None = self._enqueue(_Request(None, Future(), "rotate")).result()
+        return result
+
+    # --- reads ---
+
+    def get(self, key: bytes) -> bytes | None:
+        return self.btree.get(key)
+
+    def checkpoint(self) -> Checkpoint:
+        return self.btree.read_checkpoint()
+
+    @property
+    def last_lsn(self) -> int:
+        return self._next_lsn - 1
+
+    def offset(self) -> tuple[int, int]:
+        """(segment id, start offset) of the last record appended; zeros before the first."""
+        act = self.wal.active
+        if act is not None and act.count:
+            return act.header.segment_id, act.last_record_offset
+        sealed = self.wal.sealed_segments()
+        if sealed:
+            return sealed[-1].segment_id, 0
+        return 0, 0
+
+    def segments(self) -> list[SegmentInfo]:
+        return self.wal.segments()
+
+    # --- the writer thread ---
+
+    def _writer_loop(self) -> None:
+        while True:
+            with self._cond:
+                while not self._queue and not self._closing:
+                    self._cond.wait(timeout=self._idle_timeout())
+                    if not self._queue:
+                        break
+                if not self._queue and self._closing:
+                    return
+                group = self._take_group()
+            if group:
+                self._commit_group(group)
+            self._housekeeping()
+
+    def _idle_timeout(self) -> float:
+        age = self.config.segment_max_age
+        return min(age / 4, 30.0) if age > 0 else 30.0
+
+    def _take_group(self) -> list[_Request]:
+        group: list[_Request] = []
+        size = 0
+        while self._queue and size < self.config.max_group_bytes:
+            req = self._queue.popleft()
+            group.append(req)
+            if req.entries is None:
+                break  # control commands run alone, after the writes queued before them
+            size += record.encoded_size(req.entries)
+        return group
+
+    def _commit_group(self, group: list[_Request]) -> None:
+        if group[-1].entries is None:
+            writes, command = group[:-1], group[-1]
+        else:
+            writes, command = group, None
+        if writes:
+            self._commit_writes(writes)
+        if command is not None:
+            self._run_command(command)
+
+    def _commit_writes(self, writes: list[_Request]) -> None:
+        if self._failed is not None:
+            for req in writes:
+                req.future.set_exception(Unavailable(f"namespace {self.namespace} is failed"))
+            return
+        first_lsn = self._next_lsn
+        assert self.wal.active is not None
+        first_segment = self.wal.active.header.segment_id
+        records: list[Record] = []
+        try:
+            seg_id, end = self._append(writes, records)
+        except UnisonDBError as exc:
+            active = self.wal.active
+            if active is None or active.header.segment_id != first_segment:
+                # Part of the group is already durable in a sealed segment: its LSNs are
+                # used, so they must not be handed out again. Only a restart is safe.
+                self._fail(exc, writes)
+                return
+            # Nothing of this group is left in the WAL (append cut it back): reuse the LSNs.
+            self._next_lsn = first_lsn
+            for req in writes:
+                req.future.set_exception(exc)
+            return
+        try:
+            self.wal.sync()
+        except OSError as exc:
+            self._fail(from_os_error(exc, self.wal.active.path if self.wal.active else None),
+                       writes)
+            return
+        cp = Checkpoint(records[-1].lsn, seg_id, end, self._checkpoint.timeline,
+                        records[-1].time_ns)
+        try:
+            self.btree.apply(records, cp)
+        except UnisonDBError as exc:
+            self._fail(exc, writes)
+            return
+        self._checkpoint = cp
+        self.stats.ops_flushed += len(writes)
+        self.stats.group_commits += 1
+        self.stats.records_written += len(records)
+        for req, rec in zip(writes, records, strict=True):
+            req.future.set_result(rec.lsn)
+
+    def _append(self, writes: list[_Request], records: list[Record]) -> tuple[int, int]:
+        """Encode and write the group, rotating by size between records."""
+        chunk: list[bytes] = []
+        meta: list[tuple[int, int, int]] = []
+        chunk_bytes = 0
+        seg_id, end = 0, 0
+        assert self.wal.active is not None
+        for req in writes:
+            assert req.entries is not None
+            now = max(time.time_ns(), self._last_time_ns)
+            self._last_time_ns = now
+            lsn = self._next_lsn
+            data = record.encode(lsn, now, req.entries)
+            active = self.wal.active
+            if (active.count or chunk) and active.size + chunk_bytes + len(data) > \
+                    self.config.segment_size:
+                seg_id, end = self._flush_chunk(chunk, meta)
+                chunk, meta, chunk_bytes = [], [], 0
+                self._seal_and_advance()
+            chunk.append(data)
+            meta.append((lsn, now, len(data)))
+            chunk_bytes += len(data)
+            records.append(Record(lsn, now, req.entries))
+            self._next_lsn += 1
+        if chunk:
+            seg_id, end = self._flush_chunk(chunk, meta)
+        return seg_id, end
+
+    def _flush_chunk(self, chunk: list[bytes], meta: list[tuple[int, int, int]]) -> tuple[int, int]:
+        try:
+            return self.wal.append(b"".join(chunk), meta)
+        except OSError as exc:
+            assert self.wal.active is not None
+            raise from_os_error(exc, self.wal.active.path) from exc
+
+    def _seal_and_advance(self) -> None:
+        # Rotation mid-group: the records already written must be durable before sealing.
+        try:
+            self.wal.sync()
+            self.wal.rotate(self._next_lsn)
+        except OSError as exc:
+            raise from_os_error(exc, self.wal.dir) from exc
+
+    def _fail(self, exc: UnisonDBError, writes: list[_Request]) -> None:
+        log.error("engine.failed", namespace=self.namespace, error=str(exc))
+        self._failed = exc
+        for req in writes:
+            req.future.set_exception(exc)
+
+    def _run_command(self, req: _Request) -> None:
+        try:
+            if req.command == "rotate":
+                sealed = self.wal.rotate(self._next_lsn)
+                req.future.set_result(sealed)
+            else:
+                raise StorageError(f"unknown engine command {req.command}")
+        except OSError as exc:
+            req.future.set_exception(from_os_error(exc, self.wal.dir))
+        except UnisonDBError as exc:
+            req.future.set_exception(exc)
+
+    def _housekeeping(self) -> None:
+        """Age-based rotation and retention; runs on the writer thread between groups."""
+        if self._failed is not None:
+            return
+        act = self.wal.active
+        try:
+            if (act is not None and act.count and self.config.segment_max_age > 0
+                    and time.time_ns() - act.header.created_ns
+                    > self.config.segment_max_age * 1e9):
+                self.wal.rotate(self._next_lsn)
+            now = time.monotonic()
+            if now - self._last_retention_check > 30:
+                self._last_retention_check = now
+                self._apply_retention()
+        except (OSError, UnisonDBError) as exc:
+            log.error("engine.housekeeping_failed", namespace=self.namespace, error=str(exc))
+
+    def _apply_retention(self) -> None:
+        """Delete sealed segments the durable checkpoint has passed and retention allows."""
+        cutoff_ns = time.time_ns() - int(self.config.retention * 1e9)
+        candidates = [s for s in self.wal.sealed_segments() if s.max_time_ns < cutoff_ns
+                      and s.created_ns < cutoff_ns]
+        if not candidates:
+            return
+        self.btree.sync()  # everything committed so far is now durable
+        self._durable_lsn = self._checkpoint.applied_lsn
+        for s in candidates:
+            if s.last_lsn <= self._durable_lsn:
+                log.info("wal.retention_delete", namespace=self.namespace, segment=s.segment_id)
+                self.wal.delete_segment(s.segment_id)
+
+    def describe(self) -> dict[str, Any]:
+        act = self.wal.active
+        return {
+            "namespace": self.namespace,
+            "opsReceived": self.stats.ops_received,
+            "opsFlushed": self.stats.ops_flushed,
+            "currentSegment": act.header.segment_id if act else 0,
+            "currentOffset": act.size if act else 0,
+            "lastLsn": self.last_lsn,
+            "timeline": self._checkpoint.timeline,
+            "keys": self.btree.count(),
+        }
+
+
+def _validate_entries(entries: tuple[Entry, ...]) -> None:
+    if not entries:
+        raise InvalidRequest("a write needs at least one entry")
+    for e in entries:
+        if not e.key:
+            raise InvalidRequest("key cannot be empty")
+        if len(e.key) > record.MAX_KEY:
+            raise InvalidRequest(
+                f"key is {len(e.key)} bytes; the maximum is {record.MAX_KEY} bytes (UTF-8)"
+            )

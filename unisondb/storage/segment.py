@@ -1,0 +1,358 @@
+"""WAL segment file format: header, records, and (once sealed) a footer.
+
+A segment is named ``%09d.wal`` after its id. All integers are little-endian.
+
+Header (64 bytes, written once at creation through tmp + fsync + rename)::
+
+    Offset  Size  Field
+    0       4     magic        b"UDBW"
+    4       2     version      1
+    6       2     flags        0 (reserved)
+    8       8     segment_id   equals the id in the file name
+    16      8     timeline     bumped by every restore; a new history never reuses an old one
+    24      8     first_lsn    LSN the first record of this segment must carry
+    32      8     created_ns   wall-clock nanoseconds at creation
+    40      4     ns_crc       CRC32C of the namespace name (detects a segment from another namespace)
+    44      16    reserved     zero
+    60      4     crc          CRC32C of bytes [0, 60)
+
+Records follow from offset 64, back to back (format in ``record.py``).
+
+Footer (48 bytes, appended when the segment is sealed; a sealed segment is never written again
+and has no bytes besides header, records and footer)::
+
+    Offset  Size  Field
+    0       4     magic        b"UDBF"
+    4       4     reserved     zero
+    8       8     last_lsn     LSN of the last record
+    16      8     min_time_ns  smallest record time
+    24      8     max_time_ns  largest record time
+    32      8     count        number of records
+    40      4     reserved     zero
+    44      4     crc          CRC32C of bytes [0, 44)
+
+The footer lets backup, point-in-time planning and gap checks know a sealed segment's
+LSN and time range by reading 112 bytes instead of scanning it.
+"""
+
+from __future__ import annotations
+
+import os
+import struct
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import crc32c
+
+from unisondb.errors import CorruptLog, from_os_error
+from unisondb.storage import fsutil, record
+from unisondb.storage.layout import segment_name
+
+MAGIC = b"UDBW"
+FOOTER_MAGIC = b"UDBF"
+VERSION = 1
+HEADER = struct.Struct("<4sHHQQQQI16xI")
+FOOTER = struct.Struct("<4s4xQQQQ4xI")
+HEADER_SIZE = HEADER.size  # 64
+FOOTER_SIZE = FOOTER.size  # 48
+
+
+def namespace_crc(namespace: str) -> int:
+    return int(crc32c.crc32c(namespace.encode()))
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentHeader:
+    segment_id: int
+    timeline: int
+    first_lsn: int
+    created_ns: int
+    ns_crc: int = 0
+
+    def encode(self) -> bytes:
+        body = HEADER.pack(
+            MAGIC, VERSION, 0, self.segment_id, self.timeline, self.first_lsn,
+            self.created_ns, self.ns_crc, 0,
+        )[:60]
+        return body + struct.pack("<I", crc32c.crc32c(body))
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentFooter:
+    last_lsn: int
+    min_time_ns: int
+    max_time_ns: int
+    count: int
+
+    def encode(self) -> bytes:
+        body = FOOTER.pack(
+            FOOTER_MAGIC, self.last_lsn, self.min_time_ns, self.max_time_ns, self.count, 0
+        )[:44]
+        return body + struct.pack("<I", crc32c.crc32c(body))
+
+
+def decode_header(buf: bytes, path: Path) -> SegmentHeader:
+    if len(buf) < HEADER_SIZE:
+        raise CorruptLog("segment header is truncated", path=path, offset=0)
+    magic, version, _flags, seg_id, timeline, first_lsn, created, ns_crc, crc = HEADER.unpack_from(
+        buf, 0
+    )
+    if magic != MAGIC:
+        raise CorruptLog(f"not a UnisonDB WAL segment (magic {magic!r})", path=path, offset=0)
+    if crc32c.crc32c(buf[:60]) != crc:
+        raise CorruptLog("segment header checksum mismatch", path=path, offset=0)
+    if version != VERSION:
+        raise CorruptLog(f"unsupported segment format version {version}", path=path, offset=4)
+    return SegmentHeader(seg_id, timeline, first_lsn, created, ns_crc)
+
+
+def try_decode_footer(buf: bytes | memoryview) -> SegmentFooter | None:
+    """Return the footer if the last FOOTER_SIZE bytes of ``buf`` are a valid one."""
+    if len(buf) < HEADER_SIZE + FOOTER_SIZE:
+        return None
+    tail = bytes(buf[-FOOTER_SIZE:])
+    magic, last_lsn, tmin, tmax, count, crc = FOOTER.unpack(tail)
+    if magic != FOOTER_MAGIC or crc32c.crc32c(tail[:44]) != crc:
+        return None
+    return SegmentFooter(last_lsn, tmin, tmax, count)
+
+
+@dataclass(slots=True)
+class SegmentScan:
+    """The result of reading one segment file from start to end."""
+
+    path: Path
+    header: SegmentHeader
+    footer: SegmentFooter | None
+    #: (record, start offset, end offset) for every valid record, in order.
+    records: list[tuple[record.Record, int, int]] = field(default_factory=list)
+    #: Offset just past the last valid record (where the next record would go).
+    data_end: int = HEADER_SIZE
+    file_size: int = 0
+    #: Why scanning stopped before the end of an unsealed file, if it did.
+    tail_error: str | None = None
+    #: True if a valid record follows the bad one: damage in the middle, not a torn tail.
+    tail_is_midlog: bool = False
+
+    @property
+    def sealed(self) -> bool:
+        return self.footer is not None
+
+    @property
+    def first_lsn(self) -> int:
+        return self.header.first_lsn
+
+    @property
+    def last_lsn(self) -> int:
+        return self.records[-1][0].lsn if self.records else self.header.first_lsn - 1
+
+
+def read_file(path: Path) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except OSError as exc:
+        raise from_os_error(exc, path) from exc
+
+
+def scan(path: Path, buf: bytes | None = None) -> SegmentScan:
+    """Read and verify a whole segment.
+
+    A sealed segment must be perfect: every record valid, LSNs contiguous from the
+    header's ``first_lsn``, and the footer matching; anything else is ``CorruptLog``.
+    An unsealed segment stops at the first invalid record and reports it in
+    ``tail_error``; whether that is a torn tail or corruption is the caller's call
+    (only the newest segment may have a torn tail).
+    """
+    data = read_file(path) if buf is None else buf
+    header = decode_header(data, path)
+    footer = try_decode_footer(data)
+    end = len(data) - FOOTER_SIZE if footer is not None else len(data)
+    result = SegmentScan(path, header, footer, file_size=len(data))
+    view = memoryview(data)[:end]
+    pos = HEADER_SIZE
+    expected = header.first_lsn
+    while pos < end:
+        try:
+            rec, nxt = record.decode(view, pos)
+        except record.RecordError as exc:
+            if footer is not None:
+                raise CorruptLog(
+                    f"invalid record in sealed segment: {exc.reason}", path=path, offset=pos,
+                    hint="restore this segment from a backup copy (unisondb backup verify "
+                    "names the good copies)",
+                ) from None
+            result.tail_error = f"{exc.reason} at offset {pos}"
+            result.tail_is_midlog = _valid_record_follows(view, pos)
+            break
+        if rec.lsn != expected:
+            raise CorruptLog(
+                f"record LSN {rec.lsn} where {expected} was expected", path=path, offset=pos
+            )
+        result.records.append((rec, pos, nxt))
+        expected += 1
+        pos = nxt
+    result.data_end = pos
+    if footer is not None:
+        _check_footer(result, footer)
+    return result
+
+
+def _valid_record_follows(view: memoryview, pos: int) -> bool:
+    """After a bad record at ``pos``, does a good one start where its length says it ends?"""
+    if len(view) - pos < record.HEADER_SIZE:
+        return False
+    _crc, body_len = record.HEADER.unpack_from(view, pos)
+    if body_len < record.MIN_BODY or body_len > record.MAX_BODY:
+        return False
+    try:
+        record.decode(view, pos + record.HEADER_SIZE + body_len)
+    except record.RecordError:
+        return False
+    return True
+
+
+def _check_footer(result: SegmentScan, footer: SegmentFooter) -> None:
+    recs = [r for r, _s, _e in result.records]
+    times = [r.time_ns for r in recs]
+    ok = (
+        footer.count == len(recs)
+        and footer.last_lsn == result.last_lsn
+        and (not recs or (footer.min_time_ns == min(times) and footer.max_time_ns == max(times)))
+    )
+    if not ok:
+        raise CorruptLog(
+            "segment footer does not match its records", path=result.path,
+            offset=result.file_size - FOOTER_SIZE,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentSummary:
+    """What a sealed segment's header and footer say, read without scanning it."""
+
+    path: Path
+    header: SegmentHeader
+    footer: SegmentFooter | None
+    size: int
+
+
+def read_summary(path: Path) -> SegmentSummary:
+    """Read only the header and (if present) the footer of a segment."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(HEADER_SIZE)
+            size = os.fstat(f.fileno()).st_size
+            footer = None
+            if size >= HEADER_SIZE + FOOTER_SIZE:
+                f.seek(size - FOOTER_SIZE)
+                footer = try_decode_footer(head + f.read(FOOTER_SIZE))
+    except OSError as exc:
+        raise from_os_error(exc, path) from exc
+    return SegmentSummary(path, decode_header(head, path), footer, size)
+
+
+class ActiveSegment:
+    """The one segment that is being appended to. Only the WAL writer thread touches it."""
+
+    def __init__(self, path: Path, header: SegmentHeader, fd: int, size: int) -> None:
+        self.path = path
+        self.header = header
+        self._fd = fd
+        self.size = size
+        self.count = 0
+        self.last_lsn = header.first_lsn - 1
+        self.min_time_ns = 0
+        self.max_time_ns = 0
+        #: Offset at which the most recent record starts (for the /offset endpoint).
+        self.last_record_offset = 0
+
+    @classmethod
+    def create(cls, directory: Path, header: SegmentHeader) -> ActiveSegment:
+        """Create a new segment durably: the header is whole before the name exists."""
+        path = directory / segment_name(header.segment_id)
+        fsutil.write_file_atomic(path, header.encode())
+        return cls.open_existing(path, header, HEADER_SIZE)
+
+    @classmethod
+    def open_existing(cls, path: Path, header: SegmentHeader, size: int) -> ActiveSegment:
+        try:
+            fd = os.open(path, os.O_WRONLY)
+        except OSError as exc:
+            raise from_os_error(exc, path) from exc
+        return cls(path, header, fd, size)
+
+    def note_records(self, recs: list[tuple[int, int, int]]) -> None:
+        """Account for records already present (lsn, time_ns, start offset)."""
+        for lsn, t, start in recs:
+            self._account(lsn, t, start)
+
+    def _account(self, lsn: int, time_ns: int, start: int) -> None:
+        if self.count == 0:
+            self.min_time_ns = self.max_time_ns = time_ns
+        else:
+            self.min_time_ns = min(self.min_time_ns, time_ns)
+            self.max_time_ns = max(self.max_time_ns, time_ns)
+        self.count += 1
+        self.last_lsn = lsn
+        self.last_record_offset = start
+
+    def append(self, data: bytes, meta: list[tuple[int, int, int]]) -> None:
+        """Write encoded records at the end; ``meta`` is (lsn, time_ns, length) per record.
+
+        Not durable until ``sync``. On error the file is cut back to its previous size
+        so a failed write never leaves half a record before the next one.
+        """
+        start = self.size
+        try:
+            written = os.pwrite(self._fd, data, start)
+            if written != len(data):
+                raise OSError(28, "short write")
+        except OSError:
+            self.truncate(start)
+            raise
+        pos = start
+        for lsn, t, length in meta:
+            self._account(lsn, t, pos)
+            pos += length
+        self.size = start + len(data)
+
+    def truncate(self, size: int) -> None:
+        os.ftruncate(self._fd, size)
+        self.size = size
+
+    def sync(self) -> None:
+        fsutil.fdatasync(self._fd)
+
+    def footer(self) -> SegmentFooter:
+        return SegmentFooter(self.last_lsn, self.min_time_ns, self.max_time_ns, self.count)
+
+    def seal(self) -> SegmentFooter:
+        """Append the footer and make it durable; the file is immutable afterwards."""
+        footer = self.footer()
+        data = footer.encode()
+        os.pwrite(self._fd, data, self.size)
+        self.size += len(data)
+        fsutil.fdatasync(self._fd)
+        self.close()
+        return footer
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+def iter_segment_files(directory: Path) -> Iterator[tuple[int, Path]]:
+    """(id, path) of every segment file in ``directory``, ascending by id."""
+    from unisondb.storage.layout import parse_segment_name
+
+    if not directory.is_dir():
+        return iter(())
+    found = []
+    for p in directory.iterdir():
+        seg_id = parse_segment_name(p.name)
+        if seg_id is not None and p.is_file():
+            found.append((seg_id, p))
+    return iter(sorted(found))

@@ -1,0 +1,273 @@
+"""The segmented write-ahead log of one namespace.
+
+Segments live in ``<ns>/wal/`` as ``%09d.wal`` (format in ``segment.py``). Exactly one
+segment, the newest, is *active*; every older one is *sealed* (footer written, never
+modified again). Segment ids only grow.
+
+Threading: ``append``/``sync``/``rotate``/``delete_segment`` are called only by the
+engine's writer thread. ``sealed_segments`` and ``summaries`` may be called from any
+thread; they read a snapshot of the segment table under ``_lock``.
+
+Opening (``Wal.open``) repairs what a crash can leave behind and refuses everything else:
+
+* a torn tail in the newest segment is the end of the log: the file is copied to
+  ``<name>.broken``, truncated to its last whole record and fsynced;
+* a damaged record anywhere else, or in the middle of the newest segment, is ``CorruptLog``
+  naming the file and offset;
+* an older segment without a footer (only possible if a crash hit between writing the
+  last record and the footer) is scanned fully and sealed.
+"""
+
+from __future__ import annotations
+
+import shutil
+import threading
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+
+from unisondb.errors import CorruptLog, from_os_error
+from unisondb.storage import fsutil, segment
+from unisondb.storage.segment import ActiveSegment, SegmentFooter, SegmentHeader
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentInfo:
+    """What the WAL knows about one segment without reading it."""
+
+    segment_id: int
+    path: Path
+    timeline: int
+    first_lsn: int
+    last_lsn: int  # first_lsn - 1 when empty
+    count: int
+    min_time_ns: int
+    max_time_ns: int
+    created_ns: int
+    size: int
+    sealed: bool
+
+
+@dataclass(slots=True)
+class OpenReport:
+    """What ``Wal.open`` had to do, for logs and metrics."""
+
+    truncated_bytes: int = 0
+    broken_copy: Path | None = None
+    sealed_on_open: int = 0
+
+
+class Wal:
+    def __init__(self, directory: Path, namespace: str) -> None:
+        self.dir = directory
+        self.namespace = namespace
+        self.ns_crc = segment.namespace_crc(namespace)
+        self._lock = threading.Lock()
+        self._sealed: dict[int, SegmentInfo] = {}
+        self.active: ActiveSegment | None = None
+        self.report = OpenReport()
+        #: Counters for metrics (read by the metrics collector).
+        self.bytes_written = 0
+        self.fsyncs = 0
+        self.rotations = 0
+
+    # --- opening ---
+
+    @classmethod
+    def open(cls, directory: Path, namespace: str) -> Wal:
+        """Load the segment table and repair a torn tail; does not create a segment."""
+        wal = cls(directory, namespace)
+        try:
+            directory.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise from_os_error(exc, directory) from exc
+        files = list(segment.iter_segment_files(directory))
+        for i, (seg_id, path) in enumerate(files):
+            is_last = i == len(files) - 1
+            summary = segment.read_summary(path)
+            if summary.header.segment_id != seg_id:
+                raise CorruptLog(
+                    f"header says segment {summary.header.segment_id} but the file is named "
+                    f"for segment {seg_id}", path=path, offset=8,
+                )
+            if summary.footer is not None:
+                wal._sealed[seg_id] = _info_from_footer(summary.header, summary.footer, path,
+                                                        summary.size)
+                continue
+            scan = segment.scan(path)
+            if scan.tail_error is not None:
+                if not is_last or scan.tail_is_midlog:
+                    raise CorruptLog(
+                        f"damaged record ({scan.tail_error}) with more log after it",
+                        path=path, offset=scan.data_end,
+                        hint="restore the segment from a WAL backup; if none exists, "
+                        "'unisondb wal inspect' shows the last good record",
+                    )
+                wal._repair_torn_tail(scan)
+            if is_last:
+                wal._set_active(scan)
+            else:
+                wal._seal_scanned(scan)
+        return wal
+
+    def _repair_torn_tail(self, scan: segment.SegmentScan) -> None:
+        broken = scan.path.with_name(scan.path.name + ".broken")
+        cut = scan.file_size - scan.data_end
+        log.warning("wal.torn_tail", path=str(scan.path), offset=scan.data_end,
+                    bytes_dropped=cut, reason=scan.tail_error, broken_copy=str(broken))
+        try:
+            shutil.copyfile(scan.path, broken)
+            with open(scan.path, "r+b") as f:
+                f.truncate(scan.data_end)
+                fsutil.fsync(f.fileno())
+            fsutil.fsync_dir(self.dir)
+        except OSError as exc:
+            raise from_os_error(exc, scan.path) from exc
+        self.report.truncated_bytes += cut
+        self.report.broken_copy = broken
+
+    def _set_active(self, scan: segment.SegmentScan) -> None:
+        act = ActiveSegment.open_existing(scan.path, scan.header, scan.data_end)
+        act.note_records([(r.lsn, r.time_ns, start) for r, start, _end in scan.records])
+        self.active = act
+
+    def _seal_scanned(self, scan: segment.SegmentScan) -> None:
+        act = ActiveSegment.open_existing(scan.path, scan.header, scan.data_end)
+        act.note_records([(r.lsn, r.time_ns, start) for r, start, _end in scan.records])
+        self._seal(act)
+        self.report.sealed_on_open += 1
+
+    # --- the segment table ---
+
+    def segments(self) -> list[SegmentInfo]:
+        """All segments, sealed and active, ascending by id."""
+        with self._lock:
+            infos = sorted(self._sealed.values(), key=lambda s: s.segment_id)
+            if self.active is not None:
+                infos.append(self._active_info(self.active))
+        return infos
+
+    def sealed_segments(self) -> list[SegmentInfo]:
+        with self._lock:
+            return sorted(self._sealed.values(), key=lambda s: s.segment_id)
+
+    def max_segment_id(self) -> int:
+        with self._lock:
+            ids = list(self._sealed)
+            if self.active is not None:
+                ids.append(self.active.header.segment_id)
+        return max(ids, default=0)
+
+    @property
+    def last_lsn(self) -> int:
+        if self.active is not None and (self.active.count or not self._sealed):
+            return self.active.last_lsn
+        sealed = self.sealed_segments()
+        return sealed[-1].last_lsn if sealed else 0
+
+    def _active_info(self, act: ActiveSegment) -> SegmentInfo:
+        h = act.header
+        return SegmentInfo(h.segment_id, act.path, h.timeline, h.first_lsn, act.last_lsn,
+                           act.count, act.min_time_ns, act.max_time_ns, h.created_ns, act.size,
+                           False)
+
+    # --- writing (writer thread only) ---
+
+    def start_segment(self, segment_id: int, timeline: int, first_lsn: int) -> None:
+        """Create a new active segment (the previous one must already be sealed or absent)."""
+        assert self.active is None or self.active.count == 0
+        if self.active is not None:
+            # An empty active segment carries no data; replace it rather than seal it.
+            old = self.active
+            old.close()
+            fsutil.remove_quietly(old.path)
+            self.active = None
+        header = SegmentHeader(segment_id, timeline, first_lsn, time.time_ns(), self.ns_crc)
+        self.active = ActiveSegment.create(self.dir, header)
+        fsutil.fsync_dir(self.dir)
+
+    def append(self, data: bytes, meta: list[tuple[int, int, int]]) -> tuple[int, int]:
+        """Append encoded records; return (segment id, end offset). Durable after ``sync``."""
+        assert self.active is not None
+        self.active.append(data, meta)
+        self.bytes_written += len(data)
+        return self.active.header.segment_id, self.active.size
+
+    def sync(self) -> None:
+        assert self.active is not None
+        self.active.sync()
+        self.fsyncs += 1
+
+    def rotate(self, next_lsn: int) -> int | None:
+        """Seal the active segment if it holds records and start the next; return the sealed id."""
+        act = self.active
+        if act is None or act.count == 0:
+            return None
+        self._seal(act)
+        self.active = None
+        self.start_segment(act.header.segment_id + 1, act.header.timeline, next_lsn)
+        self.rotations += 1
+        return act.header.segment_id
+
+    def _seal(self, act: ActiveSegment) -> None:
+        try:
+            footer = act.seal()
+        except OSError as exc:
+            raise from_os_error(exc, act.path) from exc
+        info = _info_from_footer(act.header, footer, act.path, act.size)
+        with self._lock:
+            self._sealed[info.segment_id] = info
+
+    def seal_active_if_nonempty(self) -> None:
+        """Used at startup and shutdown: close out the active segment so the next run starts fresh."""
+        act = self.active
+        if act is None:
+            return
+        if act.count:
+            self._seal(act)
+        else:
+            act.close()
+        self.active = None
+
+    def delete_segment(self, segment_id: int) -> None:
+        with self._lock:
+            info = self._sealed.pop(segment_id)
+        try:
+            info.path.unlink()
+            fsutil.fsync_dir(self.dir)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise from_os_error(exc, info.path) from exc
+
+    def close(self) -> None:
+        if self.active is not None:
+            self.active.close()
+            self.active = None
+
+    # --- reading ---
+
+    def replay_from(self, after_lsn: int) -> Iterator[tuple[segment.SegmentScan, int]]:
+        """Scans of every segment that holds records with LSN > ``after_lsn``, in order.
+
+        Yields (scan, index of the first record with LSN > after_lsn). Segments entirely
+        at or before ``after_lsn`` are skipped by their footer, never read.
+        """
+        for info in self.segments():
+            if info.last_lsn <= after_lsn:
+                continue
+            scan = segment.scan(info.path)
+            start = 0
+            while start < len(scan.records) and scan.records[start][0].lsn <= after_lsn:
+                start += 1
+            yield scan, start
+
+
+def _info_from_footer(h: SegmentHeader, f: SegmentFooter, path: Path, size: int) -> SegmentInfo:
+    return SegmentInfo(h.segment_id, path, h.timeline, h.first_lsn, f.last_lsn, f.count,
+                       f.min_time_ns, f.max_time_ns, h.created_ns, size, True)
