@@ -114,13 +114,14 @@ def load_config(
     unknown = set(raw) - known
     if unknown:
         raise InvalidRequest(f"unknown config keys in {config_file}: {', '.join(sorted(unknown))}")
+    default = EngineConfig()
     wal = dict(raw.get("wal", {}))
     wal.update({k: v for k, v in (overrides or {}).items() if v is not None})
     engine = EngineConfig(
-        segment_size=parse_size(wal.get("segment_size", EngineConfig.segment_size)),
-        segment_max_age=parse_duration(wal.get("segment_max_age", EngineConfig.segment_max_age)),
-        retention=parse_duration(wal.get("retention", EngineConfig.retention)),
-        map_size=parse_size(raw.get("btree", {}).get("map_size", EngineConfig.map_size)),
+        segment_size=parse_size(wal.get("segment_size", default.segment_size)),
+        segment_max_age=parse_duration(wal.get("segment_max_age", default.segment_max_age)),
+        retention=parse_duration(wal.get("retention", default.retention)),
+        map_size=parse_size(raw.get("btree", {}).get("map_size", default.map_size)),
     )
     if engine.segment_size < 4096:
         raise InvalidRequest("wal segment_size must be at least 4KiB")

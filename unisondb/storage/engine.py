@@ -205,6 +205,11 @@ class Engine:
         return self.btree.read_checkpoint()
 
     @property
+    def applied_lsn(self) -> int:
+        """Last LSN applied to the B-tree (equal to ``last_lsn`` between group commits)."""
+        return self._checkpoint.applied_lsn
+
+    @property
     def last_lsn(self) -> int:
         return self._next_lsn - 1
 

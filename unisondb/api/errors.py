@@ -1,0 +1,53 @@
+"""The one place where errors become HTTP responses: ``{"error": "<message>"}``.
+
+UnisonDB errors carry their own ``http_status``. Starlette's own HTTP exceptions (unknown
+route → 404, wrong method → 405) get the same JSON envelope. Anything else is a bug: it
+is logged with its traceback and answered with 500, and the connection stays usable.
+"""
+
+from __future__ import annotations
+
+import orjson
+import structlog
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import Response
+
+from unisondb.errors import UnisonDBError
+
+log = structlog.get_logger(__name__)
+
+
+def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
+    return Response(orjson.dumps({"error": message}), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+async def handle_unisondb_error(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, UnisonDBError)
+    if exc.http_status >= 500:
+        log.error("request.failed", path=request.url.path, error=str(exc))
+    return error_response(exc.http_status, exc.message)
+
+
+async def handle_http_exception(request: Request, exc: Exception) -> Response:
+    assert isinstance(exc, HTTPException)
+    if exc.status_code == 404:
+        message = f"not found: {request.method} {request.url.path}"
+    elif exc.status_code == 405:
+        message = f"method {request.method} not allowed on {request.url.path}"
+    else:
+        message = str(exc.detail)
+    return error_response(exc.status_code, message, dict(exc.headers or {}))
+
+
+async def handle_unexpected(request: Request, exc: Exception) -> Response:
+    log.exception("request.bug", path=request.url.path, error=repr(exc))
+    return error_response(500, f"internal error: {type(exc).__name__}")
+
+
+EXCEPTION_HANDLERS = {
+    UnisonDBError: handle_unisondb_error,
+    HTTPException: handle_http_exception,
+    Exception: handle_unexpected,
+}

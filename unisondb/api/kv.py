@@ -1,0 +1,120 @@
+"""KV and namespace-metadata handlers. Each one parses, makes one engine call, serializes.
+
+Writes are awaited through the engine's group commit, so a 200 means the record is
+fsynced in the WAL and visible in the B-tree.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import orjson
+from starlette.requests import Request
+from starlette.responses import Response
+
+from unisondb.api.parsing import (
+    decode_b64,
+    encode_b64,
+    key_from_path,
+    key_from_text,
+    read_json_object,
+)
+from unisondb.errors import InvalidRequest, NotFound
+from unisondb.storage.engine import Engine
+from unisondb.storage.record import Entry, EntryKind
+
+#: Segments before the key in /api/v1/{ns}/kv/{key}.
+_KEY_PREFIX = 4
+
+
+def json_response(payload: Any, status: int = 200) -> Response:
+    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+
+
+def engine_for(request: Request) -> Engine:
+    ns = request.path_params["namespace"]
+    engines: dict[str, Engine] = request.app.state.engines
+    engine = engines.get(ns)
+    if engine is None:
+        raise NotFound(f"namespace not found: {ns}")
+    return engine
+
+
+async def _write(engine: Engine, entries: list[Entry]) -> int:
+    return await asyncio.wrap_future(engine.submit(entries))
+
+
+async def put_kv(request: Request) -> Response:
+    engine = engine_for(request)
+    key = key_from_path(request, _KEY_PREFIX)
+    body = await read_json_object(request)
+    if "value" not in body:
+        raise InvalidRequest("invalid request body: missing field 'value' (base64 string)")
+    value = decode_b64(body["value"])
+    await _write(engine, [Entry(EntryKind.PUT, key, value)])
+    return json_response({"success": True})
+
+
+async def get_kv(request: Request) -> Response:
+    engine = engine_for(request)
+    key = key_from_path(request, _KEY_PREFIX)
+    value = engine.get(key)
+    if value is None:
+        return json_response({"value": "", "found": False})
+    return json_response({"value": encode_b64(value), "found": True})
+
+
+async def delete_kv(request: Request) -> Response:
+    engine = engine_for(request)
+    key = key_from_path(request, _KEY_PREFIX)
+    await _write(engine, [Entry(EntryKind.DELETE, key)])
+    return json_response({"success": True})
+
+
+async def batch_kv(request: Request) -> Response:
+    """One atomic WAL record for the whole batch: after any crash all of it or none."""
+    engine = engine_for(request)
+    body = await read_json_object(request)
+    op = body.get("operation")
+    entries: list[Entry] = []
+    if op == "put":
+        items = body.get("items")
+        if not isinstance(items, list) or not items:
+            raise InvalidRequest("items cannot be empty")
+        for i, item in enumerate(items):
+            if not isinstance(item, dict):
+                raise InvalidRequest(f"item at index {i} must be an object with key and value")
+            key = key_from_text(item.get("key"), f"key at index {i}")
+            value = decode_b64(item.get("value"), f"value at index {i}")
+            entries.append(Entry(EntryKind.PUT, key, value))
+    elif op == "delete":
+        keys = body.get("keys")
+        if not isinstance(keys, list) or not keys:
+            raise InvalidRequest("keys cannot be empty")
+        for i, k in enumerate(keys):
+            entries.append(Entry(EntryKind.DELETE, key_from_text(k, f"key at index {i}")))
+    else:
+        raise InvalidRequest(f"unknown operation: {op!r} (expected 'put' or 'delete')")
+    await _write(engine, entries)
+    return json_response({"success": True, "count": len(entries)})
+
+
+async def get_offset(request: Request) -> Response:
+    seg, off = engine_for(request).offset()
+    return json_response({"segmentId": seg, "offset": off})
+
+
+async def get_stats(request: Request) -> Response:
+    return json_response(engine_for(request).describe())
+
+
+async def get_checkpoint(request: Request) -> Response:
+    cp = engine_for(request).checkpoint()
+    return json_response({
+        "recordProcessed": cp.applied_lsn,
+        "segmentId": cp.segment_id,
+        "offset": cp.offset,
+        "lsn": cp.applied_lsn,
+        "timeline": cp.timeline,
+    })

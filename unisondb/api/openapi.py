@@ -1,0 +1,120 @@
+"""The OpenAPI 3.1 description served at ``/openapi.json``.
+
+Hand-written (the API is small and its error shapes matter more than generated
+schemas); ``tests/integration/test_openapi.py`` checks that it names exactly the
+routes the app serves.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+_ERROR = {"$ref": "#/components/schemas/Error"}
+_NS = {"name": "namespace", "in": "path", "required": True, "schema": {"type": "string"}}
+_KEY = {"name": "key", "in": "path", "required": True,
+        "description": "any non-empty UTF-8 path segment (percent-encoded), at most 511 bytes",
+        "schema": {"type": "string"}}
+
+
+def _json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"content": {"application/json": {"schema": schema}}}
+
+
+def _errors(*codes: int) -> dict[str, Any]:
+    text = {400: "bad input", 404: "unknown namespace", 409: "conflict", 413: "body too large",
+            500: "I/O failure", 503: "namespace unavailable", 507: "no space left on device"}
+    return {str(c): {"description": text[c], **_json(_ERROR)} for c in codes}
+
+
+def _op(summary: str, ok: dict[str, Any], *errs: int, body: dict[str, Any] | None = None,
+        params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+    op: dict[str, Any] = {
+        "summary": summary,
+        "parameters": params if params is not None else [_NS],
+        "responses": {"200": {"description": "OK", **_json(ok)}, **_errors(*errs)},
+    }
+    if body is not None:
+        op["requestBody"] = {"required": True, **_json(body)}
+    return op
+
+
+def build_openapi(max_body_bytes: int) -> dict[str, Any]:
+    obj = "object"
+    success = {"type": obj, "properties": {"success": {"type": "boolean"}}}
+    b64 = {"type": "string", "contentEncoding": "base64"}
+    backup_seg = {"type": obj, "properties": {"segmentId": {"type": "integer"},
+                                              "path": {"type": "string"}}}
+    paths: dict[str, Any] = {
+        "/health": {"get": _op("Liveness and namespaces", {"$ref": "#/components/schemas/Health"},
+                               params=[])},
+        "/healthz": {"get": _op("Same as /health", {"$ref": "#/components/schemas/Health"},
+                                params=[])},
+        "/metrics": {"get": {"summary": "Prometheus metrics", "parameters": [],
+                             "responses": {"200": {"description": "Prometheus text format"}}}},
+        "/openapi.json": {"get": {"summary": "This document", "parameters": [],
+                                  "responses": {"200": {"description": "OpenAPI 3.1"}}}},
+        "/api/v1/{namespace}/kv/{key}": {
+            "get": _op("Read a key (missing → found:false)",
+                       {"type": obj, "properties": {"value": b64, "found": {"type": "boolean"}}},
+                       400, 404, params=[_NS, _KEY]),
+            "put": _op("Write a key (durable when answered)", success, 400, 404, 413, 500, 503,
+                       507, body={"type": obj, "required": ["value"], "properties": {"value": b64}},
+                       params=[_NS, _KEY]),
+            "delete": _op("Delete a key (logged even if absent)", success, 400, 404, 500, 503, 507,
+                          params=[_NS, _KEY]),
+        },
+        "/api/v1/{namespace}/kv/batch": {
+            "post": _op(
+                "Atomic batch of puts or deletes (one WAL record)",
+                {"type": obj, "properties": {"success": {"type": "boolean"},
+                                             "count": {"type": "integer"}}},
+                400, 404, 413, 500, 503, 507,
+                body={"oneOf": [
+                    {"type": obj, "properties": {
+                        "operation": {"const": "put"},
+                        "items": {"type": "array", "items": {"type": obj, "properties": {
+                            "key": {"type": "string"}, "value": b64}}}}},
+                    {"type": obj, "properties": {
+                        "operation": {"const": "delete"},
+                        "keys": {"type": "array", "items": {"type": "string"}}}},
+                ]}),
+        },
+        "/api/v1/{namespace}/offset": {"get": _op(
+            "Position of the last record appended",
+            {"type": obj, "properties": {"segmentId": {"type": "integer"},
+                                         "offset": {"type": "integer"}}}, 404)},
+        "/api/v1/{namespace}/stats": {"get": _op("Namespace counters", {"type": obj}, 404)},
+        "/api/v1/{namespace}/checkpoint": {"get": _op(
+            "The B-tree checkpoint (last applied WAL record)",
+            {"type": obj, "properties": {k: {"type": "integer"} for k in
+                                         ("recordProcessed", "segmentId", "offset", "lsn",
+                                          "timeline")}}, 404)},
+        "/api/v1/{namespace}/wal/backup": {"post": _op(
+            "Copy sealed WAL segments with id > afterSegmentId into backups/<ns>/<backupDir>",
+            {"type": obj, "properties": {"backups": {"type": "array", "items": backup_seg}}},
+            400, 404, 409, 413, 500, 507,
+            body={"type": obj, "required": ["backupDir"], "properties": {
+                "afterSegmentId": {"type": ["integer", "null"], "minimum": 0},
+                "backupDir": {"type": "string"}, "rotate": {"type": "boolean"}}})},
+        "/api/v1/{namespace}/btree/backup": {"post": _op(
+            "Consistent B-tree snapshot into backups/<ns>/<path>",
+            {"type": obj, "properties": {"path": {"type": "string"}, "bytes": {"type": "integer"},
+                                         "lsn": {"type": "integer"},
+                                         "sha256": {"type": "string"}}},
+            400, 404, 409, 413, 500, 507,
+            body={"type": obj, "required": ["path"], "properties": {"path": {"type": "string"}}})},
+    }
+    return {
+        "openapi": "3.1.0",
+        "info": {"title": "UnisonDB HTTP API", "version": "1",
+                 "description": f"Request bodies are limited to {max_body_bytes} bytes (413). "
+                                "Every error is {\"error\": \"<message>\"}."},
+        "paths": paths,
+        "components": {"schemas": {
+            "Error": {"type": obj, "required": ["error"],
+                      "properties": {"error": {"type": "string"}}},
+            "Health": {"type": obj, "properties": {
+                "status": {"type": "string"},
+                "namespaces": {"type": "array", "items": {"type": "string"}}}},
+        }},
+    }

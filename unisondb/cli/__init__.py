@@ -1,0 +1,87 @@
+"""The ``unisondb`` command. Errors from the UnisonDB tree become exit codes here, once.
+
+``unisondb --data-dir DIR --http-addr HOST:PORT [--namespace NS]...`` starts the server
+(the exact form the Backup and Restore document uses); subcommands are offline tools.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from unisondb import __version__
+from unisondb.config import load_config
+from unisondb.errors import UnisonDBError
+
+
+@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"],
+                                                            "max_content_width": 100})
+@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
+              help="Directory holding every namespace (<dir>/<ns>/db, <dir>/<ns>/wal) and "
+                   "backups (<dir>/backups/<ns>). Default: ./data")
+@click.option("--http-addr", default=None, metavar="HOST:PORT",
+              help="Address the HTTP API listens on. Default: 127.0.0.1:8080")
+@click.option("--namespace", "namespaces", multiple=True, metavar="NS",
+              help="Namespace to serve (repeatable). Namespaces found on disk are served too. "
+                   "Default: default")
+@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
+              default=None, help="TOML config file; command-line flags override it.")
+@click.option("--wal-segment-size", default=None, metavar="SIZE",
+              help="Seal a WAL segment when it would exceed SIZE (e.g. 16MiB). Default: 16MiB")
+@click.option("--wal-segment-max-age", default=None, metavar="DURATION",
+              help="Seal a non-empty WAL segment older than DURATION (e.g. 1h; 0 = never). "
+                   "Default: 1h")
+@click.option("--wal-retention", default=None, metavar="DURATION",
+              help="Keep sealed WAL segments at least this long after they are applied "
+                   "(e.g. 24h, 7d). Default: 24h")
+@click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
+              help="Log format on stderr. Default: console")
+@click.version_option(__version__, prog_name="unisondb")
+@click.pass_context
+def cli(ctx: click.Context, data_dir: Path | None, http_addr: str | None,
+        namespaces: tuple[str, ...], config_file: Path | None, wal_segment_size: str | None,
+        wal_segment_max_age: str | None, wal_retention: str | None,
+        log_format: str | None) -> None:
+    """UnisonDB: a log-native key-value database server.
+
+    Without a subcommand, starts the server. It stops gracefully on SIGTERM or SIGINT:
+    in-flight writes finish, the WAL is synced and LMDB is closed.
+    """
+    if ctx.invoked_subcommand is not None:
+        return
+    from unisondb.server import serve
+
+    cfg = load_config(config_file, data_dir=data_dir, http_addr=http_addr,
+                      namespaces=namespaces,
+                      overrides={"segment_size": wal_segment_size,
+                                 "segment_max_age": wal_segment_max_age,
+                                 "retention": wal_retention})
+    if log_format:
+        from dataclasses import replace
+
+        cfg = replace(cfg, log_format=log_format)
+    ctx.exit(serve(cfg))
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the CLI and translate UnisonDB errors into exit codes."""
+    try:
+        cli.main(args=argv, prog_name="unisondb", standalone_mode=False)
+    except UnisonDBError as exc:
+        click.echo(f"error: {exc}", err=True)
+        return exc.exit_code
+    except click.exceptions.Exit as exc:
+        return int(exc.exit_code or 0)
+    except click.ClickException as exc:
+        exc.show()
+        return exc.exit_code
+    except click.exceptions.Abort:
+        click.echo("aborted", err=True)
+        return 130
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,86 @@
+"""Process lifecycle: open every namespace (recovering it), serve HTTP, shut down cleanly.
+
+Shutdown on SIGTERM/SIGINT (uvicorn's handlers): stop accepting connections, let
+in-flight requests finish (their writes complete their group commit), then close each
+engine: the writer drains its queue, the WAL is fsynced, LMDB is synced and closed, and
+the namespace LOCK is released.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import socket
+
+import structlog
+import uvicorn
+
+from unisondb import logging as ulog
+from unisondb.api.app import build_app
+from unisondb.config import ServerConfig
+from unisondb.metrics import Metrics
+from unisondb.storage import fsutil, layout
+from unisondb.storage.engine import Engine
+
+log = structlog.get_logger(__name__)
+
+
+def open_engines(cfg: ServerConfig) -> dict[str, Engine]:
+    """Open configured namespaces plus any found on disk; on failure close what was opened."""
+    names = list(cfg.namespaces)
+    names += [n for n in layout.discover_namespaces(cfg.data_dir) if n not in names]
+    engines: dict[str, Engine] = {}
+    try:
+        for ns in names:
+            engines[ns] = Engine.open(cfg.data_dir, ns, cfg.engine)
+    except BaseException:
+        close_engines(engines)
+        raise
+    return engines
+
+
+def close_engines(engines: dict[str, Engine]) -> None:
+    for ns, eng in engines.items():
+        try:
+            eng.close()
+        except Exception as exc:  # keep closing the others; report every failure
+            log.error("engine.close_failed", namespace=ns, error=str(exc))
+
+
+class _Server(uvicorn.Server):
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets)
+        if self.started:
+            for server in self.servers:
+                for sock in server.sockets:
+                    host, port = sock.getsockname()[:2]
+                    log.info("server.listening", url=f"http://{host}:{port}")
+
+
+def serve(cfg: ServerConfig) -> int:
+    ulog.configure(cfg.log_format)
+    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    engines = open_engines(cfg)
+    metrics = Metrics()
+    metrics.watch_engines(lambda: list(engines.values()))
+    fsutil.fsync_observer = metrics.fsync_seconds.observe
+    app = build_app(engines, metrics, data_dir=str(cfg.data_dir.resolve()),
+                    max_body_bytes=cfg.max_body_bytes)
+    uv = uvicorn.Config(
+        app, host=cfg.host, port=cfg.port, loop="uvloop", http="httptools", lifespan="off",
+        access_log=False, log_level="warning", timeout_graceful_shutdown=30,
+        server_header=False,
+    )
+    server = _Server(uv)
+    log.info("server.starting", data_dir=str(cfg.data_dir), namespaces=sorted(engines))
+    # uvicorn restores the previous handlers after a graceful shutdown and re-raises the
+    # signal it caught; with the default SIGTERM handler that would kill the process
+    # before the engines are closed. These handlers make that re-raise harmless.
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: None)
+    try:
+        asyncio.run(server.serve())
+    finally:
+        close_engines(engines)
+        log.info("server.stopped")
+    return 0 if server.started else 1
