@@ -196,8 +196,7 @@ class BTree:
         return cp
 
     def stat(self) -> dict[str, Any]:
-        info: dict[str, Any] = self.env.info()
-        return info
+        return dict(self.env.info())
 
     def close(self) -> None:
         self.env.close()

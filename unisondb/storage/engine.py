@@ -34,7 +34,7 @@ from typing import Any
 import structlog
 
 from unisondb.config import EngineConfig
-from unisondb.errors import InvalidRequest, StorageError, UnisonDBError, Unavailable, from_os_error
+from unisondb.errors import InvalidRequest, StorageError, Unavailable, UnisonDBError, from_os_error
 from unisondb.storage import fsutil, layout, record
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.lockfile import NamespaceLock

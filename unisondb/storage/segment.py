@@ -184,7 +184,7 @@ def scan(path: Path, buf: bytes | None = None) -> SegmentScan:
                     "names the good copies)",
                 ) from None
             result.tail_error = f"{exc.reason} at offset {pos}"
-            result.tail_is_midlog = _valid_record_follows(view, pos)
+            result.tail_is_midlog = _valid_record_follows(view, pos, expected)
             break
         if rec.lsn != expected:
             raise CorruptLog(
@@ -199,18 +199,37 @@ def scan(path: Path, buf: bytes | None = None) -> SegmentScan:
     return result
 
 
-def _valid_record_follows(view: memoryview, pos: int) -> bool:
-    """After a bad record at ``pos``, does a good one start where its length says it ends?"""
-    if len(view) - pos < record.HEADER_SIZE:
-        return False
-    _crc, body_len = record.HEADER.unpack_from(view, pos)
-    if body_len < record.MIN_BODY or body_len > record.MAX_BODY:
-        return False
+def _valid_record_follows(view: memoryview, pos: int, lsn: int) -> bool:
+    """After a bad record at ``pos`` (which should carry ``lsn``), does a good one follow?
+
+    First where the bad record's length says it ends. That length failed its checksum
+    too, so also look for record ``lsn + 1`` anywhere after ``pos``: a flipped length bit
+    must not turn the rest of the log into a "torn tail" and silently drop it.
+    """
+    if len(view) - pos >= record.HEADER_SIZE:
+        _crc, body_len = record.HEADER.unpack_from(view, pos)
+        if record.MIN_BODY <= body_len <= record.MAX_BODY and _decodes_at(
+            view, pos + record.HEADER_SIZE + body_len, None
+        ):
+            return True
+    # The LSN sits 8 bytes into a record; search for it (C speed) and verify each hit.
+    base = pos + 1 + record.HEADER_SIZE
+    rest = bytes(view[base:])
+    needle = struct.pack("<Q", lsn + 1)
+    hit = rest.find(needle)
+    while hit >= 0:
+        if _decodes_at(view, base + hit - record.HEADER_SIZE, lsn + 1):
+            return True
+        hit = rest.find(needle, hit + 1)
+    return False
+
+
+def _decodes_at(view: memoryview, pos: int, lsn: int | None) -> bool:
     try:
-        record.decode(view, pos + record.HEADER_SIZE + body_len)
+        rec, _end = record.decode(view, pos)
     except record.RecordError:
         return False
-    return True
+    return lsn is None or rec.lsn == lsn
 
 
 def _check_footer(result: SegmentScan, footer: SegmentFooter) -> None:
