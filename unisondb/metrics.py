@@ -73,6 +73,16 @@ class Metrics:
             "unisondb_fsync_duration_seconds", "Duration of every fsync/fdatasync",
             buckets=LATENCY_BUCKETS, registry=r)
 
+    def init_namespace(self, namespace: str) -> None:
+        """Create every per-namespace backup series at 0, so the first failure after a start
+        is visible to ``increase()`` in alert rules (a series that appears at 1 is not)."""
+        for kind in ("wal", "btree"):
+            self.backup_success.labels(namespace, kind)
+            self.backup_failure.labels(namespace, kind)
+            self.backup_bytes.labels(namespace, kind)
+            self.backup_consecutive_failures.labels(namespace, kind).set(0)
+        self.backup_wal_gap.labels(namespace)
+
     def record_backup(self, namespace: str, kind: str, ok: bool, nbytes: int,
                       seconds: float) -> None:
         self.backup_duration.labels(namespace, kind).observe(seconds)

@@ -18,6 +18,7 @@ import uvicorn
 from unisondb import logging as ulog
 from unisondb.api.app import build_app
 from unisondb.config import ServerConfig
+from unisondb.errors import from_os_error
 from unisondb.metrics import Metrics
 from unisondb.storage import fsutil, layout
 from unisondb.storage.engine import Engine
@@ -59,10 +60,15 @@ class _Server(uvicorn.Server):
 
 def serve(cfg: ServerConfig) -> int:
     ulog.configure(cfg.log_format)
-    cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        cfg.data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise from_os_error(exc, cfg.data_dir) from exc
     engines = open_engines(cfg)
     metrics = Metrics()
     metrics.watch_engines(lambda: list(engines.values()))
+    for ns in engines:
+        metrics.init_namespace(ns)
     fsutil.fsync_observer = metrics.fsync_seconds.observe
     app = build_app(engines, metrics, data_dir=str(cfg.data_dir.resolve()),
                     max_body_bytes=cfg.max_body_bytes)

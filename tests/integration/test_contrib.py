@@ -1,0 +1,217 @@
+"""Checks for the operator files in contrib/: backup scripts, systemd units, alert rules.
+
+External checkers and where they come from (Debian packages):
+  promtool         -> prometheus     required when CI is set, else skipped if missing
+  shellcheck       -> shellcheck     required when CI is set, else skipped if missing
+  systemd-analyze  -> systemd        skipped if missing (the only check that may skip in CI)
+"""
+
+from __future__ import annotations
+
+import configparser
+import os
+import re
+import shutil
+import stat
+import subprocess
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+CONTRIB = ROOT / "contrib"
+SYSTEMD = CONTRIB / "systemd"
+PROMETHEUS = CONTRIB / "prometheus"
+SCRIPTS = [CONTRIB / "unison-backup.sh", CONTRIB / "unison-wal-archive.sh"]
+UNITS = sorted([*SYSTEMD.glob("*.service"), *SYSTEMD.glob("*.timer")])
+RULES = PROMETHEUS / "unisondb-alerts.yml"
+RULE_TESTS = PROMETHEUS / "unisondb-alerts.test.yml"
+
+# Alerts the document's "Alert on" list requires (see contrib/prometheus/).
+REQUIRED_ALERTS = {
+    "UnisonDBBackupConsecutiveFailures",
+    "UnisonDBBackupFailuresNoSuccess",
+    "UnisonDBBackupTooOld",
+    "UnisonDBBackupMissing",
+    "UnisonDBSnapshotSizeAnomaly",
+    "UnisonDBWALBackupGap",
+}
+
+
+def require_tool(name: str, package: str) -> str:
+    """Path of ``name``; in CI a missing tool fails the test, locally it skips it."""
+    path = shutil.which(name)
+    if path:
+        return path
+    msg = f"{name} is not installed (Debian package: {package})"
+    if os.environ.get("CI", "").lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{msg}; CI must install it")
+    pytest.skip(msg)
+
+
+def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
+                          timeout=120, check=False)
+
+
+# --- scripts ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_syntax(script: Path) -> None:
+    res = run("bash", "-n", script)
+    assert res.returncode == 0, res.stderr
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_is_executable_bash_strict(script: Path) -> None:
+    assert script.stat().st_mode & stat.S_IXUSR, f"{script.name} is not executable"
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    assert "--fail-with-body" in text
+    assert "rotate: " in text
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_shellcheck(script: Path) -> None:
+    shellcheck = require_tool("shellcheck", "shellcheck")
+    res = run(shellcheck, "--shell=bash", "--severity=style", script)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+# --- systemd units ---------------------------------------------------------------------
+
+
+def test_unit_files_present() -> None:
+    names = {p.name for p in UNITS}
+    assert {"unisondb.service", "unison-backup.service", "unison-backup.timer"} <= names
+
+
+@pytest.mark.parametrize("unit", UNITS, ids=lambda p: p.name)
+def test_unit_has_no_inline_comments(unit: Path) -> None:
+    """systemd ignores a whole setting line with a trailing `# comment` (the document's
+    timer did that); comments must be on lines of their own."""
+    for n, line in enumerate(unit.read_text().splitlines(), 1):
+        s = line.strip()
+        if not s or s.startswith(("#", ";", "[")):
+            continue
+        assert "#" not in s, f"{unit.name}:{n}: comment on a setting line: {line!r}"
+
+
+def _parse_unit(unit: Path) -> configparser.RawConfigParser:
+    cp = configparser.RawConfigParser(strict=False, comment_prefixes=("#", ";"),
+                                      inline_comment_prefixes=None)
+    cp.optionxform = str  # type: ignore[assignment,method-assign]
+    cp.read(unit)
+    return cp
+
+
+def test_backup_timer_runs_every_6_hours_once() -> None:
+    lines = (SYSTEMD / "unison-backup.timer").read_text().splitlines()
+    calendars = [ln.split("=", 1)[1].strip() for ln in lines if ln.startswith("OnCalendar=")]
+    assert calendars == ["*-*-* 00/6:00:00"]
+    timer = _parse_unit(SYSTEMD / "unison-backup.timer")
+    assert timer.get("Timer", "Persistent") == "true"
+    assert timer.get("Install", "WantedBy") == "timers.target"
+
+
+def test_server_unit_settings() -> None:
+    svc = _parse_unit(SYSTEMD / "unisondb.service")
+    assert svc.get("Service", "ExecStart") == (
+        "/usr/local/bin/unisondb --data-dir /var/unison/data "
+        "--http-addr 127.0.0.1:8080 --namespace users")
+    assert svc.get("Service", "Restart") == "on-failure"
+    assert svc.get("Service", "KillSignal") == "SIGTERM"
+    assert svc.get("Service", "User") == "unison"
+    assert svc.has_option("Service", "TimeoutStopSec")
+    assert svc.has_option("Service", "LimitNOFILE")
+
+
+def test_backup_unit_settings() -> None:
+    svc = _parse_unit(SYSTEMD / "unison-backup.service")
+    assert svc.get("Service", "Type") == "oneshot"
+    assert svc.get("Service", "User") == "unison"
+    assert svc.get("Service", "ExecStart") == "/usr/local/bin/unison-backup.sh"
+
+
+def test_systemd_analyze_verify(tmp_path: Path) -> None:
+    """`systemd-analyze verify` on every unit. It warns about bad lines but still exits 0,
+    so any message naming one of our units fails the test. It also insists that ExecStart
+    binaries exist, so the units are checked as copies whose /usr/local/bin/ points at a
+    scratch directory holding the contrib scripts and a stand-in for the server binary."""
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed (Debian package: systemd)")
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    for script in SCRIPTS:
+        shutil.copy2(script, bindir / script.name)
+    server = bindir / "unisondb"
+    server.write_text("#!/bin/sh\nexit 0\n")
+    server.chmod(0o755)
+    units = tmp_path / "units"
+    units.mkdir()
+    copies = []
+    for unit in UNITS:
+        copy = units / unit.name
+        copy.write_text(unit.read_text().replace("/usr/local/bin/", f"{bindir}/"))
+        copies.append(copy)
+
+    def complaints(paths: list[Path]) -> tuple[int, list[str]]:
+        res = run(analyze, "verify", *paths, cwd=units)
+        names = {p.name for p in paths}
+        lines = [ln for ln in (res.stdout + res.stderr).splitlines()
+                 if any(n in ln for n in names)]
+        return res.returncode, lines
+
+    rc, lines = complaints(copies)
+    assert rc == 0 and not lines, "\n".join(lines)
+
+    # The checker itself must see the document's broken timer line.
+    bad_dir = tmp_path / "doc"
+    bad_dir.mkdir()
+    shutil.copy2(units / "unison-backup.service", bad_dir / "unison-backup.service")
+    bad = bad_dir / "unison-backup.timer"
+    bad.write_text("[Unit]\nDescription=x\n\n[Timer]\nOnCalendar=daily\n"
+                   "OnCalendar=*:0/6  # Every 6 hours\nPersistent=true\n\n"
+                   "[Install]\nWantedBy=timers.target\n")
+    _, lines = complaints([bad])
+    assert any("Failed to parse calendar" in ln for ln in lines), lines
+
+    # The schedule: 00:00, 06:00, 12:00, 18:00.
+    res = run(analyze, "calendar", "--iterations=8", "*-*-* 00/6:00:00")
+    assert res.returncode == 0, res.stderr
+    assert "Normalized form: *-*-* 00/6:00:00" in res.stdout
+    times = re.findall(r"(?:Next elapse|Iter\. #\d+): \w+ \S+ (\d\d:\d\d:\d\d)", res.stdout)
+    assert len(times) == 8, res.stdout
+    assert set(times) <= {"00:00:00", "06:00:00", "12:00:00", "18:00:00"}, times
+
+
+# --- Prometheus rules ------------------------------------------------------------------
+
+
+def test_alert_rules_cover_the_document() -> None:
+    text = RULES.read_text()
+    alerts = set(re.findall(r"^\s*- alert: (\S+)\s*$", text, re.M))
+    assert alerts == REQUIRED_ALERTS
+    tested = set(re.findall(r"alertname: (\S+)", RULE_TESTS.read_text()))
+    assert tested == REQUIRED_ALERTS
+    for metric in ("unisondb_backup_consecutive_failures", "unisondb_backup_failure_total",
+                   "unisondb_backup_last_timestamp_seconds", "unisondb_backup_last_bytes",
+                   "unisondb_backup_wal_gap_total"):
+        assert metric in text
+
+
+def test_promtool_check_rules() -> None:
+    promtool = require_tool("promtool", "prometheus")
+    res = run(promtool, "check", "rules", RULES)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert f"SUCCESS: {len(REQUIRED_ALERTS)} rules found" in res.stdout
+
+
+def test_promtool_test_rules() -> None:
+    promtool = require_tool("promtool", "prometheus")
+    res = run(promtool, "test", "rules", RULE_TESTS.name, cwd=PROMETHEUS)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert "SUCCESS" in res.stdout
