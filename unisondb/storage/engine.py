@@ -34,7 +34,14 @@ from typing import Any
 import structlog
 
 from unisondb.config import EngineConfig
-from unisondb.errors import InvalidRequest, StorageError, Unavailable, UnisonDBError, from_os_error
+from unisondb.errors import (
+    InvalidRequest,
+    PayloadTooLarge,
+    StorageError,
+    Unavailable,
+    UnisonDBError,
+    from_os_error,
+)
 from unisondb.storage import fsutil, layout, record
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.lockfile import NamespaceLock
@@ -83,6 +90,8 @@ class Engine:
         #: Highest LSN known to be in a durable LMDB state (after an explicit env sync).
         self._durable_lsn = 0
         self._last_retention_check = 0.0
+        #: (segment id, start offset) of the last record appended, for ``offset()``.
+        self._last_record = (0, 0)
 
     # --- lifecycle ---
 
@@ -116,19 +125,23 @@ class Engine:
                         files=[str(p) for p in removed])
         self.btree = BTree(layout.btree_dir(self.data_dir, self.namespace),
                            map_size=self.config.map_size)
+        self.wal = None  # type: ignore[assignment]
         try:
             self.wal = Wal.open(layout.wal_dir(self.data_dir, self.namespace), self.namespace)
             self.recovery = recover(self.wal, self.btree)
             cp = self.recovery.checkpoint
             # Every start begins a fresh segment: the previous active one is sealed (so it can
             # be backed up and is immutable), and ids keep growing past anything the
-            # checkpoint has seen (a snapshot copied in from elsewhere included).
+            # checkpoint has seen (a snapshot copied in from elsewhere included). An empty
+            # active segment is replaced in place when its id is still the next one.
             self.wal.seal_active_if_nonempty()
-            next_id = max(self.wal.max_segment_id(), cp.segment_id) + 1
-            if self.wal.active is not None:
-                next_id = self.wal.active.header.segment_id
+            sealed_max = max((s.segment_id for s in self.wal.sealed_segments()), default=0)
+            next_id = max(sealed_max, cp.segment_id) + 1
             self.wal.start_segment(next_id, cp.timeline, self.recovery.next_lsn)
+            self._last_record = self._find_last_record()
         except BaseException:
+            if self.wal is not None:
+                self.wal.close()
             self.btree.close()
             raise
         self.btree.sync()
@@ -218,9 +231,16 @@ class Engine:
         act = self.wal.active
         if act is not None and act.count:
             return act.header.segment_id, act.last_record_offset
-        sealed = self.wal.sealed_segments()
-        if sealed:
-            return sealed[-1].segment_id, 0
+        return self._last_record
+
+    def _find_last_record(self) -> tuple[int, int]:
+        """Position of the newest record on disk (scans at most one sealed segment)."""
+        from unisondb.storage import segment
+
+        for info in reversed(self.wal.sealed_segments()):
+            if info.count:
+                recs = segment.scan(info.path).records
+                return info.segment_id, recs[-1][1]
         return 0, 0
 
     def segments(self) -> list[SegmentInfo]:
@@ -349,9 +369,15 @@ class Engine:
         # Rotation mid-group: the records already written must be durable before sealing.
         try:
             self.wal.sync()
-            self.wal.rotate(self._next_lsn)
+            self._rotate()
         except OSError as exc:
             raise from_os_error(exc, self.wal.dir) from exc
+
+    def _rotate(self) -> int | None:
+        act = self.wal.active
+        if act is not None and act.count:
+            self._last_record = (act.header.segment_id, act.last_record_offset)
+        return self.wal.rotate(self._next_lsn)
 
     def _fail(self, exc: UnisonDBError, writes: list[_Request]) -> None:
         log.error("engine.failed", namespace=self.namespace, error=str(exc))
@@ -362,8 +388,7 @@ class Engine:
     def _run_command(self, req: _Request) -> None:
         try:
             if req.command == "rotate":
-                sealed = self.wal.rotate(self._next_lsn)
-                req.future.set_result(sealed)
+                req.future.set_result(self._rotate())
             else:
                 raise StorageError(f"unknown engine command {req.command}")
         except OSError as exc:
@@ -380,7 +405,7 @@ class Engine:
             if (act is not None and act.count and self.config.segment_max_age > 0
                     and time.time_ns() - act.header.created_ns
                     > self.config.segment_max_age * 1e9):
-                self.wal.rotate(self._next_lsn)
+                self._rotate()
             now = time.monotonic()
             if now - self._last_retention_check > 30:
                 self._last_retention_check = now
@@ -419,6 +444,11 @@ class Engine:
 def _validate_entries(entries: tuple[Entry, ...]) -> None:
     if not entries:
         raise InvalidRequest("a write needs at least one entry")
+    size = record.encoded_size(entries)
+    if size - record.HEADER_SIZE > record.MAX_BODY:
+        raise PayloadTooLarge(
+            f"write is {size} bytes as a WAL record; the maximum is {record.MAX_BODY} bytes"
+        )
     for e in entries:
         if not e.key:
             raise InvalidRequest("key cannot be empty")

@@ -163,11 +163,32 @@ def scan(path: Path, buf: bytes | None = None) -> SegmentScan:
     header's ``first_lsn``, and the footer matching; anything else is ``CorruptLog``.
     An unsealed segment stops at the first invalid record and reports it in
     ``tail_error``; whether that is a torn tail or corruption is the caller's call
-    (only the newest segment may have a torn tail).
+    (only the newest segment may have a torn tail). A file whose last bytes merely look
+    like a footer (a value can end with them) but that reads as whole records without
+    one is reported as unsealed.
     """
     data = read_file(path) if buf is None else buf
     header = decode_header(data, path)
     footer = try_decode_footer(data)
+    if footer is None:
+        return _scan(path, data, header, None)
+    try:
+        return _scan(path, data, header, footer)
+    except CorruptLog as sealed_error:
+        # Values are user data: an unsealed segment whose last record's value ends with
+        # the bytes of a valid footer looks sealed. If the whole file reads as whole
+        # records without a footer, that is what it is.
+        try:
+            plain = _scan(path, data, header, None)
+        except CorruptLog:
+            raise sealed_error from None
+        if plain.tail_error is not None or not plain.records:
+            raise sealed_error from None
+        return plain
+
+
+def _scan(path: Path, data: bytes, header: SegmentHeader,
+          footer: SegmentFooter | None) -> SegmentScan:
     end = len(data) - FOOTER_SIZE if footer is not None else len(data)
     result = SegmentScan(path, header, footer, file_size=len(data))
     view = memoryview(data)[:end]

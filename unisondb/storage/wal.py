@@ -95,11 +95,24 @@ class Wal:
                     f"header says segment {summary.header.segment_id} but the file is named "
                     f"for segment {seg_id}", path=path, offset=8,
                 )
-            if summary.footer is not None:
+            if summary.header.ns_crc != wal.ns_crc:
+                raise CorruptLog(
+                    f"segment belongs to a different namespace than {namespace!r}",
+                    path=path, offset=40,
+                    hint="WAL segments cannot be moved between namespaces; remove this file "
+                    "from the wal/ directory",
+                )
+            if summary.footer is not None and not is_last:
                 wal._sealed[seg_id] = _info_from_footer(summary.header, summary.footer, path,
                                                         summary.size)
                 continue
+            # The newest segment is always read in full: its last bytes may be a value that
+            # only looks like a footer (``segment.scan`` tells the two apart).
             scan = segment.scan(path)
+            if scan.footer is not None:
+                wal._sealed[seg_id] = _info_from_footer(scan.header, scan.footer, path,
+                                                        scan.file_size)
+                continue
             if scan.tail_error is not None:
                 if not is_last or scan.tail_is_midlog:
                     raise CorruptLog(
@@ -224,14 +237,17 @@ class Wal:
             self._sealed[info.segment_id] = info
 
     def seal_active_if_nonempty(self) -> None:
-        """Used at startup and shutdown: close out the active segment so the next run starts fresh."""
+        """At startup: seal the active segment (or drop it if empty) so this run starts afresh."""
         act = self.active
         if act is None:
             return
         if act.count:
             self._seal(act)
         else:
+            # No records: nothing to keep, and an empty file must not linger as a
+            # "segment" covering no LSNs.
             act.close()
+            fsutil.remove_quietly(act.path)
         self.active = None
 
     def delete_segment(self, segment_id: int) -> None:

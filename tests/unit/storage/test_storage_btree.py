@@ -1,0 +1,50 @@
+"""LMDB B-tree: map growth and the checkpoint codec (unisondb/storage/btree.py)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from unisondb.config import EngineConfig
+from unisondb.storage.btree import BTree, Checkpoint
+from unisondb.storage.engine import Engine
+from unisondb.storage.record import Entry, EntryKind, Record
+
+
+def test_map_grows_past_a_tiny_initial_size(open_engine: Callable[..., Engine]) -> None:
+    cfg = EngineConfig(map_size=1 << 20)
+    eng = open_engine(cfg)
+    value = bytes(range(256)) * 256  # 64 KiB
+    n = 80  # 5 MiB of values, five times the initial map
+    for i in range(n):
+        eng.put(b"big-%03d" % i, value[i:] + value[:i])
+    # Several values in one record (one LMDB transaction larger than the map once was).
+    eng.write([Entry(EntryKind.PUT, b"batch-%d" % j, value) for j in range(20)])
+    assert eng.btree.map_size >= 5 << 20
+    for i in range(n):
+        assert eng.get(b"big-%03d" % i) == value[i:] + value[:i]
+    eng.close()
+
+    eng = open_engine(cfg)
+    assert eng.recovery.records_replayed == 0
+    assert eng.btree.map_size >= 5 << 20  # sized from the existing data file
+    assert eng.get(b"big-079") == value[79:] + value[:79]
+    assert eng.get(b"batch-19") == value
+    eng.put(b"more", value)
+    assert eng.btree.count() == n + 21
+
+
+def test_checkpoint_round_trip_and_atomic_apply(tmp_path: Path) -> None:
+    cp = Checkpoint(applied_lsn=2**64 - 1, segment_id=7, offset=4096, timeline=3, time_ns=5)
+    assert Checkpoint.decode(cp.encode()) == cp
+    assert len(cp.encode()) == 48
+    bt = BTree(tmp_path / "db", map_size=1 << 20)
+    try:
+        assert bt.read_checkpoint() == Checkpoint()
+        recs = [Record(1, 10, (Entry(EntryKind.PUT, b"a", b"1"),)),
+                Record(2, 11, (Entry(EntryKind.PUT, b"b", b"2"), Entry(EntryKind.DELETE, b"a")))]
+        bt.apply(recs, Checkpoint(2, 1, 200, 1, 11))
+        assert bt.read_checkpoint() == Checkpoint(2, 1, 200, 1, 11)
+        assert list(bt.items()) == [(b"b", b"2")]
+    finally:
+        bt.close()
