@@ -8,7 +8,6 @@ the namespace LOCK is released.
 
 from __future__ import annotations
 
-import asyncio
 import signal
 import socket
 
@@ -27,9 +26,13 @@ log = structlog.get_logger(__name__)
 
 
 def open_engines(cfg: ServerConfig) -> dict[str, Engine]:
-    """Open configured namespaces plus any found on disk; on failure close what was opened."""
-    names = list(cfg.namespaces)
-    names += [n for n in layout.discover_namespaces(cfg.data_dir) if n not in names]
+    """Open configured namespaces plus any found on disk; on failure close what was opened.
+
+    Namespaces already on disk are opened first, so a failure there (locked by another
+    server, a corrupt log) stops startup before a new namespace directory is created.
+    """
+    on_disk = layout.discover_namespaces(cfg.data_dir)
+    names = on_disk + [n for n in cfg.namespaces if n not in on_disk]
     engines: dict[str, Engine] = {}
     try:
         for ns in names:
@@ -85,7 +88,7 @@ def serve(cfg: ServerConfig) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: None)
     try:
-        asyncio.run(server.serve())
+        server.run()  # uses the uvloop loop factory from the config
     finally:
         close_engines(engines)
         log.info("server.stopped")
