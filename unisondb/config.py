@@ -38,9 +38,9 @@ _DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 
 
 def parse_size(value: str | int) -> int:
     """'16MiB', '16MB', '16M' and 16777216 all mean 16 MiB (units are binary)."""
-    if isinstance(value, int):
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 0:
         return value
-    m = _SIZE_RE.match(value)
+    m = _SIZE_RE.match(value) if isinstance(value, str) else None
     if not m:
         raise InvalidRequest(f"invalid size {value!r}: use e.g. 16MiB, 512KiB or a byte count")
     unit = (m.group(2) or "").upper()[:1]
@@ -49,9 +49,9 @@ def parse_size(value: str | int) -> int:
 
 def parse_duration(value: str | int | float) -> float:
     """'90s', '15m', '24h', '7d', '250ms' or a number of seconds."""
-    if isinstance(value, (int, float)):
+    if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return float(value)
-    m = _DURATION_RE.match(value)
+    m = _DURATION_RE.match(value) if isinstance(value, str) else None
     if not m:
         raise InvalidRequest(f"invalid duration {value!r}: use e.g. 30s, 15m, 24h or 7d")
     return float(m.group(1)) * _DURATION_UNITS[m.group(2) or ""]
@@ -59,6 +59,8 @@ def parse_duration(value: str | int | float) -> float:
 
 def parse_addr(value: str) -> tuple[str, int]:
     """'HOST:PORT' (IPv6 as '[::1]:8080') → (host, port)."""
+    if not isinstance(value, str):
+        raise InvalidRequest(f"invalid http_addr {value!r}: expected a \"HOST:PORT\" string")
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise InvalidRequest(f"invalid --http-addr {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
@@ -111,9 +113,23 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequest(f"invalid TOML in {config_file}: {exc}") from exc
     known = {"data_dir", "http_addr", "namespaces", "max_body_bytes", "wal", "btree", "log_format"}
-    unknown = set(raw) - known
-    if unknown:
-        raise InvalidRequest(f"unknown config keys in {config_file}: {', '.join(sorted(unknown))}")
+    _check_keys(raw, known, "", config_file)
+    for table, keys in (("wal", {"segment_size", "segment_max_age", "retention"}),
+                        ("btree", {"map_size"})):
+        if not isinstance(raw.get(table, {}), dict):
+            raise InvalidRequest(f"invalid config in {config_file}: [{table}] must be a table")
+        _check_keys(raw.get(table, {}), keys, f"{table}.", config_file)
+    for key in ("data_dir", "http_addr", "log_format"):
+        if key in raw and not isinstance(raw[key], str):
+            raise InvalidRequest(f"invalid config in {config_file}: {key} must be a string")
+    if "namespaces" in raw and not (isinstance(raw["namespaces"], list)
+                                    and all(isinstance(n, str) for n in raw["namespaces"])):
+        raise InvalidRequest(
+            f"invalid config in {config_file}: namespaces must be a list of strings, "
+            'e.g. namespaces = ["default", "users"]')
+    if raw.get("log_format", "console") not in ("console", "json"):
+        raise InvalidRequest(
+            f"invalid config in {config_file}: log_format must be \"console\" or \"json\"")
     default = EngineConfig()
     wal = dict(raw.get("wal", {}))
     wal.update({k: v for k, v in (overrides or {}).items() if v is not None})
@@ -129,9 +145,20 @@ def load_config(
     ns = namespaces or tuple(raw.get("namespaces", ())) or ("default",)
     for name in ns:
         validate_namespace(name)
+    max_body_bytes = parse_size(raw.get("max_body_bytes", 1 << 20))
+    if max_body_bytes < 1024:
+        raise InvalidRequest("max_body_bytes must be at least 1KiB")
     return ServerConfig(
         data_dir=Path(data_dir or raw.get("data_dir", "./data")),
         host=host, port=port, namespaces=tuple(dict.fromkeys(ns)),
-        max_body_bytes=parse_size(raw.get("max_body_bytes", 1 << 20)),
+        max_body_bytes=max_body_bytes,
         engine=engine, log_format=str(raw.get("log_format", "console")),
     )
+
+
+def _check_keys(table: dict[str, Any], known: set[str], prefix: str,
+                config_file: Path | None) -> None:
+    unknown = set(table) - known
+    if unknown:
+        names = ", ".join(prefix + k for k in sorted(unknown))
+        raise InvalidRequest(f"unknown config keys in {config_file}: {names}")

@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
+from starlette.convertors import PathConvertor, register_url_convertor
 from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
@@ -20,6 +21,19 @@ from unisondb.metrics import Metrics
 from unisondb.storage.engine import Engine
 
 NS = "/api/v1/{namespace}"
+
+
+class _KeyConvertor(PathConvertor):
+    """``{key:key}``: any characters, newlines included (Starlette's ``path`` stops at one).
+
+    The handlers read the key from the raw, still percent-encoded path (so ``%2F`` stays
+    inside the key); this only decides that the route matches.
+    """
+
+    regex = "(?s:.*)"
+
+
+register_url_convertor("key", _KeyConvertor())
 
 
 async def health(request: Request) -> Response:
@@ -48,9 +62,9 @@ def routes() -> list[Route]:
         # a key named "batch" still reach the key routes (Starlette keeps looking for a
         # route whose method matches).
         Route(f"{NS}/kv/batch", kv.batch_kv, methods=["POST"]),
-        Route(f"{NS}/kv/{{key:path}}", kv.get_kv, methods=["GET"]),
-        Route(f"{NS}/kv/{{key:path}}", kv.put_kv, methods=["PUT"]),
-        Route(f"{NS}/kv/{{key:path}}", kv.delete_kv, methods=["DELETE"]),
+        Route(f"{NS}/kv/{{key:key}}", kv.get_kv, methods=["GET"]),
+        Route(f"{NS}/kv/{{key:key}}", kv.put_kv, methods=["PUT"]),
+        Route(f"{NS}/kv/{{key:key}}", kv.delete_kv, methods=["DELETE"]),
         Route(f"{NS}/offset", kv.get_offset, methods=["GET"]),
         Route(f"{NS}/stats", kv.get_stats, methods=["GET"]),
         Route(f"{NS}/checkpoint", kv.get_checkpoint, methods=["GET"]),
@@ -90,6 +104,8 @@ class RequestMetrics:
 def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = ".",
               max_body_bytes: int = 1 << 20) -> ASGIApp:
     app = Starlette(routes=routes(), exception_handlers=dict(EXCEPTION_HANDLERS))
+    # No 307 "add/remove a trailing slash" redirects: an API client gets a JSON 404.
+    app.router.redirect_slashes = False
     app.state.engines = engines
     app.state.metrics = metrics
     app.state.max_body_bytes = max_body_bytes
