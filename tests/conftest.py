@@ -83,15 +83,17 @@ def start_server(data_dir: Path, namespaces: tuple[str, ...] = ("default",),
 
 def wait_healthy(srv: ServerProcess, timeout: float = 30.0) -> None:
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if srv.proc.poll() is not None:
-            raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.log()}")
-        try:
-            if httpx.get(srv.url + "/health", timeout=1.0).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.05)
+    # One client for the whole wait: building an httpx client loads CA files (~80 ms).
+    with httpx.Client(timeout=1.0) as client:
+        while time.monotonic() < deadline:
+            if srv.proc.poll() is not None:
+                raise RuntimeError(f"server exited with {srv.proc.returncode}:\n{srv.log()}")
+            try:
+                if client.get(srv.url + "/health").status_code == 200:
+                    return
+            except httpx.TransportError:
+                pass
+            time.sleep(0.05)
     srv.kill9()
     raise RuntimeError(f"server did not become healthy in {timeout}s:\n{srv.log()}")
 

@@ -224,7 +224,9 @@ class Engine:
 
     @property
     def last_lsn(self) -> int:
-        return self._next_lsn - 1
+        """Last LSN that is durable and applied. LSNs handed out to a group still being
+        written are not reported: if that group fails they are given out again."""
+        return self._checkpoint.applied_lsn
 
     def offset(self) -> tuple[int, int]:
         """(segment id, start offset) of the last record appended; zeros before the first."""

@@ -223,23 +223,33 @@ def _scan(path: Path, data: bytes, header: SegmentHeader,
 def _valid_record_follows(view: memoryview, pos: int, lsn: int) -> bool:
     """After a bad record at ``pos`` (which should carry ``lsn``), does a good one follow?
 
-    First where the bad record's length says it ends. That length failed its checksum
-    too, so also look for record ``lsn + 1`` anywhere after ``pos``: a flipped length bit
-    must not turn the rest of the log into a "torn tail" and silently drop it.
+    First where the bad record's length says it ends: damage inside a record whose
+    successor is intact. Then the case of a flipped *length* bit, which must not turn the
+    rest of the log into a "torn tail" and silently drop it: look for record ``lsn + 1``
+    after ``pos``, and accept a hit only if the bad record's checksum is right for the
+    length that the hit implies. That proves only the length field was damaged; a hit
+    inside a torn record's own value bytes (a value may embed anything) fails that check.
     """
-    if len(view) - pos >= record.HEADER_SIZE:
-        _crc, body_len = record.HEADER.unpack_from(view, pos)
-        if record.MIN_BODY <= body_len <= record.MAX_BODY and _decodes_at(
-            view, pos + record.HEADER_SIZE + body_len, None
-        ):
-            return True
+    if len(view) - pos < record.HEADER_SIZE:
+        return False
+    crc, body_len = record.HEADER.unpack_from(view, pos)
+    if record.MIN_BODY <= body_len <= record.MAX_BODY and _decodes_at(
+        view, pos + record.HEADER_SIZE + body_len, None
+    ):
+        return True
     # The LSN sits 8 bytes into a record; search for it (C speed) and verify each hit.
-    base = pos + 1 + record.HEADER_SIZE
+    base = pos + record.HEADER_SIZE + record.MIN_BODY
     rest = bytes(view[base:])
     needle = struct.pack("<Q", lsn + 1)
     hit = rest.find(needle)
     while hit >= 0:
-        if _decodes_at(view, base + hit - record.HEADER_SIZE, lsn + 1):
+        start = base + hit - record.HEADER_SIZE
+        implied = start - pos - record.HEADER_SIZE
+        if (
+            _decodes_at(view, start, lsn + 1)
+            and crc32c.crc32c(view[pos + record.HEADER_SIZE : start],
+                              crc32c.crc32c(struct.pack("<I", implied))) == crc
+        ):
             return True
         hit = rest.find(needle, hit + 1)
     return False
