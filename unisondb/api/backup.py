@@ -1,9 +1,166 @@
-"""Backup endpoints (see issue: backup API). Routes are added here as they are built."""
+"""Backup endpoints, exactly as the Backup and Restore document shows them.
+
+``POST /api/v1/{ns}/wal/backup  {"afterSegmentId": N|null?, "backupDir": "rel/dir", "rotate": bool?}``
+    → 200 ``{"backups": [{"segmentId", "path", "bytes", "sha256", "copied"}, ...]}`` ascending.
+``POST /api/v1/{ns}/btree/backup  {"path": "rel/file"}``
+    → 200 ``{"path", "bytes", "lsn", "sha256", "timeline", "segmentId", "copied"}``.
+
+Each handler: parse the body (400 on bad input), validate the path against the file system
+in a worker thread (400), then run the backup in a worker thread. Validation errors are the
+client's mistake and are not counted as backup failures; everything after validation —
+success, 409, 500, 507 — is recorded by ``_recorded`` (inside the worker thread, so a
+client that disconnects mid-snapshot still gets its backup counted).
+"""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import anyio.to_thread
+import structlog
+from starlette.requests import Request
+from starlette.responses import Response
 from starlette.routing import Route
+
+from unisondb.api.kv import engine_for, json_response
+from unisondb.api.parsing import read_json_object
+from unisondb.backup import paths
+from unisondb.backup.snapshot import Snapshot, take_snapshot
+from unisondb.backup.wal_backup import WalCopy, backup_wal
+from unisondb.errors import BackupGap, InvalidRequest, UnisonDBError
+from unisondb.metrics import Metrics
+from unisondb.storage import layout
+from unisondb.storage.engine import Engine
+
+log = structlog.get_logger(__name__)
+T = TypeVar("T")
 
 
 def routes(prefix: str) -> list[Route]:
-    return []
+    return [
+        Route(f"{prefix}/wal/backup", wal_backup, methods=["POST"]),
+        Route(f"{prefix}/btree/backup", btree_backup, methods=["POST"]),
+    ]
+
+
+@dataclass(frozen=True, slots=True)
+class WalParams:
+    after_segment_id: int
+    backup_dir: tuple[str, ...]
+    rotate: bool
+
+
+def parse_wal_params(body: dict[str, Any]) -> WalParams:
+    """Body of a WAL backup request; unknown fields are ignored."""
+    after = body.get("afterSegmentId")
+    if after is None:
+        after = 0
+    elif isinstance(after, bool) or not isinstance(after, int):
+        raise InvalidRequest(
+            f"afterSegmentId must be an integer >= 0 or null, got {_show(after)}"
+        )
+    elif after < 0:
+        raise InvalidRequest(f"afterSegmentId must be >= 0, got {after}")
+    rotate = body.get("rotate")
+    if rotate is None:
+        rotate = False
+    elif not isinstance(rotate, bool):
+        raise InvalidRequest(f"rotate must be true or false, got {_show(rotate)}")
+    if "backupDir" not in body:
+        raise InvalidRequest(
+            "missing field 'backupDir': a relative path inside backups/<namespace>/"
+        )
+    parts = paths.parse_relative(body["backupDir"], "backupDir", is_file=False)
+    return WalParams(after, parts, rotate)
+
+
+def parse_btree_params(body: dict[str, Any]) -> tuple[str, ...]:
+    if "path" not in body:
+        raise InvalidRequest("missing field 'path': a relative file path inside "
+                             "backups/<namespace>/, e.g. 'snapshots/users.db'")
+    return paths.parse_relative(body["path"], "path", is_file=True)
+
+
+def resolve_target(engine: Engine, parts: tuple[str, ...], field: str,
+                   is_file: bool) -> paths.Resolved:
+    root = layout.backup_root(engine.data_dir, engine.namespace)
+    return paths.resolve(root, parts, field, is_file=is_file)
+
+
+async def wal_backup(request: Request) -> Response:
+    engine = engine_for(request)
+    params = parse_wal_params(await read_json_object(request))
+    target = await anyio.to_thread.run_sync(resolve_target, engine, params.backup_dir,
+                                            "backupDir", False)
+    metrics: Metrics = request.app.state.metrics
+
+    def run() -> list[WalCopy]:
+        return backup_wal(engine, target, params.after_segment_id, params.rotate)
+
+    copies = await anyio.to_thread.run_sync(
+        _recorded, metrics, engine.namespace, "wal", run,
+        lambda cs: sum(c.bytes_written for c in cs))
+    return json_response({"backups": [
+        {"segmentId": c.segment_id, "path": str(c.path), "bytes": c.size, "sha256": c.sha256,
+         "copied": c.copied}
+        for c in copies
+    ]})
+
+
+async def btree_backup(request: Request) -> Response:
+    engine = engine_for(request)
+    parts = parse_btree_params(await read_json_object(request))
+    target = await anyio.to_thread.run_sync(resolve_target, engine, parts, "path", True)
+    metrics: Metrics = request.app.state.metrics
+
+    def run() -> Snapshot:
+        return take_snapshot(engine, target)
+
+    snap = await anyio.to_thread.run_sync(
+        _recorded, metrics, engine.namespace, "btree", run, lambda s: s.bytes_written)
+    cp = snap.checkpoint
+    return json_response({
+        "path": str(snap.path),
+        "bytes": snap.size,
+        "lsn": cp.applied_lsn,
+        "sha256": snap.sha256,
+        "timeline": cp.timeline,
+        "segmentId": cp.segment_id,
+        "copied": snap.copied,
+    })
+
+
+def _recorded(metrics: Metrics, namespace: str, kind: str, fn: Callable[[], T],
+              nbytes: Callable[[T], int]) -> T:
+    """Run one backup, recording success or failure, bytes and duration."""
+    started = time.perf_counter()
+    try:
+        result = fn()
+    except BaseException as exc:
+        seconds = time.perf_counter() - started
+        metrics.record_backup(namespace, kind, False, 0, seconds)
+        if isinstance(exc, BackupGap):
+            metrics.backup_wal_gap.labels(namespace).inc()
+        message = exc.message if isinstance(exc, UnisonDBError) else repr(exc)
+        log.warning("backup.failed", namespace=namespace, kind=kind, error=message,
+                    seconds=round(seconds, 3))
+        raise
+    seconds = time.perf_counter() - started
+    written = nbytes(result)
+    metrics.record_backup(namespace, kind, True, written, seconds)
+    log.info("backup.done", namespace=namespace, kind=kind, bytes_written=written,
+             seconds=round(seconds, 3))
+    return result
+
+
+def _show(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, float):
+        return f"a non-integer number ({value!r})"
+    if isinstance(value, str):
+        return f"a string ({value!r})"
+    return type(value).__name__

@@ -42,8 +42,11 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
     obj = "object"
     success = {"type": obj, "properties": {"success": {"type": "boolean"}}}
     b64 = {"type": "string", "contentEncoding": "base64"}
-    backup_seg = {"type": obj, "properties": {"segmentId": {"type": "integer"},
-                                              "path": {"type": "string"}}}
+    backup_seg = {"type": obj, "properties": {
+        "segmentId": {"type": "integer"}, "path": {"type": "string", "description": "absolute"},
+        "bytes": {"type": "integer"}, "sha256": {"type": "string"},
+        "copied": {"type": "boolean",
+                   "description": "false: an identical file was already there"}}}
     paths: dict[str, Any] = {
         "/health": {"get": _op("Liveness and namespaces", {"$ref": "#/components/schemas/Health"},
                                params=[])},
@@ -90,19 +93,36 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
                                          ("recordProcessed", "segmentId", "offset", "lsn",
                                           "timeline")}}, 404)},
         "/api/v1/{namespace}/wal/backup": {"post": _op(
-            "Copy sealed WAL segments with id > afterSegmentId into backups/<ns>/<backupDir>",
+            "Copy sealed WAL segments with id > afterSegmentId into backups/<ns>/<backupDir> "
+            "(each with a .sha256 sidecar); 409 if afterSegmentId points before the oldest "
+            "segment still on disk (deleted by retention) or a same-named file differs",
             {"type": obj, "properties": {"backups": {"type": "array", "items": backup_seg}}},
             400, 404, 409, 413, 500, 507,
             body={"type": obj, "required": ["backupDir"], "properties": {
-                "afterSegmentId": {"type": ["integer", "null"], "minimum": 0},
-                "backupDir": {"type": "string"}, "rotate": {"type": "boolean"}}})},
+                "afterSegmentId": {"type": ["integer", "null"], "minimum": 0,
+                                   "description": "null or omitted = 0 = every sealed segment"},
+                "backupDir": {"type": "string",
+                              "description": "relative to <dataDir>/backups/<namespace>/"},
+                "rotate": {"type": ["boolean", "null"], "default": False,
+                           "description": "seal the active segment first (if non-empty)"}}})},
         "/api/v1/{namespace}/btree/backup": {"post": _op(
-            "Consistent B-tree snapshot into backups/<ns>/<path>",
-            {"type": obj, "properties": {"path": {"type": "string"}, "bytes": {"type": "integer"},
-                                         "lsn": {"type": "integer"},
-                                         "sha256": {"type": "string"}}},
+            "Consistent B-tree snapshot (one LMDB read transaction, a valid data.mdb) into "
+            "backups/<ns>/<path>, with a .sha256 sidecar",
+            {"type": obj, "properties": {
+                "path": {"type": "string", "description": "absolute"},
+                "bytes": {"type": "integer"},
+                "lsn": {"type": "integer", "description": "last WAL record the snapshot holds"},
+                "sha256": {"type": "string"},
+                "timeline": {"type": "integer"},
+                "segmentId": {"type": "integer",
+                              "description": "WAL segment holding record `lsn` (replay "
+                                             "resumes there)"},
+                "copied": {"type": "boolean",
+                           "description": "false: an identical file was already there"}}},
             400, 404, 409, 413, 500, 507,
-            body={"type": obj, "required": ["path"], "properties": {"path": {"type": "string"}}})},
+            body={"type": obj, "required": ["path"], "properties": {
+                "path": {"type": "string",
+                         "description": "file path relative to <dataDir>/backups/<namespace>/"}}})},
     }
     return {
         "openapi": "3.1.0",

@@ -1,0 +1,142 @@
+"""Unit tests of the backup path rules (``unisondb.backup.paths``) on real directories."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from unisondb.backup import paths
+from unisondb.errors import Conflict, InvalidRequest
+
+
+@pytest.mark.parametrize(("value", "is_file", "words"), [
+    (None, True, "missing field 'path'"),
+    (3, False, "must be a string"),
+    (True, False, "got a boolean"),
+    ("", False, "must not be empty"),
+    (" \t", False, "must not be empty"),
+    ("a\x00b", True, "NUL byte"),
+    ("a\nb", True, "control characters"),
+    ("a\x7fb", True, "control characters"),
+    ("/abs", False, "absolute paths are rejected"),
+    ("//double", False, "absolute paths are rejected"),
+    ("..", False, "'..' components"),
+    ("a/../b", False, "'a/../b' is rejected too"),
+    ("a/..", True, "'..' components"),
+    ("%2e%2e", False, "percent-encoded '..'"),
+    ("x/%2E%2e/y", False, "percent-encoded '..'"),
+    ("a" * 256, False, "path component too long"),
+    ("d/" + "f" * 245, True, "path component too long"),
+    ("a/" * 2049, False, "too long"),
+    (".", True, "backup root itself"),
+    ("./", True, "backup root itself"),
+    ("a/", True, "must name a file"),
+    ("a/.", True, "must name a file"),
+    ("s.db.tmp", True, "must not end with '.tmp'"),
+    ("s.db.sha256", True, "must not end with '.sha256'"),
+    ("\ud800", True, "valid UTF-8"),
+])
+def test_parse_relative_rejects(value: object, is_file: bool, words: str) -> None:
+    with pytest.raises(InvalidRequest) as err:
+        paths.parse_relative(value, "path", is_file=is_file)
+    assert words in err.value.message
+
+
+@pytest.mark.parametrize(("value", "is_file", "parts"), [
+    ("a/b", False, ("a", "b")),
+    ("./a//b/.", False, ("a", "b")),
+    (".", False, ()),
+    ("./", False, ()),
+    ("a\\b", True, ("a\\b",)),
+    ("...", True, ("...",)),
+    ("..a", True, ("..a",)),
+    ("%2e", True, ("%2e",)),
+    ("x" * 244, True, ("x" * 244,)),
+    ("y" * 255 + "/z", True, ("y" * 255, "z")),
+])
+def test_parse_relative_accepts(value: str, is_file: bool, parts: tuple[str, ...]) -> None:
+    assert paths.parse_relative(value, "path", is_file=is_file) == parts
+
+
+@given(st.text(min_size=1, max_size=60))
+def test_parse_relative_never_yields_an_escape(value: str) -> None:
+    """Whatever string comes in, what comes out has no '..', no '/', no empty part."""
+    try:
+        parts = paths.parse_relative(value, "backupDir", is_file=False)
+    except InvalidRequest:
+        return
+    for p in parts:
+        assert p not in ("", ".", "..") and "/" not in p and "\x00" not in p
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    r = tmp_path / "data" / "backups" / "users"
+    r.mkdir(parents=True)
+    (tmp_path / "data" / "backups" / "default").mkdir()
+    return r
+
+
+def test_resolve_follows_links_inside_and_refuses_outside(root: Path, tmp_path: Path) -> None:
+    (root / "real").mkdir()
+    (root / "alias").symlink_to("real")
+    (root / "out").symlink_to(tmp_path)
+    (root / "ns").symlink_to("../default")
+    res = paths.resolve(root, ("alias", "x.db"), "path", is_file=True)
+    assert res.parts == ("real", "x.db") and res.path == root / "real" / "x.db"
+    for parts in (("out", "x"), ("ns", "x"), ("ns",)):
+        with pytest.raises(InvalidRequest, match="leaves the backup root"):
+            paths.resolve(root, parts, "backupDir", is_file=False)
+
+
+def test_resolve_checks_every_prefix(root: Path, tmp_path: Path) -> None:
+    """A link that leaves the root and one that comes back: the detour is refused."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "back").symlink_to(root / "real")
+    (root / "real").mkdir()
+    (root / "detour").symlink_to(outside)
+    with pytest.raises(InvalidRequest, match="'detour' resolves to"):
+        paths.resolve(root, ("detour", "back", "x.db"), "path", is_file=True)
+
+
+def test_resolve_existing_non_directories(root: Path) -> None:
+    (root / "f").write_text("x")
+    (root / "d").mkdir()
+    with pytest.raises(InvalidRequest, match="is not a directory"):
+        paths.resolve(root, ("f", "x.db"), "path", is_file=True)
+    with pytest.raises(InvalidRequest, match="exists and is a directory"):
+        paths.resolve(root, ("d",), "path", is_file=True)
+    with pytest.raises(InvalidRequest, match="is not a directory"):
+        paths.resolve(root, ("f",), "backupDir", is_file=False)
+
+
+def test_open_dir_creates_components_inside_only(root: Path) -> None:
+    res = paths.resolve(root, ("a", "b", "c"), "backupDir", is_file=False)
+    fd = paths.open_dir(res)
+    try:
+        assert os.path.samestat(os.fstat(fd), os.stat(root / "a" / "b" / "c"))
+    finally:
+        os.close(fd)
+
+
+def test_open_dir_refuses_a_link_swapped_in_after_validation(root: Path, tmp_path: Path) -> None:
+    """TOCTOU: validated as a plain directory, replaced by a link before it is opened."""
+    (root / "a").mkdir()
+    res = paths.resolve(root, ("a", "new"), "backupDir", is_file=False)
+    (root / "a").rmdir()
+    (root / "a").symlink_to(tmp_path)
+    with pytest.raises(Conflict, match="refusing to follow it"):
+        paths.open_dir(res)
+    assert not (tmp_path / "new").exists()
+
+
+def test_open_dir_recreates_a_missing_root(root: Path) -> None:
+    res = paths.resolve(root, ("x",), "backupDir", is_file=False)
+    root.rmdir()
+    os.close(paths.open_dir(res))
+    assert (root / "x").is_dir()

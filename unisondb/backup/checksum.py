@@ -1,0 +1,60 @@
+"""``<file>.sha256`` sidecars, written beside every backup file.
+
+Content is one line in GNU ``sha256sum`` format, ``<64 hex>  <basename>\\n``, so
+``cd <dir> && sha256sum -c <file>.sha256`` checks the file. The name is the bare basename:
+the sidecar stays valid when the directory is moved, tarred or synced elsewhere. (Names with
+newlines cannot occur: the path rules reject control characters.)
+
+A sidecar is written like any backup file (``.tmp`` → fsync → rename → directory fsync).
+An existing sidecar that says the same thing is left alone; one that says something else is
+a ``Conflict``: we never silently overwrite a checksum somebody may rely on.
+"""
+
+from __future__ import annotations
+
+import re
+
+from unisondb.backup import files
+from unisondb.backup.files import TargetDir
+from unisondb.errors import Conflict
+
+SUFFIX = ".sha256"
+_LINE = re.compile(r"^\\?([0-9a-fA-F]{64}) [ *](.+)\n?$")
+
+
+def sidecar_name(name: str) -> str:
+    return name + SUFFIX
+
+
+def sidecar_line(hexdigest: str, name: str) -> str:
+    return f"{hexdigest}  {name}\n"
+
+
+def parse_sidecar(text: str) -> tuple[str, str] | None:
+    """(hex digest, file name) of a one-line sha256sum file, or None if it is not one."""
+    m = _LINE.match(text)
+    if m is None:
+        return None
+    return m.group(1).lower(), m.group(2)
+
+
+def ensure_sidecar(tdir: TargetDir, name: str, hexdigest: str) -> bool:
+    """Make ``<name>.sha256`` say ``hexdigest``; return True if it had to be written."""
+    side = sidecar_name(name)
+    want = sidecar_line(hexdigest, name)
+    if tdir.require_regular(side) is not None:
+        have = tdir.read_small(side).decode("utf-8", errors="replace")
+        if have == want:
+            return False
+        parsed = parse_sidecar(have)
+        if parsed != (hexdigest, name):
+            raise Conflict(
+                f"{tdir.path / side} already exists and records a different checksum "
+                f"({parsed[0] if parsed else 'unreadable'}) than {tdir.path / name} "
+                f"({hexdigest}); refusing to overwrite it: move the old files away or choose "
+                "another backup path"
+            )
+        return False  # same digest and name, only formatted differently (e.g. '*' mode)
+    data = want.encode()
+    tdir.publish(side, lambda fd: files.write_all(fd, data))
+    return True

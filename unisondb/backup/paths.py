@@ -1,0 +1,264 @@
+"""Path safety for the backup API: client paths are relative to ``backups/<namespace>/``.
+
+Two steps, both raising ``InvalidRequest`` (400) with the rule that was broken:
+
+1. ``parse_relative`` checks the string alone, *before* any normalisation: not empty or
+   blank, no NUL or other control character, not absolute, no ``..`` component (so
+   ``a/../b`` is refused even though it would stay inside), no percent-encoded ``..``,
+   components of at most 255 bytes (a file name at most 244, so ``.sha256.tmp`` still fits)
+   and at most 4096 bytes in all. A file path must name
+   a file: not the root itself (``.``, ``./``), no trailing ``/``, and not a name ending in
+   ``.tmp`` (reserved for files being written, deleted at startup) or ``.sha256`` (reserved
+   for checksum sidecars).
+2. ``resolve`` looks at the file system: every prefix of the path, with symbolic links
+   followed (``os.path.realpath``), must stay inside the root's real location. That covers a
+   link to ``/etc`` as much as a link to another namespace's backup root.
+
+``open_dir`` then walks the *resolved* location from the root one component at a time with
+``O_NOFOLLOW``, creating what is missing. Since ``resolve`` already replaced every link by
+its target, a link met during the walk was put there after validation; the walk refuses it
+(409) instead of following it. Files are then created relative to the opened directory's
+descriptor (see ``files.TargetDir``), so no later path lookup can be redirected either.
+
+Residual race (documented in docs/OPERATIONS.md): a process that can write inside the
+backup root can *rename* an already opened directory to somewhere outside it; the backup
+then lands there. Such a process could write there itself, so this gives it nothing new.
+"""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote
+
+from unisondb.errors import Conflict, InvalidRequest, from_os_error
+from unisondb.storage import fsutil
+
+MAX_COMPONENT_BYTES = 255
+MAX_PATH_BYTES = 4096
+#: A backup file gets ``.sha256`` and ``.tmp`` appended while it is written; each must fit.
+MAX_FILE_NAME_BYTES = MAX_COMPONENT_BYTES - len(".sha256.tmp")
+#: Suffixes a backup file name may not end with, and why.
+RESERVED_SUFFIXES = {
+    ".tmp": "reserved for files being written; leftovers are deleted at server start",
+    ".sha256": "reserved for the checksum sidecar written next to every backup file",
+}
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+
+
+@dataclass(frozen=True, slots=True)
+class Resolved:
+    """A validated location inside a namespace's backup root.
+
+    ``parts`` are the components below the root's real location after every symbolic link
+    was resolved; ``path`` is that location spelled under the root as the server names it
+    (``<dataDir>/backups/<ns>/...``), which is what responses and errors show.
+    """
+
+    root: Path
+    root_real: Path
+    parts: tuple[str, ...]
+    is_file: bool
+
+    @property
+    def path(self) -> Path:
+        return self.root.joinpath(*self.parts)
+
+    @property
+    def dir_parts(self) -> tuple[str, ...]:
+        return self.parts[:-1] if self.is_file else self.parts
+
+    @property
+    def name(self) -> str:
+        assert self.is_file
+        return self.parts[-1]
+
+
+def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
+    """Validate a client path string; return its components without ``.`` and empty ones."""
+    if value is None:
+        raise InvalidRequest(
+            f"missing field '{field}': a relative path inside backups/<namespace>/"
+        )
+    if not isinstance(value, str):
+        raise InvalidRequest(
+            f"{field} must be a string (a relative path inside backups/<namespace>/), "
+            f"got {_json_type(value)}"
+        )
+    if not value.strip():
+        raise InvalidRequest(f"{field} must not be empty")
+    if "\x00" in value:
+        raise InvalidRequest(f"{field} must not contain a NUL byte")
+    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+        raise InvalidRequest(
+            f"{field} must not contain control characters (newline, tab, ...): they break "
+            "sha256sum sidecars and shell scripts"
+        )
+    try:
+        size = len(value.encode("utf-8"))
+    except UnicodeEncodeError:
+        raise InvalidRequest(f"{field} must be valid UTF-8") from None
+    if value.startswith("/"):
+        raise InvalidRequest(
+            f"{field} must be a relative path inside backups/<namespace>/; absolute paths "
+            f"are rejected: {value!r}"
+        )
+    if size > MAX_PATH_BYTES:
+        raise InvalidRequest(f"{field} is too long: {size} bytes (max {MAX_PATH_BYTES})")
+    components = value.split("/")
+    for comp in components:
+        if comp == "..":
+            raise InvalidRequest(
+                f"{field} must not contain '..' components (checked before normalisation, "
+                f"so 'a/../b' is rejected too): {value!r}"
+            )
+        if unquote(comp) == "..":
+            raise InvalidRequest(
+                f"{field} must not contain a percent-encoded '..' component ({comp!r}): "
+                f"{value!r}"
+            )
+        nbytes = len(comp.encode("utf-8"))
+        if nbytes > MAX_COMPONENT_BYTES:
+            raise InvalidRequest(
+                f"{field}: path component too long: {nbytes} bytes "
+                f"(max {MAX_COMPONENT_BYTES}): {comp[:40]!r}..."
+            )
+    parts = tuple(c for c in components if c not in ("", "."))
+    if not is_file:
+        return parts
+    if not parts:
+        raise InvalidRequest(
+            f"{field} names the backup root itself; give a file name such as "
+            f"'snapshots/users.db': {value!r}"
+        )
+    if components[-1] in ("", "."):
+        raise InvalidRequest(
+            f"{field} must name a file, not a directory (it ends with '/' or '/.'): {value!r}"
+        )
+    nbytes = len(parts[-1].encode("utf-8"))
+    if nbytes > MAX_FILE_NAME_BYTES:
+        raise InvalidRequest(
+            f"{field}: path component too long: the file name is {nbytes} bytes (max "
+            f"{MAX_FILE_NAME_BYTES}, leaving room for the '.sha256.tmp' the server appends)"
+        )
+    for suffix, why in RESERVED_SUFFIXES.items():
+        if parts[-1].endswith(suffix):
+            raise InvalidRequest(f"{field} must not end with '{suffix}' ({why}): {value!r}")
+    return parts
+
+
+def resolve(root: Path, parts: tuple[str, ...], field: str, *, is_file: bool) -> Resolved:
+    """Check the on-disk meaning of ``parts`` below ``root`` (symlinks followed)."""
+    root_abs = Path(os.path.abspath(root))
+    root_real = Path(os.path.realpath(root_abs))
+    shown = "/".join(parts) or "."
+    for i in range(1, len(parts) + 1):
+        real = os.path.realpath(root_abs.joinpath(*parts[:i]))
+        if not _inside(real, root_real):
+            via = "/".join(parts[:i])
+            raise InvalidRequest(
+                f"{field} {shown!r} leaves the backup root {root_abs}: {via!r} resolves to "
+                f"{real} (symbolic links are followed; only paths inside "
+                "backups/<namespace>/ are allowed)"
+            )
+    final = Path(os.path.realpath(root_abs.joinpath(*parts)))
+    rel = final.relative_to(root_real).parts
+    if len(str(root_abs.joinpath(*rel)).encode("utf-8")) >= MAX_PATH_BYTES:
+        raise InvalidRequest(f"{field} is too long once placed under {root_abs}")
+    res = Resolved(root_abs, root_real, rel, is_file)
+    if is_file and not rel:
+        raise InvalidRequest(f"{field} {shown!r} resolves to the backup root itself")
+    # Every existing directory component must be a directory (a file there is a client
+    # mistake we can name now, rather than an ENOTDIR later).
+    for i in range(1, len(res.dir_parts) + 1):
+        st = _lstat(root_real.joinpath(*rel[:i]))
+        if st is None:
+            break
+        if not stat.S_ISDIR(st.st_mode):
+            raise InvalidRequest(
+                f"{field} {shown!r}: {root_abs.joinpath(*rel[:i])} exists and is not a directory"
+            )
+    if is_file:
+        st = _lstat(final)
+        if st is not None and not stat.S_ISREG(st.st_mode):
+            what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
+            raise InvalidRequest(f"{field} {shown!r}: {res.path} exists and is {what}")
+    return res
+
+
+def open_dir(res: Resolved) -> int:
+    """Open (creating what is missing) the directory of ``res``; return its descriptor.
+
+    Creation happens one component at a time relative to the parent's descriptor, each new
+    directory made durable by fsyncing its parent. Errors name the directory that refused
+    the write, e.g. ``permission denied: <dataDir>/backups/users/wal``.
+    """
+    try:
+        os.makedirs(res.root, exist_ok=True)
+        fd = os.open(res.root_real, _DIR_FLAGS)
+    except OSError as exc:
+        raise from_os_error(exc, res.root) from exc
+    here = res.root
+    try:
+        for comp in res.dir_parts:
+            created = False
+            try:
+                os.mkdir(comp, 0o755, dir_fd=fd)
+                created = True
+            except FileExistsError:
+                pass
+            except OSError as exc:
+                raise from_os_error(exc, here) from exc
+            child = here / comp
+            try:
+                nfd = os.open(comp, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
+            except OSError as exc:
+                if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+                    raise Conflict(
+                        f"{child} changed while the backup was being prepared (it is now a "
+                        "symbolic link or not a directory); refusing to follow it"
+                    ) from exc
+                raise from_os_error(exc, child) from exc
+            if created:
+                try:
+                    fsutil.fsync(fd)
+                except OSError as exc:
+                    os.close(nfd)
+                    raise from_os_error(exc, here) from exc
+            os.close(fd)
+            fd, here = nfd, child
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _inside(real: str | Path, root_real: Path) -> bool:
+    r = str(real)
+    base = str(root_real)
+    return r == base or r.startswith(base.rstrip(os.sep) + os.sep)
+
+
+def _lstat(p: Path) -> os.stat_result | None:
+    try:
+        return os.lstat(p)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise from_os_error(exc, p) from exc
+
+
+def _json_type(value: Any) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, dict):
+        return "an object"
+    return type(value).__name__
