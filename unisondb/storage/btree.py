@@ -172,10 +172,18 @@ class BTree:
     def set_checkpoint(self, checkpoint: Checkpoint) -> None:
         self.apply([], checkpoint)
 
-    def _grow(self) -> None:
+    def _grow(self, at_least: int = 0) -> None:
         with self._rw.write():
             self.map_size *= 2
+            while self.map_size < at_least:
+                self.map_size *= 2
             self.env.set_mapsize(self.map_size)
+
+    def _ensure_headroom(self) -> None:
+        """Grow the map now if less than half of it is free."""
+        used = (self.env.info()["last_pgno"] + 1) * self.env.stat()["psize"]
+        if used * 2 > self.map_size:
+            self._grow(at_least=used * 2)
 
     def sync(self) -> None:
         """Force everything committed so far (including the last meta page) to disk."""
@@ -189,6 +197,9 @@ class BTree:
         The copy and the returned checkpoint come from the same read transaction, so
         the checkpoint says exactly which WAL records the copy contains.
         """
+        # The read transaction below blocks map growth until the copy ends (LMDB cannot
+        # resize under a live reader), so make room for writes to continue meanwhile.
+        self._ensure_headroom()
         with self._rw.read(), self.env.begin() as txn:
             raw = txn.get(CHECKPOINT_KEY, db=self._meta)
             cp = Checkpoint() if raw is None else Checkpoint.decode(raw)

@@ -48,3 +48,19 @@ def test_checkpoint_round_trip_and_atomic_apply(tmp_path: Path) -> None:
         assert list(bt.items()) == [(b"b", b"2")]
     finally:
         bt.close()
+
+
+def test_snapshot_leaves_half_the_map_free_for_writes_during_the_copy(tmp_path: Path) -> None:
+    """A snapshot pins a read txn (no map resize until it ends), so it grows the map first."""
+    bt = BTree(tmp_path / "db", map_size=1 << 20)
+    try:
+        recs = [Record(i + 1, i, (Entry(EntryKind.PUT, f"k{i}".encode(), b"v" * 2000),))
+                for i in range(300)]
+        bt.apply(recs, Checkpoint(300, 1, 0, 1, 0))
+        used = (bt.env.info()["last_pgno"] + 1) * bt.env.stat()["psize"]
+        with open(tmp_path / "snap.mdb", "wb") as f:
+            cp = bt.snapshot_to(f)
+        assert cp.applied_lsn == 300
+        assert bt.map_size >= 2 * used
+    finally:
+        bt.close()
