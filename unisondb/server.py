@@ -17,7 +17,7 @@ import uvicorn
 from unisondb import logging as ulog
 from unisondb.api.app import build_app
 from unisondb.config import ServerConfig
-from unisondb.errors import from_os_error
+from unisondb.errors import InvalidRequest, from_os_error
 from unisondb.metrics import Metrics
 from unisondb.storage import fsutil, layout
 from unisondb.storage.engine import Engine
@@ -31,6 +31,7 @@ def open_engines(cfg: ServerConfig) -> dict[str, Engine]:
     Namespaces already on disk are opened first, so a failure there (locked by another
     server, a corrupt log) stops startup before a new namespace directory is created.
     """
+    _refuse_misplaced_snapshot(cfg)
     on_disk = layout.discover_namespaces(cfg.data_dir)
     names = on_disk + [n for n in cfg.namespaces if n not in on_disk]
     engines: dict[str, Engine] = {}
@@ -41,6 +42,23 @@ def open_engines(cfg: ServerConfig) -> dict[str, Engine]:
         close_engines(engines)
         raise
     return engines
+
+
+def _refuse_misplaced_snapshot(cfg: ServerConfig) -> None:
+    """A ``data.mdb`` at ``<data-dir>/db/`` or ``<data-dir>/`` belongs to no namespace.
+
+    The document's restore drill copies a snapshot to ``$TEST_DIR/db/data.mdb``; serving
+    an empty namespace instead would make a broken restore look like a working one.
+    """
+    for misplaced in (cfg.data_dir / "db" / "data.mdb", cfg.data_dir / "data.mdb"):
+        if misplaced.exists():
+            ns = cfg.namespaces[0] if cfg.namespaces else "<namespace>"
+            raise InvalidRequest(
+                f"found {misplaced}, which belongs to no namespace: a B-tree snapshot must be "
+                f"copied to <data-dir>/<namespace>/db/data.mdb",
+                hint=f"move it to {cfg.data_dir / ns / 'db' / 'data.mdb'} (and remove "
+                f"{misplaced.parent / 'lock.mdb'} if present), then start again",
+            )
 
 
 def close_engines(engines: dict[str, Engine]) -> None:

@@ -54,7 +54,7 @@ from unisondb.storage.engine import Engine
 from unisondb.storage.record import Entry, EntryKind
 
 if TYPE_CHECKING:
-    from conftest import ServerProcess
+    from serverproc import ServerProcess
 
 NS = "default"
 API = f"/api/v1/{NS}"

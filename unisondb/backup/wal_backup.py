@@ -56,11 +56,15 @@ def plan(engine: Engine, after_segment_id: int) -> list[SegmentInfo]:
     ``after_segment_id`` = 0 means "everything still on disk" and is never a gap. Otherwise
     segment ``after_segment_id + 1`` is the first one the caller lacks; if the oldest
     segment on disk is newer than that, the ones in between are gone (retention deleted
-    them) and silently skipping them would leave a hole in the caller's archive.
+    them) and silently skipping them would leave a hole in the caller's archive. After a
+    restore, ids below the new timeline's first segment are not part of this history.
     """
     on_disk = engine.wal.segments()
-    if after_segment_id > 0 and on_disk and on_disk[0].segment_id > after_segment_id + 1:
-        raise gap_error(engine, after_segment_id + 1, on_disk[0].segment_id - 1,
+    # Ids below the current timeline's first segment (after a restore) belong to an abandoned
+    # history: nobody can back them up any more, and nobody needs to.
+    first_missing = max(after_segment_id + 1, engine.checkpoint().timeline_first_segment)
+    if after_segment_id > 0 and on_disk and on_disk[0].segment_id > first_missing:
+        raise gap_error(engine, first_missing, on_disk[0].segment_id - 1,
                         on_disk[0].segment_id)
     return [s for s in engine.wal.sealed_segments() if s.segment_id > after_segment_id]
 

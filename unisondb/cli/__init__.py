@@ -83,5 +83,14 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
+# Offline tools (restore, backup inspection, WAL inspection): see docs/RESTORE.md.
+from unisondb.cli.backup_cmd import backup_group  # noqa: E402
+from unisondb.cli.restore import restore_cmd  # noqa: E402
+from unisondb.cli.wal_cmd import wal_group  # noqa: E402
+
+cli.add_command(restore_cmd)
+cli.add_command(backup_group)
+cli.add_command(wal_group)
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -15,7 +15,9 @@ Checkpoint value (48 bytes, little-endian)::
     16      8     offset        offset just past that record in its segment
     24      8     timeline      history this state belongs to
     32      8     time_ns       time of the applied record
-    40      8     reserved      zero
+    40      8     timeline_first_segment
+                                first segment id written on this timeline after a restore
+                                (0 = since the beginning); lower ids are a previous history
 
 Durability: LMDB runs with ``metasync=False``: every commit still fsyncs its data
 pages, and LMDB guarantees that a crash can at most undo the *last* commit, never
@@ -39,7 +41,7 @@ from unisondb.errors import CorruptLog, StorageError, from_os_error
 from unisondb.storage.record import EntryKind, Record
 
 CHECKPOINT_KEY = b"checkpoint"
-CHECKPOINT = struct.Struct("<QQQQQ8x")
+CHECKPOINT = struct.Struct("<QQQQQQ")
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space to start; grows by doubling
 
 
@@ -50,11 +52,18 @@ class Checkpoint:
     offset: int = 0
     timeline: int = 1
     time_ns: int = 0
+    timeline_first_segment: int = 0
 
     def encode(self) -> bytes:
         return CHECKPOINT.pack(
-            self.applied_lsn, self.segment_id, self.offset, self.timeline, self.time_ns
+            self.applied_lsn, self.segment_id, self.offset, self.timeline, self.time_ns,
+            self.timeline_first_segment,
         )
+
+    def advance(self, lsn: int, segment_id: int, offset: int, time_ns: int) -> Checkpoint:
+        """The checkpoint after applying records up to ``lsn``, on the same timeline."""
+        return Checkpoint(lsn, segment_id, offset, self.timeline, time_ns,
+                          self.timeline_first_segment)
 
     @classmethod
     def decode(cls, raw: bytes) -> Checkpoint:

@@ -318,8 +318,7 @@ class Engine:
             self._fail(from_os_error(exc, self.wal.active.path if self.wal.active else None),
                        writes)
             return
-        cp = Checkpoint(records[-1].lsn, seg_id, end, self._checkpoint.timeline,
-                        records[-1].time_ns)
+        cp = self._checkpoint.advance(records[-1].lsn, seg_id, end, records[-1].time_ns)
         try:
             self.btree.apply(records, cp)
         except UnisonDBError as exc:

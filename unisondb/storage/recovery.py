@@ -82,6 +82,6 @@ def recover(wal: Wal, btree: BTree) -> RecoveryResult:
 
 
 def _apply(btree: BTree, recs: list[Record], cp: Checkpoint, seg_id: int, end: int) -> Checkpoint:
-    new_cp = Checkpoint(recs[-1].lsn, seg_id, end, cp.timeline, recs[-1].time_ns)
+    new_cp = cp.advance(recs[-1].lsn, seg_id, end, recs[-1].time_ns)
     btree.apply(recs, new_cp)
     return new_cp

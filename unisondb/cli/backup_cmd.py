@@ -1,0 +1,283 @@
+"""``unisondb backup verify`` and ``unisondb backup list``: offline checks of backup files.
+
+Both only read: files are opened read-only and nothing is written next to them
+(``verify --replay`` restores into a scratch directory it deletes afterwards).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import click
+
+from unisondb.cli.restore import emit_json
+from unisondb.errors import UnisonDBError
+from unisondb.restore import restore
+from unisondb.restore.errors import BackupCorrupt
+from unisondb.restore.inventory import (
+    collect_wal,
+    detect_compression,
+    inspect_snapshot,
+    looks_like_lmdb,
+    sidecar_path,
+)
+from unisondb.restore.progress import for_terminal
+from unisondb.restore.timefmt import format_bytes, format_ns
+from unisondb.restore.timeline import coverage_holes, select_chain
+from unisondb.restore.verify import VerifyReport, verify_backup_set
+from unisondb.storage.btree import BTree
+
+
+@click.group("backup")
+def backup_group() -> None:
+    """Inspect and verify backup files (offline; the server may keep running)."""
+
+
+@backup_group.command("verify")
+@click.option("--snapshot", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              metavar="FILE", help="B-tree snapshot to check.")
+@click.option("--wal", "wal_dirs", type=click.Path(path_type=Path, file_okay=False),
+              multiple=True, metavar="DIR", help="WAL backup directory (recursive). Repeatable.")
+@click.option("--namespace", "-n", default=None, metavar="NS",
+              help="Check that every segment belongs to NS.")
+@click.option("--replay", is_flag=True,
+              help="Also restore into a scratch directory and report the measured restore time.")
+@click.option("--scratch-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
+              metavar="DIR", help="Where --replay stages its restore (default: system temp dir; "
+              "needs room for the snapshot).")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def verify_cmd(snapshot: Path | None, wal_dirs: tuple[Path, ...], namespace: str | None,
+               replay: bool, scratch_dir: Path | None, as_json: bool) -> None:
+    """Check checksums, LMDB integrity, record CRCs, LSN gaps and overlaps.
+
+    Exits 0 only if nothing is wrong. Every missing LSN range is named. With --replay the
+    backup is actually restored (snapshot + every WAL record to the end of the contiguous
+    chain) into a scratch directory, which proves it restorable and measures how long a
+    restore takes.
+    """
+    if snapshot is None and not wal_dirs:
+        raise click.UsageError("give --snapshot FILE and/or --wal DIR")
+    progress = for_terminal()
+    with progress:
+        report, snap, _inv = verify_backup_set(snapshot, list(wal_dirs), namespace, progress)
+    if replay:
+        if snap is None:
+            report.problems.append("--replay needs a sound --snapshot")
+        elif report.ok:
+            _replay(report, snap.path, list(wal_dirs), namespace, scratch_dir)
+    if as_json:
+        emit_json(report.to_json())
+    else:
+        click.echo(render_verify(report))
+    if not report.ok:
+        raise BackupCorrupt(f"backup verification failed: {len(report.problems)} problem(s)")
+
+
+def _replay(report: VerifyReport, snapshot: Path, wal_dirs: list[Path], namespace: str | None,
+            scratch_dir: Path | None) -> None:
+    scratch = Path(tempfile.mkdtemp(prefix="unisondb-verify-", dir=scratch_dir))
+    ns = namespace or "verify"
+    try:
+        try:
+            outcome = restore(scratch, ns, snapshot, wal_dirs, progress=for_terminal(),
+                              check_namespace=namespace is not None)
+        except UnisonDBError as exc:
+            report.problems.append(f"replay failed: {exc}")
+            return
+        s = outcome.summary
+        assert s is not None
+        btree = BTree(scratch / ns / "db")
+        try:
+            cp = btree.read_checkpoint()
+            h = hashlib.sha256()
+            keys = 0
+            for k, v in btree.items():
+                h.update(len(k).to_bytes(4, "little") + k + len(v).to_bytes(4, "little") + v)
+                keys += 1
+        finally:
+            btree.close()
+        if cp.applied_lsn != s.end_lsn:
+            report.problems.append(f"replay: restored checkpoint says LSN {cp.applied_lsn}, "
+                                   f"expected {s.end_lsn}")
+        report.replay = {
+            "lsn": s.end_lsn, "time": format_ns(s.end_time_ns) if s.end_time_ns else None,
+            "records": s.records_replayed, "walBytes": s.wal_bytes,
+            "snapshotBytes": s.snapshot_bytes, "keys": keys, "fingerprint": h.hexdigest(),
+            "seconds": {"total": round(s.total_seconds, 4), "verify": round(s.verify_seconds, 4),
+                        "copy": round(s.copy_seconds, 4), "replay": round(s.replay_seconds, 4),
+                        "publish": round(s.publish_seconds, 4)},
+            "recordsPerSecond": round(s.records_replayed / s.replay_seconds)
+            if s.replay_seconds > 0 and s.records_replayed else None,
+        }
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+def render_verify(rep: VerifyReport) -> str:
+    lines = []
+    if rep.snapshot is not None:
+        s = rep.snapshot
+        if s.get("lmdb") == "ok":
+            lines.append(f"snapshot  {s['path']}: {format_bytes(int(str(s['bytes'])))}, sha256 "
+                         f"{s.get('sidecar')}, LMDB structure ok, LSN {s['lsn']} ({s['time']}), "
+                         f"timeline {s['timeline']}, {s['keys']} keys")
+        else:
+            lines.append(f"snapshot  {s['path']}: FAILED")
+    if rep.segments:
+        ok = sum(1 for s in rep.segments if s.get("crc") == "ok")
+        lines.append(f"segments  {len(rep.segments)} file(s), {ok} with every record CRC ok")
+        for seg in rep.segments:
+            if seg.get("crc") != "ok" or seg.get("sidecar") == "mismatch":
+                lines.append(f"          {seg['path']}: crc {seg.get('crc')}, sha256 "
+                             f"{seg.get('sidecar')}" + (f", {seg['damage']}" if seg.get("damage")
+                                                        else ""))
+    for h in rep.holes:
+        lines.append(f"hole      missing {h['text']}")
+    if rep.restorable is not None:
+        r = rep.restorable
+        lines.append(f"restorable from LSN {r['fromLsn']} ({r['fromTime']}) to LSN {r['toLsn']} "
+                     f"({r['toTime']}) on timeline {r['toTimeline']}")
+    if rep.replay is not None:
+        rp = rep.replay
+        sec = rp["seconds"]
+        assert isinstance(sec, dict)
+        lines.append(f"replay    restored to LSN {rp['lsn']} ({rp['time']}): {rp['records']} records "
+                     f"replayed, {rp['keys']} keys, fingerprint {str(rp['fingerprint'])[:16]}")
+        lines.append(f"          measured restore time {sec['total']:.2f} s (verify "
+                     f"{sec['verify']:.2f} s, copy {sec['copy']:.2f} s, replay "
+                     f"{sec['replay']:.2f} s)")
+    for w in rep.warnings:
+        lines.append(f"warning   {w}")
+    for p in rep.problems:
+        lines.append(f"PROBLEM   {p}")
+    lines.append("OK: the backup set is restorable" if rep.ok else
+                 f"FAILED: {len(rep.problems)} problem(s)")
+    return "\n".join(lines)
+
+
+# --- list ---
+
+
+@backup_group.command("list")
+@click.option("--backup-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+              required=True, metavar="DIR",
+              help="A backup root, e.g. <data-dir>/backups/<ns> (searched recursively).")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def list_cmd(backup_dir: Path, as_json: bool) -> None:
+    """List snapshots (LSN, time, bytes) and WAL coverage per timeline, with holes.
+
+    Reads headers, footers and each snapshot's checkpoint only; 'unisondb backup verify'
+    checks contents.
+    """
+    payload = list_backups(backup_dir)
+    if as_json:
+        emit_json(payload)
+    else:
+        click.echo(render_list(payload))
+
+
+def list_backups(backup_dir: Path) -> dict[str, Any]:
+    snapshots: list[dict[str, Any]] = []
+    compressed: list[dict[str, Any]] = []
+    problems: list[str] = []
+    inv = collect_wal([backup_dir])
+    for path in sorted(p for p in backup_dir.rglob("*") if p.is_file()):
+        if path.name.endswith((".sha256", ".tmp", ".wal")) or path.name in ("lock.mdb",):
+            continue
+        if looks_like_lmdb(path):
+            entry: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size,
+                                     "sidecar": sidecar_path(path).exists()}
+            try:
+                snap = inspect_snapshot(path, structural=False)
+            except UnisonDBError as exc:
+                entry["error"] = exc.message
+                problems.append(f"{path}: {exc.message}")
+                snapshots.append(entry)
+                continue
+            cp = snap.checkpoint
+            chain = select_chain(cp.applied_lsn, cp.timeline, inv.segments)
+            end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
+            entry.update({
+                "lsn": cp.applied_lsn, "time": format_ns(cp.time_ns) if snap.has_checkpoint
+                else None, "timeline": cp.timeline, "keys": snap.keys,
+                "restorableTo": {"lsn": chain.end_lsn, "timeline": chain.end_timeline,
+                                 "time": format_ns(end_time) if end_time else None,
+                                 "holesAfter": [h.describe() for h in chain.holes]},
+            })
+            snapshots.append(entry)
+        elif (comp := detect_compression(path)) is not None:
+            compressed.append({"path": str(path), "bytes": path.stat().st_size,
+                               "format": comp[0]})
+    snapshots.sort(key=lambda s: (s.get("timeline", 0), s.get("lsn", 0)))
+    timelines: dict[int, dict[str, Any]] = {}
+    for s in inv.segments:
+        if s.count == 0:
+            continue
+        t = timelines.setdefault(s.timeline, {
+            "timeline": s.timeline, "segments": 0, "records": 0, "bytes": 0,
+            "earliestLsn": s.first_lsn, "latestLsn": s.last_lsn,
+            "earliestTimeNs": s.min_time_ns, "latestTimeNs": s.max_time_ns,
+            "firstSegmentId": s.segment_id, "lastSegmentId": s.segment_id, "holes": []})
+        t["segments"] += 1
+        t["records"] += s.count
+        t["bytes"] += s.size
+        t["earliestLsn"] = min(t["earliestLsn"], s.first_lsn)
+        t["latestLsn"] = max(t["latestLsn"], s.last_lsn)
+        t["earliestTimeNs"] = min(t["earliestTimeNs"], s.min_time_ns)
+        t["latestTimeNs"] = max(t["latestTimeNs"], s.max_time_ns)
+        t["firstSegmentId"] = min(t["firstSegmentId"], s.segment_id)
+        t["lastSegmentId"] = max(t["lastSegmentId"], s.segment_id)
+    for h in coverage_holes(inv.segments):
+        timelines[h.timeline]["holes"].append({"firstLsn": h.first_lsn, "lastLsn": h.last_lsn,
+                                               "text": h.describe()})
+    for t in timelines.values():
+        t["earliestTime"] = format_ns(t.pop("earliestTimeNs"))
+        t["latestTime"] = format_ns(t.pop("latestTimeNs"))
+    for s in inv.segments:
+        if s.damage:
+            problems.append(f"{s.path}: {s.damage}")
+    for path, reason in inv.unreadable:
+        problems.append(f"{path}: {reason}")
+    return {
+        "backupDir": str(backup_dir), "snapshots": snapshots, "compressed": compressed,
+        "wal": {"segments": len(inv.segments),
+                "duplicates": sum(len(v) - 1 for v in inv.copies.values()),
+                "timelines": [timelines[k] for k in sorted(timelines)]},
+        "problems": problems,
+    }
+
+
+def render_list(payload: dict[str, Any]) -> str:
+    lines = [f"Backups in {payload['backupDir']}", "", "Snapshots:"]
+    if not payload["snapshots"]:
+        lines.append("  (none)")
+    for s in payload["snapshots"]:
+        if "error" in s:
+            lines.append(f"  {s['path']}  ERROR: {s['error']}")
+            continue
+        r = s["restorableTo"]
+        lines.append(f"  {s['path']}  {format_bytes(s['bytes'])}  LSN {s['lsn']}  "
+                     f"{s['time'] or '-'}  timeline {s['timeline']}"
+                     + ("" if s["sidecar"] else "  (no .sha256)"))
+        lines.append(f"      restorable to LSN {r['lsn']} ({r['time'] or '-'}) on timeline "
+                     f"{r['timeline']}" + (f"; then missing {'; '.join(r['holesAfter'])}"
+                                           if r["holesAfter"] else ""))
+    for c in payload["compressed"]:
+        lines.append(f"  {c['path']}  {format_bytes(c['bytes'])}  {c['format']}-compressed "
+                     "(decompress to inspect)")
+    lines += ["", "WAL coverage:"]
+    if not payload["wal"]["timelines"]:
+        lines.append("  (no segments)")
+    for t in payload["wal"]["timelines"]:
+        lines.append(f"  timeline {t['timeline']}: LSN {t['earliestLsn']}..{t['latestLsn']}  "
+                     f"{t['earliestTime']} .. {t['latestTime']}  {t['segments']} segment(s) "
+                     f"{t['firstSegmentId']:09d}..{t['lastSegmentId']:09d}, {t['records']} records")
+        for h in t["holes"]:
+            lines.append(f"      hole: missing {h['text']}")
+    for p in payload["problems"]:
+        lines.append(f"PROBLEM {p}")
+    return "\n".join(lines)

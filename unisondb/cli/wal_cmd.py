@@ -1,0 +1,150 @@
+"""``unisondb wal list|inspect``: read-only views of WAL segment files.
+
+Safe on a live server's ``wal/`` directory and on backups: every file is opened
+``O_RDONLY``; nothing is created, truncated, sealed or locked (upstream's equivalent
+rewrites segments when it opens them). A torn or damaged tail is reported, not repaired.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import click
+
+from unisondb.cli.restore import emit_json
+from unisondb.errors import CorruptLog, NotFound, UnisonDBError
+from unisondb.restore.timefmt import format_bytes, format_ns
+from unisondb.storage import record, segment
+
+
+@click.group("wal")
+def wal_group() -> None:
+    """Inspect WAL segments (read-only; safe while the server runs)."""
+
+
+def _segment_files(wal_dir: Path) -> list[tuple[int, Path]]:
+    if not wal_dir.is_dir():
+        raise NotFound(f"WAL directory not found: {wal_dir}")
+    return list(segment.iter_segment_files(wal_dir))
+
+
+def describe_segment(path: Path, *, is_last: bool, with_records: bool = False,
+                     namespace: str | None = None) -> dict[str, Any]:
+    """Everything about one segment file, from one read-only pass over its bytes."""
+    out: dict[str, Any] = {"path": str(path), "file": path.name}
+    try:
+        data = segment.read_file(path)
+    except UnisonDBError as exc:
+        return {**out, "status": "unreadable", "crc": "unreadable", "error": exc.message}
+    out["bytes"] = len(data)
+    try:
+        header = segment.decode_header(data, path)
+    except CorruptLog as exc:
+        return {**out, "status": "unknown", "crc": "bad header", "error": exc.message}
+    out.update({"segmentId": header.segment_id, "timeline": header.timeline,
+                "firstLsn": header.first_lsn, "created": format_ns(header.created_ns),
+                "nsCrc": f"{header.ns_crc:08x}"})
+    if namespace is not None:
+        out["namespaceMatches"] = header.ns_crc == segment.namespace_crc(namespace)
+    footer = segment.try_decode_footer(data)
+    out["status"] = "sealed" if footer else ("active" if is_last else "unsealed")
+    try:
+        scan = segment.scan(path, data)
+    except CorruptLog as exc:
+        out.update({"crc": "damaged", "error": exc.message})
+        return out
+    recs = scan.records
+    out.update({
+        "lastLsn": scan.last_lsn, "records": len(recs),
+        "minTime": format_ns(min(r.time_ns for r, _s, _e in recs)) if recs else None,
+        "maxTime": format_ns(max(r.time_ns for r, _s, _e in recs)) if recs else None,
+        "dataEnd": scan.data_end,
+        "lastRecordOffset": recs[-1][1] if recs else None,
+    })
+    if footer is not None:
+        out["footer"] = {"lastLsn": footer.last_lsn, "records": footer.count,
+                         "minTime": format_ns(footer.min_time_ns) if footer.count else None,
+                         "maxTime": format_ns(footer.max_time_ns) if footer.count else None}
+    if scan.tail_error is None:
+        out["crc"] = "ok"
+    elif scan.tail_is_midlog or not is_last:
+        out.update({"crc": "damaged", "error": f"{scan.tail_error} (valid records follow or a "
+                    "newer segment exists: not a torn tail)"})
+    else:
+        out.update({"crc": "torn tail", "error": f"{scan.tail_error}; the server cuts this on "
+                    "its next start"})
+    if with_records:
+        out["recordList"] = [
+            {"lsn": r.lsn, "time": format_ns(r.time_ns), "offset": start, "bytes": end - start,
+             "entries": len(r.entries),
+             "puts": sum(1 for e in r.entries if e.kind == record.EntryKind.PUT),
+             "deletes": sum(1 for e in r.entries if e.kind == record.EntryKind.DELETE),
+             "firstKey": r.entries[0].key.decode("utf-8", "backslashreplace") if r.entries
+             else None}
+            for r, start, end in recs
+        ]
+    return out
+
+
+@wal_group.command("list")
+@click.option("--wal-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              metavar="DIR", help="A WAL directory (<data-dir>/<ns>/wal or a backup dir).")
+@click.option("--namespace", "-n", default=None, metavar="NS",
+              help="Also check each segment's namespace.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def list_cmd(wal_dir: Path, namespace: str | None, as_json: bool) -> None:
+    """One line per segment: id, timeline, LSN and time range, records, status, CRC."""
+    files = _segment_files(wal_dir)
+    rows = [describe_segment(p, is_last=i == len(files) - 1, namespace=namespace)
+            for i, (_id, p) in enumerate(files)]
+    if as_json:
+        emit_json(rows)
+        return
+    click.echo(f"{'ID':>9}  {'TL':>3}  {'STATUS':<8}  {'FIRST_LSN':>10}  {'LAST_LSN':>10}  "
+               f"{'RECORDS':>8}  {'MIN_TIME':<30}  {'MAX_TIME':<30}  {'SIZE':>10}  CRC")
+    for r in rows:
+        click.echo(f"{r.get('segmentId', 0):>09}  {r.get('timeline', '-'):>3}  {r['status']:<8}  "
+                   f"{r.get('firstLsn', '-'):>10}  {r.get('lastLsn', '-'):>10}  "
+                   f"{r.get('records', '-'):>8}  {r.get('minTime') or '-':<30}  "
+                   f"{r.get('maxTime') or '-':<30}  {format_bytes(r.get('bytes', 0)):>10}  "
+                   f"{r['crc']}" + (f" ({r['error']})" if r.get("error") else ""))
+
+
+@wal_group.command("inspect")
+@click.option("--wal-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+              metavar="DIR", help="A WAL directory.")
+@click.option("--segment-id", "-s", type=int, default=None, metavar="N",
+              help="Only this segment (default: all).")
+@click.option("--records", "with_records", is_flag=True, help="List every record.")
+@click.option("--namespace", "-n", default=None, metavar="NS",
+              help="Also check the segment's namespace.")
+@click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
+def inspect_cmd(wal_dir: Path, segment_id: int | None, with_records: bool,
+                namespace: str | None, as_json: bool) -> None:
+    """Header, footer, CRC status, last good record and (with --records) every record."""
+    files = _segment_files(wal_dir)
+    chosen = [(i, p) for i, (sid, p) in enumerate(files) if segment_id is None or sid == segment_id]
+    if segment_id is not None and not chosen:
+        raise NotFound(f"segment {segment_id} not found in {wal_dir}")
+    rows = [describe_segment(p, is_last=i == len(files) - 1, with_records=with_records,
+                             namespace=namespace) for i, p in chosen]
+    if as_json:
+        emit_json(rows[0] if segment_id is not None else rows)
+        return
+    for r in rows:
+        click.echo(f"segment {r['file']}  ({r['path']})")
+        for key in ("status", "crc", "error", "segmentId", "timeline", "firstLsn", "lastLsn",
+                    "records", "minTime", "maxTime", "created", "nsCrc", "namespaceMatches",
+                    "bytes", "dataEnd", "lastRecordOffset"):
+            if key in r and r[key] is not None:
+                click.echo(f"  {key:<17} {r[key]}")
+        if "footer" in r:
+            f = r["footer"]
+            click.echo(f"  {'footer':<17} last LSN {f['lastLsn']}, {f['records']} records, "
+                       f"{f['minTime']} .. {f['maxTime']}")
+        for rec in r.get("recordList", []):
+            click.echo(f"    LSN {rec['lsn']:>10}  {rec['time']}  offset {rec['offset']:>9}  "
+                       f"{rec['bytes']:>7} B  {rec['puts']} put / {rec['deletes']} delete  "
+                       f"{rec['firstKey']}")
+        click.echo("")

@@ -1,0 +1,81 @@
+"""Offline restore and backup inspection.
+
+Pipeline (each stage its own module, each testable alone)::
+
+    inventory.py  what is on disk: snapshot + checkpoint, segments (header/footer), sidecars,
+                  the target namespace (read-only)
+    timeline.py   which segments continue the snapshot's history (pure)
+    plan.py       inventories + target → RestorePlan, refusing what cannot work (pure)
+    verify.py     checksums, LMDB structure, record CRCs, exact time-target LSN (read-only)
+    apply.py      stage + replay + atomic publish (the only stage that writes)
+
+``restore()`` runs them in order; ``unisondb restore`` is a thin CLI over it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from unisondb.restore.apply import RestoreSummary, apply_plan
+from unisondb.restore.inventory import collect_wal, inspect_snapshot, inspect_target
+from unisondb.restore.plan import RestorePlan, Target, build_plan
+from unisondb.restore.progress import Progress
+from unisondb.restore.timefmt import parse_rfc3339
+from unisondb.restore.verify import VerifiedPlan, verify_plan
+
+__all__ = ["RestoreOutcome", "RestorePlan", "RestoreSummary", "Target", "VerifiedPlan",
+           "prepare", "restore"]
+
+
+@dataclass(slots=True)
+class RestoreOutcome:
+    verified: VerifiedPlan
+    #: None for a dry run.
+    summary: RestoreSummary | None
+    prepare_seconds: float
+
+
+def prepare(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[Path] = (), *,
+            target: Target | None = None, timeline_cap: int | None = None,
+            progress: Progress | None = None, check_namespace: bool = True) -> VerifiedPlan:
+    """Inventory, plan and verify; raises if the restore cannot be done. Writes nothing."""
+    progress = progress or Progress()
+    snap = inspect_snapshot(snapshot)
+    inv = collect_wal(wal_dirs)
+    existing = inspect_target(data_dir, namespace)
+    plan = build_plan(namespace, data_dir, snap, inv, target or Target(),
+                      timeline_cap=timeline_cap, existing=existing,
+                      check_namespace=check_namespace)
+    return verify_plan(plan, progress)
+
+
+def restore(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[Path] = (), *,
+            target_lsn: int | None = None, target_time: str | int | None = None,
+            timeline_cap: int | None = None, force: bool = False, dry_run: bool = False,
+            progress: Progress | None = None, check_namespace: bool = True) -> RestoreOutcome:
+    """Restore ``namespace`` under ``data_dir`` from a snapshot plus WAL directories.
+
+    ``target_time`` is RFC 3339 text or integer nanoseconds. Everything is verified before
+    the target is touched; see ``apply.py`` for the publication protocol.
+    """
+    started = time.perf_counter()
+    progress = progress or Progress()
+    data_dir, snapshot = data_dir.absolute(), snapshot.absolute()
+    wal_dirs = [d.absolute() for d in wal_dirs]
+    t_ns = parse_rfc3339(target_time) if isinstance(target_time, str) else target_time
+    target = Target.from_options(target_lsn, t_ns)
+    vp = prepare(data_dir, namespace, snapshot, wal_dirs, target=target,
+                 timeline_cap=timeline_cap, progress=progress, check_namespace=check_namespace)
+    prepare_seconds = time.perf_counter() - started
+    vp.seconds = prepare_seconds
+    if dry_run:
+        progress.close()
+        return RestoreOutcome(vp, None, prepare_seconds)
+    try:
+        summary = apply_plan(vp, force=force, progress=progress, started=started)
+    finally:
+        progress.close()
+    return RestoreOutcome(vp, summary, prepare_seconds)

@@ -1,0 +1,409 @@
+"""Apply a verified plan: stage a complete namespace directory, then publish it atomically.
+
+Steps (the target namespace is untouched until step 5)::
+
+    1. lock    flock the data directory itself (one restore at a time per data dir; no
+               lock file is left behind), then the namespace's own <ns>/LOCK (refused while a
+               server holds it); delete leftover .restore-<ns>-<hex> staging dirs of killed
+               runs
+    2. stage   <data>/.restore-<ns>-<hex>/ with its own LOCK (held), db/data.mdb = the
+               snapshot (copied while hashing; must equal the verified sha256), wal/ empty
+    3. replay  records snapshot+1..end in batches, each one LMDB transaction with its
+               checkpoint; then the final checkpoint: new timeline, segment id = highest seen
+    4. sync    fsync data.mdb (env.sync), every staged directory and the data dir
+    5. publish <ns> exists: renameat2(RENAME_EXCHANGE) swaps the two directories in one
+               atomic step, the data dir is fsynced, and the old tree (now at the staging
+               name) is deleted; <ns> absent: renameat2(RENAME_NOREPLACE)
+
+``kill -9`` at any instant therefore leaves either the old namespace or the complete new
+one under ``<ns>`` — never a mix — plus at most a ``.restore-*`` directory that the next
+restore deletes. Both LOCKs are held until the end, so no server can open the namespace
+in between.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import fcntl
+import os
+import re
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from unisondb.errors import Conflict, LockedError, StorageError, UnisonDBError, from_os_error
+from unisondb.restore.errors import BackupCorrupt, DataExists
+from unisondb.restore.inventory import inspect_target
+from unisondb.restore.progress import Progress
+from unisondb.restore.timeline import Link
+from unisondb.restore.verify import VerifiedPlan, read_verified
+from unisondb.storage import fsutil, layout, record, segment
+from unisondb.storage.btree import BTree, Checkpoint
+from unisondb.storage.lockfile import NamespaceLock
+from unisondb.storage.record import Record
+
+#: Records per LMDB transaction while replaying (bounded also by REPLAY_BATCH_BYTES).
+REPLAY_BATCH = 20_000
+REPLAY_BATCH_BYTES = 32 << 20
+_COPY_CHUNK = 4 << 20
+_STAGING_RE = re.compile(r"^\.restore-(?P<ns>.+)-(?P<token>[0-9a-f]{12})$")
+
+#: Test hook: called with the name of each step boundary (tests kill the process there).
+crash_hook: Callable[[str], None] | None = None
+
+
+def _step(name: str) -> None:
+    if crash_hook is not None:
+        crash_hook(name)
+
+
+@dataclass(slots=True)
+class RestoreSummary:
+    namespace: str
+    target_dir: Path
+    end_lsn: int
+    end_time_ns: int
+    timeline: int
+    next_segment_id: int
+    records_replayed: int
+    wal_bytes: int
+    snapshot_bytes: int
+    replaced_existing: bool
+    verify_seconds: float
+    copy_seconds: float
+    replay_seconds: float
+    publish_seconds: float
+    total_seconds: float
+    removed_staging: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)
+
+
+def staging_dirs(data_dir: Path, namespace: str) -> list[Path]:
+    """Leftover staging directories of ``namespace`` (exact name match, not a prefix)."""
+    if not data_dir.is_dir():
+        return []
+    out = []
+    for child in data_dir.iterdir():
+        m = _STAGING_RE.match(child.name)
+        if m and m.group("ns") == namespace and child.is_dir() and not child.is_symlink():
+            out.append(child)
+    return sorted(out)
+
+
+class DataDirLock:
+    """An ``flock`` on the data directory itself: one restore at a time per data dir.
+
+    Servers do not take it (they lock each namespace's LOCK), so it only keeps two
+    restores from cleaning up each other's staging directories.
+    """
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._fd: int | None = None
+
+    def acquire(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY | os.O_DIRECTORY)
+        except OSError as exc:
+            raise from_os_error(exc, self.path) from exc
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise LockedError(f"another 'unisondb restore' is running in {self.path}",
+                              hint="wait for it to finish") from None
+        self._fd = fd
+
+    def release(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)  # closing the descriptor releases the flock
+            self._fd = None
+
+
+def apply_plan(vp: VerifiedPlan, *, force: bool = False, progress: Progress | None = None,
+               started: float | None = None) -> RestoreSummary:
+    """Publish the verified plan into ``<data-dir>/<ns>``. See the module docstring."""
+    progress = progress or Progress()
+    plan = vp.plan
+    t_start = time.perf_counter()
+    data_dir, ns = plan.data_dir, plan.namespace
+    try:
+        data_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise from_os_error(exc, data_dir) from exc
+    ns_dir = layout.namespace_dir(data_dir, ns)
+    _refuse_if_busy_or_full(data_dir, ns, force)
+    restore_lock = DataDirLock(data_dir)
+    restore_lock.acquire()
+    ns_lock: NamespaceLock | None = None
+    stage_lock: NamespaceLock | None = None
+    staging: Path | None = None
+    try:
+        existed = ns_dir.exists()
+        if existed:
+            ns_lock = NamespaceLock(layout.lock_path(data_dir, ns))
+            ns_lock.acquire()
+            _refuse_if_busy_or_full(data_dir, ns, force, check_lock=False)  # again, under the lock
+        removed = _remove_stale_staging(data_dir, ns)
+        _step("locked")
+        staging = data_dir / f".restore-{ns}-{secrets.token_hex(6)}"
+        try:
+            staging.mkdir()
+        except OSError as exc:
+            raise from_os_error(exc, data_dir) from exc
+        stage_lock = NamespaceLock(staging / "LOCK")
+        stage_lock.acquire()
+        _step("staging-created")
+        t_copy = time.perf_counter()
+        _copy_snapshot(vp, staging / "db" / "data.mdb", progress)
+        copy_seconds = time.perf_counter() - t_copy
+        _step("snapshot-copied")
+        t_replay = time.perf_counter()
+        _replay(vp, staging / "db", progress)
+        replay_seconds = time.perf_counter() - t_replay
+        _step("replayed")
+        t_pub = time.perf_counter()
+        try:
+            (staging / "wal").mkdir()
+            for d in (staging / "db", staging / "wal", staging, data_dir):
+                fsutil.fsync_dir(d)
+        except OSError as exc:
+            raise from_os_error(exc, staging) from exc
+        _step("synced")
+        if existed:
+            _exchange(staging, ns_dir)
+            _step("exchanged")
+            # ``staging`` now names the old tree; deleting it is the last step.
+        else:
+            _rename_noreplace(staging, ns_dir)
+            staging = None
+            _step("renamed")
+        fsutil.fsync_dir(data_dir)
+        if staging is not None:
+            _rmtree(staging)
+            staging = None
+            fsutil.fsync_dir(data_dir)
+        _step("published")
+        publish_seconds = time.perf_counter() - t_pub
+    except BaseException:
+        if staging is not None:
+            _rmtree_quietly(staging)
+        raise
+    finally:
+        if stage_lock is not None:
+            stage_lock.release()
+        if ns_lock is not None:
+            ns_lock.release()
+        restore_lock.release()
+    total = time.perf_counter() - (started if started is not None else t_start)
+    return RestoreSummary(
+        namespace=ns, target_dir=ns_dir, end_lsn=vp.end_lsn, end_time_ns=vp.end_time_ns,
+        timeline=plan.new_timeline, next_segment_id=plan.new_segment_id + 1,
+        records_replayed=vp.records, wal_bytes=vp.wal_bytes, snapshot_bytes=plan.snapshot.size,
+        replaced_existing=existed, verify_seconds=vp.seconds, copy_seconds=copy_seconds,
+        replay_seconds=replay_seconds, publish_seconds=publish_seconds, total_seconds=total,
+        removed_staging=removed, warnings=list(vp.warnings),
+    )
+
+
+def _refuse_if_busy_or_full(data_dir: Path, ns: str, force: bool, *,
+                            check_lock: bool = True) -> None:
+    existing = inspect_target(data_dir, ns)
+    if check_lock and existing.locked_by is not None:
+        who = f" (held by pid {existing.locked_by})" if existing.locked_by else ""
+        raise LockedError(
+            f"namespace is locked: {layout.lock_path(data_dir, ns)}{who}; a UnisonDB server or "
+            "another offline tool is using it",
+            hint="stop the server first (restore works offline only)",
+        )
+    if existing.has_data and not force:
+        raise DataExists(
+            f"{existing.path} already holds data (db/data.mdb or WAL segments); refusing to "
+            "replace it",
+            hint="add --force to replace it (the current B-tree and WAL are deleted), or "
+            "restore into another --data-dir; --dry-run shows what would be replaced",
+        )
+
+
+def _remove_stale_staging(data_dir: Path, ns: str) -> list[Path]:
+    """Delete staging dirs of killed restores (we hold the restore lock: none is live)."""
+    removed = staging_dirs(data_dir, ns)
+    for d in removed:
+        _rmtree(d)
+    if removed:
+        fsutil.fsync_dir(data_dir)
+    return removed
+
+
+def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> None:
+    import hashlib
+
+    src = vp.plan.snapshot.path
+    h = hashlib.sha256()
+    progress.phase("copy snapshot", vp.plan.snapshot.size)
+    try:
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        with open(src, "rb") as fin, open(dest, "xb") as fout:
+            while chunk := fin.read(_COPY_CHUNK):
+                h.update(chunk)
+                fout.write(chunk)
+                progress.advance(len(chunk))
+            fout.flush()
+            fsutil.fsync(fout.fileno())
+    except OSError as exc:
+        raise from_os_error(exc, dest if exc.filename == str(dest) else src) from exc
+    if h.hexdigest() != vp.snapshot_sha256:
+        raise BackupCorrupt(f"snapshot {src} changed after it was verified (sha256 "
+                            f"{h.hexdigest()}, verified {vp.snapshot_sha256})")
+
+
+def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> None:
+    plan = vp.plan
+    cp = plan.snapshot.checkpoint
+    progress.phase("replay WAL", vp.records, unit="records")
+    btree = BTree(db_dir)
+    try:
+        got = btree.read_checkpoint()
+        if got != cp:
+            raise BackupCorrupt(f"the staged snapshot's checkpoint {got} differs from the one "
+                                f"verified ({cp})")
+        last_lsn = cp.applied_lsn
+        # One LMDB transaction per batch, across segment boundaries (small segments would
+        # otherwise cost one fsync each); its checkpoint names the batch's last record.
+        batch: list[Record] = []
+        size = 0
+        where: tuple[Link, int] | None = None
+        for step in vp.steps:
+            link = step.link
+            data, _digest = read_verified(link.segment, step.sha256)
+            for rec, start, end in _records(link, data):
+                if rec.lsn != last_lsn + 1:
+                    raise BackupCorrupt(f"{link.segment.path}: LSN {rec.lsn} where "
+                                        f"{last_lsn + 1} was expected")
+                batch.append(rec)
+                size += end - start
+                where = (link, end)
+                last_lsn = rec.lsn
+                if len(batch) >= REPLAY_BATCH or size >= REPLAY_BATCH_BYTES:
+                    _apply_batch(btree, batch, *where)
+                    progress.advance(len(batch))
+                    batch, size = [], 0
+            del data
+        if batch:
+            assert where is not None
+            _apply_batch(btree, batch, *where)
+            progress.advance(len(batch))
+        if last_lsn != vp.end_lsn:
+            raise BackupCorrupt(f"replay ended at LSN {last_lsn}, verified end is {vp.end_lsn}")
+        # The new history: a timeline no existing segment carries, and a segment id at least
+        # the highest seen, so the server's next segment id is above every backed-up one.
+        # The server's first segment will be new_segment_id + 1; ids below it belong to the
+        # abandoned history, so a WAL backup loop must not call them a retention gap.
+        btree.set_checkpoint(Checkpoint(vp.end_lsn, plan.new_segment_id, 0, plan.new_timeline,
+                                        vp.end_time_ns,
+                                        timeline_first_segment=plan.new_segment_id + 1))
+        btree.sync()
+    finally:
+        btree.close()
+
+
+def _records(link: Link, data: bytes) -> Iterator[tuple[Record, int, int]]:
+    """Decode the records ``link.from_lsn..link.to_lsn`` of a verified segment, one by one.
+
+    The bytes are the ones ``verify`` checked (same sha256), so records before the link
+    are skipped by their length alone; each record used is fully decoded (CRC included).
+    """
+    seg = link.segment
+    stop = len(data) - segment.FOOTER_SIZE if seg.sealed else len(data)
+    view = memoryview(data)
+    pos, lsn = segment.HEADER_SIZE, seg.first_lsn
+    while pos < stop and lsn <= link.to_lsn:
+        if lsn < link.from_lsn:
+            _crc, body_len = record.HEADER.unpack_from(view, pos)
+            pos += record.HEADER_SIZE + body_len
+        else:
+            try:
+                rec, nxt = record.decode(view, pos)
+            except record.RecordError as exc:
+                raise BackupCorrupt(f"WAL segment {seg.path} is damaged at offset {pos}: "
+                                    f"{exc.reason}") from None
+            yield rec, pos, nxt
+            pos = nxt
+        lsn += 1
+
+
+def _apply_batch(btree: BTree, batch: list[Record], link: Link, end: int) -> None:
+    last = batch[-1]
+    btree.apply(batch, Checkpoint(last.lsn, link.segment.segment_id, end, link.timeline,
+                                  last.time_ns))
+
+
+# --- atomic directory publication ---
+
+_AT_FDCWD = -100
+_RENAME_NOREPLACE = 1
+_RENAME_EXCHANGE = 2
+
+
+def _renameat2(src: Path, dst: Path, flags: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    fn = getattr(libc, "renameat2", None)
+    if fn is None:
+        raise OSError(errno.ENOSYS, "renameat2 is not available in this C library")
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    fn.restype = ctypes.c_int
+    if fn(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, os.strerror(err), str(dst))
+
+
+def _exchange(staging: Path, ns_dir: Path) -> None:
+    try:
+        _renameat2(staging, ns_dir, _RENAME_EXCHANGE)
+    except OSError as exc:
+        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            raise StorageError(
+                f"cannot swap {staging} and {ns_dir} atomically: the file system or C library "
+                f"does not support renameat2(RENAME_EXCHANGE) ({exc.strerror})",
+                hint=f"the staged restore is complete in {staging}; with the server stopped, "
+                f"move {ns_dir} aside and rename {staging} to {ns_dir} by hand",
+            ) from exc
+        raise from_os_error(exc, ns_dir) from exc
+
+
+def _rename_noreplace(staging: Path, ns_dir: Path) -> None:
+    try:
+        _renameat2(staging, ns_dir, _RENAME_NOREPLACE)
+    except OSError as exc:
+        if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
+            raise Conflict(f"{ns_dir} appeared while the restore was running (a server "
+                           "starting?); nothing was changed", hint="stop it and run the restore "
+                           "again") from exc
+        if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
+            try:
+                os.rename(staging, ns_dir)  # ns_dir did not exist a moment ago
+            except OSError as exc2:
+                raise from_os_error(exc2, ns_dir) from exc2
+            return
+        raise from_os_error(exc, ns_dir) from exc
+
+
+def _rmtree(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise from_os_error(exc, path) from exc
+
+
+def _rmtree_quietly(path: Path) -> None:
+    try:
+        shutil.rmtree(path)
+    except (OSError, UnisonDBError):
+        # Cleanup on an error path: the next restore removes what is left.
+        pass

@@ -1,0 +1,524 @@
+"""What is on disk: snapshots, WAL segments, ``.sha256`` sidecars, and the restore target.
+
+Everything here is read-only: files are opened ``O_RDONLY`` (``open(path, "rb")``) and
+nothing is created, renamed or locked. Planning (``plan.py``) works on the dataclasses
+this module returns, never on files.
+
+Sidecars follow ``sha256sum``: ``<file>.sha256`` holds ``<64 hex>  <basename>`` (the
+binary-mode ``<hex> *<basename>`` form and a bare digest are accepted too), so
+``sha256sum -c <file>.sha256`` works in the file's directory.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import re
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import lmdb
+
+from unisondb.errors import CorruptLog, NotFound, UnisonDBError, from_os_error
+from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
+from unisondb.storage import layout, segment
+from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
+
+SIDECAR_SUFFIX = ".sha256"
+_CHUNK = 1 << 20
+_SIDECAR_RE = re.compile(r"^\\?([0-9a-fA-F]{64})(?:\s+\*?(.+))?$")
+#: LMDB meta page: 16-byte page header, then the meta's magic (little-endian 0xBEEFC0DE).
+_LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")
+_COMPRESSION_MAGIC = {
+    b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d {path} -o {out}"),
+    b"\x1f\x8b": ("gzip", "gunzip -k {path}"),
+    b"BZh": ("bzip2", "bunzip2 -k {path}"),
+    b"\xfd7zXZ\x00": ("xz", "unxz -k {path}"),
+}
+
+#: Called with the number of bytes just processed (progress bars).
+ByteCallback = Callable[[int], None]
+
+
+# --- checksums ---
+
+
+def sidecar_path(path: Path) -> Path:
+    return path.with_name(path.name + SIDECAR_SUFFIX)
+
+
+def sha256_file(path: Path, on_bytes: ByteCallback | None = None) -> str:
+    h = hashlib.sha256()
+    try:
+        with open(path, "rb") as f:
+            while chunk := f.read(_CHUNK):
+                h.update(chunk)
+                if on_bytes is not None:
+                    on_bytes(len(chunk))
+    except OSError as exc:
+        raise from_os_error(exc, path) from exc
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+@dataclass(frozen=True, slots=True)
+class ChecksumResult:
+    """The outcome of comparing a file with its ``.sha256`` sidecar."""
+
+    path: Path
+    sha256: str
+    #: "ok", "missing" (no sidecar: a warning) or "mismatch" (fatal).
+    status: str
+    expected: str | None = None
+    note: str | None = None
+
+    def to_json(self) -> dict[str, object]:
+        out: dict[str, object] = {"path": str(self.path), "sha256": self.sha256,
+                                  "sidecar": self.status}
+        if self.expected is not None and self.status == "mismatch":
+            out["expected"] = self.expected
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+def read_sidecar(path: Path) -> tuple[str, str | None] | None:
+    """(digest, named basename) from ``<path>.sha256``; None if there is no sidecar.
+
+    An unparsable sidecar is ``BackupCorrupt``: it exists, so someone meant it to be checked.
+    """
+    side = sidecar_path(path)
+    try:
+        text = side.read_text(errors="replace")
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise from_os_error(exc, side) from exc
+    line = text.strip().splitlines()[0].strip() if text.strip() else ""
+    m = _SIDECAR_RE.match(line)
+    if not m:
+        raise BackupCorrupt(
+            f"checksum file {side} is not in sha256sum format ('<64 hex digits>  <file name>')"
+        )
+    return m.group(1).lower(), (m.group(2).strip() if m.group(2) else None)
+
+
+def check_sidecar(path: Path, digest: str) -> ChecksumResult:
+    side = read_sidecar(path)
+    if side is None:
+        return ChecksumResult(path, digest, "missing",
+                              note=f"no {sidecar_path(path).name}: content cannot be checked "
+                              "against the checksum taken at backup time")
+    expected, name = side
+    note = None
+    if name is not None and name != path.name:
+        note = (f"{sidecar_path(path).name} names {name!r}, not {path.name!r} (file renamed?); "
+                "the digest was compared anyway")
+    if expected != digest:
+        return ChecksumResult(path, digest, "mismatch", expected=expected, note=note)
+    return ChecksumResult(path, digest, "ok", expected=expected, note=note)
+
+
+def raise_on_mismatch(result: ChecksumResult) -> None:
+    if result.status == "mismatch":
+        raise BackupCorrupt(
+            f"checksum mismatch: {result.path} has sha256 {result.sha256} but "
+            f"{sidecar_path(result.path).name} expects {result.expected}",
+            hint="the file changed after the backup was taken (bit rot, a partial copy or a "
+            "different file with the same name); fetch another copy, or use an older backup",
+        )
+
+
+# --- compression sniffing ---
+
+
+def detect_compression(path: Path) -> tuple[str, str] | None:
+    """(format, suggested command) if ``path`` starts with a known compression magic."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+    except OSError as exc:
+        raise from_os_error(exc, path) from exc
+    for magic, (fmt, cmd) in _COMPRESSION_MAGIC.items():
+        if head.startswith(magic):
+            out = path.with_suffix("") if path.suffix in (".zst", ".gz", ".bz2", ".xz") else \
+                path.with_name(path.name + ".raw")
+            return fmt, cmd.format(path=path, out=out)
+    return None
+
+
+def looks_like_lmdb(path: Path) -> bool:
+    try:
+        with open(path, "rb") as f:
+            head = f.read(20)
+    except OSError:
+        return False
+    return len(head) == 20 and head[16:20] == _LMDB_MAGIC
+
+
+# --- snapshots ---
+
+
+@dataclass(frozen=True, slots=True)
+class SnapshotInfo:
+    path: Path
+    size: int
+    checkpoint: Checkpoint
+    #: False when the snapshot has no checkpoint record (an empty database).
+    has_checkpoint: bool
+    keys: int
+    #: Problems ``lmdb.verify`` found (empty = sound); None if the check was skipped.
+    structural_problems: tuple[str, ...] | None = None
+
+
+def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
+    """Check that ``path`` is a sound LMDB data file holding a UnisonDB checkpoint.
+
+    ``structural`` runs py-lmdb's offline verifier (a pure-Python walk of every page that
+    never hands the file to liblmdb) first, so a damaged file is reported, not opened. The
+    file is then opened read-only without a lock file: nothing is written next to it.
+    """
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        raise NotFound(f"snapshot not found: {path}") from None
+    except OSError as exc:
+        raise from_os_error(exc, path) from exc
+    if path.is_dir():
+        raise NotFound(f"snapshot path is a directory, expected a file: {path}",
+                       hint="pass the snapshot file itself (an LMDB data.mdb copy)")
+    comp = detect_compression(path)
+    if comp is not None:
+        raise CompressedInput(
+            f"{path} is {comp[0]}-compressed; restore needs the raw snapshot file",
+            hint=f"decompress it first: {comp[1]}",
+        )
+    if not looks_like_lmdb(path):
+        raise BackupCorrupt(
+            f"{path} is not an LMDB data file (no LMDB meta page at the start)",
+            hint="a snapshot is the file written by POST /api/v1/<ns>/btree/backup",
+        )
+    problems: tuple[str, ...] | None = None
+    if structural:
+        import lmdb.verify as lmdb_verify
+
+        try:
+            found = lmdb_verify.verify(str(path), subdir=False)  # type: ignore[no-untyped-call]
+        except lmdb_verify.VerifyError as exc:
+            found = [str(exc)]
+        except OSError as exc:
+            raise from_os_error(exc, path) from exc
+        problems = tuple(str(p) for p in found)
+        if problems:
+            shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)"
+                                               if len(problems) > 5 else "")
+            raise BackupCorrupt(
+                f"snapshot {path} is not a sound LMDB file: {shown}",
+                hint="use another copy of this snapshot or an older snapshot",
+            )
+    cp, has_cp, keys = _read_checkpoint_readonly(path, st.st_size)
+    return SnapshotInfo(path, st.st_size, cp, has_cp, keys, problems)
+
+
+def _read_checkpoint_readonly(path: Path, size: int) -> tuple[Checkpoint, bool, int]:
+    try:
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_dbs=4,
+                        map_size=max(size, 1 << 20))
+    except lmdb.Error as exc:
+        raise BackupCorrupt(f"cannot open snapshot {path} as LMDB: {exc}") from exc
+    try:
+        try:
+            meta = env.open_db(b"meta", create=False)
+            kv = env.open_db(b"kv", create=False)
+        except lmdb.NotFoundError:
+            raise BackupMismatch(
+                f"{path} is an LMDB file but not a UnisonDB snapshot (no 'kv'/'meta' "
+                "sub-databases)"
+            ) from None
+        with env.begin() as txn:
+            raw = txn.get(CHECKPOINT_KEY, db=meta)
+            keys = int(txn.stat(kv)["entries"])
+    except lmdb.Error as exc:
+        raise BackupCorrupt(f"cannot read snapshot {path}: {exc}") from exc
+    finally:
+        env.close()
+    if raw is None:
+        if keys:
+            raise BackupCorrupt(
+                f"snapshot {path} holds {keys} keys but no checkpoint: it cannot say which "
+                "WAL records it contains"
+            )
+        return Checkpoint(), False, 0
+    try:
+        return Checkpoint.decode(bytes(raw)), True, keys
+    except CorruptLog as exc:
+        raise BackupCorrupt(f"snapshot {path}: {exc.message}") from None
+
+
+# --- WAL segments ---
+
+
+@dataclass(frozen=True, slots=True)
+class SegmentMeta:
+    """One segment file as planning sees it: header, footer (or scan) and any damage."""
+
+    path: Path
+    segment_id: int
+    timeline: int
+    first_lsn: int
+    last_lsn: int  # first_lsn - 1 when empty
+    count: int
+    min_time_ns: int
+    max_time_ns: int
+    created_ns: int
+    ns_crc: int
+    size: int
+    sealed: bool
+    #: Why this file cannot be trusted (None = fine as far as header/footer go).
+    damage: str | None = None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+    def to_json(self) -> dict[str, object]:
+        from unisondb.restore.timefmt import format_ns
+
+        return {
+            "segmentId": self.segment_id, "path": str(self.path), "timeline": self.timeline,
+            "firstLsn": self.first_lsn, "lastLsn": self.last_lsn, "records": self.count,
+            "minTime": format_ns(self.min_time_ns) if self.count else None,
+            "maxTime": format_ns(self.max_time_ns) if self.count else None,
+            "bytes": self.size, "sealed": self.sealed, "damage": self.damage,
+        }
+
+
+def read_segment_meta(path: Path) -> SegmentMeta:
+    """Header + footer of a sealed segment; a full (read-only) scan of an unsealed one.
+
+    Raises ``CorruptLog`` if the header itself is unreadable; other damage is reported in
+    ``damage`` so listing tools can show it.
+    """
+    summary = segment.read_summary(path)
+    h = summary.header
+    named = layout.parse_segment_name(path.name)
+    damage = None
+    if named is not None and named != h.segment_id:
+        damage = f"header says segment {h.segment_id} but the file is named for segment {named}"
+    if summary.footer is not None:
+        f = summary.footer
+        return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, f.last_lsn, f.count,
+                           f.min_time_ns, f.max_time_ns, h.created_ns, h.ns_crc, summary.size,
+                           True, damage)
+    if summary.size >= segment.HEADER_SIZE + segment.FOOTER_SIZE and \
+            _tail_has_footer_magic(path, summary.size):
+        damage = damage or "footer checksum mismatch (the footer is damaged)"
+    data = segment.read_file(path)
+    try:
+        scan = segment.scan(path, data)
+    except CorruptLog as exc:
+        damage = damage or exc.message
+        return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, h.first_lsn - 1, 0, 0,
+                           0, h.created_ns, h.ns_crc, summary.size, False, damage)
+    recs = [r for r, _s, _e in scan.records]
+    if scan.tail_error is not None:
+        damage = damage or (f"damaged or incomplete record ({scan.tail_error}); the file is "
+                            "truncated or corrupt")
+    times = [r.time_ns for r in recs]
+    return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, scan.last_lsn, len(recs),
+                       min(times, default=0), max(times, default=0), h.created_ns, h.ns_crc,
+                       summary.size, False, damage)
+
+
+def _tail_has_footer_magic(path: Path, size: int) -> bool:
+    try:
+        with open(path, "rb") as f:
+            f.seek(size - segment.FOOTER_SIZE)
+            return f.read(4) == segment.FOOTER_MAGIC
+    except OSError:
+        return False
+
+
+@dataclass(slots=True)
+class WalInventory:
+    """Every segment file found under the ``--wal`` directories."""
+
+    dirs: tuple[Path, ...]
+    #: One entry per segment id (the first copy found); duplicates are in ``copies``.
+    segments: list[SegmentMeta] = field(default_factory=list)
+    #: Every file per segment id, including identical duplicates.
+    copies: dict[int, list[Path]] = field(default_factory=dict)
+    #: Files whose header cannot be read: (path, reason).
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
+    #: Same segment id, different content: (file a, file b).
+    conflicts: list[tuple[Path, Path]] = field(default_factory=list)
+
+    def by_id(self) -> dict[int, SegmentMeta]:
+        return {s.segment_id: s for s in self.segments}
+
+    @property
+    def max_segment_id(self) -> int:
+        return max((s.segment_id for s in self.segments), default=0)
+
+    @property
+    def max_timeline(self) -> int:
+        return max((s.timeline for s in self.segments), default=0)
+
+
+def find_segment_files(directory: Path) -> list[Path]:
+    """Every ``%09d.wal`` file under ``directory`` (recursively), sorted by path."""
+    if not directory.exists():
+        raise NotFound(f"WAL directory not found: {directory}")
+    if not directory.is_dir():
+        raise NotFound(f"not a directory: {directory}",
+                       hint="--wal takes a directory of NNNNNNNNN.wal files")
+    found = []
+    for dirpath, dirnames, files in os.walk(directory):
+        dirnames.sort()
+        for name in files:
+            if layout.parse_segment_name(name) is not None:
+                found.append(Path(dirpath) / name)
+    return sorted(found)
+
+
+def collect_wal(dirs: Iterable[Path], on_file: Callable[[Path], None] | None = None) -> WalInventory:
+    """Read the header/footer of every segment under ``dirs``; detect conflicting copies."""
+    inv = WalInventory(tuple(dirs))
+    metas: dict[int, list[SegmentMeta]] = {}
+    seen_paths: set[Path] = set()
+    for d in inv.dirs:
+        for p in find_segment_files(d):
+            real = p.resolve()
+            if real in seen_paths:
+                continue
+            seen_paths.add(real)
+            if on_file is not None:
+                on_file(p)
+            try:
+                meta = read_segment_meta(p)
+            except UnisonDBError as exc:
+                inv.unreadable.append((p, exc.message))
+                continue
+            metas.setdefault(meta.segment_id, []).append(meta)
+    for seg_id in sorted(metas):
+        group = metas[seg_id]
+        inv.segments.append(group[0])
+        inv.copies[seg_id] = [m.path for m in group]
+        for other in group[1:]:
+            if not _same_content(group[0], other):
+                inv.conflicts.append((group[0].path, other.path))
+    return inv
+
+
+def _same_content(a: SegmentMeta, b: SegmentMeta) -> bool:
+    if a.size != b.size:
+        return False
+    return sha256_file(a.path) == sha256_file(b.path)
+
+
+def raise_on_conflicts(inv: WalInventory) -> None:
+    if inv.conflicts:
+        a, b = inv.conflicts[0]
+        more = f" (and {len(inv.conflicts) - 1} more conflicting pairs)" if len(inv.conflicts) > 1 \
+            else ""
+        raise BackupMismatch(
+            f"two different files claim the same segment id: {a} and {b}{more}",
+            hint="segment ids are unique per namespace; these come from different data "
+            "directories or namespaces. Pass only the WAL directories of this namespace",
+        )
+
+
+# --- the restore target ---
+
+
+@dataclass(frozen=True, slots=True)
+class TargetSegment:
+    segment_id: int
+    path: Path
+    timeline: int | None  # None if the header could not be read
+    first_lsn: int | None
+    last_lsn: int | None
+    size: int
+    #: None if the file could not be read.
+    sealed: bool | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class ExistingNamespace:
+    """What ``<data-dir>/<ns>`` holds now (read without locking or writing anything)."""
+
+    path: Path
+    exists: bool
+    has_btree: bool
+    segments: tuple[TargetSegment, ...]
+    #: PID text from LOCK if another process holds it, "" if held with no PID, None if free.
+    locked_by: str | None
+
+    @property
+    def has_data(self) -> bool:
+        return self.has_btree or bool(self.segments)
+
+    @property
+    def max_segment_id(self) -> int:
+        return max((s.segment_id for s in self.segments), default=0)
+
+    @property
+    def max_archivable_segment_id(self) -> int:
+        """Highest id that a WAL backup may have copied: sealed (or unreadable) segments.
+
+        The backup API copies only sealed segments, so an unsealed one (the active segment
+        of the stopped server) is in no archive; its id may be reused by the new history.
+        """
+        return max((s.segment_id for s in self.segments if s.sealed is not False), default=0)
+
+    @property
+    def max_timeline(self) -> int:
+        return max((s.timeline or 0 for s in self.segments), default=0)
+
+
+def inspect_target(data_dir: Path, namespace: str) -> ExistingNamespace:
+    ns_dir = layout.namespace_dir(data_dir, namespace)
+    if not ns_dir.exists():
+        return ExistingNamespace(ns_dir, False, False, (), None)
+    has_btree = (layout.btree_dir(data_dir, namespace) / "data.mdb").exists()
+    segs = []
+    for seg_id, p in segment.iter_segment_files(layout.wal_dir(data_dir, namespace)):
+        try:
+            size = p.stat().st_size
+        except OSError:
+            size = 0
+        try:
+            meta = read_segment_meta(p)
+            segs.append(TargetSegment(seg_id, p, meta.timeline, meta.first_lsn, meta.last_lsn,
+                                      size, meta.sealed))
+        except UnisonDBError:
+            segs.append(TargetSegment(seg_id, p, None, None, None, size))
+    return ExistingNamespace(ns_dir, True, has_btree, tuple(segs),
+                             probe_lock(layout.lock_path(data_dir, namespace)))
+
+
+def probe_lock(path: Path) -> str | None:
+    """Who holds the flock on ``path`` (PID text or ""), or None if nobody does.
+
+    Opens the file read-only and releases the probe lock at once: nothing is written.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        raise from_os_error(exc, path) from exc
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            return os.pread(fd, 32, 0).decode(errors="replace").strip()
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        return None
+    finally:
+        os.close(fd)
