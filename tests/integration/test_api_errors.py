@@ -8,26 +8,16 @@ process must still be alive and answering.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import re
 import socket
-import sys
 from collections.abc import Iterator
 from http.client import HTTPConnection
-from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
 import httpx
 import pytest
-
-_spec = importlib.util.spec_from_file_location(
-    "_unisondb_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-_root = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _root
-_spec.loader.exec_module(_root)
-start_server = _root.start_server
+from serverproc import start_server
 
 LIMIT = 1 << 20  # the default --max-body-bytes (1 MiB)
 MAX_KEY = 511

@@ -7,25 +7,14 @@ written to). Its WAL segments are 64 KiB so a single large write rotates one.
 from __future__ import annotations
 
 import base64
-import importlib.util
-import sys
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-
-_spec = importlib.util.spec_from_file_location(
-    "_unisondb_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-_root = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _root
-_spec.loader.exec_module(_root)
-ServerProcess = _root.ServerProcess
-start_server = _root.start_server
+from serverproc import start_server
 
 NAMESPACES = ("default", "users", "fresh")
 

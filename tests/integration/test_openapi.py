@@ -8,26 +8,16 @@ against what a real server answers.
 
 from __future__ import annotations
 
-import importlib.util
 import re
-import sys
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
+from serverproc import start_server
 
 from unisondb.api import app as api_app
 from unisondb.api.openapi import build_openapi
-
-_spec = importlib.util.spec_from_file_location(
-    "_unisondb_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-_root = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _root
-_spec.loader.exec_module(_root)
-start_server = _root.start_server
 
 METHODS = {"get", "put", "post", "delete", "patch", "head", "options"}
 

@@ -7,7 +7,6 @@ stopped by its own PID at teardown.
 from __future__ import annotations
 
 import base64
-import importlib.util
 import os
 import re
 import signal
@@ -22,19 +21,9 @@ from typing import Any
 
 import httpx
 import pytest
+from serverproc import ServerProcess, free_port, start_server, wait_healthy
 
 import unisondb
-
-_spec = importlib.util.spec_from_file_location(
-    "_unisondb_tests_root_conftest", Path(__file__).resolve().parents[1] / "conftest.py")
-assert _spec is not None and _spec.loader is not None
-_root = importlib.util.module_from_spec(_spec)
-sys.modules[_spec.name] = _root
-_spec.loader.exec_module(_root)
-ServerProcess = _root.ServerProcess
-free_port = _root.free_port
-start_server = _root.start_server
-wait_healthy = _root.wait_healthy
 
 FLAGS = ("--data-dir", "--http-addr", "--namespace", "--config", "--wal-segment-size",
          "--wal-segment-max-age", "--wal-retention")
