@@ -16,22 +16,22 @@ write — puts the group-commit number in context.
 from __future__ import annotations
 
 import argparse
-import base64
+import json
 import os
-import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
-from conftest import start_server  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import httpx  # noqa: E402
-from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+import httpx
+import lib
+from prometheus_client.parser import text_string_to_metric_families
+from serverproc import start_server
 
 
 def metric(url: str, name: str) -> float:
@@ -61,35 +61,14 @@ def raw_fsync_rate(directory: Path, seconds: float = 2.0) -> float:
 
 
 def hey_put(url: str, seconds: int, conns: int) -> tuple[float, float, float]:
-    body = '{"value":"%s"}' % base64.b64encode(b"v" * 100).decode()
-    out = subprocess.run(
-        ["hey", "-z", f"{seconds}s", "-c", str(conns), "-m", "PUT", "-T", "application/json",
-         "-d", body, f"{url}/api/v1/default/kv/bench-key"],
-        capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-    p50 = float(re.search(r"50%+ in ([\d.]+) secs", out).group(1)) * 1000  # type: ignore[union-attr]
-    p99 = float(re.search(r"99%+ in ([\d.]+) secs", out).group(1)) * 1000  # type: ignore[union-attr]
-    codes = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
-    bad = [c for c in codes if c[0] != "200"]
-    if bad:
-        raise SystemExit(f"non-200 responses under load: {bad}\n{out}")
-    return rps, p50, p99
+    body = json.dumps({"value": lib.b64(b"v" * 100)})
+    r = lib.hey(f"{url}/api/v1/default/kv/bench-key", seconds, conns, method="PUT", body=body)
+    return r.rps, r.p50, r.p99
 
 
 def wrk_get(url: str, seconds: int, conns: int) -> tuple[float, float, float]:
-    out = subprocess.run(
-        ["wrk", "-t1", f"-c{conns}", f"-d{seconds}s", "--latency",
-         f"{url}/api/v1/default/kv/bench-key"], capture_output=True, text=True, check=True).stdout
-    rps = float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1))  # type: ignore[union-attr]
-
-    def lat(pct: str) -> float:
-        m = re.search(rf"{pct}%\s+([\d.]+)(us|ms|s)", out)
-        assert m, out
-        return float(m.group(1)) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[m.group(2)]
-
-    if "Non-2xx" in out:
-        raise SystemExit(f"non-2xx responses under load:\n{out}")
-    return rps, lat("50"), lat("99")
+    r = lib.wrk(f"{url}/api/v1/default/kv/bench-key", seconds, conns)
+    return r.rps, r.p50, r.p99
 
 
 def main() -> None:
