@@ -97,6 +97,8 @@ def serve(cfg: ServerConfig) -> int:
         app, host=cfg.host, port=cfg.port, loop="uvloop", http="httptools", lifespan="off",
         access_log=False, log_level="warning", timeout_graceful_shutdown=30,
         server_header=False,
+        # We sit behind no proxy by default; X-Forwarded-* parsing costs every request.
+        proxy_headers=False,
     )
     server = _Server(uv)
     log.info("server.starting", data_dir=str(cfg.data_dir), namespaces=sorted(engines))

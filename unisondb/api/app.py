@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Mapping
+from typing import Any
 
 import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -78,6 +79,9 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        # Bound label children, cached: ``labels()`` is a dict lookup plus locking per call.
+        self._counters: dict[tuple[str, str, int], Any] = {}
+        self._histograms: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -97,8 +101,16 @@ class RequestMetrics:
         finally:
             endpoint = scope.get("endpoint")
             route = getattr(endpoint, "__name__", "unmatched")
-            self.metrics.http_requests.labels(route, scope["method"], str(status)).inc()
-            self.metrics.http_latency.labels(route).observe(time.perf_counter() - started)
+            key = (route, scope["method"], status)
+            counter = self._counters.get(key)
+            if counter is None:
+                counter = self.metrics.http_requests.labels(route, scope["method"], str(status))
+                self._counters[key] = counter
+            counter.inc()
+            hist = self._histograms.get(route)
+            if hist is None:
+                hist = self._histograms[route] = self.metrics.http_latency.labels(route)
+            hist.observe(time.perf_counter() - started)
 
 
 def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = ".",
