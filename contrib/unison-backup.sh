@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # unison-backup.sh -- one UnisonDB backup run: the WAL segments sealed since the last
-# run, plus a daily B-tree snapshot. Install as /usr/local/bin/unison-backup.sh; it is
-# started by unison-backup.timer (contrib/systemd/), every 6 hours.
+# run, plus a daily B-tree snapshot. Install as /usr/local/bin/unison-backup.sh, with
+# unison-backup-common.sh (the helpers it shares with unison-wal-archive.sh) in the same
+# directory; it is started by unison-backup.timer (contrib/systemd/), every 6 hours.
 #
 # This is the Backup and Restore document's "Backup Automation" script, fixed:
 #  - every setting comes from the environment (the systemd unit reads
@@ -54,15 +55,28 @@
 # State: $STATE_DIR/wal-state-$NAMESPACE.json
 #   {"lastSegmentId": N, "timestamp": "...", "lastSnapshot": {...}}
 #
-# Exit status: 0 done; 1 a stage failed (it is retried by the next run); 2 bad settings
-# or missing tool; 3 backup done but a WAL gap was found (segments deleted by retention
-# before they were backed up: point-in-time recovery cannot cross it; a new snapshot was
-# taken); 75 another run is still going.
+# Exit status: 0 done; 1 a stage failed (it is retried by the next run); 2 bad settings,
+# missing tool or missing unison-backup-common.sh; 3 backup done but a WAL gap was found
+# (segments deleted by retention before they were backed up: point-in-time recovery
+# cannot cross it; a new snapshot was taken); 75 another run is still going.
 
 set -euo pipefail
 shopt -s inherit_errexit
 
 PROG=unison-backup
+
+# The helpers shared with unison-wal-archive.sh are in unison-backup-common.sh, which
+# must be installed in the directory this script is in (symlinks to it are resolved).
+SELF=$(readlink -f -- "${BASH_SOURCE[0]}")
+COMMON_SH="${SELF%/*}/unison-backup-common.sh"
+if [[ ! -f $COMMON_SH || ! -r $COMMON_SH ]]; then
+  printf '%s: ERROR: %s is missing or unreadable; it must be installed next to %s\n' \
+    "$PROG" "$COMMON_SH" "$SELF" >&2
+  exit 2
+fi
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=unison-backup-common.sh
+source "$COMMON_SH"
 
 UNISON_URL=${UNISON_URL:-http://127.0.0.1:8080}
 UNISON_URL=${UNISON_URL%/}
@@ -80,139 +94,19 @@ else
 fi
 CURL_MAX_TIME=${CURL_MAX_TIME:-3600}
 
-log() { printf '%s: %s\n' "$PROG" "$*"; }
-err() { printf '%s: ERROR: %s\n' "$PROG" "$*" >&2; }
-die() { err "$*"; exit 1; }
-config_error() { err "$*"; exit 2; }
-
 # --- settings and tools ---------------------------------------------------------------
 
-[[ $NAMESPACE =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ && $NAMESPACE != backups ]] ||
-  config_error "NAMESPACE '$NAMESPACE' is not a valid namespace name"
-[[ $DATA_DIR == /* ]] || config_error "DATA_DIR must be an absolute path, got '$DATA_DIR'"
-[[ $STATE_DIR == /* ]] || config_error "STATE_DIR must be an absolute path, got '$STATE_DIR'"
+check_base_settings
 [[ $SNAPSHOT_HOUR =~ ^([01][0-9]|2[0-3])$ ]] ||
   config_error "SNAPSHOT_HOUR must be 00-23, got '$SNAPSHOT_HOUR'"
-for v in SNAPSHOT_MAX_AGE_HOURS LOCAL_RETENTION_DAYS CURL_MAX_TIME; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || config_error "$v must be a whole number, got '${!v}'"
-done
-for tool in curl jq sha256sum flock realpath tar gzip; do
-  command -v "$tool" >/dev/null || config_error "required tool '$tool' is not installed"
-done
-UPLOAD_ARGV=()
-if [[ -n $UPLOAD_CMD ]]; then
-  read -r -a UPLOAD_ARGV <<<"$UPLOAD_CMD"
-  command -v "${UPLOAD_ARGV[0]}" >/dev/null ||
-    config_error "UPLOAD_CMD: '${UPLOAD_ARGV[0]}' is not an executable command"
-fi
-
-BACKUP_ROOT="$DATA_DIR/backups/$NAMESPACE"
-ROOT_REAL=$(realpath -m -- "$BACKUP_ROOT")
-# Everything this script deletes or rewrites must resolve to a path below ROOT_REAL.
-[[ $ROOT_REAL == /*/* ]] || config_error "backup root '$ROOT_REAL' is too close to /"
+check_whole_numbers SNAPSHOT_MAX_AGE_HOURS LOCAL_RETENTION_DAYS CURL_MAX_TIME
+require_tools curl jq sha256sum flock realpath tar gzip
+setup_upload
+setup_backup_root
 STATE_FILE="$STATE_DIR/wal-state-$NAMESPACE.json"
 DATE=$(date +%Y%m%d-%H%M%S)
 
-mkdir -p -- "$STATE_DIR"
-exec 9>"$STATE_DIR/$PROG-$NAMESPACE.lock"
-if ! flock -n 9; then
-  err "another $PROG run for namespace '$NAMESPACE' is still going; not starting a second"
-  exit 75
-fi
-
-# --- helpers --------------------------------------------------------------------------
-
-# under_root PATH: true if PATH (symlinks resolved) is strictly inside the backup root.
-under_root() {
-  local p
-  p=$(realpath -m -- "$1")
-  [[ $p == "$ROOT_REAL"/* ]]
-}
-
-# api ROUTE JSON: POST to /api/v1/$NAMESPACE/ROUTE, print the response body.
-api() {
-  local route=$1 body=$2 out rc=0 msg
-  out=$(curl -sS --fail-with-body --connect-timeout 10 --max-time "$CURL_MAX_TIME" \
-    -X POST -H 'Content-Type: application/json' --data-binary "$body" \
-    "$UNISON_URL/api/v1/$NAMESPACE/$route") || rc=$?
-  if ((rc != 0)); then
-    msg=$(jq -r '.error // empty' <<<"$out" 2>/dev/null) || msg=
-    err "POST $UNISON_URL/api/v1/$NAMESPACE/$route failed (curl exit $rc): ${msg:-${out:-no response}}"
-    return 1
-  fi
-  if ! jq -e 'type == "object"' <<<"$out" >/dev/null 2>&1; then
-    err "POST $route: response is not a JSON object: $out"
-    return 1
-  fi
-  printf '%s\n' "$out"
-}
-
-# verify FILE: FILE is inside the backup root and matches its FILE.sha256 sidecar.
-verify() {
-  local f=$1 dir base name
-  under_root "$f" || { err "'$f' is outside the backup root $ROOT_REAL (is DATA_DIR the server's --data-dir?)"; return 1; }
-  [[ -f $f && ! -L $f ]] || { err "backup file '$f' is missing"; return 1; }
-  [[ -f $f.sha256 ]] || { err "checksum sidecar '$f.sha256' is missing"; return 1; }
-  dir=$(dirname -- "$f")
-  base=$(basename -- "$f")
-  # The sidecar must name this very file, or `sha256sum -c` would check another one.
-  read -r _ name <"$f.sha256" || true
-  name=${name#\*}
-  [[ ${name##*/} == "$base" ]] || { err "'$f.sha256' names '$name', not '$base'"; return 1; }
-  (cd -- "$dir" && sha256sum --strict --quiet -c -- "$base.sha256") ||
-    { err "checksum mismatch: $f"; return 1; }
-}
-
-# sidecar FILE: write FILE.sha256 (sha256sum format, file name relative to its directory).
-sidecar() {
-  local dir base
-  dir=$(dirname -- "$1")
-  base=$(basename -- "$1")
-  (cd -- "$dir" && sha256sum -- "$base" >"$base.sha256.tmp" && mv -f -- "$base.sha256.tmp" "$base.sha256")
-}
-
-# upload FILE...: hand each file to UPLOAD_CMD (no-op when it is empty).
-upload() {
-  local f key
-  ((${#UPLOAD_ARGV[@]})) || return 0
-  for f in "$@"; do
-    key=$(realpath -m -- "$f")
-    key=${key#"$ROOT_REAL"/}
-    "${UPLOAD_ARGV[@]}" "$f" "$key" || { err "upload of $f failed ($UPLOAD_CMD)"; return 1; }
-    log "uploaded $key"
-  done
-}
-
-# state_get JQ_FILTER: read from the state file; a missing or empty file reads as {}.
-state_get() {
-  [[ -s $STATE_FILE ]] || { jq -nr "{} | $1"; return; }
-  jq -r "$1" "$STATE_FILE" || { err "state file $STATE_FILE is not valid JSON; fix or delete it"; return 1; }
-}
-
-# state_merge JSON: merge JSON into the state file, atomically (temp file, fsync, rename).
-state_merge() {
-  local tmp cur='{}'
-  if [[ -s $STATE_FILE ]]; then
-    cur=$(jq -c 'if type == "object" then . else {} end' "$STATE_FILE")
-  fi
-  tmp=$(mktemp "$STATE_DIR/.wal-state-$NAMESPACE.XXXXXX")
-  if jq -n --argjson a "$cur" --argjson b "$1" '$a + $b' >"$tmp" && sync -- "$tmp" &&
-    mv -f -- "$tmp" "$STATE_FILE"; then
-    return 0
-  fi
-  rm -f -- "$tmp"
-  err "could not write state file $STATE_FILE"
-  return 1
-}
-
-# last_segment: the last WAL segment id backed up. The state may be an object (ours and
-# the document's), a bare number (the document's last_wal_id.txt), null, or absent.
-last_segment() {
-  local v
-  v=$(state_get '(if type == "object" then .lastSegmentId elif type == "number" then . else null end) // 0')
-  [[ $v =~ ^[0-9]+$ ]] || { err "state file $STATE_FILE: lastSegmentId '$v' is not a number"; return 1; }
-  printf '%s\n' "$v"
-}
+take_lock
 
 # --- stage 1: WAL segments sealed since the last run ----------------------------------
 # Exit status: 0 ok, 1 failed, 3 ok but gap found.
@@ -236,11 +130,7 @@ wal_stage() {
     return 0
   fi
   # Ids must be integers, ascending, all after $last.
-  ids=$(jq -r '[.backups[].segmentId] | if all(type == "number" and . == floor) then map(tostring) | join(" ") else "bad" end' <<<"$resp")
-  [[ $ids != bad ]] || die "wal/backup: segment ids are not integers: $resp"
-  jq -e --argjson after "$last" '[.backups[].segmentId] as $s
-      | ($s == ($s | sort)) and ($s | unique | length) == ($s | length) and all($s[]; . > $after)' \
-    >/dev/null <<<"$resp" || die "wal/backup: segment ids not ascending after $last: $ids"
+  ids=$(segment_ids "$resp" "$last")
   first=$(jq -r '.backups[0].segmentId' <<<"$resp")
   if ((last > 0 && first != last + 1)); then
     gap=1
@@ -331,7 +221,8 @@ prune_stage() {
       ! -path "$newest" ! -path "$newest.sha256" ! -path "${newest%.zst}.sha256" -print0
     [[ -d $BACKUP_ROOT/wal && ! -L $BACKUP_ROOT/wal ]] &&
       find "$BACKUP_ROOT/wal" -mindepth 1 -maxdepth 1 -type d -mmin "+$minutes" \
-        ! -newer "$newest" -print0
+        -name '[0-9][0-9][0-9][0-9][0-9][0-9][0-9][0-9]-*' ! -newer "$newest" -print0
+    # (only this script's dated wal/<date>/ directories: never wal/archive of the archiver)
     find "$BACKUP_ROOT" -maxdepth 1 -type f -name 'wal-*.tar.gz*' -mmin "+$minutes" \
       ! -newer "$newest" -print0
   } 2>/dev/null | while IFS= read -r -d '' victim; do

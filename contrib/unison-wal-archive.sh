@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # unison-wal-archive.sh -- continuous WAL archival for UnisonDB: copy every WAL segment
 # sealed since the last run into wal/archive, verify, compress and ship each one.
-# Install as /usr/local/bin/unison-wal-archive.sh and run it every 15 minutes, from
-# cron (`*/15 * * * * /usr/local/bin/unison-wal-archive.sh`, as the unison user) or
-# from contrib/systemd/unison-wal-archive.timer.
+# Install as /usr/local/bin/unison-wal-archive.sh, with unison-backup-common.sh (the
+# helpers it shares with unison-backup.sh) in the same directory, and run it every 15
+# minutes, from cron (`*/15 * * * * /usr/local/bin/unison-wal-archive.sh`, as the
+# unison user) or from contrib/systemd/unison-wal-archive.timer.
 #
 # This is the Backup and Restore document's "Continuous WAL Archival" script, fixed:
 #  - settings come from the environment instead of being hard-wired;
@@ -47,14 +48,27 @@
 #   CURL_MAX_TIME         seconds one API call may take                   600
 #
 # Exit status: 0 done; 1 failed (the next run resumes after the last segment that was
-# fully archived); 2 bad settings or missing tool; 3 archived, but a WAL gap was found
-# (point-in-time recovery cannot cross it: take a B-tree snapshot, e.g.
-# FORCE_SNAPSHOT=1 unison-backup.sh); 75 another run is still going.
+# fully archived); 2 bad settings, missing tool or missing unison-backup-common.sh;
+# 3 archived, but a WAL gap was found (point-in-time recovery cannot cross it: take a
+# B-tree snapshot, e.g. FORCE_SNAPSHOT=1 unison-backup.sh); 75 another run is still going.
 
 set -euo pipefail
 shopt -s inherit_errexit
 
 PROG=unison-wal-archive
+
+# The helpers shared with unison-backup.sh are in unison-backup-common.sh, which must
+# be installed in the directory this script is in (symlinks to it are resolved).
+SELF=$(readlink -f -- "${BASH_SOURCE[0]}")
+COMMON_SH="${SELF%/*}/unison-backup-common.sh"
+if [[ ! -f $COMMON_SH || ! -r $COMMON_SH ]]; then
+  printf '%s: ERROR: %s is missing or unreadable; it must be installed next to %s\n' \
+    "$PROG" "$COMMON_SH" "$SELF" >&2
+  exit 2
+fi
+# shellcheck source-path=SCRIPTDIR
+# shellcheck source=unison-backup-common.sh
+source "$COMMON_SH"
 
 UNISON_URL=${UNISON_URL:-http://127.0.0.1:8080}
 UNISON_URL=${UNISON_URL%/}
@@ -74,27 +88,15 @@ else
 fi
 CURL_MAX_TIME=${CURL_MAX_TIME:-600}
 
-log() { printf '%s: %s\n' "$PROG" "$*"; }
-err() { printf '%s: ERROR: %s\n' "$PROG" "$*" >&2; }
-die() { err "$*"; exit 1; }
-config_error() { err "$*"; exit 2; }
-
 # --- settings and tools ---------------------------------------------------------------
 
-[[ $NAMESPACE =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ && $NAMESPACE != backups ]] ||
-  config_error "NAMESPACE '$NAMESPACE' is not a valid namespace name"
-[[ $DATA_DIR == /* ]] || config_error "DATA_DIR must be an absolute path, got '$DATA_DIR'"
-[[ $STATE_DIR == /* ]] || config_error "STATE_DIR must be an absolute path, got '$STATE_DIR'"
+check_base_settings
 [[ $STATE_FILE == /* ]] || config_error "STATE_FILE must be an absolute path, got '$STATE_FILE'"
 [[ -n $ARCHIVE_DIR && $ARCHIVE_DIR != /* && /$ARCHIVE_DIR/ != */../* && /$ARCHIVE_DIR/ != */./* ]] ||
   config_error "ARCHIVE_DIR must be a relative path without . or .. parts, got '$ARCHIVE_DIR'"
 [[ $ROTATE == 0 || $ROTATE == 1 ]] || config_error "ROTATE must be 0 or 1, got '$ROTATE'"
-for v in LOCAL_RETENTION_DAYS CURL_MAX_TIME; do
-  [[ ${!v} =~ ^[0-9]+$ ]] || config_error "$v must be a whole number, got '${!v}'"
-done
-for tool in curl jq sha256sum flock realpath; do
-  command -v "$tool" >/dev/null || config_error "required tool '$tool' is not installed"
-done
+check_whole_numbers LOCAL_RETENTION_DAYS CURL_MAX_TIME
+require_tools curl jq sha256sum flock realpath
 case $COMPRESS in
   auto) if command -v zstd >/dev/null; then COMPRESS=zstd; else COMPRESS=gzip; fi ;;
   zstd | gzip) ;;
@@ -104,119 +106,11 @@ esac
 if [[ $COMPRESS != none ]]; then
   command -v "$COMPRESS" >/dev/null || config_error "COMPRESS=$COMPRESS but $COMPRESS is not installed"
 fi
-UPLOAD_ARGV=()
-if [[ -n $UPLOAD_CMD ]]; then
-  read -r -a UPLOAD_ARGV <<<"$UPLOAD_CMD"
-  command -v "${UPLOAD_ARGV[0]}" >/dev/null ||
-    config_error "UPLOAD_CMD: '${UPLOAD_ARGV[0]}' is not an executable command"
-fi
-
-BACKUP_ROOT="$DATA_DIR/backups/$NAMESPACE"
-ROOT_REAL=$(realpath -m -- "$BACKUP_ROOT")
-# Everything this script deletes or rewrites must resolve to a path below ROOT_REAL.
-[[ $ROOT_REAL == /*/* ]] || config_error "backup root '$ROOT_REAL' is too close to /"
+setup_upload
+setup_backup_root
 ARCHIVE_PATH="$BACKUP_ROOT/$ARCHIVE_DIR"
 
-mkdir -p -- "$STATE_DIR"
-exec 9>"$STATE_DIR/$PROG-$NAMESPACE.lock"
-if ! flock -n 9; then
-  err "another $PROG run for namespace '$NAMESPACE' is still going; not starting a second"
-  exit 75
-fi
-
-# --- helpers (the same as in unison-backup.sh) ----------------------------------------
-
-# under_root PATH: true if PATH (symlinks resolved) is strictly inside the backup root.
-under_root() {
-  local p
-  p=$(realpath -m -- "$1")
-  [[ $p == "$ROOT_REAL"/* ]]
-}
-
-# api ROUTE JSON: POST to /api/v1/$NAMESPACE/ROUTE, print the response body.
-api() {
-  local route=$1 body=$2 out rc=0 msg
-  out=$(curl -sS --fail-with-body --connect-timeout 10 --max-time "$CURL_MAX_TIME" \
-    -X POST -H 'Content-Type: application/json' --data-binary "$body" \
-    "$UNISON_URL/api/v1/$NAMESPACE/$route") || rc=$?
-  if ((rc != 0)); then
-    msg=$(jq -r '.error // empty' <<<"$out" 2>/dev/null) || msg=
-    err "POST $UNISON_URL/api/v1/$NAMESPACE/$route failed (curl exit $rc): ${msg:-${out:-no response}}"
-    return 1
-  fi
-  if ! jq -e 'type == "object"' <<<"$out" >/dev/null 2>&1; then
-    err "POST $route: response is not a JSON object: $out"
-    return 1
-  fi
-  printf '%s\n' "$out"
-}
-
-# verify FILE: FILE is inside the backup root and matches its FILE.sha256 sidecar.
-verify() {
-  local f=$1 dir base name
-  under_root "$f" || { err "'$f' is outside the backup root $ROOT_REAL (is DATA_DIR the server's --data-dir?)"; return 1; }
-  [[ -f $f && ! -L $f ]] || { err "backup file '$f' is missing"; return 1; }
-  [[ -f $f.sha256 ]] || { err "checksum sidecar '$f.sha256' is missing"; return 1; }
-  dir=$(dirname -- "$f")
-  base=$(basename -- "$f")
-  # The sidecar must name this very file, or `sha256sum -c` would check another one.
-  read -r _ name <"$f.sha256" || true
-  name=${name#\*}
-  [[ ${name##*/} == "$base" ]] || { err "'$f.sha256' names '$name', not '$base'"; return 1; }
-  (cd -- "$dir" && sha256sum --strict --quiet -c -- "$base.sha256") ||
-    { err "checksum mismatch: $f"; return 1; }
-}
-
-# sidecar FILE: write FILE.sha256 (sha256sum format, file name relative to its directory).
-sidecar() {
-  local dir base
-  dir=$(dirname -- "$1")
-  base=$(basename -- "$1")
-  (cd -- "$dir" && sha256sum -- "$base" >"$base.sha256.tmp" && mv -f -- "$base.sha256.tmp" "$base.sha256")
-}
-
-# upload FILE...: hand each file to UPLOAD_CMD (no-op when it is empty).
-upload() {
-  local f key
-  ((${#UPLOAD_ARGV[@]})) || return 0
-  for f in "$@"; do
-    key=$(realpath -m -- "$f")
-    key=${key#"$ROOT_REAL"/}
-    "${UPLOAD_ARGV[@]}" "$f" "$key" || { err "upload of $f failed ($UPLOAD_CMD)"; return 1; }
-    log "uploaded $key"
-  done
-}
-
-# state_get JQ_FILTER: read from the state file; a missing or empty file reads as {}.
-state_get() {
-  [[ -s $STATE_FILE ]] || { jq -nr "{} | $1"; return; }
-  jq -r "$1" "$STATE_FILE" || { err "state file $STATE_FILE is not valid JSON; fix or delete it"; return 1; }
-}
-
-# state_merge JSON: merge JSON into the state file, atomically (temp file, fsync, rename).
-state_merge() {
-  local tmp cur='{}'
-  if [[ -s $STATE_FILE ]]; then
-    cur=$(jq -c 'if type == "object" then . else {} end' "$STATE_FILE")
-  fi
-  tmp=$(mktemp "$(dirname -- "$STATE_FILE")/.$(basename -- "$STATE_FILE").XXXXXX")
-  if jq -n --argjson a "$cur" --argjson b "$1" '$a + $b' >"$tmp" && sync -- "$tmp" &&
-    mv -f -- "$tmp" "$STATE_FILE"; then
-    return 0
-  fi
-  rm -f -- "$tmp"
-  err "could not write state file $STATE_FILE"
-  return 1
-}
-
-# last_segment: the last WAL segment id archived. The state may be an object (ours and
-# the document's), a bare number (the document's last_wal_id.txt), null, or absent.
-last_segment() {
-  local v
-  v=$(state_get '(if type == "object" then .lastSegmentId elif type == "number" then . else null end) // 0')
-  [[ $v =~ ^[0-9]+$ ]] || { err "state file $STATE_FILE: lastSegmentId '$v' is not a number"; return 1; }
-  printf '%s\n' "$v"
-}
+take_lock
 
 # --- archive --------------------------------------------------------------------------
 
@@ -279,11 +173,7 @@ main() {
   if ((n == 0)); then
     log "no new sealed WAL segments after $last"
   else
-    ids=$(jq -r '[.backups[].segmentId] | if all(type == "number" and . == floor) then map(tostring) | join(" ") else "bad" end' <<<"$resp")
-    [[ $ids != bad ]] || die "wal/backup: segment ids are not integers: $resp"
-    jq -e --argjson after "$last" '[.backups[].segmentId] as $s
-        | ($s == ($s | sort)) and ($s | unique | length) == ($s | length) and all($s[]; . > $after)' \
-      >/dev/null <<<"$resp" || die "wal/backup: segment ids not ascending after $last: $ids"
+    ids=$(segment_ids "$resp" "$last")
     first=$(jq -r '.backups[0].segmentId' <<<"$resp")
     if ((last > 0 && first != last + 1)); then
       gap=1

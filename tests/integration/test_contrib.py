@@ -23,6 +23,9 @@ CONTRIB = ROOT / "contrib"
 SYSTEMD = CONTRIB / "systemd"
 PROMETHEUS = CONTRIB / "prometheus"
 SCRIPTS = [CONTRIB / "unison-backup.sh", CONTRIB / "unison-wal-archive.sh"]
+# Sourced by both scripts from their own directory; not a command.
+COMMON = CONTRIB / "unison-backup-common.sh"
+SHELL_FILES = [*SCRIPTS, COMMON]
 UNITS = sorted([*SYSTEMD.glob("*.service"), *SYSTEMD.glob("*.timer")])
 RULES = PROMETHEUS / "unisondb-alerts.yml"
 RULE_TESTS = PROMETHEUS / "unisondb-alerts.test.yml"
@@ -49,15 +52,27 @@ def require_tool(name: str, package: str) -> str:
     pytest.skip(msg)
 
 
-def run(*args: str | Path, cwd: Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in args], cwd=cwd, capture_output=True, text=True,
-                          timeout=120, check=False)
+def run(*args: str | Path, cwd: Path | None = None,
+        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True,
+                          text=True, timeout=120, check=False)
+
+
+def script_env(tmp_path: Path, **settings: str) -> dict[str, str]:
+    """Environment for a script run that must stop before it talks to a server: an
+    address nothing listens on, data and state under ``tmp_path``."""
+    env = {k: v for k, v in os.environ.items()
+           if k not in ("UPLOAD_CMD", "STATE_FILE", "ARCHIVE_DIR", "COMPRESS")}
+    env.update(UNISON_URL="http://127.0.0.1:9", DATA_DIR=str(tmp_path / "data"),
+               STATE_DIR=str(tmp_path / "state"), NAMESPACE="users")
+    env.update(settings)
+    return env
 
 
 # --- scripts ---------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+@pytest.mark.parametrize("script", SHELL_FILES, ids=lambda p: p.name)
 def test_script_syntax(script: Path) -> None:
     res = run("bash", "-n", script)
     assert res.returncode == 0, res.stderr
@@ -69,15 +84,73 @@ def test_script_is_executable_bash_strict(script: Path) -> None:
     text = script.read_text()
     assert text.startswith("#!/usr/bin/env bash\n")
     assert "set -euo pipefail" in text
-    assert "--fail-with-body" in text
     assert "rotate: " in text
+    # The helpers come from the common file in the script's own (symlink-resolved)
+    # directory, with a directive that lets shellcheck follow it.
+    assert '"${BASH_SOURCE[0]}"' in text and "readlink -f" in text
+    assert f"# shellcheck source={COMMON.name}\nsource " in text
+
+
+def _functions(text: str) -> set[str]:
+    return set(re.findall(r"^([A-Za-z_][A-Za-z0-9_]*)\(\) \{", text, re.M))
+
+
+def test_common_file() -> None:
+    text = COMMON.read_text()
+    assert text.startswith("# shellcheck shell=bash\n"), "no shebang: it is sourced, not run"
+    assert "--fail-with-body" in text
+    shared = _functions(text)
+    assert {"log", "err", "die", "config_error", "take_lock", "under_root", "api", "verify",
+            "sidecar", "upload", "state_get", "state_merge", "last_segment",
+            "segment_ids"} <= shared
+    # Nothing it defines is defined again in a script: one copy of each helper.
+    for script in SCRIPTS:
+        again = shared & _functions(script.read_text())
+        assert not again, f"{script.name} redefines {sorted(again)}"
+
+
+def test_common_file_is_not_a_command() -> None:
+    res = run("bash", COMMON)
+    assert res.returncode == 2
+    assert "not to be run" in res.stderr
+
+
+@pytest.mark.parametrize("script", SHELL_FILES, ids=lambda p: p.name)
+def test_shellcheck(script: Path) -> None:
+    """-x follows the scripts' `source` of the common file (found through its
+    `# shellcheck source=` directive), so functions and variables defined there count;
+    the common file itself is checked as a file of its own."""
+    shellcheck = require_tool("shellcheck", "shellcheck")
+    res = run(shellcheck, "--shell=bash", "--severity=style", "--external-sources", script)
+    assert res.returncode == 0, res.stdout + res.stderr
 
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
-def test_shellcheck(script: Path) -> None:
-    shellcheck = require_tool("shellcheck", "shellcheck")
-    res = run(shellcheck, "--shell=bash", "--severity=style", script)
-    assert res.returncode == 0, res.stdout + res.stderr
+def test_script_without_common_file(script: Path, tmp_path: Path) -> None:
+    """Installed without unison-backup-common.sh, a script stops at once with exit 2
+    (bad installation, like a missing tool) and says which file it looked for."""
+    copy = tmp_path / "bin" / script.name
+    copy.parent.mkdir()
+    shutil.copy2(script, copy)
+    res = run(copy, env=script_env(tmp_path))
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stdout == ""
+    prog = script.name.removesuffix(".sh")
+    assert res.stderr == (f"{prog}: ERROR: {tmp_path}/bin/{COMMON.name} is missing or "
+                          f"unreadable; it must be installed next to {copy}\n")
+    assert not (tmp_path / "state").exists(), "it must stop before taking the lock"
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_through_symlink_finds_common_file(script: Path, tmp_path: Path) -> None:
+    """A symlink to a script (e.g. /usr/local/bin -> /usr/local/lib/unison) loads the
+    common file from the script's real directory: the settings check it defines runs."""
+    link = tmp_path / "unison-job"
+    link.symlink_to(script)
+    res = run(link, env=script_env(tmp_path, NAMESPACE="bad!"))
+    prog = script.name.removesuffix(".sh")
+    assert res.returncode == 2, res.stdout + res.stderr
+    assert res.stderr == f"{prog}: ERROR: NAMESPACE 'bad!' is not a valid namespace name\n"
 
 
 # --- systemd units ---------------------------------------------------------------------
@@ -145,7 +218,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
         pytest.skip("systemd-analyze is not installed (Debian package: systemd)")
     bindir = tmp_path / "bin"
     bindir.mkdir()
-    for script in SCRIPTS:
+    for script in SHELL_FILES:
         shutil.copy2(script, bindir / script.name)
     server = bindir / "unisondb"
     server.write_text("#!/bin/sh\nexit 0\n")
