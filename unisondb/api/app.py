@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import asyncio
+import base64
+import binascii
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -18,8 +21,11 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from unisondb.api import kv
 from unisondb.api.errors import EXCEPTION_HANDLERS
 from unisondb.api.openapi import build_openapi
+from unisondb.api.parsing import decode_key_segment
+from unisondb.errors import InvalidRequest, UnisonDBError
 from unisondb.metrics import Metrics
 from unisondb.storage.engine import Engine
+from unisondb.storage.record import Entry, EntryKind
 
 NS = "/api/v1/{namespace}"
 
@@ -113,6 +119,116 @@ class RequestMetrics:
             hist.observe(time.perf_counter() - started)
 
 
+class KvFastPath:
+    """``GET`` and ``PUT /api/v1/{ns}/kv/{key}`` without Starlette's router and middleware.
+
+    These are the hottest routes, and most of their cost is per-request framework overhead
+    (the LMDB lookup is ~2 % of a GET). This answers only the plain success case: a served
+    namespace, a valid key and, for PUT, a well-formed body within the limit. Anything else
+    is handed to the full app (with the body replayed), so there is still exactly one
+    place that shapes input errors. Errors of the write itself (after the engine took it)
+    are answered here with the shared error envelope, never retried through the slow path.
+    """
+
+    _HEADERS = [(b"content-type", b"application/json")]
+    _PUT_OK = orjson.dumps({"success": True})
+
+    def __init__(self, app: ASGIApp, engines: Mapping[str, Engine], max_body_bytes: int) -> None:
+        self.app = app
+        self.engines = engines
+        self.max_body_bytes = max_body_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        method = scope.get("method")
+        if scope["type"] == "http" and method in ("GET", "PUT"):
+            parts = (scope.get("raw_path") or scope["path"].encode()).split(b"/")
+            # [b"", b"api", b"v1", ns, b"kv", key]
+            if (len(parts) == 6 and parts[4] == b"kv" and parts[1] == b"api"
+                    and parts[2] == b"v1" and parts[5]):
+                engine = self.engines.get(parts[3].decode("latin-1"))
+                key = _fast_key(parts[5]) if engine is not None else b""
+                if engine is not None and key:
+                    if method == "GET":
+                        scope["endpoint"] = kv.get_kv  # the same metrics label as the slow path
+                        await self._send(send, 200, kv.get_body(engine.get(key)))
+                        return
+                    await self._put(engine, key, scope, receive, send)
+                    return
+        await self.app(scope, receive, send)
+
+    async def _put(self, engine: Engine, key: bytes, scope: Scope, receive: Receive,
+                   send: Send) -> None:
+        for name, raw in scope["headers"]:
+            if name == b"content-length" and (not raw.isdigit() or int(raw) > self.max_body_bytes):
+                # Refused on the header alone, before a byte of the body is read.
+                await self.app(scope, receive, send)
+                return
+        body, complete = await _read_body(receive, self.max_body_bytes)
+        value = _fast_value(body) if complete else None
+        if value is None:
+            await self.app(scope, _replay(body, complete, receive), send)
+            return
+        scope["endpoint"] = kv.put_kv
+        try:
+            await asyncio.wrap_future(engine.submit([Entry(EntryKind.PUT, key, value)]))
+        except UnisonDBError as exc:
+            await self._send(send, exc.http_status, orjson.dumps({"error": exc.message}))
+            return
+        await self._send(send, 200, self._PUT_OK)
+
+    async def _send(self, send: Send, status: int, body: bytes) -> None:
+        await send({"type": "http.response.start", "status": status,
+                    "headers": [*self._HEADERS, (b"content-length", b"%d" % len(body))]})
+        await send({"type": "http.response.body", "body": body})
+
+
+def _fast_key(segment: bytes) -> bytes:
+    try:
+        return decode_key_segment(segment)
+    except InvalidRequest:
+        return b""  # the full app answers with the precise error
+
+
+def _fast_value(body: bytes) -> bytes | None:
+    """The decoded value of a well-formed ``{"value": "<base64>"}`` body, else None."""
+    try:
+        obj = orjson.loads(body)
+        return base64.b64decode(obj["value"], validate=True)
+    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, binascii.Error):
+        return None
+
+
+async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
+    """Read up to ``limit`` bytes; (body so far, True if that is the whole body)."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        message = await receive()
+        if message["type"] != "http.request":
+            return b"".join(chunks), False
+        chunk = message.get("body", b"")
+        chunks.append(chunk)
+        size += len(chunk)
+        if not message.get("more_body", False):
+            return b"".join(chunks), size <= limit
+        if size > limit:
+            return b"".join(chunks), False
+
+
+def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
+    """A ``receive`` that first returns what was already read, then continues the stream."""
+    sent = False
+
+    async def replay() -> Message:
+        nonlocal sent
+        if not sent:
+            sent = True
+            return {"type": "http.request", "body": body, "more_body": not complete}
+        return await receive()
+
+    return replay
+
+
 def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = ".",
               max_body_bytes: int = 1 << 20) -> ASGIApp:
     app = Starlette(routes=routes(), exception_handlers=dict(EXCEPTION_HANDLERS))
@@ -123,4 +239,4 @@ def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = "
     app.state.max_body_bytes = max_body_bytes
     app.state.data_dir = data_dir
     app.state.openapi = build_openapi(max_body_bytes)
-    return RequestMetrics(app, metrics)
+    return RequestMetrics(KvFastPath(app, engines, max_body_bytes), metrics)

@@ -56,13 +56,17 @@ async def put_kv(request: Request) -> Response:
     return json_response({"success": True})
 
 
+def get_body(value: bytes | None) -> bytes:
+    """The JSON body of a GET: missing keys are 200 ``{"value":"","found":false}``."""
+    if value is None:
+        return orjson.dumps({"value": "", "found": False})
+    return orjson.dumps({"value": encode_b64(value), "found": True})
+
+
 async def get_kv(request: Request) -> Response:
     engine = engine_for(request)
     key = key_from_path(request, _KEY_PREFIX)
-    value = engine.get(key)
-    if value is None:
-        return json_response({"value": "", "found": False})
-    return json_response({"value": encode_b64(value), "found": True})
+    return Response(get_body(engine.get(key)), media_type="application/json")
 
 
 async def delete_kv(request: Request) -> Response:

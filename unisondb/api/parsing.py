@@ -91,7 +91,12 @@ def key_from_path(request: Request, prefix_segments: int) -> bytes:
     segs = parts[1 + prefix_segments:]
     if len(segs) != 1 or not segs[0]:
         raise NotFound(f"not found: {request.method} {request.url.path}")
-    key = unquote_to_bytes(segs[0])
+    return decode_key_segment(segs[0])
+
+
+def decode_key_segment(segment: bytes) -> bytes:
+    """A percent-encoded path segment → the key bytes (valid UTF-8, 1..MAX_KEY bytes)."""
+    key = unquote_to_bytes(segment)
     try:
         key.decode("utf-8")
     except UnicodeDecodeError:
