@@ -90,6 +90,8 @@ class Engine:
         #: Highest LSN known to be in a durable LMDB state (after an explicit env sync).
         self._durable_lsn = 0
         self._last_retention_check = 0.0
+        #: Set once any byte of the group being committed reached the WAL.
+        self._group_wrote = False
         #: (segment id, start offset) of the last record appended, for ``offset()``.
         self._last_record = (0, 0)
 
@@ -260,9 +262,13 @@ class Engine:
                 if not self._queue and self._closing:
                     return
                 group = self._take_group()
-            if group:
-                self._commit_group(group)
-            self._housekeeping()
+            try:
+                if group:
+                    self._commit_group(group)
+                self._housekeeping()
+            except Exception as exc:  # a bug or an unexpected failure: never die silently
+                log.exception("engine.writer_crashed", namespace=self.namespace)
+                self._fail(StorageError(f"WAL writer failed: {exc!r}"), group)
 
     def _idle_timeout(self) -> float:
         age = self.config.segment_max_age
@@ -295,19 +301,19 @@ class Engine:
                 req.future.set_exception(Unavailable(f"namespace {self.namespace} is failed"))
             return
         first_lsn = self._next_lsn
-        assert self.wal.active is not None
-        first_segment = self.wal.active.header.segment_id
         records: list[Record] = []
+        self._group_wrote = False
         try:
             seg_id, end = self._append(writes, records)
         except UnisonDBError as exc:
-            active = self.wal.active
-            if active is None or active.header.segment_id != first_segment:
-                # Part of the group is already durable in a sealed segment: its LSNs are
-                # used, so they must not be handed out again. Only a restart is safe.
+            if self._group_wrote or self.wal.active is None:
+                # Bytes of this group reached the WAL (maybe fsynced, maybe sealed) or the
+                # segment state is unknown: those LSNs are spent and the segment must not
+                # be appended to again. Only a restart (recovery) is safe.
                 self._fail(exc, writes)
                 return
-            # Nothing of this group is left in the WAL (append cut it back): reuse the LSNs.
+            # The first write failed and was cut back: nothing of this group is in the WAL,
+            # so its LSNs can be handed out again.
             self._next_lsn = first_lsn
             for req in writes:
                 req.future.set_exception(exc)
@@ -360,11 +366,15 @@ class Engine:
         return seg_id, end
 
     def _flush_chunk(self, chunk: list[bytes], meta: list[tuple[int, int, int]]) -> tuple[int, int]:
+        active = self.wal.active
+        if active is None:
+            raise StorageError(f"namespace {self.namespace} has no active WAL segment")
         try:
-            return self.wal.append(b"".join(chunk), meta)
+            result = self.wal.append(b"".join(chunk), meta)
         except OSError as exc:
-            assert self.wal.active is not None
-            raise from_os_error(exc, self.wal.active.path) from exc
+            raise from_os_error(exc, active.path) from exc
+        self._group_wrote = True
+        return result
 
     def _seal_and_advance(self) -> None:
         # Rotation mid-group: the records already written must be durable before sealing.
@@ -375,6 +385,8 @@ class Engine:
             raise from_os_error(exc, self.wal.dir) from exc
 
     def _rotate(self) -> int | None:
+        """Seal the active segment and start the next. Any failure here is fatal for the
+        engine: a half-sealed segment must never be appended to (see ``ActiveSegment.seal``)."""
         act = self.wal.active
         if act is not None and act.count:
             self._last_record = (act.header.segment_id, act.last_record_offset)
@@ -384,29 +396,34 @@ class Engine:
         log.error("engine.failed", namespace=self.namespace, error=str(exc))
         self._failed = exc
         for req in writes:
-            req.future.set_exception(exc)
+            if not req.future.done():
+                req.future.set_exception(exc)
 
     def _run_command(self, req: _Request) -> None:
+        if self._failed is not None:
+            req.future.set_exception(Unavailable(f"namespace {self.namespace} is failed"))
+            return
+        if req.command != "rotate":
+            req.future.set_exception(StorageError(f"unknown engine command {req.command}"))
+            return
         try:
-            if req.command == "rotate":
-                req.future.set_result(self._rotate())
-            else:
-                raise StorageError(f"unknown engine command {req.command}")
-        except OSError as exc:
-            req.future.set_exception(from_os_error(exc, self.wal.dir))
-        except UnisonDBError as exc:
-            req.future.set_exception(exc)
+            req.future.set_result(self._rotate())
+        except (OSError, UnisonDBError) as exc:
+            self._fail(_as_storage_error(exc, self.wal.dir), [req])
 
     def _housekeeping(self) -> None:
         """Age-based rotation and retention; runs on the writer thread between groups."""
         if self._failed is not None:
             return
         act = self.wal.active
-        try:
-            if (act is not None and act.count and self.config.segment_max_age > 0
-                    and time.time_ns() - act.header.created_ns
-                    > self.config.segment_max_age * 1e9):
+        if (act is not None and act.count and self.config.segment_max_age > 0
+                and time.time_ns() - act.header.created_ns > self.config.segment_max_age * 1e9):
+            try:
                 self._rotate()
+            except (OSError, UnisonDBError) as exc:
+                self._fail(_as_storage_error(exc, self.wal.dir), [])
+                return
+        try:
             now = time.monotonic()
             if now - self._last_retention_check > 30:
                 self._last_retention_check = now
@@ -440,6 +457,14 @@ class Engine:
             "timeline": self._checkpoint.timeline,
             "keys": self.btree.count(),
         }
+
+
+def _as_storage_error(exc: BaseException, path: Path) -> UnisonDBError:
+    if isinstance(exc, UnisonDBError):
+        return exc
+    if isinstance(exc, OSError):
+        return from_os_error(exc, path)
+    return StorageError(repr(exc))
 
 
 def _validate_entries(entries: tuple[Entry, ...]) -> None:

@@ -379,12 +379,18 @@ class ActiveSegment:
         return SegmentFooter(self.last_lsn, self.min_time_ns, self.max_time_ns, self.count)
 
     def seal(self) -> SegmentFooter:
-        """Append the footer and make it durable; the file is immutable afterwards."""
+        """Append the footer and make it durable; the file is immutable afterwards.
+
+        On failure the segment must not be appended to again (the footer may be on disk
+        in part or in whole): the engine stops accepting writes, and the next start sees
+        either a sealed segment or a torn footer, which it cuts off as a torn tail.
+        """
         footer = self.footer()
         data = footer.encode()
-        os.pwrite(self._fd, data, self.size)
-        self.size += len(data)
+        if os.pwrite(self._fd, data, self.size) != len(data):
+            raise OSError(28, "short write of segment footer")
         fsutil.fdatasync(self._fd)
+        self.size += len(data)
         self.close()
         return footer
 

@@ -159,10 +159,11 @@ class Wal:
 
     def segments(self) -> list[SegmentInfo]:
         """All segments, sealed and active, ascending by id."""
+        act = self.active  # read once: the writer thread may replace it meanwhile
         with self._lock:
             infos = sorted(self._sealed.values(), key=lambda s: s.segment_id)
-            if self.active is not None:
-                infos.append(self._active_info(self.active))
+        if act is not None:
+            infos.append(self._active_info(act))
         return infos
 
     def sealed_segments(self) -> list[SegmentInfo]:
