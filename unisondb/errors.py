@@ -17,7 +17,8 @@ Grouped by who has to act::
     │   ├── PermissionDenied    500  EACCES/EPERM on a path
     │   ├── NoSpace             507  ENOSPC/EDQUOT on a path
     │   └── CorruptLog          500  a WAL segment fails its checksum or structure
-    │       └── LsnGap          500  replay would skip LSNs
+    │       ├── LsnGap          500  replay would skip LSNs
+    │       └── TimelineConflict 500 segments of another history hold records after the checkpoint
     ├── LockedError             exit 3  another process holds the namespace LOCK
     └── Unavailable             503  the engine is closed or shutting down
 """
@@ -101,6 +102,10 @@ class CorruptLog(StorageError):
 
 class LsnGap(CorruptLog):
     """Replay found a hole in the LSN sequence."""
+
+
+class TimelineConflict(CorruptLog):
+    """Segments of another timeline hold records after the checkpoint."""
 
 
 class LockedError(UnisonDBError):

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from unisondb.errors import LsnGap
+from unisondb.errors import LsnGap, TimelineConflict
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.record import Record
 from unisondb.storage.wal import Wal
@@ -40,9 +40,16 @@ def recover(wal: Wal, btree: BTree) -> RecoveryResult:
     expected = cp.applied_lsn + 1
     replayed = 0
     pending: list[Record] = []
+    other_timelines: list[tuple[int, int, int]] = []  # (segment id, timeline, last LSN)
     for scan, start in wal.replay_from(cp.applied_lsn):
         recs = scan.records[start:]
         if not recs:
+            continue
+        if scan.header.timeline != cp.timeline:
+            # Another history (abandoned by a restore, or one the snapshot never saw): never
+            # replayed into this one. Decided below whether it can be ignored.
+            other_timelines.append((scan.header.segment_id, scan.header.timeline,
+                                    recs[-1][0].lsn))
             continue
         first = recs[0][0].lsn
         if first != expected:
@@ -65,7 +72,24 @@ def recover(wal: Wal, btree: BTree) -> RecoveryResult:
             cp = _apply(btree, pending, cp, scan.header.segment_id, recs[-1][2])
             replayed += len(pending)
             pending = []
-    claimed = max((s.last_lsn for s in wal.segments()), default=0)
+    conflicting = [t for t in other_timelines if t[2] > cp.applied_lsn]
+    if conflicting:
+        seg_id, timeline, last = conflicting[0]
+        raise TimelineConflict(
+            f"segment {seg_id} is on timeline {timeline} and holds LSNs up to {last}, after "
+            f"the checkpoint (LSN {cp.applied_lsn}, timeline {cp.timeline}): startup replays "
+            "only the checkpoint's timeline, and serving records of another history would "
+            "produce a state that never existed",
+            path=wal.dir,
+            hint="remove the segments of other timelines from wal/ ('unisondb wal list' shows "
+            "each segment's timeline), or restore with 'unisondb restore --snapshot ... "
+            "--wal ...', which follows timeline switches",
+        )
+    if other_timelines:
+        log.warning("recovery.ignored_other_timelines", timeline=cp.timeline,
+                    segments=[t[0] for t in other_timelines])
+    claimed = max((s.last_lsn for s in wal.segments() if s.timeline == cp.timeline),
+                  default=0)
     if claimed > cp.applied_lsn:
         raise LsnGap(
             f"WAL is missing LSNs {cp.applied_lsn + 1}..{claimed}: the segments on disk claim "
