@@ -149,8 +149,13 @@ class KvFastPath:
                 key = _fast_key(parts[5]) if engine is not None else b""
                 if engine is not None and key:
                     if method == "GET":
+                        try:
+                            body = kv.get_body(engine.get(key))
+                        except Exception:  # let the full app raise it again and shape the 500
+                            await self.app(scope, receive, send)
+                            return
                         scope["endpoint"] = kv.get_kv  # the same metrics label as the slow path
-                        await self._send(send, 200, kv.get_body(engine.get(key)))
+                        await self._send(send, 200, body)
                         return
                     await self._put(engine, key, scope, receive, send)
                     return

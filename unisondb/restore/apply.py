@@ -306,6 +306,8 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> None:
         btree.set_checkpoint(Checkpoint(vp.end_lsn, plan.new_segment_id, 0, plan.new_timeline,
                                         vp.end_time_ns,
                                         timeline_first_segment=plan.new_segment_id + 1))
+        # A deliberate restore may load a snapshot into another namespace: it is ours now.
+        btree.write_namespace(plan.namespace)
         btree.sync()
     finally:
         btree.close()

@@ -5,7 +5,7 @@ Two named sub-databases:
 * ``kv``   user keys → values;
 * ``meta`` the checkpoint (``b"checkpoint"``, format below), written in the **same**
   transaction as the data it describes, so any copy of ``data.mdb`` knows exactly
-  which WAL records it already contains.
+  which WAL records it already contains; and ``b"namespace"``, the owning namespace.
 
 Checkpoint value (48 bytes, little-endian)::
 
@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -41,6 +41,9 @@ from unisondb.errors import CorruptLog, StorageError, from_os_error
 from unisondb.storage.record import EntryKind, Record
 
 CHECKPOINT_KEY = b"checkpoint"
+#: The namespace this environment belongs to (UTF-8), so a data.mdb copied into the wrong
+#: namespace directory is refused instead of silently mixed with that namespace's WAL.
+NAMESPACE_KEY = b"namespace"
 CHECKPOINT = struct.Struct("<QQQQQQ")
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space to start; grows by doubling
 
@@ -148,6 +151,14 @@ class BTree:
             raw = txn.get(CHECKPOINT_KEY)
         return Checkpoint() if raw is None else Checkpoint.decode(raw)
 
+    def read_namespace(self) -> str | None:
+        with self._rw.read(), self.env.begin(db=self._meta) as txn:
+            raw = txn.get(NAMESPACE_KEY)
+        return None if raw is None else bytes(raw).decode("utf-8", errors="replace")
+
+    def write_namespace(self, namespace: str) -> None:
+        self._write(lambda txn: txn.put(NAMESPACE_KEY, namespace.encode(), db=self._meta))
+
     def count(self) -> int:
         with self._rw.read(), self.env.begin(db=self._kv) as txn:
             n: int = txn.stat(self._kv)["entries"]
@@ -162,16 +173,24 @@ class BTree:
 
     def apply(self, records: list[Record], checkpoint: Checkpoint) -> None:
         """Apply records and the checkpoint that ends after them in one durable transaction."""
+
+        def body(txn: Any) -> None:
+            for rec in records:
+                for e in rec.entries:
+                    if e.kind == EntryKind.PUT:
+                        txn.put(e.key, e.value, db=self._kv)
+                    else:
+                        txn.delete(e.key, db=self._kv)
+            txn.put(CHECKPOINT_KEY, checkpoint.encode(), db=self._meta)
+
+        self._write(body)
+
+    def _write(self, body: Callable[[Any], object]) -> None:
+        """Run ``body`` in one write transaction, growing the map until it fits."""
         while True:
             try:
                 with self._rw.read(), self.env.begin(write=True) as txn:
-                    for rec in records:
-                        for e in rec.entries:
-                            if e.kind == EntryKind.PUT:
-                                txn.put(e.key, e.value, db=self._kv)
-                            else:
-                                txn.delete(e.key, db=self._kv)
-                    txn.put(CHECKPOINT_KEY, checkpoint.encode(), db=self._meta)
+                    body(txn)
                 return
             except lmdb.MapFullError:
                 self._grow()

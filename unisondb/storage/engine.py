@@ -129,6 +129,7 @@ class Engine:
                            map_size=self.config.map_size)
         self.wal = None  # type: ignore[assignment]
         try:
+            self._claim_btree()
             self.wal = Wal.open(layout.wal_dir(self.data_dir, self.namespace), self.namespace)
             self.recovery = recover(self.wal, self.btree)
             cp = self.recovery.checkpoint
@@ -154,6 +155,19 @@ class Engine:
         log.info("engine.opened", namespace=self.namespace, applied_lsn=cp.applied_lsn,
                  replayed=self.recovery.records_replayed, timeline=cp.timeline,
                  segment=next_id)
+
+    def _claim_btree(self) -> None:
+        """Refuse a data.mdb that another namespace wrote; label an unlabelled one as ours."""
+        owner = self.btree.read_namespace()
+        if owner is None:
+            self.btree.write_namespace(self.namespace)
+        elif owner != self.namespace:
+            path = layout.btree_dir(self.data_dir, self.namespace) / "data.mdb"
+            raise StorageError(
+                f"{path} belongs to namespace {owner!r}, not {self.namespace!r}",
+                hint=f"copy a snapshot only into <data-dir>/{owner}/db/, or load it into this "
+                f"namespace deliberately with 'unisondb restore --namespace {self.namespace}'",
+            )
 
     def close(self) -> None:
         """Finish queued writes, seal nothing, sync and close. Idempotent."""

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from unisondb.config import EngineConfig
-from unisondb.errors import TimelineConflict
+from unisondb.errors import StorageError, TimelineConflict
 from unisondb.storage import layout
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.engine import Engine
@@ -67,3 +67,15 @@ def test_other_timeline_ending_before_the_checkpoint_is_ignored(tmp_path: Path) 
         assert eng.segments()[-1].segment_id == 51  # above the checkpoint's segment id
     finally:
         eng.close()
+
+
+def test_a_data_mdb_of_another_namespace_is_refused(tmp_path: Path) -> None:
+    """The document's copy-to-db/ restore into the wrong namespace directory fails loudly."""
+    eng = Engine.open(tmp_path / "a", "users", EngineConfig())
+    eng.put(b"u", b"1")
+    eng.close()
+    target = layout.btree_dir(tmp_path / "b", "orders")
+    target.mkdir(parents=True)
+    shutil.copy(layout.btree_dir(tmp_path / "a", "users") / "data.mdb", target / "data.mdb")
+    with pytest.raises(StorageError, match="belongs to namespace 'users', not 'orders'"):
+        Engine.open(tmp_path / "b", "orders", EngineConfig())
