@@ -344,14 +344,17 @@ def _existing_warnings(existing: ExistingNamespace, inv: WalInventory) -> list[s
             parts.append(f"{len(ids)} WAL segment(s) {min(ids):09d}..{max(ids):09d}")
         out.append(f"{existing.path} holds data ({', '.join(parts)}): the restore replaces it "
                    "(requires --force)")
-        backed = set(inv.copies)
+        # A copy inside the namespace being replaced is no backup: it is deleted with it.
+        inside = existing.path.resolve()
+        backed = {seg_id for seg_id, paths in inv.copies.items()
+                  if any(not p.resolve().is_relative_to(inside) for p in paths)}
         only_here = [s for s in existing.segments if s.segment_id not in backed
                      and (s.last_lsn is None or s.first_lsn is None or s.last_lsn >= s.first_lsn)]
         if only_here:
             ids = [s.segment_id for s in only_here]
             out.append(
-                f"{len(ids)} segment(s) of the current WAL are in no --wal directory and will be "
-                f"deleted with it: {', '.join(f'{i:09d}' for i in ids[:10])}"
+                f"{len(ids)} segment(s) of the current WAL have no copy outside {existing.path} "
+                f"and will be deleted with it: {', '.join(f'{i:09d}' for i in ids[:10])}"
                 f"{' ...' if len(ids) > 10 else ''} (back them up first if you may need them)"
             )
     if existing.locked_by is not None:
