@@ -9,20 +9,17 @@ from __future__ import annotations
 
 import base64
 import os
-import signal
-import socket
 import stat
 import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import httpx
 import lmdb
 from prometheus_client.parser import text_string_to_metric_families
+from serverproc import ServerProcess, start_server
 
 from unisondb.storage import segment
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
@@ -31,81 +28,14 @@ from unisondb.storage.record import EntryKind, Record
 NS = "users"
 
 
-class Server(Protocol):
-    """What the tests use of ``conftest.ServerProcess``."""
-
-    data_dir: Path
-    port: int
-    proc: subprocess.Popen[bytes]
-
-    @property
-    def url(self) -> str: ...
-
-    def client(self, timeout: float = 30.0) -> httpx.Client: ...
-
-    def log(self) -> str: ...
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int: ...
-
-    def kill9(self) -> None: ...
+#: The server-process type the fixtures in tests/conftest.py hand out.
+Server = ServerProcess
 
 
-# --- a server launcher for module-scoped fixtures (conftest's factory is per-test) ---
-
-class OwnServer:
-    """A ``python -m unisondb`` subprocess this module started (stopped by its own PID)."""
-
-    def __init__(self, data_dir: Path, *namespaces: str, extra_args: list[str] | None = None,
-                 log_path: Path | None = None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = int(s.getsockname()[1])
-        self.data_dir = data_dir
-        self.log_path = log_path or data_dir.parent / f"server-{self.port}.log"
-        args = [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir),
-                "--http-addr", f"127.0.0.1:{self.port}"]
-        for ns in namespaces or (NS,):
-            args += ["--namespace", ns]
-        args += extra_args or []
-        with open(self.log_path, "wb") as logf:
-            self.proc = subprocess.Popen(args, stdout=logf, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited {self.proc.returncode}:\n{self.log()}")
-            try:
-                if httpx.get(self.url + "/health", timeout=1).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.05)
-        self.kill9()
-        raise RuntimeError(f"server not healthy:\n{self.log()}")
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def client(self, timeout: float = 30.0) -> httpx.Client:
-        return httpx.Client(base_url=self.url, timeout=timeout)
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")
-
-    def stop(self, sig: int = signal.SIGTERM, timeout: float = 30.0) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return int(self.proc.returncode)
-
-    def kill9(self) -> None:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-            self.proc.wait()
+def OwnServer(data_dir: Path, *namespaces: str,
+              extra_args: list[str] | None = None) -> ServerProcess:
+    """A server for module-scoped fixtures (conftest's factory is per-test); stop it yourself."""
+    return start_server(data_dir, namespaces or (NS,), extra_args)
 
 
 # --- HTTP helpers ---
