@@ -643,9 +643,15 @@ def test_torn_record_whose_value_embeds_the_next_record_is_a_torn_tail(tmp_path:
         assert eng.put(b"blob", b"x" * 100 + embedded + b"y" * 100) == 2
     finally:
         eng.close()
-    newest = list(segment.iter_segment_files(layout.wal_dir(data_dir, NS)))[-1][1]
+    # A clean stop sealed segment 1 and began an empty segment 2; the crash being simulated
+    # happened before that: drop segment 2, and tear segment 1 (footer gone, then inside
+    # the value, after the embedding).
+    files = [p for _id, p in segment.iter_segment_files(layout.wal_dir(data_dir, NS))]
+    assert len(files) == 2 and files[1].stat().st_size == segment.HEADER_SIZE
+    files[1].unlink()
+    newest = files[0]
     with open(newest, "r+b") as f:
-        f.truncate(newest.stat().st_size - 50)  # torn inside the value, after the embedding
+        f.truncate(newest.stat().st_size - segment.FOOTER_SIZE - 50)
     # A torn record was never fsynced, so it was never applied to LMDB either: rebuild the
     # B-tree from the WAL alone, as after such a crash.
     shutil.rmtree(layout.btree_dir(data_dir, NS))

@@ -7,17 +7,23 @@ Two named sub-databases:
   transaction as the data it describes, so any copy of ``data.mdb`` knows exactly
   which WAL records it already contains; and ``b"namespace"``, the owning namespace.
 
-Checkpoint value (48 bytes, little-endian)::
+Checkpoint value (344 bytes, little-endian)::
 
     Offset  Size  Field
     0       8     applied_lsn   last WAL record applied (0 = none)
     8       8     segment_id    segment holding that record
     16      8     offset        offset just past that record in its segment
-    24      8     timeline      history this state belongs to
+    24      8     timeline      human-friendly history counter (see history.py)
     32      8     time_ns       time of the applied record
     40      8     timeline_first_segment
-                                first segment id written on this timeline after a restore
+                                first segment id written on this history after a fork
                                 (0 = since the beginning); lower ids are a previous history
+    48      16    history       history id this state belongs to (zero: not yet assigned)
+    64      16    parent        the history this one forked from (zero: none)
+    80      8     fork_lsn      last LSN shared with ``parent``
+    88      256   fp_state      state fingerprint of the ``kv`` database (fingerprint.py)
+
+(A 48-byte checkpoint is format 1, a pre-release without history or fingerprint: refused.)
 
 Durability: LMDB runs with ``metasync=False``: every commit still fsyncs its data
 pages, and LMDB guarantees that a crash can at most undo the *last* commit, never
@@ -31,20 +37,22 @@ import struct
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, BinaryIO
 
 import lmdb
 
 from unisondb.errors import CorruptLog, StorageError, from_os_error
+from unisondb.storage.fingerprint import EMPTY_STATE, Fingerprint, state_digest
+from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.record import EntryKind, Record
 
 CHECKPOINT_KEY = b"checkpoint"
 #: The namespace this environment belongs to (UTF-8), so a data.mdb copied into the wrong
 #: namespace directory is refused instead of silently mixed with that namespace's WAL.
 NAMESPACE_KEY = b"namespace"
-CHECKPOINT = struct.Struct("<QQQQQQ")
+CHECKPOINT = struct.Struct("<QQQQQQ16s16sQ256s")
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space to start; grows by doubling
 
 
@@ -56,20 +64,46 @@ class Checkpoint:
     timeline: int = 1
     time_ns: int = 0
     timeline_first_segment: int = 0
+    history: bytes = NO_HISTORY
+    parent: bytes = NO_HISTORY
+    fork_lsn: int = 0
+    fp_state: bytes = EMPTY_STATE
 
     def encode(self) -> bytes:
         return CHECKPOINT.pack(
             self.applied_lsn, self.segment_id, self.offset, self.timeline, self.time_ns,
-            self.timeline_first_segment,
+            self.timeline_first_segment, self.history, self.parent, self.fork_lsn,
+            self.fp_state,
         )
 
+    @property
+    def lineage(self) -> Lineage:
+        return Lineage(self.history, self.parent, self.fork_lsn, self.timeline)
+
+    @property
+    def fingerprint(self) -> bytes:
+        """Digest of the state fingerprint (what footers, snapshots and the API show)."""
+        return state_digest(self.fp_state)
+
     def advance(self, lsn: int, segment_id: int, offset: int, time_ns: int) -> Checkpoint:
-        """The checkpoint after applying records up to ``lsn``, on the same timeline."""
-        return Checkpoint(lsn, segment_id, offset, self.timeline, time_ns,
-                          self.timeline_first_segment)
+        """The position after records up to ``lsn`` on the same history (``BTree.apply``
+        then sets the fingerprint of the state they produce)."""
+        return replace(self, applied_lsn=lsn, segment_id=segment_id, offset=offset,
+                       time_ns=time_ns)
+
+    def on_lineage(self, lineage: Lineage, first_segment: int) -> Checkpoint:
+        """The same state, now the start of ``lineage`` (a new or forked history)."""
+        return replace(self, timeline=lineage.timeline, history=lineage.history,
+                       parent=lineage.parent, fork_lsn=lineage.fork_lsn,
+                       timeline_first_segment=first_segment)
 
     @classmethod
     def decode(cls, raw: bytes) -> Checkpoint:
+        if len(raw) == 48:
+            raise CorruptLog(
+                "checkpoint is format 1 (a pre-release without history ids or state "
+                "fingerprint)", hint="restore this namespace from a backup written by this "
+                "version, or run the pre-release build to export it")
         if len(raw) != CHECKPOINT.size:
             raise CorruptLog(f"checkpoint record has {len(raw)} bytes, expected {CHECKPOINT.size}")
         return cls(*CHECKPOINT.unpack(raw))
@@ -171,19 +205,45 @@ class BTree:
 
     # --- writes (engine writer thread only) ---
 
-    def apply(self, records: list[Record], checkpoint: Checkpoint) -> None:
-        """Apply records and the checkpoint that ends after them in one durable transaction."""
+    def apply(self, records: list[Record], checkpoint: Checkpoint) -> Checkpoint:
+        """Apply records and the checkpoint that ends after them in one durable transaction.
+
+        ``checkpoint.fp_state`` is the fingerprint *before* these records; the returned
+        checkpoint (the one written) carries the fingerprint after them. The old value of
+        every key comes from the same write transaction (``replace``/``pop`` return it at
+        no extra lookup), so the fingerprint is exact for the data it is committed with.
+        """
+        written: list[Checkpoint] = []
+        put_kind = EntryKind.PUT
 
         def body(txn: Any) -> None:
+            fp = Fingerprint(checkpoint.fp_state)
+            kv = self._kv
             for rec in records:
                 for e in rec.entries:
-                    if e.kind == EntryKind.PUT:
-                        txn.put(e.key, e.value, db=self._kv)
+                    if e.kind == put_kind:
+                        old = txn.replace(e.key, e.value, db=kv)
+                        if old is not None:
+                            fp.remove(e.key, old)
+                        fp.add(e.key, e.value)
                     else:
-                        txn.delete(e.key, db=self._kv)
-            txn.put(CHECKPOINT_KEY, checkpoint.encode(), db=self._meta)
+                        old = txn.pop(e.key, db=kv)
+                        if old is not None:
+                            fp.remove(e.key, old)
+            cp = replace(checkpoint, fp_state=fp.state())
+            txn.put(CHECKPOINT_KEY, cp.encode(), db=self._meta)
+            written[:] = [cp]
 
         self._write(body)
+        return written[0]
+
+    def scan_fingerprint(self) -> tuple[Fingerprint, Checkpoint]:
+        """Fingerprint computed from every pair, and the checkpoint, in one read transaction."""
+        with self._rw.read(), self.env.begin() as txn:
+            raw = txn.get(CHECKPOINT_KEY, db=self._meta)
+            cp = Checkpoint() if raw is None else Checkpoint.decode(raw)
+            fp = Fingerprint.of_items(txn.cursor(db=self._kv).iternext(keys=True, values=True))
+        return fp, cp
 
     def _write(self, body: Callable[[Any], object]) -> None:
         """Run ``body`` in one write transaction, growing the map until it fits."""

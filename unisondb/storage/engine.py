@@ -42,8 +42,9 @@ from unisondb.errors import (
     UnisonDBError,
     from_os_error,
 )
-from unisondb.storage import fsutil, layout, record
+from unisondb.storage import fingerprint, fsutil, history, layout, record
 from unisondb.storage.btree import BTree, Checkpoint
+from unisondb.storage.history import Lineage, fork_segment_id
 from unisondb.storage.lockfile import NamespaceLock
 from unisondb.storage.record import Entry, EntryKind, Record
 from unisondb.storage.recovery import RecoveryResult, recover
@@ -94,6 +95,8 @@ class Engine:
         self._group_wrote = False
         #: (segment id, start offset) of the last record appended, for ``offset()``.
         self._last_record = (0, 0)
+        #: Records of the group being committed already applied (before a mid-group seal).
+        self._applied_in_group = 0
 
     # --- lifecycle ---
 
@@ -132,15 +135,18 @@ class Engine:
             self._claim_btree()
             self.wal = Wal.open(layout.wal_dir(self.data_dir, self.namespace), self.namespace)
             self.recovery = recover(self.wal, self.btree)
-            cp = self.recovery.checkpoint
+            rcp = self.recovery.checkpoint
+            fork_reason = self._fork_reason(rcp)
             # Every start begins a fresh segment: the previous active one is sealed (so it can
             # be backed up and is immutable), and ids keep growing past anything the
-            # checkpoint has seen (a snapshot copied in from elsewhere included). An empty
-            # active segment is replaced in place when its id is still the next one.
-            self.wal.seal_active_if_nonempty()
-            sealed_max = max((s.segment_id for s in self.wal.sealed_segments()), default=0)
-            next_id = max(sealed_max, cp.segment_id) + 1
-            self.wal.start_segment(next_id, cp.timeline, self.recovery.next_lsn)
+            # checkpoint has seen (a snapshot copied in from elsewhere included). Its footer
+            # gets the state fingerprint only if that state is the one after its last record.
+            act = self.wal.active
+            tip = act is not None and act.header.history == rcp.history \
+                and act.last_lsn == rcp.applied_lsn
+            self.wal.seal_active_if_nonempty(rcp.fingerprint if tip else None)
+            cp, next_id = self._settle_history(rcp, fork_reason)
+            self.wal.start_segment(next_id, cp.lineage, self.recovery.next_lsn, cp.fingerprint)
             self._last_record = self._find_last_record()
         except BaseException:
             if self.wal is not None:
@@ -154,7 +160,47 @@ class Engine:
         self._last_time_ns = cp.time_ns
         log.info("engine.opened", namespace=self.namespace, applied_lsn=cp.applied_lsn,
                  replayed=self.recovery.records_replayed, timeline=cp.timeline,
+                 history=history.show(cp.history), fingerprint=fingerprint.short(cp.fingerprint),
                  segment=next_id)
+
+    def _settle_history(self, cp: Checkpoint, reason: str | None) -> tuple[Checkpoint, int]:
+        """Decide which history this run writes on; return its checkpoint and next segment id.
+
+        * a namespace without a history (new) gets a fresh one;
+        * a B-tree that continues the WAL beside it keeps its history;
+        * anything else forks a new history at the checkpoint (see ``history.py``): a
+          snapshot copied in by hand, a WAL whose segment holding the checkpoint is missing.
+          Continuing the old history there would hand out (history, LSN) pairs and segment
+          ids that the old server may already have used for other data.
+        """
+        sealed_max = self.wal.max_segment_id()
+        if not cp.lineage.is_set and cp.applied_lsn == 0:
+            cp = self.btree.apply([], cp.on_lineage(Lineage.create(), 0))
+            return cp, max(sealed_max, cp.segment_id) + 1
+        if reason is None:
+            return cp, max(sealed_max, cp.segment_id) + 1
+        known = max(sealed_max, cp.segment_id,
+                    layout.max_backup_segment_id(self.data_dir, self.namespace))
+        next_id = fork_segment_id(known)
+        old = cp.lineage
+        cp = self.btree.apply([], cp.on_lineage(old.fork(cp.applied_lsn), next_id))
+        self.btree.sync()
+        log.warning("engine.forked_history", namespace=self.namespace, reason=reason,
+                    parent=history.show(old.history), history=history.show(cp.history),
+                    fork_lsn=cp.applied_lsn, timeline=cp.timeline, first_segment=next_id)
+        return cp, next_id
+
+    def _fork_reason(self, cp: Checkpoint) -> str | None:
+        """Why the B-tree is not the continuation of the local WAL (None: it is)."""
+        if not cp.lineage.is_set:
+            return None  # a new namespace: it gets a history of its own, not a fork
+        for s in self.wal.segments():
+            if s.history == cp.history and s.first_lsn <= cp.applied_lsn + 1 \
+                    and s.last_lsn >= cp.applied_lsn:
+                return None
+        return (f"no local WAL segment of history {history.short(cp.history)} holds the "
+                f"checkpoint (LSN {cp.applied_lsn}, segment {cp.segment_id}): data.mdb was "
+                "installed from elsewhere or its WAL is gone")
 
     def _claim_btree(self) -> None:
         """Refuse a data.mdb that another namespace wrote; label an unlabelled one as ours."""
@@ -181,6 +227,11 @@ class Engine:
         try:
             if self.wal.active is not None and self._failed is None:
                 self.wal.sync()
+                # A clean stop seals: the last writes are then in a segment that a WAL
+                # backup can copy (only sealed segments are backed up). It also starts the
+                # next (empty) segment, which records where the LSNs stand: a later loss
+                # of the sealed tail segment is then an LsnGap, not a silent rollback.
+                self.wal.rotate(self._next_lsn, self._checkpoint.fingerprint)
             self.btree.sync()
         finally:
             self.wal.close()
@@ -338,21 +389,26 @@ class Engine:
             self._fail(from_os_error(exc, self.wal.active.path if self.wal.active else None),
                        writes)
             return
-        cp = self._checkpoint.advance(records[-1].lsn, seg_id, end, records[-1].time_ns)
         try:
-            self.btree.apply(records, cp)
+            self._apply(records[self._applied_in_group:], seg_id, end)
         except UnisonDBError as exc:
             self._fail(exc, writes)
             return
-        self._checkpoint = cp
         self.stats.ops_flushed += len(writes)
         self.stats.group_commits += 1
         self.stats.records_written += len(records)
         for req, rec in zip(writes, records, strict=True):
             req.future.set_result(rec.lsn)
 
+    def _apply(self, records: list[Record], seg_id: int, end: int) -> None:
+        """Apply durable records to LMDB with the checkpoint after them (one transaction)."""
+        if records:
+            self._checkpoint = self.btree.apply(records, self._checkpoint.advance(
+                records[-1].lsn, seg_id, end, records[-1].time_ns))
+
     def _append(self, writes: list[_Request], records: list[Record]) -> tuple[int, int]:
         """Encode and write the group, rotating by size between records."""
+        self._applied_in_group = 0
         chunk: list[bytes] = []
         meta: list[tuple[int, int, int]] = []
         chunk_bytes = 0
@@ -369,7 +425,7 @@ class Engine:
                     self.config.segment_size:
                 seg_id, end = self._flush_chunk(chunk, meta)
                 chunk, meta, chunk_bytes = [], [], 0
-                self._seal_and_advance()
+                self._seal_and_advance(records, seg_id, end)
             chunk.append(data)
             meta.append((lsn, now, len(data)))
             chunk_bytes += len(data)
@@ -390,10 +446,13 @@ class Engine:
         self._group_wrote = True
         return result
 
-    def _seal_and_advance(self) -> None:
-        # Rotation mid-group: the records already written must be durable before sealing.
+    def _seal_and_advance(self, records: list[Record], seg_id: int, end: int) -> None:
+        # Rotation mid-group: the records already written must be durable before sealing,
+        # and applied, because the footer records the state fingerprint after them.
         try:
             self.wal.sync()
+            self._apply(records[self._applied_in_group:], seg_id, end)
+            self._applied_in_group = len(records)
             self._rotate()
         except OSError as exc:
             raise from_os_error(exc, self.wal.dir) from exc
@@ -404,7 +463,7 @@ class Engine:
         act = self.wal.active
         if act is not None and act.count:
             self._last_record = (act.header.segment_id, act.last_record_offset)
-        return self.wal.rotate(self._next_lsn)
+        return self.wal.rotate(self._next_lsn, self._checkpoint.fingerprint)
 
     def _fail(self, exc: UnisonDBError, writes: list[_Request]) -> None:
         log.error("engine.failed", namespace=self.namespace, error=str(exc))
@@ -469,6 +528,8 @@ class Engine:
             "currentOffset": act.size if act else 0,
             "lastLsn": self.last_lsn,
             "timeline": self._checkpoint.timeline,
+            "history": history.show(self._checkpoint.history),
+            "fingerprint": self._checkpoint.fingerprint.hex(),
             "keys": self.btree.count(),
         }
 

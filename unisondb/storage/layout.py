@@ -11,6 +11,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -58,6 +59,25 @@ def backup_root(data_dir: Path, ns: str) -> Path:
 
 def segment_name(segment_id: int) -> str:
     return f"{segment_id:09d}{SEGMENT_SUFFIX}"
+
+
+#: Any name a copy of a segment goes by in a backup directory (plain, compressed, sidecar).
+BACKUP_SEGMENT_RE = re.compile(r"^(\d{9,})\.wal(?:\.gz|\.zst|\.xz|\.bz2)?(?:\.sha256)?$")
+
+
+def max_backup_segment_id(data_dir: Path, ns: str) -> int:
+    """Highest segment id named anywhere under ``backups/<ns>/`` (0 if none).
+
+    A fork starts its segment ids above this, so the document's incremental loop (which
+    asks for ids above the last one it copied) never skips or overwrites a segment."""
+    root = backup_root(data_dir, ns)
+    highest = 0
+    for _dirpath, _dirs, names in os.walk(root):
+        for name in names:
+            m = BACKUP_SEGMENT_RE.match(name)
+            if m:
+                highest = max(highest, int(m.group(1)))
+    return highest
 
 
 def parse_segment_name(name: str) -> int | None:

@@ -2,37 +2,46 @@
 
 A segment is named ``%09d.wal`` after its id. All integers are little-endian.
 
-Header (64 bytes, written once at creation through tmp + fsync + rename)::
+Header (128 bytes, written once at creation through tmp + fsync + rename)::
 
     Offset  Size  Field
     0       4     magic        b"UDBW"
-    4       2     version      1
+    4       2     version      2 (format 1 was a pre-release and is refused)
     6       2     flags        0 (reserved)
     8       8     segment_id   equals the id in the file name
-    16      8     timeline     bumped by every restore; a new history never reuses an old one
+    16      8     timeline     human-friendly history counter (parent's + 1); not an identity
     24      8     first_lsn    LSN the first record of this segment must carry
     32      8     created_ns   wall-clock nanoseconds at creation
     40      4     ns_crc       CRC32C of the namespace name (detects a segment from another namespace)
-    44      16    reserved     zero
-    60      4     crc          CRC32C of bytes [0, 60)
+    44      4     reserved     zero
+    48      16    history      history id: random, unique per history (see history.py)
+    64      16    parent       history this one forked from (zero: none)
+    80      8     fork_lsn     last LSN shared with ``parent`` (records here start after it)
+    88      32    start_fp     state fingerprint digest before this segment's first record
+    120     4     reserved     zero
+    124     4     crc          CRC32C of bytes [0, 124)
 
-Records follow from offset 64, back to back (format in ``record.py``).
+Records follow from offset 128, back to back (format in ``record.py``).
 
-Footer (48 bytes, appended when the segment is sealed; a sealed segment is never written again
+Footer (80 bytes, appended when the segment is sealed; a sealed segment is never written again
 and has no bytes besides header, records and footer)::
 
     Offset  Size  Field
     0       4     magic        b"UDBF"
-    4       4     reserved     zero
+    4       4     flags        bit 0: ``fingerprint`` is known (a segment sealed while
+                               repairing a crash, before its state was rebuilt, has none)
     8       8     last_lsn     LSN of the last record
     16      8     min_time_ns  smallest record time
     24      8     max_time_ns  largest record time
     32      8     count        number of records
-    40      4     reserved     zero
-    44      4     crc          CRC32C of bytes [0, 44)
+    40      32    fingerprint  state fingerprint digest after the last record
+    72      4     reserved     zero
+    76      4     crc          CRC32C of bytes [0, 76)
 
 The footer lets backup, point-in-time planning and gap checks know a sealed segment's
-LSN and time range by reading 112 bytes instead of scanning it.
+LSN and time range by reading 208 bytes instead of scanning it; header and footer
+fingerprints let a restore prove, at every segment boundary, that the state it rebuilt
+is exactly the one the server had (``fingerprint.py``).
 """
 
 from __future__ import annotations
@@ -47,15 +56,20 @@ import crc32c
 
 from unisondb.errors import CorruptLog, from_os_error
 from unisondb.storage import fsutil, record
+from unisondb.storage.fingerprint import EMPTY_DIGEST
+from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.layout import segment_name
 
 MAGIC = b"UDBW"
 FOOTER_MAGIC = b"UDBF"
-VERSION = 1
-HEADER = struct.Struct("<4sHHQQQQI16xI")
-FOOTER = struct.Struct("<4s4xQQQQ4xI")
-HEADER_SIZE = HEADER.size  # 64
-FOOTER_SIZE = FOOTER.size  # 48
+VERSION = 2
+HEADER = struct.Struct("<4sHHQQQQI4x16s16sQ32s4xI")
+FOOTER = struct.Struct("<4sIQQQQ32s4xI")
+HEADER_SIZE = HEADER.size  # 128
+FOOTER_SIZE = FOOTER.size  # 80
+_HEADER_CRC_AT = HEADER_SIZE - 4
+_FOOTER_CRC_AT = FOOTER_SIZE - 4
+FOOTER_HAS_FINGERPRINT = 1
 
 
 def namespace_crc(namespace: str) -> int:
@@ -69,12 +83,27 @@ class SegmentHeader:
     first_lsn: int
     created_ns: int
     ns_crc: int = 0
+    history: bytes = NO_HISTORY
+    parent: bytes = NO_HISTORY
+    fork_lsn: int = 0
+    start_fp: bytes = EMPTY_DIGEST
+
+    @classmethod
+    def for_lineage(cls, segment_id: int, lineage: Lineage, first_lsn: int, created_ns: int,
+                    ns_crc: int, start_fp: bytes) -> SegmentHeader:
+        return cls(segment_id, lineage.timeline, first_lsn, created_ns, ns_crc,
+                   lineage.history, lineage.parent, lineage.fork_lsn, start_fp)
+
+    @property
+    def lineage(self) -> Lineage:
+        return Lineage(self.history, self.parent, self.fork_lsn, self.timeline)
 
     def encode(self) -> bytes:
         body = HEADER.pack(
             MAGIC, VERSION, 0, self.segment_id, self.timeline, self.first_lsn,
-            self.created_ns, self.ns_crc, 0,
-        )[:60]
+            self.created_ns, self.ns_crc, self.history, self.parent, self.fork_lsn,
+            self.start_fp, 0,
+        )[:_HEADER_CRC_AT]
         return body + struct.pack("<I", crc32c.crc32c(body))
 
 
@@ -84,27 +113,41 @@ class SegmentFooter:
     min_time_ns: int
     max_time_ns: int
     count: int
+    #: State fingerprint digest after the last record; None if it was not known at sealing.
+    fingerprint: bytes | None = None
 
     def encode(self) -> bytes:
+        flags = 0 if self.fingerprint is None else FOOTER_HAS_FINGERPRINT
         body = FOOTER.pack(
-            FOOTER_MAGIC, self.last_lsn, self.min_time_ns, self.max_time_ns, self.count, 0
-        )[:44]
+            FOOTER_MAGIC, flags, self.last_lsn, self.min_time_ns, self.max_time_ns, self.count,
+            self.fingerprint or bytes(32), 0,
+        )[:_FOOTER_CRC_AT]
         return body + struct.pack("<I", crc32c.crc32c(body))
 
 
 def decode_header(buf: bytes, path: Path) -> SegmentHeader:
-    if len(buf) < HEADER_SIZE:
+    if len(buf) < 6:
         raise CorruptLog("segment header is truncated", path=path, offset=0)
-    magic, version, _flags, seg_id, timeline, first_lsn, created, ns_crc, crc = HEADER.unpack_from(
-        buf, 0
-    )
+    magic = bytes(buf[:4])
     if magic != MAGIC:
         raise CorruptLog(f"not a UnisonDB WAL segment (magic {magic!r})", path=path, offset=0)
-    if crc32c.crc32c(buf[:60]) != crc:
+    version = struct.unpack_from("<H", buf, 4)[0]
+    if version == 1:
+        raise CorruptLog(
+            "segment is format version 1 (a pre-release without history ids); this build "
+            f"reads version {VERSION}", path=path, offset=4,
+            hint="restore from a backup written by this version",
+        )
+    if len(buf) < HEADER_SIZE:
+        raise CorruptLog("segment header is truncated", path=path, offset=0)
+    if crc32c.crc32c(buf[:_HEADER_CRC_AT]) != struct.unpack_from("<I", buf, _HEADER_CRC_AT)[0]:
         raise CorruptLog("segment header checksum mismatch", path=path, offset=0)
     if version != VERSION:
         raise CorruptLog(f"unsupported segment format version {version}", path=path, offset=4)
-    return SegmentHeader(seg_id, timeline, first_lsn, created, ns_crc)
+    (_m, _v, _flags, seg_id, timeline, first_lsn, created, ns_crc, history, parent, fork_lsn,
+     start_fp, _crc) = HEADER.unpack_from(buf, 0)
+    return SegmentHeader(seg_id, timeline, first_lsn, created, ns_crc, history, parent,
+                         fork_lsn, start_fp)
 
 
 def try_decode_footer(buf: bytes | memoryview) -> SegmentFooter | None:
@@ -112,10 +155,11 @@ def try_decode_footer(buf: bytes | memoryview) -> SegmentFooter | None:
     if len(buf) < HEADER_SIZE + FOOTER_SIZE:
         return None
     tail = bytes(buf[-FOOTER_SIZE:])
-    magic, last_lsn, tmin, tmax, count, crc = FOOTER.unpack(tail)
-    if magic != FOOTER_MAGIC or crc32c.crc32c(tail[:44]) != crc:
+    magic, flags, last_lsn, tmin, tmax, count, fp, crc = FOOTER.unpack(tail)
+    if magic != FOOTER_MAGIC or crc32c.crc32c(tail[:_FOOTER_CRC_AT]) != crc:
         return None
-    return SegmentFooter(last_lsn, tmin, tmax, count)
+    return SegmentFooter(last_lsn, tmin, tmax, count,
+                         fp if flags & FOOTER_HAS_FINGERPRINT else None)
 
 
 @dataclass(slots=True)
@@ -375,17 +419,18 @@ class ActiveSegment:
     def sync(self) -> None:
         fsutil.fdatasync(self._fd)
 
-    def footer(self) -> SegmentFooter:
-        return SegmentFooter(self.last_lsn, self.min_time_ns, self.max_time_ns, self.count)
+    def footer(self, fingerprint: bytes | None) -> SegmentFooter:
+        return SegmentFooter(self.last_lsn, self.min_time_ns, self.max_time_ns, self.count,
+                             fingerprint)
 
-    def seal(self) -> SegmentFooter:
+    def seal(self, fingerprint: bytes | None) -> SegmentFooter:
         """Append the footer and make it durable; the file is immutable afterwards.
 
         On failure the segment must not be appended to again (the footer may be on disk
         in part or in whole): the engine stops accepting writes, and the next start sees
         either a sealed segment or a torn footer, which it cuts off as a torn tail.
         """
-        footer = self.footer()
+        footer = self.footer(fingerprint)
         data = footer.encode()
         if os.pwrite(self._fd, data, self.size) != len(data):
             raise OSError(28, "short write of segment footer")

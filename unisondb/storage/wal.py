@@ -31,6 +31,7 @@ import structlog
 
 from unisondb.errors import CorruptLog, from_os_error
 from unisondb.storage import fsutil, segment
+from unisondb.storage.history import Lineage
 from unisondb.storage.segment import ActiveSegment, SegmentFooter, SegmentHeader
 
 log = structlog.get_logger(__name__)
@@ -51,6 +52,13 @@ class SegmentInfo:
     created_ns: int
     size: int
     sealed: bool
+    lineage: Lineage = Lineage()
+    #: State fingerprint digest after the last record (sealed segments; None if unknown).
+    fingerprint: bytes | None = None
+
+    @property
+    def history(self) -> bytes:
+        return self.lineage.history
 
 
 @dataclass(slots=True)
@@ -150,9 +158,11 @@ class Wal:
         self.active = act
 
     def _seal_scanned(self, scan: segment.SegmentScan) -> None:
+        # Sealed before recovery has rebuilt the state at its end: no fingerprint is known,
+        # and the footer says so (a restore then proves the state at the next boundary).
         act = ActiveSegment.open_existing(scan.path, scan.header, scan.data_end)
         act.note_records([(r.lsn, r.time_ns, start) for r, start, _end in scan.records])
-        self._seal(act)
+        self._seal(act, None)
         self.report.sealed_on_open += 1
 
     # --- the segment table ---
@@ -188,12 +198,15 @@ class Wal:
         h = act.header
         return SegmentInfo(h.segment_id, act.path, h.timeline, h.first_lsn, act.last_lsn,
                            act.count, act.min_time_ns, act.max_time_ns, h.created_ns, act.size,
-                           False)
+                           False, h.lineage)
 
     # --- writing (writer thread only) ---
 
-    def start_segment(self, segment_id: int, timeline: int, first_lsn: int) -> None:
-        """Create a new active segment (the previous one must already be sealed or absent)."""
+    def start_segment(self, segment_id: int, lineage: Lineage, first_lsn: int,
+                      start_fp: bytes) -> None:
+        """Create a new active segment (the previous one must already be sealed or absent).
+
+        ``start_fp`` is the state fingerprint digest before ``first_lsn``."""
         assert self.active is None or self.active.count == 0
         if self.active is not None:
             # An empty active segment carries no data; replace it rather than seal it.
@@ -201,7 +214,8 @@ class Wal:
             old.close()
             fsutil.remove_quietly(old.path)
             self.active = None
-        header = SegmentHeader(segment_id, timeline, first_lsn, time.time_ns(), self.ns_crc)
+        header = SegmentHeader.for_lineage(segment_id, lineage, first_lsn, time.time_ns(),
+                                           self.ns_crc, start_fp)
         self.active = ActiveSegment.create(self.dir, header)
         fsutil.fsync_dir(self.dir)
 
@@ -217,33 +231,38 @@ class Wal:
         self.active.sync()
         self.fsyncs += 1
 
-    def rotate(self, next_lsn: int) -> int | None:
-        """Seal the active segment if it holds records and start the next; return the sealed id."""
+    def rotate(self, next_lsn: int, fingerprint: bytes) -> int | None:
+        """Seal the active segment if it holds records and start the next; return the sealed id.
+
+        ``fingerprint`` is the state digest after the active segment's last record (every
+        record in it must already be applied)."""
         act = self.active
         if act is None or act.count == 0:
             return None
-        self._seal(act)
+        self._seal(act, fingerprint)
         self.active = None
-        self.start_segment(act.header.segment_id + 1, act.header.timeline, next_lsn)
+        self.start_segment(act.header.segment_id + 1, act.header.lineage, next_lsn, fingerprint)
         self.rotations += 1
         return act.header.segment_id
 
-    def _seal(self, act: ActiveSegment) -> None:
+    def _seal(self, act: ActiveSegment, fingerprint: bytes | None) -> None:
         try:
-            footer = act.seal()
+            footer = act.seal(fingerprint)
         except OSError as exc:
             raise from_os_error(exc, act.path) from exc
         info = _info_from_footer(act.header, footer, act.path, act.size)
         with self._lock:
             self._sealed[info.segment_id] = info
 
-    def seal_active_if_nonempty(self) -> None:
-        """At startup: seal the active segment (or drop it if empty) so this run starts afresh."""
+    def seal_active_if_nonempty(self, fingerprint: bytes | None) -> None:
+        """Seal the active segment (or drop it if empty): at startup, so this run starts
+        afresh, and at a clean stop, so the last writes are in a segment a backup can copy.
+        ``fingerprint`` is the state digest after its last record."""
         act = self.active
         if act is None:
             return
         if act.count:
-            self._seal(act)
+            self._seal(act, fingerprint)
         else:
             # No records: nothing to keep, and an empty file must not linger as a
             # "segment" covering no LSNs.
@@ -287,4 +306,5 @@ class Wal:
 
 def _info_from_footer(h: SegmentHeader, f: SegmentFooter, path: Path, size: int) -> SegmentInfo:
     return SegmentInfo(h.segment_id, path, h.timeline, h.first_lsn, f.last_lsn, f.count,
-                       f.min_time_ns, f.max_time_ns, h.created_ns, size, True)
+                       f.min_time_ns, f.max_time_ns, h.created_ns, size, True, h.lineage,
+                       f.fingerprint)

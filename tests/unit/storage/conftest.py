@@ -11,8 +11,13 @@ from _storage_helpers import NS, key_for, time_for, value_for
 from unisondb.config import EngineConfig
 from unisondb.storage import layout, record
 from unisondb.storage.engine import Engine
+from unisondb.storage.fingerprint import Fingerprint
+from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.record import Entry, EntryKind
 from unisondb.storage.wal import Wal
+
+#: The history of WALs built directly (a fixed id, so tests can compare it).
+TEST_LINEAGE = Lineage(b"\x5a" * 16, NO_HISTORY, 0, 1)
 
 
 @pytest.fixture
@@ -59,19 +64,22 @@ def build_wal() -> Callable[..., int]:
                value_size: int = 16, namespace: str = NS) -> int:
         wal = Wal.open(directory, namespace)
         lsn = 1
-        wal.start_segment(1, 1, 1)
+        # Footers carry the true state fingerprint, as the engine's would (keys are unique).
+        fp = Fingerprint()
+        wal.start_segment(1, TEST_LINEAGE, 1, fp.digest())
         try:
             for i, n in enumerate(counts):
                 for _ in range(n):
                     entries = [Entry(EntryKind.PUT, key_for(lsn), value_for(lsn, value_size))]
                     data = record.encode(lsn, time_for(lsn), entries)
                     wal.append(data, [(lsn, time_for(lsn), len(data))])
+                    fp.add(entries[0].key, entries[0].value)
                     lsn += 1
                 wal.sync()
                 if i < len(counts) - 1:
-                    assert wal.rotate(lsn) is not None
+                    assert wal.rotate(lsn, fp.digest()) is not None
             if seal_last:
-                wal.seal_active_if_nonempty()
+                wal.seal_active_if_nonempty(fp.digest())
         finally:
             wal.close()
         return lsn - 1

@@ -8,6 +8,7 @@ from pathlib import Path
 from unisondb.config import EngineConfig
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.engine import Engine
+from unisondb.storage.fingerprint import Fingerprint
 from unisondb.storage.record import Entry, EntryKind, Record
 
 
@@ -37,15 +38,20 @@ def test_map_grows_past_a_tiny_initial_size(open_engine: Callable[..., Engine]) 
 def test_checkpoint_round_trip_and_atomic_apply(tmp_path: Path) -> None:
     cp = Checkpoint(applied_lsn=2**64 - 1, segment_id=7, offset=4096, timeline=3, time_ns=5)
     assert Checkpoint.decode(cp.encode()) == cp
-    assert len(cp.encode()) == 48
+    assert len(cp.encode()) == 344
     bt = BTree(tmp_path / "db", map_size=1 << 20)
     try:
         assert bt.read_checkpoint() == Checkpoint()
         recs = [Record(1, 10, (Entry(EntryKind.PUT, b"a", b"1"),)),
                 Record(2, 11, (Entry(EntryKind.PUT, b"b", b"2"), Entry(EntryKind.DELETE, b"a")))]
-        bt.apply(recs, Checkpoint(2, 1, 200, 1, 11))
-        assert bt.read_checkpoint() == Checkpoint(2, 1, 200, 1, 11)
+        written = bt.apply(recs, Checkpoint(2, 1, 200, 1, 11))
+        assert bt.read_checkpoint() == written
+        assert written.fp_state == Fingerprint.of_items([(b"b", b"2")]).state()
+        assert written == Checkpoint(2, 1, 200, 1, 11, fp_state=written.fp_state)
         assert list(bt.items()) == [(b"b", b"2")]
+        # The fingerprint in the checkpoint always equals a scan of the data beside it.
+        scanned, cp = bt.scan_fingerprint()
+        assert scanned.state() == cp.fp_state
     finally:
         bt.close()
 

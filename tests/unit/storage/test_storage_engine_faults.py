@@ -76,7 +76,7 @@ def test_footer_enospc_during_a_mid_group_rotation_spends_the_lsns(
     eng.put(b"k0", b"v" * 100)
     real_seal = segment.ActiveSegment.seal
 
-    def failing_seal(self: segment.ActiveSegment) -> segment.SegmentFooter:
+    def failing_seal(self: segment.ActiveSegment, fingerprint: bytes | None) -> segment.SegmentFooter:
         raise OSError(errno.ENOSPC, "No space left on device")
 
     monkeypatch.setattr(segment.ActiveSegment, "seal", failing_seal)

@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from unisondb.errors import CorruptLog
 from unisondb.storage import segment
+from unisondb.storage.fingerprint import Fingerprint
 from unisondb.storage.layout import segment_name
 from unisondb.storage.record import Entry, EntryKind
 from unisondb.storage.segment import SegmentFooter, SegmentHeader
@@ -26,7 +27,7 @@ def test_header_round_trip(seg_id: int, timeline: int, first_lsn: int, created: 
                            ns_crc: int) -> None:
     h = SegmentHeader(seg_id, timeline, first_lsn, created, ns_crc)
     raw = h.encode()
-    assert len(raw) == segment.HEADER_SIZE == 64
+    assert len(raw) == segment.HEADER_SIZE == 128
     assert raw[:4] == segment.MAGIC
     assert segment.decode_header(raw, Path("x.wal")) == h
 
@@ -36,7 +37,7 @@ def test_header_round_trip(seg_id: int, timeline: int, first_lsn: int, created: 
 def test_footer_round_trip(last_lsn: int, tmin: int, tmax: int, count: int) -> None:
     f = SegmentFooter(last_lsn, tmin, tmax, count)
     raw = f.encode()
-    assert len(raw) == segment.FOOTER_SIZE == 48
+    assert len(raw) == segment.FOOTER_SIZE == 80
     assert raw[:4] == segment.FOOTER_MAGIC
     header = SegmentHeader(1, 1, 1, 0).encode()
     assert segment.try_decode_footer(header + raw) == f
@@ -63,7 +64,9 @@ def test_scan_of_sealed_segment_reports_records_and_footer(
     assert [r.lsn for r, _s, _e in s2.records] == [4, 5]
     assert s2.first_lsn == 4 and s2.last_lsn == 5
     assert s1.records[0][0].entries == (Entry(EntryKind.PUT, key_for(1), value_for(1)),)
-    assert s1.footer == SegmentFooter(3, time_for(1), time_for(3), 3)
+    state = Fingerprint.of_items([(key_for(i), value_for(i)) for i in (1, 2, 3)])
+    assert s1.footer == SegmentFooter(3, time_for(1), time_for(3), 3, state.digest())
+    assert s2.header.start_fp == state.digest()  # the state before LSN 4 is the one after 3
     assert s1.data_end + segment.FOOTER_SIZE == s1.file_size
     assert s1.tail_error is None
     summary = segment.read_summary(wal_dir / segment_name(2))
