@@ -167,7 +167,7 @@ def test_backup_verify_names_every_problem(base: Base, tmp_path: Path,
     assert gone.footer is not None
     segs[2].unlink()
     data = bytearray(segs[4].read_bytes())
-    data[100] ^= 1
+    data[segment.HEADER_SIZE + 40] ^= 1  # inside the first record
     segs[4].write_bytes(bytes(data))
     rc, out, err = cli(capsys, "backup", "verify", "--snapshot", snap, "--wal", copy, "--json",
                        "--replay")
@@ -195,11 +195,16 @@ def test_backup_list(base: Base, tmp_path: Path, capsys: pytest.CaptureFixture[s
     assert s["time"].endswith("Z") and s["sidecar"] is True
     assert s["restorableTo"]["lsn"] < h.last_lsn and s["restorableTo"]["holesAfter"]
     assert doc["compressed"][0]["format"] == "zstd"
-    [tl] = doc["wal"]["timelines"]
+    [tl] = doc["wal"]["histories"]
     assert (tl["timeline"], tl["earliestLsn"], tl["latestLsn"]) == (1, 1, h.last_lsn)
+    assert tl["history"] == s["history"] and tl["parent"] is None
     assert len(tl["holes"]) == 1 and victim.name in tl["holes"][0]["text"]
+    # The restorable window: from the snapshot up to the hole.
+    assert tl["window"]["earliestLsn"] == 60
+    assert tl["window"]["latestLsn"] == s["restorableTo"]["lsn"]
     rc, out, _ = cli(capsys, "backup", "list", "--backup-dir", root)
-    assert rc == 0 and "timeline 1: LSN 1.." in out and "hole: missing" in out
+    assert rc == 0 and "WAL: LSN 1.." in out and "hole: missing" in out
+    assert "restorable: LSN 60.." in out
 
 
 def _snapshot_files(d: Path) -> dict[str, tuple[bytes, int, int]]:

@@ -90,14 +90,14 @@ def test_restore_then_continue_then_restore_again(tmp_path: Path) -> None:
     assert read_keyspace(tmp_path / "r3") == b.state_at(b.last_lsn - 5, base=base)
 
     # ... and the abandoned history only when asked for explicitly
-    out = restore(tmp_path / "r4", NS, s1, all_dirs, timeline_cap=1)
+    out = restore(tmp_path / "r4", NS, s1, all_dirs, history_choice="timeline:1")
     assert out.summary is not None and out.summary.end_lsn == 300
     assert read_keyspace(tmp_path / "r4") == a.state_at(300)
     assert out.summary.timeline == 3  # still a fresh timeline: 2 is taken
 
     # A snapshot of the new timeline cannot be sent down the old one.
-    with pytest.raises(Exception, match="timeline"):
-        restore(tmp_path / "r5", NS, s2, all_dirs, timeline_cap=1)
+    with pytest.raises(Exception, match="does not continue the snapshot"):
+        restore(tmp_path / "r5", NS, s2, all_dirs, history_choice="timeline:1")
 
 
 def test_restoring_twice_from_the_same_backups_never_reuses_a_timeline(tmp_path: Path) -> None:
@@ -113,7 +113,7 @@ def test_restoring_twice_from_the_same_backups_never_reuses_a_timeline(tmp_path:
         # --timeline 1: each time a point of the ORIGINAL history, which the earlier restores
         # abandoned (without it the newest timeline would be followed from LSN 61 on).
         out = restore(a.data_dir, NS, s1, [wal], target_lsn=target, force=True,
-                      timeline_cap=1)
+                      history_choice="timeline:1")
         assert read_keyspace(a.data_dir) == a.state_at(target)
         assert out.summary is not None
         b = History(a.root, seed=target, base_lsn=target)

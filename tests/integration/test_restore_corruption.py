@@ -207,7 +207,7 @@ def test_snapshot_on_a_newer_timeline_with_only_old_wal(
     r.close()
     assert cp2.timeline == 2
     rc, err = _run_fails(capsys, target, snap2, wal, "--target-lsn", str(cp2.applied_lsn + 5))
-    assert rc == 2 and "(timeline 1), another history" in err
+    assert rc == 2 and "another history" in err
 
 
 def test_compressed_snapshot_is_refused_with_the_command_to_fix_it(

@@ -102,7 +102,8 @@ class Setup:
         else:
             assert read_keyspace(data) == self.new_state, "neither the old nor the new state"
             cp = read_checkpoint(data)
-            assert (cp.applied_lsn, cp.timeline) == (self.new_lsn, 2)
+            # Timeline 3: the template (a restore itself) already uses timeline 2.
+            assert (cp.applied_lsn, cp.timeline) == (self.new_lsn, 3)
             state = "new"
         eng = Engine.open(data, NS, self.history.config)  # what the server does on start
         try:

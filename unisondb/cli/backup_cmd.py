@@ -19,6 +19,7 @@ from unisondb.errors import UnisonDBError
 from unisondb.restore import restore
 from unisondb.restore.errors import BackupCorrupt
 from unisondb.restore.inventory import (
+    WalInventory,
     collect_wal,
     detect_compression,
     inspect_snapshot,
@@ -27,9 +28,10 @@ from unisondb.restore.inventory import (
 )
 from unisondb.restore.progress import for_terminal
 from unisondb.restore.timefmt import format_bytes, format_ns
-from unisondb.restore.timeline import coverage_holes, select_chain
+from unisondb.restore.timeline import by_history, coverage_holes, lineages, path_to, select_chain
 from unisondb.restore.verify import VerifyReport, verify_backup_set
 from unisondb.storage.btree import BTree
+from unisondb.storage.history import NO_HISTORY
 
 
 @click.group("backup")
@@ -199,56 +201,97 @@ def list_backups(backup_dir: Path) -> dict[str, Any]:
                 snapshots.append(entry)
                 continue
             cp = snap.checkpoint
-            chain = select_chain(cp.applied_lsn, cp.timeline, inv.segments)
-            end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
             entry.update({
                 "lsn": cp.applied_lsn, "time": format_ns(cp.time_ns) if snap.has_checkpoint
                 else None, "timeline": cp.timeline, "keys": snap.keys,
-                "restorableTo": {"lsn": chain.end_lsn, "timeline": chain.end_timeline,
-                                 "time": format_ns(end_time) if end_time else None,
-                                 "holesAfter": [h.describe() for h in chain.holes]},
+                "history": cp.history.hex(), "fingerprint": cp.fingerprint.hex(),
+                "_checkpoint": cp,
             })
+            try:
+                chain = select_chain(cp.applied_lsn, cp.history, inv.segments,
+                                     start_timeline=cp.timeline)
+            except UnisonDBError as exc:
+                entry["error"] = exc.message
+                problems.append(f"{path}: {exc.message}")
+                snapshots.append(entry)
+                continue
+            end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
+            entry["restorableTo"] = {
+                "lsn": chain.end_lsn, "timeline": chain.end_timeline,
+                "history": chain.end_history.hex(),
+                "time": format_ns(end_time) if end_time else None,
+                "holesAfter": [h.describe() for h in chain.holes]}
             snapshots.append(entry)
         elif (comp := detect_compression(path)) is not None:
             compressed.append({"path": str(path), "bytes": path.stat().st_size,
                                "format": comp[0]})
     snapshots.sort(key=lambda s: (s.get("timeline", 0), s.get("lsn", 0)))
-    timelines: dict[int, dict[str, Any]] = {}
-    for s in inv.segments:
-        if s.count == 0:
-            continue
-        t = timelines.setdefault(s.timeline, {
-            "timeline": s.timeline, "segments": 0, "records": 0, "bytes": 0,
-            "earliestLsn": s.first_lsn, "latestLsn": s.last_lsn,
-            "earliestTimeNs": s.min_time_ns, "latestTimeNs": s.max_time_ns,
-            "firstSegmentId": s.segment_id, "lastSegmentId": s.segment_id, "holes": []})
-        t["segments"] += 1
-        t["records"] += s.count
-        t["bytes"] += s.size
-        t["earliestLsn"] = min(t["earliestLsn"], s.first_lsn)
-        t["latestLsn"] = max(t["latestLsn"], s.last_lsn)
-        t["earliestTimeNs"] = min(t["earliestTimeNs"], s.min_time_ns)
-        t["latestTimeNs"] = max(t["latestTimeNs"], s.max_time_ns)
-        t["firstSegmentId"] = min(t["firstSegmentId"], s.segment_id)
-        t["lastSegmentId"] = max(t["lastSegmentId"], s.segment_id)
-    for h in coverage_holes(inv.segments):
-        timelines[h.timeline]["holes"].append({"firstLsn": h.first_lsn, "lastLsn": h.last_lsn,
-                                               "text": h.describe()})
-    for t in timelines.values():
-        t["earliestTime"] = format_ns(t.pop("earliestTimeNs"))
-        t["latestTime"] = format_ns(t.pop("latestTimeNs"))
-    for s in inv.segments:
-        if s.damage:
-            problems.append(f"{s.path}: {s.damage}")
+    histories = _histories(inv, snapshots)
+    for snap_entry in snapshots:
+        snap_entry.pop("_checkpoint", None)
+    for seg in inv.segments:
+        if seg.damage:
+            problems.append(f"{seg.path}: {seg.damage}")
     for path, reason in inv.unreadable:
         problems.append(f"{path}: {reason}")
     return {
         "backupDir": str(backup_dir), "snapshots": snapshots, "compressed": compressed,
         "wal": {"segments": len(inv.segments),
                 "duplicates": sum(len(v) - 1 for v in inv.copies.values()),
-                "timelines": [timelines[k] for k in sorted(timelines)]},
+                "histories": histories},
         "problems": problems,
     }
+
+
+def _histories(inv: WalInventory, snapshots: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per history: its lineage, WAL coverage, holes, and the restorable window — for each
+    snapshot that can reach it, the LSN range a restore of that history can land in."""
+    known = lineages(inv.segments)
+    groups = by_history(inv.segments)
+    ids = set(known) | {bytes.fromhex(s["history"]) for s in snapshots if "history" in s}
+    out = []
+    for h in sorted(ids, key=lambda x: (known[x].timeline if x in known else 0, x)):
+        lin = known.get(h)
+        segs = groups.get(h, [])
+        item: dict[str, Any] = {
+            "history": h.hex(), "timeline": lin.timeline if lin else None,
+            "parent": lin.parent.hex() if lin and lin.parent != NO_HISTORY else None,
+            "forkLsn": lin.fork_lsn if lin else None, "segments": len(segs),
+            "records": sum(s.count for s in segs), "bytes": sum(s.size for s in segs),
+            "fingerprints": sum(1 for s in segs if s.end_fp is not None),
+            "holes": [{"firstLsn": x.first_lsn, "lastLsn": x.last_lsn, "text": x.describe()}
+                      for x in coverage_holes(segs)],
+        }
+        if segs:
+            item.update({
+                "earliestLsn": segs[0].first_lsn, "latestLsn": max(s.last_lsn for s in segs),
+                "earliestTime": format_ns(min(s.min_time_ns for s in segs)),
+                "latestTime": format_ns(max(s.max_time_ns for s in segs)),
+                "firstSegmentId": min(s.segment_id for s in segs),
+                "lastSegmentId": max(s.segment_id for s in segs)})
+        anchors = []
+        for snap in snapshots:
+            cp = snap.get("_checkpoint")
+            if cp is None or path_to(h, cp.history, cp.applied_lsn, known) is None:
+                continue
+            try:
+                chain = select_chain(cp.applied_lsn, cp.history, inv.segments, h.hex(),
+                                     start_timeline=cp.timeline)
+            except UnisonDBError:
+                continue
+            end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
+            anchors.append({"snapshot": snap["path"], "fromLsn": cp.applied_lsn,
+                            "fromTime": snap["time"], "toLsn": chain.end_lsn,
+                            "toTime": format_ns(end_time) if end_time else None,
+                            "holesAfter": [x.describe() for x in chain.holes]})
+        item["window"] = None if not anchors else {
+            "earliestLsn": min(a["fromLsn"] for a in anchors),
+            "latestLsn": max(a["toLsn"] for a in anchors),
+            "earliestTime": min((a["fromTime"] for a in anchors if a["fromTime"]), default=None),
+            "latestTime": max((a["toTime"] for a in anchors if a["toTime"]), default=None),
+            "anchors": anchors}
+        out.append(item)
+    return out
 
 
 def render_list(payload: dict[str, Any]) -> str:
@@ -269,13 +312,29 @@ def render_list(payload: dict[str, Any]) -> str:
     for c in payload["compressed"]:
         lines.append(f"  {c['path']}  {format_bytes(c['bytes'])}  {c['format']}-compressed "
                      "(decompress to inspect)")
-    lines += ["", "WAL coverage:"]
-    if not payload["wal"]["timelines"]:
-        lines.append("  (no segments)")
-    for t in payload["wal"]["timelines"]:
-        lines.append(f"  timeline {t['timeline']}: LSN {t['earliestLsn']}..{t['latestLsn']}  "
-                     f"{t['earliestTime']} .. {t['latestTime']}  {t['segments']} segment(s) "
-                     f"{t['firstSegmentId']:09d}..{t['lastSegmentId']:09d}, {t['records']} records")
+    lines += ["", "Histories (what you can restore to):"]
+    if not payload["wal"]["histories"]:
+        lines.append("  (none)")
+    for t in payload["wal"]["histories"]:
+        origin = (f"forked from {t['parent'][:12]} after LSN {t['forkLsn']}" if t["parent"]
+                  else "from an empty namespace")
+        lines.append(f"  history {t['history'][:12]} (timeline {t['timeline']}), {origin}")
+        if t["segments"]:
+            lines.append(f"      WAL: LSN {t['earliestLsn']}..{t['latestLsn']}  "
+                         f"{t['earliestTime']} .. {t['latestTime']}  {t['segments']} segment(s) "
+                         f"{t['firstSegmentId']:09d}..{t['lastSegmentId']:09d}, "
+                         f"{t['records']} records, {t['fingerprints']} recorded fingerprint(s)")
+        else:
+            lines.append("      WAL: (no segments)")
+        w = t["window"]
+        if w is None:
+            lines.append("      restorable: nothing (no snapshot reaches this history)")
+        else:
+            lines.append(f"      restorable: LSN {w['earliestLsn']}..{w['latestLsn']}  "
+                         f"({w['earliestTime'] or '-'} .. {w['latestTime'] or '-'})")
+            for anchor in w["anchors"]:
+                lines.append(f"        from {Path(anchor['snapshot']).name} (LSN "
+                             f"{anchor['fromLsn']}): LSN {anchor['fromLsn']}..{anchor['toLsn']}")
         for h in t["holes"]:
             lines.append(f"      hole: missing {h['text']}")
     for p in payload["problems"]:

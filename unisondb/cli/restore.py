@@ -47,8 +47,11 @@ def data_dir_option(ctx: click.Context, value: Path | None) -> Path:
 @click.option("--target-time", metavar="RFC3339",
               help="Keep every record with time <= this (e.g. 2025-01-08T14:30:00Z).")
 @click.option("--target-lsn", type=int, metavar="N", help="Keep every record with LSN <= N.")
-@click.option("--timeline", "timeline_cap", type=int, metavar="N",
-              help="Ignore segments on timelines above N (follow an older history).")
+@click.option("--history", "history_id", metavar="ID",
+              help="Restore this history (hex id or a unique prefix; 'unisondb backup list' "
+              "shows them). Default: the newest history that continues the snapshot.")
+@click.option("--timeline", "timeline_no", type=int, metavar="N",
+              help="Restore the history with timeline number N (must be unique).")
 @click.option("--dry-run", is_flag=True, help="Verify and print the plan; change nothing.")
 @click.option("--force", is_flag=True,
               help="Replace the namespace's existing data (its B-tree and WAL are deleted).")
@@ -56,17 +59,22 @@ def data_dir_option(ctx: click.Context, value: Path | None) -> Path:
 @click.pass_context
 def restore_cmd(ctx: click.Context, data_dir: Path | None, namespace: str, snapshot: Path,
                 wal_dirs: tuple[Path, ...], target_time: str | None, target_lsn: int | None,
-                timeline_cap: int | None, dry_run: bool, force: bool, as_json: bool) -> None:
+                history_id: str | None, timeline_no: int | None, dry_run: bool, force: bool,
+                as_json: bool) -> None:
     """Restore NS from a snapshot plus WAL backups, to a point in time or LSN.
 
     Verifies every checksum, the snapshot's LMDB structure, every record CRC and LSN
     contiguity BEFORE touching the namespace; stages the result next to it and swaps it in
-    atomically; starts a new timeline. The server must be stopped.
+    atomically; starts a new history. The server must be stopped.
     """
     data_dir = data_dir_option(ctx, data_dir)
+    if history_id is not None and timeline_no is not None:
+        raise click.UsageError("give --history or --timeline, not both")
+    choice = history_id if history_id is not None else \
+        (f"timeline:{timeline_no}" if timeline_no is not None else None)
     progress = for_terminal()
     outcome = restore(data_dir, namespace, snapshot, list(wal_dirs), target_lsn=target_lsn,
-                      target_time=target_time, timeline_cap=timeline_cap, force=force,
+                      target_time=target_time, history_choice=choice, force=force,
                       dry_run=dry_run, progress=progress)
     if as_json:
         emit_json(outcome_to_json(outcome))
@@ -94,13 +102,15 @@ def plan_to_json(vp: VerifiedPlan) -> dict[str, Any]:
             "sidecar": snap_sum.status if snap_sum else "missing",
             "lsn": cp.applied_lsn, "time": format_ns(cp.time_ns) if snap.has_checkpoint else None,
             "timeline": cp.timeline, "segmentId": cp.segment_id, "keys": snap.keys,
+            "history": cp.history.hex(), "fingerprint": cp.fingerprint.hex(),
         },
         "wal": {
             "dirs": [str(d) for d in plan.wal_dirs],
             "segmentsFound": plan.segments_found,
             "replay": [
                 {"segmentId": s.link.segment.segment_id, "path": str(s.link.segment.path),
-                 "timeline": s.link.timeline, "fromLsn": s.link.from_lsn, "toLsn": s.link.to_lsn,
+                 "timeline": s.link.timeline, "history": s.link.history.hex(),
+                 "fromLsn": s.link.from_lsn, "toLsn": s.link.to_lsn,
                  "records": s.link.records, "bytes": s.size,
                  "sidecar": sums[s.link.segment.path].status
                  if s.link.segment.path in sums else "missing"}
@@ -108,8 +118,11 @@ def plan_to_json(vp: VerifiedPlan) -> dict[str, Any]:
             ],
             "contiguousToLsn": plan.chain.end_lsn,
             "holesAfter": [h.describe() for h in plan.chain.holes],
+            "history": plan.chain.target.hex(),
+            "otherHistories": [lin.history.hex() for lin in plan.chain.alternatives],
             "timelineSwitches": [
                 {"atLsn": sw.at_lsn, "from": sw.from_timeline, "to": sw.to_timeline,
+                 "fromHistory": sw.from_history.hex(), "toHistory": sw.to_history.hex(),
                  "segmentId": sw.segment_id} for sw in plan.chain.switches
             ],
         },
@@ -117,7 +130,8 @@ def plan_to_json(vp: VerifiedPlan) -> dict[str, Any]:
         "result": {
             "lsn": vp.end_lsn, "time": format_ns(vp.end_time_ns) if vp.end_time_ns else None,
             "recordsToReplay": vp.records, "walBytes": vp.wal_bytes,
-            "newTimeline": plan.new_timeline, "nextSegmentId": plan.new_segment_id + 1,
+            "newTimeline": plan.new_timeline, "nextSegmentId": plan.new_segment_id,
+            "newHistory": plan.new_history.hex(),
         },
         "existing": None if existing is None else {
             "path": str(existing.path), "exists": existing.exists, "hasData": existing.has_data,
@@ -133,6 +147,11 @@ def summary_to_json(s: RestoreSummary) -> dict[str, Any]:
         "namespace": s.namespace, "targetDir": str(s.target_dir), "lsn": s.end_lsn,
         "time": format_ns(s.end_time_ns) if s.end_time_ns else None, "timeline": s.timeline,
         "nextSegmentId": s.next_segment_id, "recordsReplayed": s.records_replayed,
+        "history": s.history.hex(), "fingerprint": s.proof.fingerprint.hex(),
+        "proof": {"snapshotContentChecked": s.proof.snapshot_checked,
+                  "segmentBoundariesChecked": s.proof.boundaries,
+                  "provenLsn": s.proof.proven_lsn, "endProven": s.proof.end_proven,
+                  "text": s.proof.describe()},
         "walBytes": s.wal_bytes, "snapshotBytes": s.snapshot_bytes,
         "replacedExisting": s.replaced_existing,
         "removedStaleStaging": [str(p) for p in s.removed_staging],
@@ -157,7 +176,9 @@ def render_plan(vp: VerifiedPlan, *, dry_run: bool) -> str:
              f"{_sidecar_word(snap['sidecar'])}, LMDB structure ok)",
              f"             contains LSN <= {snap['lsn']}"
              + (f" (time {snap['time']})" if snap["time"] else "")
-             + f", timeline {snap['timeline']}, {snap['keys']} keys"]
+             + f", timeline {snap['timeline']}, {snap['keys']} keys",
+             f"             history {snap['history'][:12]}, state fingerprint "
+             f"{snap['fingerprint'][:16]}"]
     if wal["replay"]:
         first, last = wal["replay"][0], wal["replay"][-1]
         lines.append(f"  WAL        replay LSN {first['fromLsn']}..{last['toLsn']} from "
@@ -177,8 +198,12 @@ def render_plan(vp: VerifiedPlan, *, dry_run: bool) -> str:
     lines.append(f"  target     {vp.plan.target.describe()}")
     lines.append(f"  result     LSN {res['lsn']}" + (f" ({res['time']})" if res["time"] else "")
                  + f"; {res['recordsToReplay']} records to replay")
-    lines.append(f"             new timeline {res['newTimeline']}; the server's next WAL segment "
-                 f"will be {res['nextSegmentId']:09d}.wal")
+    lines.append(f"  history    restoring history {wal['history'][:12]}"
+                 + (f" (the newest of {len(wal['otherHistories']) + 1} that continue the "
+                    "snapshot; --history picks another)" if wal["otherHistories"] else ""))
+    lines.append(f"             new history {res['newHistory'][:12]} (timeline "
+                 f"{res['newTimeline']}); the server's next WAL segment will be "
+                 f"{res['nextSegmentId']:09d}.wal")
     if vp.plan.target.kind == "end":
         lines.append(f"             (end of the contiguous WAL: LSN {wal['contiguousToLsn']})")
     for w in p["warnings"]:
@@ -197,8 +222,9 @@ def render_summary(s: RestoreSummary) -> str:
     return "\n".join([
         f"Restored namespace {s.namespace!r} to LSN {s.end_lsn}"
         + (f" ({format_ns(s.end_time_ns)})" if s.end_time_ns else "")
-        + f" on new timeline {s.timeline}"
+        + f" on new timeline {s.timeline} (history {s.history.hex()[:12]})"
         + (" (previous data replaced)" if s.replaced_existing else ""),
+        f"  proof      {s.proof.describe()}",
         f"  replayed   {s.records_replayed} records ({format_bytes(s.wal_bytes)} of WAL) in "
         f"{s.replay_seconds:.2f} s{rate}",
         f"  copied     snapshot {format_bytes(s.snapshot_bytes)} in {s.copy_seconds:.2f} s",

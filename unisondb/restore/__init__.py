@@ -39,7 +39,7 @@ class RestoreOutcome:
 
 
 def prepare(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[Path] = (), *,
-            target: Target | None = None, timeline_cap: int | None = None,
+            target: Target | None = None, history_choice: str | None = None,
             progress: Progress | None = None, check_namespace: bool = True) -> VerifiedPlan:
     """Inventory, plan and verify; raises if the restore cannot be done. Writes nothing."""
     progress = progress or Progress()
@@ -47,14 +47,14 @@ def prepare(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[P
     inv = collect_wal(wal_dirs)
     existing = inspect_target(data_dir, namespace)
     plan = build_plan(namespace, data_dir, snap, inv, target or Target(),
-                      timeline_cap=timeline_cap, existing=existing,
+                      history_choice=history_choice, existing=existing,
                       check_namespace=check_namespace)
     return verify_plan(plan, progress)
 
 
 def restore(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[Path] = (), *,
             target_lsn: int | None = None, target_time: str | int | None = None,
-            timeline_cap: int | None = None, force: bool = False, dry_run: bool = False,
+            history_choice: str | None = None, force: bool = False, dry_run: bool = False,
             progress: Progress | None = None, check_namespace: bool = True) -> RestoreOutcome:
     """Restore ``namespace`` under ``data_dir`` from a snapshot plus WAL directories.
 
@@ -68,7 +68,7 @@ def restore(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[P
     t_ns = parse_rfc3339(target_time) if isinstance(target_time, str) else target_time
     target = Target.from_options(target_lsn, t_ns)
     vp = prepare(data_dir, namespace, snapshot, wal_dirs, target=target,
-                 timeline_cap=timeline_cap, progress=progress, check_namespace=check_namespace)
+                 history_choice=history_choice, progress=progress, check_namespace=check_namespace)
     prepare_seconds = time.perf_counter() - started
     vp.seconds = prepare_seconds
     if dry_run:

@@ -32,17 +32,18 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unisondb.errors import Conflict, LockedError, StorageError, UnisonDBError, from_os_error
 from unisondb.restore.errors import BackupCorrupt, DataExists
-from unisondb.restore.inventory import inspect_target
+from unisondb.restore.inventory import SegmentMeta, inspect_target
 from unisondb.restore.progress import Progress
 from unisondb.restore.timeline import Link
 from unisondb.restore.verify import VerifiedPlan, read_verified
-from unisondb.storage import fsutil, layout, record, segment
+from unisondb.storage import fingerprint, fsutil, layout, record, segment
 from unisondb.storage.btree import BTree, Checkpoint
+from unisondb.storage.history import Lineage
 from unisondb.storage.lockfile import NamespaceLock
 from unisondb.storage.record import Record
 
@@ -69,6 +70,8 @@ class RestoreSummary:
     end_time_ns: int
     timeline: int
     next_segment_id: int
+    history: bytes
+    proof: Proof
     records_replayed: int
     wal_bytes: int
     snapshot_bytes: int
@@ -163,12 +166,13 @@ def apply_plan(vp: VerifiedPlan, *, force: bool = False, progress: Progress | No
         copy_seconds = time.perf_counter() - t_copy
         _step("snapshot-copied")
         t_replay = time.perf_counter()
-        _replay(vp, staging / "db", progress)
+        proof = _replay(vp, staging / "db", progress)
         replay_seconds = time.perf_counter() - t_replay
         _step("replayed")
         t_pub = time.perf_counter()
         try:
             (staging / "wal").mkdir()
+            _start_history(vp, staging / "wal", proof)
             for d in (staging / "db", staging / "wal", staging, data_dir):
                 fsutil.fsync_dir(d)
         except OSError as exc:
@@ -202,7 +206,8 @@ def apply_plan(vp: VerifiedPlan, *, force: bool = False, progress: Progress | No
     total = time.perf_counter() - (started if started is not None else t_start)
     return RestoreSummary(
         namespace=ns, target_dir=ns_dir, end_lsn=vp.end_lsn, end_time_ns=vp.end_time_ns,
-        timeline=plan.new_timeline, next_segment_id=plan.new_segment_id + 1,
+        timeline=plan.new_timeline, next_segment_id=plan.new_segment_id,
+        history=plan.new_history, proof=proof,
         records_replayed=vp.records, wal_bytes=vp.wal_bytes, snapshot_bytes=plan.snapshot.size,
         replaced_existing=existed, verify_seconds=vp.seconds, copy_seconds=copy_seconds,
         replay_seconds=replay_seconds, publish_seconds=publish_seconds, total_seconds=total,
@@ -261,56 +266,155 @@ def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> None:
                             f"{h.hexdigest()}, verified {vp.snapshot_sha256})")
 
 
-def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> None:
+@dataclass(frozen=True, slots=True)
+class Proof:
+    """What the restore proved about the state it built (fingerprints, ``fingerprint.py``)."""
+
+    #: Digest of the restored state's fingerprint.
+    fingerprint: bytes
+    #: The snapshot's content equals its own recorded fingerprint (every pair hashed).
+    snapshot_checked: bool
+    #: Segment boundaries where the rebuilt state matched the recorded fingerprint.
+    boundaries: int
+    #: Last LSN whose state matched a recorded fingerprint (None: no record to compare).
+    proven_lsn: int | None
+    end_lsn: int
+
+    @property
+    def end_proven(self) -> bool:
+        return self.proven_lsn == self.end_lsn
+
+    def describe(self) -> str:
+        if self.end_proven:
+            return (f"state fingerprint {fingerprint.short(self.fingerprint)} equals the one "
+                    f"the server recorded at LSN {self.end_lsn}: the restored state is "
+                    "exactly the original state there")
+        where = (f"last proven at LSN {self.proven_lsn}" if self.proven_lsn is not None
+                 else "no recorded fingerprint on the way")
+        return (f"state fingerprint {fingerprint.short(self.fingerprint)}; LSN {self.end_lsn} "
+                f"is inside a segment, where no fingerprint is recorded ({where}; every "
+                "record CRC checked)")
+
+
+def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
+    """Replay the verified steps into the staged B-tree and start the new history.
+
+    The staged environment runs with ``sync=False``: a crash mid-replay leaves a staging
+    directory that nothing uses (the next restore deletes it), and ``btree.sync()`` makes
+    everything durable before the directory is published. That lets the replay commit at
+    every segment boundary, where the state fingerprint is compared with the one the
+    server recorded, without paying an fsync each time.
+    """
     plan = vp.plan
     cp = plan.snapshot.checkpoint
     progress.phase("replay WAL", vp.records, unit="records")
-    btree = BTree(db_dir)
+    btree = BTree(db_dir, durable=False)
     try:
         got = btree.read_checkpoint()
         if got != cp:
             raise BackupCorrupt(f"the staged snapshot's checkpoint {got} differs from the one "
                                 f"verified ({cp})")
+        # The snapshot's content must be the state its checkpoint recorded: a flipped
+        # byte in a value, or a file altered by hand, is caught here without any sidecar.
+        scanned, _ = btree.scan_fingerprint()
+        if scanned.state() != cp.fp_state:
+            raise BackupCorrupt(
+                f"snapshot {plan.snapshot.path} does not hold the state it recorded: its keys "
+                f"and values hash to {fingerprint.short(scanned.digest())}, its checkpoint "
+                f"says {fingerprint.short(cp.fingerprint)} (LSN {cp.applied_lsn})",
+                hint="the file was altered or damaged after it was written; use another copy "
+                "or an older snapshot",
+            )
+        proven: int | None = cp.applied_lsn
+        boundaries = 0
         last_lsn = cp.applied_lsn
-        # One LMDB transaction per batch, across segment boundaries (small segments would
-        # otherwise cost one fsync each); its checkpoint names the batch's last record.
         batch: list[Record] = []
         size = 0
         where: tuple[Link, int] | None = None
         for step in vp.steps:
             link = step.link
-            data, _digest = read_verified(link.segment, step.sha256)
+            seg = link.segment
+            if link.from_lsn == seg.first_lsn and seg.start_fp is not None:
+                if batch:
+                    assert where is not None
+                    cp = _apply_batch(btree, batch, cp, *where)
+                    progress.advance(len(batch))
+                    batch, size = [], 0
+                _prove(cp, seg.start_fp, seg, "before its first record")
+                boundaries += 1
+                proven = cp.applied_lsn
+            data, _digest = read_verified(seg, step.sha256)
             for rec, start, end in _records(link, data):
                 if rec.lsn != last_lsn + 1:
-                    raise BackupCorrupt(f"{link.segment.path}: LSN {rec.lsn} where "
+                    raise BackupCorrupt(f"{seg.path}: LSN {rec.lsn} where "
                                         f"{last_lsn + 1} was expected")
                 batch.append(rec)
                 size += end - start
                 where = (link, end)
                 last_lsn = rec.lsn
                 if len(batch) >= REPLAY_BATCH or size >= REPLAY_BATCH_BYTES:
-                    _apply_batch(btree, batch, *where)
+                    cp = _apply_batch(btree, batch, cp, *where)
                     progress.advance(len(batch))
                     batch, size = [], 0
             del data
+            if link.to_lsn == seg.last_lsn and seg.end_fp is not None:
+                if batch:
+                    assert where is not None
+                    cp = _apply_batch(btree, batch, cp, *where)
+                    progress.advance(len(batch))
+                    batch, size = [], 0
+                _prove(cp, seg.end_fp, seg, "after its last record")
+                boundaries += 1
+                proven = cp.applied_lsn
         if batch:
             assert where is not None
-            _apply_batch(btree, batch, *where)
+            cp = _apply_batch(btree, batch, cp, *where)
             progress.advance(len(batch))
         if last_lsn != vp.end_lsn:
             raise BackupCorrupt(f"replay ended at LSN {last_lsn}, verified end is {vp.end_lsn}")
-        # The new history: a timeline no existing segment carries, and a segment id at least
-        # the highest seen, so the server's next segment id is above every backed-up one.
-        # The server's first segment will be new_segment_id + 1; ids below it belong to the
-        # abandoned history, so a WAL backup loop must not call them a retention gap.
-        btree.set_checkpoint(Checkpoint(vp.end_lsn, plan.new_segment_id, 0, plan.new_timeline,
-                                        vp.end_time_ns,
-                                        timeline_first_segment=plan.new_segment_id + 1))
+        # The new history (a fork of the one the chain ended on): a random id, a timeline
+        # above every one seen, and a first segment id above every id seen, which the
+        # restore creates empty in wal/ so the server continues it instead of forking again.
+        # Ids below it belong to other histories, so a WAL backup loop must not call them a
+        # retention gap.
+        parent = plan.chain.end_history if vp.steps else cp.history
+        lineage = Lineage(plan.new_history, parent, vp.end_lsn, plan.new_timeline)
+        cp = btree.apply([], replace(cp, applied_lsn=vp.end_lsn, segment_id=plan.new_segment_id - 1,
+                                     offset=0, time_ns=vp.end_time_ns or cp.time_ns)
+                         .on_lineage(lineage, plan.new_segment_id))
         # A deliberate restore may load a snapshot into another namespace: it is ours now.
         btree.write_namespace(plan.namespace)
         btree.sync()
     finally:
         btree.close()
+    return Proof(cp.fingerprint, True, boundaries, proven, vp.end_lsn)
+
+
+def _start_history(vp: VerifiedPlan, wal_dir: Path, proof: Proof) -> None:
+    """Create the new history's first (empty) segment, so a start continues it."""
+    plan = vp.plan
+    lineage = Lineage(plan.new_history, plan.chain.end_history if vp.steps
+                      else plan.snapshot.checkpoint.history, vp.end_lsn, plan.new_timeline)
+    header = segment.SegmentHeader.for_lineage(
+        plan.new_segment_id, lineage, vp.end_lsn + 1, time.time_ns(),
+        segment.namespace_crc(plan.namespace), proof.fingerprint)
+    try:
+        fsutil.write_file_atomic(wal_dir / layout.segment_name(plan.new_segment_id),
+                                 header.encode())
+    except OSError as exc:
+        raise from_os_error(exc, wal_dir) from exc
+
+
+def _prove(cp: Checkpoint, recorded: bytes, seg: SegmentMeta, where: str) -> None:
+    if cp.fingerprint != recorded:
+        raise BackupCorrupt(
+            f"the rebuilt state at LSN {cp.applied_lsn} hashes to "
+            f"{fingerprint.short(cp.fingerprint)}, but {seg.path} recorded "
+            f"{fingerprint.short(recorded)} {where}: the snapshot and this segment are not "
+            "one history, or a record was altered",
+            hint="use the WAL backups of the server the snapshot was taken from; 'unisondb "
+            "backup verify --snapshot ... --wal ...' checks each file",
+        )
 
 
 def _records(link: Link, data: bytes) -> Iterator[tuple[Record, int, int]]:
@@ -338,10 +442,10 @@ def _records(link: Link, data: bytes) -> Iterator[tuple[Record, int, int]]:
         lsn += 1
 
 
-def _apply_batch(btree: BTree, batch: list[Record], link: Link, end: int) -> None:
+def _apply_batch(btree: BTree, batch: list[Record], cp: Checkpoint, link: Link,
+                 end: int) -> Checkpoint:
     last = batch[-1]
-    btree.apply(batch, Checkpoint(last.lsn, link.segment.segment_id, end, link.timeline,
-                                  last.time_ns))
+    return btree.apply(batch, cp.advance(last.lsn, link.segment.segment_id, end, last.time_ns))
 
 
 # --- atomic directory publication ---

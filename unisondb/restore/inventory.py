@@ -25,6 +25,7 @@ from unisondb.errors import CorruptLog, NotFound, UnisonDBError, from_os_error
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
 from unisondb.storage import layout, segment
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
+from unisondb.storage.history import NO_HISTORY, Lineage
 
 SIDECAR_SUFFIX = ".sha256"
 _CHUNK = 1 << 20
@@ -281,10 +282,19 @@ class SegmentMeta:
     sealed: bool
     #: Why this file cannot be trusted (None = fine as far as header/footer go).
     damage: str | None = None
+    lineage: Lineage = Lineage()
+    #: State fingerprint digests before the first record (header) and after the last
+    #: (footer; None if unsealed or sealed without one).
+    start_fp: bytes | None = None
+    end_fp: bytes | None = None
 
     @property
     def name(self) -> str:
         return self.path.name
+
+    @property
+    def history(self) -> bytes:
+        return self.lineage.history
 
     def to_json(self) -> dict[str, object]:
         from unisondb.restore.timefmt import format_ns
@@ -295,6 +305,10 @@ class SegmentMeta:
             "minTime": format_ns(self.min_time_ns) if self.count else None,
             "maxTime": format_ns(self.max_time_ns) if self.count else None,
             "bytes": self.size, "sealed": self.sealed, "damage": self.damage,
+            "history": self.history.hex(), "parentHistory": self.lineage.parent.hex()
+            if self.lineage.parent != NO_HISTORY else None, "forkLsn": self.lineage.fork_lsn,
+            "startFingerprint": self.start_fp.hex() if self.start_fp else None,
+            "endFingerprint": self.end_fp.hex() if self.end_fp else None,
         }
 
 
@@ -314,7 +328,7 @@ def read_segment_meta(path: Path) -> SegmentMeta:
         f = summary.footer
         return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, f.last_lsn, f.count,
                            f.min_time_ns, f.max_time_ns, h.created_ns, h.ns_crc, summary.size,
-                           True, damage)
+                           True, damage, h.lineage, h.start_fp, f.fingerprint)
     if summary.size >= segment.HEADER_SIZE + segment.FOOTER_SIZE and \
             _tail_has_footer_magic(path, summary.size):
         damage = damage or "footer checksum mismatch (the footer is damaged)"
@@ -324,7 +338,8 @@ def read_segment_meta(path: Path) -> SegmentMeta:
     except CorruptLog as exc:
         damage = damage or exc.message
         return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, h.first_lsn - 1, 0, 0,
-                           0, h.created_ns, h.ns_crc, summary.size, False, damage)
+                           0, h.created_ns, h.ns_crc, summary.size, False, damage, h.lineage,
+                           h.start_fp)
     recs = [r for r, _s, _e in scan.records]
     if scan.tail_error is not None:
         damage = damage or (f"damaged or incomplete record ({scan.tail_error}); the file is "
@@ -332,7 +347,7 @@ def read_segment_meta(path: Path) -> SegmentMeta:
     times = [r.time_ns for r in recs]
     return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, scan.last_lsn, len(recs),
                        min(times, default=0), max(times, default=0), h.created_ns, h.ns_crc,
-                       summary.size, False, damage)
+                       summary.size, False, damage, h.lineage, h.start_fp)
 
 
 def _tail_has_footer_magic(path: Path, size: int) -> bool:

@@ -19,13 +19,16 @@ record *newer* than T is in the backup; otherwise the records between the last o
 available and T may simply be missing, and the restore refuses instead of guessing.
 Without a target the restore goes to the end of the contiguous WAL and says where that is.
 
-The new history: the final checkpoint gets ``timeline = max(every timeline seen) + 1``
-and ``segment_id = max(every segment id in the --wal dirs, every *sealed* segment id in
-the namespace's current wal/, the snapshot's)``, so the server's next segment gets an id
-above anything any WAL backup can hold and a timeline no abandoned segment carries. The
-current wal/'s unsealed (active) segment is left out on purpose: the backup API never
-copies it, and counting it would make the next ``afterSegmentId`` backup see a skipped id
-and report a gap (see docs/RESTORE.md, "Backup loops after a restore").
+Which history: ``timeline.select_chain`` follows the lineage recorded in segment headers
+from the snapshot's history to the chosen (default: newest) continuation; records of any
+other history are never combined with it.
+
+The new history: a restore always forks. Its id is random (``history.py``), its parent is
+the history the chain ends on, its fork LSN the restored LSN, its timeline ``max(every
+timeline seen) + 1``, and its first segment id is ``fork_segment_id(max(every segment id in
+the --wal dirs, every *sealed* segment id in the namespace's current wal/), the snapshot's)``
+so the server's segments get ids above anything any WAL backup can hold. The current
+wal/'s unsealed (active) segment is left out on purpose: the backup API never copies it.
 """
 
 from __future__ import annotations
@@ -43,8 +46,10 @@ from unisondb.restore.inventory import (
     raise_on_conflicts,
 )
 from unisondb.restore.timefmt import format_ns
-from unisondb.restore.timeline import Chain, Hole, Link, select_chain
+from unisondb.restore.timeline import Chain, Hole, Link, lineages, select_chain
+from unisondb.storage import history as hist
 from unisondb.storage import layout, segment
+from unisondb.storage.history import NO_HISTORY, fork_segment_id, new_history_id
 
 
 @dataclass(frozen=True, slots=True)
@@ -92,12 +97,15 @@ class RestorePlan:
     snapshot: SnapshotInfo
     wal_dirs: tuple[Path, ...]
     target: Target
-    timeline_cap: int | None
+    history_choice: str | None
     chain: Chain
     #: Last LSN to apply; None for a time target until ``verify_plan`` resolves it.
     end_lsn: int | None
     new_timeline: int
+    #: First segment id of the new history (the restore writes it, empty).
     new_segment_id: int
+    #: Id of the history the restore creates.
+    new_history: bytes
     existing: ExistingNamespace | None
     #: Segment the snapshot's checkpoint points into, if present (checked while verifying).
     anchor: SegmentMeta | None
@@ -120,7 +128,7 @@ class RestorePlan:
 
 def build_plan(
     namespace: str, data_dir: Path, snapshot: SnapshotInfo, inventory: WalInventory,
-    target: Target, *, timeline_cap: int | None = None,
+    target: Target, *, history_choice: str | None = None,
     existing: ExistingNamespace | None = None, check_namespace: bool = True,
 ) -> RestorePlan:
     """Plan a restore; ``check_namespace=False`` (backup verify without --namespace) only
@@ -128,33 +136,38 @@ def build_plan(
     layout.validate_namespace(namespace)
     cp = snapshot.checkpoint
     warnings: list[str] = []
-    _check_inventory(namespace if check_namespace else None, inventory, snapshot, target,
-                     timeline_cap, warnings)
-    if timeline_cap is not None and cp.timeline > timeline_cap:
-        raise BadTarget(
-            f"the snapshot is on timeline {cp.timeline}, above --timeline {timeline_cap}",
-            hint="use a snapshot taken on that timeline or an earlier one",
-        )
     _check_target_not_before_snapshot(target, snapshot)
     max_lsn = target.lsn if target.kind == "lsn" else None
-    chain = select_chain(cp.applied_lsn, cp.timeline, inventory.segments, timeline_cap,
-                         max_lsn=max_lsn)
+    chain = select_chain(cp.applied_lsn, cp.history, inventory.segments, history_choice,
+                         max_lsn=max_lsn, start_timeline=cp.timeline)
+    _check_inventory(namespace if check_namespace else None, inventory, snapshot, target,
+                     chain, warnings)
+    _refuse_unrelated_wal(snapshot, inventory)
     end_lsn = _resolve_end(target, snapshot, chain, warnings,
-                           _other_histories(inventory.segments, chain, timeline_cap))
+                           _other_histories(inventory.segments, chain))
     anchor = _anchor_segment(snapshot, inventory)
     new_timeline = 1 + max(cp.timeline, inventory.max_timeline,
                            existing.max_timeline if existing else 0)
     ids_seen = [inventory.max_segment_id, cp.segment_id,
                 existing.max_archivable_segment_id if existing else 0]
     ids_seen += [layout.parse_segment_name(p.name) or 0 for p, _ in inventory.unreadable]
-    new_segment_id = max(ids_seen)
+    new_segment_id = fork_segment_id(max(ids_seen), cp.segment_id)
     if existing is not None:
         warnings += _existing_warnings(existing, inventory)
+    if chain.alternatives:
+        names = ", ".join(lin.describe() for lin in chain.alternatives[:4])
+        how = "chosen with --history" if history_choice is not None else \
+            "the newest (its latest segment was written last)"
+        warnings.append(
+            f"these backups hold {len(chain.alternatives) + 1} histories that continue the "
+            f"snapshot; restoring history {hist.short(chain.target)}, {how}; the others: "
+            f"{names}; pick one with --history ID"
+        )
     for sw in chain.switches:
         warnings.append(
-            f"the history switches from timeline {sw.from_timeline} to timeline "
-            f"{sw.to_timeline} at LSN {sw.at_lsn} (segment {sw.segment_id:09d}.wal, written "
-            "after a restore); use --timeline to stay on an older timeline"
+            f"the chain follows history {hist.short(sw.from_history)} up to LSN "
+            f"{sw.at_lsn - 1}, then history {hist.short(sw.to_history)} (timeline "
+            f"{sw.to_timeline}, forked there; first segment {sw.segment_id:09d}.wal)"
         )
     unsealed = [ln.segment.name for ln in chain.links if not ln.segment.sealed]
     if unsealed:
@@ -164,14 +177,15 @@ def build_plan(
         )
     return RestorePlan(
         namespace=namespace, data_dir=data_dir, snapshot=snapshot, wal_dirs=inventory.dirs,
-        target=target, timeline_cap=timeline_cap, chain=chain, end_lsn=end_lsn,
-        new_timeline=new_timeline, new_segment_id=new_segment_id, existing=existing,
+        target=target, history_choice=history_choice, chain=chain, end_lsn=end_lsn,
+        new_timeline=new_timeline, new_segment_id=new_segment_id,
+        new_history=new_history_id(), existing=existing,
         anchor=anchor, segments_found=len(inventory.segments), warnings=warnings,
     )
 
 
 def _check_inventory(namespace: str | None, inv: WalInventory, snapshot: SnapshotInfo, target: Target,
-                     cap: int | None, warnings: list[str]) -> None:
+                     chain: Chain, warnings: list[str]) -> None:
     if inv.unreadable:
         path, reason = inv.unreadable[0]
         more = f" (and {len(inv.unreadable) - 1} more)" if len(inv.unreadable) > 1 else ""
@@ -204,7 +218,11 @@ def _check_inventory(namespace: str | None, inv: WalInventory, snapshot: Snapsho
     for s in inv.segments:
         if s.damage is None:
             continue
-        relevant = (s.timeline >= cp.timeline and (cap is None or s.timeline <= cap)
+        # A damaged segment whose header names a history on the chosen path (or any
+        # history at all, if the damage hides it) could hold records the restore needs.
+        on_path = {ln.history for ln in chain.links + chain.beyond} | {chain.start_history,
+                                                                     chain.target}
+        relevant = ((s.history in on_path or not s.lineage.is_set)
                     and (not s.sealed or s.last_lsn > cp.applied_lsn)
                     and (limit is None or s.first_lsn <= limit))
         if relevant:
@@ -215,6 +233,35 @@ def _check_inventory(namespace: str | None, inv: WalInventory, snapshot: Snapsho
                 "record",
             )
         warnings.append(f"ignoring damaged segment {s.path} (not needed): {s.damage}")
+
+
+def _refuse_unrelated_wal(snapshot: SnapshotInfo, inv: WalInventory) -> None:
+    """WAL directories that hold nothing of the snapshot's family of histories (another
+    server's namespace, a different installation) are a mistake, not a WAL to ignore."""
+    cp = snapshot.checkpoint
+    segs = [s for s in inv.segments if s.count and s.damage is None]
+    if not segs or not snapshot.has_checkpoint:
+        return
+    known = lineages(segs)
+    family = {cp.history, cp.parent}
+    for h in known:  # every ancestor and descendant reachable through the headers present
+        cur: bytes | None = h
+        chain: list[bytes] = []
+        while cur is not None and cur not in chain:
+            chain.append(cur)
+            lin = known.get(cur)
+            cur = lin.parent if lin is not None and lin.parent != NO_HISTORY else None
+        if family & set(chain):
+            family |= set(chain)
+    if any(s.history in family for s in segs):
+        return
+    names = sorted({hist.short(s.history) for s in segs})
+    raise BackupMismatch(
+        f"none of the {len(segs)} WAL segment(s) belong to the snapshot's history "
+        f"{hist.short(cp.history)} or any history related to it (they are of "
+        f"{', '.join(names[:4])}): the snapshot and the WAL come from different histories",
+        hint="use the WAL backups of the server the snapshot was taken from",
+    )
 
 
 def _check_target_not_before_snapshot(target: Target, snapshot: SnapshotInfo) -> None:
@@ -233,19 +280,16 @@ def _check_target_not_before_snapshot(target: Target, snapshot: SnapshotInfo) ->
         )
 
 
-def _other_histories(segments: list[SegmentMeta], chain: Chain, cap: int | None) -> str:
+def _other_histories(segments: list[SegmentMeta], chain: Chain) -> str:
     """Why the LSN after the chain's end is unusable where it exists at all (for messages)."""
     nxt = chain.end_lsn + 1
     others = [s for s in segments if s.count and s.damage is None
-              and s.first_lsn <= nxt <= s.last_lsn
-              and not (s.timeline == chain.end_timeline and cap is None)]
+              and s.first_lsn <= nxt <= s.last_lsn and s.history != chain.end_history]
     if not others:
         return ""
-    names = ", ".join(f"{s.name} (timeline {s.timeline})" for s in others[:3])
-    why = ("another history: it branched off before the snapshot's position or is excluded "
-           "by --timeline" if cap is not None else "another history that branched off before "
-           "the snapshot's position")
-    return f"; LSN {nxt} exists only in {names}, {why}"
+    names = ", ".join(f"{s.name} (history {hist.short(s.history)})" for s in others[:3])
+    return (f"; LSN {nxt} exists only in {names}, another history (it does not continue "
+            "this snapshot's state, or was not chosen)")
 
 
 def _resolve_end(target: Target, snapshot: SnapshotInfo, chain: Chain,
@@ -273,7 +317,7 @@ def _resolve_end(target: Target, snapshot: SnapshotInfo, chain: Chain,
             raise _gap_error(before, snapshot, f"target LSN {target.lsn}")
         raise BadTarget(
             f"target LSN {target.lsn} is beyond the available WAL, which ends at LSN {end} "
-            f"(timeline {chain.end_timeline}){elsewhere}",
+            f"(history {hist.short(chain.end_history)}){elsewhere}",
             hint="add the WAL directories that hold later segments, or omit the target to "
             f"restore to LSN {end}",
         )
@@ -314,11 +358,13 @@ def _anchor_segment(snapshot: SnapshotInfo, inv: WalInventory) -> SegmentMeta | 
     seg = inv.by_id().get(cp.segment_id)
     if seg is None or seg.damage is not None:
         return None
-    if seg.timeline != cp.timeline or not seg.first_lsn <= cp.applied_lsn <= seg.last_lsn:
+    if seg.history != cp.history:
+        return None  # that id belongs to another history; rule 1 already keeps it out
+    if not seg.first_lsn <= cp.applied_lsn <= seg.last_lsn:
         raise BackupMismatch(
-            f"the snapshot's checkpoint (LSN {cp.applied_lsn}, timeline {cp.timeline}) names "
-            f"segment {cp.segment_id}, but {seg.path} holds LSNs {seg.first_lsn}..{seg.last_lsn} "
-            f"on timeline {seg.timeline}: the snapshot and the WAL come from different histories",
+            f"the snapshot's checkpoint (LSN {cp.applied_lsn}, history "
+            f"{hist.short(cp.history)}) names segment {cp.segment_id}, but {seg.path} holds "
+            f"LSNs {seg.first_lsn}..{seg.last_lsn} of that history: one of them was altered",
             hint="use the WAL backups of the server the snapshot was taken from",
         )
     if seg.sealed and seg.last_lsn == cp.applied_lsn:

@@ -39,6 +39,7 @@ from unisondb.restore.plan import RestorePlan
 from unisondb.restore.progress import Progress
 from unisondb.restore.timefmt import format_ns
 from unisondb.restore.timeline import Link, coverage_holes, overlaps, select_chain
+from unisondb.storage import history as hist
 from unisondb.storage import record, segment
 
 
@@ -104,8 +105,8 @@ def check_segment_bytes(meta: SegmentMeta, data: bytes) -> RecordIndex:
         header = segment.decode_header(data, path)
     except CorruptLog as exc:
         raise bad(exc.message, 0) from None
-    if (header.segment_id, header.timeline, header.first_lsn, header.ns_crc) != (
-            meta.segment_id, meta.timeline, meta.first_lsn, meta.ns_crc):
+    if (header.segment_id, header.lineage, header.first_lsn, header.ns_crc) != (
+            meta.segment_id, meta.lineage, meta.first_lsn, meta.ns_crc):
         raise BackupCorrupt(f"WAL segment {path} changed while the restore was reading it")
     footer = segment.try_decode_footer(data) if meta.sealed else None
     if meta.sealed and footer is None:
@@ -277,16 +278,22 @@ def verify_backup_set(snapshot_path: Path | None, wal_dirs: list[Path], namespac
     if inv is not None:
         _verify_segments(inv, namespace, rep, progress)
         for h in coverage_holes(inv.segments):
-            item: dict[str, object] = {"timeline": h.timeline, "firstLsn": h.first_lsn,
+            item: dict[str, object] = {"timeline": h.timeline, "history": h.history.hex(),
+                                       "firstLsn": h.first_lsn,
                                        "lastLsn": h.last_lsn, "text": h.describe()}
             if h.missing_ids:
                 item["missingSegmentIds"] = list(h.missing_ids)
             rep.holes.append(item)
         for a, b in overlaps(inv.segments):
-            rep.overlaps.append({"timeline": a.timeline, "segments": [a.name, b.name],
+            rep.overlaps.append({"timeline": a.timeline, "history": a.history.hex(),
+                                 "segments": [a.name, b.name],
                                  "lsns": [b.first_lsn, min(a.last_lsn, b.last_lsn)]})
-            rep.warnings.append(f"segments {a.name} and {b.name} overlap on timeline "
-                                f"{a.timeline} (LSNs {b.first_lsn}..{min(a.last_lsn, b.last_lsn)})")
+            # One (history, LSN) names one record: two segments holding it is an altered
+            # file or a history continued twice, never something to pick from silently.
+            rep.problems.append(
+                f"segments {a.name} and {b.name} of history {hist.short(a.history)} overlap "
+                f"(LSNs {b.first_lsn}..{min(a.last_lsn, b.last_lsn)}): one LSN of one history "
+                "must name one record")
     if snap is not None:
         _restorable(snap, inv, rep)
     elif inv is not None:
@@ -318,7 +325,8 @@ def _verify_snapshot(path: Path, rep: VerifyReport, progress: Progress) -> Snaps
     cp = snap.checkpoint
     info.update({"lmdb": "ok", "keys": snap.keys, "lsn": cp.applied_lsn,
                  "time": format_ns(cp.time_ns) if snap.has_checkpoint else None,
-                 "timeline": cp.timeline, "segmentId": cp.segment_id})
+                 "timeline": cp.timeline, "segmentId": cp.segment_id,
+                 "history": cp.history.hex(), "fingerprint": cp.fingerprint.hex()})
     return snap
 
 
@@ -381,11 +389,24 @@ def _verify_segments(inv: WalInventory, namespace: str | None, rep: VerifyReport
 def _restorable(snap: SnapshotInfo, inv: WalInventory | None, rep: VerifyReport) -> None:
     cp = snap.checkpoint
     segs = inv.segments if inv is not None else []
-    chain = select_chain(cp.applied_lsn, cp.timeline, segs)
+    try:
+        chain = select_chain(cp.applied_lsn, cp.history, segs, start_timeline=cp.timeline)
+    except UnisonDBError as exc:
+        rep.problems.append(str(exc))
+        return
     end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
+    if chain.alternatives:
+        # Resolved by the documented default (the newest), so a warning, not a failure;
+        # what cannot be resolved (overlaps, disagreeing lineage) is a problem above.
+        rep.warnings.append(
+            f"{len(chain.alternatives) + 1} histories continue this snapshot (newest: "
+            f"{hist.short(chain.target)}; others: "
+            f"{', '.join(lin.describe() for lin in chain.alternatives[:4])}): a restore "
+            "without --history takes the newest; check that is the one you mean")
     rep.restorable = {
         "fromLsn": cp.applied_lsn, "fromTime": format_ns(cp.time_ns) if snap.has_checkpoint else None,
         "toLsn": chain.end_lsn, "toTimeline": chain.end_timeline,
+        "history": chain.end_history.hex(),
         # The latest time a --target-time can name exactly is just before the last record.
         "toTime": format_ns(end_time) if chain.links or snap.has_checkpoint else None,
         "segments": [ln.segment.name for ln in chain.links],
@@ -394,10 +415,10 @@ def _restorable(snap: SnapshotInfo, inv: WalInventory | None, rep: VerifyReport)
     for h in chain.holes:
         rep.problems.append(f"LSN gap after the snapshot: missing {h.describe()}; a restore "
                             f"from this snapshot stops at LSN {chain.end_lsn}")
-    chain_tls = {ln.timeline for ln in chain.links} | {cp.timeline}
+    chain_hs = {ln.history.hex() for ln in chain.links} | {cp.history.hex()}
     for item in rep.holes:
         lsn_first = item["firstLsn"]
         assert isinstance(lsn_first, int)
-        if item["timeline"] not in chain_tls or lsn_first <= cp.applied_lsn:
+        if item["history"] not in chain_hs or lsn_first <= cp.applied_lsn:
             rep.warnings.append(f"WAL hole outside this snapshot's restore path: missing "
                                 f"{item['text']}")

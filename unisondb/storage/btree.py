@@ -148,7 +148,10 @@ class _ReadWriteLock:
 class BTree:
     """LMDB environment of one namespace. Writes come only from the engine's writer thread."""
 
-    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE) -> None:
+    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE,
+                 durable: bool = True) -> None:
+        """``durable=False`` (no fsync per commit) is only for a restore's staging copy,
+        which is synced with ``sync()`` before anything can use it."""
         self.path = path
         try:
             path.mkdir(parents=True, exist_ok=True)
@@ -157,7 +160,7 @@ class BTree:
             # A restored snapshot may be larger than the configured map: start above it.
             size = max(map_size, _round_up(existing * 2, 1 << 20))
             self.env = lmdb.open(
-                str(path), map_size=size, max_dbs=4, subdir=True, sync=True,
+                str(path), map_size=size, max_dbs=4, subdir=True, sync=durable,
                 metasync=False, readahead=False, max_readers=512, lock=True,
             )
             self._kv = self.env.open_db(b"kv")

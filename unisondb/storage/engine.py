@@ -179,9 +179,8 @@ class Engine:
             return cp, max(sealed_max, cp.segment_id) + 1
         if reason is None:
             return cp, max(sealed_max, cp.segment_id) + 1
-        known = max(sealed_max, cp.segment_id,
-                    layout.max_backup_segment_id(self.data_dir, self.namespace))
-        next_id = fork_segment_id(known)
+        known = max(sealed_max, layout.max_backup_segment_id(self.data_dir, self.namespace))
+        next_id = fork_segment_id(known, cp.segment_id)
         old = cp.lineage
         cp = self.btree.apply([], cp.on_lineage(old.fork(cp.applied_lsn), next_id))
         self.btree.sync()

@@ -70,12 +70,22 @@ class Lineage:
         return text
 
 
-#: How far above every segment id it can see a fork starts its own ids. The old history may
-#: have sealed segments this server cannot see (uploaded elsewhere, then pruned locally);
-#: the gap leaves room for them so no segment file name is reused for different bytes.
+#: How far above the snapshot's own segment a fork starts its ids when nothing visible
+#: says how far the old history went. The old history may have sealed segments this
+#: server cannot see (uploaded elsewhere, then pruned locally); the gap leaves room for
+#: them so no segment file name is reused for different bytes.
 FORK_SEGMENT_GAP = 1000
 
 
-def fork_segment_id(highest_seen: int) -> int:
-    """First segment id of a forked history, given the highest id seen anywhere."""
-    return highest_seen + FORK_SEGMENT_GAP
+def fork_segment_id(highest_seen: int, state_segment: int) -> int:
+    """First segment id of a forked history.
+
+    ``highest_seen`` is the highest id visible anywhere (local WAL, backups, the WAL
+    directories of a restore), ``state_segment`` the segment the forked-from state was in
+    (the checkpoint's). If something visible lies beyond that state, it tells how far the
+    old history went: start right above it. If nothing does, the old history may have gone
+    on unseen: leave ``FORK_SEGMENT_GAP`` ids of room.
+    """
+    if highest_seen > state_segment:
+        return highest_seen + 1
+    return state_segment + FORK_SEGMENT_GAP

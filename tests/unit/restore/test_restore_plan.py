@@ -17,22 +17,35 @@ from unisondb.restore.inventory import (
 )
 from unisondb.restore.plan import RestorePlan, Target, build_plan
 from unisondb.storage.btree import Checkpoint
+from unisondb.storage.history import NO_HISTORY, Lineage, fork_segment_id
 from unisondb.storage.segment import namespace_crc
 
 NS = "users"
 CRC = namespace_crc(NS)
 
 
+def hid(tl: int) -> bytes:
+    return bytes([tl]) * 16
+
+
+def lineage(tl: int, first: int) -> Lineage:
+    """History ``tl`` (a fork of history tl - 1 right before ``first``, for tl > 1)."""
+    if tl == 1:
+        return Lineage(hid(1), NO_HISTORY, 0, 1)
+    return Lineage(hid(tl), hid(tl - 1), first - 1, tl)
+
+
 def seg(seg_id: int, tl: int, first: int, last: int, *, ns_crc: int = CRC,
         damage: str | None = None, sealed: bool = True) -> SegmentMeta:
     return SegmentMeta(Path(f"/b/{seg_id:09d}.wal"), seg_id, tl, first, last, last - first + 1,
-                       1000 + first * 10, 1000 + last * 10, 0, ns_crc, 100, sealed, damage)
+                       1000 + first * 10, 1000 + last * 10, seg_id, ns_crc, 100, sealed, damage,
+                       lineage(tl, first))
 
 
 def snap(lsn: int, tl: int = 1, seg_id: int = 1) -> SnapshotInfo:
     # offset 0: no anchor comparison (that needs file bytes; covered by integration tests)
-    return SnapshotInfo(Path("/b/s.db"), 4096, Checkpoint(lsn, seg_id, 0, tl, 1000 + lsn * 10),
-                        True, 10)
+    return SnapshotInfo(Path("/b/s.db"), 4096, Checkpoint(lsn, seg_id, 0, tl, 1000 + lsn * 10,
+                                                          history=hid(tl)), True, 10)
 
 
 def inv(*segs: SegmentMeta) -> WalInventory:
@@ -63,9 +76,9 @@ def test_new_timeline_and_segment_id_exceed_everything_seen() -> None:
                                  (TargetSegment(9, Path("/data/users/wal/000000009.wal"), 4,
                                                 301, 320, 10),), None)
     p = plan(snap(50), inv(*SEGS, seg(7, 3, 400, 410)), Target("lsn", lsn=120),
-             timeline_cap=1, existing=existing)
+             history_choice=hid(1).hex(), existing=existing)
     assert p.new_timeline == 5  # above the existing namespace's timeline 4
-    assert p.new_segment_id == 9
+    assert p.new_segment_id == fork_segment_id(9, 1) == 10  # above every id seen
     assert any("requires --force" in w for w in p.warnings)
     assert any("000000009" in w and "will be deleted" in w for w in p.warnings)
 
@@ -116,9 +129,9 @@ def test_foreign_namespace_and_conflicts_and_damage() -> None:
     assert any("ignoring damaged segment" in w for w in p.warnings)
 
 
-def test_snapshot_above_the_timeline_cap() -> None:
-    with pytest.raises(BadTarget, match="above --timeline 1"):
-        plan(snap(50, tl=2), inv(*SEGS), timeline_cap=1)
+def test_a_history_that_does_not_continue_the_snapshot_cannot_be_chosen() -> None:
+    with pytest.raises(BadTarget, match="does not continue the snapshot"):
+        plan(snap(50, tl=2), inv(*SEGS), history_choice=hid(1).hex())
 
 
 def test_both_targets_is_an_error() -> None:
