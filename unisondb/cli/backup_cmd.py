@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from unisondb.cli.paths import LocalPath
 from unisondb.cli.restore import emit_json
 from unisondb.errors import UnisonDBError
 from unisondb.restore import restore
@@ -26,7 +27,7 @@ from unisondb.restore.inventory import (
     sidecar_path,
 )
 from unisondb.restore.progress import for_terminal
-from unisondb.restore.timefmt import format_bytes, format_ns
+from unisondb.restore.timefmt import format_bytes, format_lsn_range, format_ns
 from unisondb.restore.timeline import coverage_holes, select_chain
 from unisondb.restore.verify import VerifyReport, verify_backup_set
 from unisondb.storage.btree import BTree
@@ -38,9 +39,9 @@ def backup_group() -> None:
 
 
 @backup_group.command("verify")
-@click.option("--snapshot", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--snapshot", type=LocalPath(path_type=Path, dir_okay=False), default=None,
               metavar="FILE", help="B-tree snapshot to check.")
-@click.option("--wal", "wal_dirs", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--wal", "wal_dirs", type=LocalPath(path_type=Path, file_okay=False),
               multiple=True, metavar="DIR", help="WAL backup directory (recursive). Repeatable.")
 @click.option("--namespace", "-n", default=None, metavar="NS",
               help="Check that every segment belongs to NS.")
@@ -163,7 +164,7 @@ def render_verify(rep: VerifyReport) -> str:
 
 
 @backup_group.command("list")
-@click.option("--backup-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+@click.option("--backup-dir", type=LocalPath(path_type=Path, file_okay=False, exists=True),
               required=True, metavar="DIR",
               help="A backup root, e.g. <data-dir>/backups/<ns> (searched recursively).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
@@ -214,8 +215,13 @@ def list_backups(backup_dir: Path) -> dict[str, Any]:
                                "format": comp[0]})
     snapshots.sort(key=lambda s: (s.get("timeline", 0), s.get("lsn", 0)))
     timelines: dict[int, dict[str, Any]] = {}
+    empty: list[dict[str, Any]] = []
     for s in inv.segments:
         if s.count == 0:
+            # No LSNs: listed on its own, so it neither widens a timeline's LSN range nor
+            # shows up as a backwards range like 402..401.
+            empty.append({"segmentId": s.segment_id, "path": str(s.path),
+                          "timeline": s.timeline, "firstLsn": s.first_lsn, "sealed": s.sealed})
             continue
         t = timelines.setdefault(s.timeline, {
             "timeline": s.timeline, "segments": 0, "records": 0, "bytes": 0,
@@ -246,7 +252,8 @@ def list_backups(backup_dir: Path) -> dict[str, Any]:
         "backupDir": str(backup_dir), "snapshots": snapshots, "compressed": compressed,
         "wal": {"segments": len(inv.segments),
                 "duplicates": sum(len(v) - 1 for v in inv.copies.values()),
-                "timelines": [timelines[k] for k in sorted(timelines)]},
+                "timelines": [timelines[k] for k in sorted(timelines)],
+                "empty": empty},
         "problems": problems,
     }
 
@@ -270,7 +277,7 @@ def render_list(payload: dict[str, Any]) -> str:
         lines.append(f"  {c['path']}  {format_bytes(c['bytes'])}  {c['format']}-compressed "
                      "(decompress to inspect)")
     lines += ["", "WAL coverage:"]
-    if not payload["wal"]["timelines"]:
+    if not payload["wal"]["timelines"] and not payload["wal"]["empty"]:
         lines.append("  (no segments)")
     for t in payload["wal"]["timelines"]:
         lines.append(f"  timeline {t['timeline']}: LSN {t['earliestLsn']}..{t['latestLsn']}  "
@@ -278,6 +285,9 @@ def render_list(payload: dict[str, Any]) -> str:
                      f"{t['firstSegmentId']:09d}..{t['lastSegmentId']:09d}, {t['records']} records")
         for h in t["holes"]:
             lines.append(f"      hole: missing {h['text']}")
+    for e in payload["wal"]["empty"]:
+        lines.append(f"  {Path(e['path']).name}  timeline {e['timeline']}: LSN "
+                     f"{format_lsn_range(e['firstLsn'], e['firstLsn'] - 1)}, no records")
     for p in payload["problems"]:
         lines.append(f"PROBLEM {p}")
     return "\n".join(lines)
