@@ -242,10 +242,22 @@ def _other_histories(segments: list[SegmentMeta], chain: Chain, cap: int | None)
     if not others:
         return ""
     names = ", ".join(f"{s.name} (timeline {s.timeline})" for s in others[:3])
-    why = ("another history: it branched off before the snapshot's position or is excluded "
-           "by --timeline" if cap is not None else "another history that branched off before "
-           "the snapshot's position")
-    return f"; LSN {nxt} exists only in {names}, {why}"
+    whys = dict.fromkeys(_why_other(s.timeline, segments, chain, cap) for s in others[:3])
+    return f"; LSN {nxt} exists only in {names}, {'; '.join(whys)}"
+
+
+def _why_other(tl: int, segments: list[SegmentMeta], chain: Chain, cap: int | None) -> str:
+    """Where timeline ``tl`` left the chain's history, from facts, not a guess."""
+    switch = next((sw for sw in reversed(chain.switches) if sw.from_timeline == tl), None)
+    if switch is not None:
+        return (f"an older history: timeline {switch.to_timeline} replaced timeline {tl} "
+                f"from LSN {switch.at_lsn} on")
+    branch = min(s.first_lsn for s in segments if s.timeline == tl) - 1
+    snap_lsn = chain.start_lsn - 1
+    where = "before the snapshot's position" if branch < snap_lsn else \
+        f"after the snapshot's LSN {snap_lsn}"
+    excluded = " and is excluded by --timeline" if cap is not None and tl > cap else ""
+    return f"another history that branched off after LSN {branch}, {where}{excluded}"
 
 
 def _resolve_end(target: Target, snapshot: SnapshotInfo, chain: Chain,
