@@ -187,7 +187,9 @@ def list_backups(backup_dir: Path) -> dict[str, Any]:
     problems: list[str] = []
     inv = collect_wal([backup_dir])
     for path in sorted(p for p in backup_dir.rglob("*") if p.is_file()):
-        if path.name.endswith((".sha256", ".tmp", ".wal")) or path.name in ("lock.mdb",):
+        # Hidden files are work in progress (contrib's scripts write .<name>.partial).
+        if path.name.endswith((".sha256", ".tmp", ".wal")) or path.name in ("lock.mdb",) \
+                or path.name.startswith("."):
             continue
         if looks_like_lmdb(path):
             entry: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size,
