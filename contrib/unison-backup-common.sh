@@ -123,12 +123,26 @@ verify() {
     { err "checksum mismatch: $f"; return 1; }
 }
 
+# partial FILE: the name FILE is written under until it is complete and renamed into
+# place: hidden, next to FILE (so the rename is atomic), and NOT *.tmp — the server
+# deletes every *.tmp under the backup root when it starts, which would pull a file from
+# under a running job. Only these scripts write it, one run at a time (take_lock).
+partial() { printf '%s/.%s.partial\n' "$(dirname -- "$1")" "$(basename -- "$1")"; }
+
+# remove_partials DIR: delete what a killed run left in DIR itself (not below it: the
+# other script, under its own lock, writes in its own directory). Call with the lock held.
+remove_partials() {
+  [[ -d $1 ]] || return 0
+  find "$1" -maxdepth 1 -type f -name '.*.partial' -delete
+}
+
 # sidecar FILE: write FILE.sha256 (sha256sum format, file name relative to its directory).
 sidecar() {
-  local dir base
+  local dir base part
   dir=$(dirname -- "$1")
   base=$(basename -- "$1")
-  (cd -- "$dir" && sha256sum -- "$base" >"$base.sha256.tmp" && mv -f -- "$base.sha256.tmp" "$base.sha256")
+  part=$(basename -- "$(partial "$1.sha256")")
+  (cd -- "$dir" && sha256sum -- "$base" >"$part" && mv -f -- "$part" "$base.sha256")
 }
 
 # upload FILE...: hand each file to UPLOAD_CMD (no-op when it is empty).

@@ -16,6 +16,9 @@
 #    `sha256sum -c` before it is compressed, uploaded or recorded as done;
 #  - the state file is written atomically (temp file + mv), and only after the stage it
 #    describes finished, upload included; a failed run is simply repeated by the next;
+#  - the tarball and sidecars are written as hidden .<name>.partial files and renamed,
+#    never as *.tmp: the server deletes *.tmp under the backup root when it starts, so
+#    a server restart during a run used to fail it;
 #  - a state file holding null (older versions of the document's scripts wrote that
 #    when there was nothing new) reads as 0;
 #  - the snapshot is taken by the first run in hour SNAPSHOT_HOUR, not only at exactly
@@ -107,11 +110,13 @@ STATE_FILE="$STATE_DIR/wal-state-$NAMESPACE.json"
 DATE=$(date +%Y%m%d-%H%M%S)
 
 take_lock
+remove_partials "$BACKUP_ROOT"
+remove_partials "$BACKUP_ROOT/snapshots"
 
 # --- stage 1: WAL segments sealed since the last run ----------------------------------
 # Exit status: 0 ok, 1 failed, 3 ok but gap found.
 wal_stage() {
-  local last resp n new_last first dir path ids tarball gap=0
+  local last resp n new_last first dir path ids tarball part gap=0
   last=$(last_segment)
   log "backing up WAL segments after $last into wal/$DATE"
   resp=$(api wal/backup "$(jq -nc --argjson after "$last" --arg dir "wal/$DATE" \
@@ -146,9 +151,10 @@ wal_stage() {
   log "copied and verified $n segment(s): $ids"
 
   tarball="$BACKUP_ROOT/wal-$DATE.tar.gz"
-  tar -czf "$tarball.tmp" -C "$BACKUP_ROOT" "wal/$DATE"
-  gzip -t -- "$tarball.tmp"
-  mv -f -- "$tarball.tmp" "$tarball"
+  part=$(partial "$tarball")
+  tar -czf "$part" -C "$BACKUP_ROOT" "wal/$DATE"
+  gzip -t -- "$part"
+  mv -f -- "$part" "$tarball"
   sidecar "$tarball"
   upload "$tarball" "$tarball.sha256"
 

@@ -111,6 +111,7 @@ setup_backup_root
 ARCHIVE_PATH="$BACKUP_ROOT/$ARCHIVE_DIR"
 
 take_lock
+remove_partials "$ARCHIVE_PATH"
 
 # --- archive --------------------------------------------------------------------------
 

@@ -75,12 +75,19 @@ class Metrics:
 
     def init_namespace(self, namespace: str) -> None:
         """Create every per-namespace backup series at 0, so the first failure after a start
-        is visible to ``increase()`` in alert rules (a series that appears at 1 is not)."""
+        is visible to ``increase()`` in alert rules (a series that appears at 1 is not), and
+        the document's ``grep`` of /metrics finds each one before the first backup.
+
+        ``last_timestamp_seconds`` and ``last_bytes`` at 0 mean "no success since start";
+        the alert rules ignore 0 (``> 0``) for both."""
         for kind in ("wal", "btree"):
             self.backup_success.labels(namespace, kind)
             self.backup_failure.labels(namespace, kind)
             self.backup_bytes.labels(namespace, kind)
             self.backup_consecutive_failures.labels(namespace, kind).set(0)
+            self.backup_last_timestamp.labels(namespace, kind).set(0)
+            self.backup_last_bytes.labels(namespace, kind).set(0)
+            self.backup_duration.labels(namespace, kind)
         self.backup_wal_gap.labels(namespace)
 
     def record_backup(self, namespace: str, kind: str, ok: bool, nbytes: int,

@@ -20,6 +20,7 @@ from unisondb.config import ServerConfig
 from unisondb.errors import InvalidRequest, from_os_error
 from unisondb.metrics import Metrics
 from unisondb.storage import fsutil, layout
+from unisondb.storage.btree import read_namespace_label
 from unisondb.storage.engine import Engine
 
 log = structlog.get_logger(__name__)
@@ -52,7 +53,9 @@ def _refuse_misplaced_snapshot(cfg: ServerConfig) -> None:
     """
     for misplaced in (cfg.data_dir / "db" / "data.mdb", cfg.data_dir / "data.mdb"):
         if misplaced.exists():
-            ns = cfg.namespaces[0] if cfg.namespaces else "<namespace>"
+            # The file names its own namespace (meta key ``namespace``): moving a snapshot
+            # of 'users' into default/ would only be refused there on the next start.
+            ns = read_namespace_label(misplaced) or "<namespace>"
             raise InvalidRequest(
                 f"found {misplaced}, which belongs to no namespace: a B-tree snapshot must be "
                 f"copied to <data-dir>/<namespace>/db/data.mdb",

@@ -157,3 +157,32 @@ def test_wal_gap_is_a_clear_error(server_factory: Callable[..., Server],
         assert wal_backup(c, {"afterSegmentId": now_oldest - 1, "backupDir": "wal/g"}).status_code \
             == 200
         assert wal_backup(c, {"afterSegmentId": 0, "backupDir": "wal/g"}).status_code == 200
+
+
+def _documented_backup_metrics() -> dict[str, tuple[str, bool]]:
+    """{name: (type, has kind label)} from the table under "### Metrics" in OPERATIONS.md."""
+    doc = (Path(__file__).resolve().parents[2] / "docs" / "OPERATIONS.md").read_text()
+    section = doc.split("### Metrics", 1)[1].split("\n### ", 1)[0]
+    rows = re.findall(r"^\| `(unisondb_[a-z_]+)` \| (\w+)( \(`namespace`\))? \|", section, re.M)
+    return {name: (kind, not ns_only) for name, kind, ns_only in rows}
+
+
+def test_every_documented_series_exists_at_0_on_a_fresh_server(
+        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    documented = _documented_backup_metrics()
+    assert len(documented) >= 11 and "unisondb_backup_last_bytes" in documented
+    srv = server_factory(tmp_path / "data", "default", "users")
+    with srv.client() as c:
+        s = metric_samples(c)
+    missing = []
+    for name, (kind, per_kind) in sorted(documented.items()):
+        sample_name = f"{name}_count" if kind == "histogram" else name
+        for ns in ("default", "users"):
+            for labels in ([{"namespace": ns, "kind": k} for k in ("wal", "btree")]
+                           if per_kind else [{"namespace": ns}]):
+                key = (sample_name, tuple(sorted(labels.items())))
+                if key not in s:
+                    missing.append(f"{sample_name}{labels}")
+                elif name.startswith("unisondb_backup_"):
+                    assert s[key] == 0, (key, s[key])
+    assert not missing, missing

@@ -15,6 +15,7 @@ import shutil
 import stat
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -151,6 +152,68 @@ def test_script_through_symlink_finds_common_file(script: Path, tmp_path: Path) 
     prog = script.name.removesuffix(".sh")
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stderr == f"{prog}: ERROR: NAMESPACE 'bad!' is not a valid namespace name\n"
+
+
+# Runs the real tool, then does exactly what a server start does to the backup root at that
+# moment (unisondb.storage.fsutil.clean_tmp_files, the server's own code). A fake only for
+# the timing: a real restart cannot be made to land inside one `tar` call reliably.
+SERVER_START_SHIM = """#!/usr/bin/env bash
+real=$(PATH=$SHIM_REAL_PATH command -v "${0##*/}")
+"$real" "$@"
+rc=$?
+"$SHIM_PYTHON" -c 'import sys; from pathlib import Path
+from unisondb.storage.fsutil import clean_tmp_files
+for p in clean_tmp_files(Path(sys.argv[1])): print(p, file=open(sys.argv[2], "a"))' \
+  "$SHIM_ROOT" "$SHIM_LOG"
+exit $rc
+"""
+
+
+@pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
+def test_script_files_in_flight_survive_a_server_start(
+        script: Path, tmp_path: Path, server_factory: Any) -> None:
+    """The scripts' own half-written files (the WAL tarball, every sidecar) must not end
+    in .tmp: the server deletes *.tmp under the backup root when it starts, so a restart
+    during a run (systemd, a crash) pulled them from under the job and failed it."""
+    import sys
+
+    import httpx
+
+    data = tmp_path / "data"
+    srv = server_factory(data, "users")
+    with httpx.Client(base_url=srv.url, timeout=30) as c:
+        for i in range(20):
+            r = c.put(f"/api/v1/users/kv/k{i}", json={"value": "dg=="})
+            assert r.status_code == 200, r.text
+    root = data / "backups" / "users"
+    shims = tmp_path / "shims"
+    shims.mkdir()
+    for tool in ("tar", "sha256sum", "gzip", "zstd"):
+        (shims / tool).write_text(SERVER_START_SHIM)
+        (shims / tool).chmod(0o755)
+    # What a run killed mid-write left: removed by the next run of the script that wrote it.
+    left_dir = root / ("snapshots" if script.name == "unison-backup.sh" else "wal/archive")
+    left_dir.mkdir(parents=True, exist_ok=True)
+    (left_dir / ".old.sha256.partial").write_text("cut")
+    log = tmp_path / "removed.log"
+    env = script_env(tmp_path, UNISON_URL=srv.url, DATA_DIR=str(data), FORCE_SNAPSHOT="1",
+                     COMPRESS="gzip", SHIM_REAL_PATH=os.environ["PATH"],
+                     SHIM_PYTHON=sys.executable, SHIM_ROOT=str(root), SHIM_LOG=str(log))
+    env["PATH"] = f"{shims}:{os.environ['PATH']}"
+    res = run(script, env=env)
+    removed = log.read_text() if log.exists() else ""
+    assert res.returncode == 0, res.stdout + res.stderr + "\nremoved: " + removed
+    assert removed == "", f"a server start would have deleted: {removed}"
+    sidecars = sorted(root.rglob("*.sha256"))
+    assert sidecars, sorted(root.rglob("*"))
+    for side in sidecars:  # every sidecar is whole and matches its file
+        if not side.with_suffix("").exists():
+            continue  # kept for the raw file, checked again after decompression
+        chk = run("sha256sum", "--strict", "-c", side.name, cwd=side.parent)
+        assert chk.returncode == 0, chk.stdout + chk.stderr
+    leftovers = [p for p in root.rglob("*") if p.name.startswith(".") or
+                 p.name.endswith((".tmp", ".partial"))]
+    assert leftovers == []
 
 
 # --- systemd units ---------------------------------------------------------------------

@@ -342,8 +342,9 @@ BAD_FLAGS = [
     (["--namespace", "bad/name"], r"error: invalid namespace name 'bad/name'"),
     (["--namespace", "backups"], r"error: invalid namespace name 'backups'.*must not be 'backups'"),
     (["--namespace", "-x"], r"error: invalid namespace name '-x'"),
-    (["--log-format", "xml"], r"Invalid value for '--log-format'"),
-    (["--no-such-flag"], r"No such option.*--no-such-flag"),
+    (["--log-format", "xml"], r"^error: invalid value for '--log-format'.*"
+                              r"\(hint: see 'unisondb --help'\)\n$"),
+    (["--no-such-flag"], r"^error: no such option '--no-such-flag'.*\(hint: see 'unisondb --help'\)\n$"),
     (["--config", "missing.toml"], r"error: cannot read config file missing.toml"),
 ]
 
@@ -415,7 +416,7 @@ def test_invalid_config_is_refused_with_a_clear_error(
 
 @pytest.mark.parametrize(("args", "config", "pattern"), [
     (["--wal-segment-size", "lots"], None, r"^error: invalid size 'lots'"),
-    (["--log-format", "xml"], None, r"Invalid value for '--log-format'"),
+    (["--log-format", "xml"], None, r"^error: invalid value for '--log-format'.*\(hint: .*\)\n$"),
     ([], "namespaces = [", r"^error: invalid TOML in unisondb.toml"),
     ([], 'namespaces = "users"', r"^error: invalid config in .*: namespaces must be a list"),
 ])
@@ -453,3 +454,50 @@ def test_port_in_use_exits_nonzero_and_releases_the_namespace(tmp_path: Path,
     # It closed its engines: the namespace is not left locked.
     srv = start(procs, tmp_path / "data", "default")
     assert httpx.get(srv.url + "/health").status_code == 200
+
+
+def _labelled_snapshot(tmp_path: Path, ns: str) -> bytes:
+    """The bytes of a real snapshot of namespace ``ns`` (an in-process engine writes it)."""
+    from unisondb.storage.engine import Engine
+    from unisondb.storage.record import Entry, EntryKind
+
+    eng = Engine.open(tmp_path / "src", ns)
+    try:
+        eng.write([Entry(EntryKind.PUT, b"k", b"v")])
+        with open(tmp_path / "snap.db", "wb") as f:
+            eng.btree.snapshot_to(f)
+    finally:
+        eng.close()
+    return (tmp_path / "snap.db").read_bytes()
+
+
+@pytest.mark.parametrize("where", ["db/data.mdb", "data.mdb"])
+def test_misplaced_snapshot_hint_names_the_namespace_of_the_file(tmp_path: Path,
+                                                                 where: str) -> None:
+    # A snapshot of 'users' at <data-dir>/db/data.mdb (the document's drill): the server
+    # serves 'default' by default, but the hint must say where *this* file belongs.
+    data = tmp_path / "data"
+    misplaced = data / where
+    misplaced.parent.mkdir(parents=True)
+    misplaced.write_bytes(_labelled_snapshot(tmp_path, "users"))
+    before = sorted(p.name for p in misplaced.parent.iterdir())
+    res = cli("--data-dir", str(data), "--http-addr", f"127.0.0.1:{free_port()}")
+    assert_clean_failure(res.returncode, res.stderr, r"belongs to no namespace")
+    assert f"move it to {data / 'users' / 'db' / 'data.mdb'}" in res.stderr, res.stderr
+    assert "default" not in res.stderr
+    assert sorted(p.name for p in misplaced.parent.iterdir()) == before  # read-only: no lock.mdb
+
+
+@pytest.mark.parametrize("cut", [0, 4096, 8192, -1])
+def test_misplaced_cut_snapshot_gets_the_generic_hint_not_a_signal(tmp_path: Path,
+                                                                   cut: int) -> None:
+    # A partial copy: the label cannot be read safely (liblmdb would die of SIGBUS on the
+    # missing pages), so the hint falls back to <namespace>; the exit is an error, not a signal.
+    data = tmp_path / "data"
+    (data / "db").mkdir(parents=True)
+    raw = _labelled_snapshot(tmp_path, "users")
+    (data / "db" / "data.mdb").write_bytes(raw[:cut] if cut >= 0 else raw[:len(raw) // 2])
+    res = cli("--data-dir", str(data), "--http-addr", f"127.0.0.1:{free_port()}")
+    assert res.returncode > 0, res
+    assert_clean_failure(res.returncode, res.stderr, r"belongs to no namespace")
+    assert f"move it to {data / '<namespace>' / 'db' / 'data.mdb'}" in res.stderr, res.stderr

@@ -75,12 +75,26 @@ def main(argv: list[str] | None = None) -> int:
     except click.exceptions.Exit as exc:
         return int(exc.exit_code or 0)
     except click.ClickException as exc:
-        exc.show()
+        click.echo(usage_error_line(exc), err=True)
         return exc.exit_code
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         return 130
     return 0
+
+
+def usage_error_line(exc: click.ClickException) -> str:
+    """Click's errors in the one documented form, ``error: <what> (hint: <what to do>)``.
+
+    Click itself prints three lines (usage, "Try --help", "Error: ..."); scripts that grep
+    stderr or log it line by line expect one, like every other UnisonDB error.
+    """
+    text = " ".join(exc.format_message().split()).rstrip(".")
+    text = text[:1].lower() + text[1:]
+    if isinstance(exc, click.UsageError):
+        command = exc.ctx.command_path if exc.ctx is not None else "unisondb"
+        return f"error: {text} (hint: see '{command} --help')"
+    return f"error: {text}"
 
 
 # Offline tools (restore, backup inspection, WAL inspection): see docs/RESTORE.md.

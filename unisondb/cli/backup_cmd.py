@@ -14,6 +14,7 @@ from typing import Any
 
 import click
 
+from unisondb.cli.paths import LocalPath
 from unisondb.cli.restore import emit_json
 from unisondb.errors import UnisonDBError
 from unisondb.restore import restore
@@ -27,7 +28,7 @@ from unisondb.restore.inventory import (
     sidecar_path,
 )
 from unisondb.restore.progress import for_terminal
-from unisondb.restore.timefmt import format_bytes, format_ns
+from unisondb.restore.timefmt import format_bytes, format_lsn_range, format_ns
 from unisondb.restore.timeline import by_history, coverage_holes, lineages, path_to, select_chain
 from unisondb.restore.verify import VerifyReport, verify_backup_set
 from unisondb.storage.btree import BTree
@@ -40,9 +41,9 @@ def backup_group() -> None:
 
 
 @backup_group.command("verify")
-@click.option("--snapshot", type=click.Path(path_type=Path, dir_okay=False), default=None,
+@click.option("--snapshot", type=LocalPath(path_type=Path, dir_okay=False), default=None,
               metavar="FILE", help="B-tree snapshot to check.")
-@click.option("--wal", "wal_dirs", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--wal", "wal_dirs", type=LocalPath(path_type=Path, file_okay=False),
               multiple=True, metavar="DIR", help="WAL backup directory (recursive). Repeatable.")
 @click.option("--namespace", "-n", default=None, metavar="NS",
               help="Check that every segment belongs to NS.")
@@ -165,7 +166,7 @@ def render_verify(rep: VerifyReport) -> str:
 
 
 @backup_group.command("list")
-@click.option("--backup-dir", type=click.Path(path_type=Path, file_okay=False, exists=True),
+@click.option("--backup-dir", type=LocalPath(path_type=Path, file_okay=False, exists=True),
               required=True, metavar="DIR",
               help="A backup root, e.g. <data-dir>/backups/<ns> (searched recursively).")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
@@ -188,7 +189,9 @@ def list_backups(backup_dir: Path) -> dict[str, Any]:
     problems: list[str] = []
     inv = collect_wal([backup_dir])
     for path in sorted(p for p in backup_dir.rglob("*") if p.is_file()):
-        if path.name.endswith((".sha256", ".tmp", ".wal")) or path.name in ("lock.mdb",):
+        # Hidden files are work in progress (contrib's scripts write .<name>.partial).
+        if path.name.endswith((".sha256", ".tmp", ".wal")) or path.name in ("lock.mdb",) \
+                or path.name.startswith("."):
             continue
         if looks_like_lmdb(path):
             entry: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size,
@@ -227,6 +230,11 @@ def list_backups(backup_dir: Path) -> dict[str, Any]:
                                "format": comp[0]})
     snapshots.sort(key=lambda s: (s.get("timeline", 0), s.get("lsn", 0)))
     histories = _histories(inv, snapshots)
+    # Segments without records have no LSNs: listed on their own, so they neither widen a
+    # history's LSN range nor show up as a backwards range like 402..401.
+    empty = [{"segmentId": s.segment_id, "path": str(s.path), "timeline": s.timeline,
+              "history": s.history.hex(), "firstLsn": s.first_lsn, "sealed": s.sealed}
+             for s in inv.segments if s.count == 0]
     for snap_entry in snapshots:
         snap_entry.pop("_checkpoint", None)
     for seg in inv.segments:
@@ -238,7 +246,8 @@ def list_backups(backup_dir: Path) -> dict[str, Any]:
         "backupDir": str(backup_dir), "snapshots": snapshots, "compressed": compressed,
         "wal": {"segments": len(inv.segments),
                 "duplicates": sum(len(v) - 1 for v in inv.copies.values()),
-                "histories": histories},
+                "histories": histories,
+                "empty": empty},
         "problems": problems,
     }
 
@@ -313,7 +322,7 @@ def render_list(payload: dict[str, Any]) -> str:
         lines.append(f"  {c['path']}  {format_bytes(c['bytes'])}  {c['format']}-compressed "
                      "(decompress to inspect)")
     lines += ["", "Histories (what you can restore to):"]
-    if not payload["wal"]["histories"]:
+    if not payload["wal"]["histories"] and not payload["wal"]["empty"]:
         lines.append("  (none)")
     for t in payload["wal"]["histories"]:
         origin = (f"forked from {t['parent'][:12]} after LSN {t['forkLsn']}" if t["parent"]
@@ -337,6 +346,9 @@ def render_list(payload: dict[str, Any]) -> str:
                              f"{anchor['fromLsn']}): LSN {anchor['fromLsn']}..{anchor['toLsn']}")
         for h in t["holes"]:
             lines.append(f"      hole: missing {h['text']}")
+    for e in payload["wal"]["empty"]:
+        lines.append(f"  {Path(e['path']).name}  timeline {e['timeline']}: LSN "
+                     f"{format_lsn_range(e['firstLsn'], e['firstLsn'] - 1)}, no records")
     for p in payload["problems"]:
         lines.append(f"PROBLEM {p}")
     return "\n".join(lines)

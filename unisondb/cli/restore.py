@@ -12,10 +12,11 @@ from typing import Any
 
 import click
 
+from unisondb.cli.paths import LocalPath, data_dir_option
 from unisondb.restore import RestoreOutcome, restore
 from unisondb.restore.apply import RestoreSummary
 from unisondb.restore.progress import for_terminal
-from unisondb.restore.timefmt import format_bytes, format_ns
+from unisondb.restore.timefmt import format_bytes, format_lsn_range, format_ns
 from unisondb.restore.verify import VerifiedPlan
 
 
@@ -23,24 +24,16 @@ def emit_json(payload: Any) -> None:
     click.echo(json.dumps(payload, indent=2, sort_keys=False))
 
 
-def data_dir_option(ctx: click.Context, value: Path | None) -> Path:
-    """``--data-dir`` of the subcommand, else the one given to ``unisondb`` itself."""
-    if value is not None:
-        return value
-    parent = ctx.parent.params.get("data_dir") if ctx.parent is not None else None
-    if parent is None:
-        raise click.UsageError("missing option '--data-dir'", ctx=ctx)
-    return Path(parent)
-
-
 @click.command("restore")
-@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              help="The server's data directory; the namespace is restored into <DIR>/<NS>.")
+@click.option("--data-dir", type=LocalPath(path_type=Path, file_okay=False), default=None,
+              help="The server's data directory; the namespace is restored into <DIR>/<NS>. "
+                   "Default: the --data-dir given to unisondb itself, else ./data (the "
+                   "server's default).")
 @click.option("--namespace", "-n", required=True, metavar="NS", help="Namespace to restore.")
-@click.option("--snapshot", type=click.Path(path_type=Path, dir_okay=False), required=True,
+@click.option("--snapshot", type=LocalPath(path_type=Path, dir_okay=False), required=True,
               metavar="FILE", help="B-tree snapshot (raw LMDB file from POST .../btree/backup; "
               "decompress .zst first).")
-@click.option("--wal", "wal_dirs", type=click.Path(path_type=Path, file_okay=False),
+@click.option("--wal", "wal_dirs", type=LocalPath(path_type=Path, file_okay=False),
               multiple=True, metavar="DIR",
               help="Directory with WAL backup segments (NNNNNNNNN.wal), searched recursively. "
                    "Repeatable.")
@@ -181,7 +174,7 @@ def render_plan(vp: VerifiedPlan, *, dry_run: bool) -> str:
              f"{snap['fingerprint'][:16]}"]
     if wal["replay"]:
         first, last = wal["replay"][0], wal["replay"][-1]
-        lines.append(f"  WAL        replay LSN {first['fromLsn']}..{last['toLsn']} from "
+        lines.append(f"  WAL        replay LSN {format_lsn_range(first['fromLsn'], last['toLsn'])} from "
                      f"{len(wal['replay'])} segment(s) (of {wal['segmentsFound']} found in "
                      f"{len(wal['dirs'])} dir(s)), all record CRCs ok")
         steps = wal["replay"]
@@ -191,7 +184,8 @@ def render_plan(vp: VerifiedPlan, *, dry_run: bool) -> str:
                 lines.append(f"               ... {len(steps) - 6} more segment(s) ...")
                 continue
             lines.append(f"               {Path(step['path']).name}  timeline {step['timeline']}  "
-                         f"LSN {step['fromLsn']}..{step['toLsn']}  ({step['records']} records, "
+                         f"LSN {format_lsn_range(step['fromLsn'], step['toLsn'])}  "
+                         f"({step['records']} records, "
                          f"sha256 {_sidecar_word(step['sidecar'])})")
     else:
         lines.append(f"  WAL        nothing to replay ({wal['segmentsFound']} segment(s) found)")

@@ -12,8 +12,10 @@ from typing import Any
 
 import click
 
+from unisondb.cli.paths import LocalPath
 from unisondb.cli.restore import emit_json
 from unisondb.errors import CorruptLog, NotFound, UnisonDBError
+from unisondb.restore.errors import BackupMismatch
 from unisondb.restore.timefmt import format_bytes, format_ns
 from unisondb.storage import record, segment
 
@@ -87,8 +89,23 @@ def describe_segment(path: Path, *, is_last: bool, with_records: bool = False,
     return out
 
 
+def _refuse_foreign(rows: list[dict[str, Any]], namespace: str | None) -> None:
+    """After the listing: ``-n NS`` is a check, so a segment of another namespace fails it
+    (exit 5, the same error restore gives for such a segment)."""
+    foreign = [r["file"] for r in rows if r.get("namespaceMatches") is False]
+    if namespace is None or not foreign:
+        return
+    more = f" (and {len(foreign) - 3} more)" if len(foreign) > 3 else ""
+    raise BackupMismatch(
+        f"WAL segments from another namespace (not {namespace!r}): "
+        f"{', '.join(foreign[:3])}{more}",
+        hint="every segment header records its namespace; check -n, or keep only this "
+        "namespace's segments in the directory",
+    )
+
+
 @wal_group.command("list")
-@click.option("--wal-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+@click.option("--wal-dir", type=LocalPath(path_type=Path, file_okay=False), required=True,
               metavar="DIR", help="A WAL directory (<data-dir>/<ns>/wal or a backup dir).")
 @click.option("--namespace", "-n", default=None, metavar="NS",
               help="Also check each segment's namespace.")
@@ -100,19 +117,22 @@ def list_cmd(wal_dir: Path, namespace: str | None, as_json: bool) -> None:
             for i, (_id, p) in enumerate(files)]
     if as_json:
         emit_json(rows)
+        _refuse_foreign(rows, namespace)
         return
     click.echo(f"{'ID':>9}  {'TL':>3}  {'STATUS':<8}  {'FIRST_LSN':>10}  {'LAST_LSN':>10}  "
                f"{'RECORDS':>8}  {'MIN_TIME':<30}  {'MAX_TIME':<30}  {'SIZE':>10}  CRC")
     for r in rows:
         click.echo(f"{r.get('segmentId', 0):>09}  {r.get('timeline', '-'):>3}  {r['status']:<8}  "
-                   f"{r.get('firstLsn', '-'):>10}  {r.get('lastLsn', '-'):>10}  "
+                   f"{r.get('firstLsn', '-'):>10}  {_last_lsn_cell(r):>10}  "
                    f"{r.get('records', '-'):>8}  {r.get('minTime') or '-':<30}  "
                    f"{r.get('maxTime') or '-':<30}  {format_bytes(r.get('bytes', 0)):>10}  "
-                   f"{r['crc']}" + (f" ({r['error']})" if r.get("error") else ""))
+                   f"{r['crc']}" + (f" ({r['error']})" if r.get("error") else "")
+                   + ("  OTHER NAMESPACE" if r.get("namespaceMatches") is False else ""))
+    _refuse_foreign(rows, namespace)
 
 
 @wal_group.command("inspect")
-@click.option("--wal-dir", type=click.Path(path_type=Path, file_okay=False), required=True,
+@click.option("--wal-dir", type=LocalPath(path_type=Path, file_okay=False), required=True,
               metavar="DIR", help="A WAL directory.")
 @click.option("--segment-id", "-s", type=int, default=None, metavar="N",
               help="Only this segment (default: all).")
@@ -131,6 +151,7 @@ def inspect_cmd(wal_dir: Path, segment_id: int | None, with_records: bool,
                              namespace=namespace) for i, p in chosen]
     if as_json:
         emit_json(rows[0] if segment_id is not None else rows)
+        _refuse_foreign(rows, namespace)
         return
     for r in rows:
         click.echo(f"segment {r['file']}  ({r['path']})")
@@ -138,13 +159,30 @@ def inspect_cmd(wal_dir: Path, segment_id: int | None, with_records: bool,
                     "records", "minTime", "maxTime", "created", "nsCrc", "namespaceMatches",
                     "bytes", "dataEnd", "lastRecordOffset"):
             if key in r and r[key] is not None:
-                click.echo(f"  {key:<17} {r[key]}")
+                click.echo(f"  {key:<17} {_text_value(r, key, namespace)}")
         if "footer" in r:
             f = r["footer"]
-            click.echo(f"  {'footer':<17} last LSN {f['lastLsn']}, {f['records']} records, "
-                       f"{f['minTime']} .. {f['maxTime']}")
+            click.echo(f"  {'footer':<17} " + (
+                "no records (empty segment)" if not f["records"] else
+                f"last LSN {f['lastLsn']}, {f['records']} records, {f['minTime']} .. "
+                f"{f['maxTime']}"))
         for rec in r.get("recordList", []):
             click.echo(f"    LSN {rec['lsn']:>10}  {rec['time']}  offset {rec['offset']:>9}  "
                        f"{rec['bytes']:>7} B  {rec['puts']} put / {rec['deletes']} delete  "
                        f"{rec['firstKey']}")
         click.echo("")
+    _refuse_foreign(rows, namespace)
+
+
+def _last_lsn_cell(row: dict[str, Any]) -> object:
+    # An empty segment stores last = first - 1; "402  401" reads as a backwards range.
+    return "(empty)" if row.get("records") == 0 else row.get("lastLsn", "-")
+
+
+def _text_value(row: dict[str, Any], key: str, namespace: str | None) -> object:
+    if key == "namespaceMatches":
+        return f"yes ({namespace})" if row[key] else f"NO: written by another namespace, " \
+            f"not {namespace!r}"
+    if key == "lastLsn":
+        return _last_lsn_cell(row)
+    return row[key]

@@ -287,9 +287,25 @@ def _other_histories(segments: list[SegmentMeta], chain: Chain) -> str:
               and s.first_lsn <= nxt <= s.last_lsn and s.history != chain.end_history]
     if not others:
         return ""
-    names = ", ".join(f"{s.name} (history {hist.short(s.history)})" for s in others[:3])
-    return (f"; LSN {nxt} exists only in {names}, another history (it does not continue "
-            "this snapshot's state, or was not chosen)")
+    names = ", ".join(f"{s.name} (timeline {s.timeline}, history {hist.short(s.history)})"
+                      for s in others[:3])
+    whys = dict.fromkeys(_why_other(s, chain) for s in others[:3])
+    return f"; LSN {nxt} exists only in {names}, {'; '.join(whys)}"
+
+
+def _why_other(seg: SegmentMeta, chain: Chain) -> str:
+    """Where that history left the chain's, from the lineage in the headers, not a guess."""
+    switch = next((sw for sw in chain.switches if sw.from_history == seg.history), None)
+    if switch is not None:
+        return (f"an older history: timeline {switch.to_timeline} replaced timeline "
+                f"{seg.timeline} from LSN {switch.at_lsn} on")
+    lin = seg.lineage
+    snap_lsn = chain.start_lsn - 1
+    if lin.parent == NO_HISTORY:
+        return "another history with no common origin (another server or installation)"
+    where = "before the snapshot's position" if lin.fork_lsn < snap_lsn else \
+        f"after the snapshot's LSN {snap_lsn}, not the one chosen (--history picks it)"
+    return f"another history that branched off after LSN {lin.fork_lsn}, {where}"
 
 
 def _resolve_end(target: Target, snapshot: SnapshotInfo, chain: Chain,

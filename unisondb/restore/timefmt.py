@@ -1,4 +1,5 @@
-"""RFC 3339 timestamps with nanosecond precision (record times are integer nanoseconds)."""
+"""Formatting and parsing for the offline tools: RFC 3339 timestamps with nanosecond
+precision (record times are integer nanoseconds), byte sizes and LSN ranges."""
 
 from __future__ import annotations
 
@@ -53,3 +54,9 @@ def format_bytes(n: int) -> str:
             return f"{n} B" if unit == "B" else f"{value:.1f} {unit}"
         value /= 1024
     return f"{n} B"  # pragma: no cover
+
+
+def format_lsn_range(first: int, last: int) -> str:
+    """``first..last``; an empty range (a segment with no records stores ``last = first - 1``)
+    as ``first.. (empty)``, never as the backwards ``402..401``."""
+    return f"{first}.. (empty)" if last < first else f"{first}..{last}"

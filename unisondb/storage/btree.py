@@ -33,6 +33,7 @@ replayed on the next start. We never use ``sync=False`` (a crash could then corr
 
 from __future__ import annotations
 
+import os
 import struct
 import threading
 from collections.abc import Callable, Iterator
@@ -302,6 +303,60 @@ class BTree:
 
     def close(self) -> None:
         self.env.close()
+
+
+# LMDB meta page (64-bit build), as far as read_namespace_label needs it: a 16-byte page
+# header, then MDB_meta: magic u32 @16, version u32 @20, address u64, mapsize u64, two
+# 48-byte MDB_db (the free DB's first u32 is the page size, @40), last_pg u64 @136,
+# txnid u64 @144. Meta 0 is at offset 0, meta 1 one page later.
+_LMDB_MAGIC = 0xBEEFC0DE
+_META_END = 152
+
+
+def _meta_fields(raw: bytes) -> tuple[int, int, int] | None:
+    """(page size, last page number, txnid) of one meta page, None if it is not one."""
+    if len(raw) < _META_END or struct.unpack_from("<I", raw, 16)[0] != _LMDB_MAGIC:
+        return None
+    psize = struct.unpack_from("<I", raw, 40)[0]
+    last_pg, txnid = struct.unpack_from("<QQ", raw, 136)
+    return psize, last_pg, txnid
+
+
+def read_namespace_label(path: Path) -> str | None:
+    """The namespace a ``data.mdb`` file is labelled with (meta key ``namespace``).
+
+    Read-only and best effort, for messages about a file found in the wrong place: None
+    when the file has no label or cannot be read safely. Nothing is written next to the
+    file (``readonly``, ``lock=False``). Before liblmdb maps it, both meta pages must be
+    intact and the file as long as they claim: liblmdb would die of SIGBUS on pages
+    past the end of a cut file, and it refuses page numbers beyond ``last_pg`` itself.
+    """
+    try:
+        with open(path, "rb") as f:
+            size = os.fstat(f.fileno()).st_size
+            m0 = _meta_fields(f.read(_META_END))
+            if m0 is None or m0[0] not in (1 << n for n in range(9, 17)):
+                return None
+            f.seek(m0[0])
+            m1 = _meta_fields(f.read(_META_END))
+    except OSError:
+        return None
+    if m1 is None or m1[0] != m0[0] or size < (max(m0[1], m1[1]) + 1) * m0[0]:
+        return None
+    try:
+        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_dbs=4,
+                        map_size=max(size, 1 << 20))
+    except lmdb.Error:
+        return None
+    try:
+        meta = env.open_db(b"meta", create=False)
+        with env.begin(db=meta) as txn:
+            raw = txn.get(NAMESPACE_KEY)
+    except lmdb.Error:
+        return None
+    finally:
+        env.close()
+    return None if raw is None else bytes(raw).decode("utf-8", errors="replace")
 
 
 def _round_up(n: int, step: int) -> int:

@@ -143,3 +143,23 @@ def test_no_target_warns_when_the_rest_is_another_history() -> None:
     p = plan(snap(120), inv(seg(1, 1, 1, 100), seg(3, 2, 81, 300)))
     assert p.end_lsn == 120
     assert any("another history" in w for w in p.warnings)
+
+
+def test_the_other_history_warning_says_where_it_branched() -> None:
+    # Timeline 2 branched off timeline 1 after LSN 150, well after the snapshot (LSN 50).
+    # The chain follows timeline 2 to LSN 180; LSN 181 exists only in timeline 1's segment
+    # 2, the history timeline 2 replaced: not one "that branched off before the snapshot".
+    p = plan(snap(50), inv(seg(1, 1, 1, 100), seg(2, 1, 101, 200), seg(3, 2, 151, 180)))
+    assert p.end_lsn == 180
+    [w] = [w for w in p.warnings if "another history" in w or "older history" in w]
+    assert "before the snapshot" not in w
+    assert "000000002.wal (timeline 1" in w and "LSN 151" in w
+    # ...and the one that did branch before the snapshot is still described as such.
+    p = plan(snap(120), inv(seg(1, 1, 1, 100), seg(3, 2, 81, 300)))
+    [w] = [w for w in p.warnings if "another history" in w]
+    assert "after LSN 80" in w and "before the snapshot" in w
+    # A history not chosen (--history) that branched after the snapshot says so.
+    p = plan(snap(50), inv(seg(1, 1, 1, 100), seg(2, 1, 101, 150), seg(3, 2, 151, 300)),
+             history_choice=hid(1).hex())
+    [w] = [w for w in p.warnings if "another history that" in w]
+    assert "before the snapshot" not in w and "--history" in w and "after LSN 150" in w
