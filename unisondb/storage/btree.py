@@ -44,6 +44,7 @@ from typing import Any, BinaryIO
 import lmdb
 
 from unisondb.errors import CorruptLog, StorageError, from_os_error
+from unisondb.storage import snapfile
 from unisondb.storage.fingerprint import EMPTY_STATE, Fingerprint, state_digest
 from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.record import EntryKind, Record
@@ -150,6 +151,8 @@ class BTree:
 
     def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.path = path
+        # A snapshot copied in by hand (cp snapshot <ns>/db/data.mdb): verify, strip trailer.
+        snapfile.install_check(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
             data_file = path / "data.mdb"

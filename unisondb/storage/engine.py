@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from unisondb.backup.repair import complete_interrupted
 from unisondb.config import EngineConfig
 from unisondb.errors import (
     InvalidRequest,
@@ -125,6 +126,7 @@ class Engine:
     def _recover(self) -> None:
         removed = fsutil.clean_tmp_files(layout.backup_root(self.data_dir, self.namespace))
         removed += fsutil.clean_tmp_files(layout.wal_dir(self.data_dir, self.namespace))
+        complete_interrupted(layout.backup_root(self.data_dir, self.namespace))
         if removed:
             log.warning("startup.removed_tmp_files", namespace=self.namespace,
                         files=[str(p) for p in removed])
