@@ -152,7 +152,7 @@ class BTree:
     def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE) -> None:
         self.path = path
         # A snapshot copied in by hand (cp snapshot <ns>/db/data.mdb): verify, strip trailer.
-        snapfile.install_check(path)
+        self.installed = snapfile.install_check(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
             data_file = path / "data.mdb"

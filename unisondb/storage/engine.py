@@ -132,6 +132,9 @@ class Engine:
                         files=[str(p) for p in removed])
         self.btree = BTree(layout.btree_dir(self.data_dir, self.namespace),
                            map_size=self.config.map_size)
+        if (inst := self.btree.installed) is not None:  # a snapshot copied in by hand
+            log.info("startup.snapshot_installed", path=str(inst.path),
+                     bytes=inst.trailer.data_len, verify_seconds=round(inst.verify_seconds, 3))
         self.wal = None  # type: ignore[assignment]
         try:
             self._claim_btree()

@@ -54,14 +54,11 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import crc32c
-import structlog
 
 from unisondb.errors import CorruptSnapshot, from_os_error
 
 if TYPE_CHECKING:
     from unisondb.storage.btree import Checkpoint
-
-log = structlog.get_logger(__name__)
 
 MAGIC = b"UDBSNAP\x01"
 VERSION = 1
@@ -253,7 +250,16 @@ def strip(path: Path) -> None:
         os.close(fd)
 
 
-def install_check(db_dir: Path) -> SnapshotTrailer | None:
+@dataclass(frozen=True, slots=True)
+class Installed:
+    """A snapshot ``install_check`` verified and turned into a live data.mdb."""
+
+    path: Path
+    trailer: SnapshotTrailer
+    verify_seconds: float
+
+
+def install_check(db_dir: Path) -> Installed | None:
     """Before LMDB opens ``db_dir/data.mdb``: verify and strip a snapshot copied in by hand.
 
     A live data.mdb never has a trailer, so a normal start costs one 4 KiB read. A
@@ -274,9 +280,8 @@ def install_check(db_dir: Path) -> SnapshotTrailer | None:
     started = time.perf_counter()
     verify(data, hint=hint)
     strip(data)
-    log.info("startup.snapshot_installed", path=str(data), namespace=trailer.namespace,
-             bytes=trailer.data_len, verify_seconds=round(time.perf_counter() - started, 3))
-    return trailer
+    # Not logged here: offline tools (restore) open staged B-trees with stdout as output.
+    return Installed(data, trailer, time.perf_counter() - started)
 
 
 def _open(path: Path) -> int:
