@@ -195,12 +195,12 @@ def _read_checked(src: int, info: SegmentInfo) -> tuple[bytes, str]:
     try:
         scanned = segment.scan(info.path, data)
     except CorruptLog as exc:
+        # The HTTP edge shows only the message, so what to do is part of it.
         raise CorruptLog(
-            f"refusing to back up damaged WAL segment {info.segment_id}: {exc.message}",
-            hint="the sealed segment on the server's disk no longer reads back as written. "
-            "Keep any earlier archived copy of it (its .sha256 still checks it); segments "
-            "before this one were backed up. Check the disk, and take a new B-tree snapshot "
-            "so the archive does not need this segment",
+            f"refusing to back up damaged WAL segment {info.segment_id}: {exc.message}; the "
+            "segments before it were backed up. Keep any earlier archived copy of this "
+            "segment (its .sha256 still checks it), check the disk, and take a new B-tree "
+            "snapshot so the archive does not need this segment",
         ) from None
     if not scanned.sealed:
         raise CorruptLog(
