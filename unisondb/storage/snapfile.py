@@ -29,13 +29,23 @@ Trailer (4096 bytes, little-endian)::
     644     3448  reserved        zero
     4092    4     crc             CRC32C of bytes [0, 4092)
 
-Which files have a trailer: ``read_trailer`` looks at the last 4096 bytes. Exactly the
-magic → it is a trailer and must be intact (bad CRC, unknown version or a ``data_len``
-that is not ``size - 4096`` is ``CorruptSnapshot``). Within two bytes of the magic → a
-trailer whose magic was damaged, also ``CorruptSnapshot``: an LMDB page starts with its
-page number, which is never that close to ``"UDBSNAP"``. Anything else → no trailer
-(``None``): a plain LMDB file such as a live ``data.mdb`` copied by hand, which only a
-sidecar can check.
+Which files have a trailer: ``read_trailer`` looks at the last 4096 bytes.
+
+* Exactly the magic and a valid CRC → a trailer (an unknown version, or a ``data_len``
+  that is not ``size - 4096``, is then ``CorruptSnapshot``). Random bytes pass both
+  checks with probability 2^-96, so any change to the data is then caught by the sha256.
+* The magic within two bytes, or the exact magic with a bad CRC → a damaged trailer
+  (``CorruptSnapshot``) — but only if those 4096 bytes lie past the last page the LMDB
+  meta page claims. Inside LMDB's pages they are a page of the database itself (the last
+  page of a live ``data.mdb`` can be raw bytes of a user's large value), so user data can
+  never make a live file look like a damaged snapshot and stop the server from starting.
+* Anything else → no trailer (``None``): a plain LMDB file such as a live ``data.mdb``
+  copied by hand, which only a sidecar can check.
+
+So every single changed byte of a snapshot is found: in the data by the sha256 (the
+trailer still reads), in the trailer by its CRC (the trailer lies past LMDB's pages).
+Residual: a client that deliberately stores a value forging a CRC-valid trailer at the
+exact end of the live file would make the next start refuse it; random data cannot.
 
 When a snapshot becomes a live ``data.mdb`` (the manual restore procedure), the server
 verifies it once at start and then ``strip``s the trailer (truncate to ``data_len``,
@@ -119,15 +129,21 @@ def encode_trailer(data_len: int, data_sha256: bytes, namespace: str, checkpoint
     return bytes(buf)
 
 
-def decode_trailer(raw: bytes, file_size: int, path: Path | str) -> SnapshotTrailer | None:
-    """The trailer in ``raw`` (the file's last 4096 bytes), None if there is none."""
+def decode_trailer(raw: bytes, file_size: int, path: Path | str,
+                   lmdb_end: int | None = None) -> SnapshotTrailer | None:
+    """The trailer in ``raw`` (the file's last 4096 bytes), None if there is none.
+
+    ``lmdb_end``: where the LMDB pages end by the file's meta page (None: unknown).
+    """
     if len(raw) != TRAILER_SIZE:
         return None
-    differing = sum(a != b for a, b in zip(raw[:8], MAGIC, strict=True))
+    differing = _magic_distance(raw)
     if differing > _NEAR_MAGIC:
         return None
     (crc,) = struct.unpack_from("<I", raw, _CRC_AT)
     if differing or crc32c.crc32c(raw[:_CRC_AT]) != crc:
+        if lmdb_end is not None and lmdb_end > file_size - TRAILER_SIZE:
+            return None  # a page of the database that happens to look like this
         raise _damaged(path, "its trailer (last 4096 bytes) fails its CRC32C")
     _magic, version, flags, data_len, digest, created_ns = _HEAD.unpack_from(raw, 0)
     if version != VERSION or flags != 0:
@@ -157,9 +173,11 @@ def read_trailer_fd(fd: int, path: Path | str) -> SnapshotTrailer | None:
         if size < TRAILER_SIZE:
             return None
         raw = os.pread(fd, TRAILER_SIZE, size - TRAILER_SIZE)
+        # The meta page is read only when the tail looks like a trailer (2 small reads).
+        lmdb_end = _lmdb_end(fd) if _magic_distance(raw) <= _NEAR_MAGIC else None
     except OSError as exc:
         raise from_os_error(exc, path) from exc
-    return decode_trailer(raw, size, path)
+    return decode_trailer(raw, size, path, lmdb_end)
 
 
 def read_trailer(path: Path) -> SnapshotTrailer | None:
@@ -282,6 +300,39 @@ def install_check(db_dir: Path) -> Installed | None:
     strip(data)
     # Not logged here: offline tools (restore) open staged B-trees with stdout as output.
     return Installed(data, trailer, time.perf_counter() - started)
+
+
+#: LMDB meta page fields (page offsets; full layout in storage/lmdbfile.py's docstring).
+_LMDB_MAGIC = 0xBEEFC0DE
+_P_META = 0x08
+
+
+def _magic_distance(raw: bytes) -> int:
+    """How many of the first 8 bytes differ from the magic."""
+    return sum(a != b for a, b in zip(raw[:8].ljust(8, b"\0"), MAGIC, strict=True))
+
+
+def _lmdb_end(fd: int) -> int | None:
+    """End of the LMDB pages, ``(mm_last_pg + 1) * page size``, by the winning meta page.
+
+    Only consulted when the last 4096 bytes look like a damaged trailer. The meta page
+    with the higher txnid wins (meta 0 on a tie), as in LMDB's ``mdb_env_read_header``.
+    None if no meta page is valid.
+    """
+    head = os.pread(fd, 4096, 0)
+    psize = struct.unpack_from("<I", head, 40)[0] if len(head) >= 44 else 0
+    if psize < 512 or psize > 65536 or psize & (psize - 1):
+        psize = 4096  # meta 0's page size field is damaged: LMDB's default
+    best: tuple[int, int] | None = None
+    for page in (head[:psize], os.pread(fd, 152, psize)):
+        if len(page) < 152:
+            continue
+        (flags,) = struct.unpack_from("<H", page, 10)
+        (magic,) = struct.unpack_from("<I", page, 16)
+        last_pg, txnid = struct.unpack_from("<QQ", page, 136)
+        if magic == _LMDB_MAGIC and flags & _P_META and (best is None or txnid > best[1]):
+            best = (last_pg, txnid)
+    return None if best is None else (best[0] + 1) * psize
 
 
 def _open(path: Path) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import random
 import shutil
 from pathlib import Path
@@ -187,3 +188,35 @@ def test_encode_refuses_oversized_fields() -> None:
     with pytest.raises(ValueError):
         snapfile.encode_trailer(0, bytes(32), "n", bytes(513))
     assert len(snapfile.encode_trailer(0, bytes(32), "n" * 64, bytes(512))) == 4096
+
+
+def test_user_value_that_looks_like_a_damaged_trailer_never_blocks_a_live_file(
+        tmp_path: Path) -> None:
+    """The last page of a live data.mdb can be raw bytes of a large value: never a trailer."""
+    db = tmp_path / "db"
+    env = lmdb.open(str(db), map_size=1 << 26, max_dbs=4)
+    kv = env.open_db(b"kv")
+    fake = b"UDBSNAP\x01" + b"\xaa" * 4088  # the magic, but no valid CRC
+    value = bytearray(random.Random(3).randbytes(3 * 4096 - 16))
+    value[4096 - 16:2 * 4096 - 16] = fake  # lands at the start of overflow pages 2 and 3
+    value[2 * 4096 - 16:] = fake[:len(value) - (2 * 4096 - 16)]
+    live = db / "data.mdb"
+    for i in range(20):  # until the allocator puts an overflow page last
+        with env.begin(write=True) as txn:
+            txn.put(b"big-%d" % i, bytes(value), db=kv)
+        with open(live, "rb") as f:
+            f.seek(-4096, os.SEEK_END)
+            if f.read(8) == fake[:8]:
+                break
+    else:
+        pytest.fail("no overflow page ended the file; the test needs another layout")
+    env.close()
+    before = live.read_bytes()
+    assert snapfile.read_trailer(live) is None
+    assert snapfile.install_check(db) is None
+    assert live.read_bytes() == before
+    bt = BTree(db)
+    try:
+        assert bt.get(b"big-0") == bytes(value)
+    finally:
+        bt.close()
