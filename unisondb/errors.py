@@ -16,6 +16,7 @@ Grouped by who has to act::
     ├── StorageError            500  the operator must act on the machine
     │   ├── PermissionDenied    500  EACCES/EPERM on a path
     │   ├── NoSpace             507  ENOSPC/EDQUOT on a path
+    │   ├── CorruptSnapshot     500  a snapshot file fails its self-verifying trailer
     │   └── CorruptLog          500  a WAL segment fails its checksum or structure
     │       ├── LsnGap          500  replay would skip LSNs
     │       └── TimelineConflict 500 segments of another history hold records after the checkpoint
@@ -80,6 +81,10 @@ class PermissionDenied(StorageError):
 
 class NoSpace(StorageError):
     http_status = 507
+
+
+class CorruptSnapshot(StorageError):
+    """A snapshot's bytes no longer match the digest in its own trailer (``snapfile``)."""
 
 
 class CorruptLog(StorageError):

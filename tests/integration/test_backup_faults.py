@@ -214,6 +214,87 @@ def test_enospc_mid_wal_copy_fake(inproc: tuple[InProcess, Engine, Metrics],
     sha256sum_check(dest)
 
 
+def test_enospc_on_the_snapshot_sidecar_fake(inproc: tuple[InProcess, Engine, Metrics],
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             tmp_path: Path) -> None:
+    """Finding 6: only the .sha256 hits ENOSPC. The snapshot is withdrawn; a retry works.
+
+    Fake through ``files.write_all``: the 4096-byte trailer is the last snapshot byte it
+    writes, so a budget of exactly 4096 lets the snapshot be published and fails the
+    sidecar. ``test_enospc_on_the_snapshot_sidecar_real`` does it on a full tmpfs.
+    """
+    client, eng, metrics = inproc
+    for i in range(16):
+        eng.put(b"k%03d" % i, os.urandom(8 << 10))
+    root = backup_root(tmp_path / "data")
+    enospc_after(monkeypatch, 4096)
+    r = client.post(f"/api/v1/{NS}/btree/backup", json={"path": "snaps/s.db"})
+    assert r.status_code == 507, r.text
+    assert r.json() == {"error": f"no space left on device: {root / 'snaps' / 's.db.sha256'}"}
+    assert list((root / "snaps").iterdir()) == []  # no snapshot, no sidecar, no .tmp
+    assert failures(metrics, "btree") == 1
+    monkeypatch.undo()
+    r = client.post(f"/api/v1/{NS}/btree/backup", json={"path": "snaps/s.db"})
+    assert r.status_code == 200, r.text
+    assert r.json()["copied"] is True
+    sha256sum_check(root / "snaps")
+
+
+def test_enospc_on_the_wal_sidecar_withdraws_the_segment_fake(
+        inproc: tuple[InProcess, Engine, Metrics], monkeypatch: pytest.MonkeyPatch,
+        tmp_path: Path) -> None:
+    client, eng, metrics = inproc
+    for i in range(60):
+        eng.put(b"k%03d" % i, os.urandom(64 << 10))
+    eng.rotate()
+    first = eng.wal.sealed_segments()[0]
+    dest = backup_root(tmp_path / "data") / "wal" / "x"
+    enospc_after(monkeypatch, first.size)  # the segment fits, its sidecar does not
+    r = client.post(f"/api/v1/{NS}/wal/backup", json={"backupDir": "wal/x"})
+    assert r.status_code == 507, r.text
+    name = f"{first.segment_id:09d}.wal"
+    assert r.json() == {"error": f"no space left on device: {dest / (name + '.sha256')}"}
+    assert list(dest.iterdir()) == []
+    assert failures(metrics, "wal") == 1
+
+
+def mount_tmpfs(at: Path, size: int, remount: bool = False) -> None:
+    opts = f"remount,size={size}" if remount else f"size={size}"
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(at)],
+                       capture_output=True, text=True)
+    if r.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): "
+                    f"{r.stderr.strip()}; the faked ENOSPC tests still run")
+
+
+def test_enospc_on_the_snapshot_sidecar_real(server_factory: Callable[..., Server],
+                                            tmp_path: Path) -> None:
+    """A tmpfs exactly as big as the snapshot: the snapshot fits, its sidecar does not."""
+    srv = server_factory(tmp_path / "data", NS)
+    root = backup_root(srv.data_dir)
+    full = root / "full"
+    full.mkdir()
+    with srv.client() as c:
+        fill_segments(c, 200_000, "big")
+        probe = btree_backup(c, "probe.db")  # the same state: the same size
+        assert probe.status_code == 200
+        size = probe.json()["bytes"]
+        mount_tmpfs(full, size)
+        try:
+            r = btree_backup(c, "full/s.db")
+            assert r.status_code == 507, r.text
+            assert r.json() == {"error": f"no space left on device: {full / 's.db.sha256'}"}
+            assert list(full.iterdir()) == []
+            r = btree_backup(c, "full/s.db")  # still full: the same answer, nothing left
+            assert r.status_code == 507 and list(full.iterdir()) == []
+            mount_tmpfs(full, size + (64 << 10), remount=True)
+            r = btree_backup(c, "full/s.db")
+            assert r.status_code == 200, r.text
+            sha256sum_check(full)
+        finally:
+            subprocess.run(["umount", str(full)], check=True)
+
+
 # --- no space left on device: REAL (a 1 MiB tmpfs mounted inside the backup root) ---
 
 @pytest.fixture

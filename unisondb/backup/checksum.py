@@ -58,3 +58,22 @@ def ensure_sidecar(tdir: TargetDir, name: str, hexdigest: str) -> bool:
     data = want.encode()
     tdir.publish(side, lambda fd: files.write_all(fd, data))
     return True
+
+
+def complete_publish(tdir: TargetDir, name: str, hexdigest: str) -> None:
+    """Write the sidecar of a file this request just published, or withdraw the file.
+
+    A backup file and its integrity record become visible together: if the sidecar
+    cannot be written (ENOSPC, EACCES, a conflicting old sidecar), ``name`` is removed
+    again before the error propagates, so nothing is left half published and a retry
+    starts from scratch. (A kill -9 between the two is completed at the next start by
+    ``backup.repair``.)
+    """
+    try:
+        ensure_sidecar(tdir, name, hexdigest)
+    except BaseException:
+        try:
+            tdir.unlink(name)
+        except Exception:  # the sidecar error is the one to report
+            pass
+        raise

@@ -44,12 +44,22 @@ def write_all(fd: int, data: bytes | memoryview) -> None:
 
 def hash_fd(fd: int) -> tuple[str, int]:
     """(sha256 hex, size) of the whole file behind ``fd``, read with ``pread``."""
+    h, size = sha256_fd(fd)
+    return h.hexdigest(), size
+
+
+def sha256_fd(fd: int) -> tuple[hashlib._Hash, int]:
+    """(sha256 object, size) after reading the whole file behind ``fd``.
+
+    The object is returned, not its digest, so a caller can ``copy()`` it and go on
+    hashing bytes it appends (the snapshot trailer) without reading the file again.
+    """
     h = hashlib.sha256()
     off = 0
     while True:
         chunk = os.pread(fd, CHUNK, off)
         if not chunk:
-            return h.hexdigest(), off
+            return h, off
         h.update(chunk)
         off += len(chunk)
 
@@ -135,6 +145,16 @@ class TargetDir:
             raise from_os_error(exc, self.path / name) from exc
         finally:
             os.close(fd)
+
+    def unlink(self, name: str) -> None:
+        """Remove ``name`` and make the removal durable (used to withdraw a half publish)."""
+        try:
+            os.unlink(name, dir_fd=self.fd)
+            fsutil.fsync(self.fd)
+        except FileNotFoundError:
+            pass
+        except OSError as exc:
+            raise from_os_error(exc, self.path / name) from exc
 
     def sync(self) -> None:
         try:

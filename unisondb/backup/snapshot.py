@@ -7,10 +7,20 @@ never block the writer: PUTs keep being acknowledged while a snapshot runs.
 
 Steps: LMDB writes the copy straight into ``<path>.tmp`` (no Python in the data path; the
 GIL is released) from a thread running at nice +10, while the request's thread fdatasyncs
-the growing file every 32 MiB → sha256 of the ``.tmp`` (read back from the page cache) →
-fsync → drop the file from the page cache → (existing file? identical → keep it;
-different → ``Conflict``) → rename → directory fsync → ``<path>.sha256`` sidecar. Any
-failure removes the ``.tmp``.
+the growing file every 32 MiB → sha256 of the copy (read back from the page cache) → the
+4096-byte self-verifying trailer (``storage/snapfile.py``: data length, that sha256,
+namespace, checkpoint, CRC) appended → fsync → drop the file from the page cache →
+(existing file? the same snapshot → keep it; different → ``Conflict``) → rename →
+directory fsync → ``<path>.sha256`` sidecar (whole-file digest, so ``sha256sum -c`` works).
+Any failure before the rename removes the ``.tmp``; a failure writing the sidecar removes
+the just-published file again (``checksum.complete_publish``), so the snapshot and its
+integrity record appear together. Between the rename and the sidecar only a kill -9 can
+intervene; the file proves itself by its trailer and the next start writes the missing
+sidecar (``backup/repair.py``).
+
+"The same snapshot" is byte-identical, or an intact self-verifying snapshot of the same
+namespace and checkpoint (the same committed state; only the trailer's creation time
+differs): a retry of a request that died before its sidecar gets 200, not 409 forever.
 
 Why not stream LMDB's copy through a pipe and hash it on the way (one pass fewer)? It was
 measured (bench/bench_backup.py, 2 CPUs, 205 MiB data.mdb, snapshots back to back):
@@ -38,7 +48,7 @@ from unisondb.backup import checksum, files
 from unisondb.backup.files import TargetDir, path_lock
 from unisondb.backup.paths import Resolved, open_dir
 from unisondb.errors import Conflict, StorageError, UnisonDBError, from_os_error
-from unisondb.storage import fsutil
+from unisondb.storage import fsutil, snapfile
 from unisondb.storage.btree import Checkpoint
 from unisondb.storage.engine import Engine
 
@@ -66,28 +76,84 @@ class Snapshot:
 def take_snapshot(engine: Engine, target: Resolved) -> Snapshot:
     """Run one B-tree backup request (blocking: call it from a worker thread)."""
     name = target.name
+    side = checksum.sidecar_name(name)
     with TargetDir(open_dir(target), target.path.parent) as tdir, path_lock(target.path):
         dest_exists = tdir.require_regular(name) is not None
-        tdir.require_regular(checksum.sidecar_name(name))
+        if tdir.require_regular(side) is not None and not dest_exists:
+            # A new snapshot never has the digest an old sidecar records (its trailer holds
+            # the time it was written): refuse now instead of after copying.
+            raise Conflict(
+                f"{tdir.path / side} already exists but {target.path} does not; refusing to "
+                "write a snapshot beside a checksum of other bytes: move the old .sha256 "
+                "away or choose another path"
+            )
+        existing_digest = ""
 
         def keep(result: tuple[Checkpoint, int, str]) -> bool:
+            nonlocal existing_digest
             if not dest_exists:
                 return True
-            existing = tdir.hash_file(name)
-            if existing == result[2]:
-                return False  # the same bytes are already there: keep the existing file
-            raise Conflict(
-                f"{target.path} already exists with different content (sha256 {existing}; "
-                f"this snapshot at LSN {result[0].applied_lsn} is {result[2]}); refusing to "
-                "overwrite a backup file: choose a new path (e.g. with the date and time in it)"
-            )
+            existing_digest = _existing_same(engine, tdir, name, target.path, *result)
+            return False  # the same snapshot is already there: keep the existing file
 
         cp, size, digest = tdir.publish(
             name, lambda fd: write_snapshot(engine, fd, target.path), keep)
-        checksum.ensure_sidecar(tdir, name, digest)
         if dest_exists:
-            tdir.sync()
-        return Snapshot(target.path, size, digest, cp, copied=not dest_exists)
+            checksum.ensure_sidecar(tdir, name, existing_digest)
+            tdir.sync()  # a previous run may have died before its directory fsync
+            st = tdir.stat(name)
+            return Snapshot(target.path, st.st_size if st else size, existing_digest, cp,
+                            copied=False)
+        _test_hold("snapshot-published")
+        checksum.complete_publish(tdir, name, digest)
+        return Snapshot(target.path, size, digest, cp, copied=True)
+
+
+def _existing_same(engine: Engine, tdir: TargetDir, name: str, dest: Path, cp: Checkpoint,
+                   size: int, digest: str) -> str:
+    """Whole-file sha256 of the existing ``name`` if it holds this same snapshot, else 409.
+
+    Same means byte-identical, or a self-verifying snapshot (intact) of the same namespace
+    and checkpoint: the same committed state, written by an earlier request that may have
+    died before its sidecar (only the trailer's time differs). Anything else is another
+    snapshot under this name, and names are never reused for different bytes.
+    """
+    fd = tdir.open_read(name)
+    try:
+        trailer = snapfile.read_trailer_fd(fd, dest)
+        if (trailer is not None and trailer.namespace == engine.namespace
+                and trailer.checkpoint == cp.encode()):
+            return snapfile.verify_fd(fd, dest, hint=(
+                "an earlier snapshot of the same state under this name is damaged: move it "
+                "away and retry"))[1]
+        existing, _size = files.hash_fd(fd)
+    except OSError as exc:
+        raise from_os_error(exc, dest) from exc
+    finally:
+        os.close(fd)
+    if existing == digest:
+        return existing
+    raise Conflict(
+        f"{dest} already exists with different content (sha256 {existing}; this snapshot "
+        f"at LSN {cp.applied_lsn} is {digest}); refusing to overwrite a backup file: choose "
+        "a new path (e.g. with the date and time in it)"
+    )
+
+
+def _test_hold(point: str) -> None:
+    """Test seam: ``UNISONDB_TEST_HOLD=<point>:<fifo>`` stops here until the FIFO is written.
+
+    Lets a test kill -9 the server at an exact step (here: snapshot renamed, sidecar not
+    yet written) instead of racing a timer. ``<fifo>.reached`` tells the test it is there.
+    Unset in production: one environment lookup.
+    """
+    spec = os.environ.get("UNISONDB_TEST_HOLD")
+    if not spec or spec.partition(":")[0] != point:
+        return
+    fifo = spec.partition(":")[2]
+    Path(fifo + ".reached").touch()
+    with open(fifo, "rb") as f:  # blocks until the test opens it for writing (or kills us)
+        f.read(1)
 
 
 def copy_env(engine: Engine, f: BinaryIO) -> Checkpoint:
@@ -97,6 +163,11 @@ def copy_env(engine: Engine, f: BinaryIO) -> Checkpoint:
 
 def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint, int, str]:
     """Write a consistent copy of the environment to ``out_fd``; (checkpoint, bytes, sha256).
+
+    The file is LMDB's copy followed by the ``snapfile`` trailer; bytes and sha256 are the
+    whole file's (what the ``.sha256`` sidecar records). The copy is read back once (from
+    the page cache): its sha256 goes into the trailer, and the same hash object then takes
+    the trailer bytes, so the whole-file digest costs no second pass.
 
     Copy and hash run in their own thread at a lower CPU priority (nice +10; Linux niceness
     is per thread and LMDB's internal copy thread inherits it), while this thread fdatasyncs
@@ -109,8 +180,14 @@ def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint,
         _lower_priority()
         try:
             with os.fdopen(out_fd, "wb", closefd=False) as f:
-                outcome.checkpoint = copy_env(engine, f)
-            outcome.digest, outcome.size = files.hash_fd(out_fd)
+                outcome.checkpoint = cp = copy_env(engine, f)
+            h, data_len = files.sha256_fd(out_fd)
+            trailer = snapfile.encode_trailer(data_len, h.copy().digest(), engine.namespace,
+                                              cp.encode())
+            os.lseek(out_fd, data_len, os.SEEK_SET)
+            files.write_all(out_fd, trailer)
+            h.update(trailer)
+            outcome.digest, outcome.size = h.hexdigest(), data_len + len(trailer)
         except BaseException as exc:  # handed to the waiting thread below
             outcome.error = exc
 

@@ -10,10 +10,14 @@ Per segment, in ascending id order:
 1. open the source read-only (a segment deleted by retention since the listing is a
    ``BackupGap``), check its size against the segment table and its header/footer
    (segment id, namespace, last LSN) — cheap, and it catches a wrong or truncated file;
-2. if ``%09d.wal`` already exists in the target: identical (sha256) → nothing to copy, it
+2. read it whole (one segment in memory) and check every record's CRC32C, LSN contiguity
+   and the footer with ``segment.scan``: a damaged segment is refused (``CorruptLog``, 500,
+   naming the file and offset) instead of copied and vouched for by a fresh ``.sha256``;
+3. if ``%09d.wal`` already exists in the target: identical (sha256) → nothing to copy, it
    is still reported; different → ``Conflict`` naming the file, never an overwrite;
-3. otherwise stream it to ``%09d.wal.tmp`` hashing as it goes → fsync → rename → dir fsync;
-4. write ``%09d.wal.sha256`` the same way (or check the one already there).
+4. otherwise write those checked bytes to ``%09d.wal.tmp`` → fsync → rename → dir fsync;
+5. write ``%09d.wal.sha256`` the same way (or check the one already there); if that fails,
+   the segment just published is removed again (``checksum.complete_publish``).
 
 A failure part-way leaves the segments before it complete and verified (re-running is
 safe) and nothing partial for the one that failed.
@@ -27,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from unisondb.backup import checksum, files
-from unisondb.backup.files import CHUNK, TargetDir, hash_fd, path_lock
+from unisondb.backup.files import CHUNK, TargetDir, path_lock
 from unisondb.backup.paths import Resolved, open_dir
 from unisondb.errors import BackupGap, Conflict, CorruptLog, StorageError, from_os_error
 from unisondb.storage import segment
@@ -111,13 +115,10 @@ def copy_segment(engine: Engine, info: SegmentInfo, tdir: TargetDir) -> WalCopy:
             raise from_os_error(exc, info.path) from exc
         try:
             _check_source(engine, info, src)
+            data, source_hex = _read_checked(src, info)
+            _drop_cache(src)
             dest_st = tdir.require_regular(name)
-            have_sidecar = tdir.require_regular(checksum.sidecar_name(name)) is not None
-            source_hex = None
-            if dest_st is not None or have_sidecar:
-                source_hex = _hash_source(src, info)
             if dest_st is not None:
-                assert source_hex is not None
                 existing = tdir.hash_file(name)
                 if existing != source_hex:
                     raise Conflict(
@@ -129,13 +130,11 @@ def copy_segment(engine: Engine, info: SegmentInfo, tdir: TargetDir) -> WalCopy:
                 checksum.ensure_sidecar(tdir, name, source_hex)
                 tdir.sync()  # a previous run may have died before its directory fsync
                 return WalCopy(info.segment_id, dest, info.size, source_hex, copied=False)
-            if have_sidecar:
-                assert source_hex is not None
+            if tdir.require_regular(checksum.sidecar_name(name)) is not None:
                 checksum.ensure_sidecar(tdir, name, source_hex)  # Conflict before copying
-            digest = tdir.publish(name, lambda fd: _stream(src, fd, info))
-            _drop_cache(src)
-            checksum.ensure_sidecar(tdir, name, digest)
-            return WalCopy(info.segment_id, dest, info.size, digest, copied=True)
+            tdir.publish(name, lambda fd: _write(fd, data))
+            checksum.complete_publish(tdir, name, source_hex)
+            return WalCopy(info.segment_id, dest, info.size, source_hex, copied=True)
         finally:
             os.close(src)
 
@@ -172,28 +171,45 @@ def _drop_cache(src: int) -> None:
         pass  # advice only
 
 
-def _hash_source(src: int, info: SegmentInfo) -> str:
+def _read_checked(src: int, info: SegmentInfo) -> tuple[bytes, str]:
+    """The whole sealed segment, checked record by record; (bytes, sha256 hex).
+
+    Every record's CRC32C, LSN contiguity from the header's first LSN, and the footer
+    (count, last LSN, time range) are checked by the same scanner recovery uses, on the
+    bytes that are then written to the backup — what the ``.sha256`` vouches for is what
+    was checked. Memory is one segment (``--wal-segment-size``, 16 MiB by default).
+    """
+    chunks: list[bytes] = []
+    off = 0
     try:
-        return hash_fd(src)[0]
+        while chunk := os.pread(src, CHUNK, off):
+            chunks.append(chunk)
+            off += len(chunk)
     except OSError as exc:
         raise from_os_error(exc, info.path) from exc
-
-
-def _stream(src: int, dst: int, info: SegmentInfo) -> str:
-    """Copy the whole source to ``dst``, hashing as it goes; return the sha256 hex."""
-    h = hashlib.sha256()
-    off = 0
-    while True:
-        try:
-            chunk = os.pread(src, CHUNK, off)
-        except OSError as exc:
-            raise from_os_error(exc, info.path) from exc
-        if not chunk:
-            break
-        h.update(chunk)
-        files.write_all(dst, chunk)
-        off += len(chunk)
     if off != info.size:
         raise StorageError(f"{info.path} changed size while being copied ({off} bytes read, "
                            f"{info.size} expected); a sealed segment must never change")
-    return h.hexdigest()
+    data = b"".join(chunks)
+    del chunks
+    try:
+        scanned = segment.scan(info.path, data)
+    except CorruptLog as exc:
+        # The HTTP edge shows only the message, so what to do is part of it.
+        raise CorruptLog(
+            f"refusing to back up damaged WAL segment {info.segment_id}: {exc.message}; the "
+            "segments before it were backed up. Keep any earlier archived copy of this "
+            "segment (its .sha256 still checks it), check the disk, and take a new B-tree "
+            "snapshot so the archive does not need this segment",
+        ) from None
+    if not scanned.sealed:
+        raise CorruptLog(
+            f"refusing to back up WAL segment {info.segment_id}: its records do not end in "
+            "a valid footer", path=info.path, offset=scanned.data_end)
+    return data, hashlib.sha256(data).hexdigest()
+
+
+def _write(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    for off in range(0, len(view), CHUNK):
+        files.write_all(fd, view[off:off + CHUNK])

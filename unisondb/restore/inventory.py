@@ -23,7 +23,7 @@ import lmdb
 
 from unisondb.errors import CorruptLog, NotFound, UnisonDBError, from_os_error
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
-from unisondb.storage import layout, segment
+from unisondb.storage import layout, segment, snapfile
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
 from unisondb.storage.history import NO_HISTORY, Lineage
 
@@ -204,6 +204,8 @@ def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
             f"{path} is not an LMDB data file (no LMDB meta page at the start)",
             hint="a snapshot is the file written by POST /api/v1/<ns>/btree/backup",
         )
+    # A self-verifying snapshot proves every byte without a sidecar (storage/snapfile.py).
+    snapfile.check(path) if structural else snapfile.read_trailer(path)
     problems: tuple[str, ...] | None = None
     if structural:
         import lmdb.verify as lmdb_verify

@@ -45,6 +45,7 @@ from typing import Any, BinaryIO
 import lmdb
 
 from unisondb.errors import CorruptLog, StorageError, from_os_error
+from unisondb.storage import snapfile
 from unisondb.storage.fingerprint import EMPTY_STATE, Fingerprint, state_digest
 from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.record import EntryKind, Record
@@ -154,6 +155,8 @@ class BTree:
         """``durable=False`` (no fsync per commit) is only for a restore's staging copy,
         which is synced with ``sync()`` before anything can use it."""
         self.path = path
+        # A snapshot copied in by hand (cp snapshot <ns>/db/data.mdb): verify, strip trailer.
+        self.installed = snapfile.install_check(path)
         try:
             path.mkdir(parents=True, exist_ok=True)
             data_file = path / "data.mdb"

@@ -33,6 +33,7 @@ from typing import Any
 
 import structlog
 
+from unisondb.backup.repair import complete_interrupted
 from unisondb.config import EngineConfig
 from unisondb.errors import (
     InvalidRequest,
@@ -125,11 +126,15 @@ class Engine:
     def _recover(self) -> None:
         removed = fsutil.clean_tmp_files(layout.backup_root(self.data_dir, self.namespace))
         removed += fsutil.clean_tmp_files(layout.wal_dir(self.data_dir, self.namespace))
+        complete_interrupted(layout.backup_root(self.data_dir, self.namespace))
         if removed:
             log.warning("startup.removed_tmp_files", namespace=self.namespace,
                         files=[str(p) for p in removed])
         self.btree = BTree(layout.btree_dir(self.data_dir, self.namespace),
                            map_size=self.config.map_size)
+        if (inst := self.btree.installed) is not None:  # a snapshot copied in by hand
+            log.info("startup.snapshot_installed", path=str(inst.path),
+                     bytes=inst.trailer.data_len, verify_seconds=round(inst.verify_seconds, 3))
         self.wal = None  # type: ignore[assignment]
         try:
             self._claim_btree()
