@@ -411,9 +411,10 @@ def sha256_plain(path: Path) -> str:
 
 def stored_sha256(path: Path) -> str:
     """sha256 of the bytes as stored (the compressed file), from the last full read if any."""
-    known = current().stored_digests.get(_key(path))
-    if known is not None:
-        return known
+    for stg in _all():
+        known = stg.stored_digests.get(_key(path))
+        if known is not None:
+            return known
     h = hashlib.sha256()
     try:
         with open(local(path), "rb") as f:
@@ -443,8 +444,7 @@ def plain_size(path: Path) -> int:
 def exists(path: Path) -> bool:
     """True if the input exists (a real file, or a member of an expanded archive)."""
     k = _key(path)
-    stg = current()
-    return k in stg.members or os.path.isfile(path)
+    return any(k in stg.members for stg in _all()) or os.path.isfile(path)
 
 
 def read_small(path: Path, limit: int = 1 << 20) -> bytes | None:
@@ -497,8 +497,9 @@ class Staging:
     def materialize(self, origin: Path) -> Path:
         """Decompress ``origin`` into staging (once); the staged plain copy's path."""
         k = _key(origin)
-        if k in self.materialized:
-            return self.materialized[k]
+        known = _lookup_materialized(origin)  # an enclosing block may have it already
+        if known is not None:
+            return known
         codec = codec_of(origin)
         if codec == "none":
             return local(origin)
@@ -526,8 +527,9 @@ class Staging:
     def expand_archive(self, origin: Path) -> list[Path]:
         """Extract the segment and sidecar members of a tar archive; their origins."""
         k = _key(origin)
-        if k in self.archives:
-            return self.archives[k]
+        for stg in _all():
+            if k in stg.archives:
+                return stg.archives[k]
         codec = codec_of(origin)
         found: list[Path] = []
         created: list[Path] = []
@@ -680,10 +682,15 @@ def staging(parent: Path | None = None) -> Iterator[Staging]:
         stg.close()
 
 
+def _all() -> list[Staging]:
+    """Every live staging, innermost first (a nested block sees what outer ones staged)."""
+    return [*reversed(_active), *([_default] if _default else [])]
+
+
 def local(path: Path) -> Path:
     """A real file holding the input's stored bytes: itself, or an extracted archive member."""
     k = _key(path)
-    for stg in reversed([*_active, *([_default] if _default else [])]):
+    for stg in _all():
         if k in stg.members:
             return stg.members[k]
     return path
@@ -691,7 +698,7 @@ def local(path: Path) -> Path:
 
 def _lookup_materialized(path: Path) -> Path | None:
     k = _key(path)
-    for stg in reversed([*_active, *([_default] if _default else [])]):
+    for stg in _all():
         if k in stg.materialized:
             return stg.materialized[k]
     return None
