@@ -74,9 +74,10 @@ from unisondb.storage import layout
 #: segment size plus one maximal record, so it only stops decompression bombs.
 MAX_SEGMENT_BYTES = 1 << 30
 _IN_CHUNK = 64 << 10
-#: zstd's decompressobj cannot bound its output, so it is fed small pieces: the worst case
-#: (all RLE blocks) is 32 KiB of output per input byte → ≤ 64 MiB per call, typically KiBs.
-_ZSTD_IN_CHUNK = 2 << 10
+#: zstd's decompressobj cannot bound its output, so it is fed pieces sized from the ratio
+#: seen so far to yield about ``_OUT_CHUNK`` each; the smallest piece bounds the worst case
+#: (all RLE blocks: ~32 KiB of output per input byte) at 16 MiB per call.
+_ZSTD_MIN_PIECE = 512
 _OUT_CHUNK = 1 << 20
 _COPY_CHUNK = 1 << 20
 
@@ -218,6 +219,7 @@ class _Decoder(io.RawIOBase):
         self._obj: Any = self._new()
         self._started = False  # the current member/frame has consumed input
         self._stored = 0
+        self._piece = _ZSTD_MIN_PIECE
         self._eof = False
         self._done = False
 
@@ -271,8 +273,11 @@ class _Decoder(io.RawIOBase):
                     out = self._obj.decompress(data, _OUT_CHUNK)
                     self._pending = self._obj.unconsumed_tail
                 else:
-                    piece, self._pending = data[:_ZSTD_IN_CHUNK], data[_ZSTD_IN_CHUNK:]
+                    n = self._piece
+                    piece, self._pending = data[:n], data[n:]
                     out = self._obj.decompress(piece)
+                    ratio = max(1, len(out) // max(1, len(piece)))
+                    self._piece = max(_ZSTD_MIN_PIECE, min(_IN_CHUNK, _OUT_CHUNK // ratio))
             except (zlib.error, zstandard.ZstdError) as exc:
                 raise self.corrupt(f"corrupt ({exc})") from None
             self._started = True
