@@ -167,7 +167,7 @@ def test_backup_verify_names_every_problem(base: Base, tmp_path: Path,
     assert gone.footer is not None
     segs[2].unlink()
     data = bytearray(segs[4].read_bytes())
-    data[100] ^= 1
+    data[segment.HEADER_SIZE + 40] ^= 1  # inside the first record
     segs[4].write_bytes(bytes(data))
     rc, out, err = cli(capsys, "backup", "verify", "--snapshot", snap, "--wal", copy, "--json",
                        "--replay")

@@ -235,7 +235,12 @@ def _list_backups(backup_dir: Path) -> dict[str, Any]:
             encrypted.append({"path": str(path), "bytes": path.stat().st_size,
                               "hint": sources.encrypted_error(path).hint})
         elif kind.kind is sources.Kind.SNAPSHOT:
-            snapshots.append(_list_snapshot(path, kind.codec, inv, problems))
+            entry = _list_snapshot(path, kind.codec, inv, problems)
+            # A compressed file that cannot be read as a snapshot stays with the compressed
+            # files (with its error): whether it ever was a snapshot is unknown.
+            (compressed if "error" in entry and kind.codec != "none" else snapshots).append(
+                {**entry, "format": kind.codec} if "error" in entry and kind.codec != "none"
+                else entry)
         elif kind.codec != "none":
             compressed.append({"path": str(path), "bytes": path.stat().st_size,
                                "format": kind.codec})
@@ -327,7 +332,8 @@ def render_list(payload: dict[str, Any]) -> str:
                                            if r["holesAfter"] else ""))
     for c in payload["compressed"]:
         lines.append(f"  {c['path']}  {format_bytes(c['bytes'])}  {c['format']}-compressed, "
-                     "not a snapshot or segment (ignored)")
+                     + (f"ERROR: {c['error']}" if "error" in c
+                        else "not a snapshot or segment (ignored)"))
     if payload["encrypted"]:
         lines += ["", "Encrypted (not inspected):"]
     for e in payload["encrypted"]:
