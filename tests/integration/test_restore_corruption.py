@@ -210,14 +210,19 @@ def test_snapshot_on_a_newer_timeline_with_only_old_wal(
     assert rc == 2 and "another history" in err
 
 
-def test_compressed_snapshot_is_refused_with_the_command_to_fix_it(
+def test_truncated_compressed_snapshot_is_refused_naming_it(
         case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    """A .zst snapshot is read directly (tests/integration/test_restore_compressed.py);
+    one cut short is refused with the file named and the target untouched."""
     import subprocess
 
     _h, snap, wal, target = case
     subprocess.run(["zstd", "-q", str(snap)], check=True)
-    rc, err = _run_fails(capsys, target, snap.with_name(snap.name + ".zst"), wal)
-    assert rc == 2 and "zstd -d" in err
+    zst = snap.with_name(snap.name + ".zst")
+    data = zst.read_bytes()
+    zst.write_bytes(data[: len(data) // 2])
+    rc, err = _run_fails(capsys, target, zst, wal)
+    assert rc == 6 and str(zst) in err and "truncated" in err
 
 
 def test_unreadable_segment_header(case: tuple[History, Path, Path, Path],

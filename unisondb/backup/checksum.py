@@ -12,14 +12,12 @@ a ``Conflict``: we never silently overwrite a checksum somebody may rely on.
 
 from __future__ import annotations
 
-import re
-
+from unisondb import sha256sum
 from unisondb.backup import files
 from unisondb.backup.files import TargetDir
 from unisondb.errors import Conflict
 
 SUFFIX = ".sha256"
-_LINE = re.compile(r"^\\?([0-9a-fA-F]{64}) [ *](.+)\n?$")
 
 
 def sidecar_name(name: str) -> str:
@@ -27,15 +25,18 @@ def sidecar_name(name: str) -> str:
 
 
 def sidecar_line(hexdigest: str, name: str) -> str:
-    return f"{hexdigest}  {name}\n"
+    return sha256sum.line(hexdigest, name)
 
 
 def parse_sidecar(text: str) -> tuple[str, str] | None:
-    """(hex digest, file name) of a one-line sha256sum file, or None if it is not one."""
-    m = _LINE.match(text)
-    if m is None:
+    """(hex digest, file name) of a one-entry sha256sum file naming a file, else None.
+
+    The format rules are ``unisondb/sha256sum.py``'s (the one parser restore uses too).
+    """
+    entries = sha256sum.parse(text)
+    if entries is None or len(entries) != 1 or entries[0].name is None:
         return None
-    return m.group(1).lower(), m.group(2)
+    return entries[0].digest, entries[0].name
 
 
 def ensure_sidecar(tdir: TargetDir, name: str, hexdigest: str) -> bool:

@@ -1,7 +1,9 @@
 """``unisondb backup verify`` and ``unisondb backup list``: offline checks of backup files.
 
 Both only read: files are opened read-only and nothing is written next to them
-(``verify --replay`` restores into a scratch directory it deletes afterwards).
+(``verify --replay`` restores into a scratch directory it deletes afterwards). Inputs may be
+plain, gzip, zstd or tar archives (``restore/sources.py``); compressed snapshots and archive
+members are decompressed into a private staging directory that is removed at the end.
 """
 
 from __future__ import annotations
@@ -17,16 +19,9 @@ import click
 from unisondb.cli.paths import LocalPath
 from unisondb.cli.restore import emit_json
 from unisondb.errors import UnisonDBError
-from unisondb.restore import restore
+from unisondb.restore import restore, sources
 from unisondb.restore.errors import BackupCorrupt
-from unisondb.restore.inventory import (
-    WalInventory,
-    collect_wal,
-    detect_compression,
-    inspect_snapshot,
-    looks_like_lmdb,
-    sidecar_path,
-)
+from unisondb.restore.inventory import WalInventory, collect_wal, has_sidecar, inspect_snapshot
 from unisondb.restore.progress import for_terminal
 from unisondb.restore.timefmt import format_bytes, format_lsn_range, format_ns
 from unisondb.restore.timeline import by_history, coverage_holes, lineages, path_to, select_chain
@@ -42,16 +37,17 @@ def backup_group() -> None:
 
 @backup_group.command("verify")
 @click.option("--snapshot", type=LocalPath(path_type=Path, dir_okay=False), default=None,
-              metavar="FILE", help="B-tree snapshot to check.")
-@click.option("--wal", "wal_dirs", type=LocalPath(path_type=Path, file_okay=False),
-              multiple=True, metavar="DIR", help="WAL backup directory (recursive). Repeatable.")
+              metavar="FILE", help="B-tree snapshot to check (plain, .gz or .zst).")
+@click.option("--wal", "wal_dirs", type=LocalPath(path_type=Path), multiple=True,
+              metavar="DIR", help="WAL backup directory (recursive; .wal, .wal.gz, .wal.zst, "
+              "wal-*.tar.gz), or one such file. Repeatable.")
 @click.option("--namespace", "-n", default=None, metavar="NS",
               help="Check that every segment belongs to NS.")
 @click.option("--replay", is_flag=True,
               help="Also restore into a scratch directory and report the measured restore time.")
 @click.option("--scratch-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              metavar="DIR", help="Where --replay stages its restore (default: system temp dir; "
-              "needs room for the snapshot).")
+              metavar="DIR", help="Where --replay stages its restore and compressed inputs are "
+              "decompressed (default: system temp dir; needs room for the snapshot).")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def verify_cmd(snapshot: Path | None, wal_dirs: tuple[Path, ...], namespace: str | None,
                replay: bool, scratch_dir: Path | None, as_json: bool) -> None:
@@ -64,20 +60,49 @@ def verify_cmd(snapshot: Path | None, wal_dirs: tuple[Path, ...], namespace: str
     """
     if snapshot is None and not wal_dirs:
         raise click.UsageError("give --snapshot FILE and/or --wal DIR")
-    progress = for_terminal()
-    with progress:
-        report, snap, _inv = verify_backup_set(snapshot, list(wal_dirs), namespace, progress)
-    if replay:
-        if snap is None:
-            report.problems.append("--replay needs a sound --snapshot")
-        elif report.ok:
-            _replay(report, snap.path, list(wal_dirs), namespace, scratch_dir)
+    with sources.staging(scratch_dir):
+        progress = for_terminal()
+        if snapshot is not None:
+            _stage_snapshot(snapshot)
+        with progress:
+            report, snap, _inv = verify_backup_set(snapshot, list(wal_dirs), namespace, progress)
+        if snapshot is not None and report.snapshot is not None:
+            _describe_stored(snapshot, report.snapshot)
+        if replay:
+            if snap is None:
+                report.problems.append("--replay needs a sound --snapshot")
+            elif report.ok:
+                _replay(report, snap.path, list(wal_dirs), namespace, scratch_dir)
     if as_json:
         emit_json(report.to_json())
     else:
         click.echo(render_verify(report))
     if not report.ok:
         raise BackupCorrupt(f"backup verification failed: {len(report.problems)} problem(s)")
+
+
+def _stage_snapshot(snapshot: Path) -> None:
+    """Decompress a compressed snapshot once, before verify reads it (hash, LMDB check).
+
+    Errors are left for ``verify_backup_set``, which reads the same file and reports them.
+    """
+    try:
+        if snapshot.is_file() and sources.classify(snapshot).kind is sources.Kind.SNAPSHOT:
+            sources.materialize(snapshot)
+    except UnisonDBError:
+        pass
+
+
+def _describe_stored(snapshot: Path, info: dict[str, object]) -> None:
+    """For a compressed snapshot: plain size in ``bytes``, the file as stored in ``stored``."""
+    try:
+        codec = sources.stored_codec(snapshot)
+        if codec == "none":
+            return
+        info["stored"] = {"compression": codec, "bytes": snapshot.stat().st_size}
+        info["bytes"] = sources.plain_size(snapshot)
+    except (UnisonDBError, OSError):
+        pass
 
 
 def _replay(report: VerifyReport, snapshot: Path, wal_dirs: list[Path], namespace: str | None,
@@ -125,9 +150,13 @@ def render_verify(rep: VerifyReport) -> str:
     if rep.snapshot is not None:
         s = rep.snapshot
         if s.get("lmdb") == "ok":
-            lines.append(f"snapshot  {s['path']}: {format_bytes(int(str(s['bytes'])))}, sha256 "
-                         f"{s.get('sidecar')}, LMDB structure ok, LSN {s['lsn']} ({s['time']}), "
-                         f"timeline {s['timeline']}, {s['keys']} keys")
+            stored = s.get("stored")
+            comp = (f" ({stored['compression']}, {format_bytes(int(stored['bytes']))} stored)"
+                    if isinstance(stored, dict) else "")
+            checked = f" ({s['checked']})" if s.get("checked") else ""
+            lines.append(f"snapshot  {s['path']}: {format_bytes(int(str(s['bytes'])))}{comp}, "
+                         f"sha256 {s.get('sidecar')}{checked}, LMDB structure ok, LSN {s['lsn']} "
+                         f"({s['time']}), timeline {s['timeline']}, {s['keys']} keys")
         else:
             lines.append(f"snapshot  {s['path']}: FAILED")
     if rep.segments:
@@ -184,50 +213,40 @@ def list_cmd(backup_dir: Path, as_json: bool) -> None:
 
 
 def list_backups(backup_dir: Path) -> dict[str, Any]:
+    with sources.staging():
+        return _list_backups(backup_dir)
+
+
+def _list_backups(backup_dir: Path) -> dict[str, Any]:
     snapshots: list[dict[str, Any]] = []
     compressed: list[dict[str, Any]] = []
+    encrypted: list[dict[str, Any]] = []
     problems: list[str] = []
     inv = collect_wal([backup_dir])
     for path in sorted(p for p in backup_dir.rglob("*") if p.is_file()):
-        # Hidden files are work in progress (contrib's scripts write .<name>.partial).
-        if path.name.endswith((".sha256", ".tmp", ".wal")) or path.name in ("lock.mdb",) \
-                or path.name.startswith("."):
+        by_name = sources.classify_name(path.name)
+        if by_name.kind in (sources.Kind.SIDECAR, sources.Kind.SEGMENT, sources.Kind.ARCHIVE) \
+                or path.name.endswith(".tmp") or path.name == "lock.mdb" \
+                or path.name.startswith("."):  # hidden: contrib's .<name>.partial files
+            continue  # segments and archives are in ``inv``; sidecars are looked up per file
+        try:
+            kind = sources.classify(path)
+        except UnisonDBError as exc:
+            problems.append(f"{path}: {exc.message}")
             continue
-        if looks_like_lmdb(path):
-            entry: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size,
-                                     "sidecar": sidecar_path(path).exists()}
-            try:
-                snap = inspect_snapshot(path, structural=False)
-            except UnisonDBError as exc:
-                entry["error"] = exc.message
-                problems.append(f"{path}: {exc.message}")
-                snapshots.append(entry)
-                continue
-            cp = snap.checkpoint
-            entry.update({
-                "lsn": cp.applied_lsn, "time": format_ns(cp.time_ns) if snap.has_checkpoint
-                else None, "timeline": cp.timeline, "keys": snap.keys,
-                "history": cp.history.hex(), "fingerprint": cp.fingerprint.hex(),
-                "_checkpoint": cp,
-            })
-            try:
-                chain = select_chain(cp.applied_lsn, cp.history, inv.segments,
-                                     start_timeline=cp.timeline)
-            except UnisonDBError as exc:
-                entry["error"] = exc.message
-                problems.append(f"{path}: {exc.message}")
-                snapshots.append(entry)
-                continue
-            end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
-            entry["restorableTo"] = {
-                "lsn": chain.end_lsn, "timeline": chain.end_timeline,
-                "history": chain.end_history.hex(),
-                "time": format_ns(end_time) if end_time else None,
-                "holesAfter": [h.describe() for h in chain.holes]}
-            snapshots.append(entry)
-        elif (comp := detect_compression(path)) is not None:
+        if kind.kind is sources.Kind.ENCRYPTED:
+            encrypted.append({"path": str(path), "bytes": path.stat().st_size,
+                              "hint": sources.encrypted_error(path).hint})
+        elif kind.kind is sources.Kind.SNAPSHOT:
+            entry = _list_snapshot(path, kind.codec, inv, problems)
+            # A compressed file that cannot be read as a snapshot stays with the compressed
+            # files (with its error): whether it ever was a snapshot is unknown.
+            (compressed if "error" in entry and kind.codec != "none" else snapshots).append(
+                {**entry, "format": kind.codec} if "error" in entry and kind.codec != "none"
+                else entry)
+        elif kind.codec != "none":
             compressed.append({"path": str(path), "bytes": path.stat().st_size,
-                               "format": comp[0]})
+                               "format": kind.codec})
     snapshots.sort(key=lambda s: (s.get("timeline", 0), s.get("lsn", 0)))
     histories = _histories(inv, snapshots)
     # Segments without records have no LSNs: listed on their own, so they neither widen a
@@ -235,7 +254,7 @@ def list_backups(backup_dir: Path) -> dict[str, Any]:
     empty = [{"segmentId": s.segment_id, "path": str(s.path), "timeline": s.timeline,
               "history": s.history.hex(), "firstLsn": s.first_lsn, "sealed": s.sealed}
              for s in inv.segments if s.count == 0]
-    for snap_entry in snapshots:
+    for snap_entry in snapshots + compressed:
         snap_entry.pop("_checkpoint", None)
     for seg in inv.segments:
         if seg.damage:
@@ -244,6 +263,7 @@ def list_backups(backup_dir: Path) -> dict[str, Any]:
         problems.append(f"{path}: {reason}")
     return {
         "backupDir": str(backup_dir), "snapshots": snapshots, "compressed": compressed,
+        "encrypted": encrypted,
         "wal": {"segments": len(inv.segments),
                 "duplicates": sum(len(v) - 1 for v in inv.copies.values()),
                 "histories": histories,
@@ -303,6 +323,44 @@ def _histories(inv: WalInventory, snapshots: list[dict[str, Any]]) -> list[dict[
     return out
 
 
+def _list_snapshot(path: Path, codec: str, inv: Any, problems: list[str]) -> dict[str, Any]:
+    """One snapshot's entry; a compressed one is decompressed into staging and the copy
+    deleted right after (one at a time: staging needs room for the largest only)."""
+    entry: dict[str, Any] = {"path": str(path), "bytes": path.stat().st_size,
+                             "sidecar": has_sidecar(path)}
+    if codec != "none":
+        entry["compression"] = codec
+    try:
+        snap = inspect_snapshot(path, structural=False)
+    except UnisonDBError as exc:
+        entry["error"] = exc.message
+        problems.append(f"{path}: {exc.message}")
+        return entry
+    finally:
+        sources.current().release(path)
+    cp = snap.checkpoint
+    entry.update({
+        "plainBytes": snap.size,
+        "lsn": cp.applied_lsn, "time": format_ns(cp.time_ns) if snap.has_checkpoint
+        else None, "timeline": cp.timeline, "keys": snap.keys,
+        "history": cp.history.hex(), "fingerprint": cp.fingerprint.hex(), "_checkpoint": cp,
+    })
+    try:
+        chain = select_chain(cp.applied_lsn, cp.history, inv.segments,
+                             start_timeline=cp.timeline)
+    except UnisonDBError as exc:
+        entry["error"] = exc.message
+        problems.append(f"{path}: {exc.message}")
+        return entry
+    end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
+    entry["restorableTo"] = {
+        "lsn": chain.end_lsn, "timeline": chain.end_timeline,
+        "history": chain.end_history.hex(),
+        "time": format_ns(end_time) if end_time else None,
+        "holesAfter": [h.describe() for h in chain.holes]}
+    return entry
+
+
 def render_list(payload: dict[str, Any]) -> str:
     lines = [f"Backups in {payload['backupDir']}", "", "Snapshots:"]
     if not payload["snapshots"]:
@@ -312,15 +370,22 @@ def render_list(payload: dict[str, Any]) -> str:
             lines.append(f"  {s['path']}  ERROR: {s['error']}")
             continue
         r = s["restorableTo"]
-        lines.append(f"  {s['path']}  {format_bytes(s['bytes'])}  LSN {s['lsn']}  "
+        comp = (f" ({s['compression']}, {format_bytes(s['plainBytes'])} plain)"
+                if "compression" in s else "")
+        lines.append(f"  {s['path']}  {format_bytes(s['bytes'])}{comp}  LSN {s['lsn']}  "
                      f"{s['time'] or '-'}  timeline {s['timeline']}"
                      + ("" if s["sidecar"] else "  (no .sha256)"))
         lines.append(f"      restorable to LSN {r['lsn']} ({r['time'] or '-'}) on timeline "
                      f"{r['timeline']}" + (f"; then missing {'; '.join(r['holesAfter'])}"
                                            if r["holesAfter"] else ""))
     for c in payload["compressed"]:
-        lines.append(f"  {c['path']}  {format_bytes(c['bytes'])}  {c['format']}-compressed "
-                     "(decompress to inspect)")
+        lines.append(f"  {c['path']}  {format_bytes(c['bytes'])}  {c['format']}-compressed, "
+                     + (f"ERROR: {c['error']}" if "error" in c
+                        else "not a snapshot or segment (ignored)"))
+    if payload["encrypted"]:
+        lines += ["", "Encrypted (not inspected):"]
+    for e in payload["encrypted"]:
+        lines.append(f"  {e['path']}  {format_bytes(e['bytes'])}  ({e['hint']})")
     lines += ["", "Histories (what you can restore to):"]
     if not payload["wal"]["histories"] and not payload["wal"]["empty"]:
         lines.append("  (none)")

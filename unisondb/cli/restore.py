@@ -31,11 +31,12 @@ def emit_json(payload: Any) -> None:
                    "server's default).")
 @click.option("--namespace", "-n", required=True, metavar="NS", help="Namespace to restore.")
 @click.option("--snapshot", type=LocalPath(path_type=Path, dir_okay=False), required=True,
-              metavar="FILE", help="B-tree snapshot (raw LMDB file from POST .../btree/backup; "
-              "decompress .zst first).")
-@click.option("--wal", "wal_dirs", type=LocalPath(path_type=Path, file_okay=False),
-              multiple=True, metavar="DIR",
-              help="Directory with WAL backup segments (NNNNNNNNN.wal), searched recursively. "
+              metavar="FILE", help="B-tree snapshot (the file from POST .../btree/backup, "
+              "plain or .gz/.zst).")
+@click.option("--wal", "wal_dirs", type=LocalPath(path_type=Path), multiple=True,
+              metavar="DIR",
+              help="Directory with WAL backup segments (NNNNNNNNN.wal, .wal.gz, .wal.zst, "
+                   "wal-*.tar.gz archives), searched recursively; or one such file. "
                    "Repeatable.")
 @click.option("--target-time", metavar="RFC3339",
               help="Keep every record with time <= this (e.g. 2025-01-08T14:30:00Z).")
@@ -93,6 +94,7 @@ def plan_to_json(vp: VerifiedPlan) -> dict[str, Any]:
         "snapshot": {
             "path": str(snap.path), "bytes": snap.size, "sha256": vp.snapshot_sha256,
             "sidecar": snap_sum.status if snap_sum else "missing",
+            "checked": snap_sum.sidecar if snap_sum else None,
             "lsn": cp.applied_lsn, "time": format_ns(cp.time_ns) if snap.has_checkpoint else None,
             "timeline": cp.timeline, "segmentId": cp.segment_id, "keys": snap.keys,
             "history": cp.history.hex(), "fingerprint": cp.fingerprint.hex(),
@@ -106,7 +108,9 @@ def plan_to_json(vp: VerifiedPlan) -> dict[str, Any]:
                  "fromLsn": s.link.from_lsn, "toLsn": s.link.to_lsn,
                  "records": s.link.records, "bytes": s.size,
                  "sidecar": sums[s.link.segment.path].status
-                 if s.link.segment.path in sums else "missing"}
+                 if s.link.segment.path in sums else "missing",
+                 "checked": sums[s.link.segment.path].sidecar
+                 if s.link.segment.path in sums else None}
                 for s in vp.steps
             ],
             "contiguousToLsn": plan.chain.end_lsn,
@@ -166,7 +170,7 @@ def render_plan(vp: VerifiedPlan, *, dry_run: bool) -> str:
     lines = [f"{'[DRY RUN] ' if dry_run else ''}Restore plan for namespace "
              f"{p['namespace']!r} into {p['targetDir']}",
              f"  snapshot   {snap['path']} ({format_bytes(snap['bytes'])}, sha256 "
-             f"{_sidecar_word(snap['sidecar'])}, LMDB structure ok)",
+             f"{_sidecar_word(snap['sidecar'], snap['checked'])}, LMDB structure ok)",
              f"             contains LSN <= {snap['lsn']}"
              + (f" (time {snap['time']})" if snap["time"] else "")
              + f", timeline {snap['timeline']}, {snap['keys']} keys",
@@ -186,7 +190,7 @@ def render_plan(vp: VerifiedPlan, *, dry_run: bool) -> str:
             lines.append(f"               {Path(step['path']).name}  timeline {step['timeline']}  "
                          f"LSN {format_lsn_range(step['fromLsn'], step['toLsn'])}  "
                          f"({step['records']} records, "
-                         f"sha256 {_sidecar_word(step['sidecar'])})")
+                         f"sha256 {_sidecar_word(step['sidecar'], step['checked'])})")
     else:
         lines.append(f"  WAL        nothing to replay ({wal['segmentsFound']} segment(s) found)")
     lines.append(f"  target     {vp.plan.target.describe()}")
@@ -205,7 +209,9 @@ def render_plan(vp: VerifiedPlan, *, dry_run: bool) -> str:
     return "\n".join(lines)
 
 
-def _sidecar_word(status: str) -> str:
+def _sidecar_word(status: str, checked: str | None = None) -> str:
+    if status == "ok" and checked:
+        return f"matches {checked}"
     return {"ok": "matches its .sha256", "missing": "has no .sha256 sidecar",
             "mismatch": "MISMATCH"}.get(status, status)
 

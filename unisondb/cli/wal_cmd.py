@@ -3,6 +3,8 @@
 Safe on a live server's ``wal/`` directory and on backups: every file is opened
 ``O_RDONLY``; nothing is created, truncated, sealed or locked (upstream's equivalent
 rewrites segments when it opens them). A torn or damaged tail is reported, not repaired.
+Segments may be plain, ``.wal.gz``, ``.wal.zst`` or members of ``wal-*.tar.gz`` archives in
+the directory (read through ``restore/sources.py``; byte counts are of the plain segment).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import click
 from unisondb.cli.paths import LocalPath
 from unisondb.cli.restore import emit_json
 from unisondb.errors import CorruptLog, NotFound, UnisonDBError
+from unisondb.restore import sources
 from unisondb.restore.errors import BackupMismatch
 from unisondb.restore.timefmt import format_bytes, format_ns
 from unisondb.storage import record, segment
@@ -25,10 +28,23 @@ def wal_group() -> None:
     """Inspect WAL segments (read-only; safe while the server runs)."""
 
 
-def _segment_files(wal_dir: Path) -> list[tuple[int, Path]]:
+def _segment_files(wal_dir: Path) -> tuple[list[tuple[int, Path]], list[tuple[Path, str]]]:
+    """(segment id by name, origin) of every segment input directly in ``wal_dir`` (archives
+    included), in id order; and the inputs that cannot be read at all."""
     if not wal_dir.is_dir():
         raise NotFound(f"WAL directory not found: {wal_dir}")
-    return list(segment.iter_segment_files(wal_dir))
+    found = sources.find_segments(wal_dir, recursive=False)
+    files = []
+    for p in found.segments:
+        seg_id = sources.classify_name(p.name).segment_id
+        assert seg_id is not None
+        files.append((seg_id, p))
+    return sorted(files, key=lambda t: (t[0], str(t[1]))), found.unreadable
+
+
+def _unreadable_row(path: Path, reason: str) -> dict[str, Any]:
+    return {"path": str(path), "file": path.name, "status": "unreadable", "crc": "unreadable",
+            "error": reason}
 
 
 def describe_segment(path: Path, *, is_last: bool, with_records: bool = False,
@@ -36,9 +52,12 @@ def describe_segment(path: Path, *, is_last: bool, with_records: bool = False,
     """Everything about one segment file, from one read-only pass over its bytes."""
     out: dict[str, Any] = {"path": str(path), "file": path.name}
     try:
-        data = segment.read_file(path)
+        codec = sources.stored_codec(path)
+        if codec != "none":
+            out["compression"] = codec
+        data = sources.read_segment(path)
     except UnisonDBError as exc:
-        return {**out, "status": "unreadable", "crc": "unreadable", "error": exc.message}
+        return {**out, "status": "unreadable", "crc": "unreadable", "error": str(exc)}
     out["bytes"] = len(data)
     try:
         header = segment.decode_header(data, path)
@@ -50,6 +69,8 @@ def describe_segment(path: Path, *, is_last: bool, with_records: bool = False,
     if namespace is not None:
         out["namespaceMatches"] = header.ns_crc == segment.namespace_crc(namespace)
     footer = segment.try_decode_footer(data)
+    # Only a plain file in a live wal/ directory can be the active segment.
+    is_last = is_last and codec == "none" and sources.local(path) == path
     out["status"] = "sealed" if footer else ("active" if is_last else "unsealed")
     try:
         scan = segment.scan(path, data)
@@ -112,9 +133,11 @@ def _refuse_foreign(rows: list[dict[str, Any]], namespace: str | None) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def list_cmd(wal_dir: Path, namespace: str | None, as_json: bool) -> None:
     """One line per segment: id, timeline, LSN and time range, records, status, CRC."""
-    files = _segment_files(wal_dir)
-    rows = [describe_segment(p, is_last=i == len(files) - 1, namespace=namespace)
-            for i, (_id, p) in enumerate(files)]
+    with sources.staging():
+        files, unreadable = _segment_files(wal_dir)
+        rows = [describe_segment(p, is_last=i == len(files) - 1, namespace=namespace)
+                for i, (_id, p) in enumerate(files)]
+    rows += [_unreadable_row(p, reason) for p, reason in unreadable]
     if as_json:
         emit_json(rows)
         _refuse_foreign(rows, namespace)
@@ -143,19 +166,27 @@ def list_cmd(wal_dir: Path, namespace: str | None, as_json: bool) -> None:
 def inspect_cmd(wal_dir: Path, segment_id: int | None, with_records: bool,
                 namespace: str | None, as_json: bool) -> None:
     """Header, footer, CRC status, last good record and (with --records) every record."""
-    files = _segment_files(wal_dir)
-    chosen = [(i, p) for i, (sid, p) in enumerate(files) if segment_id is None or sid == segment_id]
-    if segment_id is not None and not chosen:
-        raise NotFound(f"segment {segment_id} not found in {wal_dir}")
-    rows = [describe_segment(p, is_last=i == len(files) - 1, with_records=with_records,
-                             namespace=namespace) for i, p in chosen]
+    with sources.staging():
+        files, unreadable = _segment_files(wal_dir)
+        chosen = [(i, p) for i, (sid, p) in enumerate(files)
+                  if segment_id is None or sid == segment_id]
+        if segment_id is not None and not chosen:
+            if unreadable:
+                p, reason = unreadable[0]
+                raise NotFound(f"segment {segment_id} not found in {wal_dir}; {p} cannot be "
+                               f"read: {reason}")
+            raise NotFound(f"segment {segment_id} not found in {wal_dir}")
+        rows = [describe_segment(p, is_last=i == len(files) - 1, with_records=with_records,
+                                 namespace=namespace) for i, p in chosen]
+    if segment_id is None:
+        rows += [_unreadable_row(p, reason) for p, reason in unreadable]
     if as_json:
         emit_json(rows[0] if segment_id is not None else rows)
         _refuse_foreign(rows, namespace)
         return
     for r in rows:
         click.echo(f"segment {r['file']}  ({r['path']})")
-        for key in ("status", "crc", "error", "segmentId", "timeline", "firstLsn", "lastLsn",
+        for key in ("status", "crc", "error", "compression", "segmentId", "timeline", "firstLsn", "lastLsn",
                     "records", "minTime", "maxTime", "created", "nsCrc", "namespaceMatches",
                     "bytes", "dataEnd", "lastRecordOffset"):
             if key in r and r[key] is not None:

@@ -2,6 +2,8 @@
 
 Pipeline (each stage its own module, each testable alone)::
 
+    sources.py    what an input file is (segment/snapshot/sidecar/archive/encrypted) and its
+                  plain bytes (gzip, zstd and tar inputs are read directly)
     inventory.py  what is on disk: snapshot + checkpoint, segments (header/footer), sidecars,
                   the target namespace (read-only)
     timeline.py   which segments continue the snapshot's history (pure)
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from unisondb.restore import sources
 from unisondb.restore.apply import RestoreSummary, apply_plan
 from unisondb.restore.inventory import collect_wal, inspect_snapshot, inspect_target
 from unisondb.restore.plan import RestorePlan, Target, build_plan
@@ -59,8 +62,20 @@ def restore(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[P
     """Restore ``namespace`` under ``data_dir`` from a snapshot plus WAL directories.
 
     ``target_time`` is RFC 3339 text or integer nanoseconds. Everything is verified before
-    the target is touched; see ``apply.py`` for the publication protocol.
+    the target is touched; see ``apply.py`` for the publication protocol. Compressed
+    inputs are decompressed into a private staging directory under the temp dir
+    (``$TMPDIR``), removed before this returns.
     """
+    with sources.staging():
+        return _restore(data_dir, namespace, snapshot, wal_dirs, target_lsn=target_lsn,
+                        target_time=target_time, history_choice=history_choice, force=force,
+                        dry_run=dry_run, progress=progress, check_namespace=check_namespace)
+
+
+def _restore(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[Path], *,
+             target_lsn: int | None, target_time: str | int | None, history_choice: str | None,
+             force: bool, dry_run: bool, progress: Progress | None,
+             check_namespace: bool) -> RestoreOutcome:
     started = time.perf_counter()
     progress = progress or Progress()
     data_dir, snapshot = data_dir.absolute(), snapshot.absolute()

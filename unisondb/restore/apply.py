@@ -36,6 +36,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from unisondb.errors import Conflict, LockedError, StorageError, UnisonDBError, from_os_error
+from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, DataExists
 from unisondb.restore.inventory import SegmentMeta, inspect_target
 from unisondb.restore.progress import Progress
@@ -252,7 +253,7 @@ def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> None:
     progress.phase("copy snapshot", vp.plan.snapshot.size)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with open(src, "rb") as fin, open(dest, "xb") as fout:
+        with sources.open_plain(src) as fin, open(dest, "xb") as fout:
             while chunk := fin.read(_COPY_CHUNK):
                 h.update(chunk)
                 fout.write(chunk)

@@ -5,7 +5,8 @@ codes in one place (``cli.main``)::
 
     InvalidRequest (exit 2)
     ├── BadTarget            --target-* before the snapshot or past the available WAL
-    └── CompressedInput      a .zst/.gz file was given where a raw file is needed
+    ├── CompressedInput      a compressed file whose content is not a known input
+    └── EncryptedInput       a .gpg file: decrypt it first (the hint gives the command)
     Conflict (exit 5)
     ├── DataExists           the namespace holds data and --force was not given
     └── BackupMismatch       files that do not belong together (namespace, duplicate ids,
@@ -26,6 +27,10 @@ class BadTarget(InvalidRequest):
 
 class CompressedInput(InvalidRequest):
     """A compressed file was given where a raw snapshot or segment is needed."""
+
+
+class EncryptedInput(InvalidRequest):
+    """An OpenPGP-encrypted file was given; UnisonDB never holds decryption keys."""
 
 
 class DataExists(Conflict):

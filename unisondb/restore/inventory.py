@@ -1,12 +1,16 @@
 """What is on disk: snapshots, WAL segments, ``.sha256`` sidecars, and the restore target.
 
-Everything here is read-only: files are opened ``O_RDONLY`` (``open(path, "rb")``) and
-nothing is created, renamed or locked. Planning (``plan.py``) works on the dataclasses
-this module returns, never on files.
+Everything here is read-only: files are opened ``O_RDONLY`` and nothing is created,
+renamed or locked next to them. Inputs are found and read through ``sources.py``, so a
+snapshot or segment may be plain, gzip, zstd or a member of a tar archive; every path in
+the dataclasses below is the input's origin (see ``sources.py``). Planning (``plan.py``)
+works on the dataclasses this module returns, never on files.
 
-Sidecars follow ``sha256sum``: ``<file>.sha256`` holds ``<64 hex>  <basename>`` (the
-binary-mode ``<hex> *<basename>`` form and a bare digest are accepted too), so
-``sha256sum -c <file>.sha256`` works in the file's directory.
+Sidecars follow ``sha256sum`` (the one parser: ``unisondb/sha256sum.py``), so
+``sha256sum -c <file>.sha256`` works in the file's directory. For a compressed input
+``X.gz`` both ``X.gz.sha256`` and ``X.sha256`` are looked for, and each may hold the digest
+of the compressed file or of the decompressed content; every one present must match one of
+the two, and the result says which file and which form was checked.
 """
 
 from __future__ import annotations
@@ -14,30 +18,23 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
-import re
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import lmdb
 
-from unisondb.errors import CorruptLog, NotFound, UnisonDBError, from_os_error
+from unisondb import sha256sum
+from unisondb.errors import CorruptLog, InvalidRequest, NotFound, UnisonDBError, from_os_error
+from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
 from unisondb.storage import layout, segment, snapfile
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
 from unisondb.storage.history import NO_HISTORY, Lineage
 
 SIDECAR_SUFFIX = ".sha256"
-_CHUNK = 1 << 20
-_SIDECAR_RE = re.compile(r"^\\?([0-9a-fA-F]{64})(?:\s+\*?(.+))?$")
 #: LMDB meta page: 16-byte page header, then the meta's magic (little-endian 0xBEEFC0DE).
 _LMDB_MAGIC = (0xBEEFC0DE).to_bytes(4, "little")
-_COMPRESSION_MAGIC = {
-    b"\x28\xb5\x2f\xfd": ("zstd", "zstd -d {path} -o {out}"),
-    b"\x1f\x8b": ("gzip", "gunzip -k {path}"),
-    b"BZh": ("bzip2", "bunzip2 -k {path}"),
-    b"\xfd7zXZ\x00": ("xz", "unxz -k {path}"),
-}
 
 #: Called with the number of bytes just processed (progress bars).
 ByteCallback = Callable[[int], None]
@@ -50,16 +47,27 @@ def sidecar_path(path: Path) -> Path:
     return path.with_name(path.name + SIDECAR_SUFFIX)
 
 
+def sidecar_candidates(path: Path) -> list[Path]:
+    """``<path>.sha256`` and, for a compressed name, ``<name without .gz/.zst>.sha256``."""
+    out = [sidecar_path(path)]
+    plain = sources.classify_name(path.name).plain_name
+    if plain != path.name:
+        out.append(path.with_name(plain + SIDECAR_SUFFIX))
+    return out
+
+
+def has_sidecar(path: Path) -> bool:
+    return any(sources.exists(p) for p in sidecar_candidates(path))
+
+
 def sha256_file(path: Path, on_bytes: ByteCallback | None = None) -> str:
+    """sha256 of the input's plain (decompressed) content."""
     h = hashlib.sha256()
-    try:
-        with open(path, "rb") as f:
-            while chunk := f.read(_CHUNK):
-                h.update(chunk)
-                if on_bytes is not None:
-                    on_bytes(len(chunk))
-    except OSError as exc:
-        raise from_os_error(exc, path) from exc
+    with sources.open_plain(path) as f:
+        while chunk := f.read(1 << 20):
+            h.update(chunk)
+            if on_bytes is not None:
+                on_bytes(len(chunk))
     return h.hexdigest()
 
 
@@ -69,7 +77,7 @@ def sha256_bytes(data: bytes) -> str:
 
 @dataclass(frozen=True, slots=True)
 class ChecksumResult:
-    """The outcome of comparing a file with its ``.sha256`` sidecar."""
+    """The outcome of comparing a file with its ``.sha256`` sidecar(s)."""
 
     path: Path
     sha256: str
@@ -77,10 +85,15 @@ class ChecksumResult:
     status: str
     expected: str | None = None
     note: str | None = None
+    #: Which sidecar(s) were checked, and against what, e.g.
+    #: "000000001.wal.sha256 (decompressed content)"; the mismatching one on "mismatch".
+    sidecar: str | None = None
 
     def to_json(self) -> dict[str, object]:
         out: dict[str, object] = {"path": str(self.path), "sha256": self.sha256,
                                   "sidecar": self.status}
+        if self.sidecar is not None:
+            out["checked"] = self.sidecar
         if self.expected is not None and self.status == "mismatch":
             out["expected"] = self.expected
         if self.note:
@@ -88,48 +101,82 @@ class ChecksumResult:
         return out
 
 
-def read_sidecar(path: Path) -> tuple[str, str | None] | None:
-    """(digest, named basename) from ``<path>.sha256``; None if there is no sidecar.
-
-    An unparsable sidecar is ``BackupCorrupt``: it exists, so someone meant it to be checked.
-    """
-    side = sidecar_path(path)
-    try:
-        text = side.read_text(errors="replace")
-    except FileNotFoundError:
+def _read_entries(side: Path) -> list[sha256sum.Entry] | None:
+    """Entries of one sidecar; None if absent. Unparsable is ``BackupCorrupt``: it exists,
+    so someone meant it to be checked."""
+    data = sources.read_small(side)
+    if data is None:
         return None
-    except OSError as exc:
-        raise from_os_error(exc, side) from exc
-    line = text.strip().splitlines()[0].strip() if text.strip() else ""
-    m = _SIDECAR_RE.match(line)
-    if not m:
+    entries = sha256sum.parse(data.decode("utf-8", errors="replace"))
+    if entries is None:
         raise BackupCorrupt(
             f"checksum file {side} is not in sha256sum format ('<64 hex digits>  <file name>')"
         )
-    return m.group(1).lower(), (m.group(2).strip() if m.group(2) else None)
+    return entries
 
 
-def check_sidecar(path: Path, digest: str) -> ChecksumResult:
-    side = read_sidecar(path)
-    if side is None:
-        return ChecksumResult(path, digest, "missing",
-                              note=f"no {sidecar_path(path).name}: content cannot be checked "
-                              "against the checksum taken at backup time")
-    expected, name = side
+def read_sidecar(path: Path) -> tuple[str, str | None] | None:
+    """(digest, named basename) from ``<path>.sha256``; None if there is no sidecar."""
+    entries = _read_entries(sidecar_path(path))
+    if entries is None:
+        return None
+    pick = sha256sum.entry_for(entries, (path.name,))
+    if pick is None:
+        raise BackupCorrupt(f"checksum file {sidecar_path(path)} lists several files, none "
+                            f"of them {path.name}")
+    return pick[0].digest, pick[0].name
+
+
+def check_sidecar(path: Path, digest: str, *, stored: str | None = None) -> ChecksumResult:
+    """Compare ``digest`` (of the plain content) with every sidecar of ``path``.
+
+    For a compressed input a sidecar may instead hold the digest of the compressed file
+    (``stored``; computed here when not given).
+    """
+    compressed = sources.stored_codec(path) != "none"
+    plain_name = sources.classify_name(path.name).plain_name
+    names = (path.name, plain_name)
+    checked: list[str] = []
     note = None
-    if name is not None and name != path.name:
-        note = (f"{sidecar_path(path).name} names {name!r}, not {path.name!r} (file renamed?); "
-                "the digest was compared anyway")
-    if expected != digest:
-        return ChecksumResult(path, digest, "mismatch", expected=expected, note=note)
-    return ChecksumResult(path, digest, "ok", expected=expected, note=note)
+    found = False
+    for side in sidecar_candidates(path):
+        entries = _read_entries(side)
+        if entries is None:
+            continue
+        found = True
+        pick = sha256sum.entry_for(entries, names)
+        if pick is None:
+            raise BackupCorrupt(f"checksum file {side} lists several files, none of them "
+                                f"{path.name}")
+        entry, named = pick
+        if not named and entry.name is not None:
+            note = (f"{side.name} names {entry.name!r}, not {path.name!r} (file renamed?); "
+                    "the digest was compared anyway")
+        if entry.digest == digest:
+            checked.append(f"{side.name} (decompressed content)" if compressed else side.name)
+            continue
+        if compressed:
+            if stored is None:
+                stored = sources.stored_sha256(path)
+            if entry.digest == stored:
+                checked.append(f"{side.name} (compressed file)")
+                continue
+        return ChecksumResult(path, digest, "mismatch", expected=entry.digest, note=note,
+                              sidecar=side.name)
+    if not found:
+        names_text = " or ".join(p.name for p in sidecar_candidates(path))
+        return ChecksumResult(path, digest, "missing",
+                              note=f"no {names_text}: content cannot be checked "
+                              "against the checksum taken at backup time")
+    return ChecksumResult(path, digest, "ok", expected=digest, note=note,
+                          sidecar=" and ".join(checked))
 
 
 def raise_on_mismatch(result: ChecksumResult) -> None:
     if result.status == "mismatch":
         raise BackupCorrupt(
             f"checksum mismatch: {result.path} has sha256 {result.sha256} but "
-            f"{sidecar_path(result.path).name} expects {result.expected}",
+            f"{result.sidecar or sidecar_path(result.path).name} expects {result.expected}",
             hint="the file changed after the backup was taken (bit rot, a partial copy or a "
             "different file with the same name); fetch another copy, or use an older backup",
         )
@@ -139,18 +186,13 @@ def raise_on_mismatch(result: ChecksumResult) -> None:
 
 
 def detect_compression(path: Path) -> tuple[str, str] | None:
-    """(format, suggested command) if ``path`` starts with a known compression magic."""
-    try:
-        with open(path, "rb") as f:
-            head = f.read(8)
-    except OSError as exc:
-        raise from_os_error(exc, path) from exc
-    for magic, (fmt, cmd) in _COMPRESSION_MAGIC.items():
-        if head.startswith(magic):
-            out = path.with_suffix("") if path.suffix in (".zst", ".gz", ".bz2", ".xz") else \
-                path.with_name(path.name + ".raw")
-            return fmt, cmd.format(path=path, out=out)
-    return None
+    """(format, suggested command) if ``path`` is gzip/zstd-compressed (by magic bytes)."""
+    codec = sources.stored_codec(path)
+    if codec == "none":
+        return None
+    out = sources.classify_name(path.name).plain_name
+    cmd = f"zstd -d {path} -o {path.with_name(out)}" if codec == "zstd" else f"gunzip -k {path}"
+    return codec, cmd
 
 
 def looks_like_lmdb(path: Path) -> bool:
@@ -184,8 +226,9 @@ def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
     never hands the file to liblmdb) first, so a damaged file is reported, not opened. The
     file is then opened read-only without a lock file: nothing is written next to it.
     """
+    origin = path
     try:
-        st = path.stat()
+        path.stat()
     except FileNotFoundError:
         raise NotFound(f"snapshot not found: {path}") from None
     except OSError as exc:
@@ -193,15 +236,26 @@ def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
     if path.is_dir():
         raise NotFound(f"snapshot path is a directory, expected a file: {path}",
                        hint="pass the snapshot file itself (an LMDB data.mdb copy)")
-    comp = detect_compression(path)
-    if comp is not None:
+    kind = sources.classify(path)
+    if kind.kind is sources.Kind.ENCRYPTED:
+        raise sources.encrypted_error(path)
+    if kind.kind is sources.Kind.ARCHIVE:
+        raise InvalidRequest(f"{path} is a tar archive; --snapshot takes one snapshot file",
+                             hint="extract the snapshot from it, or pass the archive to --wal")
+    if kind.codec != "none" and kind.kind is not sources.Kind.SNAPSHOT:
         raise CompressedInput(
-            f"{path} is {comp[0]}-compressed; restore needs the raw snapshot file",
-            hint=f"decompress it first: {comp[1]}",
+            f"{path} is {kind.codec}-compressed but does not hold an LMDB snapshot "
+            f"(it holds a {kind.kind.value} file)",
+            hint="a snapshot is the file written by POST /api/v1/<ns>/btree/backup, "
+            "optionally compressed with gzip or zstd",
         )
+    # A compressed snapshot is decompressed once into staging (LMDB needs a real file);
+    # every later read of ``origin`` goes to that copy (sources.open_plain).
+    path = sources.materialize(origin)
+    st = path.stat()
     if not looks_like_lmdb(path):
         raise BackupCorrupt(
-            f"{path} is not an LMDB data file (no LMDB meta page at the start)",
+            f"{origin} is not an LMDB data file (no LMDB meta page at the start)",
             hint="a snapshot is the file written by POST /api/v1/<ns>/btree/backup",
         )
     # A self-verifying snapshot proves every byte without a sidecar (storage/snapfile.py).
@@ -221,16 +275,17 @@ def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
             shown = "; ".join(problems[:5]) + (f" (and {len(problems) - 5} more)"
                                                if len(problems) > 5 else "")
             raise BackupCorrupt(
-                f"snapshot {path} is not a sound LMDB file: {shown}",
+                f"snapshot {origin} is not a sound LMDB file: {shown}",
                 hint="use another copy of this snapshot or an older snapshot",
             )
-    cp, has_cp, keys = _read_checkpoint_readonly(path, st.st_size)
-    return SnapshotInfo(path, st.st_size, cp, has_cp, keys, problems)
+    cp, has_cp, keys = _read_checkpoint_readonly(path, st.st_size, origin)
+    return SnapshotInfo(origin, st.st_size, cp, has_cp, keys, problems)
 
 
-def _read_checkpoint_readonly(path: Path, size: int) -> tuple[Checkpoint, bool, int]:
+def _read_checkpoint_readonly(local: Path, size: int,
+                              path: Path) -> tuple[Checkpoint, bool, int]:
     try:
-        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_dbs=4,
+        env = lmdb.open(str(local), subdir=False, readonly=True, lock=False, max_dbs=4,
                         map_size=max(size, 1 << 20))
     except lmdb.Error as exc:
         raise BackupCorrupt(f"cannot open snapshot {path} as LMDB: {exc}") from exc
@@ -317,30 +372,41 @@ class SegmentMeta:
 def read_segment_meta(path: Path) -> SegmentMeta:
     """Header + footer of a sealed segment; a full (read-only) scan of an unsealed one.
 
-    Raises ``CorruptLog`` if the header itself is unreadable; other damage is reported in
-    ``damage`` so listing tools can show it.
+    A plain file is read by header and footer only; a compressed one or an archive member
+    is decompressed (the footer is at the end of the plain bytes). ``size`` is always the
+    plain size. Raises ``CorruptLog``/``BackupCorrupt`` if the header (or the compressed
+    stream) is unreadable; other damage is reported in ``damage`` so listing tools can show
+    it.
     """
-    summary = segment.read_summary(path)
-    h = summary.header
-    named = layout.parse_segment_name(path.name)
+    data: bytes | None = None
+    if sources.codec_of(path) == "none" and sources.local(path) == path:
+        summary = segment.read_summary(path)
+        h, footer, size = summary.header, summary.footer, summary.size
+    else:
+        data = sources.read_segment(path)
+        h = segment.decode_header(data, path)
+        footer, size = segment.try_decode_footer(data), len(data)
+    named = layout.parse_segment_name(sources.classify_name(path.name).plain_name)
     damage = None
     if named is not None and named != h.segment_id:
         damage = f"header says segment {h.segment_id} but the file is named for segment {named}"
-    if summary.footer is not None:
-        f = summary.footer
+    if footer is not None:
+        f = footer
         return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, f.last_lsn, f.count,
-                           f.min_time_ns, f.max_time_ns, h.created_ns, h.ns_crc, summary.size,
+                           f.min_time_ns, f.max_time_ns, h.created_ns, h.ns_crc, size,
                            True, damage, h.lineage, h.start_fp, f.fingerprint)
-    if summary.size >= segment.HEADER_SIZE + segment.FOOTER_SIZE and \
-            _tail_has_footer_magic(path, summary.size):
+    if data is None:
+        data = sources.read_segment(path)
+    if size >= segment.HEADER_SIZE + segment.FOOTER_SIZE and \
+            data[size - segment.FOOTER_SIZE:size - segment.FOOTER_SIZE + 4] == \
+            segment.FOOTER_MAGIC:
         damage = damage or "footer checksum mismatch (the footer is damaged)"
-    data = segment.read_file(path)
     try:
         scan = segment.scan(path, data)
     except CorruptLog as exc:
         damage = damage or exc.message
         return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, h.first_lsn - 1, 0, 0,
-                           0, h.created_ns, h.ns_crc, summary.size, False, damage, h.lineage,
+                           0, h.created_ns, h.ns_crc, size, False, damage, h.lineage,
                            h.start_fp)
     recs = [r for r, _s, _e in scan.records]
     if scan.tail_error is not None:
@@ -349,16 +415,7 @@ def read_segment_meta(path: Path) -> SegmentMeta:
     times = [r.time_ns for r in recs]
     return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, scan.last_lsn, len(recs),
                        min(times, default=0), max(times, default=0), h.created_ns, h.ns_crc,
-                       summary.size, False, damage, h.lineage, h.start_fp)
-
-
-def _tail_has_footer_magic(path: Path, size: int) -> bool:
-    try:
-        with open(path, "rb") as f:
-            f.seek(size - segment.FOOTER_SIZE)
-            return f.read(4) == segment.FOOTER_MAGIC
-    except OSError:
-        return False
+                       size, False, damage, h.lineage, h.start_fp)
 
 
 @dataclass(slots=True)
@@ -388,29 +445,25 @@ class WalInventory:
 
 
 def find_segment_files(directory: Path) -> list[Path]:
-    """Every ``%09d.wal`` file under ``directory`` (recursively), sorted by path."""
-    if not directory.exists():
-        raise NotFound(f"WAL directory not found: {directory}")
-    if not directory.is_dir():
-        raise NotFound(f"not a directory: {directory}",
-                       hint="--wal takes a directory of NNNNNNNNN.wal files")
-    found = []
-    for dirpath, dirnames, files in os.walk(directory):
-        dirnames.sort()
-        for name in files:
-            if layout.parse_segment_name(name) is not None:
-                found.append(Path(dirpath) / name)
-    return sorted(found)
+    """Every segment input under ``directory`` (recursively; plain, .gz, .zst, archive
+    members), sorted by path. Inputs that cannot be read are left out; ``collect_wal``
+    reports them."""
+    return sources.find_segments(directory).segments
 
 
 def collect_wal(dirs: Iterable[Path], on_file: Callable[[Path], None] | None = None) -> WalInventory:
-    """Read the header/footer of every segment under ``dirs``; detect conflicting copies."""
+    """Read the header/footer of every segment under ``dirs``; detect conflicting copies.
+
+    ``dirs`` may also name single files: a segment (any compression) or a tar archive.
+    """
     inv = WalInventory(tuple(dirs))
     metas: dict[int, list[SegmentMeta]] = {}
     seen_paths: set[Path] = set()
     for d in inv.dirs:
-        for p in find_segment_files(d):
-            real = p.resolve()
+        found = sources.find_segments(d)
+        inv.unreadable += found.unreadable
+        for p in found.segments:
+            real = p.resolve() if sources.local(p) == p else p
             if real in seen_paths:
                 continue
             seen_paths.add(real)

@@ -22,6 +22,7 @@ from pathlib import Path
 import crc32c
 
 from unisondb.errors import CorruptLog, LsnGap, UnisonDBError
+from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, BadTarget
 from unisondb.restore.inventory import (
     ChecksumResult,
@@ -147,7 +148,7 @@ def check_segment_bytes(meta: SegmentMeta, data: bytes) -> RecordIndex:
 
 def read_verified(meta: SegmentMeta, expected_sha256: str | None = None) -> tuple[bytes, str]:
     """The bytes of a segment file and their sha256 (checked against ``expected`` if given)."""
-    data = segment.read_file(meta.path)
+    data = sources.read_segment(meta.path)
     digest = sha256_bytes(data)
     if expected_sha256 is not None and digest != expected_sha256:
         raise BackupCorrupt(f"WAL segment {meta.path} changed after it was verified "
@@ -353,7 +354,7 @@ def _verify_segments(inv: WalInventory, namespace: str | None, rep: VerifyReport
         entry["path"] = str(path)
         rep.segments.append(entry)
         try:
-            data = segment.read_file(path)
+            data = sources.read_segment(path)
         except UnisonDBError as exc:
             entry["crc"] = "unreadable"
             rep.problems.append(str(exc))

@@ -45,12 +45,21 @@ def test_sidecar_missing_renamed_and_garbage(tmp_path: Path) -> None:
 
 
 @pytest.mark.parametrize(("magic", "fmt"), [(b"\x28\xb5\x2f\xfd", "zstd"), (b"\x1f\x8b", "gzip")])
-def test_compressed_snapshot_is_named(tmp_path: Path, magic: bytes, fmt: str) -> None:
+def test_damaged_compressed_snapshot_is_named(tmp_path: Path, magic: bytes, fmt: str) -> None:
     p = tmp_path / "snap.db.zst"
     p.write_bytes(magic + b"\0" * 100)
     found = detect_compression(p)
     assert found is not None and found[0] == fmt
-    with pytest.raises(CompressedInput, match=fmt):
+    with pytest.raises(BackupCorrupt, match=f"{p}: {fmt} data is"):
+        inspect_snapshot(p)
+
+
+def test_compressed_non_snapshot_is_refused(tmp_path: Path) -> None:
+    import gzip
+
+    p = tmp_path / "notes.txt.gz"
+    p.write_bytes(gzip.compress(b"hello" * 100))
+    with pytest.raises(CompressedInput, match="gzip-compressed but does not hold"):
         inspect_snapshot(p)
 
 
