@@ -24,8 +24,9 @@ reading the whole head. The request body is already bounded: uvicorn stops readi
 
 Every refusal is the API's JSON envelope ``{"error": "..."}`` with ``Connection: close``.
 After it the connection is half-closed and whatever the client still sends is read and
-dropped for at most ``_LINGER`` seconds — closing with unread data would make the kernel
-send a reset, and the client would then often never see the response.
+dropped for at most ``_LINGER`` seconds and ``max_header_bytes`` bytes — closing with
+unread data would make the kernel send a reset, and the client would then often never see
+the response; a client still sending after that is reset.
 
 A body deadline that fires while the app is reading marks the scope
 (``TIMED_OUT_SCOPE_KEY``) so the app counts the request as 408, not as a disconnect.
@@ -84,6 +85,7 @@ class _LimitedProtocol(HttpToolsProtocol):
         self._header_count = 0
         self._refusal: tuple[int, str] | None = None
         self._refusing = False
+        self._drained = 0
         self._deadline: asyncio.TimerHandle | None = None  # head or body deadline
         self._write_deadline: asyncio.TimerHandle | None = None
 
@@ -112,7 +114,12 @@ class _LimitedProtocol(HttpToolsProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self._refusing:
-            return  # drained: a refused connection's bytes are dropped
+            # Drained and dropped; a client that keeps flooding is cut off (reset) once it
+            # has sent another head's worth, so draining costs bounded time as well.
+            self._drained += len(data)
+            if self._drained > self.limits.max_header_bytes:
+                self.transport.abort()
+            return
         limit = self.limits.max_header_bytes
         view = memoryview(data)
         while view and not self._refusing:
