@@ -121,15 +121,15 @@ def _check_tls(sec: SecurityConfig) -> None:
         ctx.load_cert_chain(str(sec.tls_cert), str(sec.tls_key))
         if sec.tls_client_ca is not None:
             ctx.load_verify_locations(cafile=str(sec.tls_client_ca))
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read TLS file {exc.filename or sec.tls_cert}: "
-                             f"{exc.strerror}") from exc
     except ssl.SSLError as exc:
         raise InvalidRequest(
             f"cannot use TLS certificate {sec.tls_cert} / key {sec.tls_key}"
             + (f" / client CA {sec.tls_client_ca}" if sec.tls_client_ca else "")
             + f": {exc.reason or exc}",
             hint="both must be PEM files and the key must match the certificate") from exc
+    except OSError as exc:  # after SSLError, which is an OSError too
+        raise InvalidRequest(f"cannot read TLS file {exc.filename or sec.tls_cert}: "
+                             f"{exc.strerror}") from exc
 
 
 def _tls_kwargs(sec: SecurityConfig) -> dict[str, Any]:
