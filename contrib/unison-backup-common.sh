@@ -9,6 +9,8 @@
 #   PROG                          name in log lines and in the lock file name
 #   NAMESPACE DATA_DIR STATE_DIR  settings (check_base_settings checks them)
 #   UPLOAD_CMD CURL_MAX_TIME UNISON_URL
+#   UNISON_TOKEN_FILE             optional: a file whose first word is the server's bearer
+#                                 token (role admin: the backup endpoints need it)
 #   STATE_FILE                    the script's state file (state_get, state_merge)
 # and these are set here: UPLOAD_ARGV (setup_upload), BACKUP_ROOT and ROOT_REAL
 # (setup_backup_root). Exit status as the scripts' headers document: the setting and
@@ -27,8 +29,18 @@ config_error() { err "$*"; exit 2; }
 
 # --- settings, tools, lock ------------------------------------------------------------
 
-# check_base_settings: NAMESPACE, DATA_DIR and STATE_DIR, or exit 2.
+# check_base_settings: NAMESPACE, DATA_DIR and STATE_DIR, or exit 2; also reads the
+# bearer token from UNISON_TOKEN_FILE (if set) into AUTH_TOKEN.
 check_base_settings() {
+  AUTH_TOKEN=
+  if [[ -n ${UNISON_TOKEN_FILE:-} ]]; then
+    [[ -r $UNISON_TOKEN_FILE ]] || config_error "UNISON_TOKEN_FILE '$UNISON_TOKEN_FILE' is not a readable file"
+    # The first word of the first line that is not blank or a comment; a server-side
+    # '<token> <role>' line works as well.
+    AUTH_TOKEN=$(awk '!/^[[:space:]]*(#|$)/ { print $1; exit }' "$UNISON_TOKEN_FILE")
+    [[ $AUTH_TOKEN =~ ^[A-Za-z0-9._~+/-]+=*$ ]] ||
+      config_error "UNISON_TOKEN_FILE '$UNISON_TOKEN_FILE' holds no token (A-Z a-z 0-9 - . _ ~ + / =)"
+  fi
   [[ $NAMESPACE =~ ^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$ && $NAMESPACE != backups ]] ||
     config_error "NAMESPACE '$NAMESPACE' is not a valid namespace name"
   [[ $DATA_DIR == /* ]] || config_error "DATA_DIR must be an absolute path, got '$DATA_DIR'"
@@ -89,10 +101,18 @@ under_root() {
   [[ $p == "$ROOT_REAL"/* ]]
 }
 
+# curl_auth_config: a curl config sending the bearer token, if there is one. Given to
+# curl through a pipe (-K <(...)), so the token never appears in the process list.
+curl_auth_config() {
+  if [[ -n ${AUTH_TOKEN:-} ]]; then
+    printf 'header = "Authorization: Bearer %s"\n' "$AUTH_TOKEN"
+  fi
+}
+
 # api ROUTE JSON: POST to /api/v1/$NAMESPACE/ROUTE, print the response body.
 api() {
   local route=$1 body=$2 out rc=0 msg
-  out=$(curl -sS --fail-with-body --connect-timeout 10 --max-time "$CURL_MAX_TIME" \
+  out=$(curl -K <(curl_auth_config) -sS --fail-with-body --connect-timeout 10 --max-time "$CURL_MAX_TIME" \
     -X POST -H 'Content-Type: application/json' --data-binary "$body" \
     "$UNISON_URL/api/v1/$NAMESPACE/$route") || rc=$?
   if ((rc != 0)); then

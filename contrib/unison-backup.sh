@@ -36,6 +36,8 @@
 #    procedures still find them (they match btree-[0-9]{8} and wal-YYYYMMDD*).
 #
 # Settings (environment):
+#   UNISON_TOKEN_FILE       file holding the server's bearer token (an    unset
+#                           admin token; see docs/OPERATIONS.md)
 #   UNISON_URL              server base URL                               http://127.0.0.1:8080
 #   NAMESPACE               namespace to back up                          users
 #   DATA_DIR                the server's --data-dir                       /var/unison/data

@@ -30,6 +30,8 @@
 #  - two runs cannot overlap (flock).
 #
 # Settings (environment):
+#   UNISON_TOKEN_FILE     file holding the server's bearer token (an      unset
+#                         admin token; see docs/OPERATIONS.md)
 #   UNISON_URL            server base URL                                 http://127.0.0.1:8080
 #   NAMESPACE             namespace to archive                            users
 #   DATA_DIR              the server's --data-dir                         /var/unison/data

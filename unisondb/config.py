@@ -17,6 +17,25 @@ TOML file (every key optional; flags given on the command line win)::
 
     [btree]
     map_size = "1GiB"
+
+    [http]                       # limits; see docs/OPERATIONS.md "HTTP limits"
+    max_header_bytes = "64KiB"   # request line + headers → 431
+    max_headers = 100            # header fields → 431
+    max_request_line = "8KiB"    # request target (URL) → 414
+    idle_timeout = "30s"         # keep-alive idle, slow reader of a response
+    header_timeout = "10s"       # whole request head, from its first byte → 408
+    body_timeout = "30s"         # whole request body, from the end of the head → 408
+    max_connections = 1024       # beyond it: 503 + Retry-After
+
+    [auth]
+    token_file = "/etc/unisondb/tokens"   # "<token> <role>" per line; unset = no auth
+    metrics = "token"                     # "token" or "none" (/metrics without a token)
+    insecure_no_auth = false              # allow a non-loopback http_addr without tokens
+
+    [tls]
+    cert = "server.crt"
+    key = "server.key"
+    client_ca = "clients-ca.crt"          # optional: require client certificates
 """
 
 from __future__ import annotations
@@ -88,6 +107,40 @@ class EngineConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class HttpLimits:
+    """What one HTTP client may cost (enforced by ``api/protocol.py``; see docs/OPERATIONS.md)."""
+
+    #: Request line plus headers, in bytes; more → 431 and the connection is closed.
+    max_header_bytes: int = 64 << 10
+    #: Number of header fields; more → 431.
+    max_headers: int = 100
+    #: Length of the request target (path and query); longer → 414.
+    max_request_line: int = 8 << 10
+    #: A keep-alive connection with no request in flight is closed after this long; so is a
+    #: connection whose client stops reading a response.
+    idle_timeout: float = 30.0
+    #: The whole request head must arrive within this many seconds of its first byte → 408.
+    header_timeout: float = 10.0
+    #: The whole request body must arrive within this many seconds of the head → 408.
+    body_timeout: float = 30.0
+    #: Open connections served at once; the ones beyond get 503 with ``Retry-After``.
+    max_connections: int = 1024
+
+
+@dataclass(frozen=True, slots=True)
+class SecurityConfig:
+    """Bearer tokens and TLS; every path is as given (checked when the server starts)."""
+
+    token_file: Path | None = None
+    #: ``"token"``: /metrics needs a read token like every other route; ``"none"``: open.
+    metrics_auth: str = "token"
+    insecure_no_auth: bool = False
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     data_dir: Path = Path("./data")
     host: str = "127.0.0.1"
@@ -97,13 +150,22 @@ class ServerConfig:
     max_body_bytes: int = 1 << 20
     engine: EngineConfig = field(default_factory=EngineConfig)
     log_format: str = "console"
+    http: HttpLimits = field(default_factory=HttpLimits)
+    security: SecurityConfig = field(default_factory=SecurityConfig)
 
 
 def load_config(
     config_file: Path | None = None, *, data_dir: Path | None = None, http_addr: str | None = None,
     namespaces: tuple[str, ...] = (), overrides: dict[str, Any] | None = None,
+    http_overrides: dict[str, Any] | None = None, auth_overrides: dict[str, Any] | None = None,
+    tls_overrides: dict[str, Any] | None = None,
 ) -> ServerConfig:
-    """Merge a TOML file (if any) with command-line values; flags win."""
+    """Merge a TOML file (if any) with command-line values; flags win.
+
+    ``overrides`` are ``[wal]`` keys; ``http_overrides``, ``auth_overrides`` and
+    ``tls_overrides`` are keys of the ``[http]``, ``[auth]`` and ``[tls]`` tables. A value
+    of None means "not given on the command line".
+    """
     raw: dict[str, Any] = {}
     if config_file is not None:
         try:
@@ -112,10 +174,13 @@ def load_config(
             raise InvalidRequest(f"cannot read config file {config_file}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequest(f"invalid TOML in {config_file}: {exc}") from exc
-    known = {"data_dir", "http_addr", "namespaces", "max_body_bytes", "wal", "btree", "log_format"}
+    known = {"data_dir", "http_addr", "namespaces", "max_body_bytes", "wal", "btree", "log_format",
+             "http", "auth", "tls"}
     _check_keys(raw, known, "", config_file)
     for table, keys in (("wal", {"segment_size", "segment_max_age", "retention"}),
-                        ("btree", {"map_size"})):
+                        ("btree", {"map_size"}), ("http", set(_HTTP_KEYS)),
+                        ("auth", {"token_file", "metrics", "insecure_no_auth"}),
+                        ("tls", {"cert", "key", "client_ca"})):
         if not isinstance(raw.get(table, {}), dict):
             raise InvalidRequest(f"invalid config in {config_file}: [{table}] must be a table")
         _check_keys(raw.get(table, {}), keys, f"{table}.", config_file)
@@ -153,7 +218,66 @@ def load_config(
         host=host, port=port, namespaces=tuple(dict.fromkeys(ns)),
         max_body_bytes=max_body_bytes,
         engine=engine, log_format=str(raw.get("log_format", "console")),
+        http=_http_limits(_merged(raw, "http", http_overrides), config_file),
+        security=_security(_merged(raw, "auth", auth_overrides), _merged(raw, "tls", tls_overrides),
+                           config_file),
     )
+
+
+#: ``[http]`` keys and how each is parsed.
+_HTTP_KEYS: dict[str, Any] = {
+    "max_header_bytes": parse_size, "max_headers": parse_size, "max_request_line": parse_size,
+    "idle_timeout": parse_duration, "header_timeout": parse_duration,
+    "body_timeout": parse_duration, "max_connections": parse_size,
+}
+#: Smallest sane value of each ``[http]`` key: below it ordinary requests would fail.
+_HTTP_MIN: dict[str, float] = {
+    "max_header_bytes": 1024, "max_headers": 8, "max_request_line": 256,
+    "idle_timeout": 0.05, "header_timeout": 0.05, "body_timeout": 0.05, "max_connections": 1,
+}
+
+
+def _merged(raw: dict[str, Any], table: str, flags: dict[str, Any] | None) -> dict[str, Any]:
+    merged = dict(raw.get(table, {}))
+    merged.update({k: v for k, v in (flags or {}).items() if v is not None})
+    return merged
+
+
+def _http_limits(values: dict[str, Any], config_file: Path | None) -> HttpLimits:
+    default = HttpLimits()
+    parsed: dict[str, Any] = {}
+    for key, parse in _HTTP_KEYS.items():
+        value = parse(values[key]) if key in values else getattr(default, key)
+        if value < _HTTP_MIN[key]:
+            raise InvalidRequest(f"http {key} must be at least {_HTTP_MIN[key]:g}, got {value:g}")
+        parsed[key] = value
+    return HttpLimits(**parsed)
+
+
+def _security(auth: dict[str, Any], tls: dict[str, Any], config_file: Path | None) -> SecurityConfig:
+    for table, values in (("auth", auth), ("tls", tls)):
+        for key, value in values.items():
+            want = bool if key == "insecure_no_auth" else str
+            if not isinstance(value, want) and not isinstance(value, Path):
+                raise InvalidRequest(f"invalid config in {config_file}: {table}.{key} must be a "
+                                     f"{'boolean' if want is bool else 'string'}")
+    metrics = str(auth.get("metrics", "token"))
+    if metrics not in ("token", "none"):
+        raise InvalidRequest(f"invalid metrics auth {metrics!r}: use \"token\" or \"none\"")
+
+    def path(values: dict[str, Any], key: str) -> Path | None:
+        return Path(values[key]) if values.get(key) else None
+
+    sec = SecurityConfig(
+        token_file=path(auth, "token_file"), metrics_auth=metrics,
+        insecure_no_auth=bool(auth.get("insecure_no_auth", False)),
+        tls_cert=path(tls, "cert"), tls_key=path(tls, "key"), tls_client_ca=path(tls, "client_ca"),
+    )
+    if (sec.tls_cert is None) != (sec.tls_key is None):
+        raise InvalidRequest("TLS needs both --tls-cert and --tls-key (got only one of them)")
+    if sec.tls_client_ca is not None and sec.tls_cert is None:
+        raise InvalidRequest("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+    return sec
 
 
 def _check_keys(table: dict[str, Any], known: set[str], prefix: str,

@@ -8,15 +8,20 @@ the namespace LOCK is released.
 
 from __future__ import annotations
 
+import ipaddress
 import signal
 import socket
+import ssl
+from typing import Any
 
 import structlog
 import uvicorn
 
 from unisondb import logging as ulog
 from unisondb.api.app import build_app
-from unisondb.config import ServerConfig
+from unisondb.api.auth import TokenTable, load_tokens
+from unisondb.api.protocol import limited_protocol
+from unisondb.config import SecurityConfig, ServerConfig
 from unisondb.errors import InvalidRequest, from_os_error
 from unisondb.metrics import Metrics
 from unisondb.storage import fsutil, layout
@@ -79,11 +84,69 @@ class _Server(uvicorn.Server):
             for server in self.servers:
                 for sock in server.sockets:
                     host, port = sock.getsockname()[:2]
-                    log.info("server.listening", url=f"http://{host}:{port}")
+                    scheme = "https" if self.config.is_ssl else "http"
+                    log.info("server.listening", url=f"{scheme}://{host}:{port}")
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False  # a host name: it may resolve to anything
+
+
+def check_security(cfg: ServerConfig) -> TokenTable | None:
+    """Load the token file and TLS files now, so a mistake is one error line, not a traceback.
+
+    A server reachable beyond loopback without any authentication is refused unless the
+    operator says ``--insecure-no-auth``; client certificates (``--tls-client-ca``) count
+    as authentication.
+    """
+    sec = cfg.security
+    tokens = load_tokens(sec.token_file) if sec.token_file is not None else None
+    if (tokens is None and sec.tls_client_ca is None and not sec.insecure_no_auth
+            and not is_loopback(cfg.host)):
+        raise InvalidRequest(
+            f"refusing to serve on {cfg.host}:{cfg.port} without authentication: anyone who "
+            "reaches this address could read, write and delete data and fill the disk",
+            hint="give --auth-token-file FILE (see docs/OPERATIONS.md), listen on 127.0.0.1, "
+                 "or pass --insecure-no-auth if a firewall or proxy does this job")
+    if sec.tls_cert is not None:
+        _check_tls(sec)
+    return tokens
+
+
+def _check_tls(sec: SecurityConfig) -> None:
+    try:
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(str(sec.tls_cert), str(sec.tls_key))
+        if sec.tls_client_ca is not None:
+            ctx.load_verify_locations(cafile=str(sec.tls_client_ca))
+    except ssl.SSLError as exc:
+        raise InvalidRequest(
+            f"cannot use TLS certificate {sec.tls_cert} / key {sec.tls_key}"
+            + (f" / client CA {sec.tls_client_ca}" if sec.tls_client_ca else "")
+            + f": {exc.reason or exc}",
+            hint="both must be PEM files and the key must match the certificate") from exc
+    except OSError as exc:  # after SSLError, which is an OSError too
+        raise InvalidRequest(f"cannot read TLS file {exc.filename or sec.tls_cert}: "
+                             f"{exc.strerror}") from exc
+
+
+def _tls_kwargs(sec: SecurityConfig) -> dict[str, Any]:
+    if sec.tls_cert is None:
+        return {}
+    kwargs: dict[str, Any] = {"ssl_certfile": str(sec.tls_cert), "ssl_keyfile": str(sec.tls_key)}
+    if sec.tls_client_ca is not None:
+        kwargs.update(ssl_ca_certs=str(sec.tls_client_ca), ssl_cert_reqs=ssl.CERT_REQUIRED)
+    return kwargs
 
 
 def serve(cfg: ServerConfig) -> int:
     ulog.configure(cfg.log_format)
+    tokens = check_security(cfg)
     try:
         cfg.data_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -95,16 +158,22 @@ def serve(cfg: ServerConfig) -> int:
         metrics.init_namespace(ns)
     fsutil.fsync_observer = metrics.fsync_seconds.observe
     app = build_app(engines, metrics, data_dir=str(cfg.data_dir.resolve()),
-                    max_body_bytes=cfg.max_body_bytes)
+                    max_body_bytes=cfg.max_body_bytes, tokens=tokens,
+                    metrics_open=cfg.security.metrics_auth == "none")
     uv = uvicorn.Config(
-        app, host=cfg.host, port=cfg.port, loop="uvloop", http="httptools", lifespan="off",
+        app, host=cfg.host, port=cfg.port, loop="uvloop", lifespan="off",
+        # httptools parsing with the limits it lacks (api/protocol.py, docs/OPERATIONS.md).
+        http=limited_protocol(cfg.http),
         access_log=False, log_level="warning", timeout_graceful_shutdown=30,
         server_header=False,
         # We sit behind no proxy by default; X-Forwarded-* parsing costs every request.
         proxy_headers=False,
+        **_tls_kwargs(cfg.security),
     )
     server = _Server(uv)
-    log.info("server.starting", data_dir=str(cfg.data_dir), namespaces=sorted(engines))
+    log.info("server.starting", data_dir=str(cfg.data_dir), namespaces=sorted(engines),
+             auth="tokens" if tokens is not None else "none",
+             tls=cfg.security.tls_cert is not None)
     # uvicorn restores the previous handlers after a graceful shutdown and re-raises the
     # signal it caught; with the default SIGTERM handler that would kill the process
     # before the engines are closed. These handlers make that re-raise harmless.

@@ -272,7 +272,7 @@ def test_declared_content_length_over_limit_is_413_before_the_body(srv: Any) -> 
             data += chunk
     head, _, body = data.partition(b"\r\n\r\n")
     assert head.startswith(b"HTTP/1.1 413 "), data
-    assert body == b'{"error":"request body too large: 1048577 bytes, limit is 1048576 bytes"}'
+    assert body == b'{"error":"request body too large: 1048577 bytes, limit is 1048576 bytes"}\n'
 
 
 def test_chunked_body_over_limit_is_413(users: httpx.Client) -> None:
@@ -385,11 +385,11 @@ def test_dot_segments_sent_verbatim_are_keys(srv: Any, http: httpx.Client, targe
     """A client that does not normalise the path reaches the key '..' or '.' itself."""
     key = target.rsplit("/", 1)[1]
     status, _, body = raw(srv, "PUT", target, b'{"value":"ZG90"}')
-    assert (status, body) == (200, b'{"success":true}')
+    assert (status, body) == (200, b'{"success":true}\n')
     assert http.get(path_for(key).replace("/kv/", "/api/v1/users/kv/")).json() == {
         "value": "ZG90", "found": True}
     status, _, body = raw(srv, "GET", target)
-    assert (status, body) == (200, b'{"value":"ZG90","found":true}')
+    assert (status, body) == (200, b'{"value":"ZG90","found":true}\n')
 
 
 def test_percent_encoded_and_literal_unicode_paths_are_the_same_key(srv: Any,

@@ -351,3 +351,59 @@ def test_promtool_test_rules() -> None:
     res = run(promtool, "test", "rules", RULE_TESTS.name, cwd=PROMETHEUS)
     assert res.returncode == 0, res.stdout + res.stderr
     assert "SUCCESS" in res.stdout
+
+
+# --- bearer token (UNISON_TOKEN_FILE) ----------------------------------------------------
+
+ADMIN_TOKEN = "contrib-admin-token-0123456789"
+
+
+@pytest.fixture(scope="module")
+def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
+    from serverproc import start_server
+
+    tmp = tmp_path_factory.mktemp("contrib-auth")
+    tokens = tmp / "tokens"
+    tokens.write_text(f"{ADMIN_TOKEN} admin\n")
+    tokens.chmod(0o600)
+    srv = start_server(tmp / "data", ("users",), ["--auth-token-file", str(tokens)])
+    import httpx
+    r = httpx.put(srv.url + "/api/v1/users/kv/k", json={"value": "dg=="},
+                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+    assert r.status_code == 200, r.text
+    yield srv
+    srv.stop()
+
+
+@pytest.mark.parametrize("token_text,ok", [
+    (f"# the archive job's token\n{ADMIN_TOKEN}\n", True),
+    (f"{ADMIN_TOKEN} admin\n", True),          # a line of the server's own file works too
+    (None, False),                              # no UNISON_TOKEN_FILE: the server says 401
+])
+def test_wal_archive_sends_the_token_from_unison_token_file(auth_server: Any, tmp_path: Path,
+                                                            token_text: str | None,
+                                                            ok: bool) -> None:
+    settings = {"UNISON_URL": auth_server.url, "DATA_DIR": str(auth_server.data_dir),
+                "ARCHIVE_DIR": f"wal/t{len(token_text or '')}", "COMPRESS": "none"}
+    if token_text is not None:
+        token_file = tmp_path / "token"
+        token_file.write_text(token_text)
+        token_file.chmod(0o600)
+        settings["UNISON_TOKEN_FILE"] = str(token_file)
+    res = run(CONTRIB / "unison-wal-archive.sh", env=script_env(tmp_path, **settings))
+    if ok:
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert ADMIN_TOKEN not in res.stdout + res.stderr
+    else:
+        assert res.returncode != 0
+        assert "authentication required" in res.stderr, res.stderr
+
+
+def test_unreadable_or_empty_token_file_is_a_setting_error(tmp_path: Path) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text("# nothing here\n")
+    for path, words in ((tmp_path / "missing", "is not a readable file"), (empty, "holds no token")):
+        res = run(CONTRIB / "unison-wal-archive.sh",
+                  env=script_env(tmp_path, UNISON_TOKEN_FILE=str(path)))
+        assert res.returncode == 2, res.stderr
+        assert words in res.stderr

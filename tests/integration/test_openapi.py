@@ -29,6 +29,10 @@ def route_pairs() -> set[tuple[str, str]]:
         for method in route.methods or ():
             if method != "HEAD":  # Starlette adds HEAD to every GET route
                 pairs.add((path, method.lower()))
+    # The {key} routes also serve the key named "batch"; the spec lists those operations
+    # under /kv/batch too, so a 405's Allow header there matches the document.
+    for method in ("get", "put", "delete"):
+        pairs.add(("/api/v1/{namespace}/kv/batch", method))
     return pairs
 
 
@@ -136,3 +140,54 @@ def test_documented_statuses_are_what_the_server_answers(spec: dict[str, Any],
 
 def test_openapi_is_stable_across_requests(http: httpx.Client, spec: dict[str, Any]) -> None:
     assert http.get("/openapi.json").json() == spec
+
+
+def test_allow_header_on_batch_matches_the_spec(spec: dict[str, Any], http: httpx.Client) -> None:
+    resp = http.request("PATCH", "/api/v1/default/kv/batch")
+    assert resp.status_code == 405
+    allowed = {m.strip().lower() for m in resp.headers["allow"].split(",")} - {"head"}
+    assert allowed == set(spec["paths"]["/api/v1/{namespace}/kv/batch"]) & METHODS
+
+
+B64_VALUES = ["", "dg==", "aGk=", "aGVsbG8=", "AAAA", "dg", "dg=", "d===", "!!!!", "dg==dg==",
+              " dg==", "aGk=\n", "a-b_", "YQ"]
+PATHS = ["", " ", "/abs", "a", " a", "a/b", ".", "..", "a/../b", "%2e%2e", "..%2f", "x.db"]
+
+
+def test_spec_constraints_agree_with_the_validators(spec: dict[str, Any]) -> None:
+    """Whatever the spec allows, the handlers' own validators accept (the spec may be
+    stricter: a backup path still has rules no pattern states, e.g. no '..')."""
+    from unisondb.api.parsing import decode_b64
+    from unisondb.backup.paths import parse_relative
+    from unisondb.errors import InvalidRequest
+
+    ops = spec["paths"]
+    b64 = ops["/api/v1/{namespace}/kv/{key}"]["put"]["requestBody"]["content"][
+        "application/json"]["schema"]["properties"]["value"]
+    for value in B64_VALUES:
+        # ECMA-262 '$' (JSON Schema's regex dialect) never matches before a final newline.
+        allowed = re.search(b64["pattern"].replace("$", r"\Z"), value) is not None
+        try:
+            decode_b64(value)
+            accepted = True
+        except InvalidRequest:
+            accepted = False
+        assert allowed == accepted, value
+    for route, field, is_file in (("/api/v1/{namespace}/wal/backup", "backupDir", False),
+                                  ("/api/v1/{namespace}/btree/backup", "path", True)):
+        body = ops[route]["post"]["requestBody"]["content"]["application/json"]["schema"]
+        assert field in body["required"]
+        rule = body["properties"][field]
+        for value in PATHS:
+            allowed = len(value) >= rule["minLength"] and re.search(rule["pattern"], value)
+            if allowed:
+                try:
+                    parse_relative(value, field, is_file=is_file)
+                except InvalidRequest as exc:
+                    # Only the rules no pattern states: dot segments and the root itself.
+                    assert "'..'" in exc.message or "backup root itself" in exc.message, (
+                        field, value, exc.message)
+    batch = ops["/api/v1/{namespace}/kv/batch"]["post"]["requestBody"]["content"][
+        "application/json"]["schema"]["oneOf"]
+    assert all("operation" in alt["required"] and alt["properties"][list(alt["required"])[1]]
+               ["minItems"] == 1 for alt in batch)

@@ -277,7 +277,9 @@ def test_document_verification_step_with_curl(tmp_path: Path, procs: list[Any]) 
                              capture_output=True, text=True, timeout=20)
         assert res.returncode == 0, res.stderr
         body, _, code = res.stdout.rpartition("\n")
-        return code, body
+        # Every JSON body ends with a newline (one line per entry in `| tee -a` logs).
+        assert body.endswith("\n"), body
+        return code, body[:-1]
 
     deadline = time.monotonic() + 30
     while True:

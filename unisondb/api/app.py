@@ -19,6 +19,7 @@ from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unisondb.api import kv
+from unisondb.api.auth import BearerAuth, TokenTable
 from unisondb.api.errors import EXCEPTION_HANDLERS
 from unisondb.api.openapi import build_openapi
 from unisondb.api.parsing import decode_key_segment
@@ -54,7 +55,7 @@ async def metrics_endpoint(request: Request) -> Response:
 
 
 async def openapi(request: Request) -> Response:
-    return Response(orjson.dumps(request.app.state.openapi), media_type="application/json")
+    return Response(kv.json_bytes(request.app.state.openapi), media_type="application/json")
 
 
 def routes() -> list[Route]:
@@ -131,7 +132,7 @@ class KvFastPath:
     """
 
     _HEADERS = [(b"content-type", b"application/json")]
-    _PUT_OK = orjson.dumps({"success": True})
+    _PUT_OK = kv.json_bytes({"success": True})
 
     def __init__(self, app: ASGIApp, engines: Mapping[str, Engine], max_body_bytes: int) -> None:
         self.app = app
@@ -177,7 +178,7 @@ class KvFastPath:
         try:
             await asyncio.wrap_future(engine.submit([Entry(EntryKind.PUT, key, value)]))
         except UnisonDBError as exc:
-            await self._send(send, exc.http_status, orjson.dumps({"error": exc.message}))
+            await self._send(send, exc.http_status, kv.json_bytes({"error": exc.message}))
             return
         await self._send(send, 200, self._PUT_OK)
 
@@ -235,7 +236,13 @@ def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
 
 
 def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = ".",
-              max_body_bytes: int = 1 << 20) -> ASGIApp:
+              max_body_bytes: int = 1 << 20, tokens: TokenTable | None = None,
+              metrics_open: bool = False) -> ASGIApp:
+    """The ASGI app: metrics around (auth around (fast path, else the routed app)).
+
+    Auth sits in front of the fast path so both answer every token case identically; with
+    no token file it is not in the chain at all.
+    """
     app = Starlette(routes=routes(), exception_handlers=dict(EXCEPTION_HANDLERS))
     # No 307 "add/remove a trailing slash" redirects: an API client gets a JSON 404.
     app.router.redirect_slashes = False
@@ -244,4 +251,7 @@ def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = "
     app.state.max_body_bytes = max_body_bytes
     app.state.data_dir = data_dir
     app.state.openapi = build_openapi(max_body_bytes)
-    return RequestMetrics(KvFastPath(app, engines, max_body_bytes), metrics)
+    inner: ASGIApp = KvFastPath(app, engines, max_body_bytes)
+    if tokens is not None:
+        inner = BearerAuth(inner, tokens, metrics_open=metrics_open)
+    return RequestMetrics(inner, metrics)

@@ -15,7 +15,7 @@ client that disconnects mid-snapshot still gets its backup counted).
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -30,7 +30,7 @@ from unisondb.api.parsing import read_json_object
 from unisondb.backup import paths
 from unisondb.backup.snapshot import Snapshot, take_snapshot
 from unisondb.backup.wal_backup import WalCopy, backup_wal
-from unisondb.errors import BackupGap, InvalidRequest, UnisonDBError
+from unisondb.errors import BackupGap, Conflict, InvalidRequest, UnisonDBError
 from unisondb.metrics import Metrics
 from unisondb.storage import layout
 from unisondb.storage.engine import Engine
@@ -100,9 +100,9 @@ async def wal_backup(request: Request) -> Response:
     def run() -> list[WalCopy]:
         return backup_wal(engine, target, params.after_segment_id, params.rotate)
 
-    copies = await anyio.to_thread.run_sync(
+    copies = await _raced(target, anyio.to_thread.run_sync(
         _recorded, metrics, engine.namespace, "wal", run,
-        lambda cs: sum(c.bytes_written for c in cs))
+        lambda cs: sum(c.bytes_written for c in cs)))
     return json_response({"backups": [
         {"segmentId": c.segment_id, "path": str(c.path), "bytes": c.size, "sha256": c.sha256,
          "copied": c.copied}
@@ -119,8 +119,8 @@ async def btree_backup(request: Request) -> Response:
     def run() -> Snapshot:
         return take_snapshot(engine, target)
 
-    snap = await anyio.to_thread.run_sync(
-        _recorded, metrics, engine.namespace, "btree", run, lambda s: s.bytes_written)
+    snap = await _raced(target, anyio.to_thread.run_sync(
+        _recorded, metrics, engine.namespace, "btree", run, lambda s: s.bytes_written))
     cp = snap.checkpoint
     return json_response({
         "path": str(snap.path),
@@ -131,6 +131,19 @@ async def btree_backup(request: Request) -> Response:
         "segmentId": cp.segment_id,
         "copied": snap.copied,
     })
+
+
+async def _raced(target: paths.Resolved, work: Awaitable[T]) -> T:
+    """A file or directory that vanished under a running backup is a race (409), not a bug.
+
+    The backup modules translate the OSErrors they expect; this catches the ones a
+    concurrent rename or symlink swap can still raise from deeper down.
+    """
+    try:
+        return await work
+    except (FileNotFoundError, NotADirectoryError) as exc:
+        raise Conflict(f"{exc.filename or target.path} disappeared or changed while the backup "
+                       f"ran ({exc.strerror}); nothing was published for it, retry") from exc
 
 
 def _recorded(metrics: Metrics, namespace: str, kind: str, fn: Callable[[], T],

@@ -10,17 +10,18 @@ from __future__ import annotations
 import orjson
 import structlog
 from starlette.exceptions import HTTPException
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match
 
+from unisondb.api.protocol import TIMED_OUT_SCOPE_KEY
 from unisondb.errors import UnisonDBError
 
 log = structlog.get_logger(__name__)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"error": message}), status_code=status,
+    return Response(orjson.dumps({"error": message}) + b"\n", status_code=status,
                     media_type="application/json", headers=headers)
 
 
@@ -59,6 +60,19 @@ def _allowed_methods(request: Request) -> list[str]:
     return sorted(methods)
 
 
+async def handle_client_disconnect(request: Request, exc: Exception) -> Response:
+    """The client hung up (or the server timed its body out): not a bug, not a 5xx.
+
+    Counted as 499 (nginx's "client closed request") or 408 in the request metrics; the
+    response goes nowhere, the connection is gone.
+    """
+    if request.scope.get(TIMED_OUT_SCOPE_KEY):
+        log.info("request.body_timeout", method=request.method, path=request.url.path)
+        return error_response(408, "request body not received in time")
+    log.info("request.client_disconnected", method=request.method, path=request.url.path)
+    return error_response(499, "client closed the connection before the request was read")
+
+
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
     log.exception("request.bug", path=request.url.path, error=repr(exc))
     return error_response(500, f"internal error: {type(exc).__name__}")
@@ -67,5 +81,6 @@ async def handle_unexpected(request: Request, exc: Exception) -> Response:
 EXCEPTION_HANDLERS = {
     UnisonDBError: handle_unisondb_error,
     HTTPException: handle_http_exception,
+    ClientDisconnect: handle_client_disconnect,
     Exception: handle_unexpected,
 }

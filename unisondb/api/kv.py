@@ -28,8 +28,13 @@ from unisondb.storage.record import Entry, EntryKind
 _KEY_PREFIX = 4
 
 
+def json_bytes(payload: Any) -> bytes:
+    """Every JSON body ends with a newline, so ``curl ... | tee -a audit.log`` keeps one per line."""
+    return orjson.dumps(payload) + b"\n"
+
+
 def json_response(payload: Any, status: int = 200) -> Response:
-    return Response(orjson.dumps(payload), status_code=status, media_type="application/json")
+    return Response(json_bytes(payload), status_code=status, media_type="application/json")
 
 
 def engine_for(request: Request) -> Engine:
@@ -59,8 +64,8 @@ async def put_kv(request: Request) -> Response:
 def get_body(value: bytes | None) -> bytes:
     """The JSON body of a GET: missing keys are 200 ``{"value":"","found":false}``."""
     if value is None:
-        return orjson.dumps({"value": "", "found": False})
-    return orjson.dumps({"value": encode_b64(value), "found": True})
+        return json_bytes({"value": "", "found": False})
+    return json_bytes({"value": encode_b64(value), "found": True})
 
 
 async def get_kv(request: Request) -> Response:

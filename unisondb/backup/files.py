@@ -176,7 +176,7 @@ class TargetDir:
         dest = self.path / name
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o644, dir_fd=self.fd)
+                         0o600, dir_fd=self.fd)
         except FileExistsError:
             raise Conflict(
                 f"{self.path / tmp} already exists: another backup is writing {dest} right now "
@@ -186,6 +186,9 @@ class TargetDir:
             raise from_os_error(exc, self.path) from exc
         published = False
         try:
+            # 0600 whatever the umask (which can only take bits away from 0600, or leave a
+            # wider mode if someone changed the default): a backup holds every value.
+            os.fchmod(fd, 0o600)
             result = write(fd)
             fsutil.fsync(fd)
             _drop_cache(fd)

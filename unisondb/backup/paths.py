@@ -1,4 +1,4 @@
-"""Path safety for the backup API: client paths are relative to ``backups/<namespace>/``.
+r"""Path safety for the backup API: client paths are relative to ``backups/<namespace>/``.
 
 Two steps, both raising ``InvalidRequest`` (400) with the rule that was broken:
 
@@ -8,8 +8,17 @@ Two steps, both raising ``InvalidRequest`` (400) with the rule that was broken:
    components of at most 255 bytes (a file name at most 244, so ``.sha256.tmp`` still fits)
    and at most 4096 bytes in all. A file path must name
    a file: not the root itself (``.``, ``./``), no trailing ``/``, and not a name ending in
-   ``.tmp`` (reserved for files being written, deleted at startup) or ``.sha256`` (reserved
-   for checksum sidecars).
+   ``.tmp`` (reserved for files being written, deleted at startup), ``.sha256`` (reserved
+   for checksum sidecars) or a WAL segment's ``.wal``/``.wal.gz``/``.wal.zst`` (a snapshot
+   under such a name would be read as a segment by ``verify`` and ``restore``).
+
+   The one rule for encoded separators and dot segments: a component is refused when any
+   piece of it, after percent-decoding until it no longer changes and splitting at ``/``
+   and ``\``, is ``..`` — so ``%2e%2e``, ``..%2f``, ``%2e%2e%2fx``, ``..\x`` and
+   ``%252e%252e`` are all refused. Everything else is literal: the server never decodes a
+   backup path, so ``%2e``, ``a%2fb`` and ``back\slash`` are ordinary names. The reason:
+   a tool further down (a proxy, an upload script mapping paths to object keys, a Windows
+   copy) may decode or split where we do not, and must not find a ``..`` there.
 2. ``resolve`` looks at the file system: every prefix of the path, with symbolic links
    followed (``os.path.realpath``), must stay inside the root's real location. That covers a
    link to ``/etc`` as much as a link to another namespace's backup root.
@@ -46,6 +55,9 @@ MAX_FILE_NAME_BYTES = MAX_COMPONENT_BYTES - len(".sha256.tmp")
 RESERVED_SUFFIXES = {
     ".tmp": "reserved for files being written; leftovers are deleted at server start",
     ".sha256": "reserved for the checksum sidecar written next to every backup file",
+    ".wal": "reserved for WAL segments: verify and restore would read it as one",
+    ".wal.gz": "reserved for compressed WAL segments: verify and restore would read it as one",
+    ".wal.zst": "reserved for compressed WAL segments: verify and restore would read it as one",
 }
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
@@ -116,10 +128,10 @@ def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
                 f"{field} must not contain '..' components (checked before normalisation, "
                 f"so 'a/../b' is rejected too): {value!r}"
             )
-        if unquote(comp) == "..":
+        if _hides_dot_dot(comp):
             raise InvalidRequest(
-                f"{field} must not contain a percent-encoded '..' component ({comp!r}): "
-                f"{value!r}"
+                f"{field} must not contain a percent-encoded '..' component or a '..' behind "
+                f"an encoded or backslash separator ({comp!r}): {value!r}"
             )
         nbytes = len(comp.encode("utf-8"))
         if nbytes > MAX_COMPONENT_BYTES:
@@ -151,6 +163,19 @@ def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
     return parts
 
 
+def _hides_dot_dot(comp: str) -> bool:
+    """True if ``comp`` decodes (repeatedly) to something with a ``..`` piece (see module doc)."""
+    decoded = comp
+    for _ in range(8):  # %25 nesting deeper than this is refused outright below
+        once = unquote(decoded)
+        if once == decoded:
+            break
+        decoded = once
+    else:
+        return True
+    return ".." in decoded.replace("\\", "/").split("/")
+
+
 def resolve(root: Path, parts: tuple[str, ...], field: str, *, is_file: bool) -> Resolved:
     """Check the on-disk meaning of ``parts`` below ``root`` (symlinks followed)."""
     root_abs = Path(os.path.abspath(root))
@@ -166,6 +191,10 @@ def resolve(root: Path, parts: tuple[str, ...], field: str, *, is_file: bool) ->
                 "backups/<namespace>/ are allowed)"
             )
     final = Path(os.path.realpath(root_abs.joinpath(*parts)))
+    if not _inside(final, root_real):
+        # Every prefix was inside a moment ago: a link was swapped in while we looked.
+        raise Conflict(f"{field} {shown!r} changed while it was being checked (a path "
+                       "component was replaced, e.g. by a symbolic link); nothing was written")
     rel = final.relative_to(root_real).parts
     if len(str(root_abs.joinpath(*rel)).encode("utf-8")) >= MAX_PATH_BYTES:
         raise InvalidRequest(f"{field} is too long once placed under {root_abs}")
@@ -198,21 +227,21 @@ def open_dir(res: Resolved) -> int:
     the write, e.g. ``permission denied: <dataDir>/backups/users/wal``.
     """
     try:
-        os.makedirs(res.root, exist_ok=True)
+        os.makedirs(res.root, mode=0o700, exist_ok=True)
         fd = os.open(res.root_real, _DIR_FLAGS)
     except OSError as exc:
-        raise from_os_error(exc, res.root) from exc
+        raise _changed(exc, res.root) from exc
     here = res.root
     try:
         for comp in res.dir_parts:
             created = False
             try:
-                os.mkdir(comp, 0o755, dir_fd=fd)
+                os.mkdir(comp, 0o700, dir_fd=fd)
                 created = True
             except FileExistsError:
                 pass
             except OSError as exc:
-                raise from_os_error(exc, here) from exc
+                raise _changed(exc, here) from exc
             child = here / comp
             try:
                 nfd = os.open(comp, _DIR_FLAGS | os.O_NOFOLLOW, dir_fd=fd)
@@ -222,9 +251,11 @@ def open_dir(res: Resolved) -> int:
                         f"{child} changed while the backup was being prepared (it is now a "
                         "symbolic link or not a directory); refusing to follow it"
                     ) from exc
-                raise from_os_error(exc, child) from exc
+                raise _changed(exc, child) from exc
             if created:
                 try:
+                    # 0700 whatever the umask: backups hold every value in the namespace.
+                    os.fchmod(nfd, 0o700)
                     fsutil.fsync(fd)
                 except OSError as exc:
                     os.close(nfd)
@@ -235,6 +266,14 @@ def open_dir(res: Resolved) -> int:
         os.close(fd)
         raise
     return fd
+
+
+def _changed(exc: OSError, path: Path) -> Exception:
+    """A directory that vanished or stopped being one since ``resolve`` is a race: 409."""
+    if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
+        return Conflict(f"{path} changed while the backup was being prepared (removed, or "
+                        f"replaced by a file or link): {exc.strerror}; nothing was written")
+    return from_os_error(exc, path)
 
 
 def _inside(real: str | Path, root_real: Path) -> bool:

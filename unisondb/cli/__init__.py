@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from pathlib import Path
+from typing import Any
 
 import click
 
@@ -38,12 +39,41 @@ from unisondb.errors import UnisonDBError
                    "(e.g. 24h, 7d). Default: 24h")
 @click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
               help="Log format on stderr. Default: console")
+@click.option("--http-max-header-bytes", default=None, metavar="SIZE",
+              help="Largest request line + headers; more gets 431. Default: 64KiB")
+@click.option("--http-max-headers", default=None, metavar="N",
+              help="Most header fields in a request; more gets 431. Default: 100")
+@click.option("--http-max-request-line", default=None, metavar="SIZE",
+              help="Longest request target (path + query); longer gets 414. Default: 8KiB")
+@click.option("--http-idle-timeout", default=None, metavar="DURATION",
+              help="Close a connection idle this long (no request, or a client that stops "
+                   "reading). Default: 30s")
+@click.option("--http-header-timeout", default=None, metavar="DURATION",
+              help="A request head must arrive within DURATION of its first byte (408). "
+                   "Default: 10s")
+@click.option("--http-body-timeout", default=None, metavar="DURATION",
+              help="A request body must arrive within DURATION after its head (408). Default: 30s")
+@click.option("--http-max-connections", default=None, metavar="N",
+              help="Connections served at once; beyond it 503 with Retry-After. Default: 1024")
+@click.option("--auth-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Require bearer tokens: a file of '<token> <role>' lines (read, write, admin), "
+                   "mode 0600. Default: no authentication")
+@click.option("--metrics-auth", type=click.Choice(["token", "none"]), default=None,
+              help="Whether /metrics needs a read token when tokens are on. Default: token")
+@click.option("--insecure-no-auth", is_flag=True, default=None,
+              help="Allow a non-loopback --http-addr without --auth-token-file.")
+@click.option("--tls-cert", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Serve HTTPS with this PEM certificate (chain); needs --tls-key.")
+@click.option("--tls-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="PEM private key of --tls-cert.")
+@click.option("--tls-client-ca", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Require client certificates signed by this PEM CA bundle.")
 @click.version_option(__version__, prog_name="unisondb")
 @click.pass_context
-def cli(ctx: click.Context, data_dir: Path | None, http_addr: str | None,
+def cli(ctx: click.Context, /, data_dir: Path | None, http_addr: str | None,
         namespaces: tuple[str, ...], config_file: Path | None, wal_segment_size: str | None,
         wal_segment_max_age: str | None, wal_retention: str | None,
-        log_format: str | None) -> None:
+        log_format: str | None, **http_flags: Any) -> None:
     """UnisonDB: a log-native key-value database server.
 
     Without a subcommand, starts the server. It stops gracefully on SIGTERM or SIGINT:
@@ -57,7 +87,14 @@ def cli(ctx: click.Context, data_dir: Path | None, http_addr: str | None,
                       namespaces=namespaces,
                       overrides={"segment_size": wal_segment_size,
                                  "segment_max_age": wal_segment_max_age,
-                                 "retention": wal_retention})
+                                 "retention": wal_retention},
+                      http_overrides={k[5:]: v for k, v in http_flags.items()
+                                      if k.startswith("http_")},
+                      auth_overrides={"token_file": http_flags["auth_token_file"],
+                                      "metrics": http_flags["metrics_auth"],
+                                      "insecure_no_auth": http_flags["insecure_no_auth"]},
+                      tls_overrides={"cert": http_flags["tls_cert"], "key": http_flags["tls_key"],
+                                     "client_ca": http_flags["tls_client_ca"]})
     if log_format:
         from dataclasses import replace
 

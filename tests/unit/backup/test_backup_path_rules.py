@@ -39,6 +39,20 @@ from unisondb.errors import Conflict, InvalidRequest
     ("s.db.tmp", True, "must not end with '.tmp'"),
     ("s.db.sha256", True, "must not end with '.sha256'"),
     ("\ud800", True, "valid UTF-8"),
+    # One rule for encoded separators and dot segments (issue 12): a '..' piece after
+    # decoding and splitting at / and \ anywhere inside one component.
+    ("..%2f", False, "percent-encoded '..'"),
+    ("%2e%2e%2f", False, "percent-encoded '..'"),
+    ("a/x%2f..%2f..%2fetc", False, "percent-encoded '..'"),
+    ("..%5cx", True, "percent-encoded '..'"),
+    ("..\\x", True, "backslash separator"),
+    ("x\\..", True, "backslash separator"),
+    ("%252e%252e", False, "percent-encoded '..'"),
+    ("%2525252525252525252e", False, "percent-encoded '..'"),
+    # Names the WAL formats own: a snapshot there would be read as a segment.
+    ("wal/000000099.wal", True, "must not end with '.wal'"),
+    ("x.wal.gz", True, "must not end with '.wal.gz'"),
+    ("x.wal.zst", True, "must not end with '.wal.zst'"),
 ])
 def test_parse_relative_rejects(value: object, is_file: bool, words: str) -> None:
     with pytest.raises(InvalidRequest) as err:
@@ -55,6 +69,10 @@ def test_parse_relative_rejects(value: object, is_file: bool, words: str) -> Non
     ("...", True, ("...",)),
     ("..a", True, ("..a",)),
     ("%2e", True, ("%2e",)),
+    ("a%2fb", True, ("a%2fb",)),
+    ("%2e%2fx", True, ("%2e%2fx",)),
+    ("x.wal.db", True, ("x.wal.db",)),
+    ("seg.wal", False, ("seg.wal",)),  # a directory may be named so; only files are reserved
     ("x" * 244, True, ("x" * 244,)),
     ("y" * 255 + "/z", True, ("y" * 255, "z")),
 ])
@@ -140,3 +158,50 @@ def test_open_dir_recreates_a_missing_root(root: Path) -> None:
     root.rmdir()
     os.close(paths.open_dir(res))
     assert (root / "x").is_dir()
+
+
+@pytest.mark.parametrize("bits", [0o000, 0o022, 0o002])
+def test_backup_dirs_0700_and_files_0600_whatever_the_umask(root: Path, bits: int) -> None:
+    from unisondb.backup.files import TargetDir
+
+    old = os.umask(bits)
+    try:
+        res = paths.resolve(root, ("deep", "er", "f.db"), "path", is_file=True)
+        with TargetDir(paths.open_dir(res), res.path.parent) as tdir:
+            tdir.publish("f.db", lambda fd: os.write(fd, b"x"))
+    finally:
+        os.umask(old)
+    for d in (root / "deep", root / "deep" / "er"):
+        assert os.stat(d).st_mode & 0o777 == 0o700, d
+    assert os.stat(root / "deep" / "er" / "f.db").st_mode & 0o777 == 0o600
+
+
+def test_a_link_swapped_in_during_resolve_is_409_not_valueerror(root: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Fake: the swap is injected between resolve's prefix checks and its final lookup (a
+    real race cannot be timed); what must hold is the 409 with a reason, not a ValueError."""
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    real_realpath = os.path.realpath
+    calls = {"n": 0}
+
+    def swapping(p: object) -> str:
+        calls["n"] += 1
+        if calls["n"] == 3:  # the final lookup, after both prefixes were checked
+            os.rmdir(root / "a")
+            os.symlink(outside, root / "a")
+        return real_realpath(p)  # type: ignore[arg-type]
+
+    (root / "a").mkdir()
+    monkeypatch.setattr(paths.os.path, "realpath", swapping)
+    with pytest.raises(Conflict, match="changed while it was being checked"):
+        paths.resolve(root, ("a",), "backupDir", is_file=False)
+
+
+def test_open_dir_on_a_vanished_directory_is_409(root: Path) -> None:
+    res = paths.resolve(root, ("gone", "x.db"), "path", is_file=True)
+    (root / "gone").mkdir()
+    os.rmdir(root / "gone")
+    os.symlink("/nonexistent-target", root / "gone")
+    with pytest.raises(Conflict, match="changed while the backup was being prepared"):
+        paths.open_dir(res)

@@ -1,0 +1,180 @@
+"""Bearer-token authentication: the token file, roles, and the ASGI guard in front of every route.
+
+Token file (``--auth-token-file``; mode 0600 or stricter, owned by the server's user)::
+
+    # comments and blank lines are ignored
+    <token> <role>
+    3q2+7w...base64url-or-hex...  read
+    Zx81...                       write
+    Kp0d...                       admin
+
+One token per line, then whitespace, then its role. A token is 16 to 512 characters of
+``A-Z a-z 0-9 - . _ ~ + / =`` (RFC 6750's b64token), e.g. ``openssl rand -hex 32``.
+Roles are ordered: ``read`` (GET of keys, offset, stats, checkpoint, /openapi.json and —
+unless ``--metrics-auth none`` — /metrics) < ``write`` (also PUT, DELETE, batch) <
+``admin`` (also the backup endpoints; ``backup`` is accepted as another name for it).
+
+``/health`` and ``/healthz`` never need a token (load balancers and the restore drill
+probe them). Everything else does, unknown routes included (401 comes before 404, so an
+anonymous client learns nothing about what exists). Refusals use the API's envelope:
+401 ``{"error": ...}`` with ``WWW-Authenticate: Bearer`` for a missing or unknown token,
+403 when the token's role is too low.
+
+A presented token is compared with *every* configured token with ``hmac.compare_digest``
+(no early exit), so the time taken tells nothing about which bytes matched; only a
+length difference is visible, as Python documents. (Hashing both sides first would hide
+the length too, but SHA-256 of a short string costs ~2 µs here — ~5 % of a GET.)
+"""
+
+from __future__ import annotations
+
+import hmac
+import os
+import re
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import IntEnum
+from pathlib import Path
+
+import orjson
+from starlette.types import ASGIApp, Receive, Scope, Send
+
+from unisondb.errors import InvalidRequest
+
+
+class Role(IntEnum):
+    READ = 1
+    WRITE = 2
+    ADMIN = 3
+
+
+_ROLE_NAMES: Mapping[str, Role] = {"read": Role.READ, "write": Role.WRITE, "admin": Role.ADMIN,
+                                   "backup": Role.ADMIN}
+_TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
+_PUBLIC = frozenset({b"/health", b"/healthz"})
+_REALM = 'Bearer realm="unisondb"'
+
+
+@dataclass(frozen=True, slots=True)
+class TokenTable:
+    """(token, role) of every configured token."""
+
+    entries: tuple[tuple[bytes, Role], ...]
+
+    def role_of(self, token: bytes) -> Role | None:
+        found: Role | None = None
+        for known, role in self.entries:  # no early exit: same work whichever one matches
+            if hmac.compare_digest(token, known):
+                found = role
+        return found
+
+
+def load_tokens(path: Path) -> TokenTable:
+    """Read and check a token file; every problem is one ``InvalidRequest`` naming the line."""
+    try:
+        st = os.stat(path)
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise InvalidRequest(f"cannot read auth token file {path}: {exc.strerror}") from exc
+    except UnicodeDecodeError:
+        raise InvalidRequest(f"auth token file {path} is not UTF-8 text") from None
+    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InvalidRequest(
+            f"auth token file {path} is readable by other users (mode "
+            f"{stat.S_IMODE(st.st_mode):04o})", hint=f"chmod 600 {path}")
+    entries: list[tuple[bytes, Role]] = []
+    seen: set[str] = set()
+    for lineno, line in enumerate(text.splitlines(), 1):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        fields = line.split()
+        where = f"auth token file {path} line {lineno}"
+        if len(fields) != 2:
+            raise InvalidRequest(f"{where}: expected '<token> <role>', got {len(fields)} field(s)")
+        token, role_name = fields
+        role = _ROLE_NAMES.get(role_name.lower())
+        if role is None:
+            raise InvalidRequest(f"{where}: unknown role {role_name!r} (use read, write or admin)")
+        if not 16 <= len(token) <= 512 or not _TOKEN_RE.match(token):
+            raise InvalidRequest(
+                f"{where}: a token must be 16 to 512 characters of A-Z a-z 0-9 - . _ ~ + / =",
+                hint="generate one with: openssl rand -hex 32")
+        if token in seen:
+            raise InvalidRequest(f"{where}: this token is listed twice")
+        seen.add(token)
+        entries.append((token.encode("ascii"), role))
+    if not entries:
+        raise InvalidRequest(f"auth token file {path} holds no token",
+                             hint="add a line '<token> <role>', e.g. from: openssl rand -hex 32")
+    return TokenTable(tuple(entries))
+
+
+def required_role(method: str, raw_path: bytes, metrics_open: bool) -> Role | None:
+    """The least role a request needs; None: no token needed."""
+    if raw_path in _PUBLIC or (metrics_open and raw_path == b"/metrics"):
+        return None
+    if raw_path.endswith(b"/backup"):  # split only then: this runs on every request
+        parts = raw_path.split(b"/")
+        # [b"", b"api", b"v1", ns, b"wal"|b"btree", b"backup"]
+        if len(parts) == 6 and parts[4] in (b"wal", b"btree"):
+            return Role.ADMIN
+    if method in ("GET", "HEAD"):
+        return Role.READ
+    return Role.WRITE
+
+
+def _refusal(status: int, message: str, challenge: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
+    body = orjson.dumps({"error": message}) + b"\n"
+    return status, body, [(b"content-type", b"application/json"),
+                          (b"content-length", b"%d" % len(body)),
+                          (b"www-authenticate", challenge.encode("ascii"))]
+
+
+class BearerAuth:
+    """ASGI middleware in front of the fast path and the full app alike: one check for both."""
+
+    def __init__(self, app: ASGIApp, tokens: TokenTable, *, metrics_open: bool) -> None:
+        self.app = app
+        self.tokens = tokens
+        self.metrics_open = metrics_open
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http":
+            refusal = self.check(scope)
+            if refusal is not None:
+                status, body, headers = refusal
+                scope["endpoint"] = auth_refused  # the metrics label of these responses
+                await send({"type": "http.response.start", "status": status, "headers": headers})
+                await send({"type": "http.response.body", "body": body})
+                return
+        await self.app(scope, receive, send)
+
+    def check(self, scope: Scope) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()  # no query in it
+        need = required_role(scope["method"], raw_path, self.metrics_open)
+        if need is None:
+            return None
+        presented: bytes | None = None
+        for name, value in scope["headers"]:
+            if name == b"authorization":
+                scheme, _, rest = value.strip().partition(b" ")
+                if scheme.lower() == b"bearer":
+                    presented = rest.strip()
+                break
+        if not presented:
+            return _refusal(401, "authentication required: send 'Authorization: Bearer <token>'",
+                            _REALM)
+        role = self.tokens.role_of(presented)
+        if role is None:
+            return _refusal(401, "invalid bearer token", _REALM + ', error="invalid_token"')
+        if role < need:
+            return _refusal(403, f"token role '{role.name.lower()}' may not do this; it needs "
+                                 f"role '{need.name.lower()}'",
+                            _REALM + ', error="insufficient_scope"')
+        return None
+
+
+async def auth_refused() -> None:
+    """Named only so refused requests get ``route="auth_refused"`` in the metrics."""
