@@ -151,12 +151,13 @@ class BTree:
     """LMDB environment of one namespace. Writes come only from the engine's writer thread."""
 
     def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE,
-                 durable: bool = True) -> None:
+                 durable: bool = True, serving: bool = False) -> None:
         """``durable=False`` (no fsync per commit) is only for a restore's staging copy,
-        which is synced with ``sync()`` before anything can use it."""
+        which is synced with ``sync()`` before anything can use it. ``serving``: opened by
+        the engine, which forks a new history on a snapshot installed by hand."""
         self.path = path
         # A snapshot copied in by hand (cp snapshot <ns>/db/data.mdb): verify, strip trailer.
-        self.installed = snapfile.install_check(path)
+        self.installed = snapfile.install_check(path, mark=serving)
         try:
             path.mkdir(parents=True, exist_ok=True)
             data_file = path / "data.mdb"

@@ -36,6 +36,7 @@ import structlog
 from unisondb.backup.repair import complete_interrupted
 from unisondb.config import EngineConfig
 from unisondb.errors import (
+    CorruptSnapshot,
     InvalidRequest,
     PayloadTooLarge,
     StorageError,
@@ -43,7 +44,7 @@ from unisondb.errors import (
     UnisonDBError,
     from_os_error,
 )
-from unisondb.storage import fingerprint, fsutil, history, layout, record
+from unisondb.storage import fingerprint, fsutil, history, layout, record, snapfile
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.history import Lineage, fork_segment_id
 from unisondb.storage.lockfile import NamespaceLock
@@ -131,17 +132,19 @@ class Engine:
             log.warning("startup.removed_tmp_files", namespace=self.namespace,
                         files=[str(p) for p in removed])
         self.btree = BTree(layout.btree_dir(self.data_dir, self.namespace),
-                           map_size=self.config.map_size)
+                           map_size=self.config.map_size, serving=True)
         if (inst := self.btree.installed) is not None:  # a snapshot copied in by hand
             log.info("startup.snapshot_installed", path=str(inst.path),
                      bytes=inst.trailer.data_len, verify_seconds=round(inst.verify_seconds, 3))
         self.wal = None  # type: ignore[assignment]
         try:
             self._claim_btree()
+            installed = self._check_installed_snapshot()
             self.wal = Wal.open(layout.wal_dir(self.data_dir, self.namespace), self.namespace)
             self.recovery = recover(self.wal, self.btree)
             rcp = self.recovery.checkpoint
-            fork_reason = self._fork_reason(rcp)
+            fork_reason = "a snapshot was installed by hand" if installed \
+                else self._fork_reason(rcp)
             # Every start begins a fresh segment: the previous active one is sealed (so it can
             # be backed up and is immutable), and ids keep growing past anything the
             # checkpoint has seen (a snapshot copied in from elsewhere included). Its footer
@@ -152,6 +155,9 @@ class Engine:
             self.wal.seal_active_if_nonempty(rcp.fingerprint if tip else None)
             cp, next_id = self._settle_history(rcp, fork_reason)
             self.wal.start_segment(next_id, cp.lineage, self.recovery.next_lsn, cp.fingerprint)
+            if installed:  # the fork is durable (checkpoint synced, segment created)
+                self._installed_marker().unlink()
+                fsutil.fsync_dir(self._installed_marker().parent)
             self._last_record = self._find_last_record()
         except BaseException:
             if self.wal is not None:
@@ -167,6 +173,30 @@ class Engine:
                  replayed=self.recovery.records_replayed, timeline=cp.timeline,
                  history=history.show(cp.history), fingerprint=fingerprint.short(cp.fingerprint),
                  segment=next_id)
+
+    def _installed_marker(self) -> Path:
+        return layout.btree_dir(self.data_dir, self.namespace) / snapfile.INSTALL_MARKER
+
+    def _check_installed_snapshot(self) -> bool:
+        """A snapshot installed by hand: prove its content once, before anything uses it.
+
+        Its bytes were checked against its trailer; here every key/value pair is hashed
+        and compared with the fingerprint its checkpoint recorded (one full scan, once per
+        installed file), so a snapshot altered and re-trailed is refused too."""
+        if not self._installed_marker().exists():
+            return False
+        scanned, cp = self.btree.scan_fingerprint()
+        if scanned.state() != cp.fp_state:
+            path = layout.btree_dir(self.data_dir, self.namespace) / "data.mdb"
+            raise CorruptSnapshot(
+                f"{path}: the installed snapshot does not hold the state it recorded (its "
+                f"pairs hash to {fingerprint.short(scanned.digest())}, its checkpoint says "
+                f"{fingerprint.short(cp.fingerprint)} at LSN {cp.applied_lsn})",
+                hint="copy another snapshot (or an older one) to it, or run 'unisondb restore'",
+            )
+        log.info("startup.snapshot_content_verified", namespace=self.namespace,
+                 keys=self.btree.count(), fingerprint=fingerprint.short(cp.fingerprint))
+        return True
 
     def _settle_history(self, cp: Checkpoint, reason: str | None) -> tuple[Checkpoint, int]:
         """Decide which history this run writes on; return its checkpoint and next segment id.

@@ -66,6 +66,7 @@ from typing import TYPE_CHECKING
 import crc32c
 
 from unisondb.errors import CorruptSnapshot, from_os_error
+from unisondb.storage import fsutil
 
 if TYPE_CHECKING:
     from unisondb.storage.btree import Checkpoint
@@ -277,7 +278,13 @@ class Installed:
     verify_seconds: float
 
 
-def install_check(db_dir: Path) -> Installed | None:
+#: Written (durably) in ``<ns>/db/`` before a hand-installed snapshot's trailer is stripped;
+#: the engine forks a new history because of it and removes it once the fork is durable,
+#: so a crash anywhere in between still ends in a fork.
+INSTALL_MARKER = "INSTALLED-SNAPSHOT"
+
+
+def install_check(db_dir: Path, *, mark: bool = False) -> Installed | None:
     """Before LMDB opens ``db_dir/data.mdb``: verify and strip a snapshot copied in by hand.
 
     A live data.mdb never has a trailer, so a normal start costs one 4 KiB read. A
@@ -297,6 +304,8 @@ def install_check(db_dir: Path) -> Installed | None:
         return None
     started = time.perf_counter()
     verify(data, hint=hint)
+    if mark:
+        fsutil.write_file_atomic(db_dir / INSTALL_MARKER, trailer.namespace.encode())
     strip(data)
     # Not logged here: offline tools (restore) open staged B-trees with stdout as output.
     return Installed(data, trailer, time.perf_counter() - started)
