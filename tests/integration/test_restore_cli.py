@@ -152,9 +152,31 @@ def test_backup_verify_ok_and_replay(base: Base, capsys: pytest.CaptureFixture[s
     assert rep["restorable"]["toLsn"] == h.last_lsn
     assert rep["replay"]["lsn"] == h.last_lsn and rep["replay"]["records"] == 150
     assert rep["replay"]["keys"] == len(h.state_at(h.last_lsn))
-    assert rep["replay"]["seconds"]["total"] > 0
-    rc, out, _ = cli(capsys, "backup", "verify", "--snapshot", snap, "--wal", wal)
-    assert rc == 0 and "OK: the backup set is restorable" in out
+    # The drill served the restored namespace from a real server on loopback.
+    srv = rep["replay"]["server"]
+    assert srv["servedLsn"] == h.last_lsn and srv["servedFingerprint"] == rep["replay"]["fingerprint"]
+    assert srv["sampledKeys"] > 0 and srv["mismatchedKeys"] == []
+    # The backup ends at a sealed segment: the served state is proven equal to the original.
+    assert rep["replay"]["proof"]["endProven"] is True
+    secs = rep["replay"]["seconds"]
+    assert secs["serverStart"] > 0 and secs["total"] >= secs["replay"] + secs["serverStart"]
+    rc, out, _ = cli(capsys, "backup", "verify", "--snapshot", snap, "--wal", wal, "--replay")
+    assert rc == 0 and "OK: the backup set is restorable" in out and "measured RTO" in out
+
+
+def test_drill_fails_when_the_served_state_differs(base: Base, tmp_path: Path) -> None:
+    """The drill checks what a real server serves, not only what the restore wrote."""
+    from unisondb.restore import drill, restore
+
+    _h, snap, wal = base
+    out = restore(tmp_path / "d", NS, snap, [wal])
+    assert out.summary is not None
+    keys, sample = drill.sample_keys(tmp_path / "d", NS)
+    assert keys and sample
+    tampered = [(k, v + b"!") for k, v in sample[:3]] + sample[3:]
+    res = drill.run_drill(tmp_path / "d", NS, out.summary.end_lsn, "00" * 32, tampered)
+    assert any("fingerprint" in p for p in res.problems)
+    assert len(res.mismatched) == 3 and res.served_lsn == out.summary.end_lsn
 
 
 def test_backup_verify_names_every_problem(base: Base, tmp_path: Path,

@@ -126,4 +126,7 @@ async def get_checkpoint(request: Request) -> Response:
         "offset": cp.offset,
         "lsn": cp.applied_lsn,
         "timeline": cp.timeline,
+        # Compare these with the original server's (or a backup's) to prove two states equal.
+        "history": cp.history.hex(),
+        "fingerprint": cp.fingerprint.hex(),
     })

@@ -114,9 +114,13 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
         "/api/v1/{namespace}/stats": {"get": _op("Namespace counters", {"type": obj}, 404)},
         "/api/v1/{namespace}/checkpoint": {"get": _op(
             "The B-tree checkpoint (last applied WAL record)",
-            {"type": obj, "properties": {k: {"type": "integer"} for k in
-                                         ("recordProcessed", "segmentId", "offset", "lsn",
-                                          "timeline")}}, 404)},
+            {"type": obj, "properties": {
+                **{k: {"type": "integer"} for k in
+                   ("recordProcessed", "segmentId", "offset", "lsn", "timeline")},
+                "history": {"type": "string", "description": "history id (32 hex digits)"},
+                "fingerprint": {"type": "string",
+                                "description": "state fingerprint digest (64 hex digits)"}}},
+            404)},
         "/api/v1/{namespace}/wal/backup": {"post": _op(
             "Copy sealed WAL segments with id > afterSegmentId into backups/<ns>/<backupDir> "
             "(each with a .sha256 sidecar); 409 if afterSegmentId points before the oldest "
