@@ -79,6 +79,14 @@ class S3Server:
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
 
+    def restart(self) -> None:
+        """Start the same server again (same ports, data and credentials) after ``stop()``."""
+        assert self.proc.poll() is not None, "stop() it first"
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(list(self.proc.args), stdout=log,  # type: ignore[arg-type]
+                                         stderr=subprocess.STDOUT, cwd=self.root, stdin=subprocess.DEVNULL)
+        _wait_writable(self)
+
     def stop(self) -> None:
         if self.proc.poll() is None:
             self.proc.send_signal(signal.SIGTERM)
