@@ -13,15 +13,21 @@ Grouped by who has to act::
     ├── NotFound                404  unknown namespace, segment or route
     ├── Conflict                409  a file or state already exists and differs
     ├── BackupGap               409  asked for segments that retention already deleted
+    ├── ArchiveConflict         409  the archive holds something else under a name we write
+    │   ├── ObjectExists        409  create-if-absent found the name taken (If-None-Match: * got 412)
+    │   ├── ObjectChanged       409  compare-and-swap found another version (If-Match got 412)
+    │   └── LeaseHeld           409  another server is the archive's writer
     ├── StorageError            500  the operator must act on the machine
     │   ├── PermissionDenied    500  EACCES/EPERM on a path
     │   ├── NoSpace             507  ENOSPC/EDQUOT on a path
     │   ├── CorruptSnapshot     500  a snapshot file fails its self-verifying trailer
+    │   ├── CorruptArchive      500  an archive object fails its checksum, authentication or structure
     │   └── CorruptLog          500  a WAL segment fails its checksum or structure
     │       ├── LsnGap          500  replay would skip LSNs
     │       └── TimelineConflict 500 segments of another history hold records after the checkpoint
     ├── LockedError             exit 3  another process holds the namespace LOCK
     └── Unavailable             503  the engine is closed or shutting down
+        └── ArchiveUnavailable  503  the object store did not answer or answered 5xx (retry later)
 """
 
 from __future__ import annotations
@@ -113,6 +119,26 @@ class TimelineConflict(CorruptLog):
     """Segments of another timeline hold records after the checkpoint."""
 
 
+class ArchiveConflict(Conflict):
+    """The archive already holds something else under a name we write: never overwritten."""
+
+
+class ObjectExists(ArchiveConflict):
+    """A create-if-absent write (``If-None-Match: *``) found the name taken."""
+
+
+class ObjectChanged(ArchiveConflict):
+    """A compare-and-swap write (``If-Match: <etag>``) found a newer version than the one we read."""
+
+
+class LeaseHeld(ArchiveConflict):
+    """Another server holds (or took over) the single-writer lease of an archive prefix."""
+
+
+class CorruptArchive(StorageError):
+    """An archive object fails its header checksum, SHA-256, authentication tag or structure."""
+
+
 class LockedError(UnisonDBError):
     http_status = 503
     exit_code = 3
@@ -121,6 +147,10 @@ class LockedError(UnisonDBError):
 class Unavailable(UnisonDBError):
     http_status = 503
     exit_code = 7
+
+
+class ArchiveUnavailable(Unavailable):
+    """The object store could not be reached, timed out or answered 5xx/throttling: retryable."""
 
 
 def from_os_error(exc: OSError, path: Path | str | None = None) -> UnisonDBError:

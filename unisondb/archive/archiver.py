@@ -1,0 +1,245 @@
+"""The archiver: uploads every sealed WAL segment of one namespace, in order, to the archive.
+
+It is given two narrow callables instead of reaching into the engine:
+
+* ``list_sealed() -> list[(segment_id, path)]`` — the namespace's sealed segments on local disk;
+* ``describe(segment_id, path) -> SegmentInfo`` — a sealed segment's LSN range, history id and
+  fingerprint (the segment footer/header holds them).
+
+A background thread (or a caller, through :meth:`run_once`) repeatedly: renews the writer lease when
+due, then publishes every sealed segment that is not yet confirmed, lowest id first, and stops the
+pass at the first failure so the archive never gets a hole that a later upload hides. Confirmed ids
+are kept in memory; after a restart each local sealed segment is published again, and
+``publish_file`` treats an identical existing object as confirmed (no LIST call, ever, on this path).
+
+Failures:
+
+* ``ArchiveUnavailable`` (network, 5xx, throttling): retried forever with exponential backoff and
+  full jitter, capped; writes go on locally meanwhile, and local segments stay until confirmed.
+* ``LeaseHeld`` (another server took the prefix): the archiver stops; state ``lease-lost``.
+* anything else (a conflicting object, a damaged local segment, credentials refused): retried with
+  the same backoff — an operator can fix credentials without a restart — and reported in ``state``
+  and the failure metric.
+
+``is_archived(segment_id)`` is what retention must consult before deleting a local segment.
+"""
+
+from __future__ import annotations
+
+import random
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import structlog
+from prometheus_client import CollectorRegistry, Counter, Gauge
+
+from unisondb.archive import naming
+from unisondb.archive.lease import Lease
+from unisondb.archive.objectfmt import ArchiveKey, Kind
+from unisondb.archive.publish import publish_file
+from unisondb.archive.store import ObjectStore
+from unisondb.errors import ArchiveUnavailable, LeaseHeld, UnisonDBError
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class SegmentInfo:
+    first_lsn: int
+    last_lsn: int
+    history_id: bytes
+    fingerprint: bytes | None = None
+
+
+@dataclass
+class Backoff:
+    """Exponential backoff with full jitter: attempt n waits uniform(0, min(cap, base * 2**n))."""
+
+    base: float = 0.5
+    cap: float = 30.0
+    rng: random.Random | None = None
+
+    def delay(self, attempt: int) -> float:
+        rng = self.rng or random
+        return rng.uniform(0, min(self.cap, self.base * (2 ** min(attempt, 30))))
+
+
+class ArchiveMetrics:
+    """The archiver's Prometheus series (one set per process, labelled by namespace)."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        r = registry
+        self.uploads = Counter("unisondb_archive_uploads_total", "Objects published to the archive",
+                               ["namespace", "kind"], registry=r)
+        self.upload_bytes = Counter("unisondb_archive_upload_bytes_total", "Bytes published to the archive",
+                                    ["namespace", "kind"], registry=r)
+        self.failures = Counter("unisondb_archive_failures_total", "Failed archive passes",
+                                ["namespace", "reason"], registry=r)
+        self.retries = Counter("unisondb_archive_retries_total", "Archive passes retried after a failure",
+                               ["namespace"], registry=r)
+        self.last_success = Gauge("unisondb_archive_last_success_timestamp_seconds",
+                                  "Unix time of the last successful upload", ["namespace"], registry=r)
+        self.archived_lsn = Gauge("unisondb_archive_archived_lsn",
+                                  "Last LSN of the newest segment confirmed in the archive", ["namespace"],
+                                  registry=r)
+        self.pending = Gauge("unisondb_archive_pending_segments",
+                             "Sealed local segments not yet confirmed in the archive", ["namespace"],
+                             registry=r)
+
+
+class Archiver:
+    def __init__(self, store: ObjectStore, prefix: str, namespace: str, lease: Lease,
+                 list_sealed: Callable[[], list[tuple[int, Path]]],
+                 describe: Callable[[int, Path], SegmentInfo], *,
+                 archive_key: ArchiveKey | None = None, interval: float = 1.0,
+                 backoff: Backoff | None = None, metrics: ArchiveMetrics | None = None,
+                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
+                 spool_dir: Path | None = None) -> None:
+        self.store = store
+        self.prefix = prefix
+        self.namespace = namespace
+        self.lease = lease
+        self._list_sealed = list_sealed
+        self._describe = describe
+        self._key = archive_key
+        self.interval = interval
+        self.backoff = backoff or Backoff()
+        self.metrics = metrics
+        self._clock = clock
+        self._wall = wall
+        self._spool_dir = spool_dir
+        self._archived: set[int] = set()
+        self._archived_lsn = -1
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._wake = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._next_renewal = 0.0
+        self.failures_in_a_row = 0
+        self.state = "idle"
+        self.last_error: str | None = None
+
+    # -- what retention and /health read -------------------------------------------------------
+
+    def is_archived(self, segment_id: int) -> bool:
+        with self._lock:
+            return segment_id in self._archived
+
+    @property
+    def archived_lsn(self) -> int:
+        """Last LSN of the newest segment confirmed (-1: none yet)."""
+        with self._lock:
+            return self._archived_lsn
+
+    # -- one pass --------------------------------------------------------------------------------
+
+    def run_once(self) -> int:
+        """Renew the lease if due, then publish pending sealed segments in id order. Returns how many
+        were confirmed. Raises on the first failure (the caller backs off and calls again)."""
+        if not self.lease.held:
+            self.lease.acquire()
+            self._next_renewal = self._clock() + self.lease.renew_interval
+        elif self._clock() >= self._next_renewal:
+            self.lease.renew()
+            self._next_renewal = self._clock() + self.lease.renew_interval
+        pending = sorted((sid, path) for sid, path in self._list_sealed() if not self.is_archived(sid))
+        self._set_pending(len(pending))
+        done = 0
+        for segment_id, path in pending:
+            if self._stop.is_set():
+                break
+            self._publish(segment_id, path)
+            done += 1
+            self._set_pending(len(pending) - done)
+        return done
+
+    def _publish(self, segment_id: int, path: Path) -> None:
+        info = self._describe(segment_id, path)
+        encrypted = self._key is not None
+        key = naming.segment_key(self.prefix, self.namespace, info.history_id, info.first_lsn,
+                                 info.last_lsn, segment_id, encrypted)
+        published = publish_file(self.store, key, path, kind=Kind.SEGMENT, namespace=self.namespace,
+                                 history_id=info.history_id, first_lsn=info.first_lsn,
+                                 last_lsn=info.last_lsn, fingerprint=info.fingerprint,
+                                 archive_key=self._key, spool_dir=self._spool_dir)
+        with self._lock:
+            self._archived.add(segment_id)
+            self._archived_lsn = max(self._archived_lsn, info.last_lsn)
+        if self.metrics is not None:
+            if not published.already:
+                self.metrics.uploads.labels(self.namespace, "segment").inc()
+                self.metrics.upload_bytes.labels(self.namespace, "segment").inc(published.size)
+            self.metrics.last_success.labels(self.namespace).set(self._wall())
+            self.metrics.archived_lsn.labels(self.namespace).set(info.last_lsn)
+        log.debug("archived segment", namespace=self.namespace, segment=segment_id, key=key,
+                  already=published.already)
+
+    def _set_pending(self, n: int) -> None:
+        if self.metrics is not None:
+            self.metrics.pending.labels(self.namespace).set(n)
+
+    # -- the loop --------------------------------------------------------------------------------
+
+    def step(self) -> float:
+        """One pass with error handling; returns how long to wait before the next one."""
+        try:
+            self.run_once()
+        except LeaseHeld as exc:
+            self._fail("lease", exc)
+            self.state = "lease-lost"
+            self._stop.set()
+            return 0.0
+        except ArchiveUnavailable as exc:
+            return self._retry_after("unavailable", exc)
+        except UnisonDBError as exc:
+            return self._retry_after(type(exc).__name__, exc)
+        self.failures_in_a_row = 0
+        self.state = "ok"
+        self.last_error = None
+        return self.interval
+
+    def _fail(self, reason: str, exc: UnisonDBError) -> None:
+        self.last_error = str(exc)
+        if self.metrics is not None:
+            self.metrics.failures.labels(self.namespace, reason).inc()
+        log.warning("archive pass failed", namespace=self.namespace, reason=reason, error=str(exc))
+
+    def _retry_after(self, reason: str, exc: UnisonDBError) -> float:
+        self._fail(reason, exc)
+        self.state = "retrying"
+        delay = self.backoff.delay(self.failures_in_a_row)
+        self.failures_in_a_row += 1
+        if self.metrics is not None:
+            self.metrics.retries.labels(self.namespace).inc()
+        return delay
+
+    def wake(self) -> None:
+        """Run a pass now (a segment was just sealed)."""
+        self._wake.set()
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name=f"archiver-{self.namespace}", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            delay = self.step()
+            if self._stop.is_set():
+                break
+            self._wake.wait(delay)
+            self._wake.clear()
+
+    def stop(self, *, release: bool = True, timeout: float = 30.0) -> None:
+        """Stop the thread after the upload in flight; release the lease unless it was lost."""
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        if release and self.state != "lease-lost":
+            try:
+                self.lease.release()
+            except UnisonDBError as exc:
+                log.warning("archive lease not released", namespace=self.namespace, error=str(exc))

@@ -1,0 +1,78 @@
+"""Publishing immutable archive objects: create-if-absent, never overwrite, idempotent on retry.
+
+An archive object is written once with ``If-None-Match: *``. If the name is taken, the existing
+object's header (a ranged GET of its first bytes) decides:
+
+* same content identity (kind, namespace, history, LSN range, size, SHA-256, fingerprint) — an
+  earlier attempt already published it (a retry after a timeout, a restart after SIGKILL): done;
+* anything else — ``ArchiveConflict``: the archive is never overwritten.
+
+Encrypted objects differ byte-for-byte on every encoding (fresh nonces), which is why identity is
+the header's content fields and not the object's ETag.
+"""
+
+from __future__ import annotations
+
+import io
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO
+
+from unisondb.archive import objectfmt
+from unisondb.archive.objectfmt import ArchiveKey, Kind, ObjectHeader
+from unisondb.archive.store import ObjectStore
+from unisondb.errors import ArchiveConflict, ObjectExists
+
+
+@dataclass(frozen=True)
+class Published:
+    key: str
+    header: ObjectHeader
+    size: int  # bytes of the encoded object (0 if it was already there)
+    already: bool  # True: an identical object was already in the archive
+
+
+def _identity(h: ObjectHeader) -> tuple[object, ...]:
+    return (h.kind, h.namespace, h.history_id, h.first_lsn, h.last_lsn, h.plain_size, h.sha256,
+            h.fingerprint)
+
+
+def publish_file(store: ObjectStore, key: str, path: Path, *, kind: Kind, namespace: str,
+                 history_id: bytes, first_lsn: int, last_lsn: int, fingerprint: bytes | None = None,
+                 archive_key: ArchiveKey | None = None, spool_dir: Path | None = None) -> Published:
+    """Encode ``path`` to a temporary file (bounded memory; S3 needs a known length) and publish it."""
+    with tempfile.TemporaryFile(dir=spool_dir) as spool:
+        header = objectfmt.encode_file(path, spool, kind=kind, namespace=namespace,
+                                       history_id=history_id, first_lsn=first_lsn, last_lsn=last_lsn,
+                                       fingerprint=fingerprint, key=archive_key)
+        size = spool.tell()
+        spool.seek(0)
+        return _publish(store, key, spool, header, size)
+
+
+def publish_bytes(store: ObjectStore, key: str, content: bytes, header: ObjectHeader,
+                  archive_key: ArchiveKey | None = None) -> Published:
+    """Publish small content (a manifest) whose header the caller built with ``new_header``."""
+    out = io.BytesIO()
+    size = objectfmt.encode(io.BytesIO(content), out, header, archive_key)
+    out.seek(0)
+    return _publish(store, key, out, header, size)
+
+
+def _publish(store: ObjectStore, key: str, body: IO[bytes], header: ObjectHeader, size: int) -> Published:
+    try:
+        store.put_if_absent(key, body)
+        return Published(key, header, size, already=False)
+    except ObjectExists:
+        pass
+    data, _ = store.get(key, length=objectfmt.HEADER_SIZE)
+    existing = objectfmt.parse_header(data, store.where(key))
+    if _identity(existing) != _identity(header):
+        raise ArchiveConflict(
+            f"{store.where(key)} already exists with different content (SHA-256 "
+            f"{existing.sha256.hex()[:16]}…, LSNs {existing.first_lsn}..{existing.last_lsn}; ours "
+            f"{header.sha256.hex()[:16]}…, LSNs {header.first_lsn}..{header.last_lsn}); the archive "
+            "is never overwritten",
+            hint="another server or an older history wrote this name: check --archive-url")
+    return Published(key, existing, 0, already=True)
