@@ -29,6 +29,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -312,9 +313,20 @@ def _rotate(srv: ServerProcess, after: int) -> int:
     return last
 
 
-def test_two_servers_one_namespace_name_never_spliced(tmp_path: Path) -> None:
-    a = start_server(tmp_path / "a", (NS,))
-    b = start_server(tmp_path / "b", (NS,))
+@dataclass
+class Mixed:
+    dir: Path
+    a_hist: str
+    b_hist: str
+
+
+@pytest.fixture(scope="module")
+def mixed(tmp_path_factory: pytest.TempPathFactory) -> Mixed:
+    """A's snapshot (LSN 30, with its sidecar) + A's segments 1–2 (LSN 1–100) + B's segments
+    3–5 (LSN 101–250) in one directory; both servers serve a namespace ``users``."""
+    base = tmp_path_factory.mktemp("two-servers")
+    a = start_server(base / "a", (NS,))
+    b = start_server(base / "b", (NS,))
     try:
         write(a.url, 1, 30, "A")
         code, snap = curl_json(f"{a.url}/api/v1/{NS}/btree/backup", "POST",
@@ -336,32 +348,49 @@ def test_two_servers_one_namespace_name_never_spliced(tmp_path: Path) -> None:
         stop_clean(b)
     assert a_hist != b_hist
 
-    mixed = tmp_path / "mixed"
-    mixed.mkdir()
-    shutil.copy2(tmp_path / "a/backups/users/snapshots/a.db", mixed)
-    for src, ids in ((tmp_path / "a/backups/users/wal/archive", (1, 2)),
-                     (tmp_path / "b/backups/users/wal/archive", (3, 4, 5))):
+    out = base / "mixed"
+    out.mkdir()
+    for name in ("a.db", "a.db.sha256"):  # with its sidecar: no warning but the mix itself
+        shutil.copy2(base / "a/backups/users/snapshots" / name, out)
+    for src, ids in ((base / "a/backups/users/wal/archive", (1, 2)),
+                     (base / "b/backups/users/wal/archive", (3, 4, 5))):
         for i in ids:
             for name in (segment_name(i), segment_name(i) + ".sha256"):
-                shutil.copy2(src / name, mixed)
+                shutil.copy2(src / name, out)
     for i, h in ((1, a_hist), (2, a_hist), (3, b_hist), (4, b_hist), (5, b_hist)):
-        path = mixed / segment_name(i)
+        path = out / segment_name(i)
         assert segment.decode_header(path.read_bytes(), path).history.hex() == h
+    return Mixed(out, a_hist, b_hist)
 
-    r = cli("backup", "verify", "--snapshot", mixed / "a.db", "--wal", mixed, "--json")
+
+@pytest.mark.xfail(strict=True, reason=(
+    "backup verify says ok, exit 0, with no warning or problem at all when three segments of "
+    "an unrelated history (another server's) sit beside the snapshot's own: it restores A to "
+    "LSN 100 correctly but never mentions B's segments (restore's plan does)"))
+def test_verify_two_servers_mix_is_not_ok_silently(mixed: Mixed) -> None:
+    r = cli("backup", "verify", "--snapshot", mixed.dir / "a.db", "--wal", mixed.dir, "--json")
     rep = json.loads(r.stdout)
-    assert rep["restorable"] is None or rep["restorable"]["toLsn"] == 100, rep
-    assert not (rep["ok"] and not rep["warnings"] and not rep["problems"]), rep
-    assert rep["ok"] is False or rep["restorable"]["history"] == a_hist
+    assert rep["restorable"] is None or (rep["restorable"]["toLsn"] == 100
+                                         and rep["restorable"]["history"] == mixed.a_hist), rep
+    # Not OK silently: B's three segments are named as another history, as a problem or a
+    # warning, not skipped without a word.
+    said = [m for m in rep["warnings"] + rep["problems"] if mixed.b_hist[:12] in m
+            or all(segment_name(i) in m for i in (3, 4, 5)) or "another history" in m]
+    assert said, (r.returncode, rep["ok"], rep["warnings"], rep["problems"])
 
+
+def test_restore_two_servers_mix_never_gives_b_values(mixed: Mixed, tmp_path: Path) -> None:
     r = cli("restore", "--data-dir", tmp_path / "r", "--namespace", NS, "--snapshot",
-            mixed / "a.db", "--wal", mixed, "--json")
-    if r.returncode != 0:
+            mixed.dir / "a.db", "--wal", mixed.dir, "--json")
+    if r.returncode != 0:  # refusing is allowed, with a clear one-line reason
         msg = (r.stdout + r.stderr).strip()
         assert "history" in msg and "Traceback" not in msg, msg
         return
     out = json.loads(r.stdout)
-    assert out["summary"]["lsn"] == 100 and out["plan"]["wal"]["history"] == a_hist, out
+    assert out["summary"]["lsn"] == 100 and out["plan"]["wal"]["history"] == mixed.a_hist, out
+    assert all(step["history"] == mixed.a_hist for step in out["plan"]["wal"]["replay"])
+    assert any(mixed.b_hist[:12] in w for w in out["plan"]["warnings"]), out["plan"]["warnings"]
+    assert out["summary"]["proof"]["endProven"] is True, out["summary"]["proof"]
     srv = start_server(tmp_path / "r", (NS,))
     try:
         got = served(srv.url, 260)
