@@ -291,6 +291,16 @@ def test_restore_named_old_history(splice: Splice, tmp_path: Path) -> None:
     assert st["fingerprint"] == splice.old_fp_250 == summary["fingerprint"]
 
 
+@pytest.mark.xfail(strict=True, reason=(
+    "GET /api/v1/{ns}/checkpoint has no fingerprint or history (only /stats has them); "
+    "issue 8 deliverable 2 asks for both endpoints"))
+def test_checkpoint_endpoint_shows_the_fingerprint(splice: Splice) -> None:
+    code, cp = curl_json(f"{splice.live.url}/api/v1/{NS}/checkpoint")
+    assert code == 200 and cp["lsn"] == 230, cp
+    assert cp.get("fingerprint") == splice.live_stats["fingerprint"], cp
+    assert cp.get("history") == splice.live_stats["history"], cp
+
+
 def test_backup_list_shows_both_histories_with_windows(splice: Splice) -> None:
     r = cli("backup", "list", "--backup-dir", splice.root, "--json")
     assert r.returncode == 0, r.stdout + r.stderr
