@@ -291,9 +291,6 @@ def test_restore_named_old_history(splice: Splice, tmp_path: Path) -> None:
     assert st["fingerprint"] == splice.old_fp_250 == summary["fingerprint"]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "GET /api/v1/{ns}/checkpoint has no fingerprint or history (only /stats has them); "
-    "issue 8 deliverable 2 asks for both endpoints"))
 def test_checkpoint_endpoint_shows_the_fingerprint(splice: Splice) -> None:
     code, cp = curl_json(f"{splice.live.url}/api/v1/{NS}/checkpoint")
     assert code == 200 and cp["lsn"] == 230, cp
@@ -373,10 +370,6 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Mixed:
     return Mixed(out, a_hist, b_hist)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "backup verify says ok, exit 0, with no warning or problem at all when three segments of "
-    "an unrelated history (another server's) sit beside the snapshot's own: it restores A to "
-    "LSN 100 correctly but never mentions B's segments (restore's plan does)"))
 def test_verify_two_servers_mix_is_not_ok_silently(mixed: Mixed) -> None:
     r = cli("backup", "verify", "--snapshot", mixed.dir / "a.db", "--wal", mixed.dir, "--json")
     rep = json.loads(r.stdout)

@@ -46,7 +46,7 @@ from unisondb.restore.inventory import (
     raise_on_conflicts,
 )
 from unisondb.restore.timefmt import format_ns
-from unisondb.restore.timeline import Chain, Hole, Link, lineages, select_chain
+from unisondb.restore.timeline import Chain, Hole, Link, related_histories, select_chain
 from unisondb.storage import history as hist
 from unisondb.storage import layout, segment
 from unisondb.storage.history import NO_HISTORY, fork_segment_id, new_history_id
@@ -242,17 +242,7 @@ def _refuse_unrelated_wal(snapshot: SnapshotInfo, inv: WalInventory) -> None:
     segs = [s for s in inv.segments if s.count and s.damage is None]
     if not segs or not snapshot.has_checkpoint:
         return
-    known = lineages(segs)
-    family = {cp.history, cp.parent}
-    for h in known:  # every ancestor and descendant reachable through the headers present
-        cur: bytes | None = h
-        chain: list[bytes] = []
-        while cur is not None and cur not in chain:
-            chain.append(cur)
-            lin = known.get(cur)
-            cur = lin.parent if lin is not None and lin.parent != NO_HISTORY else None
-        if family & set(chain):
-            family |= set(chain)
+    family = related_histories(cp.lineage, segs)
     if any(s.history in family for s in segs):
         return
     names = sorted({hist.short(s.history) for s in segs})

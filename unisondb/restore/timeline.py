@@ -292,6 +292,28 @@ def _hole(segs: list[SegmentMeta], mine: list[SegmentMeta], first: int, last: in
     return Hole(first, last, timeline, h, unusable, missing)
 
 
+def related_histories(start: Lineage, segments: Sequence[SegmentMeta]) -> set[bytes]:
+    """Histories that share an ancestor with ``start`` (through the headers present).
+
+    Anything else — another server's namespace of the same name, a different installation
+    — has no record in common with the snapshot's state and never belongs in its backups.
+    """
+    known = lineages(segments)
+    family = {start.history}
+    if start.parent != NO_HISTORY:
+        family.add(start.parent)
+    for h in known:
+        chain: list[bytes] = []
+        cur: bytes | None = h
+        while cur is not None and cur not in chain:
+            chain.append(cur)
+            lin = known.get(cur)
+            cur = lin.parent if lin is not None and lin.parent != NO_HISTORY else None
+        if family & set(chain):
+            family |= set(chain)
+    return family
+
+
 def by_history(segments: Sequence[SegmentMeta]) -> dict[bytes, list[SegmentMeta]]:
     out: dict[bytes, list[SegmentMeta]] = {}
     for s in segments:

@@ -39,7 +39,13 @@ from unisondb.restore.inventory import (
 from unisondb.restore.plan import RestorePlan
 from unisondb.restore.progress import Progress
 from unisondb.restore.timefmt import format_ns
-from unisondb.restore.timeline import Link, coverage_holes, overlaps, select_chain
+from unisondb.restore.timeline import (
+    Link,
+    coverage_holes,
+    overlaps,
+    related_histories,
+    select_chain,
+)
 from unisondb.storage import history as hist
 from unisondb.storage import record, segment
 
@@ -396,6 +402,16 @@ def _restorable(snap: SnapshotInfo, inv: WalInventory | None, rep: VerifyReport)
         rep.problems.append(str(exc))
         return
     end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
+    family = related_histories(cp.lineage, segs)
+    foreign = [s for s in segs if s.count and s.history not in family]
+    if foreign:
+        names = ", ".join(s.name for s in foreign[:5]) + (
+            f" (and {len(foreign) - 5} more)" if len(foreign) > 5 else "")
+        rep.problems.append(
+            f"{len(foreign)} segment(s) belong to a history unrelated to this snapshot's "
+            f"({', '.join(sorted({hist.short(s.history) for s in foreign}))}: another server "
+            f"or installation): {names}; a restore never uses them, remove them from this "
+            "backup set")
     if chain.alternatives:
         # Resolved by the documented default (the newest), so a warning, not a failure;
         # what cannot be resolved (overlaps, disagreeing lineage) is a problem above.
