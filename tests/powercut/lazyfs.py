@@ -22,6 +22,8 @@ Durability model (strict POSIX, stricter than ext4 in practice):
 * Nothing else is durable: ``write``, ``truncate``, ``close``, ``rename`` and ``create``
   alone change only the live state. A file whose directory entry is durable but whose
   data was never synced comes back **empty** (size 0).
+* Writing ``sync`` to the control file makes the whole live state durable, as the
+  kernel's periodic write-back (or ``sync``) would after a quiet half minute.
 * A power cut (writing ``cut`` to the control file ``/.powercut`` at the mount root)
   freezes the filesystem at once: that write returns after the durable state has
   been written out as a plain directory tree (``--image``), and every later operation
@@ -179,6 +181,22 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
             entries[name] = self._node_of(os.path.join(live, name)).id
         self.durable[node.id] = entries
 
+    def sync_all(self) -> None:
+        """Everything live becomes durable, as after ``sync`` or the kernel's own write-back."""
+        for dirpath, _dirs, files in os.walk(self.backing):
+            self._sync_dir(dirpath)
+            for name in files:
+                live = os.path.join(dirpath, name)
+                if os.path.islink(live):
+                    continue
+                node = self._node_of(live)
+                fd = os.open(live, os.O_RDONLY)
+                try:
+                    node.mark(0, os.fstat(fd).st_size)
+                    self._sync_file(fd, node)
+                finally:
+                    os.close(fd)
+
     def cut(self) -> None:
         """Freeze and write the durable state out as a directory tree at ``image``."""
         self.frozen = True
@@ -305,10 +323,14 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         with self._mu:
             if fh == CONTROL_FH:
-                if data.strip() != b"cut":
+                command = data.strip()
+                if command == b"cut":
+                    if not self.frozen:
+                        self.cut()
+                elif command == b"sync" and not self.frozen:
+                    self.sync_all()
+                else:
                     raise mfusepy.FuseOSError(errno.EINVAL)
-                if not self.frozen:
-                    self.cut()
                 return len(data)
             self._check()
             fd, node = self._fd(fh)

@@ -80,6 +80,11 @@ class PowerCutMount:
         report: dict[str, Any] = json.loads((self.mountpoint / CONTROL).read_bytes())
         return report
 
+    def sync_all(self) -> None:
+        """Make everything durable now (the kernel's write-back after a quiet spell)."""
+        with open(self.mountpoint / CONTROL, "wb", buffering=0) as f:
+            f.write(b"sync")
+
     def cut(self) -> Path:
         """Power cut: forget every non-durable change now; later operations fail with EIO."""
         with open(self.mountpoint / CONTROL, "wb", buffering=0) as f:
