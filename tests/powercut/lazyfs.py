@@ -41,9 +41,9 @@ Kernel caches are safe because a cut is always followed by an unmount; the kerne
 write-back cache is off (libfuse's default), so every ``write`` reaches this process
 before the system call returns.
 
-Run: ``python -m tests.powercut.lazyfs --backing DIR --state DIR --image DIR MOUNTPOINT``
-(or the file path; it imports nothing from the tests). It runs in the foreground
-until unmounted (``fusermount3 -u -z MOUNTPOINT``).
+Run: ``python tests/powercut/lazyfs.py --backing DIR --state DIR --image DIR MOUNTPOINT``
+(``powercut_mount.py`` does this for the tests). It runs in the foreground until
+unmounted (``fusermount3 -u -z MOUNTPOINT``); ``POWERCUT_DEBUG=1`` logs every operation.
 """
 
 from __future__ import annotations

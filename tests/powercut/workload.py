@@ -61,7 +61,8 @@ class Rounds:
     """Runs power-cut rounds of one workload ("put", "wal-backup" or "snapshot")."""
 
     def __init__(self, fs: PowerCutMount, servers: list[ServerProcess], logs: Path,
-                 workload: str, seed: int) -> None:
+                 workload: str, seed: int, *, sync_first_start: bool = True) -> None:
+        self.sync_first_start = sync_first_start
         self.fs, self.servers, self.logs = fs, servers, logs
         self.workload = workload
         self.rng = random.Random(seed)
@@ -70,6 +71,7 @@ class Rounds:
         self.lines: list[str] = []
         self.cut_mid_backup = False
         self.in_backup = threading.Event()
+        self.after_cut = threading.Event()
         self.verified = 0  # published backup files that passed sha256sum -c, over all checks
         logs.mkdir(parents=True, exist_ok=True)
 
@@ -113,9 +115,12 @@ class Rounds:
                     value = base64.b64encode(rng.randbytes(rng.randint(20, 400))).decode()
                 try:
                     r = c.put(f"/api/v1/{NS}/kv/{key}", json={"value": value})
+                    ok = r.status_code == 200
                 except httpx.HTTPError:
-                    continue
-                if r.status_code != 200:
+                    ok = False
+                if not ok:
+                    if self.after_cut.is_set():
+                        return  # every answer sent before this failure has been read
                     continue
                 with m.lock:
                     if key == counter:
@@ -128,6 +133,7 @@ class Rounds:
                         reached.set()
 
     def _backups(self, srv: ServerProcess, stop: threading.Event, counts: list[int]) -> None:
+        root = str(self.backup_root.resolve())
         with srv.client(timeout=30.0) as c:
             n = 0
             while not stop.is_set():
@@ -141,12 +147,14 @@ class Rounds:
                     else:
                         r = c.post(f"/api/v1/{NS}/btree/backup",
                                    json={"path": f"s{self.round}-{n}.db"})
-                        paths = [r.json()["path"]] if r.status_code == 200 else []
+                        ok = r.status_code == 200
+                        paths = [r.json()["path"]] if ok else []
                 except (httpx.HTTPError, ValueError):
-                    continue
+                    paths, ok = [], False
                 finally:
                     self.in_backup.clear()
-                root = str(self.backup_root.resolve())
+                if not ok and self.after_cut.is_set():
+                    return
                 with self.model.lock:
                     for p in paths:
                         assert p.startswith(root + "/"), p
@@ -157,7 +165,7 @@ class Rounds:
         target = self.rng.randint(5, 150 if self.workload == "put" else 400)
         # Half the backup rounds cut while a backup request is being served.
         self.cut_mid_backup = self.workload != "put" and self.rng.random() < 0.5
-        self.in_backup = threading.Event()
+        self.in_backup, self.after_cut = threading.Event(), threading.Event()
         stop, reached = threading.Event(), threading.Event()
         acked_now, backups_now = [0], [0]
         threads = [threading.Thread(target=self._writer, args=(srv, t, stop, acked_now, target, reached))
@@ -171,8 +179,13 @@ class Rounds:
                 raise AssertionError(f"round {self.round}: {acked_now[0]} of {target} writes "
                                      f"acknowledged in 60 s\n{srv.log()[-2000:]}")
             self.fs.cut()
+            # Writes fail from now on. Each client stops at its first failure, so every
+            # answer the server sent before dying has been read: the acknowledged set is whole.
+            self.after_cut.set()
+            for th in threads:
+                th.join(timeout=30)
         finally:
-            srv.kill9()  # by PID; clients then fail fast and stop
+            srv.kill9()  # by PID
             stop.set()
             for th in threads:
                 th.join()
@@ -227,7 +240,7 @@ class Rounds:
 
     # --- rounds ---
 
-    def run(self, rounds: int) -> list[str]:
+    def run(self, rounds: int, *, stop_at_first_problem: bool = False) -> list[str]:
         """Run ``rounds`` cuts and a final check; return every problem found (empty: none)."""
         problems: list[str] = []
         for self.round in range(1, rounds + 1):
@@ -237,14 +250,18 @@ class Rounds:
             if isinstance(srv, str):
                 problems.append(f"round {self.round}: {srv}")
                 break
-            if self.round == 1:
+            if self.round == 1 and self.sync_first_start:
                 # The first start creates the namespace's directories; a kernel would write
                 # them back within half a minute. (That they are never fsynced is pinned
                 # separately, see test_powercut_server.py.)
                 self.fs.sync_all()
-            else:
+            elif self.round > 1:
                 found = self.check(srv)
                 problems += [f"after round {self.round - 1}: {p}" for p in found]
+                if found and stop_at_first_problem:
+                    srv.kill9()
+                    self.fs.unmount()
+                    return problems
             res = self.load_and_cut(srv)
             stats = self.fs.stats()
             self.fs.unmount()
