@@ -188,3 +188,26 @@ def test_files_present_at_mount_are_durable(pcfs: PowerCutMount) -> None:
     m = cut_and_remount(pcfs)  # nothing changed in between: everything stays
     assert (m / "d" / "f").read_bytes() == b"kept"
     assert pcfs.stats() == {"fsync": 0, "fsyncdir": 0, "write": 0, "bytes_synced": 0, "frozen": False}
+
+
+def test_control_file_is_hidden_and_sync_makes_everything_durable(pcfs: PowerCutMount) -> None:
+    m = pcfs.mountpoint
+    (m / "d").mkdir()
+    write(m / "d" / "f", b"written back")
+    assert os.listdir(m) == ["d"]  # .powercut answers but is never listed
+    pcfs.sync_all()
+    write(m / "d" / "g", b"after the sync")
+    m = cut_and_remount(pcfs)
+    assert os.listdir(m / "d") == ["f"]
+    assert (m / "d" / "f").read_bytes() == b"written back"
+
+
+def test_a_rename_over_a_file_keeps_the_old_file_until_the_dir_is_synced(pcfs: PowerCutMount) -> None:
+    m = pcfs.mountpoint
+    write(m / "a", b"old", sync="fsync")
+    write(m / "b", b"new", sync="fsync")
+    fsync_dir(m)
+    os.replace(m / "b", m / "a")
+    write(m / "c", b"c", sync="fsync")  # may get the replaced file's inode number
+    m = cut_and_remount(pcfs)
+    assert {n: (m / n).read_bytes() for n in os.listdir(m)} == {"a": b"old", "b": b"new"}
