@@ -112,7 +112,7 @@ class PowerCutMount:
         with open("/proc/self/mounts", "rb") as f:
             return any(line.split()[1] == target for line in f)
 
-    def remove_images(self) -> None:
-        """Free the disk space of finished generations (keeps the current one)."""
-        for gen in range(1, self.generation):
+    def remove_old_generations(self) -> None:
+        """Free the disk space of finished generations, keeping the current and the last."""
+        for gen in range(1, self.generation - 1):
             shutil.rmtree(self.workdir / f"gen{gen}", ignore_errors=True)

@@ -246,6 +246,7 @@ class Rounds:
         for self.round in range(1, rounds + 1):
             if self.fs.proc is None:
                 self.fs.mount()
+            self.fs.remove_old_generations()  # the soak would otherwise keep a copy per cut
             srv = self.start()
             if isinstance(srv, str):
                 problems.append(f"round {self.round}: {srv}")
