@@ -278,7 +278,7 @@ class Rounds:
         else:
             problems += [f"after round {self.round}: {p}" for p in self.check(srv)]
             srv.stop()
-        self.lines.append(f"{len(self.model.acked)} acknowledged writes checked present, "
+        self.lines.append(f"{len(self.model.acked)} acknowledged writes checked, "
                           f"{self.verified} published backup files passed sha256sum -c")
         self.fs.unmount()
         return problems
