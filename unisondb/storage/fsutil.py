@@ -7,6 +7,12 @@ place:
   the directory is fsynced (a rename is only durable once its directory is);
 * on any failure the ``.tmp`` is removed, so no partial file is ever left behind;
 * every fsync is timed (``FSYNC_SECONDS``) so slow disks show up in metrics.
+
+Test fault (for the power-cut tests only, never for production): with the environment
+variable ``UNISONDB_TEST_FAULT_SKIP_WAL_FSYNC=1`` set when this module is imported,
+``fdatasync`` of a WAL segment file (a name ending in ``.wal``) does nothing. Acknowledged
+writes are then not durable, and ``tests/powercut`` must notice; that is how those tests
+prove they can catch a missing fsync. Nothing else changes.
 """
 
 from __future__ import annotations
@@ -19,8 +25,12 @@ from pathlib import Path
 from typing import BinaryIO
 
 from unisondb.errors import from_os_error
+from unisondb.storage import layout
 
 TMP_SUFFIX = ".tmp"
+
+#: See the module docstring. Read once, at import.
+TEST_FAULT_SKIP_WAL_FSYNC = os.environ.get("UNISONDB_TEST_FAULT_SKIP_WAL_FSYNC") == "1"
 
 #: Optional observer called with the duration of every fsync (set by metrics wiring).
 fsync_observer: Callable[[float], None] | None = None
@@ -33,9 +43,18 @@ def _observe(started: float) -> None:
 
 def fdatasync(fd: int) -> None:
     """Flush file data (and the size, if it changed) of ``fd`` to stable storage."""
+    if TEST_FAULT_SKIP_WAL_FSYNC and _is_wal_segment(fd):
+        return
     started = time.perf_counter()
     os.fdatasync(fd)
     _observe(started)
+
+
+def _is_wal_segment(fd: int) -> bool:
+    try:
+        return os.readlink(f"/proc/self/fd/{fd}").endswith(layout.SEGMENT_SUFFIX)
+    except OSError:
+        return False
 
 
 def fsync(fd: int) -> None:
