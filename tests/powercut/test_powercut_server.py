@@ -55,6 +55,8 @@ def test_power_cut_layer_catches_a_missing_wal_fdatasync(
 
 
 @pytest.mark.xfail(strict=True, reason=(
+    "under investigation: make_dirs + fsync of db/ now sync every created directory, yet "
+    "after a cut soon after the first start the WAL records and segment 2 are lost; was: "
     "durability bug: a new namespace's directories (data/<ns>/, db/, wal/, backups/<ns>/) and "
     "LMDB's db/data.mdb entry are created without fsync of their parent directories, so a "
     "power cut soon after the first start can lose the whole namespace, acknowledged writes "

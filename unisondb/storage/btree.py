@@ -45,7 +45,7 @@ from typing import Any, BinaryIO
 import lmdb
 
 from unisondb.errors import CorruptLog, StorageError, from_os_error
-from unisondb.storage import snapfile
+from unisondb.storage import fsutil, snapfile
 from unisondb.storage.fingerprint import EMPTY_STATE, Fingerprint, state_digest
 from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.record import EntryKind, Record
@@ -159,7 +159,7 @@ class BTree:
         # A snapshot copied in by hand (cp snapshot <ns>/db/data.mdb): verify, strip trailer.
         self.installed = snapfile.install_check(path, mark=serving)
         try:
-            path.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs(path)
             data_file = path / "data.mdb"
             existing = data_file.stat().st_size if data_file.exists() else 0
             # A restored snapshot may be larger than the configured map: start above it.
@@ -170,6 +170,10 @@ class BTree:
             )
             self._kv = self.env.open_db(b"kv")
             self._meta = self.env.open_db(b"meta")
+            if durable:
+                # LMDB fsyncs data.mdb's content, never the directory: make a newly created
+                # data.mdb's entry durable before any write is acknowledged.
+                fsutil.fsync_dir(path)
         except lmdb.Error as exc:
             raise CorruptLog(
                 f"cannot open LMDB environment: {exc}", path=path / "data.mdb",

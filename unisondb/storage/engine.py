@@ -109,8 +109,8 @@ class Engine:
         eng = cls(data_dir, namespace, config or EngineConfig())
         ns_dir = layout.namespace_dir(data_dir, namespace)
         try:
-            ns_dir.mkdir(parents=True, exist_ok=True)
-            layout.backup_root(data_dir, namespace).mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs(ns_dir)
+            fsutil.make_dirs(layout.backup_root(data_dir, namespace))
         except OSError as exc:
             raise from_os_error(exc, ns_dir) from exc
         eng._lock.acquire()

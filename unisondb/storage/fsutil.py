@@ -72,6 +72,23 @@ def fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
+def make_dirs(path: Path) -> None:
+    """``mkdir -p`` that survives a power cut: every directory it creates is fsynced into its
+    parent (a new directory's entry is not durable until its parent is synced, and
+    everything later written inside it would vanish with it)."""
+    missing: list[Path] = []
+    cur = path
+    while not cur.exists():
+        missing.append(cur)
+        cur = cur.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir()
+        except FileExistsError:
+            pass
+        fsync_dir(d.parent)
+
+
 def remove_quietly(path: Path) -> None:
     """Remove a file in a cleanup path; a failure here must not mask the original error."""
     try:

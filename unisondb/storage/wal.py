@@ -91,7 +91,7 @@ class Wal:
         """Load the segment table and repair a torn tail; does not create a segment."""
         wal = cls(directory, namespace)
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            fsutil.make_dirs(directory)
         except OSError as exc:
             raise from_os_error(exc, directory) from exc
         files = list(segment.iter_segment_files(directory))
