@@ -308,6 +308,12 @@ def test_backup_list_shows_both_histories_with_windows(splice: Splice) -> None:
     assert old["window"]["earliestLsn"] == 150 and old["window"]["latestLsn"] == 250
     assert new["window"]["earliestLsn"] == 150 and new["window"]["latestLsn"] == 230
     assert new["firstSegmentId"] > old["lastSegmentId"]
+    # The running server answers the same over HTTP, for its own backups/<ns>/.
+    code, doc = curl_json(f"{splice.live.url}/api/v1/{NS}/backups")
+    assert code == 200, doc
+    served = {h["history"]: h["window"] for h in doc["wal"]["histories"]}
+    assert served[splice.old_history]["latestLsn"] == 250
+    assert served[splice.live_stats["history"]]["latestLsn"] >= 230
 
 
 # --- finding 5 ---------------------------------------------------------------------------

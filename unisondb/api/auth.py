@@ -120,6 +120,8 @@ def required_role(method: str, raw_path: bytes, metrics_open: bool) -> Role | No
         # [b"", b"api", b"v1", ns, b"wal"|b"btree", b"backup"]
         if len(parts) == 6 and parts[4] in (b"wal", b"btree"):
             return Role.ADMIN
+    if raw_path.endswith(b"/backups") and raw_path.count(b"/") == 4:
+        return Role.ADMIN  # GET /api/v1/<ns>/backups: the backup catalog
     if method in ("GET", "HEAD"):
         return Role.READ
     return Role.WRITE

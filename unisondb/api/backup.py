@@ -43,7 +43,17 @@ def routes(prefix: str) -> list[Route]:
     return [
         Route(f"{prefix}/wal/backup", wal_backup, methods=["POST"]),
         Route(f"{prefix}/btree/backup", btree_backup, methods=["POST"]),
+        Route(f"{prefix}/backups", list_backups_endpoint, methods=["GET"]),
     ]
+
+
+async def list_backups_endpoint(request: Request) -> Response:
+    """What ``backups/<ns>/`` can restore to: ``unisondb backup list --json`` of it."""
+    from unisondb.restore.catalog import list_backups
+
+    engine = engine_for(request)
+    root = layout.backup_root(engine.data_dir, engine.namespace)
+    return json_response(await anyio.to_thread.run_sync(list_backups, root))
 
 
 @dataclass(frozen=True, slots=True)

@@ -121,6 +121,12 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
                 "fingerprint": {"type": "string",
                                 "description": "state fingerprint digest (64 hex digits)"}}},
             404)},
+        "/api/v1/{namespace}/backups": {"get": _op(
+            "The backup catalog of backups/<ns>/: snapshots, and per history its lineage, WAL "
+            "coverage, holes, recorded fingerprints and restorable window (as unisondb "
+            "backup list --json)", {"type": obj, "properties": {
+                "snapshots": {"type": "array"}, "wal": {"type": "object"},
+                "problems": {"type": "array", "items": {"type": "string"}}}}, 404)},
         "/api/v1/{namespace}/wal/backup": {"post": _op(
             "Copy sealed WAL segments with id > afterSegmentId into backups/<ns>/<backupDir> "
             "(each with a .sha256 sidecar); 409 if afterSegmentId points before the oldest "
