@@ -47,10 +47,11 @@ EMPTY_STATE = bytes(STATE_BYTES)
 
 
 def item_hash(key: bytes, value: bytes) -> int:
-    # One hashlib call over the joined input (bit-identical to feeding the parts one by
-    # one): same-run timing 2.5–2.9 µs vs 4.1–4.8 µs per pair (bench/results fingerprint).
-    data = b"".join((_PREFIX, _KEYLEN.pack(len(key)), key, value))
-    return int.from_bytes(hashlib.shake_256(data).digest(STATE_BYTES), "little")
+    h = hashlib.shake_256(_PREFIX)
+    h.update(_KEYLEN.pack(len(key)))
+    h.update(key)
+    h.update(value)
+    return int.from_bytes(h.digest(STATE_BYTES), "little")
 
 
 class Fingerprint:
