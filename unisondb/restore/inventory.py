@@ -30,6 +30,8 @@ from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
 from unisondb.storage import layout, segment, snapfile
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
+from unisondb.storage.fingerprint import Fingerprint
+from unisondb.storage.fingerprint import short as fp_short
 from unisondb.storage.history import NO_HISTORY, Lineage
 
 SIDECAR_SUFFIX = ".sha256"
@@ -280,6 +282,37 @@ def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
             )
     cp, has_cp, keys = _read_checkpoint_readonly(path, st.st_size, origin)
     return SnapshotInfo(origin, st.st_size, cp, has_cp, keys, problems)
+
+
+def check_snapshot_content(info: SnapshotInfo) -> None:
+    """Hash every key/value pair of the snapshot and compare with the state fingerprint its
+    checkpoint recorded: a changed value is caught without any ``.sha256`` sidecar (and
+    also in a plain LMDB copy that has no trailer). One cursor pass, read-only."""
+    if not info.has_checkpoint:
+        return
+    local = sources.local(info.path)
+    try:
+        env = lmdb.open(str(local), subdir=False, readonly=True, lock=False, max_dbs=4,
+                        map_size=max(info.size, 1 << 20))
+    except lmdb.Error as exc:
+        raise BackupCorrupt(f"cannot open snapshot {info.path} as LMDB: {exc}") from exc
+    try:
+        kv = env.open_db(b"kv", create=False)
+        with env.begin(db=kv) as txn:
+            scanned = Fingerprint.of_items(txn.cursor().iternext(keys=True, values=True))
+    except lmdb.Error as exc:
+        raise BackupCorrupt(f"cannot read snapshot {info.path}: {exc}") from exc
+    finally:
+        env.close()
+    cp = info.checkpoint
+    if scanned.state() != cp.fp_state:
+        raise BackupCorrupt(
+            f"snapshot {info.path} does not hold the state it recorded: its keys and values "
+            f"hash to {fp_short(scanned.digest())}, its checkpoint says "
+            f"{fp_short(cp.fingerprint)} (LSN {cp.applied_lsn})",
+            hint="the file was altered or damaged after it was written; use another copy or "
+            "an older snapshot",
+        )
 
 
 def _read_checkpoint_readonly(local: Path, size: int,

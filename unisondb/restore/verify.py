@@ -30,6 +30,7 @@ from unisondb.restore.inventory import (
     SnapshotInfo,
     WalInventory,
     check_sidecar,
+    check_snapshot_content,
     collect_wal,
     inspect_snapshot,
     raise_on_mismatch,
@@ -173,6 +174,8 @@ def verify_plan(plan: RestorePlan, progress: Progress | None = None) -> Verified
     total = snap.size + sum(ln.segment.size for ln in links)
     progress.phase("verify checksums", total)
     snap_sha = sha256_file(snap.path, progress.advance)
+    progress.phase("verify snapshot content", snap.keys, unit="keys")
+    check_snapshot_content(snap)
     res = check_sidecar(snap.path, snap_sha)
     raise_on_mismatch(res)
     checksums.append(res)
@@ -325,6 +328,7 @@ def _verify_snapshot(path: Path, rep: VerifyReport, progress: Progress) -> Snaps
         elif res.status == "missing":
             rep.warnings.append(f"snapshot {path}: no .sha256 sidecar")
         snap = inspect_snapshot(path, structural=True)
+        check_snapshot_content(snap)
     except (UnisonDBError, OSError) as exc:
         rep.problems.append(f"snapshot: {exc}")
         info["lmdb"] = "failed"
