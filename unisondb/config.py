@@ -36,6 +36,14 @@ TOML file (every key optional; flags given on the command line win)::
     cert = "server.crt"
     key = "server.key"
     client_ca = "clients-ca.crt"          # optional: require client certificates
+
+    [archive]                             # continuous archiving (docs/ARCHIVE.md); off unless url
+    url = "s3://bucket/prefix"
+    endpoint = "http://127.0.0.1:8333"    # S3-compatible server; unset = AWS
+    path_style = false                    # path-style addressing (most self-hosted servers)
+    key_file = "/etc/unisondb/archive.key"  # AES-256-GCM key; unset = not encrypted
+    interval = "1s"                       # seal the active segment this long after new writes
+    snapshot_interval = "24h"             # a snapshot to the archive this often (0 = never)
 """
 
 from __future__ import annotations
@@ -141,6 +149,28 @@ class SecurityConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class ArchiveConfig:
+    """Continuous archiving to S3-compatible storage; ``url`` None means off.
+
+    Credentials are never configured here: boto3 reads the standard AWS environment
+    variables and files (docs/ARCHIVE.md)."""
+
+    url: str | None = None
+    endpoint: str | None = None
+    path_style: bool = False
+    key_file: Path | None = None
+    #: A non-empty active segment is sealed (and so archived) this many seconds after it
+    #: received its first write: the archive's RPO under steady load.
+    interval: float = 1.0
+    #: A snapshot is published to the archive this often (0 = only on demand).
+    snapshot_interval: float = 24 * 3600.0
+
+    @property
+    def enabled(self) -> bool:
+        return self.url is not None
+
+
+@dataclass(frozen=True, slots=True)
 class ServerConfig:
     data_dir: Path = Path("./data")
     host: str = "127.0.0.1"
@@ -152,13 +182,14 @@ class ServerConfig:
     log_format: str = "console"
     http: HttpLimits = field(default_factory=HttpLimits)
     security: SecurityConfig = field(default_factory=SecurityConfig)
+    archive: ArchiveConfig = field(default_factory=ArchiveConfig)
 
 
 def load_config(
     config_file: Path | None = None, *, data_dir: Path | None = None, http_addr: str | None = None,
     namespaces: tuple[str, ...] = (), overrides: dict[str, Any] | None = None,
     http_overrides: dict[str, Any] | None = None, auth_overrides: dict[str, Any] | None = None,
-    tls_overrides: dict[str, Any] | None = None,
+    tls_overrides: dict[str, Any] | None = None, archive_overrides: dict[str, Any] | None = None,
 ) -> ServerConfig:
     """Merge a TOML file (if any) with command-line values; flags win.
 
@@ -175,12 +206,13 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequest(f"invalid TOML in {config_file}: {exc}") from exc
     known = {"data_dir", "http_addr", "namespaces", "max_body_bytes", "wal", "btree", "log_format",
-             "http", "auth", "tls"}
+             "http", "auth", "tls", "archive"}
     _check_keys(raw, known, "", config_file)
     for table, keys in (("wal", {"segment_size", "segment_max_age", "retention"}),
                         ("btree", {"map_size"}), ("http", set(_HTTP_KEYS)),
                         ("auth", {"token_file", "metrics", "insecure_no_auth"}),
-                        ("tls", {"cert", "key", "client_ca"})):
+                        ("tls", {"cert", "key", "client_ca"}),
+                        ("archive", set(_ARCHIVE_KEYS))):
         if not isinstance(raw.get(table, {}), dict):
             raise InvalidRequest(f"invalid config in {config_file}: [{table}] must be a table")
         _check_keys(raw.get(table, {}), keys, f"{table}.", config_file)
@@ -221,7 +253,41 @@ def load_config(
         http=_http_limits(_merged(raw, "http", http_overrides), config_file),
         security=_security(_merged(raw, "auth", auth_overrides), _merged(raw, "tls", tls_overrides),
                            config_file),
+        archive=_archive(_merged(raw, "archive", archive_overrides), config_file),
     )
+
+
+#: ``[archive]`` keys and the type each must have in the TOML file.
+_ARCHIVE_KEYS: dict[str, type] = {"url": str, "endpoint": str, "path_style": bool, "key_file": str,
+                                  "interval": object, "snapshot_interval": object}
+
+
+def _archive(values: dict[str, Any], config_file: Path | None) -> ArchiveConfig:
+    for key, value in values.items():
+        want = _ARCHIVE_KEYS[key]
+        if want is not object and not isinstance(value, want) and not isinstance(value, Path):
+            raise InvalidRequest(f"invalid config in {config_file}: archive.{key} must be a "
+                                 f"{'boolean' if want is bool else 'string'}")
+    default = ArchiveConfig()
+    url = values.get("url") or None
+    if url is not None:
+        from unisondb.archive.store import parse_url
+
+        parse_url(str(url))  # one clear error now, not a traceback from the archiver later
+    cfg = ArchiveConfig(
+        url=url, endpoint=values.get("endpoint") or None,
+        path_style=bool(values.get("path_style", False)),
+        key_file=Path(values["key_file"]) if values.get("key_file") else None,
+        interval=parse_duration(values.get("interval", default.interval)),
+        snapshot_interval=parse_duration(values.get("snapshot_interval",
+                                                    default.snapshot_interval)),
+    )
+    if cfg.interval < 0.05:
+        raise InvalidRequest(f"archive interval must be at least 50ms, got {cfg.interval:g}s")
+    if url is None and (cfg.endpoint or cfg.key_file or cfg.path_style):
+        raise InvalidRequest("--archive-endpoint, --archive-path-style and --archive-key-file "
+                             "need --archive-url s3://bucket/prefix")
+    return cfg
 
 
 #: ``[http]`` keys and how each is parsed.

@@ -12,7 +12,7 @@ import ipaddress
 import signal
 import socket
 import ssl
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
@@ -27,6 +27,9 @@ from unisondb.metrics import Metrics
 from unisondb.storage import fsutil, layout
 from unisondb.storage.btree import read_namespace_label
 from unisondb.storage.engine import Engine
+
+if TYPE_CHECKING:
+    from unisondb.archive.service import ArchiveService
 
 log = structlog.get_logger(__name__)
 
@@ -75,6 +78,20 @@ def close_engines(engines: dict[str, Engine]) -> None:
             eng.close()
         except Exception as exc:  # keep closing the others; report every failure
             log.error("engine.close_failed", namespace=ns, error=str(exc))
+
+
+def start_archive(cfg: ServerConfig, engines: dict[str, Engine],
+                  metrics: Metrics) -> ArchiveService | None:
+    """With ``--archive-url``: one archiver per namespace, started (docs/ARCHIVE.md)."""
+    if not cfg.archive.enabled:
+        return None
+    from unisondb.archive.service import ArchiveService
+    from unisondb.metrics import ArchiveMetrics
+
+    service = ArchiveService(cfg.archive, cfg.data_dir, engines, ArchiveMetrics(metrics.registry))
+    metrics.registry.register(service.collector())
+    service.start()
+    return service
 
 
 class _Server(uvicorn.Server):
@@ -153,13 +170,18 @@ def serve(cfg: ServerConfig) -> int:
         raise from_os_error(exc, cfg.data_dir) from exc
     engines = open_engines(cfg)
     metrics = Metrics()
+    try:
+        archive = start_archive(cfg, engines, metrics)
+    except BaseException:
+        close_engines(engines)
+        raise
     metrics.watch_engines(lambda: list(engines.values()))
     for ns in engines:
         metrics.init_namespace(ns)
     fsutil.fsync_observer = metrics.fsync_seconds.observe
     app = build_app(engines, metrics, data_dir=str(cfg.data_dir.resolve()),
                     max_body_bytes=cfg.max_body_bytes, tokens=tokens,
-                    metrics_open=cfg.security.metrics_auth == "none")
+                    metrics_open=cfg.security.metrics_auth == "none", archive=archive)
     uv = uvicorn.Config(
         app, host=cfg.host, port=cfg.port, loop="uvloop", lifespan="off",
         # httptools parsing with the limits it lacks (api/protocol.py, docs/OPERATIONS.md).
@@ -182,6 +204,11 @@ def serve(cfg: ServerConfig) -> int:
     try:
         server.run()  # uses the uvloop loop factory from the config
     finally:
+        if archive is not None:
+            # Seal what the last writes left in the active segments and upload it before
+            # the engines close, so a clean stop leaves the archive complete.
+            archive.seal_all()
+            archive.stop()
         close_engines(engines)
         log.info("server.stopped")
     return 0 if server.started else 1

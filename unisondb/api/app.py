@@ -46,7 +46,10 @@ register_url_convertor("key", _KeyConvertor())
 
 async def health(request: Request) -> Response:
     engines: Mapping[str, Engine] = request.app.state.engines
-    return kv.json_response({"status": "ok", "namespaces": sorted(engines)})
+    body: dict[str, Any] = {"status": "ok", "namespaces": sorted(engines)}
+    if (service := request.app.state.archive) is not None:
+        body["archive"] = service.health()
+    return kv.json_response(body)
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -59,7 +62,7 @@ async def openapi(request: Request) -> Response:
 
 
 def routes() -> list[Route]:
-    from unisondb.api import backup
+    from unisondb.api import archive, backup
 
     return [
         Route("/health", health, methods=["GET"]),
@@ -77,6 +80,7 @@ def routes() -> list[Route]:
         Route(f"{NS}/stats", kv.get_stats, methods=["GET"]),
         Route(f"{NS}/checkpoint", kv.get_checkpoint, methods=["GET"]),
         *backup.routes(NS),
+        *archive.routes(NS),
     ]
 
 
@@ -237,7 +241,7 @@ def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
 
 def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = ".",
               max_body_bytes: int = 1 << 20, tokens: TokenTable | None = None,
-              metrics_open: bool = False) -> ASGIApp:
+              metrics_open: bool = False, archive: Any = None) -> ASGIApp:
     """The ASGI app: metrics around (auth around (fast path, else the routed app)).
 
     Auth sits in front of the fast path so both answer every token case identically; with
@@ -250,6 +254,7 @@ def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = "
     app.state.metrics = metrics
     app.state.max_body_bytes = max_body_bytes
     app.state.data_dir = data_dir
+    app.state.archive = archive  # an ArchiveService, or None when archiving is off
     app.state.openapi = build_openapi(max_body_bytes)
     inner: ASGIApp = KvFastPath(app, engines, max_body_bytes)
     if tokens is not None:

@@ -122,6 +122,8 @@ def required_role(method: str, raw_path: bytes, metrics_open: bool) -> Role | No
             return Role.ADMIN
     if raw_path.endswith(b"/backups") and raw_path.count(b"/") == 4:
         return Role.ADMIN  # GET /api/v1/<ns>/backups: the backup catalog
+    if raw_path.endswith(b"/archive/snapshot"):  # uploads a whole snapshot: a backup route
+        return Role.ADMIN
     if method in ("GET", "HEAD"):
         return Role.READ
     return Role.WRITE

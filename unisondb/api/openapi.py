@@ -158,6 +158,19 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
             body={"type": obj, "required": ["path"], "properties": {
                 "path": {"type": "string", "minLength": 1, "pattern": BACKUP_PATH_PATTERN,
                          "description": "file path relative to <dataDir>/backups/<namespace>/"}}})},
+        "/api/v1/{namespace}/archive/snapshot": {"post": _op(
+            "Publish a snapshot to the archive now (--archive-url): the snapshot object, then "
+            "its manifest, then the manifest copy (docs/ARCHIVE.md). 409 when archiving is off",
+            {"type": obj, "properties": {
+                "key": {"type": "string", "description": "object name of the snapshot"},
+                "lsn": {"type": "integer", "description": "last WAL record the snapshot holds"},
+                "history": {"type": "string", "description": "history id, 32 hex digits"},
+                "sha256": {"type": "string", "description": "of the snapshot file"},
+                "fingerprint": {"type": "string"},
+                "bytes": {"type": "integer", "description": "size of the snapshot file"},
+                "objectBytes": {"type": "integer",
+                                "description": "size of the (compressed) archive object"}}},
+            404, 409, 500, 503, 507)},
     }
     return {
         "openapi": "3.1.0",

@@ -34,7 +34,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import structlog
-from prometheus_client import CollectorRegistry, Counter, Gauge
 
 from unisondb.archive import naming
 from unisondb.archive.lease import Lease
@@ -42,8 +41,11 @@ from unisondb.archive.objectfmt import ArchiveKey, Kind
 from unisondb.archive.publish import publish_file
 from unisondb.archive.store import ObjectStore
 from unisondb.errors import ArchiveUnavailable, LeaseHeld, UnisonDBError
+from unisondb.metrics import ArchiveMetrics
 
 log = structlog.get_logger(__name__)
+
+__all__ = ["ArchiveMetrics", "Archiver", "Backoff", "SegmentInfo"]
 
 
 @dataclass(frozen=True)
@@ -65,29 +67,6 @@ class Backoff:
     def delay(self, attempt: int) -> float:
         rng = self.rng or random
         return rng.uniform(0, min(self.cap, self.base * (2 ** min(attempt, 30))))
-
-
-class ArchiveMetrics:
-    """The archiver's Prometheus series (one set per process, labelled by namespace)."""
-
-    def __init__(self, registry: CollectorRegistry) -> None:
-        r = registry
-        self.uploads = Counter("unisondb_archive_uploads_total", "Objects published to the archive",
-                               ["namespace", "kind"], registry=r)
-        self.upload_bytes = Counter("unisondb_archive_upload_bytes_total", "Bytes published to the archive",
-                                    ["namespace", "kind"], registry=r)
-        self.failures = Counter("unisondb_archive_failures_total", "Failed archive passes",
-                                ["namespace", "reason"], registry=r)
-        self.retries = Counter("unisondb_archive_retries_total", "Archive passes retried after a failure",
-                               ["namespace"], registry=r)
-        self.last_success = Gauge("unisondb_archive_last_success_timestamp_seconds",
-                                  "Unix time of the last successful upload", ["namespace"], registry=r)
-        self.archived_lsn = Gauge("unisondb_archive_archived_lsn",
-                                  "Last LSN of the newest segment confirmed in the archive", ["namespace"],
-                                  registry=r)
-        self.pending = Gauge("unisondb_archive_pending_segments",
-                             "Sealed local segments not yet confirmed in the archive", ["namespace"],
-                             registry=r)
 
 
 class Archiver:
@@ -117,6 +96,7 @@ class Archiver:
         self._stop = threading.Event()
         self._wake = threading.Event()
         self._thread: threading.Thread | None = None
+        self._draining = False
         self._next_renewal = 0.0
         self.failures_in_a_row = 0
         self.state = "idle"
@@ -149,7 +129,7 @@ class Archiver:
         self._set_pending(len(pending))
         done = 0
         for segment_id, path in pending:
-            if self._stop.is_set():
+            if self._stop.is_set() and not self._draining:
                 break
             self._publish(segment_id, path)
             done += 1
@@ -232,12 +212,28 @@ class Archiver:
             self._wake.wait(delay)
             self._wake.clear()
 
-    def stop(self, *, release: bool = True, timeout: float = 30.0) -> None:
-        """Stop the thread after the upload in flight; release the lease unless it was lost."""
+    def stop(self, *, release: bool = True, timeout: float = 30.0, drain: float = 0.0) -> None:
+        """Stop the thread after the upload in flight; release the lease unless it was lost.
+
+        ``drain`` > 0: then keep publishing what is pending (the segment a clean stop just
+        sealed) for up to that many seconds, so a clean shutdown leaves nothing behind
+        when the archive is reachable. One failed attempt ends the drain: a down archive
+        must not hold up a shutdown (the next start uploads the rest)."""
         self._stop.set()
         self._wake.set()
         if self._thread is not None:
             self._thread.join(timeout)
+        if drain > 0 and self.state != "lease-lost":
+            deadline = self._clock() + drain
+            self._draining = True
+            try:
+                while self._clock() < deadline:
+                    if self.run_once() == 0:
+                        break
+            except UnisonDBError as exc:
+                self._fail("drain", exc)
+            finally:
+                self._draining = False
         if release and self.state != "lease-lost":
             try:
                 self.lease.release()

@@ -68,6 +68,21 @@ from unisondb.errors import UnisonDBError
               help="PEM private key of --tls-cert.")
 @click.option("--tls-client-ca", type=click.Path(path_type=Path, dir_okay=False), default=None,
               help="Require client certificates signed by this PEM CA bundle.")
+@click.option("--archive-url", default=None, metavar="s3://BUCKET/PREFIX",
+              help="Archive every namespace continuously to this S3 prefix (docs/ARCHIVE.md). "
+                   "Credentials: the standard AWS variables and files. Default: off")
+@click.option("--archive-endpoint", default=None, metavar="URL",
+              help="S3-compatible endpoint (SeaweedFS, MinIO, ...). Default: AWS")
+@click.option("--archive-path-style", is_flag=True, default=None,
+              help="Path-style bucket addressing (most self-hosted S3 servers need it).")
+@click.option("--archive-key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
+              help="Encrypt archive objects (AES-256-GCM) with this key (64 hex chars, mode 0600).")
+@click.option("--archive-interval", default=None, metavar="DURATION",
+              help="Seal and archive the active WAL segment this long after new writes (the "
+                   "archive's RPO). Default: 1s")
+@click.option("--archive-snapshot-interval", default=None, metavar="DURATION",
+              help="Publish a snapshot to the archive this often (0 = on demand only). "
+                   "Default: 24h")
 @click.version_option(__version__, prog_name="unisondb")
 @click.pass_context
 def cli(ctx: click.Context, /, data_dir: Path | None, http_addr: str | None,
@@ -94,7 +109,9 @@ def cli(ctx: click.Context, /, data_dir: Path | None, http_addr: str | None,
                                       "metrics": http_flags["metrics_auth"],
                                       "insecure_no_auth": http_flags["insecure_no_auth"]},
                       tls_overrides={"cert": http_flags["tls_cert"], "key": http_flags["tls_key"],
-                                     "client_ca": http_flags["tls_client_ca"]})
+                                     "client_ca": http_flags["tls_client_ca"]},
+                      archive_overrides={k[8:]: v for k, v in http_flags.items()
+                                         if k.startswith("archive_")})
     if log_format:
         from dataclasses import replace
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import threading
 import time
 from collections import deque
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
@@ -99,6 +100,12 @@ class Engine:
         self._last_record = (0, 0)
         #: Records of the group being committed already applied (before a mid-group seal).
         self._applied_in_group = 0
+        #: Archiving (``enable_archiving``): retention asks ``_retention_guard`` before it
+        #: deletes a sealed segment; the active segment is sealed ``_seal_after`` seconds
+        #: after its first record; ``_on_sealed`` is told of every seal.
+        self._retention_guard: Callable[[int], bool] | None = None
+        self._seal_after = 0.0
+        self._on_sealed: Callable[[], None] | None = None
 
     # --- lifecycle ---
 
@@ -349,6 +356,47 @@ class Engine:
     def segments(self) -> list[SegmentInfo]:
         return self.wal.segments()
 
+    def sealed_segments(self) -> list[SegmentInfo]:
+        """Sealed (immutable) segments, ascending by id: id, path, LSN range, history id
+        (``lineage.history``) and the state fingerprint after the last record, all from the
+        v2 header and footer. Safe to call from any thread."""
+        return self.wal.sealed_segments()
+
+    # --- archiving hooks (unisondb/archive/service.py) ---
+
+    def enable_archiving(self, is_archived: Callable[[int], bool], seal_after: float,
+                         on_sealed: Callable[[], None] | None = None) -> None:
+        """Turn on the archive's two demands on the engine.
+
+        * retention never deletes a sealed segment for which ``is_archived(id)`` is False,
+          whatever its age (a hole in the archive could never be filled again);
+        * a non-empty active segment is sealed once its first record is ``seal_after``
+          seconds old, so every write reaches a sealed (archivable) segment within about
+          that long. ``on_sealed`` is called on the writer thread after every seal; it must
+          not block (the archiver's ``wake``)."""
+        with self._cond:
+            self._retention_guard = is_archived
+            self._seal_after = seal_after
+            self._on_sealed = on_sealed
+            self._cond.notify()
+
+    def rotate_if_idle_since(self, seconds: float, now_ns: int | None = None) -> bool:
+        """Whether the active segment holds a record older than ``seconds`` (it is then due
+        to be sealed by the archive interval). Pure: the writer thread does the seal."""
+        act = self.wal.active
+        if act is None or not act.count:
+            return False
+        now_ns = time.time_ns() if now_ns is None else now_ns
+        return now_ns - act.min_time_ns >= seconds * 1e9
+
+    def oldest_unarchived_ns(self, is_archived: Callable[[int], bool]) -> int | None:
+        """Record time of the oldest write not in an archived segment (None: all archived).
+        The archive lag in seconds is now minus this."""
+        for info in self.wal.segments():
+            if info.count and not (info.sealed and is_archived(info.segment_id)):
+                return info.min_time_ns
+        return None
+
     # --- the writer thread ---
 
     def _writer_loop(self) -> None:
@@ -371,7 +419,11 @@ class Engine:
 
     def _idle_timeout(self) -> float:
         age = self.config.segment_max_age
-        return min(age / 4, 30.0) if age > 0 else 30.0
+        timeout = min(age / 4, 30.0) if age > 0 else 30.0
+        if self._seal_after > 0:
+            # Wake often enough to seal within about a tenth of the archive interval late.
+            timeout = min(timeout, max(self._seal_after / 10, 0.01))
+        return timeout
 
     def _take_group(self) -> list[_Request]:
         group: list[_Request] = []
@@ -497,7 +549,10 @@ class Engine:
         act = self.wal.active
         if act is not None and act.count:
             self._last_record = (act.header.segment_id, act.last_record_offset)
-        return self.wal.rotate(self._next_lsn, self._checkpoint.fingerprint)
+        sealed = self.wal.rotate(self._next_lsn, self._checkpoint.fingerprint)
+        if sealed is not None and self._on_sealed is not None:
+            self._on_sealed()
+        return sealed
 
     def _fail(self, exc: UnisonDBError, writes: list[_Request]) -> None:
         log.error("engine.failed", namespace=self.namespace, error=str(exc))
@@ -523,8 +578,9 @@ class Engine:
         if self._failed is not None:
             return
         act = self.wal.active
-        if (act is not None and act.count and self.config.segment_max_age > 0
-                and time.time_ns() - act.header.created_ns > self.config.segment_max_age * 1e9):
+        by_age = (act is not None and act.count and self.config.segment_max_age > 0
+                  and time.time_ns() - act.header.created_ns > self.config.segment_max_age * 1e9)
+        if by_age or (self._seal_after > 0 and self.rotate_if_idle_since(self._seal_after)):
             try:
                 self._rotate()
             except (OSError, UnisonDBError) as exc:
@@ -532,7 +588,11 @@ class Engine:
                 return
         try:
             now = time.monotonic()
-            if now - self._last_retention_check > 30:
+            # With archiving on, segments wait for the archive rather than only for age, so
+            # check more often (a short --wal-retention then frees disk soon after upload).
+            period = 30.0 if self._retention_guard is None else \
+                min(30.0, max(self.config.retention, 1.0))
+            if now - self._last_retention_check > period:
                 self._last_retention_check = now
                 self._apply_retention()
         except (OSError, UnisonDBError) as exc:
@@ -547,7 +607,13 @@ class Engine:
             return
         self.btree.sync()  # everything committed so far is now durable
         self._durable_lsn = self._checkpoint.applied_lsn
+        guard = self._retention_guard
         for s in candidates:
+            if guard is not None and not guard(s.segment_id):
+                # Not yet in the archive: age alone never deletes it (docs/ARCHIVE.md).
+                log.info("wal.retention_kept_unarchived", namespace=self.namespace,
+                         segment=s.segment_id)
+                continue
             if s.last_lsn <= self._durable_lsn:
                 log.info("wal.retention_delete", namespace=self.namespace, segment=s.segment_id)
                 self.wal.delete_segment(s.segment_id)
