@@ -30,9 +30,18 @@ def emit_json(payload: Any) -> None:
                    "Default: the --data-dir given to unisondb itself, else ./data (the "
                    "server's default).")
 @click.option("--namespace", "-n", required=True, metavar="NS", help="Namespace to restore.")
-@click.option("--snapshot", type=LocalPath(path_type=Path, dir_okay=False), required=True,
+@click.option("--snapshot", type=LocalPath(path_type=Path, dir_okay=False), default=None,
               metavar="FILE", help="B-tree snapshot (the file from POST .../btree/backup, "
-              "plain or .gz/.zst).")
+              "plain or .gz/.zst). Required unless --from is given.")
+@click.option("--from", "from_url", metavar="s3://BUCKET/PREFIX", default=None,
+              help="Restore from this archive (docs/ARCHIVE.md) instead of --snapshot/--wal: the "
+                   "newest complete snapshot at or before the target and every later segment "
+                   "are downloaded, verified and decoded into a staging directory first.")
+@click.option("--archive-endpoint", metavar="URL", default=None,
+              help="With --from: S3-compatible endpoint. Default: AWS")
+@click.option("--archive-path-style", is_flag=True, help="With --from: path-style addressing.")
+@click.option("--archive-key-file", type=LocalPath(path_type=Path, dir_okay=False), default=None,
+              help="With --from: the key an encrypted archive was written with.")
 @click.option("--wal", "wal_dirs", type=LocalPath(path_type=Path), multiple=True,
               metavar="DIR",
               help="Directory with WAL backup segments (NNNNNNNNN.wal, .wal.gz, .wal.zst, "
@@ -51,7 +60,9 @@ def emit_json(payload: Any) -> None:
               help="Replace the namespace's existing data (its B-tree and WAL are deleted).")
 @click.option("--json", "as_json", is_flag=True, help="Print the plan/summary as JSON.")
 @click.pass_context
-def restore_cmd(ctx: click.Context, data_dir: Path | None, namespace: str, snapshot: Path,
+def restore_cmd(ctx: click.Context, data_dir: Path | None, namespace: str, snapshot: Path | None,
+                from_url: str | None, archive_endpoint: str | None, archive_path_style: bool,
+                archive_key_file: Path | None,
                 wal_dirs: tuple[Path, ...], target_time: str | None, target_lsn: int | None,
                 history_id: str | None, timeline_no: int | None, dry_run: bool, force: bool,
                 as_json: bool) -> None:
@@ -66,16 +77,62 @@ def restore_cmd(ctx: click.Context, data_dir: Path | None, namespace: str, snaps
         raise click.UsageError("give --history or --timeline, not both")
     choice = history_id if history_id is not None else \
         (f"timeline:{timeline_no}" if timeline_no is not None else None)
+    if (snapshot is None) == (from_url is None):
+        raise click.UsageError("give --snapshot FILE (with --wal DIR) or --from s3://BUCKET/PREFIX")
+    if from_url is not None and wal_dirs:
+        raise click.UsageError("--from fetches the WAL from the archive: do not add --wal")
     progress = for_terminal()
-    outcome = restore(data_dir, namespace, snapshot, list(wal_dirs), target_lsn=target_lsn,
-                      target_time=target_time, history_choice=choice, force=force,
-                      dry_run=dry_run, progress=progress)
+    if from_url is not None:
+        outcome = _restore_from_archive(data_dir, namespace, from_url, archive_endpoint,
+                                        archive_path_style, archive_key_file,
+                                        target_lsn=target_lsn, target_time=target_time,
+                                        history_choice=choice, force=force, dry_run=dry_run,
+                                        quiet=as_json)
+    else:
+        assert snapshot is not None
+        outcome = restore(data_dir, namespace, snapshot, list(wal_dirs), target_lsn=target_lsn,
+                          target_time=target_time, history_choice=choice, force=force,
+                          dry_run=dry_run, progress=progress)
     if as_json:
         emit_json(outcome_to_json(outcome))
         return
     click.echo(render_plan(outcome.verified, dry_run=dry_run))
     if outcome.summary is not None:
         click.echo(render_summary(outcome.summary))
+
+
+def _restore_from_archive(data_dir: Path, namespace: str, url: str, endpoint: str | None,
+                          path_style: bool, key_file: Path | None, *, target_lsn: int | None,
+                          target_time: str | None, history_choice: str | None, force: bool,
+                          dry_run: bool, quiet: bool) -> RestoreOutcome:
+    """Download and decode into a private staging directory, then the ordinary restore."""
+    import shutil
+    import tempfile
+
+    from unisondb.archive.fetch import fetch_for_restore
+    from unisondb.archive.objectfmt import load_key
+    from unisondb.archive.store import ObjectStore, parse_url
+    from unisondb.restore.timefmt import parse_rfc3339
+
+    parsed = parse_url(url)
+    key = load_key(key_file) if key_file is not None else None
+    store = ObjectStore(parsed.bucket, endpoint_url=endpoint, path_style=path_style)
+    staging = Path(tempfile.mkdtemp(prefix="unisondb-archive-restore-"))
+    try:
+        fetched = fetch_for_restore(
+            store, parsed, namespace, staging, key=key, target_lsn=target_lsn,
+            target_time_ns=parse_rfc3339(target_time) if target_time is not None else None)
+        if not quiet:
+            click.echo(f"fetched from {parsed}: snapshot at LSN {fetched.manifest.lsn} and "
+                       f"{fetched.segments} segment(s), {format_bytes(fetched.bytes_downloaded)} "
+                       f"in {fetched.seconds:.2f} s (checksums, tags and SHA-256 verified)",
+                       err=True)
+        return restore(data_dir, namespace, fetched.snapshot, [fetched.wal_dir],
+                       target_lsn=target_lsn, target_time=target_time,
+                       history_choice=history_choice, force=force, dry_run=dry_run,
+                       progress=for_terminal())
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
 
 
 # --- rendering ---
