@@ -29,7 +29,7 @@ from unisondb.archive.manifest import SnapshotManifest, read_manifest
 from unisondb.archive.naming import ArchiveName, NameKind
 from unisondb.archive.objectfmt import ArchiveKey
 from unisondb.archive.store import ArchiveURL, ObjectStore
-from unisondb.errors import CorruptArchive, NotFound
+from unisondb.errors import CorruptArchive, InvalidRequest, NotFound
 from unisondb.storage import fsutil
 
 #: Objects downloaded at once.
@@ -77,6 +77,9 @@ def _choose_snapshot(store: ObjectStore, url: ArchiveURL, namespace: str,
     candidates = sorted({(n.first_lsn, n.history_id) for _, n in names
                          if n.kind is NameKind.SNAPSHOT
                          and (target_lsn is None or n.first_lsn <= target_lsn)}, reverse=True)
+    if key is None and any(n.encrypted for _, n in names if n.kind is NameKind.SNAPSHOT):
+        raise InvalidRequest(f"the archive {where} is encrypted",
+                             hint="pass the archive key with --archive-key-file")
     skipped: list[str] = []
     for lsn, history_id in candidates:
         try:
