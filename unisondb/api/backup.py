@@ -66,6 +66,10 @@ class WalParams:
 def parse_wal_params(body: dict[str, Any]) -> WalParams:
     """Body of a WAL backup request; unknown fields are ignored."""
     after = body.get("afterSegmentId")
+    if isinstance(after, float) and after.is_integer():
+        # JSON has one number type: 42.0 is the integer 42 (JSON Schema agrees), and a
+        # script that computes the id with jq or awk may well print it that way.
+        after = int(after)
     if after is None:
         after = 0
     elif isinstance(after, bool) or not isinstance(after, int):

@@ -18,7 +18,9 @@ _KEY = {"name": "key", "in": "path", "required": True,
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 #: A backup path: non-empty, not absolute, not starting blank (``backup/paths.py`` has the
 #: full rules; the spec may be stricter than the server, never looser).
-BACKUP_PATH_PATTERN = r"^[^/\s]"
+#: Not absolute, not starting with whitespace, no control characters anywhere (the same
+#: rules as backup/paths.py ``check_text``; tests/integration/test_schemathesis.py).
+BACKUP_PATH_PATTERN = r"^[^/\s\u0000-\u001f\u007f][^\u0000-\u001f\u007f]*$"
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:

@@ -201,21 +201,22 @@ def resolve(root: Path, parts: tuple[str, ...], field: str, *, is_file: bool) ->
     res = Resolved(root_abs, root_real, rel, is_file)
     if is_file and not rel:
         raise InvalidRequest(f"{field} {shown!r} resolves to the backup root itself")
-    # Every existing directory component must be a directory (a file there is a client
-    # mistake we can name now, rather than an ENOTDIR later).
+    # Every existing directory component must be a directory (a file there is named now,
+    # rather than an ENOTDIR later). A well-formed path that collides with what is already
+    # on disk is a conflict with the current state (409), not a malformed request (400).
     for i in range(1, len(res.dir_parts) + 1):
         st = _lstat(root_real.joinpath(*rel[:i]))
         if st is None:
             break
         if not stat.S_ISDIR(st.st_mode):
-            raise InvalidRequest(
+            raise Conflict(
                 f"{field} {shown!r}: {root_abs.joinpath(*rel[:i])} exists and is not a directory"
             )
     if is_file:
         st = _lstat(final)
         if st is not None and not stat.S_ISREG(st.st_mode):
             what = "a directory" if stat.S_ISDIR(st.st_mode) else "not a regular file"
-            raise InvalidRequest(f"{field} {shown!r}: {res.path} exists and is {what}")
+            raise Conflict(f"{field} {shown!r}: {res.path} exists and is {what}")
     return res
 
 

@@ -89,7 +89,7 @@ def test_sidecar_is_sha256sum_compatible_and_never_overwritten(tdir: TargetDir) 
 @pytest.mark.parametrize(("body", "words"), [
     ({}, "missing field 'backupDir'"),
     ({"backupDir": "w", "afterSegmentId": True}, "got a boolean"),
-    ({"backupDir": "w", "afterSegmentId": 1.0}, "non-integer number"),
+    ({"backupDir": "w", "afterSegmentId": 1.5}, "non-integer number"),
     ({"backupDir": "w", "afterSegmentId": "3"}, "got a string"),
     ({"backupDir": "w", "afterSegmentId": -1}, "must be >= 0"),
     ({"backupDir": "w", "rotate": "yes"}, "rotate must be true or false"),

@@ -125,11 +125,11 @@ def test_resolve_checks_every_prefix(root: Path, tmp_path: Path) -> None:
 def test_resolve_existing_non_directories(root: Path) -> None:
     (root / "f").write_text("x")
     (root / "d").mkdir()
-    with pytest.raises(InvalidRequest, match="is not a directory"):
+    with pytest.raises(Conflict, match="is not a directory"):
         paths.resolve(root, ("f", "x.db"), "path", is_file=True)
-    with pytest.raises(InvalidRequest, match="exists and is a directory"):
+    with pytest.raises(Conflict, match="exists and is a directory"):
         paths.resolve(root, ("d",), "path", is_file=True)
-    with pytest.raises(InvalidRequest, match="is not a directory"):
+    with pytest.raises(Conflict, match="is not a directory"):
         paths.resolve(root, ("f",), "backupDir", is_file=False)
 
 
