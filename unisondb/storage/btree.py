@@ -44,8 +44,8 @@ from typing import Any, BinaryIO
 
 import lmdb
 
-from unisondb.errors import CorruptLog, StorageError, from_os_error
-from unisondb.storage import fsutil, snapfile
+from unisondb.errors import CorruptLog, from_os_error
+from unisondb.storage import fsutil, lmdberrors, snapfile
 from unisondb.storage.fingerprint import EMPTY_STATE, Fingerprint, state_digest
 from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.record import EntryKind, Record
@@ -267,17 +267,25 @@ class BTree:
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.Error as exc:
-                raise StorageError(f"LMDB write failed: {exc}") from exc
+                # The transaction was aborted: the environment is unchanged and a later
+                # commit may succeed (e.g. once space is freed); the engine decides.
+                raise lmdberrors.translate(exc, self.path / "data.mdb",
+                                           what="LMDB write") from exc
 
     def set_checkpoint(self, checkpoint: Checkpoint) -> None:
         self.apply([], checkpoint)
 
     def _grow(self, at_least: int = 0) -> None:
         with self._rw.write():
-            self.map_size *= 2
-            while self.map_size < at_least:
-                self.map_size *= 2
-            self.env.set_mapsize(self.map_size)
+            size = self.map_size * 2
+            while size < at_least:
+                size *= 2
+            try:
+                self.env.set_mapsize(size)
+            except lmdb.Error as exc:
+                raise lmdberrors.translate(exc, self.path / "data.mdb",
+                                           what="LMDB map growth") from exc
+            self.map_size = size
 
     def _ensure_headroom(self) -> None:
         """Grow the map now if less than half of it is free."""
@@ -287,7 +295,10 @@ class BTree:
 
     def sync(self) -> None:
         """Force everything committed so far (including the last meta page) to disk."""
-        self.env.sync(True)
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise lmdberrors.translate(exc, self.path / "data.mdb", what="LMDB sync") from exc
 
     # --- snapshots ---
 
