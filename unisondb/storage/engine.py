@@ -299,11 +299,17 @@ class Engine:
                 f"namespace deliberately with 'unisondb restore --namespace {self.namespace}'",
             )
 
-    def close(self) -> None:
-        """Finish queued writes, seal nothing, sync and close. Idempotent."""
+    def close(self, readers_until: float | None = None) -> bool:
+        """Finish queued writes, seal, sync and close. Idempotent.
+
+        LMDB is closed only once no reader is left (a snapshot's copy reads it). With
+        ``readers_until`` (a ``time.monotonic()`` deadline) the wait is bounded: if a
+        reader is still inside LMDB then, the environment is left open (closing it under
+        a live read would crash the process) and False is returned; the caller then ends
+        the process without touching it again."""
         with self._cond:
             if self._closing:
-                return
+                return True
             self._closing = True
             self._cond.notify_all()
         if self._thread is not None:
@@ -327,8 +333,17 @@ class Engine:
             self.btree.sync()
         finally:
             self.wal.close()
-            self.btree.close()
+            wait = None if readers_until is None else readers_until - time.monotonic()
+            idle = self.btree.wait_readers(wait if wait is not None else 1e9)
+            if idle:
+                self.btree.close()
+            else:
+                log.error("engine.close_abandoned_reader", namespace=self.namespace,
+                          note="a reader (snapshot copy) is still inside LMDB at the "
+                               "shutdown deadline: the environment is left open and the "
+                               "process exits without closing it")
             self._lock.release()
+        return idle
 
     # --- writes ---
 
