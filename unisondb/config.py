@@ -9,6 +9,9 @@ TOML file (every key optional; flags given on the command line win)::
     http_addr = "127.0.0.1:8080"
     namespaces = ["default", "users"]
     max_body_bytes = 1048576
+    shutdown_timeout = "30s"     # SIGTERM → exit within this (docs/OPERATIONS.md)
+    disk_full_retry = "1s"       # while the disk is full: retry pending work this often
+    disk_full_hold = "2s"        # a durable-but-unapplied write waits this long for a retry
 
     [wal]
     segment_size = "16MiB"
@@ -112,6 +115,12 @@ class EngineConfig:
     map_size: int = 1 << 30
     #: Most bytes of records one group commit writes before it fsyncs.
     max_group_bytes: int = 8 << 20
+    #: While the disk is full (writes refused with 507), how often the engine retries what
+    #: it could not finish (applying durable records to LMDB, creating the next segment).
+    disk_full_retry: float = 1.0
+    #: How long a write whose records are durable but not yet applied waits for a retry to
+    #: succeed before it is answered 507 (counted in unisondb_writes_durable_but_failed).
+    disk_full_hold: float = 2.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -183,6 +192,9 @@ class ServerConfig:
     http: HttpLimits = field(default_factory=HttpLimits)
     security: SecurityConfig = field(default_factory=SecurityConfig)
     archive: ArchiveConfig = field(default_factory=ArchiveConfig)
+    #: SIGTERM → exit within this many seconds (in-flight writes finish, backups still
+    #: running near the deadline are cancelled). See docs/OPERATIONS.md.
+    shutdown_timeout: float = 30.0
 
 
 def load_config(
@@ -193,7 +205,8 @@ def load_config(
 ) -> ServerConfig:
     """Merge a TOML file (if any) with command-line values; flags win.
 
-    ``overrides`` are ``[wal]`` keys; ``http_overrides``, ``auth_overrides`` and
+    ``overrides`` are ``[wal]`` keys plus ``shutdown_timeout``, ``disk_full_retry`` and
+    ``disk_full_hold`` (top-level keys); ``http_overrides``, ``auth_overrides`` and
     ``tls_overrides`` are keys of the ``[http]``, ``[auth]`` and ``[tls]`` tables. A value
     of None means "not given on the command line".
     """
@@ -206,7 +219,8 @@ def load_config(
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequest(f"invalid TOML in {config_file}: {exc}") from exc
     known = {"data_dir", "http_addr", "namespaces", "max_body_bytes", "wal", "btree", "log_format",
-             "http", "auth", "tls", "archive"}
+             "http", "auth", "tls", "archive", "shutdown_timeout", "disk_full_retry",
+             "disk_full_hold"}
     _check_keys(raw, known, "", config_file)
     for table, keys in (("wal", {"segment_size", "segment_max_age", "retention"}),
                         ("btree", {"map_size"}), ("http", set(_HTTP_KEYS)),
@@ -228,14 +242,26 @@ def load_config(
         raise InvalidRequest(
             f"invalid config in {config_file}: log_format must be \"console\" or \"json\"")
     default = EngineConfig()
+    top_keys = ("shutdown_timeout", "disk_full_retry", "disk_full_hold")
     wal = dict(raw.get("wal", {}))
-    wal.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    wal.update({k: v for k, v in (overrides or {}).items() if v is not None
+                and k not in top_keys})
+    top = {k: v for k, v in raw.items() if k in ("shutdown_timeout", "disk_full_retry",
+                                                   "disk_full_hold")}
+    top.update({k: v for k, v in (overrides or {}).items() if v is not None and k in top_keys})
     engine = EngineConfig(
         segment_size=parse_size(wal.get("segment_size", default.segment_size)),
         segment_max_age=parse_duration(wal.get("segment_max_age", default.segment_max_age)),
         retention=parse_duration(wal.get("retention", default.retention)),
         map_size=parse_size(raw.get("btree", {}).get("map_size", default.map_size)),
+        disk_full_retry=parse_duration(top.get("disk_full_retry", default.disk_full_retry)),
+        disk_full_hold=parse_duration(top.get("disk_full_hold", default.disk_full_hold)),
     )
+    if engine.disk_full_retry < 0.01:
+        raise InvalidRequest("disk_full_retry must be at least 10ms")
+    shutdown_timeout = parse_duration(top.get("shutdown_timeout", 30.0))
+    if shutdown_timeout < 1:
+        raise InvalidRequest("shutdown_timeout must be at least 1s")
     if engine.segment_size < 4096:
         raise InvalidRequest("wal segment_size must be at least 4KiB")
     host, port = parse_addr(http_addr or raw.get("http_addr", "127.0.0.1:8080"))
@@ -254,6 +280,7 @@ def load_config(
         security=_security(_merged(raw, "auth", auth_overrides), _merged(raw, "tls", tls_overrides),
                            config_file),
         archive=_archive(_merged(raw, "archive", archive_overrides), config_file),
+        shutdown_timeout=shutdown_timeout,
     )
 
 

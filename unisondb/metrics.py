@@ -204,6 +204,16 @@ class EngineCollector(Collector):
         last_lsn = GaugeMetricFamily("unisondb_wal_last_lsn", "Last LSN written", labels=ns)
         applied = GaugeMetricFamily("unisondb_checkpoint_lsn",
                                     "Last LSN applied to the B-tree", labels=ns)
+        durable_failed = CounterMetricFamily(
+            "unisondb_writes_durable_but_failed",
+            "Writes answered 507 although their records were durable in the WAL (the disk "
+            "stayed full longer than --disk-full-hold; they are applied once it is not)",
+            labels=ns)
+        stalled = GaugeMetricFamily("unisondb_writes_stalled",
+                                    "1 while writes are refused because the disk is full",
+                                    labels=ns)
+        stalls = CounterMetricFamily("unisondb_disk_full_stalls",
+                                     "Times writes were stalled by a full disk", labels=ns)
         now = time.time_ns()
         for eng in self._engines():
             n = [eng.namespace]
@@ -224,5 +234,8 @@ class EngineCollector(Collector):
             age.add_metric(n, (now - act.header.created_ns) / 1e9 if act else 0.0)
             last_lsn.add_metric(n, eng.last_lsn)
             applied.add_metric(n, eng.applied_lsn)
+            durable_failed.add_metric(n, eng.stats.durable_but_failed)
+            stalled.add_metric(n, 1.0 if eng.stalled is not None else 0.0)
+            stalls.add_metric(n, eng.stats.stalls)
         yield from (wal_bytes, fsyncs, rotations, writes, groups, replayed, rec_secs, truncated,
-                    sealed_max, oldest, age, last_lsn, applied)
+                    sealed_max, oldest, age, last_lsn, applied, durable_failed, stalled, stalls)

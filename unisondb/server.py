@@ -1,28 +1,37 @@
 """Process lifecycle: open every namespace (recovering it), serve HTTP, shut down cleanly.
 
-Shutdown on SIGTERM/SIGINT (uvicorn's handlers): stop accepting connections, let
-in-flight requests finish (their writes complete their group commit), then close each
-engine: the writer drains its queue, the WAL is fsynced, LMDB is synced and closed, and
-the namespace LOCK is released.
+Shutdown on SIGTERM/SIGINT, bounded by ``--shutdown-timeout`` (the timeline is in
+``lifecycle.py``): stop accepting connections, let in-flight requests finish (their writes
+complete their group commit), cancel backups still running at half the timeout (JSON 503,
+``.tmp`` removed, nothing published later), then close each engine: the writer drains its
+queue, the WAL is fsynced, LMDB is synced and closed once no reader is left, and the
+namespace LOCK is released. A snapshot copy still inside LMDB at the deadline is abandoned
+and the process exits without closing that environment.
 """
 
 from __future__ import annotations
 
 import ipaddress
+import os
 import signal
 import socket
 import ssl
+import sys
+import time
+from types import FrameType
 from typing import TYPE_CHECKING, Any
 
 import structlog
 import uvicorn
 
+from unisondb import lifecycle
 from unisondb import logging as ulog
 from unisondb.api.app import build_app
 from unisondb.api.auth import TokenTable, load_tokens
 from unisondb.api.protocol import limited_protocol
 from unisondb.config import SecurityConfig, ServerConfig
 from unisondb.errors import InvalidRequest, from_os_error
+from unisondb.lifecycle import Shutdown
 from unisondb.metrics import Metrics
 from unisondb.storage import fsutil, layout
 from unisondb.storage.btree import read_namespace_label
@@ -72,12 +81,16 @@ def _refuse_misplaced_snapshot(cfg: ServerConfig) -> None:
             )
 
 
-def close_engines(engines: dict[str, Engine]) -> None:
+def close_engines(engines: dict[str, Engine], readers_until: float | None = None) -> bool:
+    """Close every engine; False if one was left open under a live reader (see
+    ``Engine.close``): the process must then exit without running more Python cleanup."""
+    clean = True
     for ns, eng in engines.items():
         try:
-            eng.close()
+            clean = eng.close(readers_until) and clean
         except Exception as exc:  # keep closing the others; report every failure
             log.error("engine.close_failed", namespace=ns, error=str(exc))
+    return clean
 
 
 def start_archive(cfg: ServerConfig, engines: dict[str, Engine],
@@ -95,6 +108,12 @@ def start_archive(cfg: ServerConfig, engines: dict[str, Engine],
 
 
 class _Server(uvicorn.Server):
+    stopping: Shutdown
+
+    def handle_exit(self, sig: int, frame: FrameType | None) -> None:
+        self.stopping.begin()  # the deadline runs from the first signal
+        super().handle_exit(sig, frame)
+
     async def startup(self, sockets: list[socket.socket] | None = None) -> None:
         await super().startup(sockets)
         if self.started:
@@ -179,20 +198,24 @@ def serve(cfg: ServerConfig) -> int:
     for ns in engines:
         metrics.init_namespace(ns)
     fsutil.fsync_observer = metrics.fsync_seconds.observe
+    shutdown = Shutdown(cfg.shutdown_timeout)
     app = build_app(engines, metrics, data_dir=str(cfg.data_dir.resolve()),
                     max_body_bytes=cfg.max_body_bytes, tokens=tokens,
-                    metrics_open=cfg.security.metrics_auth == "none", archive=archive)
+                    metrics_open=cfg.security.metrics_auth == "none", archive=archive,
+                    shutdown=shutdown)
     uv = uvicorn.Config(
         app, host=cfg.host, port=cfg.port, loop="uvloop", lifespan="off",
         # httptools parsing with the limits it lacks (api/protocol.py, docs/OPERATIONS.md).
         http=limited_protocol(cfg.http),
-        access_log=False, log_level="warning", timeout_graceful_shutdown=30,
+        access_log=False, log_level="warning",
+        timeout_graceful_shutdown=max(1, int(cfg.shutdown_timeout * lifecycle.HTTP_GRACE_AT)),
         server_header=False,
         # We sit behind no proxy by default; X-Forwarded-* parsing costs every request.
         proxy_headers=False,
         **_tls_kwargs(cfg.security),
     )
     server = _Server(uv)
+    server.stopping = shutdown
     log.info("server.starting", data_dir=str(cfg.data_dir), namespaces=sorted(engines),
              auth="tokens" if tokens is not None else "none",
              tls=cfg.security.tls_cert is not None)
@@ -209,6 +232,27 @@ def serve(cfg: ServerConfig) -> int:
             # the engines close, so a clean stop leaves the archive complete.
             archive.seal_all()
             archive.stop()
-        close_engines(engines)
+        clean = _stop(engines, shutdown)
         log.info("server.stopped")
-    return 0 if server.started else 1
+    code = 0 if server.started else 1
+    if not clean:
+        # A thread is still inside LMDB (an uninterruptible snapshot copy) on an open
+        # environment: end now, without interpreter cleanup that would wait for it.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _stop(engines: dict[str, Engine], shutdown: Shutdown) -> bool:
+    """Wait for backups, cancel what is left, close the engines; all within the deadline."""
+    until = shutdown.at(lifecycle.ABANDON_AT)
+    shutdown.begin()  # also when the server stopped for another reason: no new backups
+    left = shutdown.wait_jobs(until)
+    if left:
+        cancelled = shutdown.cancel_all()
+        log.warning("shutdown.backups_cancelled", backups=[j.what for j in cancelled],
+                    note="their .tmp files were removed; nothing of them is published")
+        # Publishing ones finish within moments (a rename, fsyncs, a sidecar).
+        shutdown.wait_jobs(max(until, time.monotonic() + 1.0))
+    return close_engines(engines, until)

@@ -24,6 +24,7 @@ from unisondb.api.errors import EXCEPTION_HANDLERS
 from unisondb.api.openapi import build_openapi
 from unisondb.api.parsing import decode_key_segment
 from unisondb.errors import InvalidRequest, UnisonDBError
+from unisondb.lifecycle import Shutdown
 from unisondb.metrics import Metrics
 from unisondb.storage.engine import Engine
 from unisondb.storage.record import Entry, EntryKind
@@ -241,7 +242,8 @@ def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
 
 def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = ".",
               max_body_bytes: int = 1 << 20, tokens: TokenTable | None = None,
-              metrics_open: bool = False, archive: Any = None) -> ASGIApp:
+              metrics_open: bool = False, archive: Any = None,
+              shutdown: Shutdown | None = None) -> ASGIApp:
     """The ASGI app: metrics around (auth around (fast path, else the routed app)).
 
     Auth sits in front of the fast path so both answer every token case identically; with
@@ -255,6 +257,8 @@ def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = "
     app.state.max_body_bytes = max_body_bytes
     app.state.data_dir = data_dir
     app.state.archive = archive  # an ArchiveService, or None when archiving is off
+    #: Backups register with it so a shutdown can cancel them (None: never cancelled).
+    app.state.shutdown = shutdown
     app.state.openapi = build_openapi(max_body_bytes)
     inner: ASGIApp = KvFastPath(app, engines, max_body_bytes)
     if tokens is not None:

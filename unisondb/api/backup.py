@@ -14,6 +14,7 @@ client that disconnects mid-snapshot still gets its backup counted).
 
 from __future__ import annotations
 
+import asyncio
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -25,12 +26,14 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
+from unisondb import lifecycle
 from unisondb.api.kv import engine_for, json_response
 from unisondb.api.parsing import read_json_object
 from unisondb.backup import paths
 from unisondb.backup.snapshot import Snapshot, take_snapshot
 from unisondb.backup.wal_backup import WalCopy, backup_wal
-from unisondb.errors import BackupGap, Conflict, InvalidRequest, UnisonDBError
+from unisondb.errors import BackupGap, Conflict, InvalidRequest, Unavailable, UnisonDBError
+from unisondb.lifecycle import Shutdown
 from unisondb.metrics import Metrics
 from unisondb.storage import layout
 from unisondb.storage.engine import Engine
@@ -114,9 +117,9 @@ async def wal_backup(request: Request) -> Response:
     def run() -> list[WalCopy]:
         return backup_wal(engine, target, params.after_segment_id, params.rotate)
 
-    copies = await _raced(target, anyio.to_thread.run_sync(
-        _recorded, metrics, engine.namespace, "wal", run,
-        lambda cs: sum(c.bytes_written for c in cs)))
+    copies = await _raced(target, _cancellable(
+        request, "WAL backup", lambda: _recorded(metrics, engine.namespace, "wal", run,
+                                                 lambda cs: sum(c.bytes_written for c in cs))))
     return json_response({"backups": [
         {"segmentId": c.segment_id, "path": str(c.path), "bytes": c.size, "sha256": c.sha256,
          "copied": c.copied}
@@ -133,8 +136,9 @@ async def btree_backup(request: Request) -> Response:
     def run() -> Snapshot:
         return take_snapshot(engine, target)
 
-    snap = await _raced(target, anyio.to_thread.run_sync(
-        _recorded, metrics, engine.namespace, "btree", run, lambda s: s.bytes_written))
+    snap = await _raced(target, _cancellable(
+        request, "snapshot", lambda: _recorded(metrics, engine.namespace, "btree", run,
+                                               lambda s: s.bytes_written)))
     cp = snap.checkpoint
     return json_response({
         "path": str(snap.path),
@@ -145,6 +149,43 @@ async def btree_backup(request: Request) -> Response:
         "segmentId": cp.segment_id,
         "copied": snap.copied,
     })
+
+
+async def _cancellable(request: Request, what: str, fn: Callable[[], T]) -> T:
+    """Run one backup in a worker thread that a shutdown can cancel (``lifecycle``).
+
+    Once the shutdown's cancel point passes, the client gets a JSON 503 at once; the
+    thread can no longer publish anything, and its ``.tmp`` is removed (an LMDB copy
+    cannot be interrupted, so the thread itself is abandoned, not stopped).
+    """
+    shutdown: Shutdown | None = request.app.state.shutdown
+    if shutdown is None:
+        return await anyio.to_thread.run_sync(fn)
+    job = shutdown.start_job(what)
+
+    def in_job() -> T:
+        token = lifecycle.current_job.set(job)
+        try:
+            return fn()
+        finally:
+            lifecycle.current_job.reset(token)
+            shutdown.finish(job)
+
+    task = asyncio.ensure_future(anyio.to_thread.run_sync(in_job, abandon_on_cancel=True))
+    while True:
+        done, _ = await asyncio.wait({task}, timeout=_CANCEL_POLL_SECONDS)
+        if done:
+            return task.result()
+        if shutdown.backups_due() and job.cancel():
+            task.cancel()
+            log.warning("backup.cancelled_by_shutdown", what=what)
+            raise Unavailable(
+                f"the server is shutting down: the {what} was cancelled before it finished; "
+                "nothing was published for it", hint="retry once the server is back")
+
+
+#: How often a running backup's request checks whether a shutdown cancels it.
+_CANCEL_POLL_SECONDS = 0.05
 
 
 async def _raced(target: paths.Resolved, work: Awaitable[T]) -> T:

@@ -22,10 +22,11 @@ import os
 import stat
 import threading
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import TypeVar
 
+from unisondb import lifecycle
 from unisondb.errors import Conflict, from_os_error
 from unisondb.storage import fsutil
 
@@ -185,6 +186,11 @@ class TargetDir:
         except OSError as exc:
             raise from_os_error(exc, self.path) from exc
         published = False
+        # A backup cancelled by a shutdown must never publish, and its .tmp is removed
+        # even while its writer is stuck (``lifecycle``).
+        job = lifecycle.current_job.get()
+        if job is not None:
+            job.track(self.fd, tmp)
         try:
             # 0600 whatever the umask (which can only take bits away from 0600, or leave a
             # wider mode if someone changed the default): a backup holds every value.
@@ -196,13 +202,16 @@ class TargetDir:
             fd = -1
             if keep is not None and not keep(result):
                 return result
-            os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
-            published = True
-            fsutil.fsync(self.fd)
+            with job.publishing() if job is not None else nullcontext():
+                os.rename(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+                published = True
+                fsutil.fsync(self.fd)
             return result
         except OSError as exc:
             raise from_os_error(exc, dest) from exc
         finally:
+            if job is not None:
+                job.untrack(tmp)
             if fd >= 0:
                 os.close(fd)
             if not published:

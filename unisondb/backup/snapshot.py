@@ -35,7 +35,6 @@ messages we act on back to our error tree (507 for ENOSPC, 500 permission denied
 
 from __future__ import annotations
 
-import errno
 import os
 import threading
 from dataclasses import dataclass
@@ -47,8 +46,8 @@ import lmdb
 from unisondb.backup import checksum, files
 from unisondb.backup.files import TargetDir, path_lock
 from unisondb.backup.paths import Resolved, open_dir
-from unisondb.errors import Conflict, StorageError, UnisonDBError, from_os_error
-from unisondb.storage import fsutil, snapfile
+from unisondb.errors import Conflict, UnisonDBError, from_os_error
+from unisondb.storage import fsutil, lmdberrors, snapfile, testseam
 from unisondb.storage.btree import Checkpoint
 from unisondb.storage.engine import Engine
 
@@ -140,20 +139,7 @@ def _existing_same(engine: Engine, tdir: TargetDir, name: str, dest: Path, cp: C
     )
 
 
-def _test_hold(point: str) -> None:
-    """Test seam: ``UNISONDB_TEST_HOLD=<point>:<fifo>`` stops here until the FIFO is written.
-
-    Lets a test kill -9 the server at an exact step (here: snapshot renamed, sidecar not
-    yet written) instead of racing a timer. ``<fifo>.reached`` tells the test it is there.
-    Unset in production: one environment lookup.
-    """
-    spec = os.environ.get("UNISONDB_TEST_HOLD")
-    if not spec or spec.partition(":")[0] != point:
-        return
-    fifo = spec.partition(":")[2]
-    Path(fifo + ".reached").touch()
-    with open(fifo, "rb") as f:  # blocks until the test opens it for writing (or kills us)
-        f.read(1)
+_test_hold = testseam.hold
 
 
 def copy_env(engine: Engine, f: BinaryIO) -> Checkpoint:
@@ -233,14 +219,5 @@ def _lower_priority() -> None:
         pass  # best effort: without it the snapshot only competes harder for the CPU
 
 
-#: errno values whose message LMDB may report, most specific first.
-_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
-           errno.EFBIG)
-
-
 def _storage_error(exc: lmdb.Error, dest: Path) -> UnisonDBError:
-    text = str(exc)
-    for code in _ERRNOS:
-        if os.strerror(code) in text:
-            return from_os_error(OSError(code, os.strerror(code)), dest)
-    return StorageError(f"LMDB snapshot failed: {text}: {dest}")
+    return lmdberrors.translate(exc, dest, what="LMDB snapshot")

@@ -37,6 +37,15 @@ from unisondb.errors import UnisonDBError
 @click.option("--wal-retention", default=None, metavar="DURATION",
               help="Keep sealed WAL segments at least this long after they are applied "
                    "(e.g. 24h, 7d). Default: 24h")
+@click.option("--shutdown-timeout", default=None, metavar="DURATION",
+              help="On SIGTERM/SIGINT exit within DURATION: in-flight writes finish, backups "
+                   "still running near the deadline are cancelled (503). Default: 30s")
+@click.option("--disk-full-retry", default=None, metavar="DURATION",
+              help="While the disk is full, retry the unfinished storage work this often; "
+                   "writes resume by themselves once space is freed. Default: 1s")
+@click.option("--disk-full-hold", default=None, metavar="DURATION",
+              help="How long a write that is durable in the WAL but not yet in LMDB waits "
+                   "for that retry before it is answered 507. Default: 2s")
 @click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
               help="Log format on stderr. Default: console")
 @click.option("--http-max-header-bytes", default=None, metavar="SIZE",
@@ -88,6 +97,7 @@ from unisondb.errors import UnisonDBError
 def cli(ctx: click.Context, /, data_dir: Path | None, http_addr: str | None,
         namespaces: tuple[str, ...], config_file: Path | None, wal_segment_size: str | None,
         wal_segment_max_age: str | None, wal_retention: str | None,
+        shutdown_timeout: str | None, disk_full_retry: str | None, disk_full_hold: str | None,
         log_format: str | None, **http_flags: Any) -> None:
     """UnisonDB: a log-native key-value database server.
 
@@ -102,7 +112,10 @@ def cli(ctx: click.Context, /, data_dir: Path | None, http_addr: str | None,
                       namespaces=namespaces,
                       overrides={"segment_size": wal_segment_size,
                                  "segment_max_age": wal_segment_max_age,
-                                 "retention": wal_retention},
+                                 "retention": wal_retention,
+                                 "shutdown_timeout": shutdown_timeout,
+                                 "disk_full_retry": disk_full_retry,
+                                 "disk_full_hold": disk_full_hold},
                       http_overrides={k[5:]: v for k, v in http_flags.items()
                                       if k.startswith("http_")},
                       auth_overrides={"token_file": http_flags["auth_token_file"],

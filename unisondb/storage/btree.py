@@ -33,6 +33,7 @@ replayed on the next start. We never use ``sync=False`` (a crash could then corr
 
 from __future__ import annotations
 
+import errno
 import os
 import struct
 import threading
@@ -44,8 +45,8 @@ from typing import Any, BinaryIO
 
 import lmdb
 
-from unisondb.errors import CorruptLog, StorageError, from_os_error
-from unisondb.storage import fsutil, snapfile
+from unisondb.errors import CorruptLog, from_os_error
+from unisondb.storage import fsutil, lmdberrors, snapfile, testseam
 from unisondb.storage.fingerprint import EMPTY_STATE, Fingerprint, state_digest
 from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.record import EntryKind, Record
@@ -133,6 +134,11 @@ class _ReadWriteLock:
                 if self._readers == 0:
                     self._cond.notify_all()
 
+    def wait_idle(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds until no reader is left; True if none is."""
+        with self._cond:
+            return self._cond.wait_for(lambda: self._readers == 0, max(timeout, 0.0))
+
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
@@ -164,6 +170,7 @@ class BTree:
             existing = data_file.stat().st_size if data_file.exists() else 0
             # A restored snapshot may be larger than the configured map: start above it.
             size = max(map_size, _round_up(existing * 2, 1 << 20))
+            _reserve_lock_file(path / "lock.mdb")
             self.env = lmdb.open(
                 str(path), map_size=size, max_dbs=4, subdir=True, sync=durable,
                 metasync=False, readahead=False, max_readers=512, lock=True,
@@ -267,17 +274,25 @@ class BTree:
             except lmdb.MapFullError:
                 self._grow()
             except lmdb.Error as exc:
-                raise StorageError(f"LMDB write failed: {exc}") from exc
+                # The transaction was aborted: the environment is unchanged and a later
+                # commit may succeed (e.g. once space is freed); the engine decides.
+                raise lmdberrors.translate(exc, self.path / "data.mdb",
+                                           what="LMDB write") from exc
 
     def set_checkpoint(self, checkpoint: Checkpoint) -> None:
         self.apply([], checkpoint)
 
     def _grow(self, at_least: int = 0) -> None:
         with self._rw.write():
-            self.map_size *= 2
-            while self.map_size < at_least:
-                self.map_size *= 2
-            self.env.set_mapsize(self.map_size)
+            size = self.map_size * 2
+            while size < at_least:
+                size *= 2
+            try:
+                self.env.set_mapsize(size)
+            except lmdb.Error as exc:
+                raise lmdberrors.translate(exc, self.path / "data.mdb",
+                                           what="LMDB map growth") from exc
+            self.map_size = size
 
     def _ensure_headroom(self) -> None:
         """Grow the map now if less than half of it is free."""
@@ -287,7 +302,10 @@ class BTree:
 
     def sync(self) -> None:
         """Force everything committed so far (including the last meta page) to disk."""
-        self.env.sync(True)
+        try:
+            self.env.sync(True)
+        except lmdb.Error as exc:
+            raise lmdberrors.translate(exc, self.path / "data.mdb", what="LMDB sync") from exc
 
     # --- snapshots ---
 
@@ -303,11 +321,16 @@ class BTree:
         with self._rw.read(), self.env.begin() as txn:
             raw = txn.get(CHECKPOINT_KEY, db=self._meta)
             cp = Checkpoint() if raw is None else Checkpoint.decode(raw)
+            testseam.hold("snapshot-copy")  # a copy that takes as long as a test wants
             self.env.copyfd(f.fileno(), compact=True, txn=txn)
         return cp
 
     def stat(self) -> dict[str, Any]:
         return dict(self.env.info())
+
+    def wait_readers(self, timeout: float) -> bool:
+        """Wait up to ``timeout`` seconds for every reader (a snapshot copy, a GET) to end."""
+        return self._rw.wait_idle(timeout)
 
     def close(self) -> None:
         self.env.close()
@@ -365,6 +388,35 @@ def read_namespace_label(path: Path) -> str | None:
     finally:
         env.close()
     return None if raw is None else bytes(raw).decode("utf-8", errors="replace")
+
+
+#: Bytes reserved for ``lock.mdb``: LMDB needs 64 per reader slot (512) plus a header.
+LOCK_FILE_BYTES = 64 << 10
+
+
+def _reserve_lock_file(lock: Path) -> None:
+    """Allocate ``lock.mdb``'s blocks before LMDB maps it.
+
+    LMDB writes its reader table through ``mmap``; on a full file system (measured on
+    tmpfs) the first store into a page that has no block behind it kills the process
+    with SIGBUS instead of returning ENOSPC. Reserving the blocks here turns a full disk
+    at startup into an ordinary "no space left on device" error. LMDB takes a lock file
+    larger than it needs as room for more readers.
+    """
+    try:
+        if lock.exists() and lock.stat().st_size >= LOCK_FILE_BYTES:
+            return
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise from_os_error(exc, lock) from exc
+    try:
+        os.posix_fallocate(fd, 0, LOCK_FILE_BYTES)
+    except OSError as exc:
+        if exc.errno in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            return  # a file system without fallocate: LMDB sizes the file itself
+        raise from_os_error(exc, lock) from exc
+    finally:
+        os.close(fd)
 
 
 def _round_up(n: int, step: int) -> int:

@@ -15,10 +15,28 @@ acknowledged only after its record is on disk *and* visible to readers.
 Reads go straight to LMDB from the caller's thread (read transactions never block on
 the writer).
 
-Failure policy: a failed WAL write (e.g. ENOSPC) is cut back off the segment and fails
-that group's requests; the engine keeps serving. A failed fsync, or an LMDB failure
-after the WAL is durable, leaves the on-disk state uncertain, so the engine stops
-accepting writes (``Unavailable``) until restarted; recovery then replays the WAL.
+Failure policy (a full disk is a state, not a death; docs/OPERATIONS.md "Disk full"):
+
+* a failed WAL write (ENOSPC) is cut back off the segment and fails the requests whose
+  records it held (507); the next group simply tries again;
+* a failed WAL fdatasync: those records may or may not be on disk, so they are cut off
+  again and the cut is synced; then they fail (507) and their LSNs are handed out again;
+* a failed seal (footer write or its fsync) is cut back likewise: the segment stays the
+  active one and is sealed by a later rotation;
+* an LMDB failure *after* the WAL is durable (ENOSPC, which LMDB often reports as EIO, or a
+  failed map growth): the records are durable, so they are kept as **pending** and the
+  engine is **stalled**: new writes get 507 at once, reads go on, and the writer retries
+  the apply every ``disk_full_retry`` seconds (``_housekeeping``; tests call
+  ``retry_now``). The stalled group's requests wait up to ``disk_full_hold`` for a retry to
+  succeed and are then acknowledged; after that they are answered 507 although durable,
+  counted in ``stats.durable_but_failed`` (``unisondb_writes_durable_but_failed_total``);
+* a sealed segment whose successor cannot be created (ENOSPC) stalls the engine the same
+  way until the retry creates it.
+
+A segment is never sealed while durable records are not yet applied (its footer records
+the state fingerprint after its last record). Only a failure that cannot be cut back (the
+truncate itself fails: the segment's end is unknown) or a bug stops the engine for good
+(``Unavailable`` until restarted; recovery then replays the WAL).
 """
 
 from __future__ import annotations
@@ -39,7 +57,9 @@ from unisondb.config import EngineConfig
 from unisondb.errors import (
     CorruptSnapshot,
     InvalidRequest,
+    NoSpace,
     PayloadTooLarge,
+    PermissionDenied,
     StorageError,
     Unavailable,
     UnisonDBError,
@@ -69,6 +89,30 @@ class EngineStats:
     ops_flushed: int = 0
     group_commits: int = 0
     records_written: int = 0
+    #: Writes answered 507 whose records were durable in the WAL (applied later or replayed).
+    durable_but_failed: int = 0
+    #: Times the engine entered the disk-full (stalled) state, and left it.
+    stalls: int = 0
+    resumes: int = 0
+
+
+@dataclass(slots=True)
+class _Pending:
+    """Durable WAL records that LMDB has not taken yet, and the requests still waiting."""
+
+    records: list[Record]
+    segment_id: int
+    end: int
+    requests: list[_Request]
+    since: float  # time.monotonic() of the first failure
+
+
+class _ApplyFailed(Exception):
+    """LMDB refused records that are already durable in the WAL (mid-group rotation)."""
+
+    def __init__(self, error: UnisonDBError, count: int, segment_id: int, end: int) -> None:
+        super().__init__(error.message)
+        self.error, self.count, self.segment_id, self.end = error, count, segment_id, end
 
 
 class Engine:
@@ -106,6 +150,12 @@ class Engine:
         self._retention_guard: Callable[[int], bool] | None = None
         self._seal_after = 0.0
         self._on_sealed: Callable[[], None] | None = None
+        #: Where the active segment ended before the last unsynced append (for a cut back).
+        self._unsynced_mark: tuple[int, int, int, int, int, int] | None = None
+        #: Why writes are refused right now (a full disk), None while accepting.
+        self._stalled: UnisonDBError | None = None
+        self._pending: _Pending | None = None
+        self._next_retry = 0.0
 
     # --- lifecycle ---
 
@@ -256,28 +306,51 @@ class Engine:
                 f"namespace deliberately with 'unisondb restore --namespace {self.namespace}'",
             )
 
-    def close(self) -> None:
-        """Finish queued writes, seal nothing, sync and close. Idempotent."""
+    def close(self, readers_until: float | None = None) -> bool:
+        """Finish queued writes, seal, sync and close. Idempotent.
+
+        LMDB is closed only once no reader is left (a snapshot's copy reads it). With
+        ``readers_until`` (a ``time.monotonic()`` deadline) the wait is bounded: if a
+        reader is still inside LMDB then, the environment is left open (closing it under
+        a live read would crash the process) and False is returned; the caller then ends
+        the process without touching it again."""
         with self._cond:
             if self._closing:
-                return
+                return True
             self._closing = True
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
         try:
-            if self.wal.active is not None and self._failed is None:
+            if self._stalled is not None:
+                self._try_resume()  # one last chance to apply what is pending
+            self._answer_held(force=True)
+            if self.wal.active is not None and self._failed is None and self._pending is None:
                 self.wal.sync()
                 # A clean stop seals: the last writes are then in a segment that a WAL
                 # backup can copy (only sealed segments are backed up). It also starts the
                 # next (empty) segment, which records where the LSNs stand: a later loss
                 # of the sealed tail segment is then an LsnGap, not a silent rollback.
-                self.wal.rotate(self._next_lsn, self._checkpoint.fingerprint)
+                # On a full disk this may fail: the next start seals instead.
+                try:
+                    self.wal.rotate(self._next_lsn, self._checkpoint.fingerprint)
+                except (OSError, UnisonDBError) as exc:
+                    log.warning("engine.close_seal_failed", namespace=self.namespace,
+                                error=str(_as_storage_error(exc, self.wal.dir)))
             self.btree.sync()
         finally:
             self.wal.close()
-            self.btree.close()
+            wait = None if readers_until is None else readers_until - time.monotonic()
+            idle = self.btree.wait_readers(wait if wait is not None else 1e9)
+            if idle:
+                self.btree.close()
+            else:
+                log.error("engine.close_abandoned_reader", namespace=self.namespace,
+                          note="a reader (snapshot copy) is still inside LMDB at the "
+                               "shutdown deadline: the environment is left open and the "
+                               "process exits without closing it")
             self._lock.release()
+        return idle
 
     # --- writes ---
 
@@ -297,6 +370,8 @@ class Engine:
                     f"failure: {self._failed.message}",
                     hint="fix the cause and restart the server; recovery replays the WAL",
                 )
+            if self._stalled is not None and req.command != "retry":
+                raise self._refusal(self._stalled)  # 507 at once; reads go on
             self._queue.append(req)
             if req.entries is not None:
                 self.stats.ops_received += 1
@@ -316,6 +391,26 @@ class Engine:
         """Seal the active segment if it holds records; return its id (None if it was empty)."""
         result: int | None = self._enqueue(_Request(None, Future(), "rotate")).result()
         return result
+
+    def retry_now(self) -> bool:
+        """Retry the work a full disk stopped, now (what ``disk_full_retry`` does
+        periodically); True if the engine accepts writes afterwards. A test seam and an
+        operator's shortcut: it never waits for the timer."""
+        result: bool = self._enqueue(_Request(None, Future(), "retry")).result()
+        return result
+
+    @staticmethod
+    def _refusal(cause: UnisonDBError) -> UnisonDBError:
+        """A fresh error (never one instance raised in many threads) saying why."""
+        cls = type(cause) if type(cause) in (NoSpace, PermissionDenied, StorageError) \
+            else StorageError
+        return cls(cause.message, hint="writes are refused until the storage accepts them "
+                   "again; free space and they resume by themselves (reads still work)")
+
+    @property
+    def stalled(self) -> UnisonDBError | None:
+        """Why writes are refused (a full disk), or None."""
+        return self._stalled
 
     # --- reads ---
 
@@ -418,6 +513,8 @@ class Engine:
                 self._fail(StorageError(f"WAL writer failed: {exc!r}"), group)
 
     def _idle_timeout(self) -> float:
+        if self._stalled is not None:
+            return self.config.disk_full_retry
         age = self.config.segment_max_age
         timeout = min(age / 4, 30.0) if age > 0 else 30.0
         if self._seal_after > 0:
@@ -451,40 +548,140 @@ class Engine:
             for req in writes:
                 req.future.set_exception(Unavailable(f"namespace {self.namespace} is failed"))
             return
-        first_lsn = self._next_lsn
+        if self._stalled is not None:  # queued before the stall began: never written
+            for req in writes:
+                req.future.set_exception(self._refusal(self._stalled))
+            return
         records: list[Record] = []
-        self._group_wrote = False
         try:
             seg_id, end = self._append(writes, records)
-        except UnisonDBError as exc:
-            if self._group_wrote or self.wal.active is None:
-                # Bytes of this group reached the WAL (maybe fsynced, maybe sealed) or the
-                # segment state is unknown: those LSNs are spent and the segment must not
-                # be appended to again. Only a restart (recovery) is safe.
-                self._fail(exc, writes)
-                return
-            # The first write failed and was cut back: nothing of this group is in the WAL,
-            # so its LSNs can be handed out again.
-            self._next_lsn = first_lsn
-            for req in writes:
-                req.future.set_exception(exc)
+            self._sync_appended()
+        except _ApplyFailed as af:
+            self._ack(writes[:self._applied_in_group], records)
+            for req in writes[af.count:]:  # never appended
+                req.future.set_exception(af.error)
+            self._stall_pending(records[self._applied_in_group:af.count],
+                                writes[self._applied_in_group:af.count], af.segment_id,
+                                af.end, af.error)
             return
-        try:
-            self.wal.sync()
-        except OSError as exc:
-            self._fail(from_os_error(exc, self.wal.active.path if self.wal.active else None),
-                       writes)
+        except UnisonDBError as exc:
+            self._group_failed(writes, records, exc)
             return
         try:
             self._apply(records[self._applied_in_group:], seg_id, end)
         except UnisonDBError as exc:
-            self._fail(exc, writes)
+            self._ack(writes[:self._applied_in_group], records)
+            self._stall_pending(records[self._applied_in_group:],
+                                writes[self._applied_in_group:], seg_id, end, exc)
+            return
+        self._ack(writes, records)
+
+    def _ack(self, writes: list[_Request], records: list[Record]) -> None:
+        if not writes:
             return
         self.stats.ops_flushed += len(writes)
         self.stats.group_commits += 1
-        self.stats.records_written += len(records)
-        for req, rec in zip(writes, records, strict=True):
-            req.future.set_result(rec.lsn)
+        self.stats.records_written += len(writes)
+        for req, rec in zip(writes, records, strict=False):
+            if not req.future.done():
+                req.future.set_result(rec.lsn)
+
+    def _group_failed(self, writes: list[_Request], records: list[Record],
+                      exc: UnisonDBError) -> None:
+        """A WAL write, fsync or seal failed: what was applied before a mid-group rotation
+        is durable and acknowledged; the rest is not in the WAL (cut back) and fails."""
+        done = self._applied_in_group
+        self._ack(writes[:done], records)
+        act = self.wal.active
+        if act is not None and act.broken:
+            # The cut back failed: the segment's end is unknown. Only recovery can decide.
+            self._fail(exc, writes)
+            return
+        if records[done:]:
+            self._next_lsn = records[done].lsn  # never durable: handed out again
+        for req in writes[done:]:
+            req.future.set_exception(exc)
+        if act is None:  # sealed, but the next segment could not be created
+            self._stall(exc)
+
+    def _sync_appended(self) -> None:
+        """fdatasync what was appended; on failure cut it off again, durably, and raise."""
+        act = self.wal.active
+        if act is None or self._unsynced_mark is None:
+            return
+        try:
+            self.wal.sync()
+        except OSError as exc:
+            act.rollback(self._unsynced_mark)
+            raise from_os_error(exc, act.path) from exc
+        finally:
+            self._unsynced_mark = None
+
+    def _stall_pending(self, records: list[Record], writes: list[_Request], seg_id: int,
+                       end: int, exc: UnisonDBError) -> None:
+        """LMDB refused durable records: keep them, refuse new writes, retry later."""
+        if not records:
+            return
+        self._pending = _Pending(records, seg_id, end, list(writes), time.monotonic())
+        log.error("engine.apply_failed", namespace=self.namespace, error=str(exc),
+                  first_lsn=records[0].lsn, last_lsn=records[-1].lsn,
+                  note="the records are durable in the WAL and are applied once LMDB "
+                       "takes them again")
+        self._stall(exc)
+        self._answer_held()
+
+    def _stall(self, exc: UnisonDBError) -> None:
+        with self._cond:
+            first = self._stalled is None
+            self._stalled = exc
+        if first:
+            self.stats.stalls += 1
+            log.error("engine.stalled", namespace=self.namespace, error=str(exc),
+                      retry_seconds=self.config.disk_full_retry)
+        self._next_retry = time.monotonic() + self.config.disk_full_retry
+
+    def _answer_held(self, *, force: bool = False) -> None:
+        """Answer pending requests that waited ``disk_full_hold``: 507, although durable."""
+        p = self._pending
+        if p is None or not p.requests:
+            return
+        if not force and time.monotonic() - p.since < self.config.disk_full_hold:
+            return
+        exc = self._stalled or Unavailable(f"namespace {self.namespace} is shutting down")
+        n = 0
+        for req in p.requests:
+            if not req.future.done():
+                req.future.set_exception(exc)
+                n += 1
+        p.requests = []
+        self.stats.durable_but_failed += n
+        if n:
+            log.warning("engine.durable_writes_answered_failed", namespace=self.namespace,
+                        writes=n, first_lsn=p.records[0].lsn, last_lsn=p.records[-1].lsn,
+                        note="these writes are in the WAL and will be visible once applied")
+
+    def _try_resume(self) -> bool:
+        """Retry what the full disk stopped: apply pending records, create the segment a
+        rotation still owes. True (and accepting writes again) if everything succeeded."""
+        if self._stalled is None:
+            return True
+        p = self._pending
+        try:
+            if p is not None:
+                self._apply(p.records, p.segment_id, p.end)
+                self._pending = None
+                self._ack(p.requests, p.records)
+            if self.wal.active is None:
+                self.wal.start_unstarted()
+        except (OSError, UnisonDBError) as exc:
+            self._stall(_as_storage_error(exc, self.wal.dir))
+            self._answer_held()
+            return False
+        with self._cond:
+            self._stalled = None
+        self.stats.resumes += 1
+        log.info("engine.resumed", namespace=self.namespace, applied_lsn=self.applied_lsn)
+        return True
 
     def _apply(self, records: list[Record], seg_id: int, end: int) -> None:
         """Apply durable records to LMDB with the checkpoint after them (one transaction)."""
@@ -499,7 +696,8 @@ class Engine:
         meta: list[tuple[int, int, int]] = []
         chunk_bytes = 0
         seg_id, end = 0, 0
-        assert self.wal.active is not None
+        if self.wal.active is None:
+            raise StorageError(f"namespace {self.namespace} has no active WAL segment")
         for req in writes:
             assert req.entries is not None
             now = max(time.time_ns(), self._last_time_ns)
@@ -509,9 +707,11 @@ class Engine:
             active = self.wal.active
             if (active.count or chunk) and active.size + chunk_bytes + len(data) > \
                     self.config.segment_size:
-                seg_id, end = self._flush_chunk(chunk, meta)
+                if chunk:
+                    seg_id, end = self._flush_chunk(chunk, meta)
                 chunk, meta, chunk_bytes = [], [], 0
                 self._seal_and_advance(records, seg_id, end)
+                active = self.wal.active
             chunk.append(data)
             meta.append((lsn, now, len(data)))
             chunk_bytes += len(data)
@@ -525,34 +725,56 @@ class Engine:
         active = self.wal.active
         if active is None:
             raise StorageError(f"namespace {self.namespace} has no active WAL segment")
+        mark = active.mark()
         try:
             result = self.wal.append(b"".join(chunk), meta)
         except OSError as exc:
             raise from_os_error(exc, active.path) from exc
-        self._group_wrote = True
+        self._unsynced_mark = mark
         return result
 
     def _seal_and_advance(self, records: list[Record], seg_id: int, end: int) -> None:
         # Rotation mid-group: the records already written must be durable before sealing,
         # and applied, because the footer records the state fingerprint after them.
+        self._sync_appended()
+        todo = records[self._applied_in_group:]
+        if todo:
+            try:
+                self._apply(todo, seg_id, end)
+            except UnisonDBError as exc:
+                raise _ApplyFailed(exc, len(records), seg_id, end) from exc
+        self._applied_in_group = len(records)
         try:
-            self.wal.sync()
-            self._apply(records[self._applied_in_group:], seg_id, end)
-            self._applied_in_group = len(records)
             self._rotate()
         except OSError as exc:
             raise from_os_error(exc, self.wal.dir) from exc
 
     def _rotate(self) -> int | None:
-        """Seal the active segment and start the next. Any failure here is fatal for the
-        engine: a half-sealed segment must never be appended to (see ``ActiveSegment.seal``)."""
+        """Seal the active segment and start the next. A failed seal is cut back (the
+        segment stays active); a failed start leaves no active segment until a retry
+        (``_try_resume``). Only a ``broken`` segment stops the engine."""
         act = self.wal.active
-        if act is not None and act.count:
+        if act is None:
+            self.wal.start_unstarted()
+            return None
+        if act.count:
             self._last_record = (act.header.segment_id, act.last_record_offset)
         sealed = self.wal.rotate(self._next_lsn, self._checkpoint.fingerprint)
         if sealed is not None and self._on_sealed is not None:
             self._on_sealed()
         return sealed
+
+    def _rotation_failed(self, exc: BaseException, writes: list[_Request]) -> UnisonDBError:
+        err = _as_storage_error(exc, self.wal.dir)
+        act = self.wal.active
+        if act is not None and act.broken:
+            self._fail(err, writes)
+        elif act is None:
+            self._stall(err)
+        else:
+            log.warning("wal.rotation_failed", namespace=self.namespace, error=str(err),
+                        note="the segment stays active; a later rotation seals it")
+        return err
 
     def _fail(self, exc: UnisonDBError, writes: list[_Request]) -> None:
         log.error("engine.failed", namespace=self.namespace, error=str(exc))
@@ -565,17 +787,29 @@ class Engine:
         if self._failed is not None:
             req.future.set_exception(Unavailable(f"namespace {self.namespace} is failed"))
             return
+        if req.command == "retry":
+            req.future.set_result(self._try_resume())
+            return
         if req.command != "rotate":
             req.future.set_exception(StorageError(f"unknown engine command {req.command}"))
+            return
+        if self._stalled is not None:
+            req.future.set_exception(self._refusal(self._stalled))
             return
         try:
             req.future.set_result(self._rotate())
         except (OSError, UnisonDBError) as exc:
-            self._fail(_as_storage_error(exc, self.wal.dir), [req])
+            err = self._rotation_failed(exc, [req])
+            if not req.future.done():
+                req.future.set_exception(err)
 
     def _housekeeping(self) -> None:
         """Age-based rotation and retention; runs on the writer thread between groups."""
         if self._failed is not None:
+            return
+        if self._stalled is not None:
+            if time.monotonic() >= self._next_retry:
+                self._try_resume()
             return
         act = self.wal.active
         by_age = (act is not None and act.count and self.config.segment_max_age > 0
@@ -584,7 +818,7 @@ class Engine:
             try:
                 self._rotate()
             except (OSError, UnisonDBError) as exc:
-                self._fail(_as_storage_error(exc, self.wal.dir), [])
+                self._rotation_failed(exc, [])
                 return
         try:
             now = time.monotonic()

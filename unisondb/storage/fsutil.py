@@ -63,6 +63,24 @@ def fsync(fd: int) -> None:
     _observe(started)
 
 
+def free_bytes(path: Path) -> int | None:
+    """Bytes an unprivileged writer can still use on the file system of ``path``."""
+    try:
+        st = os.statvfs(path)
+    except OSError:
+        return None
+    return st.f_bavail * st.f_frsize
+
+
+#: Below this much free space an EIO from LMDB is taken for a full disk (see ``btree``).
+NEARLY_FULL_BYTES = 1 << 20
+
+
+def nearly_full(path: Path) -> bool:
+    free = free_bytes(path)
+    return free is not None and free < NEARLY_FULL_BYTES
+
+
 def fsync_dir(path: Path) -> None:
     """Make creations, renames and deletions inside ``path`` durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
@@ -122,13 +140,23 @@ def atomic_file(dest: Path, mode: int = 0o644) -> Iterator[BinaryIO]:
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
     except OSError as exc:
-        f.close()
+        _close_quietly(f)
         remove_quietly(tmp)
         raise from_os_error(exc, dest) from exc
     except BaseException:
-        f.close()
+        _close_quietly(f)
         remove_quietly(tmp)
         raise
+
+
+def _close_quietly(f: BinaryIO) -> None:
+    """Close in an error path. ``close()`` flushes what is still buffered, and on a full
+    disk that flush fails again (the descriptor is closed anyway): that second error
+    must neither replace the first nor skip removing the ``.tmp``."""
+    try:
+        f.close()
+    except OSError:
+        pass
 
 
 def write_file_atomic(dest: Path, data: bytes) -> None:

@@ -40,8 +40,13 @@ class NamespaceLock:
                 "tool (restore) is using this data directory",
                 hint="stop the other process first, or use a different --data-dir",
             ) from None
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        try:
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        except OSError:
+            # The pid is only a hint for the "locked" message; the flock is the lock. On a
+            # full disk the write fails: go on, and let the step that needs space report it.
+            pass
         self._fd = fd
 
     def release(self) -> None:

@@ -361,6 +361,9 @@ class ActiveSegment:
         self.max_time_ns = 0
         #: Offset at which the most recent record starts (for the /offset endpoint).
         self.last_record_offset = 0
+        #: A failed write could not be cut back off again: where the file ends is unknown,
+        #: so it must never be appended to or sealed (the engine stops; recovery decides).
+        self.broken = False
 
     @classmethod
     def create(cls, directory: Path, header: SegmentHeader) -> ActiveSegment:
@@ -404,7 +407,7 @@ class ActiveSegment:
             if written != len(data):
                 raise OSError(28, "short write")
         except OSError:
-            self.truncate(start)
+            self._cut_back(start)
             raise
         pos = start
         for lsn, t, length in meta:
@@ -416,6 +419,31 @@ class ActiveSegment:
         os.ftruncate(self._fd, size)
         self.size = size
 
+    def _cut_back(self, size: int, *, sync: bool = False) -> None:
+        """Cut a failed write off again (``sync``: durably); on failure mark ``broken``."""
+        try:
+            os.ftruncate(self._fd, size)
+            if sync:
+                fsutil.fdatasync(self._fd)
+        except OSError:
+            self.broken = True
+            return
+        self.size = size
+
+    def mark(self) -> tuple[int, int, int, int, int, int]:
+        """The segment's end and accounting now, for ``rollback``."""
+        return (self.size, self.count, self.last_lsn, self.min_time_ns, self.max_time_ns,
+                self.last_record_offset)
+
+    def rollback(self, mark: tuple[int, int, int, int, int, int]) -> None:
+        """Durably drop what was appended after ``mark`` (records whose fdatasync failed:
+        their bytes may or may not be on disk, so they are removed and the cut is synced).
+        Sets ``broken`` if that fails too."""
+        self._cut_back(mark[0], sync=True)
+        if not self.broken:
+            (_size, self.count, self.last_lsn, self.min_time_ns, self.max_time_ns,
+             self.last_record_offset) = mark
+
     def sync(self) -> None:
         fsutil.fdatasync(self._fd)
 
@@ -426,15 +454,21 @@ class ActiveSegment:
     def seal(self, fingerprint: bytes | None) -> SegmentFooter:
         """Append the footer and make it durable; the file is immutable afterwards.
 
-        On failure the segment must not be appended to again (the footer may be on disk
-        in part or in whole): the engine stops accepting writes, and the next start sees
-        either a sealed segment or a torn footer, which it cuts off as a torn tail.
+        On failure (a full disk) the footer is cut off again and synced, so the segment
+        is still a valid active segment that can be appended to or sealed later. If even
+        that fails the footer may be on disk in part or in whole: ``broken`` is set, the
+        engine stops accepting writes, and the next start sees either a sealed segment or
+        a torn footer, which it cuts off as a torn tail.
         """
         footer = self.footer(fingerprint)
         data = footer.encode()
-        if os.pwrite(self._fd, data, self.size) != len(data):
-            raise OSError(28, "short write of segment footer")
-        fsutil.fdatasync(self._fd)
+        try:
+            if os.pwrite(self._fd, data, self.size) != len(data):
+                raise OSError(28, "short write of segment footer")
+            fsutil.fdatasync(self._fd)
+        except OSError:
+            self._cut_back(self.size, sync=True)
+            raise
         self.size += len(data)
         self.close()
         return footer

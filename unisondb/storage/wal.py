@@ -83,6 +83,9 @@ class Wal:
         self.bytes_written = 0
         self.fsyncs = 0
         self.rotations = 0
+        #: (id, lineage, first LSN, start fingerprint) of the segment a rotation still has
+        #: to create after its predecessor was sealed (set while that fails).
+        self.unstarted: tuple[int, Lineage, int, bytes] | None = None
 
     # --- opening ---
 
@@ -241,9 +244,17 @@ class Wal:
             return None
         self._seal(act, fingerprint)
         self.active = None
-        self.start_segment(act.header.segment_id + 1, act.header.lineage, next_lsn, fingerprint)
         self.rotations += 1
+        self.unstarted = (act.header.segment_id + 1, act.header.lineage, next_lsn, fingerprint)
+        self.start_unstarted()
         return act.header.segment_id
+
+    def start_unstarted(self) -> None:
+        """Create the segment a rotation sealed the previous one for. If that fails (a full
+        disk) there is no active segment until this is called again successfully."""
+        if self.unstarted is not None:
+            self.start_segment(*self.unstarted)
+            self.unstarted = None
 
     def _seal(self, act: ActiveSegment, fingerprint: bytes | None) -> None:
         try:
