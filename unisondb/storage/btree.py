@@ -45,7 +45,7 @@ from typing import Any, BinaryIO
 import lmdb
 
 from unisondb.errors import CorruptLog, StorageError, from_os_error
-from unisondb.storage import fsutil, snapfile
+from unisondb.storage import fsutil, lmdbfile, snapfile
 from unisondb.storage.fingerprint import EMPTY_STATE, Fingerprint, state_digest
 from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.record import EntryKind, Record
@@ -156,6 +156,8 @@ class BTree:
         which is synced with ``sync()`` before anything can use it. ``serving``: opened by
         the engine, which forks a new history on a snapshot installed by hand."""
         self.path = path
+        # Before LMDB maps it: a data.mdb shorter than its meta page claims is a SIGBUS.
+        lmdbfile.check_if_present(path / "data.mdb", "btree")
         # A snapshot copied in by hand (cp snapshot <ns>/db/data.mdb): verify, strip trailer.
         self.installed = snapfile.install_check(path, mark=serving)
         try:
