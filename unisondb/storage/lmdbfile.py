@@ -387,7 +387,7 @@ def _looks_like_openpgp(head: bytes) -> bool:
 
 def _copy_again_hint(path: Path, role: Role) -> str:
     if role == "snapshot":
-        return ("the copy is incomplete or not a snapshot: fetch it again (compare it with its "
+        return ("the copy is incomplete or damaged: fetch it again (compare it with its "
                 ".sha256) or use another snapshot")
     return (f"if {path.name} was copied from a snapshot, copy it again (compare it with the "
             "snapshot's .sha256) or rebuild the namespace with 'unisondb restore'")
