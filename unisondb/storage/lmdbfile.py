@@ -198,7 +198,7 @@ def _check(f: BinaryIO, path: Path, size: int, what: str, role: Role) -> BTreeFi
     head = _read_at(f, 0, min(size, 4096))
     if size < META_PAGE_BYTES and describe_foreign(head) is None and (
             size < 20 or head[16:20] == struct.pack("=I", MAGIC)):
-        raise bad(f"is cut short: {size} bytes, less than one LMDB meta page "
+        raise bad(f"is cut short: {size} byte{'s' * (size != 1)}, less than one LMDB meta page "
                   f"({META_PAGE_BYTES} bytes)", again)
     if head[16:20] != struct.pack("=I", MAGIC):
         raise _foreign(f, path, size, head, what, role)
