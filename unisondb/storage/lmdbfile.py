@@ -51,10 +51,10 @@ never shrinks. A file may also be legitimately *shorter* by a few free pages: LM
 not write a page that was allocated and freed in the same transaction ("loose" pages),
 yet counts it in ``mm_last_pg``; we measured this on a live environment under a
 put/delete load (3 of ~1560 pages, once in 3000 commits). So a short file is not refused
-on the meta page alone: py-lmdb's offline verifier (``lmdb.verify``, which reads, never
-maps) then walks every reachable page, and the file is accepted only if no page that LMDB
-could read lies past its end. That walk costs one read of the file and runs only in
-this rare case.
+on the meta page alone: every page LMDB can reach is then walked (by reading page
+headers and node arrays: branch children, overflow runs, sub-database roots), and the
+file is accepted only if none of them lies past its end. That walk reads each reachable
+page once and runs only in this rare case.
 
 The check and the later ``lmdb.open`` are two steps: a file replaced in between is not
 covered (nobody should rewrite a B-tree file under a process that opens it).
@@ -75,8 +75,8 @@ MAGIC = 0xBEEFC0DE
 DATA_VERSION = 1
 PAGE_HEADER_SIZE = 16
 META_SIZE = 136
-P_BRANCH, P_LEAF, P_META = 0x01, 0x02, 0x08
-F_SUBDATA = 0x02
+P_BRANCH, P_LEAF, P_META, P_LEAF2 = 0x01, 0x02, 0x08, 0x20
+F_BIGDATA, F_SUBDATA = 0x01, 0x02
 P_INVALID = (1 << 64) - 1
 MIN_PAGE_SIZE = 256
 MAX_PAGE_SIZE = 0x8000  # MAX_PAGESIZE of LMDB 0.9 (PAGEBASE 0)
@@ -229,7 +229,7 @@ def _check(f: BinaryIO, path: Path, size: int, what: str, role: Role) -> BTreeFi
     need = (meta.last_page + 1) * psize
     free_tail = 0
     if size < need:
-        free_tail = _short_file_pages(path, size, need, psize, meta, current, bad, again)
+        free_tail = _short_file_pages(f, size, need, psize, meta, current, bad, again)
     return BTreeFileInfo(path, size, psize, meta.last_page, meta.txnid, meta.map_size,
                          current, _subdb_entries(f, size, psize, meta.main), free_tail)
 
@@ -247,29 +247,75 @@ def _check_meta(m: _Meta, index: int, bad: _Bad, again: str) -> None:
                   "open it with the LMDB version that wrote it, or use another copy")
 
 
-def _short_file_pages(path: Path, size: int, need: int, psize: int, meta: _Meta, current: int,
-                      bad: _Bad, again: str) -> int:
+def _short_file_pages(f: BinaryIO, size: int, need: int, psize: int, meta: _Meta,
+                      current: int, bad: _Bad, again: str) -> int:
     """Accept a file short by free pages only (see the module docstring), else refuse."""
     missing = -(-(need - size) // psize)
     claim = (f"is truncated: {size} bytes, but its meta page {current} (txn {meta.txnid}) "
              f"says the B-tree spans {need} bytes (pages 0..{meta.last_page}, "
              f"{psize}-byte pages)")
-    pages_in_file = size // psize
     # Loose pages are few, all from the last transaction; a gap wider than the file
-    # itself is a cut copy, and walking it would only allocate bitmaps for a fiction.
-    if missing > max(pages_in_file, 64):
+    # itself is a cut copy, and walking it would only chase a fiction.
+    if missing > max(size // psize, 64):
         raise bad(claim, again)
-    import lmdb.verify as lmdb_verify
-
-    try:
-        problems = list(lmdb_verify.verify(str(path), subdir=False))  # type: ignore[no-untyped-call]
-    except (lmdb_verify.VerifyError, struct.error, ValueError, IndexError) as exc:
-        problems = [str(exc)]
-    except OSError as exc:
-        raise from_os_error(exc, path) from exc
-    if problems:
-        raise bad(f"{claim}; pages the B-tree uses are missing ({problems[0]})", again)
+    problem = _page_past_end(f, size, psize, meta)
+    if problem is not None:
+        raise bad(f"{claim}; {problem}", again)
     return missing
+
+
+def _page_past_end(f: BinaryIO, size: int, psize: int, meta: _Meta) -> str | None:
+    """Walk every page LMDB can reach; describe the first one the file does not hold.
+
+    Reads page headers and node arrays only (branch children, overflow runs, sub-database
+    roots), never a value. Damage found on the way (a page reached twice, a bad page type)
+    is reported too: a file this short must prove every reachable page is present.
+    Deliberately not ``lmdb.verify``: that verifier also rejects valid files (a big value
+    overwritten by a small one in the same transaction keeps its longer overflow run).
+    """
+    stack = [(db.root, name) for name, db in (("free-page", meta.free), ("main", meta.main))
+             if db.root != P_INVALID]
+    seen: set[int] = set()
+    while stack:
+        pgno, name = stack.pop()
+        if (pgno + 1) * psize > size:
+            return f"page {pgno} of the {name} B-tree is past the end of the file"
+        if pgno in seen or len(seen) > meta.last_page:
+            return f"page {pgno} of the {name} B-tree is reached twice: damaged"
+        seen.add(pgno)
+        page = _read_at(f, pgno * psize, psize)
+        _pgno, _pad, flags, lower, upper = _PAGE_HEADER.unpack_from(page)
+        if not flags & (P_BRANCH | P_LEAF) or not PAGE_HEADER_SIZE <= lower <= upper <= psize:
+            return f"page {pgno} of the {name} B-tree is not a B-tree page: damaged"
+        if flags & P_LEAF2:  # fixed-size duplicate keys: no nodes, no page references
+            continue
+        for i in range((lower - PAGE_HEADER_SIZE) // 2):
+            (off,) = struct.unpack_from("=H", page, PAGE_HEADER_SIZE + 2 * i)
+            if off + _NODE.size > psize:
+                return f"page {pgno} of the {name} B-tree has a node past its end: damaged"
+            lo, hi, nflags, ksize = _NODE.unpack_from(page, off)
+            if flags & P_BRANCH:  # 0.9: the child's page number spans lo, hi and flags
+                stack.append((lo | hi << 16 | nflags << 32, name))
+                continue
+            data_at = off + _NODE.size + ksize
+            if nflags & F_BIGDATA:
+                if data_at + 8 > psize:
+                    return f"page {pgno} of the {name} B-tree has a node past its end: damaged"
+                (ov,) = struct.unpack_from("=Q", page, data_at)
+                if (ov + 1) * psize > size:
+                    return f"overflow page {ov} of the {name} B-tree is past the end of the file"
+                (run,) = struct.unpack_from("=I", _read_at(f, ov * psize + 12, 4))
+                if (ov + max(run, 1)) * psize > size:
+                    return (f"overflow pages {ov}..{ov + run - 1} of the {name} B-tree end past "
+                            "the end of the file")
+            elif nflags & F_SUBDATA:  # a named sub-database or a key's duplicate tree
+                if data_at + _DB.size > psize:
+                    return f"page {pgno} of the {name} B-tree has a node past its end: damaged"
+                sub = DbRecord.decode(page[data_at:data_at + _DB.size])
+                if sub.root != P_INVALID:
+                    label = page[off + _NODE.size:data_at].decode("utf-8", errors="replace")
+                    stack.append((sub.root, f"{name}/{label}" if name == "main" else name))
+    return None
 
 
 def _subdb_entries(f: BinaryIO, size: int, psize: int, main: DbRecord) -> dict[str, int]:
