@@ -24,7 +24,9 @@ Grouped by who has to act::
     │   ├── CorruptArchive      500  an archive object fails its checksum, authentication or structure
     │   └── CorruptLog          500  a WAL segment fails its checksum or structure
     │       ├── LsnGap          500  replay would skip LSNs
-    │       └── TimelineConflict 500 segments of another history hold records after the checkpoint
+    │       ├── TimelineConflict 500 segments of another history hold records after the checkpoint
+    │       └── BadBTreeFile    500  an LMDB file is empty, truncated, zero-filled or foreign
+    │                                (found before LMDB maps it: storage/lmdbfile.py)
     ├── LockedError             exit 3  another process holds the namespace LOCK
     └── Unavailable             503  the engine is closed or shutting down
         └── ArchiveUnavailable  503  the object store did not answer or answered 5xx (retry later)
@@ -137,6 +139,19 @@ class LeaseHeld(ArchiveConflict):
 
 class CorruptArchive(StorageError):
     """An archive object fails its header checksum, SHA-256, authentication tag or structure."""
+
+
+class BadBTreeFile(CorruptLog):
+    """A B-tree (LMDB) file that LMDB must not map: empty, cut short, zero-filled or foreign.
+
+    Raised by ``storage/lmdbfile.py`` *before* ``lmdb.open``: mapping a file shorter than
+    its meta page claims ends the process with SIGBUS instead of an error. The message
+    names the file itself (no ``path:`` prefix), so ``path`` is kept as an attribute only.
+    """
+
+    def __init__(self, message: str, *, path: Path | str, hint: str | None = None) -> None:
+        super().__init__(message, hint=hint)
+        self.path = path
 
 
 class LockedError(UnisonDBError):

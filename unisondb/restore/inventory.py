@@ -28,7 +28,7 @@ from unisondb import sha256sum
 from unisondb.errors import CorruptLog, InvalidRequest, NotFound, UnisonDBError, from_os_error
 from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
-from unisondb.storage import layout, segment, snapfile
+from unisondb.storage import layout, lmdbfile, segment, snapfile
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
 from unisondb.storage.fingerprint import Fingerprint
 from unisondb.storage.fingerprint import short as fp_short
@@ -255,11 +255,8 @@ def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
     # every later read of ``origin`` goes to that copy (sources.open_plain).
     path = sources.materialize(origin)
     st = path.stat()
-    if not looks_like_lmdb(path):
-        raise BackupCorrupt(
-            f"{origin} is not an LMDB data file (no LMDB meta page at the start)",
-            hint="a snapshot is the file written by POST /api/v1/<ns>/btree/backup",
-        )
+    # Size and meta pages before LMDB maps the file (a truncated copy is a SIGBUS).
+    lmdbfile.check_file(path, "snapshot", shown=origin)
     # A self-verifying snapshot proves every byte without a sidecar (storage/snapfile.py).
     snapfile.check(path) if structural else snapfile.read_trailer(path)
     problems: tuple[str, ...] | None = None

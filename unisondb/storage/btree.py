@@ -45,8 +45,8 @@ from typing import Any, BinaryIO
 
 import lmdb
 
-from unisondb.errors import CorruptLog, from_os_error
-from unisondb.storage import fsutil, lmdberrors, snapfile, testseam
+from unisondb.errors import CorruptLog, UnisonDBError, from_os_error
+from unisondb.storage import fsutil, lmdberrors, lmdbfile, snapfile, testseam
 from unisondb.storage.fingerprint import EMPTY_STATE, Fingerprint, state_digest
 from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.record import EntryKind, Record
@@ -162,6 +162,8 @@ class BTree:
         which is synced with ``sync()`` before anything can use it. ``serving``: opened by
         the engine, which forks a new history on a snapshot installed by hand."""
         self.path = path
+        # Before LMDB maps it: a data.mdb shorter than its meta page claims is a SIGBUS.
+        lmdbfile.check_if_present(path / "data.mdb", "btree")
         # A snapshot copied in by hand (cp snapshot <ns>/db/data.mdb): verify, strip trailer.
         self.installed = snapfile.install_check(path, mark=serving)
         try:
@@ -336,23 +338,6 @@ class BTree:
         self.env.close()
 
 
-# LMDB meta page (64-bit build), as far as read_namespace_label needs it: a 16-byte page
-# header, then MDB_meta: magic u32 @16, version u32 @20, address u64, mapsize u64, two
-# 48-byte MDB_db (the free DB's first u32 is the page size, @40), last_pg u64 @136,
-# txnid u64 @144. Meta 0 is at offset 0, meta 1 one page later.
-_LMDB_MAGIC = 0xBEEFC0DE
-_META_END = 152
-
-
-def _meta_fields(raw: bytes) -> tuple[int, int, int] | None:
-    """(page size, last page number, txnid) of one meta page, None if it is not one."""
-    if len(raw) < _META_END or struct.unpack_from("<I", raw, 16)[0] != _LMDB_MAGIC:
-        return None
-    psize = struct.unpack_from("<I", raw, 40)[0]
-    last_pg, txnid = struct.unpack_from("<QQ", raw, 136)
-    return psize, last_pg, txnid
-
-
 def read_namespace_label(path: Path) -> str | None:
     """The namespace a ``data.mdb`` file is labelled with (meta key ``namespace``).
 
@@ -363,16 +348,8 @@ def read_namespace_label(path: Path) -> str | None:
     past the end of a cut file, and it refuses page numbers beyond ``last_pg`` itself.
     """
     try:
-        with open(path, "rb") as f:
-            size = os.fstat(f.fileno()).st_size
-            m0 = _meta_fields(f.read(_META_END))
-            if m0 is None or m0[0] not in (1 << n for n in range(9, 17)):
-                return None
-            f.seek(m0[0])
-            m1 = _meta_fields(f.read(_META_END))
-    except OSError:
-        return None
-    if m1 is None or m1[0] != m0[0] or size < (max(m0[1], m1[1]) + 1) * m0[0]:
+        size = lmdbfile.check_file(path).file_size
+    except UnisonDBError:
         return None
     try:
         env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_dbs=4,

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 
+from unisondb.errors import BadBTreeFile
 from unisondb.restore.errors import BackupCorrupt, CompressedInput
 from unisondb.restore.inventory import (
     check_sidecar,
@@ -66,7 +67,7 @@ def test_compressed_non_snapshot_is_refused(tmp_path: Path) -> None:
 def test_not_an_lmdb_file(tmp_path: Path) -> None:
     p = tmp_path / "snap.db"
     p.write_bytes(b"x" * 8192)
-    with pytest.raises(BackupCorrupt, match="not an LMDB data file"):
+    with pytest.raises(BadBTreeFile, match="not an LMDB data file"):
         inspect_snapshot(p)
 
 
