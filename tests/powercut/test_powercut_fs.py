@@ -211,3 +211,35 @@ def test_a_rename_over_a_file_keeps_the_old_file_until_the_dir_is_synced(pcfs: P
     write(m / "c", b"c", sync="fsync")  # may get the replaced file's inode number
     m = cut_and_remount(pcfs)
     assert {n: (m / n).read_bytes() for n in os.listdir(m)} == {"a": b"old", "b": b"new"}
+
+
+@pytest.mark.parametrize("sync_top", [True, False])
+def test_a_wal_segment_in_a_new_tree_survives_only_if_the_tree_top_was_synced(
+        pcfs: PowerCutMount, sync_top: bool) -> None:
+    """The server's first-start sequence (mkdir -p with parent fsyncs, segment created by
+    tmp + fsync + rename + dir fsync, reopened O_WRONLY, pwrite + fdatasync, rotation).
+    Every later sync survives, but all of it hangs on the entry of the tree's top directory
+    in its parent: once, ``serve()`` made ``--data-dir`` without that fsync."""
+    m = pcfs.mountpoint
+    wal = m / "data" / "ns" / "wal"
+    for d in (m / "data", m / "data" / "ns", wal):
+        d.mkdir()
+        if d != m / "data" or sync_top:
+            fsync_dir(d.parent)
+    for seg in ("000000001.wal", "000000002.wal"):
+        write(wal / (seg + ".tmp"), b"H" * 128, sync="fsync")
+        os.rename(wal / (seg + ".tmp"), wal / seg)
+        fsync_dir(wal)
+        fd = os.open(wal / seg, os.O_WRONLY)
+        try:
+            os.pwrite(fd, b"R" * 1000, 128)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+    m = cut_and_remount(pcfs)
+    if not sync_top:
+        assert os.listdir(m) == []
+        return
+    assert sorted(os.listdir(m / "data" / "ns" / "wal")) == ["000000001.wal", "000000002.wal"]
+    for seg in ("000000001.wal", "000000002.wal"):
+        assert (m / "data" / "ns" / "wal" / seg).read_bytes() == b"H" * 128 + b"R" * 1000

@@ -136,7 +136,9 @@ def apply_plan(vp: VerifiedPlan, *, force: bool = False, progress: Progress | No
     t_start = time.perf_counter()
     data_dir, ns = plan.data_dir, plan.namespace
     try:
-        data_dir.mkdir(parents=True, exist_ok=True)
+        # make_dirs, not Path.mkdir: the fsync of data_dir at publish does not make a data_dir
+        # created here durable in its own parent (see fsutil.make_dirs).
+        fsutil.make_dirs(data_dir)
     except OSError as exc:
         raise from_os_error(exc, data_dir) from exc
     ns_dir = layout.namespace_dir(data_dir, ns)

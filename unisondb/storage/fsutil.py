@@ -17,6 +17,7 @@ prove they can catch a missing fsync. Nothing else changes.
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import Callable, Iterator
@@ -99,6 +100,8 @@ def make_dirs(path: Path) -> None:
     while not cur.exists():
         missing.append(cur)
         cur = cur.parent
+    if not missing and not path.is_dir():  # as Path.mkdir(exist_ok=True): names the culprit
+        raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), str(path))
     for d in reversed(missing):
         try:
             d.mkdir()
