@@ -3,7 +3,7 @@
 ``verify_plan`` (restore) stops at the first fatal problem:
 
 * the snapshot's ``.sha256`` sidecar (mismatch is fatal, a missing sidecar a warning) —
-  its structure (``lmdb.verify``) and checkpoint were checked when it was inspected;
+  its structure (``lmdbfile`` page walk) and checkpoint were checked when it was inspected;
 * every segment the plan replays: sidecar, header, every record CRC, LSN contiguity and
   footer (``segment.scan``), and that the files did not change since the inventory;
 * the snapshot's checkpoint against the segment it names (same history);

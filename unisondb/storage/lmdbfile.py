@@ -165,8 +165,12 @@ def check_if_present(path: Path, role: Role = "btree") -> BTreeFileInfo | None:
 
 
 def check_file(path: Path, role: Role = "snapshot", *,
-               shown: Path | None = None) -> BTreeFileInfo:
+               shown: Path | None = None, walk: bool = False) -> BTreeFileInfo:
     """Check that LMDB can map ``path`` without touching a byte past its end.
+
+    ``walk``: also walk every page LMDB can reach (page headers and node arrays, never a
+    value) and refuse a damaged structure — the structural check of restore and verify,
+    used instead of ``lmdb.verify``, which rejects valid files (see ``_page_past_end``).
 
     Raises ``BadBTreeFile`` for an empty, zero-filled, truncated or foreign file, and the
     error tree's ``StorageError`` family for an unreadable one. ``shown``: the name the
@@ -176,7 +180,7 @@ def check_file(path: Path, role: Role = "snapshot", *,
     try:
         with open(path, "rb") as f:
             size = os.fstat(f.fileno()).st_size
-            info = _check(f, shown or path, size, what, role)
+            info = _check(f, shown or path, size, what, role, walk=walk)
             return replace(info, path=path)
     except IsADirectoryError:
         raise BadBTreeFile(f"{what} {path} is a directory, expected an LMDB data file",
@@ -185,7 +189,8 @@ def check_file(path: Path, role: Role = "snapshot", *,
         raise from_os_error(exc, path) from exc
 
 
-def _check(f: BinaryIO, path: Path, size: int, what: str, role: Role) -> BTreeFileInfo:
+def _check(f: BinaryIO, path: Path, size: int, what: str, role: Role, *,
+           walk: bool = False) -> BTreeFileInfo:
     def bad(problem: str, hint: str) -> BadBTreeFile:
         return BadBTreeFile(f"{what} {path} {problem}", path=path, hint=hint)
 
@@ -230,6 +235,8 @@ def _check(f: BinaryIO, path: Path, size: int, what: str, role: Role) -> BTreeFi
     free_tail = 0
     if size < need:
         free_tail = _short_file_pages(f, size, need, psize, meta, current, bad, again)
+    elif walk and (problem := _page_past_end(f, size, psize, meta)) is not None:
+        raise bad(f"is not a sound LMDB file: {problem}", again)
     return BTreeFileInfo(path, size, psize, meta.last_page, meta.txnid, meta.map_size,
                          current, _subdb_entries(f, size, psize, meta.main), free_tail)
 
