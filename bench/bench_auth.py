@@ -36,8 +36,10 @@ def main() -> None:
     with tempfile.TemporaryDirectory(prefix="bench-auth-") as tmp:
         work = Path(tmp)
         tokens = work / "tokens"
-        tokens.write_text(f"bench-read-token-0123456789abcdef read\n{TOKEN} write\n"
-                          "bench-admin-token-0123456789abcdef admin\n")
+        tokens.write_text(
+            f"bench-read-token-0123456789abcdef read\n{TOKEN} write\n"
+            "bench-admin-token-0123456789abcdef admin\n"
+        )
         tokens.chmod(0o600)
         plain = start_server(work / "a", ("default",))
         authed = start_server(work / "b", ("default",), ["--auth-token-file", str(tokens)])
@@ -49,8 +51,16 @@ def main() -> None:
                     url = f"{srv.url}/api/v1/default/kv/bench-key"
                     extra = ["-H", f"Authorization: Bearer {TOKEN}"] if name == "on" else []
                     for method in ("PUT", "GET"):
-                        cmd = ["hey", "-z", f"{args.seconds:g}s", "-c", str(args.connections),
-                               "-m", method, *extra]
+                        cmd = [
+                            "hey",
+                            "-z",
+                            f"{args.seconds:g}s",
+                            "-c",
+                            str(args.connections),
+                            "-m",
+                            method,
+                            *extra,
+                        ]
                         if method == "PUT":
                             cmd += ["-T", "application/json", "-d", body]
                         out = lib.run([*cmd, url], args.seconds + 60).stdout
@@ -58,14 +68,17 @@ def main() -> None:
         finally:
             plain.stop()
             authed.stop()
-    print(f"| route | auth off req/s | auth on req/s | on/off | runs ({args.seconds:g} s, "
-          f"{args.connections} conns) |")
+    print(
+        f"| route | auth off req/s | auth on req/s | on/off | runs ({args.seconds:g} s, "
+        f"{args.connections} conns) |"
+    )
     print("|---|---:|---:|---:|---|")
     for method in ("PUT", "GET"):
         off = statistics.median(rates[(method, "off")])
         on = statistics.median(rates[(method, "on")])
-        runs = " / ".join(f"{a:.0f}:{b:.0f}" for a, b in zip(rates[(method, "off")],
-                                                            rates[(method, "on")], strict=True))
+        runs = " / ".join(
+            f"{a:.0f}:{b:.0f}" for a, b in zip(rates[(method, "off")], rates[(method, "on")], strict=True)
+        )
         print(f"| {method} | {off:.0f} | {on:.0f} | {on / off:.3f} | {runs} |")
 
 

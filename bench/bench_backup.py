@@ -49,14 +49,17 @@ VALUE = 1024
 
 def build_database(data_dir: Path, size: int, segment_size: int) -> None:
     """Write ``size`` bytes of incompressible values in 1 MiB records, in-process."""
-    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=segment_size,
-                                                 map_size=max(1 << 30, size * 3)))
+    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=segment_size, map_size=max(1 << 30, size * 3)))
     try:
         chunk = 1 << 20
         n = 0
         for i in range(size // chunk):
-            eng.write([Entry(EntryKind.PUT, b"k%07d-%03d" % (i, j), os.urandom(VALUE))
-                       for j in range(chunk // VALUE)])
+            eng.write(
+                [
+                    Entry(EntryKind.PUT, b"k%07d-%03d" % (i, j), os.urandom(VALUE))
+                    for j in range(chunk // VALUE)
+                ]
+            )
             n += chunk
         eng.rotate()
     finally:
@@ -71,10 +74,22 @@ class Server:
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = open(data_dir.parent / "server.log", "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir),
-             "--http-addr", f"127.0.0.1:{self.port}", "--namespace", NS,
-             "--wal-segment-size", str(segment_size)],
-            stdout=self.log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                "-m",
+                "unisondb",
+                "--data-dir",
+                str(data_dir),
+                "--http-addr",
+                f"127.0.0.1:{self.port}",
+                "--namespace",
+                NS,
+                "--wal-segment-size",
+                str(segment_size),
+            ],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+        )
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
             try:
@@ -109,8 +124,7 @@ def prepare_cache(sources: list[Path], cold: bool) -> None:
                     pass
 
 
-def best_of(n: int, cold: bool, sources: list[Path], ours: object,
-            baseline: object) -> tuple[float, float]:
+def best_of(n: int, cold: bool, sources: list[Path], ours: object, baseline: object) -> tuple[float, float]:
     """Best time of ``n`` alternating runs of each (the machine's disk is shared and noisy)."""
     t_ours: list[float] = []
     t_base: list[float] = []
@@ -133,9 +147,24 @@ def put_throughput(url: str, seconds: float, clients: int = 16) -> float:
     target = f"{url}/api/v1/{NS}/kv/"
     if shutil.which("hey"):
         out = subprocess.run(
-            ["hey", "-z", f"{seconds}s", "-c", str(clients), "-m", "PUT",
-             "-T", "application/json", "-d", body, target + "hey-key"],
-            capture_output=True, text=True, check=True).stdout
+            [
+                "hey",
+                "-z",
+                f"{seconds}s",
+                "-c",
+                str(clients),
+                "-m",
+                "PUT",
+                "-T",
+                "application/json",
+                "-d",
+                body,
+                target + "hey-key",
+            ],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout
         m = re.search(r"Requests/sec:\s+([\d.]+)", out)
         assert m, out
         codes = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
@@ -161,14 +190,12 @@ def put_throughput(url: str, seconds: float, clients: int = 16) -> float:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="database size (default 1)")
     ap.add_argument("--segments", type=int, default=100, help="sealed WAL segments (100)")
     ap.add_argument("--put-seconds", type=float, default=10.0)
     ap.add_argument("--repeat", type=int, default=3, help="best of N for the timings (3)")
-    ap.add_argument("--cold", action="store_true",
-                    help="drop the page cache before every timing (root only)")
+    ap.add_argument("--cold", action="store_true", help="drop the page cache before every timing (root only)")
     ap.add_argument("--dir", type=Path, default=None, help="scratch dir (default: a tmp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir")
     args = ap.parse_args()
@@ -179,8 +206,7 @@ def main() -> None:
     rows: list[tuple[str, str, str, str]] = []
     try:
         t = timed(lambda: build_database(data, size, segment_size))
-        print(f"built {size / 2**30:.2f} GiB in {t:.1f}s (segment size {segment_size})",
-              file=sys.stderr)
+        print(f"built {size / 2**30:.2f} GiB in {t:.1f}s (segment size {segment_size})", file=sys.stderr)
         srv = Server(data, segment_size)
         try:
             mdb = data / NS / "db" / "data.mdb"
@@ -199,9 +225,15 @@ def main() -> None:
                     shutil.rmtree(scratch / "cp-mdb")
 
                 t_snap, t_cp = best_of(args.repeat, args.cold, [mdb], snap, cp_mdb)
-                rows.append((f"snapshot of {mdb.stat().st_size / 2**20:.0f} MiB data.mdb "
-                             f"(snapshot file {int(str(resp['bytes'])) / 2**20:.0f} MiB)",
-                             f"{t_snap:.2f} s", f"{t_cp:.2f} s", f"{t_snap / t_cp:.2f}x"))
+                rows.append(
+                    (
+                        f"snapshot of {mdb.stat().st_size / 2**20:.0f} MiB data.mdb "
+                        f"(snapshot file {int(str(resp['bytes'])) / 2**20:.0f} MiB)",
+                        f"{t_snap:.2f} s",
+                        f"{t_cp:.2f} s",
+                        f"{t_snap / t_cp:.2f}x",
+                    )
+                )
 
                 segs = sorted((data / NS / "wal").glob("*.wal"))[:-1]
                 seg_bytes = sum(p.stat().st_size for p in segs)
@@ -217,8 +249,14 @@ def main() -> None:
                     shutil.rmtree(scratch / "cp-wal")
 
                 t_wal, t_cpw = best_of(args.repeat, args.cold, segs, wal, cp_wal)
-                rows.append((f"WAL backup of {len(segs)} segments ({seg_bytes / 2**20:.0f} MiB)",
-                             f"{t_wal:.2f} s", f"{t_cpw:.2f} s", f"{t_wal / t_cpw:.2f}x"))
+                rows.append(
+                    (
+                        f"WAL backup of {len(segs)} segments ({seg_bytes / 2**20:.0f} MiB)",
+                        f"{t_wal:.2f} s",
+                        f"{t_cpw:.2f} s",
+                        f"{t_wal / t_cpw:.2f}x",
+                    )
+                )
 
                 base = put_throughput(srv.url, args.put_seconds / 2)
                 stop = threading.Event()
@@ -227,8 +265,7 @@ def main() -> None:
                 def snapshot_loop() -> None:
                     with httpx.Client(base_url=srv.url, timeout=3600) as sc:
                         while not stop.is_set():
-                            r = sc.post(f"/api/v1/{NS}/btree/backup",
-                                        json={"path": "bench/loop.db"})
+                            r = sc.post(f"/api/v1/{NS}/btree/backup", json={"path": "bench/loop.db"})
                             assert r.status_code == 200, r.text
                             os.unlink(r.json()["path"])
                             os.unlink(r.json()["path"] + ".sha256")
@@ -243,16 +280,24 @@ def main() -> None:
                     loop.join()
                 base = (base + put_throughput(srv.url, args.put_seconds / 2)) / 2
                 tool = "hey" if shutil.which("hey") else "httpx pool"
-                rows.append((f"PUT/s, 16 clients ({tool}); with: {snaps[0]} snapshots ran",
-                             f"{during:.0f} /s", f"{base:.0f} /s", f"{during / base:.2f}x"))
+                rows.append(
+                    (
+                        f"PUT/s, 16 clients ({tool}); with: {snaps[0]} snapshots ran",
+                        f"{during:.0f} /s",
+                        f"{base:.0f} /s",
+                        f"{during / base:.2f}x",
+                    )
+                )
         finally:
             srv.stop()
     finally:
         if not args.keep:
             shutil.rmtree(scratch, ignore_errors=True)
     cache = "cold page cache" if args.cold else "warm page cache"
-    print(f"\nUnisonDB backup benchmark: {args.size_gb} GiB of values, {os.cpu_count()} CPUs, "
-          f"{cache}, best of {args.repeat}\n")
+    print(
+        f"\nUnisonDB backup benchmark: {args.size_gb} GiB of values, {os.cpu_count()} CPUs, "
+        f"{cache}, best of {args.repeat}\n"
+    )
     print("| what | UnisonDB | baseline (cp + fsync / no snapshot) | ratio |")
     print("|---|---:|---:|---:|")
     for r in rows:

@@ -72,8 +72,7 @@ BENCH_DIR = Path(__file__).resolve().parent / "work"
 # --- the benchmark-only switch ---
 
 
-def apply_without_fingerprint(self: BTree, records: list[Record],
-                              checkpoint: Checkpoint) -> Checkpoint:
+def apply_without_fingerprint(self: BTree, records: list[Record], checkpoint: Checkpoint) -> Checkpoint:
     """``BTree.apply`` as it was before fingerprints (7ca7d8c): put/delete, no old values,
     no hashing; the checkpoint keeps whatever ``fp_state`` it was given."""
     kv = self._kv
@@ -118,7 +117,7 @@ def interleaved(names: list[str], runs: int, one: Callable[[str], float]) -> dic
     """Run every variant ``runs`` times, rotating the order each run."""
     out: dict[str, list[float]] = {n: [] for n in names}
     for r in range(runs):
-        order = names[r % len(names):] + names[:r % len(names)]
+        order = names[r % len(names) :] + names[: r % len(names)]
         if r % 2:
             order.reverse()
         for n in order:
@@ -141,8 +140,7 @@ def engine_run(data_dir: Path, seconds: float, threads: int) -> float:
             i = counts[t]
             pc = time.perf_counter
             while pc() < stop[0]:
-                key = b"new%02d-%09d" % (t, i) if i % 2 == 0 else \
-                    b"hot%05d" % rng.randrange(HOT_KEYS)
+                key = b"new%02d-%09d" % (t, i) if i % 2 == 0 else b"hot%05d" % rng.randrange(HOT_KEYS)
                 eng.submit([Entry(EntryKind.PUT, key, VALUE)]).result()
                 i += 1
             counts[t] = i
@@ -176,11 +174,12 @@ def apply_run(work: Path, name: str, keys: list[bytes], batch: int) -> float:
     """Seconds to write ``keys`` durably in ``batch``-record transactions."""
     path = Path(tempfile.mkdtemp(prefix=f"apply-{name}-", dir=work))
     records = [Record(i + 1, i, (Entry(EntryKind.PUT, k, VALUE),)) for i, k in enumerate(keys)]
-    batches = [records[i:i + batch] for i in range(0, len(records), batch)]
+    batches = [records[i : i + batch] for i in range(0, len(records), batch)]
     try:
         if name == "raw":
-            env = lmdb.open(str(path), map_size=1 << 30, max_dbs=4, sync=True, metasync=False,
-                            readahead=False)
+            env = lmdb.open(
+                str(path), map_size=1 << 30, max_dbs=4, sync=True, metasync=False, readahead=False
+            )
             db = env.open_db(b"kv")
             t0 = time.perf_counter()
             for b in batches:
@@ -253,13 +252,13 @@ def start(work: Path, name: str) -> Any:
     if name == "fp":
         args = [sys.executable, "-m", "unisondb", *cli]
     else:
-        args = [sys.executable, str(Path(__file__).resolve()), "--serve-without-fingerprint",
-                *cli]
+        args = [sys.executable, str(Path(__file__).resolve()), "--serve-without-fingerprint", *cli]
     data.mkdir(parents=True)
     log_path = work / f"server-{name}.log"
     with open(log_path, "wb") as log_file:
-        proc = subprocess.Popen(args, stdout=log_file, stderr=subprocess.STDOUT,
-                                preexec_fn=lib.die_with_parent)
+        proc = subprocess.Popen(
+            args, stdout=log_file, stderr=subprocess.STDOUT, preexec_fn=lib.die_with_parent
+        )
     srv = ServerProcess(data, port, proc, log_path, args)
     wait_healthy(srv, timeout=120)
     return srv
@@ -288,8 +287,7 @@ def pct_cost(a: float, b: float) -> str:
 def main() -> int:
     if len(sys.argv) > 1 and sys.argv[1] == "--serve-without-fingerprint":
         return serve_without_fingerprint(sys.argv[2:])
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawTextHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--quick", action="store_true", help="short runs, 100k-key scan")
     ap.add_argument("--runs", type=int, default=0)
     ap.add_argument("--seconds", type=float, default=0)
@@ -322,8 +320,7 @@ def main() -> int:
 
         phase("(b) apply")
         keys = key_mix(100_000)
-        app = interleaved(["fp", "nofp", "nohash", "raw"], runs,
-                          lambda n: apply_run(work, n, keys, 1000))
+        app = interleaved(["fp", "nofp", "nohash", "raw"], runs, lambda n: apply_run(work, n, keys, 1000))
 
         phase("(c) hash + scan")
         hash_us = [item_hash_us(100_000) for _ in range(runs)]
@@ -341,9 +338,15 @@ def main() -> int:
             servers = {n: start(work, n) for n in ("fp", "nofp")}
             body = '{"value": "' + lib.b64(VALUE) + '"}'
             try:
-                http = interleaved(["fp", "nofp"], runs, lambda n: lib.hey(
-                    f"{servers[n].url}/api/v1/{NS}/kv/bench-key", seconds, 16,
-                    method="PUT", body=body).rps)
+                http = interleaved(
+                    ["fp", "nofp"],
+                    runs,
+                    lambda n: (
+                        lib.hey(
+                            f"{servers[n].url}/api/v1/{NS}/kv/bench-key", seconds, 16, method="PUT", body=body
+                        ).rps
+                    ),
+                )
             finally:
                 for s in servers.values():
                     s.stop()
@@ -352,58 +355,112 @@ def main() -> int:
         shutil.rmtree(work, ignore_errors=True)
 
     med = statistics.median
-    md.p(f"{runs} interleaved runs per row (A/B order alternating), medians; {seconds:g} s per "
-         "throughput run. A = current code (fingerprint maintained in the write "
-         "transaction); B = `BTree.apply` monkeypatched in the benchmark process to the "
-         "pre-fingerprint body (`txn.put`/`txn.delete`, no hashing).")
-    md.table(["measurement", "A: with fingerprint", "B: without", "A / B (medians)",
-              "median of paired A_i / B_i", "cost"], [
-        ["(a) in-process Engine, durable writes/s (16 submitters, 50 % new / 50 % overwrite)",
-         f"{med(eng['fp']):,.0f}", f"{med(eng['nofp']):,.0f}",
-         f"{med(eng['fp']) / med(eng['nofp']):.3f}", paired(eng["fp"], eng["nofp"]),
-         pct_cost(med(eng["fp"]), med(eng["nofp"]))],
-        *([["(d) HTTP durable PUT req/s (hey, 16 conns, one key overwritten)",
-            f"{med(http['fp']):,.0f}", f"{med(http['nofp']):,.0f}",
-            f"{med(http['fp']) / med(http['nofp']):.3f}", paired(http["fp"], http["nofp"]),
-            pct_cost(med(http["fp"]), med(http["nofp"]))]] if http else []),
-    ])
+    md.p(
+        f"{runs} interleaved runs per row (A/B order alternating), medians; {seconds:g} s per "
+        "throughput run. A = current code (fingerprint maintained in the write "
+        "transaction); B = `BTree.apply` monkeypatched in the benchmark process to the "
+        "pre-fingerprint body (`txn.put`/`txn.delete`, no hashing)."
+    )
+    md.table(
+        [
+            "measurement",
+            "A: with fingerprint",
+            "B: without",
+            "A / B (medians)",
+            "median of paired A_i / B_i",
+            "cost",
+        ],
+        [
+            [
+                "(a) in-process Engine, durable writes/s (16 submitters, 50 % new / 50 % overwrite)",
+                f"{med(eng['fp']):,.0f}",
+                f"{med(eng['nofp']):,.0f}",
+                f"{med(eng['fp']) / med(eng['nofp']):.3f}",
+                paired(eng["fp"], eng["nofp"]),
+                pct_cost(med(eng["fp"]), med(eng["nofp"])),
+            ],
+            *(
+                [
+                    [
+                        "(d) HTTP durable PUT req/s (hey, 16 conns, one key overwritten)",
+                        f"{med(http['fp']):,.0f}",
+                        f"{med(http['nofp']):,.0f}",
+                        f"{med(http['fp']) / med(http['nofp']):.3f}",
+                        paired(http["fp"], http["nofp"]),
+                        pct_cost(med(http["fp"]), med(http["nofp"])),
+                    ]
+                ]
+                if http
+                else []
+            ),
+        ],
+    )
     n = len(keys)
     rate = {k: n / med(v) for k, v in app.items()}
-    md.p("\n(b) 100k one-entry records (100-byte values, 50 % new keys / 50 % overwrites) in "
-         "1k-record durable transactions:\n")
-    md.table(["variant", "records/s", "÷ raw py-lmdb put", "÷ apply without fingerprint"], [
-        [label, f"{rate[k]:,.0f}", f"{rate[k] / rate['raw']:.3f}",
-         f"{rate[k] / rate['nofp']:.3f}"]
-        for k, label in (("fp", "`BTree.apply` (current: replace/pop + AdHash)"),
-                         ("nohash", "`BTree.apply`, replace/pop, `Fingerprint.add/remove` no-ops"),
-                         ("nofp", "`BTree.apply` without fingerprint (put/delete)"),
-                         ("raw", "raw py-lmdb `put`, same transactions (physical baseline)"))
-    ])
+    md.p(
+        "\n(b) 100k one-entry records (100-byte values, 50 % new keys / 50 % overwrites) in "
+        "1k-record durable transactions:\n"
+    )
+    md.table(
+        ["variant", "records/s", "÷ raw py-lmdb put", "÷ apply without fingerprint"],
+        [
+            [label, f"{rate[k]:,.0f}", f"{rate[k] / rate['raw']:.3f}", f"{rate[k] / rate['nofp']:.3f}"]
+            for k, label in (
+                ("fp", "`BTree.apply` (current: replace/pop + AdHash)"),
+                ("nohash", "`BTree.apply`, replace/pop, `Fingerprint.add/remove` no-ops"),
+                ("nofp", "`BTree.apply` without fingerprint (put/delete)"),
+                ("raw", "raw py-lmdb `put`, same transactions (physical baseline)"),
+            )
+        ],
+    )
     fp_s, cur_s = med(scan["fingerprint"]), med(scan["cursor"])
-    md.p(f"\n(c) hashing and a full scan ({scan_keys:,} keys, 100-byte values; database built "
-         f"in {build_s:.1f} s):\n")
-    md.table(["measurement", "value"], [
-        ["`item_hash` (SHAKE-256 → 2048-bit int), µs per pair", f"{med(hash_us):.2f}"],
-        ["`BTree.scan_fingerprint`, pairs/s", f"{scan_keys / fp_s:,.0f}"],
-        ["bare cursor scan (`BTree.items`), pairs/s", f"{scan_keys / cur_s:,.0f}"],
-        [f"time to fingerprint {scan_keys:,} keys", f"{fp_s:.2f} s"],
-        *([["projected time for 1M keys", f"{fp_s / scan_keys * 1e6:.2f} s"]]
-          if scan_keys != 1_000_000 else []),
-    ])
+    md.p(
+        f"\n(c) hashing and a full scan ({scan_keys:,} keys, 100-byte values; database built "
+        f"in {build_s:.1f} s):\n"
+    )
+    md.table(
+        ["measurement", "value"],
+        [
+            ["`item_hash` (SHAKE-256 → 2048-bit int), µs per pair", f"{med(hash_us):.2f}"],
+            ["`BTree.scan_fingerprint`, pairs/s", f"{scan_keys / fp_s:,.0f}"],
+            ["bare cursor scan (`BTree.items`), pairs/s", f"{scan_keys / cur_s:,.0f}"],
+            [f"time to fingerprint {scan_keys:,} keys", f"{fp_s:.2f} s"],
+            *(
+                [["projected time for 1M keys", f"{fp_s / scan_keys * 1e6:.2f} s"]]
+                if scan_keys != 1_000_000
+                else []
+            ),
+        ],
+    )
     md.p("\nEvery run (A / B, in run order per column):\n")
-    raw_rows = [["(a) engine writes/s", " ".join(f"{x:,.0f}" for x in eng["fp"]),
-                 " ".join(f"{x:,.0f}" for x in eng["nofp"])]]
-    raw_rows += [[f"(b) apply s, {k}", " ".join(f"{x:.3f}" for x in app[k]), ""]
-                 for k in ("fp", "nohash", "nofp", "raw")]
-    raw_rows += [["(c) scan s (fingerprint / cursor)",
-                  " ".join(f"{x:.3f}" for x in scan["fingerprint"]),
-                  " ".join(f"{x:.3f}" for x in scan["cursor"])]]
+    raw_rows = [
+        [
+            "(a) engine writes/s",
+            " ".join(f"{x:,.0f}" for x in eng["fp"]),
+            " ".join(f"{x:,.0f}" for x in eng["nofp"]),
+        ]
+    ]
+    raw_rows += [
+        [f"(b) apply s, {k}", " ".join(f"{x:.3f}" for x in app[k]), ""]
+        for k in ("fp", "nohash", "nofp", "raw")
+    ]
+    raw_rows += [
+        [
+            "(c) scan s (fingerprint / cursor)",
+            " ".join(f"{x:.3f}" for x in scan["fingerprint"]),
+            " ".join(f"{x:.3f}" for x in scan["cursor"]),
+        ]
+    ]
     if http:
-        raw_rows.append(["(d) HTTP req/s", " ".join(f"{x:,.0f}" for x in http["fp"]),
-                         " ".join(f"{x:,.0f}" for x in http["nofp"])])
+        raw_rows.append(
+            [
+                "(d) HTTP req/s",
+                " ".join(f"{x:,.0f}" for x in http["fp"]),
+                " ".join(f"{x:,.0f}" for x in http["nofp"]),
+            ]
+        )
     md.table(["row", "A runs", "B runs"], raw_rows, align="lll")
-    md.p("\nLoad average (1/5/15 min) at each phase: "
-         + "; ".join(f"{n}: {la}" for n, la in loads))
+    md.p("\nLoad average (1/5/15 min) at each phase: " + "; ".join(f"{n}: {la}" for n, la in loads))
     text = md.render()
     print(text)
     if args.out:

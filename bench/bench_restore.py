@@ -64,8 +64,9 @@ def build(root: Path, snapshot_keys: int, records: int, keys: int, value_size: i
     bt = BTree(src / "db", map_size=1 << 34)
     batch: list[Record] = []
     for i in range(snapshot_keys):
-        batch.append(Record(i + 1, T0 + i, (Entry(EntryKind.PUT, key(i, snapshot_keys),
-                                                  value(i, value_size)),)))
+        batch.append(
+            Record(i + 1, T0 + i, (Entry(EntryKind.PUT, key(i, snapshot_keys), value(i, value_size)),))
+        )
         if len(batch) == 50_000 or i == snapshot_keys - 1:
             bt.apply(batch, Checkpoint(i + 1, 0, 0, 1, T0 + i))
             batch = []
@@ -84,8 +85,7 @@ def build(root: Path, snapshot_keys: int, records: int, keys: int, value_size: i
     size = segment.HEADER_SIZE
     for i in range(records):
         t = T0 + snapshot_keys + i
-        data = record.encode(lsn, t, [Entry(EntryKind.PUT, key(i * 7919, keys),
-                                            value(lsn, value_size))])
+        data = record.encode(lsn, t, [Entry(EntryKind.PUT, key(i * 7919, keys), value(lsn, value_size))])
         if size + len(data) > 16 << 20:
             wal.append(b"".join(chunk), meta)
             wal.sync()
@@ -111,18 +111,16 @@ def raw_lmdb(root: Path, snap: Path, wal_dir: Path, *, predecoded: bool) -> tupl
     path = root / ("raw-pre" if predecoded else "raw-decode")
     path.mkdir()
     shutil.copyfile(snap, path / "data.mdb")
-    env = lmdb.open(str(path), map_size=1 << 34, max_dbs=4, sync=True, metasync=False,
-                    readahead=False)
+    env = lmdb.open(str(path), map_size=1 << 34, max_dbs=4, sync=True, metasync=False, readahead=False)
     db = env.open_db(b"kv")
     started = time.perf_counter()
     n = 0
-    sources = scans if scans is not None else (segment.scan(p)
-                                               for p in sorted(wal_dir.glob("*.wal")))
+    sources = scans if scans is not None else (segment.scan(p) for p in sorted(wal_dir.glob("*.wal")))
     for scan in sources:
         recs = scan.records
         for start in range(0, len(recs), REPLAY_BATCH):
             with env.begin(write=True, db=db) as txn:
-                for rec, _s, _e in recs[start:start + REPLAY_BATCH]:
+                for rec, _s, _e in recs[start : start + REPLAY_BATCH]:
                     for e in rec.entries:
                         txn.put(e.key, e.value)
                     n += 1
@@ -147,8 +145,21 @@ def main() -> int:
         snap, wal_dir = build(root, args.snapshot_keys, args.records, args.keys, args.value_size)
         build_s = time.perf_counter() - t
         wal_bytes = sum(p.stat().st_size for p in wal_dir.glob("*.wal"))
-        cmd = [sys.executable, "-m", "unisondb", "restore", "--data-dir", str(root / "data"),
-               "--namespace", NS, "--snapshot", str(snap), "--wal", str(wal_dir), "--json"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "unisondb",
+            "restore",
+            "--data-dir",
+            str(root / "data"),
+            "--namespace",
+            NS,
+            "--snapshot",
+            str(snap),
+            "--wal",
+            str(wal_dir),
+            "--json",
+        ]
         t = time.perf_counter()
         proc = subprocess.run(cmd, capture_output=True, text=True)
         wall = time.perf_counter() - t
@@ -162,17 +173,21 @@ def main() -> int:
         sec = summary["seconds"]
         result = {
             "command": " ".join(cmd),
-            "snapshotKeys": args.snapshot_keys, "snapshotBytes": snap.stat().st_size,
-            "walRecords": args.records, "walBytes": wal_bytes,
-            "segments": len(list(wal_dir.glob("*.wal"))), "valueSize": args.value_size,
+            "snapshotKeys": args.snapshot_keys,
+            "snapshotBytes": snap.stat().st_size,
+            "walRecords": args.records,
+            "walBytes": wal_bytes,
+            "segments": len(list(wal_dir.glob("*.wal"))),
+            "valueSize": args.value_size,
             "buildSeconds": round(build_s, 2),
-            "restore": {"wallSeconds": round(wall, 2), **sec,
-                        "recordsPerSecond": summary["recordsPerSecond"],
-                        "peakRssMiB": round(peak_rss_mib, 1)},
-            "rawLmdbPredecoded": {"seconds": round(raw_pre_s, 2),
-                                  "recordsPerSecond": round(n / raw_pre_s)},
-            "rawLmdbWithDecode": {"seconds": round(raw_dec_s, 2),
-                                  "recordsPerSecond": round(n / raw_dec_s)},
+            "restore": {
+                "wallSeconds": round(wall, 2),
+                **sec,
+                "recordsPerSecond": summary["recordsPerSecond"],
+                "peakRssMiB": round(peak_rss_mib, 1),
+            },
+            "rawLmdbPredecoded": {"seconds": round(raw_pre_s, 2), "recordsPerSecond": round(n / raw_pre_s)},
+            "rawLmdbWithDecode": {"seconds": round(raw_dec_s, 2), "recordsPerSecond": round(n / raw_dec_s)},
             "replayVsRawPredecoded": round(sec["replay"] / raw_pre_s, 2),
             "replayVsRawWithDecode": round(sec["replay"] / raw_dec_s, 2),
             "cpu": os.cpu_count(),
@@ -182,18 +197,26 @@ def main() -> int:
         else:
             r = result["restore"]
             assert isinstance(r, dict)
-            print(f"snapshot {args.snapshot_keys} keys ({result['snapshotBytes'] / 2**20:.0f} MiB), "
-                  f"WAL {args.records} records ({wal_bytes / 2**20:.0f} MiB, "
-                  f"{result['segments']} segments)")
-            print(f"restore  wall {r['wallSeconds']} s = verify {r['verify']} s + copy "
-                  f"{r['copy']} s + replay {r['replay']} s + publish {r['publish']} s "
-                  f"(+ process start); peak RSS {r['peakRssMiB']} MiB")
+            print(
+                f"snapshot {args.snapshot_keys} keys ({result['snapshotBytes'] / 2**20:.0f} MiB), "
+                f"WAL {args.records} records ({wal_bytes / 2**20:.0f} MiB, "
+                f"{result['segments']} segments)"
+            )
+            print(
+                f"restore  wall {r['wallSeconds']} s = verify {r['verify']} s + copy "
+                f"{r['copy']} s + replay {r['replay']} s + publish {r['publish']} s "
+                f"(+ process start); peak RSS {r['peakRssMiB']} MiB"
+            )
             print(f"replay   {r['recordsPerSecond']} records/s")
-            print(f"raw lmdb {result['rawLmdbPredecoded']['recordsPerSecond']} records/s "  # type: ignore[index]
-                  f"pre-decoded, {result['rawLmdbWithDecode']['recordsPerSecond']} records/s "  # type: ignore[index]
-                  "with segment decode")
-            print(f"replay takes {result['replayVsRawPredecoded']}x the raw pre-decoded time, "
-                  f"{result['replayVsRawWithDecode']}x raw decode+insert")
+            print(
+                f"raw lmdb {result['rawLmdbPredecoded']['recordsPerSecond']} records/s "  # type: ignore[index]
+                f"pre-decoded, {result['rawLmdbWithDecode']['recordsPerSecond']} records/s "  # type: ignore[index]
+                "with segment decode"
+            )
+            print(
+                f"replay takes {result['replayVsRawPredecoded']}x the raw pre-decoded time, "
+                f"{result['replayVsRawWithDecode']}x raw decode+insert"
+            )
         return 0
     finally:
         shutil.rmtree(root, ignore_errors=True)

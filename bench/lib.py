@@ -61,20 +61,26 @@ def note(text: str) -> None:
     COMMANDS.add(text)
 
 
-def run(cmd: Sequence[str], timeout: float, *, check: bool = True,
-        env: dict[str, str] | None = None, cwd: Path | None = None,
-        log: bool = True) -> subprocess.CompletedProcess[str]:
+def run(
+    cmd: Sequence[str],
+    timeout: float,
+    *,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+    cwd: Path | None = None,
+    log: bool = True,
+) -> subprocess.CompletedProcess[str]:
     """Run ``cmd`` with a hard timeout (the process is killed when it expires)."""
     if log:
         COMMANDS.add(shlex.join(cmd))
     try:
-        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout,
-                              env=env, cwd=cwd)
+        proc = subprocess.run(list(cmd), capture_output=True, text=True, timeout=timeout, env=env, cwd=cwd)
     except subprocess.TimeoutExpired as exc:
         raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(cmd)}") from exc
     if check and proc.returncode != 0:
-        raise BenchError(f"exit {proc.returncode}: {shlex.join(cmd)}\n"
-                         f"{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}")
+        raise BenchError(
+            f"exit {proc.returncode}: {shlex.join(cmd)}\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     return proc
 
 
@@ -139,13 +145,20 @@ def parse_redis_csv(out: str) -> dict[str, Load]:
         if len(r) != len(head):
             continue
         d = dict(zip(head, r, strict=True))
-        res[d["test"]] = Load(float(d["rps"]), float(d["p50_latency_ms"]),
-                              float(d["p99_latency_ms"]))
+        res[d["test"]] = Load(float(d["rps"]), float(d["p50_latency_ms"]), float(d["p99_latency_ms"]))
     return res
 
 
-def hey(url: str, seconds: float, conns: int, *, method: str = "GET", body: str | None = None,
-        content_type: str = "application/json", timeout: float | None = None) -> Load:
+def hey(
+    url: str,
+    seconds: float,
+    conns: int,
+    *,
+    method: str = "GET",
+    body: str | None = None,
+    content_type: str = "application/json",
+    timeout: float | None = None,
+) -> Load:
     cmd = ["hey", "-z", f"{seconds:g}s", "-c", str(conns), "-m", method]
     if body is not None:
         cmd += ["-T", content_type, "-d", body]
@@ -171,8 +184,7 @@ def median(xs: Iterable[float]) -> float:
 
 
 def median_load(loads: Sequence[Load]) -> Load:
-    return Load(median(x.rps for x in loads), median(x.p50 for x in loads),
-                median(x.p99 for x in loads))
+    return Load(median(x.rps for x in loads), median(x.p50 for x in loads), median(x.p99 for x in loads))
 
 
 def percentile(sorted_vals: Sequence[float], pct: float) -> float:
@@ -298,8 +310,9 @@ def _first(path: str, pattern: str) -> str:
 def dpkg_version(pkg: str) -> str:
     if shutil.which("dpkg-query") is None:
         return "?"
-    p = subprocess.run(["dpkg-query", "-W", "-f", "${Version}", pkg], capture_output=True,
-                       text=True, timeout=30)
+    p = subprocess.run(
+        ["dpkg-query", "-W", "-f", "${Version}", pkg], capture_output=True, text=True, timeout=30
+    )
     return p.stdout.strip() if p.returncode == 0 and p.stdout.strip() else "not installed"
 
 
@@ -317,16 +330,19 @@ def loadavg() -> str:
 def machine(work_dir: Path, debs: Sequence[str], dists: Sequence[str]) -> list[tuple[str, str]]:
     """(field, value) rows describing this machine and the software under test."""
     du = shutil.disk_usage(work_dir)
-    fs = subprocess.run(["df", "--output=fstype,source", str(work_dir)],
-                        capture_output=True, text=True, timeout=30).stdout.split("\n")[1:2]
+    fs = subprocess.run(
+        ["df", "--output=fstype,source", str(work_dir)], capture_output=True, text=True, timeout=30
+    ).stdout.split("\n")[1:2]
     mem_kib = int(_first("/proc/meminfo", r"^MemTotal:\s+(\d+)") or 0)
     cpu = _first("/proc/cpuinfo", r"^model name\s*:\s*(.+)$")
     rows = [
-        ("CPU", f"{cpu} × {os.cpu_count()} "
-                f"(nproc {len(os.sched_getaffinity(0))})"),
+        ("CPU", f"{cpu} × {os.cpu_count()} (nproc {len(os.sched_getaffinity(0))})"),
         ("memory", f"{mem_kib / 2**20:.1f} GiB"),
-        ("disk (scratch dir)", f"{' '.join(fs[0].split()) if fs else '?'}, "
-                               f"{du.free / 2**30:.0f} GiB free of {du.total / 2**30:.0f} GiB"),
+        (
+            "disk (scratch dir)",
+            f"{' '.join(fs[0].split()) if fs else '?'}, "
+            f"{du.free / 2**30:.0f} GiB free of {du.total / 2**30:.0f} GiB",
+        ),
         ("kernel", f"{platform.system()} {platform.release()}"),
         ("OS", _first("/etc/os-release", r'^PRETTY_NAME="?([^"\n]+)"?')),
         ("python", f"{platform.python_implementation()} {platform.python_version()}"),
@@ -349,8 +365,7 @@ class Markdown:
     def p(self, text: str) -> None:
         self.parts.append(text.rstrip() + "\n")
 
-    def table(self, header: Sequence[str], rows: Iterable[Sequence[str]],
-              align: str | None = None) -> None:
+    def table(self, header: Sequence[str], rows: Iterable[Sequence[str]], align: str | None = None) -> None:
         lines = ["| " + " | ".join(header) + " |"]
         align = align or "l" + "r" * (len(header) - 1)
         lines.append("|" + "|".join("---:" if a == "r" else "---" for a in align) + "|")

@@ -22,9 +22,13 @@ from lib import COMMANDS, BenchError, b64, die_with_parent, free_port, proc_stat
 
 #: binary → Debian package that provides it.
 BINARIES = {
-    "etcd": "etcd-server", "etcdctl": "etcd-client",
-    "redis-server": "redis-server", "redis-benchmark": "redis-tools", "redis-cli": "redis-tools",
-    "wrk": "wrk", "hey": "hey",
+    "etcd": "etcd-server",
+    "etcdctl": "etcd-client",
+    "redis-server": "redis-server",
+    "redis-benchmark": "redis-tools",
+    "redis-cli": "redis-tools",
+    "wrk": "wrk",
+    "hey": "hey",
 }
 DEBS = ("etcd-server", "etcd-client", "redis-server", "redis-tools", "wrk", "hey")
 
@@ -53,9 +57,13 @@ class Managed:
         self.log_path = log_path
         COMMANDS.add(shlex.join(self.cmd) + " &")
         with open(log_path, "ab") as log:
-            self.proc = subprocess.Popen(self.cmd, stdout=log, stderr=subprocess.STDOUT,
-                                         start_new_session=True,
-                                         preexec_fn=die_with_parent)
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                preexec_fn=die_with_parent,
+            )
         STARTED.append(self)
 
     @property
@@ -91,8 +99,7 @@ class Managed:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if not self.alive():
-                raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n"
-                                 f"{self.log_tail()}")
+                raise BenchError(f"{self.name} exited with {self.proc.returncode}:\n{self.log_tail()}")
             try:
                 if ready():  # type: ignore[operator]
                     return
@@ -117,25 +124,45 @@ def stop_all() -> None:
 class Etcd(Managed):
     """A single-member etcd 3.4 on loopback. ``url`` is the client URL (v3 JSON gateway)."""
 
-    def __init__(self, data_dir: Path, log_path: Path, *, name: str = "bench",
-                 quota_bytes: int = 8 << 30) -> None:
-        self.client_port, self.peer_port, self.metrics_port = (free_port(), free_port(),
-                                                               free_port())
+    def __init__(
+        self, data_dir: Path, log_path: Path, *, name: str = "bench", quota_bytes: int = 8 << 30
+    ) -> None:
+        self.client_port, self.peer_port, self.metrics_port = (free_port(), free_port(), free_port())
         self.url = f"http://127.0.0.1:{self.client_port}"
         self.endpoint = f"127.0.0.1:{self.client_port}"
         peer = f"http://127.0.0.1:{self.peer_port}"
-        cmd = ["etcd", "--name", name, "--data-dir", str(data_dir),
-               "--listen-client-urls", self.url, "--advertise-client-urls", self.url,
-               "--listen-peer-urls", peer, "--initial-advertise-peer-urls", peer,
-               "--initial-cluster", f"{name}={peer}",
-               "--listen-metrics-urls", f"http://127.0.0.1:{self.metrics_port}",
-               "--quota-backend-bytes", str(quota_bytes),
-               # big transactions for loading the snapshot data set quickly
-               "--max-txn-ops", "2000", "--max-request-bytes", str(8 << 20)]
+        cmd = [
+            "etcd",
+            "--name",
+            name,
+            "--data-dir",
+            str(data_dir),
+            "--listen-client-urls",
+            self.url,
+            "--advertise-client-urls",
+            self.url,
+            "--listen-peer-urls",
+            peer,
+            "--initial-advertise-peer-urls",
+            peer,
+            "--initial-cluster",
+            f"{name}={peer}",
+            "--listen-metrics-urls",
+            f"http://127.0.0.1:{self.metrics_port}",
+            "--quota-backend-bytes",
+            str(quota_bytes),
+            # big transactions for loading the snapshot data set quickly
+            "--max-txn-ops",
+            "2000",
+            "--max-request-bytes",
+            str(8 << 20),
+        ]
         super().__init__("etcd", cmd, log_path)
         self.wait_until(
             lambda: httpx.get(self.url + "/health", timeout=1).json().get("health") == "true",
-            60, "GET /health")
+            60,
+            "GET /health",
+        )
 
     def put_many(self, client: httpx.Client, items: Sequence[tuple[bytes, bytes]]) -> None:
         """One v3 transaction of puts through the JSON gateway (POST /v3/kv/txn)."""
@@ -146,9 +173,11 @@ class Etcd(Managed):
 
     def count(self) -> int:
         # range over the whole key space, count only (key "\0", range_end "\0")
-        r = httpx.post(self.url + "/v3/kv/range",
-                       json={"key": b64(b"\0"), "range_end": b64(b"\0"), "count_only": True},
-                       timeout=60)
+        r = httpx.post(
+            self.url + "/v3/kv/range",
+            json={"key": b64(b"\0"), "range_end": b64(b"\0"), "count_only": True},
+            timeout=60,
+        )
         return int(r.json().get("count", 0))
 
 
@@ -158,12 +187,29 @@ class Redis(Managed):
     def __init__(self, data_dir: Path, log_path: Path, *, appendfsync: str = "always") -> None:
         self.port = free_port()
         data_dir.mkdir(parents=True, exist_ok=True)
-        cmd = ["redis-server", "--bind", "127.0.0.1", "--port", str(self.port),
-               "--dir", str(data_dir), "--save", "", "--appendonly", "yes",
-               "--appendfsync", appendfsync, "--daemonize", "no", "--protected-mode", "yes"]
+        cmd = [
+            "redis-server",
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            str(self.port),
+            "--dir",
+            str(data_dir),
+            "--save",
+            "",
+            "--appendonly",
+            "yes",
+            "--appendfsync",
+            appendfsync,
+            "--daemonize",
+            "no",
+            "--protected-mode",
+            "yes",
+        ]
         super().__init__("redis", cmd, log_path)
         self.wait_until(lambda: self.cli("ping", log=False, check=False) == "PONG", 30, "PING")
 
     def cli(self, *args: str, log: bool = True, check: bool = True) -> str:
-        return run(["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args], 30,
-                   log=log, check=check).stdout.strip()
+        return run(
+            ["redis-cli", "-h", "127.0.0.1", "-p", str(self.port), *args], 30, log=log, check=check
+        ).stdout.strip()

@@ -56,9 +56,11 @@ try:
     from unisondb.storage.engine import Engine
     from unisondb.storage.record import Entry, EntryKind, Record
 except ImportError as exc:  # pragma: no cover - guidance only
-    raise SystemExit(f"{exc}: run from the project's venv, e.g.\n"
-                     "  python3 -m venv .venv && .venv/bin/pip install -e '.[test]'\n"
-                     "  .venv/bin/python bench/run.py --quick") from exc
+    raise SystemExit(
+        f"{exc}: run from the project's venv, e.g.\n"
+        "  python3 -m venv .venv && .venv/bin/pip install -e '.[test]'\n"
+        "  .venv/bin/python bench/run.py --quick"
+    ) from exc
 
 import lib  # noqa: E402
 import peers  # noqa: E402
@@ -78,8 +80,17 @@ from lib import (  # noqa: E402
 
 NS = "default"
 KEY = b"bench-key"
-PY_DISTS = ("unisondb", "lmdb", "starlette", "uvicorn", "uvloop", "httptools", "orjson",
-            "prometheus_client", "httpx")
+PY_DISTS = (
+    "unisondb",
+    "lmdb",
+    "starlette",
+    "uvicorn",
+    "uvloop",
+    "httptools",
+    "orjson",
+    "prometheus_client",
+    "httpx",
+)
 
 
 @dataclass(frozen=True)
@@ -99,8 +110,7 @@ class Plan:
 
 
 FULL = Plan("full", runs=3, load_s=5, db_bytes=1 << 30, restore_records=1_000_000, loop_s=10)
-QUICK = Plan("quick", runs=1, load_s=2, db_bytes=16 << 20, restore_records=20_000,
-             deadline_s=5 * 60)
+QUICK = Plan("quick", runs=1, load_s=2, db_bytes=16 << 20, restore_records=20_000, deadline_s=5 * 60)
 
 
 # --- results, filled as the run goes ---
@@ -139,15 +149,25 @@ class UnisonServer(peers.Managed):
     def __init__(self, data_dir: Path, log_path: Path, segment_size: int | None = None) -> None:
         self.port = lib.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir),
-               "--http-addr", f"127.0.0.1:{self.port}", "--namespace", NS]
+        cmd = [
+            sys.executable,
+            "-m",
+            "unisondb",
+            "--data-dir",
+            str(data_dir),
+            "--http-addr",
+            f"127.0.0.1:{self.port}",
+            "--namespace",
+            NS,
+        ]
         if segment_size:
             cmd += ["--wal-segment-size", str(segment_size)]
         super().__init__("unisondb", cmd, log_path)
         #: Peak anonymous memory (heap), sampled: VmHWM also counts mapped data.mdb pages.
         self.rss = lib.RssSampler(self.pid, interval=0.2).__enter__()
-        self.wait_until(lambda: httpx.get(self.url + "/health", timeout=1).status_code == 200,
-                        300, "GET /health")
+        self.wait_until(
+            lambda: httpx.get(self.url + "/health", timeout=1).status_code == 200, 300, "GET /health"
+        )
 
     def stop(self, timeout: float = 60.0) -> int | None:
         self.rss.__exit__()
@@ -158,8 +178,9 @@ class UnisonServer(peers.Managed):
 
     def metric(self, name: str) -> float:
         text = httpx.get(self.url + "/metrics", timeout=30).text
-        return sum(s.value for fam in text_string_to_metric_families(text)
-                   for s in fam.samples if s.name == name)
+        return sum(
+            s.value for fam in text_string_to_metric_families(text) for s in fam.samples if s.name == name
+        )
 
     def post(self, path: str, body: dict[str, object], timeout: float = 1800) -> dict[str, object]:
         note(f"curl -sf -X POST {self.url}/api/v1/{NS}/{path} -d '{json.dumps(body)}'")
@@ -191,8 +212,13 @@ def run_measured(cmd: list[str], timeout: float, cwd: Path) -> tuple[int, str, s
         wall = time.perf_counter() - t
         out.seek(0)
         err.seek(0)
-        return (proc.returncode, out.read().decode(errors="replace"),
-                err.read().decode(errors="replace"), wall, rss.hwm_kib)
+        return (
+            proc.returncode,
+            out.read().decode(errors="replace"),
+            err.read().decode(errors="replace"),
+            wall,
+            rss.hwm_kib,
+        )
 
 
 def warm(paths: list[Path]) -> None:
@@ -207,8 +233,11 @@ def warm(paths: list[Path]) -> None:
 def cp_sync(sources: list[Path], dest: Path) -> float:
     """``cp`` + ``sync FILE…`` (fsync of each copy): the physical limit of a file backup."""
     dest.mkdir(parents=True, exist_ok=True)
-    names = (sources[0].name if len(sources) == 1
-             else f"{{{sources[0].name},...,{sources[-1].name}}} ({len(sources)} files)")
+    names = (
+        sources[0].name
+        if len(sources) == 1
+        else f"{{{sources[0].name},...,{sources[-1].name}}} ({len(sources)} files)"
+    )
     note(f"cp {sources[0].parent}/{names} {dest}/ && sync {dest}/{names}")
     t = time.perf_counter()
     lib.run(["cp", *map(str, sources), str(dest)], 1800, log=False)
@@ -218,7 +247,7 @@ def cp_sync(sources: list[Path], dest: Path) -> float:
 
 def values_for(i: int, n: int, size: int) -> list[bytes]:
     blob = random.Random(i).randbytes(n * size)
-    return [blob[j * size:(j + 1) * size] for j in range(n)]
+    return [blob[j * size : (j + 1) * size] for j in range(n)]
 
 
 def big_key(i: int, j: int) -> bytes:
@@ -258,8 +287,9 @@ def engine_limit(data_dir: Path, seconds: float, threads: int, value: bytes) -> 
         elapsed = time.perf_counter() - t0
         flat = sorted(x for lst in lats for x in lst)
         groups = (eng.stats.group_commits - g0) / max(1, eng.stats.ops_flushed - w0)
-        return Load(len(flat) / elapsed, lib.percentile(flat, 50) * 1000,
-                    lib.percentile(flat, 99) * 1000), groups
+        return Load(
+            len(flat) / elapsed, lib.percentile(flat, 50) * 1000, lib.percentile(flat, 99) * 1000
+        ), groups
     finally:
         eng.close()
 
@@ -307,8 +337,25 @@ def raw_fsync(directory: Path, seconds: float, per_sync: int) -> float:
 
 
 def redis_bench(r: peers.Redis, test: str, n: int, conns: int, size: int) -> Load:
-    out = lib.run(["redis-benchmark", "-h", "127.0.0.1", "-p", str(r.port), "-t", test,
-                   "-c", str(conns), "-d", str(size), "-n", str(n), "--csv"], 300).stdout
+    out = lib.run(
+        [
+            "redis-benchmark",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(r.port),
+            "-t",
+            test,
+            "-c",
+            str(conns),
+            "-d",
+            str(size),
+            "-n",
+            str(n),
+            "--csv",
+        ],
+        300,
+    ).stdout
     return lib.parse_redis_csv(out)[test.upper()]
 
 
@@ -342,25 +389,31 @@ def phase_http(plan: Plan, work: Path, res: Results) -> None:
             res.value("uni.fsyncs_per_put", (f1 - f0) / max(1.0, w1 - w0))
             res.load("uni.get.hey", lib.hey(uni.kv(), s, c))
             res.load("uni.get.wrk", lib.wrk(uni.kv(), s, c))
-            res.load("etcd.put", lib.hey(etcd.url + "/v3/kv/put", s, c, method="POST",
-                                         body=etcd_put))
-            res.load("etcd.get", lib.hey(etcd.url + "/v3/kv/range", s, c, method="POST",
-                                         body=etcd_get))
-            res.load("etcd.get.serializable", lib.hey(etcd.url + "/v3/kv/range", s, c,
-                                                      method="POST", body=etcd_get_s))
+            res.load("etcd.put", lib.hey(etcd.url + "/v3/kv/put", s, c, method="POST", body=etcd_put))
+            res.load("etcd.get", lib.hey(etcd.url + "/v3/kv/range", s, c, method="POST", body=etcd_get))
+            res.load(
+                "etcd.get.serializable",
+                lib.hey(etcd.url + "/v3/kv/range", s, c, method="POST", body=etcd_get_s),
+            )
             res.load("redis.set", redis_bench(redis, "set", n_set, c, plan.value_size))
             res.load("redis.get", redis_bench(redis, "get", n_get, c, plan.value_size))
-            note(f"in-process: Engine.open($WORK/limit-{i}, '{NS}'); {c} threads × "
-                 f"engine.write([Entry(PUT, b'bench-key', {plan.value_size} B)]) for {s:g} s")
+            note(
+                f"in-process: Engine.open($WORK/limit-{i}, '{NS}'); {c} threads × "
+                f"engine.write([Entry(PUT, b'bench-key', {plan.value_size} B)]) for {s:g} s"
+            )
             load, groups = engine_limit(work / f"limit-{i}", s, c, value)
             res.load("limit.engine", load)
             res.value("limit.engine.fsyncs_per_put", groups)
-            note(f"in-process: lmdb.open($WORK/limit-{i}/{NS}/db, readonly=True); "
-                 f"begin() + get(b'bench-key') per read, 1 thread, {min(s, 2):g} s")
+            note(
+                f"in-process: lmdb.open($WORK/limit-{i}/{NS}/db, readonly=True); "
+                f"begin() + get(b'bench-key') per read, 1 thread, {min(s, 2):g} s"
+            )
             res.load("limit.lmdb_get", lmdb_get_limit(work / f"limit-{i}" / NS / "db", min(s, 2)))
             shutil.rmtree(work / f"limit-{i}")
-            note(f"in-process: os.write(128 B) + os.fdatasync per write, {min(s, 2):g} s; "
-                 "and 16 records per write + fdatasync")
+            note(
+                f"in-process: os.write(128 B) + os.fdatasync per write, {min(s, 2):g} s; "
+                "and 16 records per write + fdatasync"
+            )
             res.value("limit.fsync1", raw_fsync(work, min(s, 2), 1))
             res.value("limit.fsync16", raw_fsync(work, min(s, 2), 16))
         res.value("rss.uni.http", uni.vmhwm_kib())
@@ -397,11 +450,14 @@ def build_big(plan: Plan, work: Path, res: Results) -> BigDb:
     per_record = max(1, min(1000, segment_size // 2 // (plan.big_value + 64)))
     records = plan.db_bytes // (per_record * plan.big_value)
     db = BigDb(work / "big", segment_size, per_record, records)
-    note(f"in-process: Engine.open($WORK/big, '{NS}', EngineConfig(segment_size={segment_size})); "
-         f"{records} × engine.write([{per_record} × Entry(PUT, b'k%07d-%04d', "
-         f"{plan.big_value} random bytes)])")
-    eng = Engine.open(db.data, NS, EngineConfig(segment_size=segment_size,
-                                                map_size=max(1 << 30, plan.db_bytes * 4)))
+    note(
+        f"in-process: Engine.open($WORK/big, '{NS}', EngineConfig(segment_size={segment_size})); "
+        f"{records} × engine.write([{per_record} × Entry(PUT, b'k%07d-%04d', "
+        f"{plan.big_value} random bytes)])"
+    )
+    eng = Engine.open(
+        db.data, NS, EngineConfig(segment_size=segment_size, map_size=max(1 << 30, plan.db_bytes * 4))
+    )
     t = time.perf_counter()
     try:
         for i in range(records):
@@ -415,8 +471,10 @@ def build_big(plan: Plan, work: Path, res: Results) -> BigDb:
 
 
 def load_etcd(etcd: peers.Etcd, db: BigDb, plan: Plan, res: Results) -> None:
-    note(f"POST {etcd.url}/v3/kv/txn × {db.records}, each {db.per_record} requestPut of the "
-         "same keys and values (4 client threads)")
+    note(
+        f"POST {etcd.url}/v3/kv/txn × {db.records}, each {db.per_record} requestPut of the "
+        "same keys and values (4 client threads)"
+    )
     local = threading.local()
     clients: list[httpx.Client] = []
 
@@ -453,8 +511,7 @@ def put_loop_load(uni: UnisonServer, plan: Plan, body: str, with_snapshots: bool
         try:
             with httpx.Client(timeout=1800) as cl:
                 while not stop.is_set():
-                    r = cl.post(f"{uni.url}/api/v1/{NS}/btree/backup",
-                                json={"path": "bench/loop.db"})
+                    r = cl.post(f"{uni.url}/api/v1/{NS}/btree/backup", json={"path": "bench/loop.db"})
                     if r.status_code != 200:
                         raise BenchError(f"snapshot in loop: {r.status_code} {r.text[:500]}")
                     p = Path(r.json()["path"])
@@ -464,8 +521,10 @@ def put_loop_load(uni: UnisonServer, plan: Plan, body: str, with_snapshots: bool
         except BaseException as exc:
             errors.append(exc)
 
-    note(f"while: curl -X POST {uni.url}/api/v1/{NS}/btree/backup -d "
-         "'{\"path\":\"bench/loop.db\"}' back to back (then rm the file + sidecar)")
+    note(
+        f"while: curl -X POST {uni.url}/api/v1/{NS}/btree/backup -d "
+        '\'{"path":"bench/loop.db"}\' back to back (then rm the file + sidecar)'
+    )
     t = threading.Thread(target=loop)
     t.start()
     try:
@@ -510,8 +569,7 @@ def phase_backup(plan: Plan, work: Path, res: Results) -> tuple[BigDb, dict[str,
             warm([etcd_db])
             etcd_snap.unlink(missing_ok=True)
             t = time.perf_counter()
-            lib.run(["etcdctl", "--endpoints", etcd.endpoint, "snapshot", "save",
-                     str(etcd_snap)], 1800)
+            lib.run(["etcdctl", "--endpoints", etcd.endpoint, "snapshot", "save", str(etcd_snap)], 1800)
             res.time("etcd.snapshot", time.perf_counter() - t)
         res.info["etcd.snapshot_bytes"] = fmt_mib(etcd_snap.stat().st_size)
         etcd.stop()
@@ -522,7 +580,7 @@ def phase_backup(plan: Plan, work: Path, res: Results) -> tuple[BigDb, dict[str,
         sealed = ids[:-1]  # the server started a fresh active segment
         if len(sealed) < plan.segments:
             raise BenchError(f"only {len(sealed)} sealed segments, need {plan.segments}")
-        chosen = sealed[-plan.segments:]
+        chosen = sealed[-plan.segments :]
         after = sealed[-plan.segments - 1] if len(sealed) > plan.segments else 0
         files = [wal_dir / f"{sid:09d}.wal" for sid in chosen]
         if not all(f.exists() for f in files):
@@ -532,14 +590,14 @@ def phase_backup(plan: Plan, work: Path, res: Results) -> tuple[BigDb, dict[str,
             print(f" run {i + 1}/{plan.runs}", flush=True)
             warm(files)
             t = time.perf_counter()
-            out = uni.post("wal/backup", {"afterSegmentId": after, "backupDir": f"bench/wal-{i}",
-                                          "rotate": False})
+            out = uni.post(
+                "wal/backup", {"afterSegmentId": after, "backupDir": f"bench/wal-{i}", "rotate": False}
+            )
             res.time("uni.wal_backup", time.perf_counter() - t)
             backups = out["backups"]
             assert isinstance(backups, list)
             if len(backups) != plan.segments:
-                raise BenchError(f"WAL backup copied {len(backups)} segments, expected "
-                                 f"{plan.segments}")
+                raise BenchError(f"WAL backup copied {len(backups)} segments, expected {plan.segments}")
             shutil.rmtree(db.data / "backups" / NS / "bench" / f"wal-{i}")
             warm(files)
             res.time("cp.wal", cp_sync(files, work / "cp-wal"))
@@ -575,17 +633,22 @@ def phase_backup(plan: Plan, work: Path, res: Results) -> tuple[BigDb, dict[str,
 
 def write_restore_records(db: BigDb, plan: Plan, res: Results) -> None:
     n = plan.restore_records
-    note(f"in-process: Engine.open($WORK/big, '{NS}'); {n:,} × engine.submit([Entry(PUT, "
-         f"b'r%09d', {plan.value_size} B)]) (one record each, group-committed); engine.rotate()")
-    eng = Engine.open(db.data, NS, EngineConfig(segment_size=db.segment_size,
-                                                map_size=max(1 << 30, plan.db_bytes * 4)))
+    note(
+        f"in-process: Engine.open($WORK/big, '{NS}'); {n:,} × engine.submit([Entry(PUT, "
+        f"b'r%09d', {plan.value_size} B)]) (one record each, group-committed); engine.rotate()"
+    )
+    eng = Engine.open(
+        db.data, NS, EngineConfig(segment_size=db.segment_size, map_size=max(1 << 30, plan.db_bytes * 4))
+    )
     t = time.perf_counter()
     try:
         value = b"w" * plan.value_size
         step = 100_000
         for start in range(0, n, step):
-            futs = [eng.submit([Entry(EntryKind.PUT, b"r%09d" % i, value)])
-                    for i in range(start, min(n, start + step))]
+            futs = [
+                eng.submit([Entry(EntryKind.PUT, b"r%09d" % i, value)])
+                for i in range(start, min(n, start + step))
+            ]
             for f in futs:
                 f.result()
         eng.rotate()
@@ -602,14 +665,20 @@ def raw_restore_limit(snap: Path, records: list[Record], dest: Path, batch: int)
     lib.run(["cp", str(snap), str(dest / "data.mdb")], 1800)
     lib.run(["sync", str(dest / "data.mdb")], 1800)
     t_cp = time.perf_counter() - t
-    env = lmdb.open(str(dest), map_size=max(1 << 30, snap.stat().st_size * 4), max_dbs=4,
-                    sync=True, metasync=False, readahead=False)
+    env = lmdb.open(
+        str(dest),
+        map_size=max(1 << 30, snap.stat().st_size * 4),
+        max_dbs=4,
+        sync=True,
+        metasync=False,
+        readahead=False,
+    )
     try:
         kv = env.open_db(b"kv")
         t = time.perf_counter()
         for start in range(0, len(records), batch):
             with env.begin(write=True, db=kv) as txn:
-                for rec in records[start:start + batch]:
+                for rec in records[start : start + batch]:
                     for e in rec.entries:
                         txn.put(e.key, e.value)
         env.sync(True)
@@ -619,30 +688,38 @@ def raw_restore_limit(snap: Path, records: list[Record], dest: Path, batch: int)
     return t_cp, t_ins
 
 
-def phase_restore(plan: Plan, work: Path, res: Results, db: BigDb, base: dict[str, object],
-                  etcd_snap: Path) -> None:
+def phase_restore(
+    plan: Plan, work: Path, res: Results, db: BigDb, base: dict[str, object], etcd_snap: Path
+) -> None:
     write_restore_records(db, plan, res)
     uni = UnisonServer(db.data, work / "big-uni-2.log", db.segment_size)
     try:
         seg = int(str(base["segmentId"]))
-        uni.post("wal/backup", {"afterSegmentId": max(0, seg - 1), "backupDir": "restore/wal",
-                                "rotate": True})
+        uni.post(
+            "wal/backup", {"afterSegmentId": max(0, seg - 1), "backupDir": "restore/wal", "rotate": True}
+        )
     finally:
         uni.stop()
     backups = db.data / "backups" / NS / "restore"
     snap, wal = backups / "base.db", backups / "wal"
     snap_lsn = int(str(base["lsn"]))
-    records = [rec for p in sorted(wal.glob("*.wal"))
-               for rec, _s, _e in segment.scan(p).records if rec.lsn > snap_lsn]
+    records = [
+        rec
+        for p in sorted(wal.glob("*.wal"))
+        for rec, _s, _e in segment.scan(p).records
+        if rec.lsn > snap_lsn
+    ]
     if len(records) != plan.restore_records:
-        raise BenchError(f"{len(records)} WAL records after the snapshot, expected "
-                         f"{plan.restore_records}")
+        raise BenchError(f"{len(records)} WAL records after the snapshot, expected {plan.restore_records}")
     wal_files = sorted(wal.glob("*.wal"))
     res.info["restore.snapshot_bytes"] = fmt_mib(snap.stat().st_size)
-    res.info["restore.wal"] = (f"{len(records):,} records in {len(wal_files)} segments, "
-                               f"{fmt_mib(sum(p.stat().st_size for p in wal_files))}")
+    res.info["restore.wal"] = (
+        f"{len(records):,} records in {len(wal_files)} segments, "
+        f"{fmt_mib(sum(p.stat().st_size for p in wal_files))}"
+    )
     try:
         from unisondb.restore.apply import REPLAY_BATCH
+
         batch = int(REPLAY_BATCH)
     except ImportError:
         batch = 20_000
@@ -654,9 +731,24 @@ def phase_restore(plan: Plan, work: Path, res: Results, db: BigDb, base: dict[st
         target = work / f"restore-{i}"
         warm([snap, *wal_files])
         rc, out, err, wall, rss = run_measured(
-            [sys.executable, "-m", "unisondb", "restore", "--data-dir", str(target),
-             "--namespace", NS, "--snapshot", str(snap), "--wal", str(wal), "--json"],
-            1800, work)
+            [
+                sys.executable,
+                "-m",
+                "unisondb",
+                "restore",
+                "--data-dir",
+                str(target),
+                "--namespace",
+                NS,
+                "--snapshot",
+                str(snap),
+                "--wal",
+                str(wal),
+                "--json",
+            ],
+            1800,
+            work,
+        )
         if rc != 0:
             raise BenchError(f"unisondb restore failed ({rc}):\n{out[-2000:]}\n{err[-3000:]}")
         summary = json.loads(out)["summary"]
@@ -669,9 +761,11 @@ def phase_restore(plan: Plan, work: Path, res: Results, db: BigDb, base: dict[st
         shutil.rmtree(target)
 
         warm([snap])
-        note(f"in-process: cp base.db $WORK/raw-{i}/data.mdb && sync; lmdb.open(sync=True, "
-             f"metasync=False); txn.put of the same {plan.restore_records:,} pre-decoded "
-             f"records, {batch} per write txn; env.sync()")
+        note(
+            f"in-process: cp base.db $WORK/raw-{i}/data.mdb && sync; lmdb.open(sync=True, "
+            f"metasync=False); txn.put of the same {plan.restore_records:,} pre-decoded "
+            f"records, {batch} per write txn; env.sync()"
+        )
         t_cp, t_ins = raw_restore_limit(snap, records, work / f"raw-{i}", batch)
         res.time("limit.restore.cp", t_cp)
         res.time("limit.restore.insert", t_ins)
@@ -681,9 +775,23 @@ def phase_restore(plan: Plan, work: Path, res: Results, db: BigDb, base: dict[st
         warm([etcd_snap])
         peer = f"http://127.0.0.1:{lib.free_port()}"
         rc, out, err, wall, rss = run_measured(
-            ["etcdctl", "snapshot", "restore", str(etcd_snap), "--data-dir",
-             str(work / f"etcd-restore-{i}"), "--name", "r", "--initial-cluster", f"r={peer}",
-             "--initial-advertise-peer-urls", peer], 1800, work)
+            [
+                "etcdctl",
+                "snapshot",
+                "restore",
+                str(etcd_snap),
+                "--data-dir",
+                str(work / f"etcd-restore-{i}"),
+                "--name",
+                "r",
+                "--initial-cluster",
+                f"r={peer}",
+                "--initial-advertise-peer-urls",
+                peer,
+            ],
+            1800,
+            work,
+        )
         if rc != 0:
             raise BenchError(f"etcdctl snapshot restore failed ({rc}):\n{err[-3000:]}")
         res.time("etcd.restore", wall)
@@ -694,21 +802,34 @@ def phase_restore(plan: Plan, work: Path, res: Results, db: BigDb, base: dict[st
 # --- the report ---
 
 
-def write_report(plan: Plan, res: Results, path: Path, machine: list[tuple[str, str]],
-                 started: dt.datetime, elapsed: float, error: str | None, argv: list[str],
-                 work: Path) -> None:
+def write_report(
+    plan: Plan,
+    res: Results,
+    path: Path,
+    machine: list[tuple[str, str]],
+    started: dt.datetime,
+    elapsed: float,
+    error: str | None,
+    argv: list[str],
+    work: Path,
+) -> None:
     md = lib.Markdown()
     md.h(1, f"UnisonDB benchmarks — {started:%Y-%m-%d} ({plan.mode} mode)")
     cmd = ".venv/bin/python bench/run.py" + ("".join(f" {a}" for a in argv))
-    md.p(f"Command: `{cmd}` — started {started:%Y-%m-%d %H:%M:%S %Z}, took {elapsed / 60:.1f} "
-         f"min. {plan.runs} run(s) of each measurement, **medians** shown; loads of "
-         f"{plan.load_s:g} s, {plan.conns} connections, {plan.value_size}-byte values. Everything "
-         "on 127.0.0.1, server and load generator sharing the same cores.")
+    md.p(
+        f"Command: `{cmd}` — started {started:%Y-%m-%d %H:%M:%S %Z}, took {elapsed / 60:.1f} "
+        f"min. {plan.runs} run(s) of each measurement, **medians** shown; loads of "
+        f"{plan.load_s:g} s, {plan.conns} connections, {plan.value_size}-byte values. Everything "
+        "on 127.0.0.1, server and load generator sharing the same cores."
+    )
     if error:
-        md.p(f"**The run did not finish:** `{error}` — the rows below are what was measured "
-             "before it stopped.")
-    md.p("Ratio = UnisonDB ÷ peer: above 1 is better for req/s; below 1 is better for "
-         "latency, time and memory.")
+        md.p(
+            f"**The run did not finish:** `{error}` — the rows below are what was measured before it stopped."
+        )
+    md.p(
+        "Ratio = UnisonDB ÷ peer: above 1 is better for req/s; below 1 is better for "
+        "latency, time and memory."
+    )
 
     H, T, V = res.http, res.times, res.values
 
@@ -733,9 +854,13 @@ def write_report(plan: Plan, res: Results, path: Path, machine: list[tuple[str, 
         first = True
         for label, pname in peer_list:
             p = ld(pname)
-            add(meas if first else "〃", fmt_rate(ours.rps) if ours and first else "",
-                label, fmt_rate(p.rps) if p else "—",
-                ratio(ours.rps, p.rps) if ours and p else "—")
+            add(
+                meas if first else "〃",
+                fmt_rate(ours.rps) if ours and first else "",
+                label,
+                fmt_rate(p.rps) if p else "—",
+                ratio(ours.rps, p.rps) if ours and p else "—",
+            )
             first = False
 
     def lat_rows(meas: str, ours_name: str, peer_list: list[tuple[str, str]]) -> None:
@@ -745,106 +870,188 @@ def write_report(plan: Plan, res: Results, path: Path, machine: list[tuple[str, 
         first = True
         for label, pname in peer_list:
             p = ld(pname)
-            add(meas if first else "〃",
+            add(
+                meas if first else "〃",
                 f"{fmt_ms(ours.p50)} / {fmt_ms(ours.p99)}" if ours and first else "",
-                label, f"{fmt_ms(p.p50)} / {fmt_ms(p.p99)}" if p else "—",
-                f"{ratio(ours.p50, p.p50)} / {ratio(ours.p99, p.p99)}" if ours and p else "—")
+                label,
+                f"{fmt_ms(p.p50)} / {fmt_ms(p.p99)}" if p else "—",
+                f"{ratio(ours.p50, p.p50)} / {ratio(ours.p99, p.p99)}" if ours and p else "—",
+            )
             first = False
 
-    put_peers = [("etcd 3.4 `POST /v3/kv/put` (hey)", "etcd.put"),
-                 ("Redis 7 `appendfsync always` SET (redis-benchmark)", "redis.set"),
-                 ("**limit**: in-process Engine, 16 threads, no HTTP", "limit.engine")]
-    get_peers = [("etcd 3.4 `POST /v3/kv/range` linearizable (hey)", "etcd.get"),
-                 ("etcd 3.4 `/v3/kv/range` serializable (hey)", "etcd.get.serializable"),
-                 ("Redis 7 GET (redis-benchmark)", "redis.get"),
-                 ("**limit**: raw py-lmdb get, 1 thread", "limit.lmdb_get")]
-    rate_rows(f"durable PUT req/s, HTTP, {plan.conns} conns, {plan.value_size} B (hey)",
-              "uni.put", put_peers)
+    put_peers = [
+        ("etcd 3.4 `POST /v3/kv/put` (hey)", "etcd.put"),
+        ("Redis 7 `appendfsync always` SET (redis-benchmark)", "redis.set"),
+        ("**limit**: in-process Engine, 16 threads, no HTTP", "limit.engine"),
+    ]
+    get_peers = [
+        ("etcd 3.4 `POST /v3/kv/range` linearizable (hey)", "etcd.get"),
+        ("etcd 3.4 `/v3/kv/range` serializable (hey)", "etcd.get.serializable"),
+        ("Redis 7 GET (redis-benchmark)", "redis.get"),
+        ("**limit**: raw py-lmdb get, 1 thread", "limit.lmdb_get"),
+    ]
+    rate_rows(f"durable PUT req/s, HTTP, {plan.conns} conns, {plan.value_size} B (hey)", "uni.put", put_peers)
     rate_rows(f"GET req/s, HTTP, {plan.conns} conns (hey)", "uni.get.hey", get_peers)
     lat_rows("PUT latency p50 / p99", "uni.put", put_peers)
     lat_rows("GET latency p50 / p99 (hey)", "uni.get.hey", get_peers)
 
     if "uni.snapshot" in T:
-        snap = (f"B-tree snapshot, {res.info.get('uni.mdb_bytes', '?')} data.mdb → "
-                f"{res.info.get('uni.snapshot_bytes', '?')} compacted file (HTTP)")
-        add(snap, fmt_s(tm("uni.snapshot")), "**limit**: `cp data.mdb` + `sync` of the copy",
-            fmt_s(tm("cp.mdb")), ratio(tm("uni.snapshot"), tm("cp.mdb")))
-        add("〃", "", f"`etcdctl snapshot save` (same keys/values; db "
-                     f"{res.info.get('etcd.db_bytes', '?')} → {res.info.get('etcd.snapshot_bytes', '?')})",
-            fmt_s(tm("etcd.snapshot")), ratio(tm("uni.snapshot"), tm("etcd.snapshot")))
+        snap = (
+            f"B-tree snapshot, {res.info.get('uni.mdb_bytes', '?')} data.mdb → "
+            f"{res.info.get('uni.snapshot_bytes', '?')} compacted file (HTTP)"
+        )
+        add(
+            snap,
+            fmt_s(tm("uni.snapshot")),
+            "**limit**: `cp data.mdb` + `sync` of the copy",
+            fmt_s(tm("cp.mdb")),
+            ratio(tm("uni.snapshot"), tm("cp.mdb")),
+        )
+        add(
+            "〃",
+            "",
+            f"`etcdctl snapshot save` (same keys/values; db "
+            f"{res.info.get('etcd.db_bytes', '?')} → {res.info.get('etcd.snapshot_bytes', '?')})",
+            fmt_s(tm("etcd.snapshot")),
+            ratio(tm("uni.snapshot"), tm("etcd.snapshot")),
+        )
     if "uni.wal_backup" in T:
-        add(f"WAL backup of {plan.segments} segments ({res.info.get('wal.bytes', '?')})",
-            fmt_s(tm("uni.wal_backup")), "**limit**: `cp` of the same files + `sync`",
-            fmt_s(tm("cp.wal")), ratio(tm("uni.wal_backup"), tm("cp.wal")))
+        add(
+            f"WAL backup of {plan.segments} segments ({res.info.get('wal.bytes', '?')})",
+            fmt_s(tm("uni.wal_backup")),
+            "**limit**: `cp` of the same files + `sync`",
+            fmt_s(tm("cp.wal")),
+            ratio(tm("uni.wal_backup"), tm("cp.wal")),
+        )
     if "uni.restore" in T:
-        add(f"restore: snapshot ({res.info.get('restore.snapshot_bytes', '?')}) + "
+        add(
+            f"restore: snapshot ({res.info.get('restore.snapshot_bytes', '?')}) + "
             f"{plan.restore_records:,} WAL records (`unisondb restore`, wall)",
             fmt_s(tm("uni.restore")),
             "**limit**: `cp` + `sync` snapshot, raw py-lmdb insert of the same records",
             f"{fmt_s(tm('limit.restore'))} ({fmt_s(tm('limit.restore.cp'))} + "
-            f"{fmt_s(tm('limit.restore.insert'))})", ratio(tm("uni.restore"), tm("limit.restore")))
-        add("〃", "", "`etcdctl snapshot restore` (etcd's snapshot of the backup rows)",
-            fmt_s(tm("etcd.restore")), ratio(tm("uni.restore"), tm("etcd.restore")))
+            f"{fmt_s(tm('limit.restore.insert'))})",
+            ratio(tm("uni.restore"), tm("limit.restore")),
+        )
+        add(
+            "〃",
+            "",
+            "`etcdctl snapshot restore` (etcd's snapshot of the backup rows)",
+            fmt_s(tm("etcd.restore")),
+            ratio(tm("uni.restore"), tm("etcd.restore")),
+        )
     if "uni.put.snaploop" in H:
         a, b = ld("uni.put.snaploop"), ld("uni.put.noloop")
         assert a and b
-        add(f"PUT req/s while a snapshot loop runs ({val('snaploop.snapshots'):.0f} snapshot(s) "
-            f"completed per {plan.loop_s:g} s load, median)", fmt_rate(a.rps),
-            "the same without the loop", fmt_rate(b.rps), ratio(a.rps, b.rps))
-        add("〃 p50 / p99", f"{fmt_ms(a.p50)} / {fmt_ms(a.p99)}", "the same without the loop",
+        add(
+            f"PUT req/s while a snapshot loop runs ({val('snaploop.snapshots'):.0f} snapshot(s) "
+            f"completed per {plan.loop_s:g} s load, median)",
+            fmt_rate(a.rps),
+            "the same without the loop",
+            fmt_rate(b.rps),
+            ratio(a.rps, b.rps),
+        )
+        add(
+            "〃 p50 / p99",
+            f"{fmt_ms(a.p50)} / {fmt_ms(a.p99)}",
+            "the same without the loop",
             f"{fmt_ms(b.p50)} / {fmt_ms(b.p99)}",
-            f"{ratio(a.p50, b.p50)} / {ratio(a.p99, b.p99)}")
+            f"{ratio(a.p50, b.p50)} / {ratio(a.p99, b.p99)}",
+        )
     kib = 1024.0
     if "rss.uni.http" in V:
-        add("peak RSS (VmHWM) of the server after the HTTP loads",
-            fmt_mib(val("rss.uni.http") * kib), "etcd / Redis, same loads (for reference)",
-            f"{fmt_mib(val('rss.etcd.http') * kib)} / {fmt_mib(val('rss.redis.http') * kib)}", "—")
+        add(
+            "peak RSS (VmHWM) of the server after the HTTP loads",
+            fmt_mib(val("rss.uni.http") * kib),
+            "etcd / Redis, same loads (for reference)",
+            f"{fmt_mib(val('rss.etcd.http') * kib)} / {fmt_mib(val('rss.redis.http') * kib)}",
+            "—",
+        )
     if "rss.uni.big" in V:
-        add("peak RSS of the server with the big database, after snapshots + snapshot loop",
-            fmt_mib(val("rss.uni.big") * kib), "—", "", "—")
+        add(
+            "peak RSS of the server with the big database, after snapshots + snapshot loop",
+            fmt_mib(val("rss.uni.big") * kib),
+            "—",
+            "",
+            "—",
+        )
     if "rss_anon.uni.big" in V:
-        add("〃 anonymous memory only (peak RssAnon, sampled every 0.2 s; VmHWM also counts "
+        add(
+            "〃 anonymous memory only (peak RssAnon, sampled every 0.2 s; VmHWM also counts "
             "the pages of data.mdb mapped by LMDB)",
             f"{fmt_mib(val('rss_anon.uni.http') * kib)} (HTTP loads), "
-            f"{fmt_mib(val('rss_anon.uni.big') * kib)} (big database)", "—", "", "—")
+            f"{fmt_mib(val('rss_anon.uni.big') * kib)} (big database)",
+            "—",
+            "",
+            "—",
+        )
     if "rss.uni.restore" in V:
-        add("peak RSS of `unisondb restore`", fmt_mib(val("rss.uni.restore") * kib),
+        add(
+            "peak RSS of `unisondb restore`",
+            fmt_mib(val("rss.uni.restore") * kib),
             "`etcdctl snapshot restore` (for reference)",
-            fmt_mib(val("rss.etcd.restore") * kib), "—")
+            fmt_mib(val("rss.etcd.restore") * kib),
+            "—",
+        )
     md.h(2, "Results")
-    md.table(["measurement", "UnisonDB", "compared with (same run)", "peer", "UnisonDB / peer"],
-             rows, align="lrlrr")
+    md.table(
+        ["measurement", "UnisonDB", "compared with (same run)", "peer", "UnisonDB / peer"],
+        rows,
+        align="lrlrr",
+    )
 
     md.h(2, "Context")
     ctx: list[list[str]] = []
     if "uni.fsyncs_per_put" in V:
-        ctx.append(["WAL fsyncs per acknowledged HTTP PUT (/metrics)",
-                    f"{val('uni.fsyncs_per_put'):.3f}"])
-        ctx.append(["group commits per write, in-process Engine limit",
-                    f"{val('limit.engine.fsyncs_per_put'):.3f}"])
-        ctx.append(["raw `write(128 B)` + `fdatasync`, one per write (one thread)",
-                    fmt_rate(val("limit.fsync1"))])
-        ctx.append(["raw `write(16 × 128 B)` + `fdatasync` (records/s; disk limit at 16 in flight)",
-                    fmt_rate(val("limit.fsync16"))])
+        ctx.append(["WAL fsyncs per acknowledged HTTP PUT (/metrics)", f"{val('uni.fsyncs_per_put'):.3f}"])
+        ctx.append(
+            ["group commits per write, in-process Engine limit", f"{val('limit.engine.fsyncs_per_put'):.3f}"]
+        )
+        ctx.append(
+            ["raw `write(128 B)` + `fdatasync`, one per write (one thread)", fmt_rate(val("limit.fsync1"))]
+        )
+        ctx.append(
+            [
+                "raw `write(16 × 128 B)` + `fdatasync` (records/s; disk limit at 16 in flight)",
+                fmt_rate(val("limit.fsync16")),
+            ]
+        )
         g = ld("uni.get.wrk")
         if g:
-            ctx.append(["UnisonDB GET with wrk (p50 / p99)",
-                        f"{fmt_rate(g.rps)} ({fmt_ms(g.p50)} / {fmt_ms(g.p99)})"])
+            ctx.append(
+                [
+                    "UnisonDB GET with wrk (p50 / p99)",
+                    f"{fmt_rate(g.rps)} ({fmt_ms(g.p50)} / {fmt_ms(g.p99)})",
+                ]
+            )
         if "uni.get.body" in res.info:
             ctx.append(["UnisonDB GET response body", f"`{res.info['uni.get.body']}`"])
     if "uni.restore.replay" in V:
-        ctx.append(["`unisondb restore` phases (median s): verify / copy / replay / publish",
-                    " / ".join(f"{val('uni.restore.' + k):.2f}"
-                               for k in ("verify", "copy", "replay", "publish"))])
-        ctx.append(["restore replay rate vs raw insert (records/s)",
-                    f"{plan.restore_records / val('uni.restore.replay'):,.0f} vs "
-                    f"{plan.restore_records / tm('limit.restore.insert'):,.0f}"])
-        ctx.append(["restore input", f"{res.info.get('restore.wal', '?')}; LMDB txn of "
-                    f"{res.info.get('restore.batch', '?')} records (both sides)"])
-    for k, label in (("build.uni", "build of the big database, in-process `Engine.write` "
-                                   "(see commands)"),
-                     ("build.etcd", "load of the same keys/values into etcd (`/v3/kv/txn`)"),
-                     ("build.restore_wal", "writing the restore's WAL records in-process")):
+        ctx.append(
+            [
+                "`unisondb restore` phases (median s): verify / copy / replay / publish",
+                " / ".join(f"{val('uni.restore.' + k):.2f}" for k in ("verify", "copy", "replay", "publish")),
+            ]
+        )
+        ctx.append(
+            [
+                "restore replay rate vs raw insert (records/s)",
+                f"{plan.restore_records / val('uni.restore.replay'):,.0f} vs "
+                f"{plan.restore_records / tm('limit.restore.insert'):,.0f}",
+            ]
+        )
+        ctx.append(
+            [
+                "restore input",
+                f"{res.info.get('restore.wal', '?')}; LMDB txn of "
+                f"{res.info.get('restore.batch', '?')} records (both sides)",
+            ]
+        )
+    for k, label in (
+        ("build.uni", "build of the big database, in-process `Engine.write` (see commands)"),
+        ("build.etcd", "load of the same keys/values into etcd (`/v3/kv/txn`)"),
+        ("build.restore_wal", "writing the restore's WAL records in-process"),
+    ):
         if k in res.info:
             ctx.append([label, res.info[k]])
     md.table(["what", "value"], ctx, align="lr")
@@ -852,8 +1059,7 @@ def write_report(plan: Plan, res: Results, path: Path, machine: list[tuple[str, 
     md.h(2, "Every run")
     every: list[list[str]] = []
     for name, loads in H.items():
-        every.append([name, ", ".join(f"{x.rps:,.0f}/s ({fmt_ms(x.p50)} / {fmt_ms(x.p99)})"
-                                      for x in loads)])
+        every.append([name, ", ".join(f"{x.rps:,.0f}/s ({fmt_ms(x.p50)} / {fmt_ms(x.p99)})" for x in loads)])
     for name, ts in T.items():
         every.append([name, ", ".join(f"{x:.3f} s" for x in ts)])
     for name, vs in V.items():
@@ -863,31 +1069,36 @@ def write_report(plan: Plan, res: Results, path: Path, machine: list[tuple[str, 
     md.h(2, "Machine")
     la = "; ".join(f"{name}: {v}" for name, v in res.loadavg)
     md.table(["", ""], [*machine, ("load average (1/5/15 min) at each phase", la)], align="ll")
-    md.p("The machine is shared with other engineers' test runs; a load average above the "
-         "core count means something else was competing for the CPU during that phase.")
+    md.p(
+        "The machine is shared with other engineers' test runs; a load average above the "
+        "core count means something else was competing for the CPU during that phase."
+    )
 
     md.h(2, "How the data was built")
-    md.p("- The big database was written **in-process with the Engine's write API** "
-         "(`Engine.open(...)` + `engine.write([...])`, one WAL record of up to 1000 1-KiB "
-         "random values each, group-committed and fsynced like the server does), not over "
-         "HTTP; a UnisonDB server was then started on that data directory. etcd received the "
-         "very same keys and values through its JSON gateway (`/v3/kv/txn`, one transaction "
-         "per UnisonDB record).\n"
-         "- The restore input is a real snapshot (`POST /btree/backup`) and a real WAL backup "
-         "(`POST /wal/backup`) of one-entry records written after it (in-process `Engine.submit`).\n"
-         "- PUT/GET runs use one key (`bench-key`) for all systems, so the GETs always hit; "
-         "etcd is a single member, Redis runs with `--appendonly yes --appendfsync always`.\n"
-         "- Snapshot, WAL-backup and restore timings start from a warm page cache on both "
-         "sides (sources read in first). UnisonDB's snapshot also sha256-hashes the copy and "
-         "writes a sidecar; `cp` does neither.")
+    md.p(
+        "- The big database was written **in-process with the Engine's write API** "
+        "(`Engine.open(...)` + `engine.write([...])`, one WAL record of up to 1000 1-KiB "
+        "random values each, group-committed and fsynced like the server does), not over "
+        "HTTP; a UnisonDB server was then started on that data directory. etcd received the "
+        "very same keys and values through its JSON gateway (`/v3/kv/txn`, one transaction "
+        "per UnisonDB record).\n"
+        "- The restore input is a real snapshot (`POST /btree/backup`) and a real WAL backup "
+        "(`POST /wal/backup`) of one-entry records written after it (in-process `Engine.submit`).\n"
+        "- PUT/GET runs use one key (`bench-key`) for all systems, so the GETs always hit; "
+        "etcd is a single member, Redis runs with `--appendonly yes --appendfsync always`.\n"
+        "- Snapshot, WAL-backup and restore timings start from a warm page cache on both "
+        "sides (sources read in first). UnisonDB's snapshot also sha256-hashes the copy and "
+        "writes a sidecar; `cp` does neither."
+    )
 
     md.h(2, "Commands")
-    md.p(f"`$WORK` = the scratch directory (`{work}`); `$V` = `{lib.b64(b'v' * plan.value_size)}` "
-         f"(base64 of {plan.value_size} × `v`); `$K` = `{lib.b64(KEY)}` (base64 of `bench-key`). "
-         "In-process steps are described in words; `×N` = run N times. Ports are picked free "
-         "at run time.")
-    md.code("\n".join(f"{c}" + (f"    # ×{n}" if n > 1 else "") for c, n in COMMANDS.unique()),
-            "sh")
+    md.p(
+        f"`$WORK` = the scratch directory (`{work}`); `$V` = `{lib.b64(b'v' * plan.value_size)}` "
+        f"(base64 of {plan.value_size} × `v`); `$K` = `{lib.b64(KEY)}` (base64 of `bench-key`). "
+        "In-process steps are described in words; `×N` = run N times. Ports are picked free "
+        "at run time."
+    )
+    md.code("\n".join(f"{c}" + (f"    # ×{n}" if n > 1 else "") for c, n in COMMANDS.unique()), "sh")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(md.render())
 
@@ -901,17 +1112,26 @@ class Deadline(Exception):
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--quick", action="store_true",
-                    help="small sizes, 1 run, 2 s loads (< 2 min); writes quick-<date>.md")
+    ap.add_argument(
+        "--quick", action="store_true", help="small sizes, 1 run, 2 s loads (< 2 min); writes quick-<date>.md"
+    )
     ap.add_argument("--runs", type=int, help="runs per measurement (full: 3)")
     ap.add_argument("--seconds", type=float, help="duration of each load (full: 5)")
     ap.add_argument("--db-size", help="size of the big database's values (full: 1GiB)")
     ap.add_argument("--restore-records", type=int, help="WAL records to restore (full: 1000000)")
-    ap.add_argument("--only", choices=("http", "backup"), action="append",
-                    help="run only these phases (restore needs backup)")
+    ap.add_argument(
+        "--only",
+        choices=("http", "backup"),
+        action="append",
+        help="run only these phases (restore needs backup)",
+    )
     ap.add_argument("--out", type=Path, help="report path (default bench/results/...)")
-    ap.add_argument("--work-dir", type=Path, default=BENCH / "work",
-                    help="parent of the scratch directory (default bench/work, git-ignored)")
+    ap.add_argument(
+        "--work-dir",
+        type=Path,
+        default=BENCH / "work",
+        help="parent of the scratch directory (default bench/work, git-ignored)",
+    )
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
     ap.add_argument("--no-install", action="store_true", help="do not apt-get anything")
     args = ap.parse_args()
@@ -928,8 +1148,9 @@ def main() -> int:
     if over:
         plan = Plan(**{**plan.__dict__, **over})
     started = dt.datetime.now().astimezone()
-    out = args.out or (BENCH / "results" / (("quick-" if plan.mode == "quick" else "")
-                                            + f"{started:%Y-%m-%d}.md"))
+    out = args.out or (
+        BENCH / "results" / (("quick-" if plan.mode == "quick" else "") + f"{started:%Y-%m-%d}.md")
+    )
     if not args.no_install:
         installed = peers.ensure_installed()
         if installed:
@@ -943,6 +1164,7 @@ def main() -> int:
     COMMANDS.scratch = str(work)
     res = Results()
     machine = lib.machine(work, peers.DEBS, PY_DISTS)
+
     def on_signal(signum: int, _frame: object) -> None:
         raise KeyboardInterrupt(f"signal {signum}")
 
@@ -971,8 +1193,7 @@ def main() -> int:
         peers.stop_all()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
-    write_report(plan, res, out, machine, started, time.perf_counter() - t0, error,
-                 sys.argv[1:], work)
+    write_report(plan, res, out, machine, started, time.perf_counter() - t0, error, sys.argv[1:], work)
     print(f"report: {out}", flush=True)
     return 1 if error else 0
 

@@ -16,10 +16,10 @@ from serverproc import ServerProcess, start_server
 def server_factory(tmp_path: Path) -> Iterator[object]:
     started: list[ServerProcess] = []
 
-    def factory(data_dir: Path | None = None, *namespaces: str,
-                extra_args: list[str] | None = None, wait: bool = True) -> ServerProcess:
-        srv = start_server(data_dir or tmp_path / "data", namespaces or ("default",),
-                           extra_args, wait)
+    def factory(
+        data_dir: Path | None = None, *namespaces: str, extra_args: list[str] | None = None, wait: bool = True
+    ) -> ServerProcess:
+        srv = start_server(data_dir or tmp_path / "data", namespaces or ("default",), extra_args, wait)
         started.append(srv)
         return srv
 

@@ -31,8 +31,16 @@ from serverproc import free_port
 # Every port `weed mini` opens; each is given explicitly so two servers (pytest-xdist workers) never
 # collide and none falls back to a default (the gRPC defaults are port+10000, admin is 23646).
 _PORT_FLAGS = (
-    "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
-    "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc",
+    "s3.port",
+    "s3.port.grpc",
+    "master.port",
+    "master.port.grpc",
+    "volume.port",
+    "volume.port.grpc",
+    "filer.port",
+    "filer.port.grpc",
+    "admin.port",
+    "admin.port.grpc",
 )
 START_TIMEOUT_S = 60.0
 STOP_TIMEOUT_S = 15.0
@@ -61,16 +69,26 @@ class S3Server:
         from botocore.config import Config
 
         return boto3.client(
-            "s3", endpoint_url=self.endpoint, region_name="us-east-1",
-            aws_access_key_id=self.access_key, aws_secret_access_key=secret_key or self.secret_key,
-            config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                          connect_timeout=5, read_timeout=30),
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name="us-east-1",
+            aws_access_key_id=self.access_key,
+            aws_secret_access_key=secret_key or self.secret_key,
+            config=Config(
+                s3={"addressing_style": "path"},
+                retries={"max_attempts": 1},
+                connect_timeout=5,
+                read_timeout=30,
+            ),
         )
 
     def env(self) -> dict[str, str]:
         """The standard AWS variables a subprocess (a server, the CLI) would read."""
-        return {"AWS_ACCESS_KEY_ID": self.access_key, "AWS_SECRET_ACCESS_KEY": self.secret_key,
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": self.access_key,
+            "AWS_SECRET_ACCESS_KEY": self.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def create_bucket(self, name: str) -> str:
         self.client().create_bucket(Bucket=name)
@@ -83,8 +101,13 @@ class S3Server:
         """Start the same server again (same ports, data and credentials) after ``stop()``."""
         assert self.proc.poll() is not None, "stop() it first"
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen(list(self.proc.args), stdout=log,  # type: ignore[arg-type]
-                                         stderr=subprocess.STDOUT, cwd=self.root, stdin=subprocess.DEVNULL)
+            self.proc = subprocess.Popen(
+                list(self.proc.args),
+                stdout=log,  # type: ignore[arg-type]
+                stderr=subprocess.STDOUT,
+                cwd=self.root,
+                stdin=subprocess.DEVNULL,
+            )
         _wait_writable(self)
 
     def stop(self) -> None:
@@ -105,21 +128,43 @@ def start_s3_server(root: Path) -> S3Server:
     access_key = "AK" + secrets.token_hex(9).upper()
     secret_key = secrets.token_hex(20)
     config = root / "s3.json"
-    config.write_text(json.dumps({"identities": [{
-        "name": "tests", "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
-        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "identities": [
+                    {
+                        "name": "tests",
+                        "credentials": [{"accessKey": access_key, "secretKey": secret_key}],
+                        "actions": ["Admin", "Read", "Write", "List", "Tagging"],
+                    }
+                ]
+            }
+        )
+    )
     config.chmod(0o600)
     ports = {flag: free_port() for flag in _PORT_FLAGS}
-    args = [weed, "mini", f"-dir={root / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-            "-master.telemetry=false", "-webdav=false", "-admin.ui=false",
-            "-s3.port.iceberg=0", "-s3.port.lance=0", f"-s3.config={config}",
-            # Unix sockets default to /tmp/seaweedfs-*-<port>.sock; keep them in our own directory.
-            f"-filer.localSocket={root / 'filer.sock'}", f"-s3.localSocket={root / 's3.sock'}"]
+    args = [
+        weed,
+        "mini",
+        f"-dir={root / 'data'}",
+        "-ip=127.0.0.1",
+        "-ip.bind=127.0.0.1",
+        "-master.telemetry=false",
+        "-webdav=false",
+        "-admin.ui=false",
+        "-s3.port.iceberg=0",
+        "-s3.port.lance=0",
+        f"-s3.config={config}",
+        # Unix sockets default to /tmp/seaweedfs-*-<port>.sock; keep them in our own directory.
+        f"-filer.localSocket={root / 'filer.sock'}",
+        f"-s3.localSocket={root / 's3.sock'}",
+    ]
     args += [f"-{flag}={port}" for flag, port in ports.items()]
     log_path = root / "weed.log"
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, cwd=root,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            args, stdout=log, stderr=subprocess.STDOUT, cwd=root, stdin=subprocess.DEVNULL
+        )
     server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, proc, root, log_path)
     try:
         _wait_writable(server)
@@ -143,13 +188,16 @@ def _wait_writable(server: S3Server) -> None:
             try:
                 client.create_bucket(Bucket="readiness-probe")
             except ClientError as exc:
-                if exc.response.get("Error", {}).get("Code") not in ("BucketAlreadyOwnedByYou",
-                                                                      "BucketAlreadyExists"):
+                if exc.response.get("Error", {}).get("Code") not in (
+                    "BucketAlreadyOwnedByYou",
+                    "BucketAlreadyExists",
+                ):
                     raise
             client.put_object(Bucket="readiness-probe", Key="probe", Body=b"ok")
             return
         except (BotoCoreError, ClientError) as exc:
             last = exc
             time.sleep(0.2)
-    raise TimeoutError(f"weed did not accept a PUT within {START_TIMEOUT_S:.0f} s: {last}\n"
-                       f"{server.log()[-3000:]}")
+    raise TimeoutError(
+        f"weed did not accept a PUT within {START_TIMEOUT_S:.0f} s: {last}\n{server.log()[-3000:]}"
+    )

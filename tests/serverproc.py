@@ -60,12 +60,15 @@ class ServerProcess:
             self.proc.wait()
 
 
-def start_server(data_dir: Path, namespaces: tuple[str, ...] = ("default",),
-                 extra_args: list[str] | None = None, wait: bool = True,
-                 log_path: Path | None = None) -> ServerProcess:
+def start_server(
+    data_dir: Path,
+    namespaces: tuple[str, ...] = ("default",),
+    extra_args: list[str] | None = None,
+    wait: bool = True,
+    log_path: Path | None = None,
+) -> ServerProcess:
     port = free_port()
-    args = [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir),
-            "--http-addr", f"127.0.0.1:{port}"]
+    args = [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{port}"]
     for ns in namespaces:
         args += ["--namespace", ns]
     args += extra_args or []
@@ -94,5 +97,3 @@ def wait_healthy(srv: ServerProcess, timeout: float = 30.0) -> None:
             time.sleep(0.05)
     srv.kill9()
     raise RuntimeError(f"server did not become healthy in {timeout}s:\n{srv.log()}")
-
-

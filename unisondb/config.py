@@ -90,7 +90,7 @@ def parse_duration(value: str | int | float) -> float:
 def parse_addr(value: str) -> tuple[str, int]:
     """'HOST:PORT' (IPv6 as '[::1]:8080') → (host, port)."""
     if not isinstance(value, str):
-        raise InvalidRequest(f"invalid http_addr {value!r}: expected a \"HOST:PORT\" string")
+        raise InvalidRequest(f'invalid http_addr {value!r}: expected a "HOST:PORT" string')
     host, sep, port = value.rpartition(":")
     if not sep or not port.isdigit() or not host:
         raise InvalidRequest(f"invalid --http-addr {value!r}: expected HOST:PORT, e.g. 127.0.0.1:8080")
@@ -198,10 +198,16 @@ class ServerConfig:
 
 
 def load_config(
-    config_file: Path | None = None, *, data_dir: Path | None = None, http_addr: str | None = None,
-    namespaces: tuple[str, ...] = (), overrides: dict[str, Any] | None = None,
-    http_overrides: dict[str, Any] | None = None, auth_overrides: dict[str, Any] | None = None,
-    tls_overrides: dict[str, Any] | None = None, archive_overrides: dict[str, Any] | None = None,
+    config_file: Path | None = None,
+    *,
+    data_dir: Path | None = None,
+    http_addr: str | None = None,
+    namespaces: tuple[str, ...] = (),
+    overrides: dict[str, Any] | None = None,
+    http_overrides: dict[str, Any] | None = None,
+    auth_overrides: dict[str, Any] | None = None,
+    tls_overrides: dict[str, Any] | None = None,
+    archive_overrides: dict[str, Any] | None = None,
 ) -> ServerConfig:
     """Merge a TOML file (if any) with command-line values; flags win.
 
@@ -218,36 +224,51 @@ def load_config(
             raise InvalidRequest(f"cannot read config file {config_file}: {exc.strerror}") from exc
         except tomllib.TOMLDecodeError as exc:
             raise InvalidRequest(f"invalid TOML in {config_file}: {exc}") from exc
-    known = {"data_dir", "http_addr", "namespaces", "max_body_bytes", "wal", "btree", "log_format",
-             "http", "auth", "tls", "archive", "shutdown_timeout", "disk_full_retry",
-             "disk_full_hold"}
+    known = {
+        "data_dir",
+        "http_addr",
+        "namespaces",
+        "max_body_bytes",
+        "wal",
+        "btree",
+        "log_format",
+        "http",
+        "auth",
+        "tls",
+        "archive",
+        "shutdown_timeout",
+        "disk_full_retry",
+        "disk_full_hold",
+    }
     _check_keys(raw, known, "", config_file)
-    for table, keys in (("wal", {"segment_size", "segment_max_age", "retention"}),
-                        ("btree", {"map_size"}), ("http", set(_HTTP_KEYS)),
-                        ("auth", {"token_file", "metrics", "insecure_no_auth"}),
-                        ("tls", {"cert", "key", "client_ca"}),
-                        ("archive", set(_ARCHIVE_KEYS))):
+    for table, keys in (
+        ("wal", {"segment_size", "segment_max_age", "retention"}),
+        ("btree", {"map_size"}),
+        ("http", set(_HTTP_KEYS)),
+        ("auth", {"token_file", "metrics", "insecure_no_auth"}),
+        ("tls", {"cert", "key", "client_ca"}),
+        ("archive", set(_ARCHIVE_KEYS)),
+    ):
         if not isinstance(raw.get(table, {}), dict):
             raise InvalidRequest(f"invalid config in {config_file}: [{table}] must be a table")
         _check_keys(raw.get(table, {}), keys, f"{table}.", config_file)
     for key in ("data_dir", "http_addr", "log_format"):
         if key in raw and not isinstance(raw[key], str):
             raise InvalidRequest(f"invalid config in {config_file}: {key} must be a string")
-    if "namespaces" in raw and not (isinstance(raw["namespaces"], list)
-                                    and all(isinstance(n, str) for n in raw["namespaces"])):
+    if "namespaces" in raw and not (
+        isinstance(raw["namespaces"], list) and all(isinstance(n, str) for n in raw["namespaces"])
+    ):
         raise InvalidRequest(
             f"invalid config in {config_file}: namespaces must be a list of strings, "
-            'e.g. namespaces = ["default", "users"]')
+            'e.g. namespaces = ["default", "users"]'
+        )
     if raw.get("log_format", "console") not in ("console", "json"):
-        raise InvalidRequest(
-            f"invalid config in {config_file}: log_format must be \"console\" or \"json\"")
+        raise InvalidRequest(f'invalid config in {config_file}: log_format must be "console" or "json"')
     default = EngineConfig()
     top_keys = ("shutdown_timeout", "disk_full_retry", "disk_full_hold")
     wal = dict(raw.get("wal", {}))
-    wal.update({k: v for k, v in (overrides or {}).items() if v is not None
-                and k not in top_keys})
-    top = {k: v for k, v in raw.items() if k in ("shutdown_timeout", "disk_full_retry",
-                                                   "disk_full_hold")}
+    wal.update({k: v for k, v in (overrides or {}).items() if v is not None and k not in top_keys})
+    top = {k: v for k, v in raw.items() if k in ("shutdown_timeout", "disk_full_retry", "disk_full_hold")}
     top.update({k: v for k, v in (overrides or {}).items() if v is not None and k in top_keys})
     engine = EngineConfig(
         segment_size=parse_size(wal.get("segment_size", default.segment_size)),
@@ -273,28 +294,40 @@ def load_config(
         raise InvalidRequest("max_body_bytes must be at least 1KiB")
     return ServerConfig(
         data_dir=Path(data_dir or raw.get("data_dir", "./data")),
-        host=host, port=port, namespaces=tuple(dict.fromkeys(ns)),
+        host=host,
+        port=port,
+        namespaces=tuple(dict.fromkeys(ns)),
         max_body_bytes=max_body_bytes,
-        engine=engine, log_format=str(raw.get("log_format", "console")),
+        engine=engine,
+        log_format=str(raw.get("log_format", "console")),
         http=_http_limits(_merged(raw, "http", http_overrides), config_file),
-        security=_security(_merged(raw, "auth", auth_overrides), _merged(raw, "tls", tls_overrides),
-                           config_file),
+        security=_security(
+            _merged(raw, "auth", auth_overrides), _merged(raw, "tls", tls_overrides), config_file
+        ),
         archive=_archive(_merged(raw, "archive", archive_overrides), config_file),
         shutdown_timeout=shutdown_timeout,
     )
 
 
 #: ``[archive]`` keys and the type each must have in the TOML file.
-_ARCHIVE_KEYS: dict[str, type] = {"url": str, "endpoint": str, "path_style": bool, "key_file": str,
-                                  "interval": object, "snapshot_interval": object}
+_ARCHIVE_KEYS: dict[str, type] = {
+    "url": str,
+    "endpoint": str,
+    "path_style": bool,
+    "key_file": str,
+    "interval": object,
+    "snapshot_interval": object,
+}
 
 
 def _archive(values: dict[str, Any], config_file: Path | None) -> ArchiveConfig:
     for key, value in values.items():
         want = _ARCHIVE_KEYS[key]
         if want is not object and not isinstance(value, want) and not isinstance(value, Path):
-            raise InvalidRequest(f"invalid config in {config_file}: archive.{key} must be a "
-                                 f"{'boolean' if want is bool else 'string'}")
+            raise InvalidRequest(
+                f"invalid config in {config_file}: archive.{key} must be a "
+                f"{'boolean' if want is bool else 'string'}"
+            )
     default = ArchiveConfig()
     url = values.get("url") or None
     if url is not None:
@@ -302,31 +335,42 @@ def _archive(values: dict[str, Any], config_file: Path | None) -> ArchiveConfig:
 
         parse_url(str(url))  # one clear error now, not a traceback from the archiver later
     cfg = ArchiveConfig(
-        url=url, endpoint=values.get("endpoint") or None,
+        url=url,
+        endpoint=values.get("endpoint") or None,
         path_style=bool(values.get("path_style", False)),
         key_file=Path(values["key_file"]) if values.get("key_file") else None,
         interval=parse_duration(values.get("interval", default.interval)),
-        snapshot_interval=parse_duration(values.get("snapshot_interval",
-                                                    default.snapshot_interval)),
+        snapshot_interval=parse_duration(values.get("snapshot_interval", default.snapshot_interval)),
     )
     if cfg.interval < 0.05:
         raise InvalidRequest(f"archive interval must be at least 50ms, got {cfg.interval:g}s")
     if url is None and (cfg.endpoint or cfg.key_file or cfg.path_style):
-        raise InvalidRequest("--archive-endpoint, --archive-path-style and --archive-key-file "
-                             "need --archive-url s3://bucket/prefix")
+        raise InvalidRequest(
+            "--archive-endpoint, --archive-path-style and --archive-key-file "
+            "need --archive-url s3://bucket/prefix"
+        )
     return cfg
 
 
 #: ``[http]`` keys and how each is parsed.
 _HTTP_KEYS: dict[str, Any] = {
-    "max_header_bytes": parse_size, "max_headers": parse_size, "max_request_line": parse_size,
-    "idle_timeout": parse_duration, "header_timeout": parse_duration,
-    "body_timeout": parse_duration, "max_connections": parse_size,
+    "max_header_bytes": parse_size,
+    "max_headers": parse_size,
+    "max_request_line": parse_size,
+    "idle_timeout": parse_duration,
+    "header_timeout": parse_duration,
+    "body_timeout": parse_duration,
+    "max_connections": parse_size,
 }
 #: Smallest sane value of each ``[http]`` key: below it ordinary requests would fail.
 _HTTP_MIN: dict[str, float] = {
-    "max_header_bytes": 1024, "max_headers": 8, "max_request_line": 256,
-    "idle_timeout": 0.05, "header_timeout": 0.05, "body_timeout": 0.05, "max_connections": 1,
+    "max_header_bytes": 1024,
+    "max_headers": 8,
+    "max_request_line": 256,
+    "idle_timeout": 0.05,
+    "header_timeout": 0.05,
+    "body_timeout": 0.05,
+    "max_connections": 1,
 }
 
 
@@ -352,19 +396,24 @@ def _security(auth: dict[str, Any], tls: dict[str, Any], config_file: Path | Non
         for key, value in values.items():
             want = bool if key == "insecure_no_auth" else str
             if not isinstance(value, want) and not isinstance(value, Path):
-                raise InvalidRequest(f"invalid config in {config_file}: {table}.{key} must be a "
-                                     f"{'boolean' if want is bool else 'string'}")
+                raise InvalidRequest(
+                    f"invalid config in {config_file}: {table}.{key} must be a "
+                    f"{'boolean' if want is bool else 'string'}"
+                )
     metrics = str(auth.get("metrics", "token"))
     if metrics not in ("token", "none"):
-        raise InvalidRequest(f"invalid metrics auth {metrics!r}: use \"token\" or \"none\"")
+        raise InvalidRequest(f'invalid metrics auth {metrics!r}: use "token" or "none"')
 
     def path(values: dict[str, Any], key: str) -> Path | None:
         return Path(values[key]) if values.get(key) else None
 
     sec = SecurityConfig(
-        token_file=path(auth, "token_file"), metrics_auth=metrics,
+        token_file=path(auth, "token_file"),
+        metrics_auth=metrics,
         insecure_no_auth=bool(auth.get("insecure_no_auth", False)),
-        tls_cert=path(tls, "cert"), tls_key=path(tls, "key"), tls_client_ca=path(tls, "client_ca"),
+        tls_cert=path(tls, "cert"),
+        tls_key=path(tls, "key"),
+        tls_client_ca=path(tls, "client_ca"),
     )
     if (sec.tls_cert is None) != (sec.tls_key is None):
         raise InvalidRequest("TLS needs both --tls-cert and --tls-key (got only one of them)")
@@ -373,8 +422,7 @@ def _security(auth: dict[str, Any], tls: dict[str, Any], config_file: Path | Non
     return sec
 
 
-def _check_keys(table: dict[str, Any], known: set[str], prefix: str,
-                config_file: Path | None) -> None:
+def _check_keys(table: dict[str, Any], known: set[str], prefix: str, config_file: Path | None) -> None:
     unknown = set(table) - known
     if unknown:
         names = ", ".join(prefix + k for k in sorted(unknown))

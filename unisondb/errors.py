@@ -99,7 +99,11 @@ class CorruptLog(StorageError):
     """A WAL segment is damaged somewhere other than the torn tail of the newest segment."""
 
     def __init__(
-        self, message: str, *, path: Path | str | None = None, offset: int | None = None,
+        self,
+        message: str,
+        *,
+        path: Path | str | None = None,
+        offset: int | None = None,
         hint: str | None = None,
     ) -> None:
         where = ""

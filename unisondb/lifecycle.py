@@ -62,8 +62,9 @@ class Job:
         """Around a rename that publishes a file: refused once the job is cancelled."""
         with self._lock:
             if self.cancelled:
-                raise Unavailable(f"the server is shutting down: the {self.what} was "
-                                  "cancelled before it was published")
+                raise Unavailable(
+                    f"the server is shutting down: the {self.what} was cancelled before it was published"
+                )
             self._publishing += 1
         try:
             yield
@@ -122,8 +123,10 @@ class Shutdown:
 
     def start_job(self, what: str) -> Job:
         if self.stopping:
-            raise Unavailable(f"the server is shutting down: the {what} was not started",
-                              hint="retry once the server is back")
+            raise Unavailable(
+                f"the server is shutting down: the {what} was not started",
+                hint="retry once the server is back",
+            )
         job = Job(what)
         with self._lock:
             self._jobs.add(job)

@@ -40,38 +40,56 @@ class Metrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         self.http_requests = Counter(
-            "unisondb_http_requests_total", "HTTP requests by route, method and status",
-            ["route", "method", "status"], registry=r)
+            "unisondb_http_requests_total",
+            "HTTP requests by route, method and status",
+            ["route", "method", "status"],
+            registry=r,
+        )
         self.http_latency = Histogram(
-            "unisondb_http_request_duration_seconds", "HTTP request latency by route",
-            ["route"], buckets=LATENCY_BUCKETS, registry=r)
+            "unisondb_http_request_duration_seconds",
+            "HTTP request latency by route",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
         labels = ["namespace", "kind"]
         self.backup_success = Counter(
-            "unisondb_backup_success_total", "Successful backups", labels, registry=r)
-        self.backup_failure = Counter(
-            "unisondb_backup_failure_total", "Failed backups", labels, registry=r)
+            "unisondb_backup_success_total", "Successful backups", labels, registry=r
+        )
+        self.backup_failure = Counter("unisondb_backup_failure_total", "Failed backups", labels, registry=r)
         self.backup_last_timestamp = Gauge(
-            "unisondb_backup_last_timestamp_seconds", "Unix time of the last successful backup",
-            labels, registry=r)
+            "unisondb_backup_last_timestamp_seconds",
+            "Unix time of the last successful backup",
+            labels,
+            registry=r,
+        )
         self.backup_bytes = Counter(
-            "unisondb_backup_bytes_total", "Bytes written by successful backups", labels,
-            registry=r)
+            "unisondb_backup_bytes_total", "Bytes written by successful backups", labels, registry=r
+        )
         self.backup_last_bytes = Gauge(
-            "unisondb_backup_last_bytes", "Bytes written by the last successful backup", labels,
-            registry=r)
+            "unisondb_backup_last_bytes", "Bytes written by the last successful backup", labels, registry=r
+        )
         self.backup_consecutive_failures = Gauge(
-            "unisondb_backup_consecutive_failures", "Failed backups since the last success",
-            labels, registry=r)
+            "unisondb_backup_consecutive_failures",
+            "Failed backups since the last success",
+            labels,
+            registry=r,
+        )
         self.backup_duration = Histogram(
-            "unisondb_backup_duration_seconds", "Backup duration", labels,
-            buckets=BACKUP_BUCKETS, registry=r)
+            "unisondb_backup_duration_seconds", "Backup duration", labels, buckets=BACKUP_BUCKETS, registry=r
+        )
         self.backup_wal_gap = Counter(
             "unisondb_backup_wal_gap_total",
             "WAL backup requests that asked for segments already deleted by retention",
-            ["namespace"], registry=r)
+            ["namespace"],
+            registry=r,
+        )
         self.fsync_seconds = Histogram(
-            "unisondb_fsync_duration_seconds", "Duration of every fsync/fdatasync",
-            buckets=LATENCY_BUCKETS, registry=r)
+            "unisondb_fsync_duration_seconds",
+            "Duration of every fsync/fdatasync",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
 
     def init_namespace(self, namespace: str) -> None:
         """Create every per-namespace backup series at 0, so the first failure after a start
@@ -90,8 +108,7 @@ class Metrics:
             self.backup_duration.labels(namespace, kind)
         self.backup_wal_gap.labels(namespace)
 
-    def record_backup(self, namespace: str, kind: str, ok: bool, nbytes: int,
-                      seconds: float) -> None:
+    def record_backup(self, namespace: str, kind: str, ok: bool, nbytes: int, seconds: float) -> None:
         self.backup_duration.labels(namespace, kind).observe(seconds)
         if ok:
             self.backup_success.labels(namespace, kind).inc()
@@ -115,27 +132,51 @@ class ArchiveMetrics:
 
     def __init__(self, registry: CollectorRegistry) -> None:
         r = registry
-        self.uploads = Counter("unisondb_archive_uploads_total", "Objects published to the archive",
-                               ["namespace", "kind"], registry=r)
-        self.upload_bytes = Counter("unisondb_archive_upload_bytes_total",
-                                    "Bytes published to the archive", ["namespace", "kind"],
-                                    registry=r)
-        self.failures = Counter("unisondb_archive_failures_total", "Failed archive passes",
-                                ["namespace", "reason"], registry=r)
-        self.retries = Counter("unisondb_archive_retries_total",
-                               "Archive passes retried after a failure", ["namespace"], registry=r)
-        self.last_success = Gauge("unisondb_archive_last_success_timestamp_seconds",
-                                  "Unix time of the last successful upload", ["namespace"],
-                                  registry=r)
-        self.archived_lsn = Gauge("unisondb_archive_archived_lsn",
-                                  "Last LSN of the newest segment confirmed in the archive",
-                                  ["namespace"], registry=r)
-        self.pending = Gauge("unisondb_archive_pending_segments",
-                             "Sealed local segments not yet confirmed in the archive",
-                             ["namespace"], registry=r)
-        self.last_snapshot = Gauge("unisondb_archive_last_snapshot_timestamp_seconds",
-                                   "Unix time of the last snapshot published to the archive "
-                                   "(0: none since start)", ["namespace"], registry=r)
+        self.uploads = Counter(
+            "unisondb_archive_uploads_total",
+            "Objects published to the archive",
+            ["namespace", "kind"],
+            registry=r,
+        )
+        self.upload_bytes = Counter(
+            "unisondb_archive_upload_bytes_total",
+            "Bytes published to the archive",
+            ["namespace", "kind"],
+            registry=r,
+        )
+        self.failures = Counter(
+            "unisondb_archive_failures_total", "Failed archive passes", ["namespace", "reason"], registry=r
+        )
+        self.retries = Counter(
+            "unisondb_archive_retries_total",
+            "Archive passes retried after a failure",
+            ["namespace"],
+            registry=r,
+        )
+        self.last_success = Gauge(
+            "unisondb_archive_last_success_timestamp_seconds",
+            "Unix time of the last successful upload",
+            ["namespace"],
+            registry=r,
+        )
+        self.archived_lsn = Gauge(
+            "unisondb_archive_archived_lsn",
+            "Last LSN of the newest segment confirmed in the archive",
+            ["namespace"],
+            registry=r,
+        )
+        self.pending = Gauge(
+            "unisondb_archive_pending_segments",
+            "Sealed local segments not yet confirmed in the archive",
+            ["namespace"],
+            registry=r,
+        )
+        self.last_snapshot = Gauge(
+            "unisondb_archive_last_snapshot_timestamp_seconds",
+            "Unix time of the last snapshot published to the archive (0: none since start)",
+            ["namespace"],
+            registry=r,
+        )
 
     def init_namespace(self, namespace: str) -> None:
         """Series at 0 from the start, so ``increase()`` sees the first failure."""
@@ -161,14 +202,17 @@ class ArchiveCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         ns = ["namespace"]
-        lsns = GaugeMetricFamily("unisondb_archive_lag_lsns",
-                                 "Newest acknowledged LSN minus the newest archived LSN",
-                                 labels=ns)
-        secs = GaugeMetricFamily("unisondb_archive_lag_seconds",
-                                 "Age of the oldest acknowledged write not yet in the archive "
-                                 "(0: everything is archived)", labels=ns)
-        up = GaugeMetricFamily("unisondb_archive_up",
-                               "1 if the archiver's last pass succeeded, else 0", labels=ns)
+        lsns = GaugeMetricFamily(
+            "unisondb_archive_lag_lsns", "Newest acknowledged LSN minus the newest archived LSN", labels=ns
+        )
+        secs = GaugeMetricFamily(
+            "unisondb_archive_lag_seconds",
+            "Age of the oldest acknowledged write not yet in the archive (0: everything is archived)",
+            labels=ns,
+        )
+        up = GaugeMetricFamily(
+            "unisondb_archive_up", "1 if the archiver's last pass succeeded, else 0", labels=ns
+        )
         for namespace, lag_lsns, lag_seconds, ok in self._lags():
             lsns.add_metric([namespace], lag_lsns)
             secs.add_metric([namespace], lag_seconds)
@@ -189,31 +233,40 @@ class EngineCollector(Collector):
         rotations = CounterMetricFamily("unisondb_wal_rotations", "WAL segment rotations", labels=ns)
         writes = CounterMetricFamily("unisondb_writes", "Acknowledged write requests", labels=ns)
         groups = CounterMetricFamily("unisondb_group_commits", "Group commits (one fsync each)", labels=ns)
-        replayed = GaugeMetricFamily("unisondb_recovery_records_replayed",
-                                     "WAL records replayed at the last startup", labels=ns)
-        rec_secs = GaugeMetricFamily("unisondb_recovery_duration_seconds",
-                                     "Duration of the last startup recovery", labels=ns)
-        truncated = GaugeMetricFamily("unisondb_recovery_torn_bytes_truncated",
-                                      "Bytes of torn WAL tail cut at the last startup", labels=ns)
-        sealed_max = GaugeMetricFamily("unisondb_wal_sealed_segment_max_id",
-                                       "Highest sealed WAL segment id (0 if none)", labels=ns)
-        oldest = GaugeMetricFamily("unisondb_wal_oldest_segment_id",
-                                   "Oldest WAL segment id still on disk", labels=ns)
-        age = GaugeMetricFamily("unisondb_wal_active_segment_age_seconds",
-                                "Age of the active WAL segment", labels=ns)
+        replayed = GaugeMetricFamily(
+            "unisondb_recovery_records_replayed", "WAL records replayed at the last startup", labels=ns
+        )
+        rec_secs = GaugeMetricFamily(
+            "unisondb_recovery_duration_seconds", "Duration of the last startup recovery", labels=ns
+        )
+        truncated = GaugeMetricFamily(
+            "unisondb_recovery_torn_bytes_truncated",
+            "Bytes of torn WAL tail cut at the last startup",
+            labels=ns,
+        )
+        sealed_max = GaugeMetricFamily(
+            "unisondb_wal_sealed_segment_max_id", "Highest sealed WAL segment id (0 if none)", labels=ns
+        )
+        oldest = GaugeMetricFamily(
+            "unisondb_wal_oldest_segment_id", "Oldest WAL segment id still on disk", labels=ns
+        )
+        age = GaugeMetricFamily(
+            "unisondb_wal_active_segment_age_seconds", "Age of the active WAL segment", labels=ns
+        )
         last_lsn = GaugeMetricFamily("unisondb_wal_last_lsn", "Last LSN written", labels=ns)
-        applied = GaugeMetricFamily("unisondb_checkpoint_lsn",
-                                    "Last LSN applied to the B-tree", labels=ns)
+        applied = GaugeMetricFamily("unisondb_checkpoint_lsn", "Last LSN applied to the B-tree", labels=ns)
         durable_failed = CounterMetricFamily(
             "unisondb_writes_durable_but_failed",
             "Writes answered 507 although their records were durable in the WAL (the disk "
             "stayed full longer than --disk-full-hold; they are applied once it is not)",
-            labels=ns)
-        stalled = GaugeMetricFamily("unisondb_writes_stalled",
-                                    "1 while writes are refused because the disk is full",
-                                    labels=ns)
-        stalls = CounterMetricFamily("unisondb_disk_full_stalls",
-                                     "Times writes were stalled by a full disk", labels=ns)
+            labels=ns,
+        )
+        stalled = GaugeMetricFamily(
+            "unisondb_writes_stalled", "1 while writes are refused because the disk is full", labels=ns
+        )
+        stalls = CounterMetricFamily(
+            "unisondb_disk_full_stalls", "Times writes were stalled by a full disk", labels=ns
+        )
         now = time.time_ns()
         for eng in self._engines():
             n = [eng.namespace]
@@ -237,5 +290,21 @@ class EngineCollector(Collector):
             durable_failed.add_metric(n, eng.stats.durable_but_failed)
             stalled.add_metric(n, 1.0 if eng.stalled is not None else 0.0)
             stalls.add_metric(n, eng.stats.stalls)
-        yield from (wal_bytes, fsyncs, rotations, writes, groups, replayed, rec_secs, truncated,
-                    sealed_max, oldest, age, last_lsn, applied, durable_failed, stalled, stalls)
+        yield from (
+            wal_bytes,
+            fsyncs,
+            rotations,
+            writes,
+            groups,
+            replayed,
+            rec_secs,
+            truncated,
+            sealed_max,
+            oldest,
+            age,
+            last_lsn,
+            applied,
+            durable_failed,
+            stalled,
+            stalls,
+        )

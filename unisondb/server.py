@@ -93,8 +93,7 @@ def close_engines(engines: dict[str, Engine], readers_until: float | None = None
     return clean
 
 
-def start_archive(cfg: ServerConfig, engines: dict[str, Engine],
-                  metrics: Metrics) -> ArchiveService | None:
+def start_archive(cfg: ServerConfig, engines: dict[str, Engine], metrics: Metrics) -> ArchiveService | None:
     """With ``--archive-url``: one archiver per namespace, started (docs/ARCHIVE.md)."""
     if not cfg.archive.enabled:
         return None
@@ -142,13 +141,18 @@ def check_security(cfg: ServerConfig) -> TokenTable | None:
     """
     sec = cfg.security
     tokens = load_tokens(sec.token_file) if sec.token_file is not None else None
-    if (tokens is None and sec.tls_client_ca is None and not sec.insecure_no_auth
-            and not is_loopback(cfg.host)):
+    if (
+        tokens is None
+        and sec.tls_client_ca is None
+        and not sec.insecure_no_auth
+        and not is_loopback(cfg.host)
+    ):
         raise InvalidRequest(
             f"refusing to serve on {cfg.host}:{cfg.port} without authentication: anyone who "
             "reaches this address could read, write and delete data and fill the disk",
             hint="give --auth-token-file FILE (see docs/OPERATIONS.md), listen on 127.0.0.1, "
-                 "or pass --insecure-no-auth if a firewall or proxy does this job")
+            "or pass --insecure-no-auth if a firewall or proxy does this job",
+        )
     if sec.tls_cert is not None:
         _check_tls(sec)
     return tokens
@@ -165,10 +169,10 @@ def _check_tls(sec: SecurityConfig) -> None:
             f"cannot use TLS certificate {sec.tls_cert} / key {sec.tls_key}"
             + (f" / client CA {sec.tls_client_ca}" if sec.tls_client_ca else "")
             + f": {exc.reason or exc}",
-            hint="both must be PEM files and the key must match the certificate") from exc
+            hint="both must be PEM files and the key must match the certificate",
+        ) from exc
     except OSError as exc:  # after SSLError, which is an OSError too
-        raise InvalidRequest(f"cannot read TLS file {exc.filename or sec.tls_cert}: "
-                             f"{exc.strerror}") from exc
+        raise InvalidRequest(f"cannot read TLS file {exc.filename or sec.tls_cert}: {exc.strerror}") from exc
 
 
 def _tls_kwargs(sec: SecurityConfig) -> dict[str, Any]:
@@ -202,15 +206,26 @@ def serve(cfg: ServerConfig) -> int:
         metrics.init_namespace(ns)
     fsutil.fsync_observer = metrics.fsync_seconds.observe
     shutdown = Shutdown(cfg.shutdown_timeout)
-    app = build_app(engines, metrics, data_dir=str(cfg.data_dir.resolve()),
-                    max_body_bytes=cfg.max_body_bytes, tokens=tokens,
-                    metrics_open=cfg.security.metrics_auth == "none", archive=archive,
-                    shutdown=shutdown)
+    app = build_app(
+        engines,
+        metrics,
+        data_dir=str(cfg.data_dir.resolve()),
+        max_body_bytes=cfg.max_body_bytes,
+        tokens=tokens,
+        metrics_open=cfg.security.metrics_auth == "none",
+        archive=archive,
+        shutdown=shutdown,
+    )
     uv = uvicorn.Config(
-        app, host=cfg.host, port=cfg.port, loop="uvloop", lifespan="off",
+        app,
+        host=cfg.host,
+        port=cfg.port,
+        loop="uvloop",
+        lifespan="off",
         # httptools parsing with the limits it lacks (api/protocol.py, docs/OPERATIONS.md).
         http=limited_protocol(cfg.http),
-        access_log=False, log_level="warning",
+        access_log=False,
+        log_level="warning",
         timeout_graceful_shutdown=max(1, int(cfg.shutdown_timeout * lifecycle.HTTP_GRACE_AT)),
         server_header=False,
         # We sit behind no proxy by default; X-Forwarded-* parsing costs every request.
@@ -219,9 +234,13 @@ def serve(cfg: ServerConfig) -> int:
     )
     server = _Server(uv)
     server.stopping = shutdown
-    log.info("server.starting", data_dir=str(cfg.data_dir), namespaces=sorted(engines),
-             auth="tokens" if tokens is not None else "none",
-             tls=cfg.security.tls_cert is not None)
+    log.info(
+        "server.starting",
+        data_dir=str(cfg.data_dir),
+        namespaces=sorted(engines),
+        auth="tokens" if tokens is not None else "none",
+        tls=cfg.security.tls_cert is not None,
+    )
     # uvicorn restores the previous handlers after a graceful shutdown and re-raises the
     # signal it caught; with the default SIGTERM handler that would kill the process
     # before the engines are closed. These handlers make that re-raise harmless.
@@ -254,8 +273,11 @@ def _stop(engines: dict[str, Engine], shutdown: Shutdown) -> bool:
     left = shutdown.wait_jobs(until)
     if left:
         cancelled = shutdown.cancel_all()
-        log.warning("shutdown.backups_cancelled", backups=[j.what for j in cancelled],
-                    note="their .tmp files were removed; nothing of them is published")
+        log.warning(
+            "shutdown.backups_cancelled",
+            backups=[j.what for j in cancelled],
+            note="their .tmp files were removed; nothing of them is published",
+        )
         # Publishing ones finish within moments (a rename, fsyncs, a sidecar).
         shutdown.wait_jobs(max(until, time.monotonic() + 1.0))
     return close_engines(engines, until)

@@ -44,7 +44,7 @@ def _unescape(name: str) -> str | None:
     while i < len(name):
         c = name[i]
         if c == "\\":
-            nxt = name[i + 1:i + 2]
+            nxt = name[i + 1 : i + 2]
             if nxt == "\\":
                 out.append("\\")
             elif nxt == "n":

@@ -40,8 +40,8 @@ def test_rules_name_the_alerts_and_metrics_the_server_exports() -> None:
 def test_promtool_check_and_test_rules() -> None:
     tool = promtool()
     res = subprocess.run([tool, "check", "rules", str(RULES)], capture_output=True, text=True)
-    assert res.returncode == 0 and f"SUCCESS: {len(ALERTS)} rules found" in res.stdout, \
+    assert res.returncode == 0 and f"SUCCESS: {len(ALERTS)} rules found" in res.stdout, (
         res.stdout + res.stderr
-    res = subprocess.run([tool, "test", "rules", TESTS.name], cwd=PROMETHEUS, capture_output=True,
-                         text=True)
+    )
+    res = subprocess.run([tool, "test", "rules", TESTS.name], cwd=PROMETHEUS, capture_output=True, text=True)
     assert res.returncode == 0 and "SUCCESS" in res.stdout, res.stdout + res.stderr

@@ -47,14 +47,39 @@ class LocalWal:
         return SegmentInfo(first, first + RECORDS_PER_SEGMENT - 1, HISTORY, bytes(32))
 
 
-def _archiver(store: ObjectStore, wal: LocalWal, writer: str, *, now: list[float] | None = None,
-              key: ArchiveKey | None = None, metrics: ArchiveMetrics | None = None,
-              pid: int = 1000) -> Archiver:
+def _archiver(
+    store: ObjectStore,
+    wal: LocalWal,
+    writer: str,
+    *,
+    now: list[float] | None = None,
+    key: ArchiveKey | None = None,
+    metrics: ArchiveMetrics | None = None,
+    pid: int = 1000,
+) -> Archiver:
     clock = (lambda: now[0]) if now is not None else time.time
-    lease = Lease(store, "arch", writer, ttl_seconds=30, clock=clock, host="test-host", pid=pid,
-                  pid_alive=lambda p: False)
-    return Archiver(store, "arch", "users", lease, wal.list_sealed, wal.describe, archive_key=key,
-                    metrics=metrics, clock=clock, backoff=Backoff(rng=random.Random(7)))
+    lease = Lease(
+        store,
+        "arch",
+        writer,
+        ttl_seconds=30,
+        clock=clock,
+        host="test-host",
+        pid=pid,
+        pid_alive=lambda p: False,
+    )
+    return Archiver(
+        store,
+        "arch",
+        "users",
+        lease,
+        wal.list_sealed,
+        wal.describe,
+        archive_key=key,
+        metrics=metrics,
+        clock=clock,
+        backoff=Backoff(rng=random.Random(7)),
+    )
 
 
 def _segment_keys(store: ObjectStore) -> list[str]:
@@ -74,8 +99,9 @@ def _count_lists(client: object) -> list[int]:
 
 
 @pytest.mark.parametrize("key", [None, ArchiveKey.from_bytes(os.urandom(32))], ids=["plain", "encrypted"])
-def test_uploads_sealed_segments_in_order_without_listing(s3_server: S3Server, bucket: str, tmp_path: Path,
-                                                          key: ArchiveKey | None) -> None:
+def test_uploads_sealed_segments_in_order_without_listing(
+    s3_server: S3Server, bucket: str, tmp_path: Path, key: ArchiveKey | None
+) -> None:
     client = s3_server.client()
     lists = _count_lists(client)
     store = ObjectStore(bucket, client=client)
@@ -92,8 +118,9 @@ def test_uploads_sealed_segments_in_order_without_listing(s3_server: S3Server, b
     assert all(archiver.is_archived(s) for s in wal.ids) and archiver.archived_lsn == 400
     keys = _segment_keys(store)
     assert keys == sorted(keys) and len(keys) == 4
-    assert keys[0].endswith("00000000000000000001-00000000000000000100-000000001.wal.zst"
-                            + (".enc" if key else ""))
+    assert keys[0].endswith(
+        "00000000000000000001-00000000000000000100-000000001.wal.zst" + (".enc" if key else "")
+    )
     for (sid, path), object_key in zip(wal.list_sealed(), keys, strict=True):
         out = io.BytesIO()
         header = decode(store.open(object_key), out, key, object_key)
@@ -104,8 +131,9 @@ def test_uploads_sealed_segments_in_order_without_listing(s3_server: S3Server, b
     assert sample("unisondb_archive_pending_segments", {"namespace": "users"}) == 0
 
 
-def test_restart_after_crash_resumes_without_duplicates(s3_server: S3Server, bucket: str,
-                                                        tmp_path: Path) -> None:
+def test_restart_after_crash_resumes_without_duplicates(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
     store = ObjectStore(bucket, client=s3_server.client())
     wal = LocalWal(tmp_path / "wal")
     for _ in range(3):
@@ -120,12 +148,15 @@ def test_restart_after_crash_resumes_without_duplicates(s3_server: S3Server, buc
     assert again.run_once() == 4  # confirms the 3 already there (no re-upload) and uploads 1
     after = {o.key: o.etag for o in store.list("arch/users/")}
     assert {k: after[k] for k in before} == before and len(after) == 4
-    assert registry.get_sample_value("unisondb_archive_uploads_total",
-                                     {"namespace": "users", "kind": "segment"}) == 1
+    assert (
+        registry.get_sample_value("unisondb_archive_uploads_total", {"namespace": "users", "kind": "segment"})
+        == 1
+    )
 
 
 def test_second_server_on_the_prefix_is_refused_and_the_first_keeps_going(
-        s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
     now = [100.0]
     store = ObjectStore(bucket, client=s3_server.client())
     wal_a, wal_b = LocalWal(tmp_path / "a"), LocalWal(tmp_path / "b")
@@ -147,7 +178,7 @@ def test_second_server_on_the_prefix_is_refused_and_the_first_keeps_going(
 def test_backoff_grows_with_full_jitter_and_is_capped() -> None:
     backoff = Backoff(base=0.5, cap=30.0, rng=random.Random(1))
     delays = [[backoff.delay(n) for _ in range(200)] for n in range(12)]
-    assert all(0 <= d <= min(30.0, 0.5 * 2 ** n) for n, ds in enumerate(delays) for d in ds)
+    assert all(0 <= d <= min(30.0, 0.5 * 2**n) for n, ds in enumerate(delays) for d in ds)
     assert max(delays[0]) < 0.5 < max(delays[3])  # grows
     assert max(delays[11]) > 20 and len({round(d, 3) for d in delays[11]}) > 100  # capped, jittered
 
@@ -164,10 +195,17 @@ def test_outage_then_catch_up_in_order(own_s3: S3Server, tmp_path: Path) -> None
     bucket = own_s3.create_bucket("outage")
     import boto3
     from botocore.config import Config
-    client = boto3.client("s3", endpoint_url=own_s3.endpoint, region_name="us-east-1",
-                          aws_access_key_id=own_s3.access_key, aws_secret_access_key=own_s3.secret_key,
-                          config=Config(s3={"addressing_style": "path"}, retries={"max_attempts": 1},
-                                        connect_timeout=1, read_timeout=5))
+
+    client = boto3.client(
+        "s3",
+        endpoint_url=own_s3.endpoint,
+        region_name="us-east-1",
+        aws_access_key_id=own_s3.access_key,
+        aws_secret_access_key=own_s3.secret_key,
+        config=Config(
+            s3={"addressing_style": "path"}, retries={"max_attempts": 1}, connect_timeout=1, read_timeout=5
+        ),
+    )
     store = ObjectStore(bucket, client=client)
     wal = LocalWal(tmp_path / "wal")
     wal.seal()
@@ -180,10 +218,14 @@ def test_outage_then_catch_up_in_order(own_s3: S3Server, tmp_path: Path) -> None
         wal.seal()
     delays = [archiver.step() for _ in range(3)]
     assert archiver.state == "retrying" and archiver.failures_in_a_row == 3
-    assert all(0 <= d <= 0.5 * 2 ** n for n, d in enumerate(delays))
+    assert all(0 <= d <= 0.5 * 2**n for n, d in enumerate(delays))
     assert not any(archiver.is_archived(s) for s in (2, 3, 4))  # retention must keep these
-    assert registry.get_sample_value("unisondb_archive_failures_total",
-                                     {"namespace": "users", "reason": "unavailable"}) == 3
+    assert (
+        registry.get_sample_value(
+            "unisondb_archive_failures_total", {"namespace": "users", "reason": "unavailable"}
+        )
+        == 3
+    )
     assert registry.get_sample_value("unisondb_archive_pending_segments", {"namespace": "users"}) == 3
 
     own_s3.restart()
@@ -193,8 +235,9 @@ def test_outage_then_catch_up_in_order(own_s3: S3Server, tmp_path: Path) -> None
     assert [naming.parse_key("arch", k).segment_id for k in keys] == [1, 2, 3, 4]  # type: ignore[union-attr]
 
 
-def test_thread_uploads_on_wake_and_releases_the_lease_on_stop(s3_server: S3Server, bucket: str,
-                                                               tmp_path: Path) -> None:
+def test_thread_uploads_on_wake_and_releases_the_lease_on_stop(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
     store = ObjectStore(bucket, client=s3_server.client())
     wal = LocalWal(tmp_path / "wal")
     archiver = _archiver(store, wal, "a")

@@ -36,8 +36,17 @@ def _content(size: int) -> bytes:
 
 
 def _encode(content: bytes, key: ArchiveKey | None) -> bytes:
-    header = new_header(Kind.SEGMENT, "users", HISTORY, 10, 99, len(content),
-                        hashlib.sha256(content).digest(), FINGERPRINT, key)
+    header = new_header(
+        Kind.SEGMENT,
+        "users",
+        HISTORY,
+        10,
+        99,
+        len(content),
+        hashlib.sha256(content).digest(),
+        FINGERPRINT,
+        key,
+    )
     out = io.BytesIO()
     assert encode(io.BytesIO(content), out, header, key) == len(out.getvalue())
     return out.getvalue()
@@ -136,12 +145,13 @@ def test_swapped_chunks_fail_authentication() -> None:
     blob = bytearray(_encode(os.urandom(3 * CHUNK_SIZE), KEY))
     full = CHUNK_SIZE + 16
     a = HEADER_SIZE
-    first, second = bytes(blob[a:a + full]), bytes(blob[a + full:a + 2 * full])
-    blob[a:a + full], blob[a + full:a + 2 * full] = second, first
+    first, second = bytes(blob[a : a + full]), bytes(blob[a + full : a + 2 * full])
+    blob[a : a + full], blob[a + full : a + 2 * full] = second, first
     # The trailer CRC is order-dependent too; fix it so only the AEAD can object.
     import struct
 
     import crc32c
+
     body = bytes(blob[HEADER_SIZE:-TRAILER_SIZE])
     blob[-TRAILER_SIZE:] = struct.pack("<QI4s", len(body), crc32c.crc32c(body), b"UDBE")
     with pytest.raises(CorruptArchive, match="chunk 0 fails authentication"):
@@ -152,10 +162,11 @@ def test_dropping_the_final_chunk_is_detected() -> None:
     blob = _encode(os.urandom(3 * CHUNK_SIZE), KEY)
     full = CHUNK_SIZE + 16
     body = blob[HEADER_SIZE:-TRAILER_SIZE]
-    kept = body[:(len(body) // full) * full]  # whole non-final chunks only
+    kept = body[: (len(body) // full) * full]  # whole non-final chunks only
     import struct
 
     import crc32c
+
     forged = blob[:HEADER_SIZE] + kept + struct.pack("<QI4s", len(kept), crc32c.crc32c(kept), b"UDBE")
     with pytest.raises(CorruptArchive, match="truncated|authentication"):
         _decode(forged, KEY)
@@ -166,9 +177,9 @@ def test_dropping_the_final_chunk_is_detected() -> None:
 def test_truncation_is_detected(key: ArchiveKey | None, cut: int | str) -> None:
     blob = _encode(_content(300_000), key)
     if cut == "half":
-        short = blob[:len(blob) // 2]
+        short = blob[: len(blob) // 2]
     elif cut == "header":
-        short = blob[:HEADER_SIZE - 1]
+        short = blob[: HEADER_SIZE - 1]
     else:
         assert isinstance(cut, int)
         short = blob[:-cut]
@@ -203,8 +214,9 @@ def test_wrong_key_with_the_same_id_fails_authentication() -> None:
 
 def test_content_that_changes_while_encoding_is_refused() -> None:
     content = _content(10_000)
-    header = new_header(Kind.SEGMENT, "users", HISTORY, 1, 2, len(content),
-                        hashlib.sha256(b"other").digest(), None, None)
+    header = new_header(
+        Kind.SEGMENT, "users", HISTORY, 1, 2, len(content), hashlib.sha256(b"other").digest(), None, None
+    )
     with pytest.raises(InvalidRequest, match="changed while it was archived"):
         encode(io.BytesIO(content), io.BytesIO(), header, None)
 
@@ -213,8 +225,16 @@ def test_encode_file_streams_a_file(tmp_path: Path) -> None:
     src = tmp_path / "000000001.wal"
     src.write_bytes(_content(2_000_000))
     out = io.BytesIO()
-    header = encode_file(src, out, kind=Kind.SEGMENT, namespace="default", history_id=HISTORY,
-                         first_lsn=1, last_lsn=500, key=KEY)
+    header = encode_file(
+        src,
+        out,
+        kind=Kind.SEGMENT,
+        namespace="default",
+        history_id=HISTORY,
+        first_lsn=1,
+        last_lsn=500,
+        key=KEY,
+    )
     assert header.plain_size == 2_000_000
     assert _decode(out.getvalue(), KEY) == src.read_bytes()
 

@@ -46,10 +46,16 @@ def s3_env(s3_server: S3Server, monkeypatch: pytest.MonkeyPatch) -> S3Server:
     return s3_server
 
 
-def archive_args(s3: S3Server, bucket: str, key_file: Path | None = None,
-                 *extra: str) -> list[str]:
-    args = ["--archive-url", f"s3://{bucket}/arch", "--archive-endpoint", s3.endpoint,
-            "--archive-path-style", "--archive-interval", INTERVAL]
+def archive_args(s3: S3Server, bucket: str, key_file: Path | None = None, *extra: str) -> list[str]:
+    args = [
+        "--archive-url",
+        f"s3://{bucket}/arch",
+        "--archive-endpoint",
+        s3.endpoint,
+        "--archive-path-style",
+        "--archive-interval",
+        INTERVAL,
+    ]
     if key_file is not None:
         args += ["--archive-key-file", str(key_file)]
     return args + list(extra)
@@ -79,8 +85,9 @@ def archive_health(srv: ServerProcess) -> dict[str, Any]:
     return dict(body["archive"]["namespaces"][NS])
 
 
-def wait_for(srv: ServerProcess, cond: Callable[[dict[str, Any]], bool], what: str,
-             timeout: float = 30.0) -> dict[str, Any]:
+def wait_for(
+    srv: ServerProcess, cond: Callable[[dict[str, Any]], bool], what: str, timeout: float = 30.0
+) -> dict[str, Any]:
     deadline = time.monotonic() + timeout
     state = archive_health(srv)
     while not cond(state):
@@ -93,10 +100,26 @@ def wait_for(srv: ServerProcess, cond: Callable[[dict[str, Any]], bool], what: s
 
 def restore_from(s3: S3Server, bucket: str, data_dir: Path, *extra: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "unisondb", "restore", "--from", f"s3://{bucket}/arch",
-         "--archive-endpoint", s3.endpoint, "--archive-path-style", "--namespace", NS,
-         "--data-dir", str(data_dir), *extra],
-        capture_output=True, text=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "unisondb",
+            "restore",
+            "--from",
+            f"s3://{bucket}/arch",
+            "--archive-endpoint",
+            s3.endpoint,
+            "--archive-path-style",
+            "--namespace",
+            NS,
+            "--data-dir",
+            str(data_dir),
+            *extra,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def object_names(s3: S3Server, bucket: str) -> list[naming.ArchiveName]:
@@ -106,9 +129,9 @@ def object_names(s3: S3Server, bucket: str) -> list[naming.ArchiveName]:
 
 
 @pytest.mark.parametrize("encrypted", [False, True], ids=["plain", "encrypted"])
-def test_namespace_survives_loss_of_its_data_directory(s3_env: S3Server, bucket: str,
-                                                       tmp_path: Path, server_factory: Any,
-                                                       encrypted: bool) -> None:
+def test_namespace_survives_loss_of_its_data_directory(
+    s3_env: S3Server, bucket: str, tmp_path: Path, server_factory: Any, encrypted: bool
+) -> None:
     key_file = None
     if encrypted:
         key_file = tmp_path / "archive.key"
@@ -127,8 +150,11 @@ def test_namespace_survives_loss_of_its_data_directory(s3_env: S3Server, bucket:
         models[put(srv, k, model[k])] = dict(model)
     acked = max(models)
     # The archive confirms every write within about the interval; no rotate call, no stop.
-    state = wait_for(srv, lambda s: s["archivedLsn"] >= acked and s["lagLsns"] == 0
-                     and s["lastSnapshotLsn"] is not None, "the archive to catch up")
+    state = wait_for(
+        srv,
+        lambda s: s["archivedLsn"] >= acked and s["lagLsns"] == 0 and s["lastSnapshotLsn"] is not None,
+        "the archive to catch up",
+    )
     assert state["state"] == "ok" and state["lagSeconds"] == 0
     # Writes after that, not waited for: lost with the machine or not, never half-restored.
     late = {f"late{i}": b"late" for i in range(3)}
@@ -165,13 +191,15 @@ def test_namespace_survives_loss_of_its_data_directory(s3_env: S3Server, bucket:
         assert not (nokey / NS).exists()
 
 
-def test_s3_down_under_write_load_then_catch_up_in_order(s3_env: S3Server, bucket: str,
-                                                         tmp_path: Path,
-                                                         server_factory: Any) -> None:
+def test_s3_down_under_write_load_then_catch_up_in_order(
+    s3_env: S3Server, bucket: str, tmp_path: Path, server_factory: Any
+) -> None:
     data = tmp_path / "data"
     srv: ServerProcess = server_factory(
-        data, NS, extra_args=archive_args(s3_env, bucket, None, "--wal-segment-size", "4KiB",
-                                          "--wal-retention", "0s"))
+        data,
+        NS,
+        extra_args=archive_args(s3_env, bucket, None, "--wal-segment-size", "4KiB", "--wal-retention", "0s"),
+    )
     wal = data / NS / "wal"
     for i in range(20):
         put(srv, f"a{i}", b"x" * 300)
@@ -196,11 +224,18 @@ def test_s3_down_under_write_load_then_catch_up_in_order(s3_env: S3Server, bucke
         assert f'unisondb_archive_lag_lsns{{namespace="{NS}"}}' in metrics
     finally:
         s3_env.restart()
-    state = wait_for(srv, lambda s: s["state"] == "ok" and s["archivedLsn"] >= last
-                     and s["lagLsns"] == 0, "catch-up", timeout=90)
+    state = wait_for(
+        srv,
+        lambda s: s["state"] == "ok" and s["archivedLsn"] >= last and s["lagLsns"] == 0,
+        "catch-up",
+        timeout=90,
+    )
     # No hole: the archived segments cover 1..last contiguously, each once.
-    segs = sorted((n.first_lsn, n.last_lsn, n.segment_id) for n in object_names(s3_env, bucket)
-                  if n.kind is NameKind.SEGMENT)
+    segs = sorted(
+        (n.first_lsn, n.last_lsn, n.segment_id)
+        for n in object_names(s3_env, bucket)
+        if n.kind is NameKind.SEGMENT
+    )
     assert segs[0][0] == 1 and segs[-1][1] >= last
     for (_, prev_last, _), (first, _, _) in zip(segs, segs[1:], strict=False):
         assert first == prev_last + 1, segs
@@ -215,11 +250,14 @@ def test_s3_down_under_write_load_then_catch_up_in_order(s3_env: S3Server, bucke
     assert len(list(wal.glob("*.wal"))) <= 3, sorted(p.name for p in wal.glob("*.wal"))
 
 
-def test_snapshot_on_demand_and_archiving_off(s3_env: S3Server, bucket: str, tmp_path: Path,
-                                              server_factory: Any) -> None:
+def test_snapshot_on_demand_and_archiving_off(
+    s3_env: S3Server, bucket: str, tmp_path: Path, server_factory: Any
+) -> None:
     srv: ServerProcess = server_factory(
-        tmp_path / "data", NS,
-        extra_args=archive_args(s3_env, bucket, None, "--archive-snapshot-interval", "0"))
+        tmp_path / "data",
+        NS,
+        extra_args=archive_args(s3_env, bucket, None, "--archive-snapshot-interval", "0"),
+    )
     lsn = put(srv, "k", b"v")
     wait_for(srv, lambda s: s["state"] == "ok", "the lease")
     assert archive_health(srv)["lastSnapshotLsn"] is None  # interval 0: none scheduled
@@ -250,10 +288,13 @@ def test_bad_archive_flags_are_one_line_errors(tmp_path: Path) -> None:
         (["--archive-url", "s3://bkt/p", "--archive-interval", "0"], "at least 50ms"),
     ]
     for args, message in cases:
-        res = subprocess.run([sys.executable, "-m", "unisondb", "--data-dir", str(tmp_path / "d"),
-                              *args], capture_output=True, text=True, timeout=60,
-                             env={**os.environ, "AWS_ACCESS_KEY_ID": "x",
-                                  "AWS_SECRET_ACCESS_KEY": "y"})
+        res = subprocess.run(
+            [sys.executable, "-m", "unisondb", "--data-dir", str(tmp_path / "d"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+        )
         assert res.returncode != 0
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0], res.stderr

@@ -37,8 +37,9 @@ def _store(s3: S3Server, bucket: str, secret: str | None = None) -> ObjectStore:
     return ObjectStore(bucket, client=s3.client(secret_key=secret))
 
 
-def test_store_through_the_standard_credential_chain(s3_server: S3Server, bucket: str,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+def test_store_through_the_standard_credential_chain(
+    s3_server: S3Server, bucket: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """No client passed: boto3 finds the credentials in the AWS environment variables."""
     for name, value in s3_server.env().items():
         monkeypatch.setenv(name, value)
@@ -79,9 +80,14 @@ def test_unreachable_store_is_unavailable(s3_server: S3Server) -> None:
     from botocore.config import Config
 
     port = free_port()  # nothing listens there
-    client = boto3.client("s3", endpoint_url=f"http://127.0.0.1:{port}", region_name="us-east-1",
-                          aws_access_key_id="a", aws_secret_access_key="b",
-                          config=Config(retries={"max_attempts": 1}, connect_timeout=1))
+    client = boto3.client(
+        "s3",
+        endpoint_url=f"http://127.0.0.1:{port}",
+        region_name="us-east-1",
+        aws_access_key_id="a",
+        aws_secret_access_key="b",
+        config=Config(retries={"max_attempts": 1}, connect_timeout=1),
+    )
     with pytest.raises(ArchiveUnavailable, match="unreachable"):
         ObjectStore("bkt", client=client).put_if_absent("k", b"x")
 
@@ -95,17 +101,22 @@ def test_parse_url() -> None:
 
 
 def test_names_sort_in_log_order_and_parse_back() -> None:
-    keys = [naming.segment_key("arch/prod", "users", HISTORY, first, first + 9, seg, True)
-            for seg, first in ((12, 110), (2, 10), (10, 90))]
-    assert keys[1] == ("arch/prod/users/00112233445566778899aabbccddeeff/wal/"
-                       "00000000000000000010-00000000000000000019-000000002.wal.zst.enc")
+    keys = [
+        naming.segment_key("arch/prod", "users", HISTORY, first, first + 9, seg, True)
+        for seg, first in ((12, 110), (2, 10), (10, 90))
+    ]
+    assert keys[1] == (
+        "arch/prod/users/00112233445566778899aabbccddeeff/wal/"
+        "00000000000000000010-00000000000000000019-000000002.wal.zst.enc"
+    )
     assert sorted(keys) == [keys[1], keys[2], keys[0]]
     parsed = naming.parse_key("arch/prod", keys[0])
     assert parsed == naming.ArchiveName(NameKind.SEGMENT, "users", HISTORY, 110, 119, 12, True)
     snap = naming.snapshot_key("", "users", HISTORY, 7, False, NameKind.MANIFEST_COPY)
     assert snap == "users/00112233445566778899aabbccddeeff/snapshots/00000000000000000007.manifest.copy.zst"
-    assert naming.parse_key("", snap) == naming.ArchiveName(NameKind.MANIFEST_COPY, "users", HISTORY, 7, 7,
-                                                            None, False)
+    assert naming.parse_key("", snap) == naming.ArchiveName(
+        NameKind.MANIFEST_COPY, "users", HISTORY, 7, 7, None, False
+    )
     assert naming.parse_key("arch/prod", naming.lease_key("arch/prod")) is None
     assert naming.parse_key("arch/prod", "arch/prod/users/notahistory/wal/x") is None
 
@@ -117,15 +128,25 @@ def _segment(tmp_path: Path, size: int = 300_000) -> Path:
 
 
 @pytest.mark.parametrize("archive_key", [None, KEY], ids=["plain", "encrypted"])
-def test_publish_is_idempotent_and_never_overwrites(s3_server: S3Server, bucket: str, tmp_path: Path,
-                                                    archive_key: ArchiveKey | None) -> None:
+def test_publish_is_idempotent_and_never_overwrites(
+    s3_server: S3Server, bucket: str, tmp_path: Path, archive_key: ArchiveKey | None
+) -> None:
     store = _store(s3_server, bucket)
     path = _segment(tmp_path)
     key = naming.segment_key("arch", "users", HISTORY, 1, 50, 3, archive_key is not None)
 
     def publish() -> object:
-        return publish_file(store, key, path, kind=Kind.SEGMENT, namespace="users", history_id=HISTORY,
-                            first_lsn=1, last_lsn=50, archive_key=archive_key)
+        return publish_file(
+            store,
+            key,
+            path,
+            kind=Kind.SEGMENT,
+            namespace="users",
+            history_id=HISTORY,
+            first_lsn=1,
+            last_lsn=50,
+            archive_key=archive_key,
+        )
 
     first = publish()
     assert not first.already and first.size > 0  # type: ignore[attr-defined]
@@ -180,8 +201,9 @@ def test_lease_release_and_restart_after_crash(s3_server: S3Server, bucket: str)
     assert b.read().generation == 2  # type: ignore[union-attr]
 
     # The same server restarting after a crash takes its own lease back at once...
-    crashed = Lease(store, "", "server-b", clock=lambda: now[0], host="h2", pid=33,
-                    pid_alive=lambda p: p != 22)
+    crashed = Lease(
+        store, "", "server-b", clock=lambda: now[0], host="h2", pid=33, pid_alive=lambda p: p != 22
+    )
     crashed.acquire()
     # ...but not while the old process still runs (a copy of the data directory, started twice).
     twin = Lease(store, "", "server-b", clock=lambda: now[0], host="h2", pid=44, pid_alive=lambda p: True)
@@ -199,18 +221,31 @@ def test_damaged_lease_is_a_clear_error(s3_server: S3Server, bucket: str) -> Non
 
 
 @pytest.mark.parametrize("archive_key", [None, KEY], ids=["plain", "encrypted"])
-def test_snapshot_manifest_and_copy(s3_server: S3Server, bucket: str, tmp_path: Path,
-                                    archive_key: ArchiveKey | None) -> None:
+def test_snapshot_manifest_and_copy(
+    s3_server: S3Server, bucket: str, tmp_path: Path, archive_key: ArchiveKey | None
+) -> None:
     store = _store(s3_server, bucket)
     snap = tmp_path / "data.mdb"
     snap.write_bytes(os.urandom(100_000))
     fingerprint = os.urandom(32)
-    made = publish_snapshot(store, "arch", snap, namespace="users", history_id=HISTORY, lsn=77,
-                            fingerprint=fingerprint, writer_id="w", archive_key=archive_key, created_at=5.0)
+    made = publish_snapshot(
+        store,
+        "arch",
+        snap,
+        namespace="users",
+        history_id=HISTORY,
+        lsn=77,
+        fingerprint=fingerprint,
+        writer_id="w",
+        archive_key=archive_key,
+        created_at=5.0,
+    )
     assert read_manifest(store, "arch", "users", HISTORY, 77, archive_key) == made
     assert made.fingerprint == fingerprint.hex() and made.snapshot_plain_size == 100_000
-    names = sorted(naming.parse_key("arch", o.key).kind.value  # type: ignore[union-attr]
-                   for o in store.list(naming.namespace_prefix("arch", "users")))
+    names = sorted(
+        naming.parse_key("arch", o.key).kind.value  # type: ignore[union-attr]
+        for o in store.list(naming.namespace_prefix("arch", "users"))
+    )
     assert names == ["manifest", "manifest.copy", "snapshot"]
     enc = archive_key is not None
     # The first manifest lost: the copy still proves the snapshot complete.
@@ -218,13 +253,37 @@ def test_snapshot_manifest_and_copy(s3_server: S3Server, bucket: str, tmp_path: 
     assert read_manifest(store, "arch", "users", HISTORY, 77, archive_key) == made
     # Re-publishing the same snapshot (a retry) is idempotent and rewrites the missing manifest.
     # (a later created_at, as after a restart, keeps the manifest that is there)
-    assert publish_snapshot(store, "arch", snap, namespace="users", history_id=HISTORY, lsn=77,
-                            fingerprint=fingerprint, writer_id="w", archive_key=archive_key,
-                            created_at=99.0) == made
+    assert (
+        publish_snapshot(
+            store,
+            "arch",
+            snap,
+            namespace="users",
+            history_id=HISTORY,
+            lsn=77,
+            fingerprint=fingerprint,
+            writer_id="w",
+            archive_key=archive_key,
+            created_at=99.0,
+        )
+        == made
+    )
     store.delete(naming.snapshot_key("arch", "users", HISTORY, 77, enc, NameKind.MANIFEST_COPY))
-    assert publish_snapshot(store, "arch", snap, namespace="users", history_id=HISTORY, lsn=77,
-                            fingerprint=fingerprint, writer_id="w", archive_key=archive_key,
-                            created_at=123.0) == made
+    assert (
+        publish_snapshot(
+            store,
+            "arch",
+            snap,
+            namespace="users",
+            history_id=HISTORY,
+            lsn=77,
+            fingerprint=fingerprint,
+            writer_id="w",
+            archive_key=archive_key,
+            created_at=123.0,
+        )
+        == made
+    )
     for kind in (NameKind.MANIFEST, NameKind.MANIFEST_COPY):
         store.delete(naming.snapshot_key("arch", "users", HISTORY, 77, enc, kind))
     with pytest.raises(CorruptArchive, match="no usable manifest.*unfinished upload is not a backup"):

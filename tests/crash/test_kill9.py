@@ -95,8 +95,9 @@ ROTATING = Workload(segment_size="8KiB", value_size=(200, 900))
 #: Multi-page WAL writes: Linux stops a pwrite at a page boundary when SIGKILL arrives, so
 #: these rounds sometimes end in a real torn record (seen in ~1 round in 8). A batch stays
 #: under the 1 MiB body limit (3 x 192 KiB, base64-encoded).
-LARGE = Workload(segment_size="4MiB", keys_per_thread=4, p_batch=0.1, batch_size=(2, 3),
-                 value_size=(64 << 10, 192 << 10))
+LARGE = Workload(
+    segment_size="4MiB", keys_per_thread=4, p_batch=0.1, batch_size=(2, 3), value_size=(64 << 10, 192 << 10)
+)
 
 
 @dataclass
@@ -118,8 +119,16 @@ def make_value(tag: str, key: str, rng: random.Random, wl: Workload) -> bytes:
     return f"{tag}|{key}|".encode() + rng.randbytes(rng.randint(*wl.value_size))
 
 
-def run_client(url: str, tid: int, prefix: str, wl: Workload, rng: random.Random,
-               ops: list[Op], start: threading.Barrier, stop: threading.Event) -> None:
+def run_client(
+    url: str,
+    tid: int,
+    prefix: str,
+    wl: Workload,
+    rng: random.Random,
+    ops: list[Op],
+    start: threading.Barrier,
+    stop: threading.Event,
+) -> None:
     """Issue requests one at a time until one fails (the server died) or ``stop``."""
     keys = [f"{prefix}-t{tid:02d}-k{j:02d}" for j in range(wl.keys_per_thread)]
     with client(url, timeout=10.0) as c:
@@ -195,7 +204,7 @@ def acceptable_states(ops: list[Op], key: str) -> list[bytes | None]:
     touching = [op for op in ops if key in op.writes]
     last_acked = max((i for i, op in enumerate(touching) if op.acked), default=-1)
     states = [touching[last_acked].writes[key] if last_acked >= 0 else None]
-    states += [op.writes[key] for op in touching[last_acked + 1:]]
+    states += [op.writes[key] for op in touching[last_acked + 1 :]]
     return states
 
 
@@ -230,8 +239,7 @@ class WalCheck:
                     first, last = known[1], known[2]
                 else:
                     if known is not None:
-                        problems.append(f"{path.name}: sealed segment changed size "
-                                        f"{known[0]} -> {size}")
+                        problems.append(f"{path.name}: sealed segment changed size {known[0]} -> {size}")
                     scan = segment.scan(path)
                     first, last = scan.first_lsn, scan.last_lsn
                     if scan.tail_error is not None:
@@ -240,13 +248,17 @@ class WalCheck:
                         if not scan.sealed:
                             problems.append(f"{path.name}: older segment without a footer")
                         elif scan.data_end + segment.FOOTER_SIZE != size or not scan.records:
-                            problems.append(f"{path.name}: sealed segment is not whole "
-                                            f"(records end {scan.data_end}, size {size})")
+                            problems.append(
+                                f"{path.name}: sealed segment is not whole "
+                                f"(records end {scan.data_end}, size {size})"
+                            )
                         else:
                             self.sealed[seg_id] = (size, first, last)
                     elif scan.sealed or scan.data_end != size:
-                        problems.append(f"{path.name}: active segment sealed={scan.sealed}, "
-                                        f"records end {scan.data_end}, size {size}")
+                        problems.append(
+                            f"{path.name}: active segment sealed={scan.sealed}, "
+                            f"records end {scan.data_end}, size {size}"
+                        )
             except UnisonDBError as exc:
                 problems.append(f"{path.name}: {exc}")
                 continue
@@ -292,8 +304,7 @@ class CrashRun:
                     pass
                 time.sleep(0.02)
         srv.kill9()
-        self.fail(round_no, [f"server did not come up (exit code {srv.proc.returncode}):",
-                             srv.log()[-4000:]])
+        self.fail(round_no, [f"server did not come up (exit code {srv.proc.returncode}):", srv.log()[-4000:]])
         raise AssertionError("unreachable")
 
     def stats(self) -> dict[str, int]:
@@ -309,11 +320,9 @@ class CrashRun:
         for n in range(rounds):
             self.round(n)
         if self.known_bug_hits:
-            print("known bug hit (test_stats_last_lsn_is_never_reused):",
-                  *self.known_bug_hits, sep="\n  ")
+            print("known bug hit (test_stats_last_lsn_is_never_reused):", *self.known_bug_hits, sep="\n  ")
         # A round killed before its first answer checks only recovery; a run must do more.
-        assert self.total_acked >= rounds, "\n".join(["too few acknowledged writes:",
-                                                      *self.summaries])
+        assert self.total_acked >= rounds, "\n".join(["too few acknowledged writes:", *self.summaries])
         self.srv.stop()
         assert self.srv.proc.returncode == 0, self.srv.log()
 
@@ -334,9 +343,20 @@ class CrashRun:
                 crashed.append(exc)
 
         threads = [
-            threading.Thread(target=guarded, args=(run_client, url, t, prefix, wl,
-                                                   random.Random(self.rng.random()), ops[t],
-                                                   barrier, stop))
+            threading.Thread(
+                target=guarded,
+                args=(
+                    run_client,
+                    url,
+                    t,
+                    prefix,
+                    wl,
+                    random.Random(self.rng.random()),
+                    ops[t],
+                    barrier,
+                    stop,
+                ),
+            )
             for t in range(wl.threads)
         ]
         threads.append(threading.Thread(target=guarded, args=(poll_lsns, url, seen, stop)))
@@ -366,24 +386,31 @@ class CrashRun:
         all_ops = [op for thread_ops in ops for op in thread_ops]
         acked = sum(op.acked for op in all_ops)
         unknown = len(all_ops) - acked
-        problems += [f"request answered {op.outcome} before the kill: {op.kind} "
-                     f"{sorted(op.writes)[:3]}" for op in all_ops if op.outcome.startswith("HTTP")
-                     and not op.acked]
+        problems += [
+            f"request answered {op.outcome} before the kill: {op.kind} {sorted(op.writes)[:3]}"
+            for op in all_ops
+            if op.outcome.startswith("HTTP") and not op.acked
+        ]
         last = stats["lastLsn"]
-        summary = (f"round {n:3d}: kill@{kill_at:.2f}s acked={acked} unknown={unknown} "
-                   f"lsn {lsn_before}->{last} replayed={replayed} torn_tail={torn} broken_copies={broken} "
-                   f"seen stats/checkpoint={seen['stats']}/{seen['checkpoint']}")
+        summary = (
+            f"round {n:3d}: kill@{kill_at:.2f}s acked={acked} unknown={unknown} "
+            f"lsn {lsn_before}->{last} replayed={replayed} torn_tail={torn} broken_copies={broken} "
+            f"seen stats/checkpoint={seen['stats']}/{seen['checkpoint']}"
+        )
         self.summaries.append(summary)
 
         # --- LSNs ---
         if cp_lsn != last:
             problems.append(f"after recovery checkpoint LSN {cp_lsn} != lastLsn {last}")
         if last < seen["checkpoint"]:
-            problems.append(f"checkpoint went backwards: saw {seen['checkpoint']} before the "
-                            f"kill, {last} after restart")
+            problems.append(
+                f"checkpoint went backwards: saw {seen['checkpoint']} before the kill, {last} after restart"
+            )
         if not acked <= last - lsn_before <= acked + unknown:
-            problems.append(f"this round used LSNs {lsn_before + 1}..{last} "
-                            f"({last - lsn_before}) for {acked} acked + {unknown} unknown writes")
+            problems.append(
+                f"this round used LSNs {lsn_before + 1}..{last} "
+                f"({last - lsn_before}) for {acked} acked + {unknown} unknown writes"
+            )
 
         # --- every key of this round, and a sample of earlier rounds ---
         touched = sorted({k for op in all_ops for k in op.writes})
@@ -393,22 +420,25 @@ class CrashRun:
             tid = int(k.split("-t")[1][:2])
             states = acceptable_states(ops[tid], k)
             if actual[k] not in states:
-                problems.append(f"{k}: has {describe(actual[k])}, allowed "
-                                f"{[describe(s) for s in states]}")
+                problems.append(f"{k}: has {describe(actual[k])}, allowed {[describe(s) for s in states]}")
         for k in earlier:
             if actual[k] != self.verified[k]:
-                problems.append(f"{k} (earlier round): has {describe(actual[k])}, was verified "
-                                f"as {describe(self.verified[k])}")
+                problems.append(
+                    f"{k} (earlier round): has {describe(actual[k])}, was verified "
+                    f"as {describe(self.verified[k])}"
+                )
         for thread_ops in ops:
             for i, op in enumerate(thread_ops):
                 if op.kind != "batch":
                     continue
-                later = {k for later_op in thread_ops[i + 1:] for k in later_op.writes}
+                later = {k for later_op in thread_ops[i + 1 :] for k in later_op.writes}
                 keys = [k for k in op.writes if k not in later]
                 applied = [k for k in keys if actual[k] == op.writes[k]]
                 if applied and len(applied) != len(keys):
-                    problems.append(f"batch {op.batch_id} (acked={op.acked}) half-applied: "
-                                    f"{len(applied)} of {len(keys)} keys")
+                    problems.append(
+                        f"batch {op.batch_id} (acked={op.acked}) half-applied: "
+                        f"{len(applied)} of {len(keys)} keys"
+                    )
         for k in touched:
             self.verified[k] = actual[k]
         # How many unacknowledged puts/batches did land (shows the kill hit real in-flight work).
@@ -427,11 +457,15 @@ class CrashRun:
         if self.lsn != last + 1:
             problems.append(f"new write after restart got LSN {self.lsn}, expected {last + 1}")
         if self.lsn <= seen["checkpoint"]:
-            problems.append(f"LSN reused: new write got LSN {self.lsn} but the checkpoint "
-                            f"was at LSN {seen['checkpoint']} before the kill")
+            problems.append(
+                f"LSN reused: new write got LSN {self.lsn} but the checkpoint "
+                f"was at LSN {seen['checkpoint']} before the kill"
+            )
         elif self.lsn <= seen["stats"]:
-            msg = (f"LSN reused: new write got LSN {self.lsn} but /stats reported lastLsn "
-                   f"{seen['stats']} before the kill")
+            msg = (
+                f"LSN reused: new write got LSN {self.lsn} but /stats reported lastLsn "
+                f"{seen['stats']} before the kill"
+            )
             if KNOWN_STATS_LSN_BUG:
                 self.known_bug_hits.append(f"round {n}: {msg}")
                 self.summaries[-1] += " [known bug: /stats LSN reused]"
@@ -457,8 +491,7 @@ def crash_seed() -> int:
     return int(env) if env else random.randrange(1 << 32)
 
 
-def run_rounds(server_factory: Callable[..., object], tmp_path: Path, wl: Workload,
-               rounds: int) -> CrashRun:
+def run_rounds(server_factory: Callable[..., object], tmp_path: Path, wl: Workload, rounds: int) -> CrashRun:
     run = CrashRun(server_factory, tmp_path / "data", wl, crash_seed())
     run.run(rounds)
     assert run.rounds_run == rounds
@@ -471,8 +504,7 @@ def test_kill9_under_mixed_load(server_factory: Callable[..., object], tmp_path:
     run_rounds(server_factory, tmp_path, MIXED, ROUNDS)
 
 
-def test_kill9_during_batch_heavy_load(server_factory: Callable[..., object],
-                                       tmp_path: Path) -> None:
+def test_kill9_during_batch_heavy_load(server_factory: Callable[..., object], tmp_path: Path) -> None:
     """80% of requests are 8-24-key batches: the kill almost surely lands in one."""
     run = run_rounds(server_factory, tmp_path, BATCH_HEAVY, 2)
     assert run.verified
@@ -483,8 +515,7 @@ def test_kill9_with_large_values(server_factory: Callable[..., object], tmp_path
     run_rounds(server_factory, tmp_path, LARGE, 3)
 
 
-def test_kill9_during_continuous_rotation(server_factory: Callable[..., object],
-                                          tmp_path: Path) -> None:
+def test_kill9_during_continuous_rotation(server_factory: Callable[..., object], tmp_path: Path) -> None:
     """8 KiB segments and values up to 900 bytes: nearly every group commit rotates."""
     run = run_rounds(server_factory, tmp_path, ROTATING, 2)
     assert len(run.wal.sealed) > 20, "the load did not rotate segments"

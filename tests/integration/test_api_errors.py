@@ -63,8 +63,9 @@ def assert_error(resp: httpx.Response, status: int, pattern: str = "") -> str:
     return body["error"]
 
 
-def raw(srv: Any, method: str, target: str, body: bytes = b"",
-        headers: dict[str, str] | None = None) -> tuple[int, dict[str, str], bytes]:
+def raw(
+    srv: Any, method: str, target: str, body: bytes = b"", headers: dict[str, str] | None = None
+) -> tuple[int, dict[str, str], bytes]:
     """Send exactly this request target (no client-side path normalisation)."""
     conn = HTTPConnection("127.0.0.1", srv.port, timeout=30)
     try:
@@ -99,7 +100,7 @@ BAD_PUT_BODIES = [
     (b'\xef\xbb\xbf{"value": "eA=="}', r"^invalid request body: malformed JSON"),
     (b'{"value": "\xff"}', r"^invalid request body: malformed JSON"),
     (b'{"value": "eA==\x00"}', r"^invalid request body: malformed JSON"),
-    (b'\x00\x00\x00', r"^invalid request body: malformed JSON"),
+    (b"\x00\x00\x00", r"^invalid request body: malformed JSON"),
 ]
 
 
@@ -119,25 +120,29 @@ BAD_BATCHES: list[tuple[Any, str]] = [
     ({"operation": "PUT", "items": [{"key": "a", "value": ""}]}, r"^unknown operation: 'PUT'"),
     ({"keys": ["a"]}, r"^unknown operation"),
     ({"operation": 1, "keys": ["a"]}, r"^unknown operation"),
-    ({"operation": "put", "items": [{"key": "ok", "value": ""}, {"key": "", "value": ""}]},
-     r"^key at index 1 cannot be empty$"),
+    (
+        {"operation": "put", "items": [{"key": "ok", "value": ""}, {"key": "", "value": ""}]},
+        r"^key at index 1 cannot be empty$",
+    ),
     ({"operation": "delete", "keys": ["ok", "also-ok", ""]}, r"^key at index 2 cannot be empty$"),
     ({"operation": "delete", "keys": [None]}, r"^key at index 0 must be a string$"),
     ({"operation": "put", "items": [{"key": 7, "value": ""}]}, r"^key at index 0 must be a string$"),
-    ({"operation": "put", "items": [{"key": "a", "value": "***"}]},
-     r"^invalid base64 value at index 0: "),
+    ({"operation": "put", "items": [{"key": "a", "value": "***"}]}, r"^invalid base64 value at index 0: "),
     ({"operation": "put", "items": [{"key": "a"}]}, r"^invalid base64 value at index 0: "),
     ({"operation": "put", "items": ["a"]}, r"^item at index 0 must be an object"),
-    ({"operation": "put", "items": [{"key": "k" * (MAX_KEY + 1), "value": ""}]},
-     rf"^key at index 0 is {MAX_KEY + 1} bytes; the maximum is {MAX_KEY} bytes$"),
-    ({"operation": "delete", "keys": ["é" * 256]},
-     rf"^key at index 0 is 512 bytes; the maximum is {MAX_KEY} bytes$"),
+    (
+        {"operation": "put", "items": [{"key": "k" * (MAX_KEY + 1), "value": ""}]},
+        rf"^key at index 0 is {MAX_KEY + 1} bytes; the maximum is {MAX_KEY} bytes$",
+    ),
+    (
+        {"operation": "delete", "keys": ["é" * 256]},
+        rf"^key at index 0 is 512 bytes; the maximum is {MAX_KEY} bytes$",
+    ),
 ]
 
 
 @pytest.mark.parametrize(("body", "pattern"), BAD_BATCHES)
-def test_batch_bad_body_is_400_and_writes_nothing(users: httpx.Client, body: Any,
-                                                  pattern: str) -> None:
+def test_batch_bad_body_is_400_and_writes_nothing(users: httpx.Client, body: Any, pattern: str) -> None:
     users.put("/kv/ok", json={"value": b64(b"kept")})
     before = users.get("/stats").json()["lastLsn"]
     assert_error(users.post("/kv/batch", json=body), 400, pattern)
@@ -169,17 +174,20 @@ def test_key_over_511_bytes_is_400(users: httpx.Client, method: str) -> None:
 # --- 404 --------------------------------------------------------------------------------
 
 NS_ROUTES = [
-    ("GET", "/kv/x", None), ("PUT", "/kv/x", {"value": "eA=="}), ("DELETE", "/kv/x", None),
+    ("GET", "/kv/x", None),
+    ("PUT", "/kv/x", {"value": "eA=="}),
+    ("DELETE", "/kv/x", None),
     ("POST", "/kv/batch", {"operation": "delete", "keys": ["x"]}),
     ("GET", "/kv/batch", None),
-    ("GET", "/offset", None), ("GET", "/stats", None), ("GET", "/checkpoint", None),
+    ("GET", "/offset", None),
+    ("GET", "/stats", None),
+    ("GET", "/checkpoint", None),
 ]
 
 
 @pytest.mark.parametrize(("method", "path", "body"), NS_ROUTES)
 @pytest.mark.parametrize("ns", ["nope", "backups", "Users", "users.", "ünï"])
-def test_unknown_namespace_is_404(http: httpx.Client, ns: str, method: str, path: str,
-                                  body: Any) -> None:
+def test_unknown_namespace_is_404(http: httpx.Client, ns: str, method: str, path: str, body: Any) -> None:
     resp = http.request(method, f"/api/v1/{ns}{path}", json=body)
     assert resp.status_code == 404
     assert resp.json() == {"error": f"namespace not found: {ns}"}
@@ -190,18 +198,34 @@ def test_unknown_namespace_wins_over_a_bad_body(http: httpx.Client) -> None:
     assert resp.json() == {"error": "namespace not found: nope"}
 
 
-@pytest.mark.parametrize("path", [
-    "/", "/nope", "/api", "/api/v1", "/api/v1/users", "/api/v1/users/kv", "/api/v1/users/kv/",
-    "/api/v1/users/kv/a/b", "/api/v1/users/kv/a/", "/api/v2/users/kv/a", "/api/v1/users/row/a",
-    "/api/v1/users/wal", "/health/", "/metricsx", "/api/v1//kv/a",
-])
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/",
+        "/nope",
+        "/api",
+        "/api/v1",
+        "/api/v1/users",
+        "/api/v1/users/kv",
+        "/api/v1/users/kv/",
+        "/api/v1/users/kv/a/b",
+        "/api/v1/users/kv/a/",
+        "/api/v2/users/kv/a",
+        "/api/v1/users/row/a",
+        "/api/v1/users/wal",
+        "/health/",
+        "/metricsx",
+        "/api/v1//kv/a",
+    ],
+)
 def test_unknown_route_is_json_404(http: httpx.Client, path: str) -> None:
     assert_error(http.get(path), 404, r"^not found: GET ")
 
 
 def test_unknown_route_404_for_writes_too(http: httpx.Client) -> None:
-    assert_error(http.put("/api/v1/users/kv/a/b", json={"value": ""}), 404,
-                 r"^not found: PUT /api/v1/users/kv/a/b$")
+    assert_error(
+        http.put("/api/v1/users/kv/a/b", json={"value": ""}), 404, r"^not found: PUT /api/v1/users/kv/a/b$"
+    )
     assert_error(http.post("/nope", json={}), 404, r"^not found: POST /nope$")
 
 
@@ -222,8 +246,9 @@ WRONG_METHODS = [
 
 
 @pytest.mark.parametrize(("method", "path", "allowed"), WRONG_METHODS)
-def test_wrong_method_is_json_405_with_allow(http: httpx.Client, method: str, path: str,
-                                             allowed: set[str]) -> None:
+def test_wrong_method_is_json_405_with_allow(
+    http: httpx.Client, method: str, path: str, allowed: set[str]
+) -> None:
     resp = http.request(method, path, content=b"{}")
     assert_error(resp, 405, rf"^method {method} not allowed on {re.escape(path)}$")
     assert {m.strip() for m in resp.headers["allow"].split(",")} == allowed
@@ -262,8 +287,7 @@ def test_body_over_limit_with_content_length_is_413(users: httpx.Client) -> None
 def test_declared_content_length_over_limit_is_413_before_the_body(srv: Any) -> None:
     """Refused on the header alone: the client need not send a byte of the body."""
     with socket.create_connection(("127.0.0.1", srv.port), timeout=10) as s:
-        s.sendall(b"PUT /api/v1/users/kv/declared HTTP/1.1\r\nHost: x\r\n"
-                  b"Content-Length: 1048577\r\n\r\n")
+        s.sendall(b"PUT /api/v1/users/kv/declared HTTP/1.1\r\nHost: x\r\nContent-Length: 1048577\r\n\r\n")
         data = b""
         while b"\r\n\r\n" not in data or not data.rstrip().endswith(b"}"):
             chunk = s.recv(65536)
@@ -366,8 +390,9 @@ def test_hostile_key_roundtrip(users: httpx.Client, key: str) -> None:
     assert users.put(path_for(key), json={"value": b64(value)}).json() == {"success": True}
     assert users.get(path_for(key)).json() == {"value": b64(value), "found": True}
     # The same key written through a batch body is the same key.
-    resp = users.post("/kv/batch", json={"operation": "put",
-                                         "items": [{"key": key, "value": b64(b"via batch")}]})
+    resp = users.post(
+        "/kv/batch", json={"operation": "put", "items": [{"key": key, "value": b64(b"via batch")}]}
+    )
     assert resp.json() == {"success": True, "count": 1}
     assert users.get(path_for(key)).json() == {"value": b64(b"via batch"), "found": True}
     assert users.delete(path_for(key)).json() == {"success": True}
@@ -387,13 +412,14 @@ def test_dot_segments_sent_verbatim_are_keys(srv: Any, http: httpx.Client, targe
     status, _, body = raw(srv, "PUT", target, b'{"value":"ZG90"}')
     assert (status, body) == (200, b'{"success":true}\n')
     assert http.get(path_for(key).replace("/kv/", "/api/v1/users/kv/")).json() == {
-        "value": "ZG90", "found": True}
+        "value": "ZG90",
+        "found": True,
+    }
     status, _, body = raw(srv, "GET", target)
     assert (status, body) == (200, b'{"value":"ZG90","found":true}\n')
 
 
-def test_percent_encoded_and_literal_unicode_paths_are_the_same_key(srv: Any,
-                                                                  http: httpx.Client) -> None:
+def test_percent_encoded_and_literal_unicode_paths_are_the_same_key(srv: Any, http: httpx.Client) -> None:
     status, _, _ = raw(srv, "PUT", "/api/v1/users/kv/%C3%BC", b'{"value":"dQ=="}')
     assert status == 200
     assert http.get("/api/v1/users/kv/ü").json() == {"value": "dQ==", "found": True}
@@ -411,8 +437,7 @@ def test_one_mib_of_nested_arrays_is_400(users: httpx.Client) -> None:
     assert_error(users.put("/kv/nested", content=b"[" * LIMIT), 400, "malformed JSON")
     body = b'{"value":"eA==","x":' + b"[" * 500_000 + b"]" * 500_000 + b"}"
     assert_error(users.put("/kv/nested", content=body), 400, "malformed JSON")
-    assert_error(users.post("/kv/batch", content=b'{"operation":' + b"{" * 400_000), 400,
-                 "malformed JSON")
+    assert_error(users.post("/kv/batch", content=b'{"operation":' + b"{" * 400_000), 400, "malformed JSON")
     obj = b'{"a":' * 100_000 + b"1" + b"}" * 100_000
     assert_error(users.post("/kv/batch", content=obj), 400, "malformed JSON")
     assert users.get("/kv/nested").json()["found"] is False
@@ -420,14 +445,14 @@ def test_one_mib_of_nested_arrays_is_400(users: httpx.Client) -> None:
 
 def test_huge_numbers(users: httpx.Client) -> None:
     # Out of double range anywhere in the body: a clear 400, not a crash.
-    assert_error(users.put("/kv/num", content=b'{"value":"eA==","n":1e999999}'), 400,
-                 "malformed JSON")
-    assert_error(users.put("/kv/num", content=b'{"value":"eA==","n":' + b"9" * 5000 + b"}"), 400,
-                 "malformed JSON")
-    assert_error(users.put("/kv/num", content=b'{"value":' + b"9" * 40 + b"}"), 400,
-                 "expected a string")
-    assert_error(users.post("/kv/batch", content=b'{"operation":"delete","keys":[1e308]}'), 400,
-                 "must be a string")
+    assert_error(users.put("/kv/num", content=b'{"value":"eA==","n":1e999999}'), 400, "malformed JSON")
+    assert_error(
+        users.put("/kv/num", content=b'{"value":"eA==","n":' + b"9" * 5000 + b"}"), 400, "malformed JSON"
+    )
+    assert_error(users.put("/kv/num", content=b'{"value":' + b"9" * 40 + b"}"), 400, "expected a string")
+    assert_error(
+        users.post("/kv/batch", content=b'{"operation":"delete","keys":[1e308]}'), 400, "must be a string"
+    )
     # A large but representable number in an ignored field is ignored.
     assert users.put("/kv/num", content=b'{"value":"eA==","n":' + b"9" * 30 + b"}").status_code == 200
 

@@ -39,11 +39,9 @@ def requests_by_route(srv: ServerProcess) -> dict[tuple[str, str, str], float]:
     return out
 
 
-def test_fast_get_and_put_are_counted_like_the_full_app(srv: ServerProcess,
-                                                         users: httpx.Client) -> None:
+def test_fast_get_and_put_are_counted_like_the_full_app(srv: ServerProcess, users: httpx.Client) -> None:
     before = requests_by_route(srv)
-    assert users.put("/kv/fast", json={"value": base64.b64encode(b"v").decode()}).json() == {
-        "success": True}
+    assert users.put("/kv/fast", json={"value": base64.b64encode(b"v").decode()}).json() == {"success": True}
     assert users.get("/kv/fast").json() == {"value": "dg==", "found": True}
     assert users.get("/kv/absent").json() == {"value": "", "found": False}
     after = requests_by_route(srv)
@@ -51,16 +49,20 @@ def test_fast_get_and_put_are_counted_like_the_full_app(srv: ServerProcess,
     assert after[("get_kv", "GET", "200")] - before.get(("get_kv", "GET", "200"), 0) == 2
 
 
-@pytest.mark.parametrize("body, status, message", [
-    (b'{"value": "not base64!"}', 400, "invalid base64 value"),
-    (b'{"valu": "dg=="}', 400, "missing field 'value'"),
-    (b'["value"]', 400, "expected a JSON object"),
-    (b'{"value": 5}', 400, "invalid base64 value: expected a string"),
-    (b"[" * 5000, 400, "malformed JSON"),
-    (b"", 400, "empty body"),
-])
-def test_malformed_put_bodies_get_the_full_apps_errors(users: httpx.Client, body: bytes,
-                                                       status: int, message: str) -> None:
+@pytest.mark.parametrize(
+    "body, status, message",
+    [
+        (b'{"value": "not base64!"}', 400, "invalid base64 value"),
+        (b'{"valu": "dg=="}', 400, "missing field 'value'"),
+        (b'["value"]', 400, "expected a JSON object"),
+        (b'{"value": 5}', 400, "invalid base64 value: expected a string"),
+        (b"[" * 5000, 400, "malformed JSON"),
+        (b"", 400, "empty body"),
+    ],
+)
+def test_malformed_put_bodies_get_the_full_apps_errors(
+    users: httpx.Client, body: bytes, status: int, message: str
+) -> None:
     resp = users.put("/kv/bad", content=body)
     assert resp.status_code == status and message in resp.json()["error"], resp.text
     assert users.get("/kv/bad").json()["found"] is False

@@ -108,10 +108,11 @@ def test_namespaces_are_isolated(http: httpx.Client) -> None:
     assert ok_json(http.get(f"{base}/default/kv/iso"))["value"] == b64(b"default")
 
 
-@pytest.mark.parametrize("content_type", [None, "text/plain", "application/x-www-form-urlencoded",
-                                          "application/json; charset=utf-8"])
-def test_json_body_accepted_whatever_the_content_type(users: httpx.Client,
-                                                       content_type: str | None) -> None:
+@pytest.mark.parametrize(
+    "content_type",
+    [None, "text/plain", "application/x-www-form-urlencoded", "application/json; charset=utf-8"],
+)
+def test_json_body_accepted_whatever_the_content_type(users: httpx.Client, content_type: str | None) -> None:
     headers = {"content-type": content_type} if content_type else {}
     body = b'{"value":"' + b64(b"ct").encode() + b'"}'
     ok_json(users.put("/kv/ctype", content=body, headers=headers))
@@ -159,8 +160,9 @@ def test_batch_put_is_one_record(users: httpx.Client) -> None:
 
 def test_batch_delete_is_one_record(users: httpx.Client) -> None:
     keys = [f"bd-{i}" for i in range(20)]
-    users.post("/kv/batch", json={"operation": "put",
-                                  "items": [{"key": k, "value": b64(b"x")} for k in keys]})
+    users.post(
+        "/kv/batch", json={"operation": "put", "items": [{"key": k, "value": b64(b"x")} for k in keys]}
+    )
     before = last_lsn(users)
     body = ok_json(users.post("/kv/batch", json={"operation": "delete", "keys": keys + ["bd-none"]}))
     assert body == {"success": True, "count": 21}
@@ -207,7 +209,11 @@ def test_fresh_namespace_metadata_is_zero_and_never_drops_the_connection(srv: An
         assert ok_json(c.get("/offset")) == {"segmentId": 0, "offset": 0}
         cp = ok_json(c.get("/checkpoint"))
         assert {k: cp[k] for k in ("recordProcessed", "segmentId", "offset", "lsn")} == {
-            "recordProcessed": 0, "segmentId": 0, "offset": 0, "lsn": 0}
+            "recordProcessed": 0,
+            "segmentId": 0,
+            "offset": 0,
+            "lsn": 0,
+        }
         stats = ok_json(c.get("/stats"))
         assert stats["namespace"] == "fresh"
         assert stats["opsReceived"] == stats["opsFlushed"] == stats["lastLsn"] == 0
@@ -255,18 +261,21 @@ def scrape(http: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str], ...]], 
     return out
 
 
-def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-          **labels: str) -> float:
+def value(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 def test_metrics_exist_and_move_after_writes(http: httpx.Client) -> None:
     before = scrape(http)
     for ns in NAMESPACES:
-        for name in ("unisondb_wal_bytes_written_total", "unisondb_wal_fsyncs_total",
-                     "unisondb_wal_rotations_total", "unisondb_recovery_records_replayed",
-                     "unisondb_recovery_duration_seconds",
-                     "unisondb_recovery_torn_bytes_truncated"):
+        for name in (
+            "unisondb_wal_bytes_written_total",
+            "unisondb_wal_fsyncs_total",
+            "unisondb_wal_rotations_total",
+            "unisondb_recovery_records_replayed",
+            "unisondb_recovery_duration_seconds",
+            "unisondb_recovery_torn_bytes_truncated",
+        ):
             assert (name, (("namespace", ns),)) in before, f"{name} missing for {ns}"
 
     base = "/api/v1/default"
@@ -279,20 +288,27 @@ def test_metrics_exist_and_move_after_writes(http: httpx.Client) -> None:
     after = scrape(http)
 
     put = {"route": "put_kv", "method": "PUT", "status": "200"}
-    assert value(after, "unisondb_http_requests_total", **put) >= \
-        value(before, "unisondb_http_requests_total", **put) + 5
+    assert (
+        value(after, "unisondb_http_requests_total", **put)
+        >= value(before, "unisondb_http_requests_total", **put) + 5
+    )
     get = {"route": "get_kv", "method": "GET", "status": "200"}
-    assert value(after, "unisondb_http_requests_total", **get) > \
-        value(before, "unisondb_http_requests_total", **get)
-    assert value(after, "unisondb_http_request_duration_seconds_count", route="put_kv") >= \
-        value(before, "unisondb_http_request_duration_seconds_count", route="put_kv") + 5
+    assert value(after, "unisondb_http_requests_total", **get) > value(
+        before, "unisondb_http_requests_total", **get
+    )
+    assert (
+        value(after, "unisondb_http_request_duration_seconds_count", route="put_kv")
+        >= value(before, "unisondb_http_request_duration_seconds_count", route="put_kv") + 5
+    )
     ns = {"namespace": "default"}
-    assert value(after, "unisondb_wal_bytes_written_total", **ns) >= \
-        value(before, "unisondb_wal_bytes_written_total", **ns) + 100_000
-    assert value(after, "unisondb_wal_fsyncs_total", **ns) > \
-        value(before, "unisondb_wal_fsyncs_total", **ns)
-    assert value(after, "unisondb_wal_rotations_total", **ns) > \
-        value(before, "unisondb_wal_rotations_total", **ns)
+    assert (
+        value(after, "unisondb_wal_bytes_written_total", **ns)
+        >= value(before, "unisondb_wal_bytes_written_total", **ns) + 100_000
+    )
+    assert value(after, "unisondb_wal_fsyncs_total", **ns) > value(before, "unisondb_wal_fsyncs_total", **ns)
+    assert value(after, "unisondb_wal_rotations_total", **ns) > value(
+        before, "unisondb_wal_rotations_total", **ns
+    )
     assert value(after, "unisondb_recovery_duration_seconds", **ns) >= 0
 
 

@@ -20,15 +20,26 @@ import httpx
 import pytest
 from serverproc import ServerProcess, free_port, start_server
 
-TOKENS = {"read": "r" * 8 + "-read-token-0123", "write": "w" * 8 + "-write-token-0123",
-          "admin": "a" * 8 + "-admin-token-0123"}
-CASES = {"none": None, "garbage": "Bearer not-a-known-token-at-all", "basic": "Basic dXNlcjpwdw==",
-         "empty": "Bearer", **{role: f"Bearer {tok}" for role, tok in TOKENS.items()}}
+TOKENS = {
+    "read": "r" * 8 + "-read-token-0123",
+    "write": "w" * 8 + "-write-token-0123",
+    "admin": "a" * 8 + "-admin-token-0123",
+}
+CASES = {
+    "none": None,
+    "garbage": "Bearer not-a-known-token-at-all",
+    "basic": "Basic dXNlcjpwdw==",
+    "empty": "Bearer",
+    **{role: f"Bearer {tok}" for role, tok in TOKENS.items()},
+}
 
 
 def write_tokens(path: Path, text: str | None = None) -> Path:
-    path.write_text(text if text is not None else
-                    "# role per token\n\n" + "".join(f"{t} {r}\n" for r, t in TOKENS.items()))
+    path.write_text(
+        text
+        if text is not None
+        else "# role per token\n\n" + "".join(f"{t} {r}\n" for r, t in TOKENS.items())
+    )
     path.chmod(0o600)
     return path
 
@@ -42,8 +53,7 @@ def headers(case: str) -> dict[str, str]:
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[ServerProcess]:
     tmp = tmp_path_factory.mktemp("auth")
     token_file = write_tokens(tmp / "tokens")
-    server = start_server(tmp / "data", ("default",),
-                          extra_args=["--auth-token-file", str(token_file)])
+    server = start_server(tmp / "data", ("default",), extra_args=["--auth-token-file", str(token_file)])
     yield server
     server.stop()
 
@@ -55,14 +65,18 @@ def call(srv: ServerProcess, method: str, path: str, case: str, **kw: Any) -> ht
 def test_health_needs_no_token_but_everything_else_does(srv: ServerProcess) -> None:
     for path in ("/health", "/healthz"):
         assert call(srv, "GET", path, "none").status_code == 200
-    for method, path in [("GET", "/metrics"), ("GET", "/openapi.json"),
-                         ("GET", "/api/v1/default/stats"), ("GET", "/no/such/route"),
-                         ("GET", "/api/v1/nope/kv/k"), ("PATCH", "/api/v1/default/kv/k")]:
+    for method, path in [
+        ("GET", "/metrics"),
+        ("GET", "/openapi.json"),
+        ("GET", "/api/v1/default/stats"),
+        ("GET", "/no/such/route"),
+        ("GET", "/api/v1/nope/kv/k"),
+        ("PATCH", "/api/v1/default/kv/k"),
+    ]:
         r = call(srv, method, path, "none")
         assert r.status_code == 401, (method, path, r.text)
         assert r.headers["www-authenticate"] == 'Bearer realm="unisondb"'
-        assert r.json() == {"error": "authentication required: send 'Authorization: Bearer "
-                                     "<token>'"}
+        assert r.json() == {"error": "authentication required: send 'Authorization: Bearer <token>'"}
         assert r.content.endswith(b"\n")
 
 
@@ -72,8 +86,12 @@ ROUTES = [  # (method, path, body, least role)
     ("GET", "/metrics", None, "read"),
     ("PUT", "/api/v1/default/kv/k", {"value": "dg=="}, "write"),
     ("DELETE", "/api/v1/default/kv/k", None, "write"),
-    ("POST", "/api/v1/default/kv/batch", {"operation": "put", "items": [{"key": "b", "value": "dg=="}]},
-     "write"),
+    (
+        "POST",
+        "/api/v1/default/kv/batch",
+        {"operation": "put", "items": [{"key": "b", "value": "dg=="}]},
+        "write",
+    ),
     ("POST", "/api/v1/default/btree/backup", {"path": "snap/s.db"}, "admin"),
     ("POST", "/api/v1/default/wal/backup", {"backupDir": "wal", "rotate": True}, "admin"),
 ]
@@ -81,18 +99,19 @@ RANK = {"read": 1, "write": 2, "admin": 3}
 
 
 @pytest.mark.parametrize("method,path,body,need", ROUTES)
-def test_every_token_case_on_every_route(srv: ServerProcess, method: str, path: str,
-                                         body: Any, need: str) -> None:
+def test_every_token_case_on_every_route(
+    srv: ServerProcess, method: str, path: str, body: Any, need: str
+) -> None:
     for case in CASES:
         r = call(srv, method, path, case, json=body)
         if case not in TOKENS:
             want = 401
             challenge = 'Bearer realm="unisondb"' + (
-                ', error="invalid_token"' if case in ("garbage",) else "")
+                ', error="invalid_token"' if case in ("garbage",) else ""
+            )
         elif RANK[case] < RANK[need]:
             want, challenge = 403, 'Bearer realm="unisondb", error="insufficient_scope"'
-            assert r.json() == {"error": f"token role '{case}' may not do this; it needs role "
-                                         f"'{need}'"}
+            assert r.json() == {"error": f"token role '{case}' may not do this; it needs role '{need}'"}
         else:
             assert r.status_code == 200, (case, r.text)
             continue
@@ -109,20 +128,27 @@ def test_fast_path_and_full_app_answer_every_token_case_identically(srv: ServerP
         fast = call(srv, "PUT", "/api/v1/default/kv/same", case, json={"value": "dg=="})
         full = call(srv, "DELETE", "/api/v1/default/kv/same", case)
         assert (fast.status_code, fast.content, fast.headers.get("www-authenticate")) == (
-            full.status_code, full.content, full.headers.get("www-authenticate")), case
+            full.status_code,
+            full.content,
+            full.headers.get("www-authenticate"),
+        ), case
         fast = call(srv, "GET", "/api/v1/default/kv/same", case)
         full = call(srv, "GET", "/api/v1/default/stats", case)
         assert fast.status_code == full.status_code, case
         if fast.status_code != 200:
             assert (fast.content, fast.headers["www-authenticate"]) == (
-                full.content, full.headers["www-authenticate"]), case
+                full.content,
+                full.headers["www-authenticate"],
+            ), case
     text = call(srv, "GET", "/metrics", "read").text
     assert 'route="auth_refused"' in text
 
 
 def test_metrics_can_be_left_open(tmp_path: Path) -> None:
-    srv = start_server(tmp_path / "data", extra_args=[
-        "--auth-token-file", str(write_tokens(tmp_path / "tokens")), "--metrics-auth", "none"])
+    srv = start_server(
+        tmp_path / "data",
+        extra_args=["--auth-token-file", str(write_tokens(tmp_path / "tokens")), "--metrics-auth", "none"],
+    )
     try:
         assert httpx.get(srv.url + "/metrics").status_code == 200
         assert httpx.get(srv.url + "/api/v1/default/stats").status_code == 401
@@ -131,8 +157,12 @@ def test_metrics_can_be_left_open(tmp_path: Path) -> None:
 
 
 def run_cli(tmp_path: Path, *args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "unisondb", "--data-dir", str(tmp_path / "d"),
-                           *args], capture_output=True, text=True, timeout=60)
+    return subprocess.run(
+        [sys.executable, "-m", "unisondb", "--data-dir", str(tmp_path / "d"), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
 
 
 def test_non_loopback_address_without_tokens_is_refused(tmp_path: Path) -> None:
@@ -143,28 +173,31 @@ def test_non_loopback_address_without_tokens_is_refused(tmp_path: Path) -> None:
     assert not (tmp_path / "d").exists(), "nothing may be created before the refusal"
 
 
-@pytest.mark.parametrize("text,mode,pattern", [
-    (None, 0o644, r"is readable by other users \(mode 0644\) \(hint: chmod 600 "),
-    ("tok-0123456789abcdef superuser\n", 0o600, r"line 1: unknown role 'superuser'"),
-    ("short read\n", 0o600, r"line 1: a token must be 16 to 512 characters"),
-    ("tok-0123456789abcdef\n", 0o600, r"line 1: expected '<token> <role>', got 1 field"),
-    ("# nothing\n", 0o600, r"holds no token"),
-    ("tok-0123456789abcdef read\ntok-0123456789abcdef admin\n", 0o600, r"line 2: .*listed twice"),
-])
-def test_bad_token_file_is_one_clear_error(tmp_path: Path, text: str | None, mode: int,
-                                           pattern: str) -> None:
+@pytest.mark.parametrize(
+    "text,mode,pattern",
+    [
+        (None, 0o644, r"is readable by other users \(mode 0644\) \(hint: chmod 600 "),
+        ("tok-0123456789abcdef superuser\n", 0o600, r"line 1: unknown role 'superuser'"),
+        ("short read\n", 0o600, r"line 1: a token must be 16 to 512 characters"),
+        ("tok-0123456789abcdef\n", 0o600, r"line 1: expected '<token> <role>', got 1 field"),
+        ("# nothing\n", 0o600, r"holds no token"),
+        ("tok-0123456789abcdef read\ntok-0123456789abcdef admin\n", 0o600, r"line 2: .*listed twice"),
+    ],
+)
+def test_bad_token_file_is_one_clear_error(tmp_path: Path, text: str | None, mode: int, pattern: str) -> None:
     path = write_tokens(tmp_path / "tokens", text)
     path.chmod(mode)
-    res = run_cli(tmp_path, "--http-addr", f"127.0.0.1:{free_port()}", "--auth-token-file",
-                  str(path))
+    res = run_cli(tmp_path, "--http-addr", f"127.0.0.1:{free_port()}", "--auth-token-file", str(path))
     assert res.returncode == 2, res
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith(f"error: auth token file {path}"), res.stderr
     import re
+
     assert re.search(pattern, lines[0]), lines[0]
 
 
 # --- TLS ---------------------------------------------------------------------------------
+
 
 def _certs(tmp: Path) -> dict[str, Path]:
     """A CA, a server certificate for 127.0.0.1 and a client certificate, all signed by it."""
@@ -179,37 +212,66 @@ def _certs(tmp: Path) -> dict[str, Path]:
         return x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)])
 
     def save(key: ec.EllipticCurvePrivateKey, cert: x509.Certificate, stem: str) -> None:
-        (tmp / f"{stem}.key").write_bytes(key.private_bytes(
-            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-            serialization.NoEncryption()))
+        (tmp / f"{stem}.key").write_bytes(
+            key.private_bytes(
+                serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+            )
+        )
         os.chmod(tmp / f"{stem}.key", 0o600)
         (tmp / f"{stem}.crt").write_bytes(cert.public_bytes(serialization.Encoding.PEM))
 
     ca_key = ec.generate_private_key(ec.SECP256R1())
-    ca = (x509.CertificateBuilder().subject_name(name("test CA")).issuer_name(name("test CA"))
-          .public_key(ca_key.public_key()).serial_number(x509.random_serial_number())
-          .not_valid_before(now - datetime.timedelta(minutes=5))
-          .not_valid_after(now + datetime.timedelta(days=1))
-          .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-          .add_extension(x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True,
-                                       content_commitment=False, key_encipherment=False,
-                                       data_encipherment=False, key_agreement=False,
-                                       encipher_only=False, decipher_only=False), critical=True)
-          .sign(ca_key, hashes.SHA256()))
+    ca = (
+        x509.CertificateBuilder()
+        .subject_name(name("test CA"))
+        .issuer_name(name("test CA"))
+        .public_key(ca_key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .sign(ca_key, hashes.SHA256())
+    )
     save(ca_key, ca, "ca")
     for stem, usage, san in (
-            ("server", ExtendedKeyUsageOID.SERVER_AUTH,
-             x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))])),
-            ("client", ExtendedKeyUsageOID.CLIENT_AUTH,
-             x509.SubjectAlternativeName([x509.DNSName("backup-client")]))):
+        (
+            "server",
+            ExtendedKeyUsageOID.SERVER_AUTH,
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+        ),
+        (
+            "client",
+            ExtendedKeyUsageOID.CLIENT_AUTH,
+            x509.SubjectAlternativeName([x509.DNSName("backup-client")]),
+        ),
+    ):
         key = ec.generate_private_key(ec.SECP256R1())
-        cert = (x509.CertificateBuilder().subject_name(name(stem)).issuer_name(ca.subject)
-                .public_key(key.public_key()).serial_number(x509.random_serial_number())
-                .not_valid_before(now - datetime.timedelta(minutes=5))
-                .not_valid_after(now + datetime.timedelta(days=1))
-                .add_extension(san, critical=False)
-                .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
-                .sign(ca_key, hashes.SHA256()))
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name(stem))
+            .issuer_name(ca.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - datetime.timedelta(minutes=5))
+            .not_valid_after(now + datetime.timedelta(days=1))
+            .add_extension(san, critical=False)
+            .add_extension(x509.ExtendedKeyUsage([usage]), critical=False)
+            .sign(ca_key, hashes.SHA256())
+        )
         save(key, cert, stem)
     return {p.stem + p.suffix: p for p in tmp.iterdir()}
 
@@ -231,14 +293,24 @@ def _wait_tls(srv: ServerProcess, verify: ssl.SSLContext) -> None:
 def test_tls_with_tokens_and_client_certificates(tmp_path: Path) -> None:
     c = _certs(tmp_path)
     ctx = ssl.create_default_context(cafile=str(c["ca.crt"]))
-    srv = start_server(tmp_path / "data", wait=False, extra_args=[
-        "--tls-cert", str(c["server.crt"]), "--tls-key", str(c["server.key"]),
-        "--auth-token-file", str(write_tokens(tmp_path / "tokens"))])
+    srv = start_server(
+        tmp_path / "data",
+        wait=False,
+        extra_args=[
+            "--tls-cert",
+            str(c["server.crt"]),
+            "--tls-key",
+            str(c["server.key"]),
+            "--auth-token-file",
+            str(write_tokens(tmp_path / "tokens")),
+        ],
+    )
     try:
         _wait_tls(srv, ctx)
         base = f"https://127.0.0.1:{srv.port}/api/v1/default/kv/t"
-        assert httpx.put(base, json={"value": "dg=="}, verify=ctx,
-                         headers=headers("write")).json() == {"success": True}
+        assert httpx.put(base, json={"value": "dg=="}, verify=ctx, headers=headers("write")).json() == {
+            "success": True
+        }
         assert httpx.get(base, verify=ctx).status_code == 401
         assert httpx.get(base, verify=ctx, headers=headers("read")).json()["found"] is True
         with pytest.raises(httpx.TransportError):  # plain HTTP to a TLS port
@@ -247,9 +319,18 @@ def test_tls_with_tokens_and_client_certificates(tmp_path: Path) -> None:
     finally:
         srv.stop()
 
-    srv = start_server(tmp_path / "data2", wait=False, extra_args=[
-        "--tls-cert", str(c["server.crt"]), "--tls-key", str(c["server.key"]),
-        "--tls-client-ca", str(c["ca.crt"])])
+    srv = start_server(
+        tmp_path / "data2",
+        wait=False,
+        extra_args=[
+            "--tls-cert",
+            str(c["server.crt"]),
+            "--tls-key",
+            str(c["server.key"]),
+            "--tls-client-ca",
+            str(c["ca.crt"]),
+        ],
+    )
     try:
         with_cert = ssl.create_default_context(cafile=str(c["ca.crt"]))
         with_cert.load_cert_chain(str(c["client.crt"]), str(c["client.key"]))
@@ -265,11 +346,19 @@ def test_bad_tls_files_are_one_clear_error(tmp_path: Path) -> None:
     port = f"127.0.0.1:{free_port()}"
     res = run_cli(tmp_path, "--http-addr", port, "--tls-cert", str(c["server.crt"]))
     assert res.returncode == 2 and "needs both --tls-cert and --tls-key" in res.stderr, res
-    res = run_cli(tmp_path, "--http-addr", port, "--tls-cert", str(c["server.crt"]),
-                  "--tls-key", str(c["client.key"]))
+    res = run_cli(
+        tmp_path, "--http-addr", port, "--tls-cert", str(c["server.crt"]), "--tls-key", str(c["client.key"])
+    )
     assert res.returncode == 2, res
     assert res.stderr.startswith(f"error: cannot use TLS certificate {c['server.crt']}"), res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
-    res = run_cli(tmp_path, "--http-addr", port, "--tls-cert", str(tmp_path / "missing.crt"),
-                  "--tls-key", str(c["server.key"]))
+    res = run_cli(
+        tmp_path,
+        "--http-addr",
+        port,
+        "--tls-cert",
+        str(tmp_path / "missing.crt"),
+        "--tls-key",
+        str(c["server.key"]),
+    )
     assert res.returncode == 2 and "cannot read TLS file" in res.stderr, res

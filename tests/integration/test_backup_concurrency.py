@@ -64,8 +64,7 @@ class LoadRun:
         return state
 
 
-def _writer(url: str, w: int, stop: threading.Event, run: LoadRun,
-            lock: threading.Lock) -> None:
+def _writer(url: str, w: int, stop: threading.Event, run: LoadRun, lock: threading.Lock) -> None:
     with httpx.Client(base_url=url, timeout=30) as c:
         i = 0
         while not stop.is_set():
@@ -95,8 +94,9 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
                 batch_put(c, {f"pre-{n}-{j}": bytes([n % 256]) * (64 << 10) for j in range(10)})
             stop = threading.Event()
             lock = threading.Lock()
-            threads = [threading.Thread(target=_writer, args=(srv.url, w, stop, run, lock))
-                       for w in range(WRITERS)]
+            threads = [
+                threading.Thread(target=_writer, args=(srv.url, w, stop, run, lock)) for w in range(WRITERS)
+            ]
             for t in threads:
                 t.start()
             started = time.monotonic()
@@ -108,8 +108,10 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
                 t1 = time.monotonic()
                 assert r.status_code == 200, r.text
                 run.snapshots.append((t0, t1, r.json()))
-                r = c.post(f"/api/v1/{NS}/wal/backup", json={
-                    "afterSegmentId": last_seg, "backupDir": "wal/inc", "rotate": n % 2 == 1})
+                r = c.post(
+                    f"/api/v1/{NS}/wal/backup",
+                    json={"afterSegmentId": last_seg, "backupDir": "wal/inc", "rotate": n % 2 == 1},
+                )
                 assert r.status_code == 200, r.text
                 backups = r.json()["backups"]
                 run.wal_responses.append(backups)
@@ -119,8 +121,10 @@ def load_run(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LoadRun]:
             stop.set()
             for t in threads:
                 t.join()
-            r = c.post(f"/api/v1/{NS}/wal/backup", json={
-                "afterSegmentId": last_seg, "backupDir": "wal/inc", "rotate": True})
+            r = c.post(
+                f"/api/v1/{NS}/wal/backup",
+                json={"afterSegmentId": last_seg, "backupDir": "wal/inc", "rotate": True},
+            )
             assert r.status_code == 200, r.text
             run.wal_responses.append(r.json()["backups"])
         assert srv.stop() == 0, srv.log()
@@ -156,8 +160,10 @@ def test_snapshots_under_load_are_exact_states(load_run: LoadRun) -> None:
                 assert data[b"w%02d-%06d" % (w, i)] == value_of(w, i)
             elif t_ack < t1:
                 overlapping += 1
-    print(f"acks={len(run.acks)} snapshots={len(run.snapshots)} overlapping={overlapping} "
-          f"segments={sum(len(b) for b in run.wal_responses)}")
+    print(
+        f"acks={len(run.acks)} snapshots={len(run.snapshots)} overlapping={overlapping} "
+        f"segments={sum(len(b) for b in run.wal_responses)}"
+    )
     assert overlapping > 0, "no PUT was acknowledged while a snapshot was running"
     sha256sum_check(backup_root(run.data_dir) / "snaps")
 
@@ -190,8 +196,7 @@ cp /tmp/restore.db "$DATA_DIR/db/data.mdb"
 """
 
 
-def test_snapshot_under_load_restores_to_exactly_its_lsn(
-        load_run: LoadRun, tmp_path: Path) -> None:
+def test_snapshot_under_load_restores_to_exactly_its_lsn(load_run: LoadRun, tmp_path: Path) -> None:
     """The document's "Full Restore" copy steps, into a fresh data dir, then a real server."""
     run = load_run
     _t0, _t1, resp = run.snapshots[len(run.snapshots) // 2]
@@ -199,8 +204,9 @@ def test_snapshot_under_load_restores_to_exactly_its_lsn(
     data_dir = tmp_path / "restored"
     restore_db = tmp_path / "restore.db"
     shutil.copyfile(resp["path"], restore_db)
-    script = (f'NAMESPACE="{NS}"\nDATA_DIR="{data_dir}/$NAMESPACE"\n'
-              + DOC_RESTORE_COPY.replace("/tmp/restore.db", str(restore_db)))
+    script = f'NAMESPACE="{NS}"\nDATA_DIR="{data_dir}/$NAMESPACE"\n' + DOC_RESTORE_COPY.replace(
+        "/tmp/restore.db", str(restore_db)
+    )
     subprocess.run(["bash", "-c", script], check=True)
     assert sorted(p.name for p in (data_dir / NS).rglob("*")) == ["data.mdb", "db"]
     srv = OwnServer(data_dir, NS)
@@ -218,7 +224,7 @@ def test_snapshot_under_load_restores_to_exactly_its_lsn(
                     clients.append(local.client)
                 return [k for k in chunk if get(local.client, k) != expected[k.encode()]]
 
-            chunks = [keys[i:i + 200] for i in range(0, len(keys), 200)]
+            chunks = [keys[i : i + 200] for i in range(0, len(keys), 200)]
             with ThreadPoolExecutor(4) as pool:
                 wrong = [k for bad in pool.map(check, chunks) for k in bad]
             for client in clients:

@@ -192,12 +192,14 @@ Run = Callable[[str], subprocess.CompletedProcess[str]]
 
 def adapt(script: str, url: str, data_dir: Path, state_dir: Path) -> str:
     """The substitutions listed in the module docstring, and nothing else."""
-    s = (script.replace("http://localhost:8080", url)
-         .replace("/var/unison/data", str(data_dir))
-         .replace("/var/backups", str(state_dir))
-         .replace("/var/lib/unison", str(state_dir))
-         .replace("/var/log", str(state_dir))
-         .replace('"$(date +%H%M)" = "0000"', '"0000" = "0000"'))
+    s = (
+        script.replace("http://localhost:8080", url)
+        .replace("/var/unison/data", str(data_dir))
+        .replace("/var/backups", str(state_dir))
+        .replace("/var/lib/unison", str(state_dir))
+        .replace("/var/log", str(state_dir))
+        .replace('"$(date +%H%M)" = "0000"', '"0000" = "0000"')
+    )
     out: list[str] = []
     skipping = False
     for line in s.split("\n"):
@@ -220,15 +222,20 @@ def runner(srv: Server, state_dir: Path) -> Run:
     def run(script: str) -> subprocess.CompletedProcess[str]:
         text = adapt(script, srv.url, srv.data_dir, state_dir)
         assert "aws " not in text and "localhost:8080" not in text
-        return subprocess.run(["bash", "-c", text], capture_output=True, text=True,
-                              timeout=60, env={**os.environ, "LC_ALL": "C"})
+        return subprocess.run(
+            ["bash", "-c", text],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "LC_ALL": "C"},
+        )
 
     return run
 
 
 def test_adapt_only_drops_aws_and_substitutes(tmp_path: Path) -> None:
     text = adapt(DOC_CONTINUOUS, "http://127.0.0.1:1", Path("/d"), Path("/s"))
-    assert '-mmin -15 -exec gzip {} \\;\nfi' in text
+    assert "-mmin -15 -exec gzip {} \\;\nfi" in text
     assert 'STATE_FILE="/s/wal-archive-state.json"' in text
     text = adapt(DOC_SYSTEMD_SCRIPT, "http://127.0.0.1:1", Path("/d"), Path("/s"))
     assert "s3://" not in text and 'zstd -q --rm "$BACKUP_ROOT/snapshots/btree-$DATE.db"' in text
@@ -248,8 +255,7 @@ def sealed_ids(srv: Server) -> list[int]:
     return ids[:-1]  # the newest one is the active segment
 
 
-def test_api_examples_and_strategies(server_factory: Callable[..., Server],
-                                     tmp_path: Path) -> None:
+def test_api_examples_and_strategies(server_factory: Callable[..., Server], tmp_path: Path) -> None:
     srv = server_factory(tmp_path / "data", "default", "users", extra_args=SMALL_SEGMENTS)
     run = runner(srv, tmp_path / "state")
     root = backup_root(srv.data_dir)
@@ -262,9 +268,11 @@ def test_api_examples_and_strategies(server_factory: Callable[..., Server],
     assert json.loads(r.stdout) == {"backups": []}
 
     # Snapshot example, the full-backup workflow and the daily baseline (no Content-Type).
-    for script, rel in ((DOC_BTREE_EXAMPLE, "snapshots/users-{d}.snapshot"),
-                        (DOC_FULL_BACKUP, "daily/snapshot-{d}.db"),
-                        (DOC_DAILY_BASELINE, "weekly/snapshot-{d}.db")):
+    for script, rel in (
+        (DOC_BTREE_EXAMPLE, "snapshots/users-{d}.snapshot"),
+        (DOC_FULL_BACKUP, "daily/snapshot-{d}.db"),
+        (DOC_DAILY_BASELINE, "weekly/snapshot-{d}.db"),
+    ):
         r = run(script)
         assert r.returncode == 0, r.stderr
         resp = json.loads(r.stdout)
@@ -313,7 +321,8 @@ def test_hourly_incremental_loop(server_factory: Callable[..., Server], tmp_path
 
 
 def test_continuous_archival_systemd_audit_monitoring(
-        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
     srv = server_factory(tmp_path / "data", "default", "users", extra_args=SMALL_SEGMENTS)
     state = tmp_path / "state"
     run = runner(srv, state)
@@ -344,8 +353,9 @@ def test_continuous_archival_systemd_audit_monitoring(
         subprocess.run(["zstd", "-q", "-d", str(zst[0]), "-o", str(restored)], check=True)
         sidecar = zst[0].with_name(zst[0].name[:-4] + ".sha256")
         want = sidecar.read_text().split()[0]
-        got = subprocess.run(["sha256sum", str(restored)], capture_output=True, text=True,
-                             check=True).stdout.split()[0]
+        got = subprocess.run(
+            ["sha256sum", str(restored)], capture_output=True, text=True, check=True
+        ).stdout.split()[0]
         assert got == want  # the sidecar still verifies the decompressed snapshot
         assert list(root.glob("wal-*.tar.gz"))
         st = json.loads((state / "wal-state-users.json").read_text())
@@ -361,14 +371,12 @@ def test_continuous_archival_systemd_audit_monitoring(
         r = run(DOC_MONITORING)
         assert r.returncode == 0, r.stderr
         lines = [ln for ln in r.stdout.splitlines() if not ln.startswith("#")]
-        for name in ("backup_success_total", "backup_last_timestamp_seconds",
-                     "backup_bytes_total"):
+        for name in ("backup_success_total", "backup_last_timestamp_seconds", "backup_bytes_total"):
             assert any(ln.startswith(f"unisondb_{name}{{") for ln in lines), (name, r.stdout)
     assert tmp_files(root) == []
 
 
-def test_troubleshooting_permission_denied(server_factory: Callable[..., Server],
-                                           tmp_path: Path) -> None:
+def test_troubleshooting_permission_denied(server_factory: Callable[..., Server], tmp_path: Path) -> None:
     """The document's "Permission Denied" symptom, produced for real, then fixed."""
     srv = server_factory(tmp_path / "data", "default", "users", extra_args=SMALL_SEGMENTS)
     run = runner(srv, tmp_path / "state")
@@ -379,8 +387,7 @@ def test_troubleshooting_permission_denied(server_factory: Callable[..., Server]
         with immutable(root / "wal"):
             r = run(DOC_AUDIT)  # backupDir wal/archive: needs a new directory inside wal/
             assert r.returncode == 0, r.stderr
-            expected = json.loads(adapt(DOC_PERMISSION_SYMPTOM, srv.url, srv.data_dir,
-                                        tmp_path))
+            expected = json.loads(adapt(DOC_PERMISSION_SYMPTOM, srv.url, srv.data_dir, tmp_path))
             assert json.loads(r.stdout) == expected
             assert c.get("/health").status_code == 200  # the server keeps serving
         # The fix (the document uses chown/chmod; here the obstacle was chattr +i).

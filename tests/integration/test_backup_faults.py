@@ -54,20 +54,21 @@ def assert_clean(directory: Path, *names: str) -> None:
 
 # --- permission denied (real: chattr +i, which stops root too) ---
 
-def test_permission_denied_both_endpoints(server_factory: Callable[..., Server],
-                                          tmp_path: Path) -> None:
-    srv = server_factory(tmp_path / "data", "default", "users",
-                         extra_args=["--wal-segment-size", "64KiB"])
+
+def test_permission_denied_both_endpoints(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    srv = server_factory(tmp_path / "data", "default", "users", extra_args=["--wal-segment-size", "64KiB"])
     root = backup_root(srv.data_dir)
     ro = root / "ro"
     ro.mkdir()
     with srv.client() as c:
         fill_segments(c, 150_000, "p")
         with immutable(ro):
-            for resp in (btree_backup(c, "ro/s.db"),            # cannot create s.db.tmp
-                         btree_backup(c, "ro/new/s.db"),        # cannot create new/
-                         wal_backup(c, {"backupDir": "ro"}),    # cannot create *.wal.tmp
-                         wal_backup(c, {"backupDir": "ro/new"})):
+            for resp in (
+                btree_backup(c, "ro/s.db"),  # cannot create s.db.tmp
+                btree_backup(c, "ro/new/s.db"),  # cannot create new/
+                wal_backup(c, {"backupDir": "ro"}),  # cannot create *.wal.tmp
+                wal_backup(c, {"backupDir": "ro/new"}),
+            ):
                 assert resp.status_code == 500, resp.text
                 assert resp.json() == {"error": f"permission denied: {ro}"}
             assert list(ro.iterdir()) == []
@@ -94,6 +95,7 @@ def test_permission_denied_both_endpoints(server_factory: Callable[..., Server],
 # Everything else is real: engine, files, cleanup, the HTTP app (in-process via ASGI).
 # ``test_enospc_real_full_filesystem`` below does it for real where a tmpfs can be mounted.
 
+
 class InProcess:
     """The real ASGI app over an in-process engine, called through httpx's ASGI transport."""
 
@@ -115,8 +117,7 @@ def inproc(tmp_path: Path) -> Iterator[tuple[InProcess, Engine, Metrics]]:
     metrics = Metrics()
     metrics.init_namespace(NS)
     try:
-        yield InProcess(build_app({NS: eng}, metrics, data_dir=str(tmp_path / "data"))), eng, \
-            metrics
+        yield InProcess(build_app({NS: eng}, metrics, data_dir=str(tmp_path / "data"))), eng, metrics
     finally:
         eng.close()
 
@@ -137,7 +138,8 @@ def enospc_after(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
 
 def failures(metrics: Metrics, kind: str) -> float:
     value = metrics.registry.get_sample_value(
-        "unisondb_backup_failure_total", {"namespace": NS, "kind": kind})
+        "unisondb_backup_failure_total", {"namespace": NS, "kind": kind}
+    )
     return value or 0.0
 
 
@@ -158,8 +160,9 @@ def test_lmdb_reports_enospc_as_the_fake_does(tmp_path: Path) -> None:
     assert str(err.value) == "mdb_env_copyfd3: " + os.strerror(errno.ENOSPC)
 
 
-def test_enospc_mid_snapshot_fake(inproc: tuple[InProcess, Engine, Metrics],
-                                  monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_enospc_mid_snapshot_fake(
+    inproc: tuple[InProcess, Engine, Metrics], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     client, eng, metrics = inproc
     for i in range(64):
         eng.put(b"k%03d" % i, os.urandom(64 << 10))  # ~4 MiB: the copy is several chunks
@@ -185,8 +188,9 @@ def test_enospc_mid_snapshot_fake(inproc: tuple[InProcess, Engine, Metrics],
     sha256sum_check(root / "snaps")
 
 
-def test_enospc_mid_wal_copy_fake(inproc: tuple[InProcess, Engine, Metrics],
-                                  monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+def test_enospc_mid_wal_copy_fake(
+    inproc: tuple[InProcess, Engine, Metrics], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     client, eng, metrics = inproc
     for i in range(110):
         eng.put(b"k%03d" % i, os.urandom(64 << 10))  # ~7 MiB: two sealed 3 MiB segments
@@ -209,14 +213,15 @@ def test_enospc_mid_wal_copy_fake(inproc: tuple[InProcess, Engine, Metrics],
     monkeypatch.undo()
     r = client.post(f"/api/v1/{NS}/wal/backup", json={"backupDir": "wal/x"})
     assert r.status_code == 200, r.text
-    assert [(b["segmentId"], b["copied"]) for b in r.json()["backups"]] == \
-        [(s.segment_id, s.segment_id != first.segment_id) for s in sealed]
+    assert [(b["segmentId"], b["copied"]) for b in r.json()["backups"]] == [
+        (s.segment_id, s.segment_id != first.segment_id) for s in sealed
+    ]
     sha256sum_check(dest)
 
 
-def test_enospc_on_the_snapshot_sidecar_fake(inproc: tuple[InProcess, Engine, Metrics],
-                                             monkeypatch: pytest.MonkeyPatch,
-                                             tmp_path: Path) -> None:
+def test_enospc_on_the_snapshot_sidecar_fake(
+    inproc: tuple[InProcess, Engine, Metrics], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     """Finding 6: only the .sha256 hits ENOSPC. The snapshot is withdrawn; a retry works.
 
     Fake through ``files.write_all``: the 4096-byte trailer is the last snapshot byte it
@@ -241,8 +246,8 @@ def test_enospc_on_the_snapshot_sidecar_fake(inproc: tuple[InProcess, Engine, Me
 
 
 def test_enospc_on_the_wal_sidecar_withdraws_the_segment_fake(
-        inproc: tuple[InProcess, Engine, Metrics], monkeypatch: pytest.MonkeyPatch,
-        tmp_path: Path) -> None:
+    inproc: tuple[InProcess, Engine, Metrics], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
     client, eng, metrics = inproc
     for i in range(60):
         eng.put(b"k%03d" % i, os.urandom(64 << 10))
@@ -260,15 +265,15 @@ def test_enospc_on_the_wal_sidecar_withdraws_the_segment_fake(
 
 def mount_tmpfs(at: Path, size: int, remount: bool = False) -> None:
     opts = f"remount,size={size}" if remount else f"size={size}"
-    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(at)],
-                       capture_output=True, text=True)
+    r = subprocess.run(["mount", "-t", "tmpfs", "-o", opts, "tmpfs", str(at)], capture_output=True, text=True)
     if r.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): "
-                    f"{r.stderr.strip()}; the faked ENOSPC tests still run")
+        pytest.skip(
+            f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): "
+            f"{r.stderr.strip()}; the faked ENOSPC tests still run"
+        )
 
 
-def test_enospc_on_the_snapshot_sidecar_real(server_factory: Callable[..., Server],
-                                            tmp_path: Path) -> None:
+def test_enospc_on_the_snapshot_sidecar_real(server_factory: Callable[..., Server], tmp_path: Path) -> None:
     """A tmpfs exactly as big as the snapshot: the snapshot fits, its sidecar does not."""
     srv = server_factory(tmp_path / "data", NS)
     root = backup_root(srv.data_dir)
@@ -297,17 +302,21 @@ def test_enospc_on_the_snapshot_sidecar_real(server_factory: Callable[..., Serve
 
 # --- no space left on device: REAL (a 1 MiB tmpfs mounted inside the backup root) ---
 
+
 @pytest.fixture
 def tiny_fs(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
     mounted: list[Path] = []
 
     def mount(at: Path) -> None:
         at.mkdir(parents=True)
-        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(at)],
-                           capture_output=True, text=True)
+        r = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", "size=1m", "tmpfs", str(at)], capture_output=True, text=True
+        )
         if r.returncode != 0:
-            pytest.skip(f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): "
-                        f"{r.stderr.strip()}; the faked ENOSPC tests still run")
+            pytest.skip(
+                f"cannot mount a small tmpfs here (needs root/CAP_SYS_ADMIN): "
+                f"{r.stderr.strip()}; the faked ENOSPC tests still run"
+            )
         mounted.append(at)
 
     yield mount
@@ -315,10 +324,10 @@ def tiny_fs(tmp_path: Path) -> Iterator[Callable[[Path], None]]:
         subprocess.run(["umount", str(at)], check=True)
 
 
-def test_enospc_real_full_filesystem(server_factory: Callable[..., Server], tmp_path: Path,
-                                     tiny_fs: Callable[[Path], None]) -> None:
-    srv = server_factory(tmp_path / "data", "default", "users",
-                         extra_args=["--wal-segment-size", "256KiB"])
+def test_enospc_real_full_filesystem(
+    server_factory: Callable[..., Server], tmp_path: Path, tiny_fs: Callable[[Path], None]
+) -> None:
+    srv = server_factory(tmp_path / "data", "default", "users", extra_args=["--wal-segment-size", "256KiB"])
     root = backup_root(srv.data_dir)
     full = root / "full"
     tiny_fs(full)
@@ -335,8 +344,7 @@ def test_enospc_real_full_filesystem(server_factory: Callable[..., Server], tmp_
         partial = Path(r.json()["error"].split(": ", 1)[1])
         assert not partial.exists()
         done = sorted(full.glob("*.wal"))
-        assert done and all(p.read_bytes() == (srv.data_dir / NS / "wal" / p.name).read_bytes()
-                            for p in done)
+        assert done and all(p.read_bytes() == (srv.data_dir / NS / "wal" / p.name).read_bytes() for p in done)
         sha256sum_check(full)
         put(c, "still", b"serving")
         assert get(c, "still") == b"serving"
@@ -344,8 +352,10 @@ def test_enospc_real_full_filesystem(server_factory: Callable[..., Server], tmp_
 
 # --- kill -9 in the middle of a snapshot ---
 
+
 def test_kill9_mid_snapshot_leaves_no_tmp_after_restart(
-        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     eng = Engine.open(data, NS)
     for i in range(50):  # 50 MiB of values (1 MiB batches), written in-process for speed

@@ -32,13 +32,13 @@ NS = "users"
 Server = ServerProcess
 
 
-def OwnServer(data_dir: Path, *namespaces: str,
-              extra_args: list[str] | None = None) -> ServerProcess:
+def OwnServer(data_dir: Path, *namespaces: str, extra_args: list[str] | None = None) -> ServerProcess:
     """A server for module-scoped fixtures (conftest's factory is per-test); stop it yourself."""
     return start_server(data_dir, namespaces or (NS,), extra_args)
 
 
 # --- HTTP helpers ---
+
 
 def b64(data: bytes) -> str:
     return base64.b64encode(data).decode()
@@ -57,8 +57,10 @@ def get(client: httpx.Client, key: str, ns: str = NS) -> bytes | None:
 
 
 def batch_put(client: httpx.Client, items: dict[str, bytes], ns: str = NS) -> None:
-    r = client.post(f"/api/v1/{ns}/kv/batch", json={
-        "operation": "put", "items": [{"key": k, "value": b64(v)} for k, v in items.items()]})
+    r = client.post(
+        f"/api/v1/{ns}/kv/batch",
+        json={"operation": "put", "items": [{"key": k, "value": b64(v)} for k, v in items.items()]},
+    )
     assert r.status_code == 200, r.text
 
 
@@ -89,12 +91,12 @@ def metric_samples(client: httpx.Client) -> dict[tuple[str, tuple[tuple[str, str
     return out
 
 
-def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str,
-           **labels: str) -> float:
+def sample(samples: dict[tuple[str, tuple[tuple[str, str], ...]], float], name: str, **labels: str) -> float:
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
 # --- file system helpers ---
+
 
 def backup_root(data_dir: Path, ns: str = NS) -> Path:
     return data_dir / "backups" / ns
@@ -128,8 +130,7 @@ def sha256sum_check(directory: Path) -> None:
     """Run the real ``sha256sum -c`` on every sidecar in ``directory``."""
     sidecars = sorted(p.name for p in directory.glob("*.sha256"))
     assert sidecars, f"no sidecars in {directory}"
-    r = subprocess.run(["sha256sum", "-c", *sidecars], cwd=directory, capture_output=True,
-                       text=True)
+    r = subprocess.run(["sha256sum", "-c", *sidecars], cwd=directory, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -180,8 +181,10 @@ def immutable(path: Path) -> Iterator[None]:
     if r.returncode != 0:
         import pytest
 
-        pytest.skip("tests run as root, where chmod 0555 does not stop writes, and "
-                    f"'chattr +i' is not available here: {r.stderr.strip()}")
+        pytest.skip(
+            "tests run as root, where chmod 0555 does not stop writes, and "
+            f"'chattr +i' is not available here: {r.stderr.strip()}"
+        )
     try:
         yield
     finally:
@@ -190,10 +193,10 @@ def immutable(path: Path) -> Iterator[None]:
 
 # --- self-tests of the helpers ---
 
+
 def test_tree_sees_links_and_sizes(tmp_path: Path) -> None:
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "f").write_bytes(b"abc")
     (tmp_path / "l").symlink_to("/nonexistent")
-    assert tree(tmp_path) == {"d": ("dir", ""), "d/f": ("file", "3"),
-                              "l": ("link", "/nonexistent")}
+    assert tree(tmp_path) == {"d": ("dir", ""), "d/f": ("file", "3"), "l": ("link", "/nonexistent")}
     assert tree(tmp_path, exclude=(tmp_path / "d",)) == {"l": ("link", "/nonexistent")}

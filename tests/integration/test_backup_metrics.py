@@ -42,10 +42,10 @@ def changed(before: dict[str, float], after: dict[str, float]) -> dict[str, floa
     return {k: after[k] - before[k] for k in before if after[k] != before[k]}
 
 
-def test_backup_metrics_follow_success_and_failure(server_factory: Callable[..., Server],
-                                                   tmp_path: Path) -> None:
-    srv = server_factory(tmp_path / "data", "default", "users",
-                         extra_args=["--wal-segment-size", "64KiB"])
+def test_backup_metrics_follow_success_and_failure(
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
+    srv = server_factory(tmp_path / "data", "default", "users", extra_args=["--wal-segment-size", "64KiB"])
     with srv.client() as c:
         fill_segments(c, 200_000, "m")
         for kind in ("wal", "btree"):
@@ -60,9 +60,13 @@ def test_backup_metrics_follow_success_and_failure(server_factory: Callable[...,
         assert r.status_code == 200
         written = sum(b["bytes"] for b in r.json()["backups"])
         after = backup_values(c, "wal")
-        assert changed(before, after) == {"success": 1, "bytes": written, "count": 1,
-                                          "last_ts": after["last_ts"],
-                                          "last_bytes": written}
+        assert changed(before, after) == {
+            "success": 1,
+            "bytes": written,
+            "count": 1,
+            "last_ts": after["last_ts"],
+            "last_bytes": written,
+        }
         assert t0 <= after["last_ts"] <= t1
 
         # Re-running it writes nothing: a success of 0 bytes.
@@ -80,8 +84,7 @@ def test_backup_metrics_follow_success_and_failure(server_factory: Callable[...,
         after = backup_values(c, "btree")
         d = changed(before, after)
         assert d.pop("last_ts") > 0
-        assert d == {"success": 1, "bytes": r.json()["bytes"], "count": 1,
-                     "last_bytes": r.json()["bytes"]}
+        assert d == {"success": 1, "bytes": r.json()["bytes"], "count": 1, "last_bytes": r.json()["bytes"]}
 
         # Bad input (400) and unknown namespace (404) are not backup attempts.
         before_w, before_b = backup_values(c, "wal"), backup_values(c, "btree")
@@ -110,8 +113,7 @@ def test_backup_metrics_follow_success_and_failure(server_factory: Callable[...,
         assert sample(s, "unisondb_wal_active_segment_age_seconds", namespace=NS) >= 0
 
 
-def test_wal_gap_is_a_clear_error(server_factory: Callable[..., Server],
-                                  tmp_path: Path) -> None:
+def test_wal_gap_is_a_clear_error(server_factory: Callable[..., Server], tmp_path: Path) -> None:
     data = tmp_path / "data"
     srv = server_factory(data, "users", extra_args=["--wal-segment-size", "64KiB"])
     with srv.client() as c:
@@ -119,8 +121,7 @@ def test_wal_gap_is_a_clear_error(server_factory: Callable[..., Server],
     srv.stop()
     # Restart with retention 0: the first housekeeping pass deletes every sealed segment
     # the durable checkpoint has passed.
-    srv = server_factory(data, "users", extra_args=["--wal-segment-size", "64KiB",
-                                                    "--wal-retention", "0s"])
+    srv = server_factory(data, "users", extra_args=["--wal-segment-size", "64KiB", "--wal-retention", "0s"])
     with srv.client() as c:
         put(c, "trigger", b"housekeeping")
         deadline = time.monotonic() + 10
@@ -151,11 +152,14 @@ def test_wal_gap_is_a_clear_error(server_factory: Callable[..., Server],
         assert f"segment ids 2-{now_oldest - 1} are no longer on disk" in msg
         assert "WAL retention (--wal-retention) deleted them" in msg
         assert changed(before, backup_values(c, "wal")) == {
-            "failure": 1, "consecutive": 1, "count": 1, "gap": 1}
+            "failure": 1,
+            "consecutive": 1,
+            "count": 1,
+            "gap": 1,
+        }
         assert not (srv.data_dir / "backups" / NS / "wal" / "g").exists()
         # Resuming right at the oldest segment on disk, or from 0 ("all"), is no gap.
-        assert wal_backup(c, {"afterSegmentId": now_oldest - 1, "backupDir": "wal/g"}).status_code \
-            == 200
+        assert wal_backup(c, {"afterSegmentId": now_oldest - 1, "backupDir": "wal/g"}).status_code == 200
         assert wal_backup(c, {"afterSegmentId": 0, "backupDir": "wal/g"}).status_code == 200
 
 
@@ -168,7 +172,8 @@ def _documented_backup_metrics() -> dict[str, tuple[str, bool]]:
 
 
 def test_every_documented_series_exists_at_0_on_a_fresh_server(
-        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
     documented = _documented_backup_metrics()
     assert len(documented) >= 11 and "unisondb_backup_last_bytes" in documented
     srv = server_factory(tmp_path / "data", "default", "users")
@@ -178,8 +183,9 @@ def test_every_documented_series_exists_at_0_on_a_fresh_server(
     for name, (kind, per_kind) in sorted(documented.items()):
         sample_name = f"{name}_count" if kind == "histogram" else name
         for ns in ("default", "users"):
-            for labels in ([{"namespace": ns, "kind": k} for k in ("wal", "btree")]
-                           if per_kind else [{"namespace": ns}]):
+            for labels in (
+                [{"namespace": ns, "kind": k} for k in ("wal", "btree")] if per_kind else [{"namespace": ns}]
+            ):
                 key = (sample_name, tuple(sorted(labels.items())))
                 if key not in s:
                     missing.append(f"{sample_name}{labels}")

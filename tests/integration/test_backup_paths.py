@@ -80,9 +80,9 @@ def _prepare(tmp_path: Path, data: Path) -> Path:
 
 
 def test_hostile_paths_are_rejected_and_nothing_is_written(
-        server_factory: Callable[..., Server], tmp_path: Path) -> None:
-    srv = server_factory(tmp_path / "data", "default", "users",
-                         extra_args=["--wal-segment-size", "64KiB"])
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
+    srv = server_factory(tmp_path / "data", "default", "users", extra_args=["--wal-segment-size", "64KiB"])
     root = _prepare(tmp_path, srv.data_dir)
     with srv.client() as c:
         fill_segments(c, 150_000, "x")  # so a WAL backup would have sealed segments to copy
@@ -91,16 +91,17 @@ def test_hostile_paths_are_rejected_and_nothing_is_written(
         before = tree(tmp_path, exclude=engine_dirs + logs)
         metrics_before = backup_series(c)
         failures: list[str] = []
-        cases = [("btree", *case) for case in HOSTILE + FILE_ONLY] + \
-                [("wal", *case) for case in HOSTILE + DIR_ONLY]
+        cases = [("btree", *case) for case in HOSTILE + FILE_ONLY] + [
+            ("wal", *case) for case in HOSTILE + DIR_ONLY
+        ]
         for kind, name, literal, words, *status in cases:
             want = status[0] if status else 400  # a clash with what exists is a 409
             literal = literal.replace("{root}", str(root))
             if kind == "btree":
-                url, body = f"/api/v1/{NS}/btree/backup", '{"path": ' + literal + '}'
+                url, body = f"/api/v1/{NS}/btree/backup", '{"path": ' + literal + "}"
             else:
                 url = f"/api/v1/{NS}/wal/backup"
-                body = '{"afterSegmentId": 0, "rotate": true, "backupDir": ' + literal + '}'
+                body = '{"afterSegmentId": 0, "rotate": true, "backupDir": ' + literal + "}"
             # No Content-Type, as the document's curl -d sends it.
             r = c.post(url, content=body.encode())
             if r.status_code != want or words not in r.json().get("error", ""):
@@ -115,8 +116,7 @@ def test_hostile_paths_are_rejected_and_nothing_is_written(
         assert backup_series(c) == metrics_before
 
 
-def test_unusual_but_safe_paths_are_accepted(server_factory: Callable[..., Server],
-                                             tmp_path: Path) -> None:
+def test_unusual_but_safe_paths_are_accepted(server_factory: Callable[..., Server], tmp_path: Path) -> None:
     srv = server_factory(tmp_path / "data", "default", "users")
     root = backup_root(srv.data_dir)
     (root / "real").mkdir()
@@ -125,9 +125,9 @@ def test_unusual_but_safe_paths_are_accepted(server_factory: Callable[..., Serve
         c.put(f"/api/v1/{NS}/kv/k", json={"value": "dg=="})
         for rel, expected in [
             ("./a//b/./c.db", "a/b/c.db"),
-            ("alias/s.db", "real/s.db"),          # reported where it really is
+            ("alias/s.db", "real/s.db"),  # reported where it really is
             ("back\\slash.db", "back\\slash.db"),  # a backslash is an ordinary character
-            ("%2e/dot.db", "%2e/dot.db"),          # percent signs are literal, not decoded
+            ("%2e/dot.db", "%2e/dot.db"),  # percent signs are literal, not decoded
             ("sp ace/ü.db", "sp ace/ü.db"),
             ("x" * 244, "x" * 244),
             ("y" * 255 + "/z.db", "y" * 255 + "/z.db"),

@@ -41,8 +41,9 @@ from unisondb.storage import segment, snapfile
 
 
 def unisondb(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "unisondb", *args], capture_output=True,
-                          text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "unisondb", *args], capture_output=True, text=True, timeout=120
+    )
 
 
 def write_keys(c: httpx.Client, n: int, tag: str = "k") -> dict[str, bytes]:
@@ -78,8 +79,10 @@ rm -f /tmp/restore-$$.db /tmp/restore-$$.db.zst
 
 # --- the snapshot file ---
 
+
 def test_snapshot_is_self_verifying_and_the_manual_restore_serves_it(
-        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     srv = server_factory(data, NS)
     with srv.client() as c:
@@ -116,7 +119,8 @@ def test_snapshot_is_self_verifying_and_the_manual_restore_serves_it(
 
 
 def test_changed_snapshot_is_refused_without_any_sidecar(
-        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
     """Finding 3: four bytes flipped in a value; the sidecar thrown away (as the scripts do)."""
     data = tmp_path / "data"
     srv = server_factory(data, NS)
@@ -130,8 +134,7 @@ def test_changed_snapshot_is_refused_without_any_sidecar(
     at = raw.index(vals["k0100"])
     flip(snap, at + 40, count=4)
 
-    r = unisondb("restore", "--data-dir", str(tmp_path / "r"), "-n", NS, "--snapshot",
-                 str(snap), "--dry-run")
+    r = unisondb("restore", "--data-dir", str(tmp_path / "r"), "-n", NS, "--snapshot", str(snap), "--dry-run")
     assert r.returncode == 6, r.stdout + r.stderr
     assert f"{snap} is corrupt" in r.stderr and "use another copy" in r.stderr
     r = unisondb("backup", "verify", "--snapshot", str(snap))
@@ -149,7 +152,8 @@ def test_changed_snapshot_is_refused_without_any_sidecar(
 
 
 def test_startup_check_of_an_installed_snapshot_costs_one_hash_pass(
-        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
     """What the check costs is logged; a plain data.mdb is not hashed at all."""
     data = tmp_path / "data"
     srv = server_factory(data, NS)
@@ -164,6 +168,7 @@ def test_startup_check_of_an_installed_snapshot_costs_one_hash_pass(
 
 
 # --- kill -9 between the rename and the sidecar ---
+
 
 def hold_at(monkeypatch: pytest.MonkeyPatch, tmp_path: Path, point: str) -> Path:
     fifo = tmp_path / f"hold-{point}"
@@ -192,8 +197,8 @@ def kill_in_sidecar_window(srv: Server, fifo: Path, path: str) -> None:
 
 
 def test_kill9_between_rename_and_sidecar_is_completed_at_start(
-        server_factory: Callable[..., Server], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "data"
     fifo = hold_at(monkeypatch, tmp_path, "snapshot-published")
     srv = server_factory(data, NS)
@@ -224,8 +229,8 @@ def test_kill9_between_rename_and_sidecar_is_completed_at_start(
 
 
 def test_kill9_window_then_restart_before_the_sidecar_retry_gets_200(
-        server_factory: Callable[..., Server], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Even when startup could not write the sidecar, the retry completes it."""
     data = tmp_path / "data"
     fifo = hold_at(monkeypatch, tmp_path, "snapshot-published")
@@ -244,8 +249,8 @@ def test_kill9_window_then_restart_before_the_sidecar_retry_gets_200(
 
 
 def test_damaged_interrupted_snapshot_is_renamed_corrupt_at_start(
-        server_factory: Callable[..., Server], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     data = tmp_path / "data"
     fifo = hold_at(monkeypatch, tmp_path, "snapshot-published")
     srv = server_factory(data, NS)
@@ -265,8 +270,10 @@ def test_damaged_interrupted_snapshot_is_renamed_corrupt_at_start(
 
 # --- the WAL backup checks what it vouches for (finding 7) ---
 
+
 def test_wal_backup_refuses_a_segment_with_a_flipped_byte(
-        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     srv = server_factory(data, NS, extra_args=["--wal-segment-size", "64KiB"])
     dest = backup_root(data) / "wal"
@@ -279,24 +286,22 @@ def test_wal_backup_refuses_a_segment_with_a_flipped_byte(
         bad = sealed[1]
         scanned = segment.scan(bad)
         flip(bad, bad.stat().st_size // 2)
-        before = sample(metric_samples(c), "unisondb_backup_failure_total",
-                        namespace=NS, kind="wal")
+        before = sample(metric_samples(c), "unisondb_backup_failure_total", namespace=NS, kind="wal")
         r = wal_backup(c, {"backupDir": "wal"})
         assert r.status_code == 500, r.text
         err = r.json()["error"]
-        assert err.startswith(f"refusing to back up damaged WAL segment {int(bad.stem)}: "
-                              f"{bad} at offset ")
+        assert err.startswith(f"refusing to back up damaged WAL segment {int(bad.stem)}: {bad} at offset ")
         offset = int(err.split(" at offset ")[1].split(":")[0])
         record_starts = [s for _r, s, _e in scanned.records]
         assert offset in record_starts and offset <= bad.stat().st_size // 2
         assert "take a new B-tree snapshot" in err and "\n" not in err
         # The segment before it is published and vouched for; nothing of the bad one.
-        assert sorted(p.name for p in dest.iterdir()) == \
-            [sealed[0].name, sealed[0].name + ".sha256"]
+        assert sorted(p.name for p in dest.iterdir()) == [sealed[0].name, sealed[0].name + ".sha256"]
         sha256sum_check(dest)
         assert tmp_files(dest) == []
-        assert sample(metric_samples(c), "unisondb_backup_failure_total",
-                      namespace=NS, kind="wal") == before + 1
+        assert (
+            sample(metric_samples(c), "unisondb_backup_failure_total", namespace=NS, kind="wal") == before + 1
+        )
         # The archive copy taken before the damage is never re-vouched for bad bytes:
         r = wal_backup(c, {"backupDir": "first"})
         assert r.status_code == 500
@@ -306,7 +311,8 @@ def test_wal_backup_refuses_a_segment_with_a_flipped_byte(
 
 
 def test_wal_backup_of_intact_segments_still_byte_identical(
-        server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    server_factory: Callable[..., Server], tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     srv = server_factory(data, NS, extra_args=["--wal-segment-size", "64KiB"])
     with srv.client() as c:

@@ -53,19 +53,28 @@ def require_tool(name: str, package: str) -> str:
     pytest.skip(msg)
 
 
-def run(*args: str | Path, cwd: Path | None = None,
-        env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=120, check=False)
+def run(
+    *args: str | Path, cwd: Path | None = None, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
 
 
 def script_env(tmp_path: Path, **settings: str) -> dict[str, str]:
     """Environment for a script run that must stop before it talks to a server: an
     address nothing listens on, data and state under ``tmp_path``."""
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("UPLOAD_CMD", "STATE_FILE", "ARCHIVE_DIR", "COMPRESS")}
-    env.update(UNISON_URL="http://127.0.0.1:9", DATA_DIR=str(tmp_path / "data"),
-               STATE_DIR=str(tmp_path / "state"), NAMESPACE="users")
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("UPLOAD_CMD", "STATE_FILE", "ARCHIVE_DIR", "COMPRESS")
+    }
+    env.update(
+        UNISON_URL="http://127.0.0.1:9",
+        DATA_DIR=str(tmp_path / "data"),
+        STATE_DIR=str(tmp_path / "state"),
+        NAMESPACE="users",
+    )
     env.update(settings)
     return env
 
@@ -101,9 +110,22 @@ def test_common_file() -> None:
     assert text.startswith("# shellcheck shell=bash\n"), "no shebang: it is sourced, not run"
     assert "--fail-with-body" in text
     shared = _functions(text)
-    assert {"log", "err", "die", "config_error", "take_lock", "under_root", "api", "verify",
-            "sidecar", "upload", "state_get", "state_merge", "last_segment",
-            "segment_ids"} <= shared
+    assert {
+        "log",
+        "err",
+        "die",
+        "config_error",
+        "take_lock",
+        "under_root",
+        "api",
+        "verify",
+        "sidecar",
+        "upload",
+        "state_get",
+        "state_merge",
+        "last_segment",
+        "segment_ids",
+    } <= shared
     # Nothing it defines is defined again in a script: one copy of each helper.
     for script in SCRIPTS:
         again = shared & _functions(script.read_text())
@@ -137,8 +159,10 @@ def test_script_without_common_file(script: Path, tmp_path: Path) -> None:
     assert res.returncode == 2, res.stdout + res.stderr
     assert res.stdout == ""
     prog = script.name.removesuffix(".sh")
-    assert res.stderr == (f"{prog}: ERROR: {tmp_path}/bin/{COMMON.name} is missing or "
-                          f"unreadable; it must be installed next to {copy}\n")
+    assert res.stderr == (
+        f"{prog}: ERROR: {tmp_path}/bin/{COMMON.name} is missing or "
+        f"unreadable; it must be installed next to {copy}\n"
+    )
     assert not (tmp_path / "state").exists(), "it must stop before taking the lock"
 
 
@@ -171,7 +195,8 @@ exit $rc
 
 @pytest.mark.parametrize("script", SCRIPTS, ids=lambda p: p.name)
 def test_script_files_in_flight_survive_a_server_start(
-        script: Path, tmp_path: Path, server_factory: Any) -> None:
+    script: Path, tmp_path: Path, server_factory: Any
+) -> None:
     """The scripts' own half-written files (the WAL tarball, every sidecar) must not end
     in .tmp: the server deletes *.tmp under the backup root when it starts, so a restart
     during a run (systemd, a crash) pulled them from under the job and failed it."""
@@ -196,9 +221,17 @@ def test_script_files_in_flight_survive_a_server_start(
     left_dir.mkdir(parents=True, exist_ok=True)
     (left_dir / ".old.sha256.partial").write_text("cut")
     log = tmp_path / "removed.log"
-    env = script_env(tmp_path, UNISON_URL=srv.url, DATA_DIR=str(data), FORCE_SNAPSHOT="1",
-                     COMPRESS="gzip", SHIM_REAL_PATH=os.environ["PATH"],
-                     SHIM_PYTHON=sys.executable, SHIM_ROOT=str(root), SHIM_LOG=str(log))
+    env = script_env(
+        tmp_path,
+        UNISON_URL=srv.url,
+        DATA_DIR=str(data),
+        FORCE_SNAPSHOT="1",
+        COMPRESS="gzip",
+        SHIM_REAL_PATH=os.environ["PATH"],
+        SHIM_PYTHON=sys.executable,
+        SHIM_ROOT=str(root),
+        SHIM_LOG=str(log),
+    )
     env["PATH"] = f"{shims}:{os.environ['PATH']}"
     res = run(script, env=env)
     removed = log.read_text() if log.exists() else ""
@@ -211,8 +244,9 @@ def test_script_files_in_flight_survive_a_server_start(
             continue  # kept for the raw file, checked again after decompression
         chk = run("sha256sum", "--strict", "-c", side.name, cwd=side.parent)
         assert chk.returncode == 0, chk.stdout + chk.stderr
-    leftovers = [p for p in root.rglob("*") if p.name.startswith(".") or
-                 p.name.endswith((".tmp", ".partial"))]
+    leftovers = [
+        p for p in root.rglob("*") if p.name.startswith(".") or p.name.endswith((".tmp", ".partial"))
+    ]
     assert leftovers == []
 
 
@@ -236,8 +270,7 @@ def test_unit_has_no_inline_comments(unit: Path) -> None:
 
 
 def _parse_unit(unit: Path) -> configparser.RawConfigParser:
-    cp = configparser.RawConfigParser(strict=False, comment_prefixes=("#", ";"),
-                                      inline_comment_prefixes=None)
+    cp = configparser.RawConfigParser(strict=False, comment_prefixes=("#", ";"), inline_comment_prefixes=None)
     cp.optionxform = str  # type: ignore[assignment,method-assign]
     cp.read(unit)
     return cp
@@ -255,8 +288,8 @@ def test_backup_timer_runs_every_6_hours_once() -> None:
 def test_server_unit_settings() -> None:
     svc = _parse_unit(SYSTEMD / "unisondb.service")
     assert svc.get("Service", "ExecStart") == (
-        "/usr/local/bin/unisondb --data-dir /var/unison/data "
-        "--http-addr 127.0.0.1:8080 --namespace users")
+        "/usr/local/bin/unisondb --data-dir /var/unison/data --http-addr 127.0.0.1:8080 --namespace users"
+    )
     assert svc.get("Service", "Restart") == "on-failure"
     assert svc.get("Service", "KillSignal") == "SIGTERM"
     assert svc.get("Service", "User") == "unison"
@@ -297,8 +330,7 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     def complaints(paths: list[Path]) -> tuple[int, list[str]]:
         res = run(analyze, "verify", *paths, cwd=units)
         names = {p.name for p in paths}
-        lines = [ln for ln in (res.stdout + res.stderr).splitlines()
-                 if any(n in ln for n in names)]
+        lines = [ln for ln in (res.stdout + res.stderr).splitlines() if any(n in ln for n in names)]
         return res.returncode, lines
 
     rc, lines = complaints(copies)
@@ -309,9 +341,11 @@ def test_systemd_analyze_verify(tmp_path: Path) -> None:
     bad_dir.mkdir()
     shutil.copy2(units / "unison-backup.service", bad_dir / "unison-backup.service")
     bad = bad_dir / "unison-backup.timer"
-    bad.write_text("[Unit]\nDescription=x\n\n[Timer]\nOnCalendar=daily\n"
-                   "OnCalendar=*:0/6  # Every 6 hours\nPersistent=true\n\n"
-                   "[Install]\nWantedBy=timers.target\n")
+    bad.write_text(
+        "[Unit]\nDescription=x\n\n[Timer]\nOnCalendar=daily\n"
+        "OnCalendar=*:0/6  # Every 6 hours\nPersistent=true\n\n"
+        "[Install]\nWantedBy=timers.target\n"
+    )
     _, lines = complaints([bad])
     assert any("Failed to parse calendar" in ln for ln in lines), lines
 
@@ -333,9 +367,13 @@ def test_alert_rules_cover_the_document() -> None:
     assert alerts == REQUIRED_ALERTS
     tested = set(re.findall(r"alertname: (\S+)", RULE_TESTS.read_text()))
     assert tested == REQUIRED_ALERTS
-    for metric in ("unisondb_backup_consecutive_failures", "unisondb_backup_failure_total",
-                   "unisondb_backup_last_timestamp_seconds", "unisondb_backup_last_bytes",
-                   "unisondb_backup_wal_gap_total"):
+    for metric in (
+        "unisondb_backup_consecutive_failures",
+        "unisondb_backup_failure_total",
+        "unisondb_backup_last_timestamp_seconds",
+        "unisondb_backup_last_bytes",
+        "unisondb_backup_wal_gap_total",
+    ):
         assert metric in text
 
 
@@ -368,23 +406,34 @@ def auth_server(tmp_path_factory: pytest.TempPathFactory) -> Any:
     tokens.chmod(0o600)
     srv = start_server(tmp / "data", ("users",), ["--auth-token-file", str(tokens)])
     import httpx
-    r = httpx.put(srv.url + "/api/v1/users/kv/k", json={"value": "dg=="},
-                  headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+
+    r = httpx.put(
+        srv.url + "/api/v1/users/kv/k",
+        json={"value": "dg=="},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+    )
     assert r.status_code == 200, r.text
     yield srv
     srv.stop()
 
 
-@pytest.mark.parametrize("token_text,ok", [
-    (f"# the archive job's token\n{ADMIN_TOKEN}\n", True),
-    (f"{ADMIN_TOKEN} admin\n", True),          # a line of the server's own file works too
-    (None, False),                              # no UNISON_TOKEN_FILE: the server says 401
-])
-def test_wal_archive_sends_the_token_from_unison_token_file(auth_server: Any, tmp_path: Path,
-                                                            token_text: str | None,
-                                                            ok: bool) -> None:
-    settings = {"UNISON_URL": auth_server.url, "DATA_DIR": str(auth_server.data_dir),
-                "ARCHIVE_DIR": f"wal/t{len(token_text or '')}", "COMPRESS": "none"}
+@pytest.mark.parametrize(
+    "token_text,ok",
+    [
+        (f"# the archive job's token\n{ADMIN_TOKEN}\n", True),
+        (f"{ADMIN_TOKEN} admin\n", True),  # a line of the server's own file works too
+        (None, False),  # no UNISON_TOKEN_FILE: the server says 401
+    ],
+)
+def test_wal_archive_sends_the_token_from_unison_token_file(
+    auth_server: Any, tmp_path: Path, token_text: str | None, ok: bool
+) -> None:
+    settings = {
+        "UNISON_URL": auth_server.url,
+        "DATA_DIR": str(auth_server.data_dir),
+        "ARCHIVE_DIR": f"wal/t{len(token_text or '')}",
+        "COMPRESS": "none",
+    }
     if token_text is not None:
         token_file = tmp_path / "token"
         token_file.write_text(token_text)
@@ -403,7 +452,6 @@ def test_unreadable_or_empty_token_file_is_a_setting_error(tmp_path: Path) -> No
     empty = tmp_path / "empty"
     empty.write_text("# nothing here\n")
     for path, words in ((tmp_path / "missing", "is not a readable file"), (empty, "holds no token")):
-        res = run(CONTRIB / "unison-wal-archive.sh",
-                  env=script_env(tmp_path, UNISON_TOKEN_FILE=str(path)))
+        res = run(CONTRIB / "unison-wal-archive.sh", env=script_env(tmp_path, UNISON_TOKEN_FILE=str(path)))
         assert res.returncode == 2, res.stderr
         assert words in res.stderr

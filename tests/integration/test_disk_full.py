@@ -61,8 +61,12 @@ class SmallDisk:
 
     def start(self, *extra: str) -> ServerProcess:
         # The log lives off the small disk: it must not take space or fail to be written.
-        srv = start_server(self.data_dir, ("default",), [*FAST_RETRY, *extra],
-                           log_path=self.logs / f"server-{len(self.servers)}.log")
+        srv = start_server(
+            self.data_dir,
+            ("default",),
+            [*FAST_RETRY, *extra],
+            log_path=self.logs / f"server-{len(self.servers)}.log",
+        )
         self.servers.append(srv)
         return srv
 
@@ -78,7 +82,7 @@ class SmallDisk:
                 if room <= 0:
                     break
                 try:
-                    os.write(fd, block[:min(len(block), room)])
+                    os.write(fd, block[: min(len(block), room)])
                 except OSError as exc:
                     assert exc.errno == errno.ENOSPC
                     break
@@ -93,11 +97,17 @@ def disk(tmp_path: Path) -> Iterator[SmallDisk]:
         pytest.skip("the disk-full tests mount a small tmpfs, which needs root")
     mnt = tmp_path / "mnt"
     mnt.mkdir()
-    done = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
-                          capture_output=True, text=True, check=False)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(mnt)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); "
-                    "the disk-full tests need a small real file system")
+        pytest.skip(
+            f"cannot mount a tmpfs here ({done.stderr.strip() or done.returncode}); "
+            "the disk-full tests need a small real file system"
+        )
     d = SmallDisk(mnt, tmp_path)
     try:
         yield d
@@ -132,8 +142,7 @@ def _check_after_restart(disk: SmallDisk, srv: ServerProcess, acked: dict[str, b
             assert base64.b64decode(r.json()["value"]) == value, key
 
 
-def test_wal_enospc_is_507_reads_go_on_and_writes_resume_when_space_is_freed(
-        disk: SmallDisk) -> None:
+def test_wal_enospc_is_507_reads_go_on_and_writes_resume_when_space_is_freed(disk: SmallDisk) -> None:
     srv = disk.start()
     acked: dict[str, bytes] = {}
     with srv.client() as c:
@@ -153,8 +162,10 @@ def test_wal_enospc_is_507_reads_go_on_and_writes_resume_when_space_is_freed(
         assert c.get("/health").status_code == 200
         filler.unlink()
         # No restart: the next write (or the retry of a stalled rotation) just works.
-        _eventually(lambda: c.put("/api/v1/default/kv/big", json=_b64(big)).status_code == 200,
-                    "writes to resume after the filler was deleted")
+        _eventually(
+            lambda: c.put("/api/v1/default/kv/big", json=_b64(big)).status_code == 200,
+            "writes to resume after the filler was deleted",
+        )
         acked["big"] = big
         r = c.post("/api/v1/default/wal/backup", json={"backupDir": "w", "rotate": True})
         assert r.status_code == 200, r.text
@@ -170,7 +181,8 @@ def _fill_so_lmdb_fails(disk: SmallDisk) -> tuple[Path, bytes]:
 
 
 def test_lmdb_enospc_stalls_writes_and_acknowledges_the_durable_write_once_space_returns(
-        disk: SmallDisk) -> None:
+    disk: SmallDisk,
+) -> None:
     srv = disk.start("--disk-full-hold", "60s")
     acked = {f"k{i}": b"v%d" % i for i in range(5)}
     with srv.client() as c:
@@ -178,8 +190,9 @@ def test_lmdb_enospc_stalls_writes_and_acknowledges_the_durable_write_once_space
             assert c.put(f"/api/v1/default/kv/{key}", json=_b64(value)).status_code == 200
         filler, big = _fill_so_lmdb_fails(disk)
         answer: list[httpx.Response] = []
-        writer = threading.Thread(target=lambda: answer.append(
-            srv.client().put("/api/v1/default/kv/big", json=_b64(big))))
+        writer = threading.Thread(
+            target=lambda: answer.append(srv.client().put("/api/v1/default/kv/big", json=_b64(big)))
+        )
         writer.start()
         # The record is durable in the WAL; LMDB could not take it: writes are stalled.
         _eventually(lambda: _metric(c, "unisondb_writes_stalled") == 1, "the stall")
@@ -200,8 +213,7 @@ def test_lmdb_enospc_stalls_writes_and_acknowledges_the_durable_write_once_space
     _check_after_restart(disk, srv, acked)
 
 
-def test_a_durable_write_answered_507_is_counted_and_applied_once_space_returns(
-        disk: SmallDisk) -> None:
+def test_a_durable_write_answered_507_is_counted_and_applied_once_space_returns(disk: SmallDisk) -> None:
     srv = disk.start("--disk-full-hold", "0s")
     with srv.client() as c:
         assert c.put("/api/v1/default/kv/a", json=_b64(b"1")).status_code == 200
@@ -214,10 +226,12 @@ def test_a_durable_write_answered_507_is_counted_and_applied_once_space_returns(
         # (Not asserted: that it is invisible now. LMDB's aborted commit left its pages
         # allocated, so a retry 50 ms later may already fit and apply it.)
         filler.unlink()
-        _eventually(lambda: c.get("/api/v1/default/kv/big").status_code == 200,
-                    "the pending record to be applied")
-        _eventually(lambda: c.put("/api/v1/default/kv/b", json=_b64(b"2")).status_code == 200,
-                    "writes to resume")
+        _eventually(
+            lambda: c.get("/api/v1/default/kv/big").status_code == 200, "the pending record to be applied"
+        )
+        _eventually(
+            lambda: c.put("/api/v1/default/kv/b", json=_b64(b"2")).status_code == 200, "writes to resume"
+        )
     srv.kill9()  # even without a clean stop, the WAL has it
     again = disk.start()
     with again.client() as c:
@@ -226,12 +240,12 @@ def test_a_durable_write_answered_507_is_counted_and_applied_once_space_returns(
 
 
 def test_enospc_during_a_snapshot_is_507_leaves_nothing_and_the_namespace_keeps_working(
-        disk: SmallDisk) -> None:
+    disk: SmallDisk,
+) -> None:
     srv = disk.start()
     with srv.client() as c:
         for i in range(12):
-            assert c.put(f"/api/v1/default/kv/k{i}",
-                         json=_b64(os.urandom(100_000))).status_code == 200
+            assert c.put(f"/api/v1/default/kv/k{i}", json=_b64(os.urandom(100_000))).status_code == 200
         filler = disk.fill(leave=400 << 10)
         r = c.post("/api/v1/default/btree/backup", json={"path": "snaps/s1.db"})
         assert r.status_code == 507, r.text
@@ -246,9 +260,20 @@ def test_enospc_during_a_snapshot_is_507_leaves_nothing_and_the_namespace_keeps_
 
 def _run_cli(data_dir: Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir),
-         "--http-addr", "127.0.0.1:1"],  # never reached: startup fails first
-        capture_output=True, text=True, timeout=timeout, check=False)
+        [
+            sys.executable,
+            "-m",
+            "unisondb",
+            "--data-dir",
+            str(data_dir),
+            "--http-addr",
+            "127.0.0.1:1",
+        ],  # never reached: startup fails first
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
 
 
 def test_starting_on_a_full_disk_is_one_error_line_and_leaves_nothing(disk: SmallDisk) -> None:
@@ -279,6 +304,7 @@ def test_restarting_an_existing_namespace_on_a_full_disk_serves_reads(disk: Smal
         r = c.put("/api/v1/default/kv/big", json=_b64(os.urandom(200_000)))
         assert r.status_code == 507 and r.json()["error"].startswith(NO_SPACE), r.text
         filler.unlink()
-        _eventually(lambda: c.put("/api/v1/default/kv/x", json=_b64(b"1")).status_code == 200,
-                    "writes to resume")
+        _eventually(
+            lambda: c.put("/api/v1/default/kv/x", json=_b64(b"1")).status_code == 200, "writes to resume"
+        )
     assert not list(disk.data_dir.rglob("*.tmp"))

@@ -62,17 +62,29 @@ def metric(srv: Any, route: str, status: int) -> float:
     text = httpx.get(srv.url + "/metrics").text
     total = 0.0
     for line in text.splitlines():
-        if line.startswith("unisondb_http_requests_total{") and f'route="{route}"' in line \
-                and f'status="{status}"' in line:
+        if (
+            line.startswith("unisondb_http_requests_total{")
+            and f'route="{route}"' in line
+            and f'status="{status}"' in line
+        ):
             total += float(line.rsplit(" ", 1)[1])
     return total
 
 
 @pytest.fixture(scope="module")
 def srv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
-    server = start_server(tmp_path_factory.mktemp("limits") / "data", ("default",), extra_args=[
-        "--http-header-timeout", "0.5s", "--http-body-timeout", "0.5s",
-        "--http-idle-timeout", "0.6s"])
+    server = start_server(
+        tmp_path_factory.mktemp("limits") / "data",
+        ("default",),
+        extra_args=[
+            "--http-header-timeout",
+            "0.5s",
+            "--http-body-timeout",
+            "0.5s",
+            "--http-idle-timeout",
+            "0.6s",
+        ],
+    )
     yield server
     server.stop()
 
@@ -147,10 +159,12 @@ def test_a_256_mib_header_is_refused_early_with_bounded_memory(srv: Any) -> None
         t.join()
     grown_mib = (peak - base) / 1024
     p99 = statistics.quantiles(latencies, n=100)[98] if len(latencies) >= 100 else max(latencies)
-    print(f"\n12 x 256 MiB header: at most {max(sent) >> 20} MiB sent before the cut; "
-          f"RSS {base // 1024} "
-          f"-> peak {peak // 1024} MiB (+{grown_mib:.1f}); other client: {len(latencies)} GETs, "
-          f"p99 {p99 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms")
+    print(
+        f"\n12 x 256 MiB header: at most {max(sent) >> 20} MiB sent before the cut; "
+        f"RSS {base // 1024} "
+        f"-> peak {peak // 1024} MiB (+{grown_mib:.1f}); other client: {len(latencies)} GETs, "
+        f"p99 {p99 * 1000:.1f} ms, max {max(latencies) * 1000:.1f} ms"
+    )
     assert max(sent) < 64 << 20, "the server kept reading the header"
     assert grown_mib < 16, f"RSS grew by {grown_mib:.1f} MiB"
     assert not failures, failures[:5]
@@ -252,8 +266,9 @@ def test_slow_body_gets_408_and_is_counted_as_408(srv: Any, target: str) -> None
     route = "batch_kv" if method == b"POST" else "put_kv"
     before = metric(srv, route, 408)
     s = connect(srv)
-    s.sendall(method + b" " + target.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-              b"Content-Length: 100\r\n\r\n{\"value\":")
+    s.sendall(
+        method + b" " + target.encode() + b' HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{"value":'
+    )
     status, _, body = read_response(s)
     s.close()
     assert status == 408
@@ -265,15 +280,17 @@ def test_slow_body_gets_408_and_is_counted_as_408(srv: Any, target: str) -> None
     assert "request.bug" not in srv.log()
 
 
-@pytest.mark.parametrize("target", ["/api/v1/default/kv/gone", "/api/v1/default/kv/batch",
-                                    "/api/v1/default/btree/backup"])
+@pytest.mark.parametrize(
+    "target", ["/api/v1/default/kv/gone", "/api/v1/default/kv/batch", "/api/v1/default/btree/backup"]
+)
 def test_client_that_hangs_up_mid_body_is_499_not_a_bug(srv: Any, target: str) -> None:
     method = b"PUT" if target.endswith("gone") else b"POST"
     route = {"gone": "put_kv", "batch": "batch_kv", "backup": "btree_backup"}[target.rsplit("/")[-1]]
     before = metric(srv, route, 499)
     s = connect(srv)
-    s.sendall(method + b" " + target.encode() + b" HTTP/1.1\r\nHost: x\r\n"
-              b"Content-Length: 1000\r\n\r\n{\"value\":")
+    s.sendall(
+        method + b" " + target.encode() + b' HTTP/1.1\r\nHost: x\r\nContent-Length: 1000\r\n\r\n{"value":'
+    )
     time.sleep(0.05)
     s.close()
     deadline = time.monotonic() + 5

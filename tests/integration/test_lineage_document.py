@@ -51,13 +51,19 @@ DOC_ARCHIVE_LOOP = DOC_CONTINUOUS.split(_CUT)[0] + "\nfi\n"
 
 
 def bash(script: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(["bash", "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "LC_ALL": "C", **env})
+    return subprocess.run(
+        ["bash", "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={**os.environ, "LC_ALL": "C", **env},
+    )
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "unisondb", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "unisondb", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def write(url: str, first: int, last: int, value: str) -> None:
@@ -65,14 +71,20 @@ def write(url: str, first: int, last: int, value: str) -> None:
 
     One curl process over one connection (a curl config of ``next``-separated transfers):
     a curl per key costs ~60 ms on a loaded 2-core machine."""
-    r = bash('V=$(printf %s "$VAL" | base64)\n'
-             'for i in $(seq "$FIRST" "$LAST"); do\n'
-             '  [ "$i" = "$FIRST" ] || echo next\n'
-             '  printf \'url = "%s/api/v1/users/kv/k%s"\\nrequest = "PUT"\\n\' "$URL" "$i"\n'
-             '  printf \'header = "Content-Type: application/json"\\n\'\n'
-             '  printf \'data = "{\\\\"value\\\\": \\\\"%s\\\\"}"\\n\' "$V"\n'
-             '  printf \'output = "/dev/null"\\nwrite-out = "%%{http_code}\\\\n"\\n\'\n'
-             'done | curl -s -K -', URL=url, FIRST=str(first), LAST=str(last), VAL=value)
+    r = bash(
+        'V=$(printf %s "$VAL" | base64)\n'
+        'for i in $(seq "$FIRST" "$LAST"); do\n'
+        '  [ "$i" = "$FIRST" ] || echo next\n'
+        '  printf \'url = "%s/api/v1/users/kv/k%s"\\nrequest = "PUT"\\n\' "$URL" "$i"\n'
+        "  printf 'header = \"Content-Type: application/json\"\\n'\n"
+        '  printf \'data = "{\\\\"value\\\\": \\\\"%s\\\\"}"\\n\' "$V"\n'
+        '  printf \'output = "/dev/null"\\nwrite-out = "%%{http_code}\\\\n"\\n\'\n'
+        "done | curl -s -K -",
+        URL=url,
+        FIRST=str(first),
+        LAST=str(last),
+        VAL=value,
+    )
     assert r.returncode == 0, r.stderr
     assert r.stdout.split() == ["200"] * (last - first + 1), r.stdout
 
@@ -99,10 +111,14 @@ def wal_backup(srv: ServerProcess, body: dict[str, Any]) -> tuple[int, Any]:
 
 def served(url: str, n: int) -> dict[str, str | None]:
     """Every key k1..kn as the server at ``url`` serves it (curl + jq), None if absent."""
-    r = bash('set -o pipefail\n'
-             'for i in $(seq 1 "$N"); do printf \'url = "%s/api/v1/users/kv/k%s"\\n\' "$URL" "$i"; '
-             'done | curl -sf -K - | '
-             'jq -r \'if .found then (.value | @base64d) else "-" end\'', URL=url, N=str(n))
+    r = bash(
+        "set -o pipefail\n"
+        'for i in $(seq 1 "$N"); do printf \'url = "%s/api/v1/users/kv/k%s"\\n\' "$URL" "$i"; '
+        "done | curl -sf -K - | "
+        "jq -r 'if .found then (.value | @base64d) else \"-\" end'",
+        URL=url,
+        N=str(n),
+    )
     assert r.returncode == 0, r.stderr
     vals = r.stdout.split("\n")[:n]
     assert len(vals) == n and r.stdout.count("\n") == n, r.stdout
@@ -118,13 +134,27 @@ def expect(spans: list[tuple[int, int, str]], n: int) -> dict[str, str | None]:
 
 
 def tree_hashes(root: Path) -> dict[str, str]:
-    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
-            for p in sorted(root.rglob("*")) if p.is_file()}
+    return {
+        str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+        for p in sorted(root.rglob("*"))
+        if p.is_file()
+    }
 
 
 def restore(data_dir: Path, snapshot: Path, wal: Path, *extra: str) -> dict[str, Any]:
-    r = cli("restore", "--data-dir", data_dir, "--namespace", NS, "--snapshot", snapshot,
-            "--wal", wal, "--json", *extra)
+    r = cli(
+        "restore",
+        "--data-dir",
+        data_dir,
+        "--namespace",
+        NS,
+        "--snapshot",
+        snapshot,
+        "--wal",
+        wal,
+        "--json",
+        *extra,
+    )
     assert r.returncode == 0, r.stdout + r.stderr
     out: dict[str, Any] = json.loads(r.stdout)
     return out
@@ -135,6 +165,7 @@ def stop_clean(srv: ServerProcess) -> None:
 
 
 # --- finding 1 ---------------------------------------------------------------------------
+
 
 class Splice:
     """State shared by the steps of finding 1 (one module-scoped run, several assertions)."""
@@ -170,20 +201,23 @@ def _run_splice(sp: Splice) -> Splice:
     srv = sp.start()
     write(srv.url, 1, 150, OLD)
     assert stats(srv)["lastLsn"] == 150
-    code, snap = curl_json(f"{srv.url}/api/v1/{NS}/btree/backup", "POST",
-                           '{"path":"snapshots/s1.db"}')
+    code, snap = curl_json(f"{srv.url}/api/v1/{NS}/btree/backup", "POST", '{"path":"snapshots/s1.db"}')
     assert code == 200 and snap["lsn"] == 150, snap
     write(srv.url, 151, 200, OLD)
     code, first = wal_backup(srv, {"backupDir": "wal/archive", "rotate": True})
     assert code == 200 and first["backups"], first
     write(srv.url, 201, 250, OLD)
     # The archive's state file, written the way the document's archival script writes it.
-    r = bash('RESPONSE=$(curl -s -X POST "$URL/api/v1/users/wal/backup" '
-             '-H "Content-Type: application/json" '
-             '-d \'{"backupDir": "wal/archive", "rotate": true}\')\n'
-             'NEW_LAST=$(echo "$RESPONSE" | jq -r \'.backups[-1].segmentId // 0\')\n'
-             'echo "{\\"lastSegmentId\\": $NEW_LAST, \\"timestamp\\": \\"$(date -Iseconds)\\"}" '
-             '> "$STATE_FILE"', URL=srv.url, STATE_FILE=str(sp.state_file))
+    r = bash(
+        'RESPONSE=$(curl -s -X POST "$URL/api/v1/users/wal/backup" '
+        '-H "Content-Type: application/json" '
+        '-d \'{"backupDir": "wal/archive", "rotate": true}\')\n'
+        "NEW_LAST=$(echo \"$RESPONSE\" | jq -r '.backups[-1].segmentId // 0')\n"
+        'echo "{\\"lastSegmentId\\": $NEW_LAST, \\"timestamp\\": \\"$(date -Iseconds)\\"}" '
+        '> "$STATE_FILE"',
+        URL=srv.url,
+        STATE_FILE=str(sp.state_file),
+    )
     assert r.returncode == 0, r.stderr
     sp.old_last = json.loads(sp.state_file.read_text())["lastSegmentId"]
     sp.old_segments = sorted(int(p.name.split(".")[0]) for p in sp.archive.glob("*.wal"))
@@ -194,8 +228,11 @@ def _run_splice(sp: Splice) -> Splice:
     stop_clean(srv)
 
     # The document's Full Restore after total loss of the namespace directory.
-    r = bash('rm -rf "$DATA/users"\nmkdir -p "$DATA/users/db"\n'
-             'cp "$SNAP" "$DATA/users/db/data.mdb"', DATA=str(sp.data), SNAP=str(sp.snapshot))
+    r = bash(
+        'rm -rf "$DATA/users"\nmkdir -p "$DATA/users/db"\ncp "$SNAP" "$DATA/users/db/data.mdb"',
+        DATA=str(sp.data),
+        SNAP=str(sp.snapshot),
+    )
     assert r.returncode == 0, r.stderr
     srv = sp.start()
     sp.after_restore = served(srv.url, 260)
@@ -252,8 +289,7 @@ def test_verify_says_two_histories_continue_the_snapshot(splice: Splice) -> None
     assert r.returncode == (0 if rep["ok"] else 1), (r.returncode, rep)
 
 
-def test_restore_takes_the_newest_history_and_equals_the_live_server(
-        splice: Splice, tmp_path: Path) -> None:
+def test_restore_takes_the_newest_history_and_equals_the_live_server(splice: Splice, tmp_path: Path) -> None:
     out = restore(tmp_path / "r", splice.snapshot, splice.archive)
     plan, summary = out["plan"], out["summary"]
     assert plan["wal"]["history"] == splice.live_stats["history"]
@@ -275,8 +311,7 @@ def test_restore_takes_the_newest_history_and_equals_the_live_server(
 
 
 def test_restore_named_old_history(splice: Splice, tmp_path: Path) -> None:
-    out = restore(tmp_path / "r", splice.snapshot, splice.archive,
-                  "--history", splice.old_history)
+    out = restore(tmp_path / "r", splice.snapshot, splice.archive, "--history", splice.old_history)
     assert out["plan"]["wal"]["history"] == splice.old_history
     summary = out["summary"]
     assert summary["lsn"] == 250
@@ -318,9 +353,9 @@ def test_backup_list_shows_both_histories_with_windows(splice: Splice) -> None:
 
 # --- finding 5 ---------------------------------------------------------------------------
 
+
 def _rotate(srv: ServerProcess, after: int) -> int:
-    code, body = wal_backup(srv, {"afterSegmentId": after, "backupDir": "wal/archive",
-                                  "rotate": True})
+    code, body = wal_backup(srv, {"afterSegmentId": after, "backupDir": "wal/archive", "rotate": True})
     assert code == 200 and body["backups"], body
     last: int = body["backups"][-1]["segmentId"]
     return last
@@ -342,8 +377,7 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Mixed:
     b = start_server(base / "b", (NS,))
     try:
         write(a.url, 1, 30, "A")
-        code, snap = curl_json(f"{a.url}/api/v1/{NS}/btree/backup", "POST",
-                               '{"path":"snapshots/a.db"}')
+        code, snap = curl_json(f"{a.url}/api/v1/{NS}/btree/backup", "POST", '{"path":"snapshots/a.db"}')
         assert code == 200 and snap["lsn"] == 30, snap
         last = 0
         for first, end in ((31, 50), (51, 100)):
@@ -365,8 +399,10 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Mixed:
     out.mkdir()
     for name in ("a.db", "a.db.sha256"):  # with its sidecar: no warning but the mix itself
         shutil.copy2(base / "a/backups/users/snapshots" / name, out)
-    for src, ids in ((base / "a/backups/users/wal/archive", (1, 2)),
-                     (base / "b/backups/users/wal/archive", (3, 4, 5))):
+    for src, ids in (
+        (base / "a/backups/users/wal/archive", (1, 2)),
+        (base / "b/backups/users/wal/archive", (3, 4, 5)),
+    ):
         for i in ids:
             for name in (segment_name(i), segment_name(i) + ".sha256"):
                 shutil.copy2(src / name, out)
@@ -379,18 +415,32 @@ def mixed(tmp_path_factory: pytest.TempPathFactory) -> Mixed:
 def test_verify_two_servers_mix_is_not_ok_silently(mixed: Mixed) -> None:
     r = cli("backup", "verify", "--snapshot", mixed.dir / "a.db", "--wal", mixed.dir, "--json")
     rep = json.loads(r.stdout)
-    assert rep["restorable"] is None or (rep["restorable"]["toLsn"] == 100
-                                         and rep["restorable"]["history"] == mixed.a_hist), rep
+    assert rep["restorable"] is None or (
+        rep["restorable"]["toLsn"] == 100 and rep["restorable"]["history"] == mixed.a_hist
+    ), rep
     # Not OK silently: B's three segments are named as another history, as a problem or a
     # warning, not skipped without a word.
-    said = [m for m in rep["warnings"] + rep["problems"] if mixed.b_hist[:12] in m
-            or all(segment_name(i) in m for i in (3, 4, 5)) or "another history" in m]
+    said = [
+        m
+        for m in rep["warnings"] + rep["problems"]
+        if mixed.b_hist[:12] in m or all(segment_name(i) in m for i in (3, 4, 5)) or "another history" in m
+    ]
     assert said, (r.returncode, rep["ok"], rep["warnings"], rep["problems"])
 
 
 def test_restore_two_servers_mix_never_gives_b_values(mixed: Mixed, tmp_path: Path) -> None:
-    r = cli("restore", "--data-dir", tmp_path / "r", "--namespace", NS, "--snapshot",
-            mixed.dir / "a.db", "--wal", mixed.dir, "--json")
+    r = cli(
+        "restore",
+        "--data-dir",
+        tmp_path / "r",
+        "--namespace",
+        NS,
+        "--snapshot",
+        mixed.dir / "a.db",
+        "--wal",
+        mixed.dir,
+        "--json",
+    )
     if r.returncode != 0:  # refusing is allowed, with a clear one-line reason
         msg = (r.stdout + r.stderr).strip()
         assert "history" in msg and "Traceback" not in msg, msg

@@ -113,16 +113,14 @@ def _example_path(path: str, ns: str) -> str:
     return path.replace("{namespace}", ns).replace("{key}", "some-key")
 
 
-def test_documented_statuses_are_what_the_server_answers(spec: dict[str, Any],
-                                                         http: httpx.Client) -> None:
+def test_documented_statuses_are_what_the_server_answers(spec: dict[str, Any], http: httpx.Client) -> None:
     """Unknown namespace → 404; broken JSON → 400; oversized body → 413, for every
     operation that documents them; and success is 200."""
     for path, ops in spec["paths"].items():
         for method, op in ops.items():
             where = f"{method.upper()} {path}"
             if "{namespace}" in path:
-                resp = http.request(method.upper(), _example_path(path, "no-such-ns"),
-                                    content=b"{}")
+                resp = http.request(method.upper(), _example_path(path, "no-such-ns"), content=b"{}")
                 assert resp.status_code == 404, where
                 assert resp.json() == {"error": "namespace not found: no-such-ns"}, where
             if "requestBody" in op:
@@ -149,8 +147,22 @@ def test_allow_header_on_batch_matches_the_spec(spec: dict[str, Any], http: http
     assert allowed == set(spec["paths"]["/api/v1/{namespace}/kv/batch"]) & METHODS
 
 
-B64_VALUES = ["", "dg==", "aGk=", "aGVsbG8=", "AAAA", "dg", "dg=", "d===", "!!!!", "dg==dg==",
-              " dg==", "aGk=\n", "a-b_", "YQ"]
+B64_VALUES = [
+    "",
+    "dg==",
+    "aGk=",
+    "aGVsbG8=",
+    "AAAA",
+    "dg",
+    "dg=",
+    "d===",
+    "!!!!",
+    "dg==dg==",
+    " dg==",
+    "aGk=\n",
+    "a-b_",
+    "YQ",
+]
 PATHS = ["", " ", "/abs", "a", " a", "a/b", ".", "..", "a/../b", "%2e%2e", "..%2f", "x.db"]
 
 
@@ -162,8 +174,9 @@ def test_spec_constraints_agree_with_the_validators(spec: dict[str, Any]) -> Non
     from unisondb.errors import InvalidRequest
 
     ops = spec["paths"]
-    b64 = ops["/api/v1/{namespace}/kv/{key}"]["put"]["requestBody"]["content"][
-        "application/json"]["schema"]["properties"]["value"]
+    b64 = ops["/api/v1/{namespace}/kv/{key}"]["put"]["requestBody"]["content"]["application/json"]["schema"][
+        "properties"
+    ]["value"]
     for value in B64_VALUES:
         # ECMA-262 '$' (JSON Schema's regex dialect) never matches before a final newline.
         allowed = re.search(b64["pattern"].replace("$", r"\Z"), value) is not None
@@ -173,8 +186,10 @@ def test_spec_constraints_agree_with_the_validators(spec: dict[str, Any]) -> Non
         except InvalidRequest:
             accepted = False
         assert allowed == accepted, value
-    for route, field, is_file in (("/api/v1/{namespace}/wal/backup", "backupDir", False),
-                                  ("/api/v1/{namespace}/btree/backup", "path", True)):
+    for route, field, is_file in (
+        ("/api/v1/{namespace}/wal/backup", "backupDir", False),
+        ("/api/v1/{namespace}/btree/backup", "path", True),
+    ):
         body = ops[route]["post"]["requestBody"]["content"]["application/json"]["schema"]
         assert field in body["required"]
         rule = body["properties"][field]
@@ -186,8 +201,14 @@ def test_spec_constraints_agree_with_the_validators(spec: dict[str, Any]) -> Non
                 except InvalidRequest as exc:
                     # Only the rules no pattern states: dot segments and the root itself.
                     assert "'..'" in exc.message or "backup root itself" in exc.message, (
-                        field, value, exc.message)
-    batch = ops["/api/v1/{namespace}/kv/batch"]["post"]["requestBody"]["content"][
-        "application/json"]["schema"]["oneOf"]
-    assert all("operation" in alt["required"] and alt["properties"][list(alt["required"])[1]]
-               ["minItems"] == 1 for alt in batch)
+                        field,
+                        value,
+                        exc.message,
+                    )
+    batch = ops["/api/v1/{namespace}/kv/batch"]["post"]["requestBody"]["content"]["application/json"][
+        "schema"
+    ]["oneOf"]
+    assert all(
+        "operation" in alt["required"] and alt["properties"][list(alt["required"])[1]]["minItems"] == 1
+        for alt in batch
+    )

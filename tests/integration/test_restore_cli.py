@@ -41,12 +41,10 @@ def cli(capsys: pytest.CaptureFixture[str], *args: str | Path) -> tuple[int, str
 
 
 def restore_args(data: Path, snap: Path, wal: Path, *extra: str) -> list[str | Path]:
-    return ["restore", "--data-dir", data, "--namespace", NS, "--snapshot", snap, "--wal", wal,
-            *extra]
+    return ["restore", "--data-dir", data, "--namespace", NS, "--snapshot", snap, "--wal", wal, *extra]
 
 
-def test_restore_text_and_json_output(base: Base, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_restore_text_and_json_output(base: Base, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     h, snap, wal = base
     rc, out, err = cli(capsys, *restore_args(tmp_path / "d", snap, wal, "--target-lsn", "100"))
     assert rc == 0, err
@@ -64,8 +62,7 @@ def test_restore_text_and_json_output(base: Base, tmp_path: Path,
     assert read_keyspace(tmp_path / "d") == h.state_at(h.last_lsn)
 
 
-def test_dry_run_changes_nothing(base: Base, tmp_path: Path,
-                                 capsys: pytest.CaptureFixture[str]) -> None:
+def test_dry_run_changes_nothing(base: Base, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _h, snap, wal = base
     data = tmp_path / "d"
     # into a data dir that does not exist: nothing is created
@@ -89,8 +86,7 @@ def test_dry_run_changes_nothing(base: Base, tmp_path: Path,
     assert sorted(p.name for p in data.iterdir()) == [NS]  # no lock file, no staging dir
 
 
-def test_exit_codes_and_error_lines(base: Base, tmp_path: Path,
-                                    capsys: pytest.CaptureFixture[str]) -> None:
+def test_exit_codes_and_error_lines(base: Base, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     _h, snap, wal = base
     data = tmp_path / "d"
     assert cli(capsys, *restore_args(data, snap, wal, "--target-lsn", "80"))[0] == 0
@@ -98,13 +94,19 @@ def test_exit_codes_and_error_lines(base: Base, tmp_path: Path,
         (restore_args(data, snap, wal), 5, "already holds data"),
         (restore_args(data, tmp_path / "nope.db", wal), 4, "snapshot not found"),
         (restore_args(data, snap, tmp_path / "nowal"), 4, "WAL directory not found"),
-        (restore_args(data, snap, wal, "--target-lsn", "5", "--target-time",
-                      "2025-01-08T14:30:00Z"), 2, "at most one of"),
+        (
+            restore_args(data, snap, wal, "--target-lsn", "5", "--target-time", "2025-01-08T14:30:00Z"),
+            2,
+            "at most one of",
+        ),
         (restore_args(data, snap, wal, "--target-time", "yesterday"), 2, "RFC 3339"),
         (restore_args(data, snap, wal, "--target-lsn", "10", "--force"), 2, "before the snapshot"),
         (restore_args(data, snap, wal, "--target-lsn", "9999", "--force"), 2, "beyond"),
-        (["restore", "--data-dir", data, "--namespace", "backups", "--snapshot", snap], 2,
-         "invalid namespace"),
+        (
+            ["restore", "--data-dir", data, "--namespace", "backups", "--snapshot", snap],
+            2,
+            "invalid namespace",
+        ),
     ]
     before = tree_digest(data)
     for args, code, text in cases:
@@ -124,9 +126,12 @@ def test_real_exit_code_and_group_level_data_dir(base: Base, tmp_path: Path) -> 
     assert proc.returncode == 5 and proc.stderr.startswith("error: ")
 
 
-def test_refuses_while_the_server_runs(base: Base, tmp_path: Path,
-                                       server_factory: Callable[..., ServerProcess],
-                                       capsys: pytest.CaptureFixture[str]) -> None:
+def test_refuses_while_the_server_runs(
+    base: Base,
+    tmp_path: Path,
+    server_factory: Callable[..., ServerProcess],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
     _h, snap, wal = base
     data = tmp_path / "d"
     srv = server_factory(data, NS)
@@ -143,8 +148,9 @@ def test_refuses_while_the_server_runs(base: Base, tmp_path: Path,
 
 def test_backup_verify_ok_and_replay(base: Base, capsys: pytest.CaptureFixture[str]) -> None:
     h, snap, wal = base
-    rc, out, err = cli(capsys, "backup", "verify", "--snapshot", snap, "--wal", wal,
-                       "--namespace", NS, "--replay", "--json")
+    rc, out, err = cli(
+        capsys, "backup", "verify", "--snapshot", snap, "--wal", wal, "--namespace", NS, "--replay", "--json"
+    )
     assert rc == 0, err
     rep = json.loads(out)
     assert rep["ok"] and not rep["problems"]
@@ -179,8 +185,9 @@ def test_drill_fails_when_the_served_state_differs(base: Base, tmp_path: Path) -
     assert len(res.mismatched) == 3 and res.served_lsn == out.summary.end_lsn
 
 
-def test_backup_verify_names_every_problem(base: Base, tmp_path: Path,
-                                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_backup_verify_names_every_problem(
+    base: Base, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     _h, snap, wal = base
     copy = tmp_path / "wal"
     shutil.copytree(wal, copy)
@@ -191,8 +198,7 @@ def test_backup_verify_names_every_problem(base: Base, tmp_path: Path,
     data = bytearray(segs[4].read_bytes())
     data[segment.HEADER_SIZE + 40] ^= 1  # inside the first record
     segs[4].write_bytes(bytes(data))
-    rc, out, err = cli(capsys, "backup", "verify", "--snapshot", snap, "--wal", copy, "--json",
-                       "--replay")
+    rc, out, err = cli(capsys, "backup", "verify", "--snapshot", snap, "--wal", copy, "--json", "--replay")
     assert rc == 6 and err.startswith("error: backup verification failed")
     rep = json.loads(out)
     text = "\n".join(rep["problems"])
@@ -230,12 +236,10 @@ def test_backup_list(base: Base, tmp_path: Path, capsys: pytest.CaptureFixture[s
 
 
 def _snapshot_files(d: Path) -> dict[str, tuple[bytes, int, int]]:
-    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode)
-            for p in sorted(d.iterdir())}
+    return {p.name: (p.read_bytes(), p.stat().st_mtime_ns, p.stat().st_mode) for p in sorted(d.iterdir())}
 
 
-def test_wal_list_and_inspect_never_modify_a_file(tmp_path: Path,
-                                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_wal_list_and_inspect_never_modify_a_file(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     h = History(tmp_path)
     h.open()
     h.write_random(123)  # several sealed segments and an active one (close seals nothing)
@@ -247,10 +251,12 @@ def test_wal_list_and_inspect_never_modify_a_file(tmp_path: Path,
     os.utime(wal, ns=(1, 1))
     dir_before = wal.stat().st_mtime_ns
     runs: list[list[str | Path]] = [
-        ["wal", "list", "--wal-dir", wal], ["wal", "list", "--wal-dir", wal, "--json"],
+        ["wal", "list", "--wal-dir", wal],
+        ["wal", "list", "--wal-dir", wal, "--json"],
         ["wal", "inspect", "--wal-dir", wal, "--records"],
         ["wal", "inspect", "--wal-dir", wal, "--json", "-n", NS],
-        ["wal", "inspect", "--wal-dir", wal, "--segment-id", "1", "--json"]]
+        ["wal", "inspect", "--wal-dir", wal, "--segment-id", "1", "--json"],
+    ]
     for args in runs:
         rc, out, err = cli(capsys, *args)
         assert rc == 0, err
@@ -260,8 +266,7 @@ def test_wal_list_and_inspect_never_modify_a_file(tmp_path: Path,
     assert rows[-1]["status"] == "active" and rows[-1]["crc"] == "torn tail"
     assert all(r["status"] == "sealed" and r["crc"] == "ok" for r in rows[:-1])
     assert rows[0]["firstLsn"] == 1 and rows[-1]["lastLsn"] == 123
-    one = json.loads(cli(capsys, "wal", "inspect", "--wal-dir", wal, "-s", "1", "--json",
-                         "--records")[1])
+    one = json.loads(cli(capsys, "wal", "inspect", "--wal-dir", wal, "-s", "1", "--json", "--records")[1])
     assert one["segmentId"] == 1 and one["recordList"][0]["lsn"] == 1
     rc, _out, err = cli(capsys, "wal", "inspect", "--wal-dir", wal, "-s", "999")
     assert rc == 4 and "segment 999 not found" in err
@@ -279,10 +284,25 @@ def test_progress_bar_on_a_terminal_only(base: Base, tmp_path: Path) -> None:
     master, slave = pty.openpty()
     try:
         proc = subprocess.run(
-            [*UNISONDB, "restore", "--data-dir", str(tmp_path / "d"), "-n", NS, "--snapshot",
-             str(snap), "--wal", str(wal), "--json"],
-            stdout=subprocess.PIPE, stderr=slave, cwd=REPO, timeout=60,
-            env=dict(os.environ, COLUMNS="100"))
+            [
+                *UNISONDB,
+                "restore",
+                "--data-dir",
+                str(tmp_path / "d"),
+                "-n",
+                NS,
+                "--snapshot",
+                str(snap),
+                "--wal",
+                str(wal),
+                "--json",
+            ],
+            stdout=subprocess.PIPE,
+            stderr=slave,
+            cwd=REPO,
+            timeout=60,
+            env=dict(os.environ, COLUMNS="100"),
+        )
         os.close(slave)
         slave = -1
         chunks = []
@@ -303,6 +323,5 @@ def test_progress_bar_on_a_terminal_only(base: Base, tmp_path: Path) -> None:
     json.loads(proc.stdout)  # stdout stays clean JSON
     assert "replay WAL" in tty and "copy snapshot" in tty
     # Not a terminal: no progress output at all.
-    plain = run_cli("restore", "--data-dir", tmp_path / "e", "-n", NS, "--snapshot", snap,
-                    "--wal", wal)
+    plain = run_cli("restore", "--data-dir", tmp_path / "e", "-n", NS, "--snapshot", snap, "--wal", wal)
     assert plain.returncode == 0 and plain.stderr == ""

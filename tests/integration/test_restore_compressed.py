@@ -29,16 +29,19 @@ SMALL_SEGMENTS = ["--wal-segment-size", "64KiB"]
 
 
 def cli(*args: str | Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "unisondb", *map(str, args)],
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "unisondb", *map(str, args)], capture_output=True, text=True, timeout=120
+    )
 
 
 def _write(client: Any, model: dict[bytes, bytes], tag: str, n: int) -> None:
     """n batches of 4 puts (4 KiB values), then overwrite and delete a few earlier keys."""
     for i in range(n):
         items = {f"{tag}-{i}-{j}": os.urandom(4096) for j in range(4)}
-        r = client.post(f"/api/v1/{NS}/kv/batch", json={
-            "operation": "put", "items": [{"key": k, "value": b64(v)} for k, v in items.items()]})
+        r = client.post(
+            f"/api/v1/{NS}/kv/batch",
+            json={"operation": "put", "items": [{"key": k, "value": b64(v)} for k, v in items.items()]},
+        )
         assert r.status_code == 200, r.text
         model.update({k.encode(): v for k, v in items.items()})
     for i in range(0, n, 7):
@@ -52,14 +55,18 @@ def _write(client: Any, model: dict[bytes, bytes], tag: str, n: int) -> None:
 
 
 def _bash(script: str, url: str, data_dir: Path, state: Path) -> None:
-    r = subprocess.run(["bash", "-c", adapt(script, url, data_dir, state)], capture_output=True,
-                       text=True, timeout=60, env={**os.environ, "LC_ALL": "C"})
+    r = subprocess.run(
+        ["bash", "-c", adapt(script, url, data_dir, state)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "LC_ALL": "C"},
+    )
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 class BackupSet:
-    def __init__(self, root: Path, model: dict[bytes, bytes], last_lsn: int,
-                 hourly_plain: Path) -> None:
+    def __init__(self, root: Path, model: dict[bytes, bytes], last_lsn: int, hourly_plain: Path) -> None:
         self.root = root
         self.model = model
         self.last_lsn = last_lsn
@@ -95,8 +102,10 @@ def backup_set(tmp_path_factory: pytest.TempPathFactory) -> BackupSet:
             _bash(DOC_CONTINUOUS, srv.url, srv.data_dir, state)
             _write(c, model, "c", 20)
             last = json.loads((state / "wal-archive-state.json").read_text())["lastSegmentId"]
-            r = c.post(f"/api/v1/{NS}/wal/backup", json={
-                "afterSegmentId": last, "backupDir": "wal/final", "rotate": True})
+            r = c.post(
+                f"/api/v1/{NS}/wal/backup",
+                json={"afterSegmentId": last, "backupDir": "wal/final", "rotate": True},
+            )
             assert r.status_code == 200, r.text
             assert r.json()["backups"]
             last_lsn = c.get(f"/api/v1/{NS}/checkpoint").json()["lsn"]
@@ -120,8 +129,7 @@ def _restored(target: Path) -> dict[bytes, bytes]:
     return data
 
 
-def _restore_json(target: Path, snap: Path, *wal: Path, extra: tuple[str, ...] = ()
-                  ) -> dict[str, Any]:
+def _restore_json(target: Path, snap: Path, *wal: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     args: list[str | Path] = ["restore", "--data-dir", target, "-n", NS, "--snapshot", snap]
     for w in wal:
         args += ["--wal", w]
@@ -144,8 +152,7 @@ def test_restore_from_gz_and_zst_segments_alone(backup_set: BackupSet, tmp_path:
     assert _restored(tmp_path / "t") == backup_set.model
 
 
-def test_restore_from_the_tarball_equals_the_plain_directory(backup_set: BackupSet,
-                                                            tmp_path: Path) -> None:
+def test_restore_from_the_tarball_equals_the_plain_directory(backup_set: BackupSet, tmp_path: Path) -> None:
     _restore_json(tmp_path / "plain", backup_set.snapshot, backup_set.hourly_plain)
     _restore_json(tmp_path / "tar", backup_set.snapshot, backup_set.tarball)
     plain = _restored(tmp_path / "plain")
@@ -155,16 +162,16 @@ def test_restore_from_the_tarball_equals_the_plain_directory(backup_set: BackupS
 
 def test_verify_list_and_wal_list_read_compressed_inputs(backup_set: BackupSet) -> None:
     root = backup_set.root
-    r = cli("backup", "verify", "--snapshot", backup_set.snapshot, "--wal", root, "-n", NS,
-            "--json")
+    r = cli("backup", "verify", "--snapshot", backup_set.snapshot, "--wal", root, "-n", NS, "--json")
     assert r.returncode == 0, r.stdout + r.stderr
     rep = json.loads(r.stdout)
     assert rep["ok"] and rep["snapshot"]["sidecar"] == "ok"
     assert rep["snapshot"]["stored"]["compression"] == "zstd"
     assert "btree-" in rep["snapshot"]["checked"] and "decompressed" in rep["snapshot"]["checked"]
     assert rep["restorable"]["toLsn"] == backup_set.last_lsn
-    codecs = {sources.stored_codec(Path(s["path"])) if Path(s["path"]).exists() else "tar"
-              for s in rep["segments"]}
+    codecs = {
+        sources.stored_codec(Path(s["path"])) if Path(s["path"]).exists() else "tar" for s in rep["segments"]
+    }
     assert codecs == {"gzip", "zstd", "tar"}
     assert all(s["crc"] == "ok" for s in rep["segments"])
 
@@ -183,8 +190,9 @@ def test_verify_list_and_wal_list_read_compressed_inputs(backup_set: BackupSet) 
     r = cli("wal", "list", "--wal-dir", root / "wal" / "archive", "--json")
     assert r.returncode == 0, r.stderr
     rows = json.loads(r.stdout)
-    assert rows and all(x["compression"] == "gzip" and x["crc"] == "ok"
-                        and x["status"] == "sealed" for x in rows)
+    assert rows and all(
+        x["compression"] == "gzip" and x["crc"] == "ok" and x["status"] == "sealed" for x in rows
+    )
     r = cli("wal", "list", "--wal-dir", root, "--json")  # the tarball's members
     rows = json.loads(r.stdout)
     assert rows and all(".tar.gz/" in x["path"] and x["crc"] == "ok" for x in rows)
@@ -222,18 +230,22 @@ def _cut(path: Path) -> None:
     path.write_bytes(data[: len(data) * 2 // 3])
 
 
-@pytest.mark.parametrize("damage", ["snapshot-cut", "snapshot-flip", "gz-flip", "gz-cut",
-                                    "zst-cut", "tar-cut", "tar-flip"])
-def test_damaged_compressed_input_is_a_clear_error(backup_set: BackupSet, tmp_path: Path,
-                                                   damage: str) -> None:
+@pytest.mark.parametrize(
+    "damage", ["snapshot-cut", "snapshot-flip", "gz-flip", "gz-cut", "zst-cut", "tar-cut", "tar-flip"]
+)
+def test_damaged_compressed_input_is_a_clear_error(
+    backup_set: BackupSet, tmp_path: Path, damage: str
+) -> None:
     root = tmp_path / "b"
     shutil.copytree(backup_set.root, root)
     snap = root / backup_set.snapshot.relative_to(backup_set.root)
     what, how = damage.split("-")
-    victim = {"snapshot": snap,
-              "gz": sorted((root / "wal" / "archive").glob("*.wal.gz"))[-1],
-              "zst": sorted((root / "wal" / "final").glob("*.wal.zst"))[-1],
-              "tar": root / backup_set.tarball.name}[what]
+    victim = {
+        "snapshot": snap,
+        "gz": sorted((root / "wal" / "archive").glob("*.wal.gz"))[-1],
+        "zst": sorted((root / "wal" / "final").glob("*.wal.zst"))[-1],
+        "tar": root / backup_set.tarball.name,
+    }[what]
     # Drop the plain sidecars so the compressed stream's own check is what catches it.
     for side in root.rglob("*.sha256"):
         side.unlink()
@@ -252,8 +264,7 @@ def test_damaged_compressed_input_is_a_clear_error(backup_set: BackupSet, tmp_pa
     err = [ln for ln in r.stderr.splitlines() if ln.startswith("error:")]
     assert len(err) == 1, r.stderr
     assert not (target / NS).exists()  # nothing partial in the target
-    assert not [p for p in target.iterdir() if p.name.startswith(".restore-")] \
-        if target.exists() else True
+    assert not [p for p in target.iterdir() if p.name.startswith(".restore-")] if target.exists() else True
     r = cli("backup", "verify", "--snapshot", snap, "--wal", *wal)
     assert r.returncode == 6 and str(victim) in r.stdout and "Traceback" not in r.stderr
 
@@ -262,10 +273,26 @@ def test_encrypted_inputs_name_the_gpg_command(backup_set: BackupSet, tmp_path: 
     gpg_home = tmp_path / "gnupg"
     gpg_home.mkdir(mode=0o700)
     enc = tmp_path / (backup_set.snapshot.name + ".gpg")
-    r = subprocess.run(["gpg", "--homedir", str(gpg_home), "--batch", "--yes",
-                        "--pinentry-mode", "loopback", "--passphrase", "test", "--symmetric",
-                        "--output", str(enc), str(backup_set.snapshot)],
-                       capture_output=True, text=True, timeout=60)
+    r = subprocess.run(
+        [
+            "gpg",
+            "--homedir",
+            str(gpg_home),
+            "--batch",
+            "--yes",
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "test",
+            "--symmetric",
+            "--output",
+            str(enc),
+            str(backup_set.snapshot),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 0, r.stderr
     r = cli("restore", "--data-dir", tmp_path / "t", "-n", NS, "--snapshot", enc)
     assert r.returncode == 2 and "Traceback" not in r.stderr

@@ -112,8 +112,7 @@ def test_restoring_twice_from_the_same_backups_never_reuses_a_timeline(tmp_path:
     for target in (60, 90, 120):
         # --timeline 1: each time a point of the ORIGINAL history, which the earlier restores
         # abandoned (without it the newest timeline would be followed from LSN 61 on).
-        out = restore(a.data_dir, NS, s1, [wal], target_lsn=target, force=True,
-                      history_choice="timeline:1")
+        out = restore(a.data_dir, NS, s1, [wal], target_lsn=target, force=True, history_choice="timeline:1")
         assert read_keyspace(a.data_dir) == a.state_at(target)
         assert out.summary is not None
         b = History(a.root, seed=target, base_lsn=target)

@@ -53,12 +53,26 @@ def _flip(path: Path, offset: int) -> None:
     path.write_bytes(bytes(data))
 
 
-def _run_fails(capsys: pytest.CaptureFixture[str], target: Path, snap: Path, wal: Path,
-               *extra: str) -> tuple[int, str]:
+def _run_fails(
+    capsys: pytest.CaptureFixture[str], target: Path, snap: Path, wal: Path, *extra: str
+) -> tuple[int, str]:
     before = tree_digest(target / NS)
     capsys.readouterr()
-    rc = main(["restore", "--data-dir", str(target), "--namespace", NS, "--snapshot", str(snap),
-               "--wal", str(wal), "--force", *extra])
+    rc = main(
+        [
+            "restore",
+            "--data-dir",
+            str(target),
+            "--namespace",
+            NS,
+            "--snapshot",
+            str(snap),
+            "--wal",
+            str(wal),
+            "--force",
+            *extra,
+        ]
+    )
     err = capsys.readouterr().err
     assert rc != 0
     assert err.startswith("error: "), err
@@ -67,8 +81,9 @@ def _run_fails(capsys: pytest.CaptureFixture[str], target: Path, snap: Path, wal
     return rc, err
 
 
-def test_snapshot_byte_flip_fails_its_checksum(case: tuple[History, Path, Path, Path],
-                                               capsys: pytest.CaptureFixture[str]) -> None:
+def test_snapshot_byte_flip_fails_its_checksum(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _h, snap, wal, target = case
     _flip(snap, snap.stat().st_size // 2)
     rc, err = _run_fails(capsys, target, snap, wal)
@@ -76,7 +91,8 @@ def test_snapshot_byte_flip_fails_its_checksum(case: tuple[History, Path, Path, 
 
 
 def test_snapshot_damage_without_sidecar_fails_the_lmdb_check(
-        case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _h, snap, wal, target = case
     snap.with_name(snap.name + ".sha256").unlink()
     _flip(snap, 4096 + 16)  # the magic of the second meta page
@@ -84,8 +100,9 @@ def test_snapshot_damage_without_sidecar_fails_the_lmdb_check(
     assert rc == 6 and "bad magic" in err and "LMDB meta page 1" in err
 
 
-def test_truncated_snapshot_fails(case: tuple[History, Path, Path, Path],
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncated_snapshot_fails(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _h, snap, wal, target = case
     snap.write_bytes(snap.read_bytes()[:8192])
     write_sidecar(snap)  # even with a matching checksum the structure check catches it
@@ -94,8 +111,9 @@ def test_truncated_snapshot_fails(case: tuple[History, Path, Path, Path],
 
 
 @pytest.mark.parametrize("with_sidecar", [True, False])
-def test_segment_body_byte_flip(case: tuple[History, Path, Path, Path],
-                                capsys: pytest.CaptureFixture[str], with_sidecar: bool) -> None:
+def test_segment_body_byte_flip(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str], with_sidecar: bool
+) -> None:
     _h, snap, wal, target = case
     victim = _segments(wal)[2]
     if not with_sidecar:
@@ -106,8 +124,9 @@ def test_segment_body_byte_flip(case: tuple[History, Path, Path, Path],
     assert ("checksum mismatch" if with_sidecar else "damaged") in err
 
 
-def test_segment_footer_byte_flip(case: tuple[History, Path, Path, Path],
-                                  capsys: pytest.CaptureFixture[str]) -> None:
+def test_segment_footer_byte_flip(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _h, snap, wal, target = case
     victim = _segments(wal)[3]
     victim.with_name(victim.name + ".sha256").unlink()
@@ -116,8 +135,9 @@ def test_segment_footer_byte_flip(case: tuple[History, Path, Path, Path],
     assert rc == 6 and str(victim) in err and "footer" in err
 
 
-def test_truncated_segment(case: tuple[History, Path, Path, Path],
-                           capsys: pytest.CaptureFixture[str]) -> None:
+def test_truncated_segment(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _h, snap, wal, target = case
     victim = _segments(wal)[2]
     victim.write_bytes(victim.read_bytes()[:-70])
@@ -126,8 +146,9 @@ def test_truncated_segment(case: tuple[History, Path, Path, Path],
     assert rc == 6 and str(victim) in err
 
 
-def test_missing_middle_segment_names_the_range(case: tuple[History, Path, Path, Path],
-                                                capsys: pytest.CaptureFixture[str]) -> None:
+def test_missing_middle_segment_names_the_range(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _h, snap, wal, target = case
     victim = _segments(wal)[3]
     s = segment.read_summary(victim)
@@ -143,9 +164,9 @@ def test_missing_middle_segment_names_the_range(case: tuple[History, Path, Path,
     assert out.summary is not None and out.summary.end_lsn == s.header.first_lsn - 1
 
 
-def test_segment_from_another_namespace(case: tuple[History, Path, Path, Path],
-                                        capsys: pytest.CaptureFixture[str],
-                                        tmp_path: Path) -> None:
+def test_segment_from_another_namespace(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     _h, snap, wal, target = case
     other = History(tmp_path / "other", ns="orders", seed=7)
     other.open()
@@ -163,12 +184,12 @@ def _renamed(data: bytes, seg_id: int) -> bytes:
     """A segment's bytes with a new id in the header (CRC recomputed)."""
     h = segment.decode_header(data, Path("x"))
     new = segment.SegmentHeader(seg_id, h.timeline, h.first_lsn, h.created_ns, h.ns_crc)
-    return new.encode() + data[segment.HEADER_SIZE:]
+    return new.encode() + data[segment.HEADER_SIZE :]
 
 
-def test_same_segment_id_with_different_content(case: tuple[History, Path, Path, Path],
-                                                capsys: pytest.CaptureFixture[str],
-                                                tmp_path: Path) -> None:
+def test_same_segment_id_with_different_content(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     _h, snap, wal, target = case
     other = History(tmp_path / "other", seed=99)
     other.open()
@@ -180,9 +201,9 @@ def test_same_segment_id_with_different_content(case: tuple[History, Path, Path,
     assert rc == 5 and "same segment id" in err
 
 
-def test_snapshot_with_the_wal_of_another_history(case: tuple[History, Path, Path, Path],
-                                                  capsys: pytest.CaptureFixture[str],
-                                                  tmp_path: Path) -> None:
+def test_snapshot_with_the_wal_of_another_history(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     _h, snap, _wal, target = case
     other = History(tmp_path / "other", seed=99)
     other.open()
@@ -194,8 +215,8 @@ def test_snapshot_with_the_wal_of_another_history(case: tuple[History, Path, Pat
 
 
 def test_snapshot_on_a_newer_timeline_with_only_old_wal(
-        case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str],
-        tmp_path: Path) -> None:
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
     _h, snap, wal, target = case
     # A restore starts timeline 2; a snapshot taken there cannot continue with timeline 1.
     r = History(tmp_path / "r", base_lsn=100)
@@ -211,7 +232,8 @@ def test_snapshot_on_a_newer_timeline_with_only_old_wal(
 
 
 def test_truncated_compressed_snapshot_is_refused_naming_it(
-        case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     """A .zst snapshot is read directly (tests/integration/test_restore_compressed.py);
     one cut short is refused with the file named and the target untouched."""
     import subprocess
@@ -225,16 +247,15 @@ def test_truncated_compressed_snapshot_is_refused_naming_it(
     assert rc == 6 and str(zst) in err and "truncated" in err
 
 
-def test_unreadable_segment_header(case: tuple[History, Path, Path, Path],
-                                   capsys: pytest.CaptureFixture[str]) -> None:
+def test_unreadable_segment_header(
+    case: tuple[History, Path, Path, Path], capsys: pytest.CaptureFixture[str]
+) -> None:
     _h, snap, wal, target = case
     victim = _segments(wal)[1]
     _flip(victim, 20)
     victim.with_name(victim.name + ".sha256").unlink()
     rc, err = _run_fails(capsys, target, snap, wal)
     assert rc == 6 and str(victim) in err
-
-
 
 
 def test_identical_duplicate_segments_are_fine(case: tuple[History, Path, Path, Path]) -> None:

@@ -51,8 +51,7 @@ apply.crash_hook = hook
 from unisondb.cli import main
 sys.exit(main(sys.argv[2:]))
 """
-STEPS = ["locked", "staging-created", "snapshot-copied", "replayed", "synced", "exchanged",
-         "published"]
+STEPS = ["locked", "staging-created", "snapshot-copied", "replayed", "synced", "exchanged", "published"]
 
 
 class Setup:
@@ -78,8 +77,9 @@ class Setup:
     def _burst(h: History, n: int) -> None:
         futures = []
         for _ in range(n):
-            entries = (Entry(EntryKind.PUT, b"key-%05d" % h.rng.randrange(1500),
-                             os.urandom(24).hex().encode()),)
+            entries = (
+                Entry(EntryKind.PUT, b"key-%05d" % h.rng.randrange(1500), os.urandom(24).hex().encode()),
+            )
             futures.append((h.eng.submit(entries), entries))
         for fut, entries in futures:
             h.ops[fut.result()] = entries
@@ -92,8 +92,18 @@ class Setup:
         return data
 
     def args(self, data: Path) -> list[str]:
-        return ["restore", "--data-dir", str(data), "--namespace", NS, "--snapshot",
-                str(self.snap), "--wal", str(self.wal), "--force"]
+        return [
+            "restore",
+            "--data-dir",
+            str(data),
+            "--namespace",
+            NS,
+            "--snapshot",
+            str(self.snap),
+            "--wal",
+            str(self.wal),
+            "--force",
+        ]
 
     def check_old_or_new(self, data: Path) -> str:
         """Which state the namespace is in; fails on anything else."""
@@ -114,8 +124,9 @@ class Setup:
         return state
 
     def rerun_succeeds(self, data: Path) -> None:
-        proc = subprocess.run([*UNISONDB, *self.args(data)], capture_output=True, text=True,
-                              cwd=REPO, timeout=120)
+        proc = subprocess.run(
+            [*UNISONDB, *self.args(data)], capture_output=True, text=True, cwd=REPO, timeout=120
+        )
         assert proc.returncode == 0, proc.stderr
         assert read_keyspace(data) == self.new_state
         assert staging_dirs(data, NS) == []
@@ -129,8 +140,13 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Setup:
 @pytest.mark.parametrize("step", STEPS)
 def test_kill_at_every_step(setup: Setup, tmp_path: Path, step: str) -> None:
     data = setup.fresh_target(tmp_path)
-    proc = subprocess.run([sys.executable, "-c", KILLER, step, *setup.args(data)],
-                          capture_output=True, text=True, cwd=REPO, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", KILLER, step, *setup.args(data)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        timeout=120,
+    )
     assert proc.returncode == -signal.SIGKILL, proc.stderr
     state = setup.check_old_or_new(data)
     assert state == ("new" if STEPS.index(step) >= STEPS.index("exchanged") else "old")
@@ -142,8 +158,13 @@ def test_kill_at_every_step(setup: Setup, tmp_path: Path, step: str) -> None:
 def test_kill_when_the_namespace_did_not_exist(setup: Setup, tmp_path: Path) -> None:
     data = tmp_path / "empty"
     for step in ("synced", "renamed"):
-        proc = subprocess.run([sys.executable, "-c", KILLER, step, *setup.args(data)],
-                              capture_output=True, text=True, cwd=REPO, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-c", KILLER, step, *setup.args(data)],
+            capture_output=True,
+            text=True,
+            cwd=REPO,
+            timeout=120,
+        )
         assert proc.returncode == -signal.SIGKILL, proc.stderr
         if step == "synced":
             assert not (data / NS).exists()
@@ -163,8 +184,9 @@ def test_kill_at_random_points(setup: Setup, tmp_path: Path) -> None:
     seen = {"old": 0, "new": 0}
     for _round in range(12):
         data = setup.fresh_target(tmp_path)
-        proc = subprocess.Popen([*UNISONDB, *setup.args(data)], cwd=REPO,
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = subprocess.Popen(
+            [*UNISONDB, *setup.args(data)], cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+        )
         time.sleep(rng.uniform(0.05, duration * 1.1))
         proc.send_signal(signal.SIGKILL)
         proc.wait()

@@ -32,8 +32,9 @@ def b64(v: bytes) -> str:
 class Writer:
     """Sequential HTTP writes; one request = one WAL record, so LSNs are known."""
 
-    def __init__(self, client: httpx.Client, first_lsn: int = 1,
-                 base: dict[str, bytes] | None = None) -> None:
+    def __init__(
+        self, client: httpx.Client, first_lsn: int = 1, base: dict[str, bytes] | None = None
+    ) -> None:
         self.c = client
         self.lsn = first_lsn - 1
         self.models: dict[int, dict[str, bytes]] = {}
@@ -55,8 +56,10 @@ class Writer:
         self._done()
 
     def batch(self, items: dict[str, bytes]) -> None:
-        r = self.c.post(f"/api/v1/{NS}/kv/batch", json={
-            "operation": "put", "items": [{"key": k, "value": b64(v)} for k, v in items.items()]})
+        r = self.c.post(
+            f"/api/v1/{NS}/kv/batch",
+            json={"operation": "put", "items": [{"key": k, "value": b64(v)} for k, v in items.items()]},
+        )
         assert r.status_code == 200, r.text
         self.state.update(items)
         self._done()
@@ -67,8 +70,7 @@ class Writer:
             if i % 9 == 4:
                 self.delete(k)
             elif i % 5 == 0:
-                self.batch({KEYS[(i + j) % len(KEYS)]: f"{tag}-{i}-{j}".encode()
-                            for j in range(3)})
+                self.batch({KEYS[(i + j) % len(KEYS)]: f"{tag}-{i}-{j}".encode() for j in range(3)})
             else:
                 self.put(k, f"{tag}-{i}".encode() * 3)
 
@@ -84,15 +86,25 @@ def read_all(srv: ServerProcess, keys: list[str]) -> dict[str, bytes]:
 
 
 def wal_backup(c: httpx.Client, backup_dir: str, after: int) -> list[dict[str, object]]:
-    r = c.post(f"/api/v1/{NS}/wal/backup",
-               json={"afterSegmentId": after, "backupDir": backup_dir, "rotate": True})
+    r = c.post(
+        f"/api/v1/{NS}/wal/backup", json={"afterSegmentId": after, "backupDir": backup_dir, "rotate": True}
+    )
     assert r.status_code == 200, r.text
     return list(r.json()["backups"])
 
 
 def restore_cli(data: Path, snap: Path, *wal: Path, extra: tuple[str, ...] = ()) -> dict:  # type: ignore[type-arg]
-    args: list[str | Path] = ["restore", "--data-dir", data, "--namespace", NS, "--snapshot",
-                              snap, "--force", "--json"]
+    args: list[str | Path] = [
+        "restore",
+        "--data-dir",
+        data,
+        "--namespace",
+        NS,
+        "--snapshot",
+        snap,
+        "--force",
+        "--json",
+    ]
     for d in wal:
         args += ["--wal", d]
     proc = run_cli(*args, *extra)
@@ -100,8 +112,9 @@ def restore_cli(data: Path, snap: Path, *wal: Path, extra: tuple[str, ...] = ())
     return dict(json.loads(proc.stdout))
 
 
-def test_http_backups_restore_and_continue(server_factory: Callable[..., ServerProcess],
-                                           tmp_path: Path) -> None:
+def test_http_backups_restore_and_continue(
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
     data = tmp_path / "data"
     backups = data / "backups" / NS
     srv = server_factory(data, NS, extra_args=ARGS)
@@ -132,8 +145,7 @@ def test_http_backups_restore_and_continue(server_factory: Callable[..., ServerP
         assert read_all(srv, KEYS) == w.models[marker], f"LSN {marker}"
         srv.stop()
     marker = 120
-    out = restore_cli(data, snap, backups / "wal",
-                      extra=("--target-time", format_ns(times[marker])))
+    out = restore_cli(data, snap, backups / "wal", extra=("--target-time", format_ns(times[marker])))
     assert out["summary"]["lsn"] == marker
     tl = out["summary"]["timeline"]
     assert tl == 8  # every restore into this data dir started a new timeline (7 so far)
@@ -159,7 +171,11 @@ def test_http_backups_restore_and_continue(server_factory: Callable[..., ServerP
     assert out["summary"]["lsn"] == w2.lsn and out["summary"]["timeline"] == tl + 1
     [switch] = out["plan"]["wal"]["timelineSwitches"]
     assert {k: switch[k] for k in ("atLsn", "from", "to", "segmentId")} == {
-        "atLsn": marker + 1, "from": 1, "to": tl, "segmentId": min(new_ids)}
+        "atLsn": marker + 1,
+        "from": 1,
+        "to": tl,
+        "segmentId": min(new_ids),
+    }
     srv = server_factory(other, NS, extra_args=ARGS)
     assert read_all(srv, KEYS) == w2.models[w2.lsn]
     srv.stop()
@@ -171,8 +187,18 @@ def test_http_backups_restore_and_continue(server_factory: Callable[..., ServerP
     srv.stop()
 
     # backup verify --replay over the whole set agrees.
-    proc = run_cli("backup", "verify", "--snapshot", snap, "--wal", backups / "wal",
-                   "--namespace", NS, "--replay", "--json")
+    proc = run_cli(
+        "backup",
+        "verify",
+        "--snapshot",
+        snap,
+        "--wal",
+        backups / "wal",
+        "--namespace",
+        NS,
+        "--replay",
+        "--json",
+    )
     assert proc.returncode == 0, proc.stdout + proc.stderr
     report = json.loads(proc.stdout)
     assert report["ok"] and report["replay"]["lsn"] == w2.lsn
@@ -180,7 +206,8 @@ def test_http_backups_restore_and_continue(server_factory: Callable[..., ServerP
 
 
 def test_backup_loop_after_restore_when_the_server_restarted_since_the_last_backup(
-        server_factory: Callable[..., ServerProcess], tmp_path: Path) -> None:
+    server_factory: Callable[..., ServerProcess], tmp_path: Path
+) -> None:
     """Ids skipped by a restore are not a retention gap (checkpoint timeline_first_segment).
 
     The server restarted after the last WAL backup, which sealed a segment that no backup
@@ -192,8 +219,7 @@ def test_backup_loop_after_restore_when_the_server_restarted_since_the_last_back
     with srv.client() as c:
         w = Writer(c)
         w.run(30, "a")
-        snap = Path(c.post(f"/api/v1/{NS}/btree/backup",
-                           json={"path": "snapshots/s.db"}).json()["path"])
+        snap = Path(c.post(f"/api/v1/{NS}/btree/backup", json={"path": "snapshots/s.db"}).json()["path"])
         w.run(30, "b")
         last_id = int(wal_backup(c, "wal/h1", 0)[-1]["segmentId"])  # type: ignore[call-overload]
         w.run(5, "c")
@@ -205,7 +231,9 @@ def test_backup_loop_after_restore_when_the_server_restarted_since_the_last_back
     srv = server_factory(data, NS, extra_args=ARGS)
     with srv.client() as c:
         Writer(c, first_lsn=46, base=w.models[45]).run(5, "d")
-        r = c.post(f"/api/v1/{NS}/wal/backup",
-                   json={"afterSegmentId": last_id, "backupDir": "wal/h2", "rotate": True})
+        r = c.post(
+            f"/api/v1/{NS}/wal/backup",
+            json={"afterSegmentId": last_id, "backupDir": "wal/h2", "rotate": True},
+        )
     srv.stop()
     assert r.status_code == 200, r.text  # today: 409 "segment id N is no longer on disk"

@@ -214,7 +214,7 @@ else:
     sys.exit(f"fake aws: unsupported command {cmd}")
 '''
 
-PREAMBLE = r'''
+PREAMBLE = r"""
 set -u
 aws() { "$PYTHON" "$WORK/fake_aws.py" "$@"; }
 sudo() { "$@"; }
@@ -244,14 +244,16 @@ systemctl() {
     *) echo "systemctl $*: not emulated" >&2; return 1 ;;
   esac
 }
-'''
+"""
 
 
 def adapt(script: str, port: int, drill_port: int = 0) -> str:
-    return (script.replace("/var/unison/data", "$DATA_ROOT")
-            .replace("/tmp/", "$WORK/tmp/")
-            .replace("localhost:8080", f"127.0.0.1:{port}")
-            .replace("localhost:9999", f"127.0.0.1:{drill_port}"))
+    return (
+        script.replace("/var/unison/data", "$DATA_ROOT")
+        .replace("/tmp/", "$WORK/tmp/")
+        .replace("localhost:8080", f"127.0.0.1:{port}")
+        .replace("localhost:9999", f"127.0.0.1:{drill_port}")
+    )
 
 
 @dataclass
@@ -269,12 +271,19 @@ class Env:
     def run(self, script: str, drill_port: int = 0, timeout: float = 120) -> tuple[int, str, str]:
         text = PREAMBLE + adapt(script, self.port, drill_port)
         out, err = self.work / "out.txt", self.work / "err.txt"
-        env = dict(os.environ, DATA_ROOT=str(self.data), WORK=str(self.work),
-                   PORT=str(self.port), PYTHON=sys.executable, FAKE_S3_ROOT=str(self.s3),
-                   PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}")
+        env = dict(
+            os.environ,
+            DATA_ROOT=str(self.data),
+            WORK=str(self.work),
+            PORT=str(self.port),
+            PYTHON=sys.executable,
+            FAKE_S3_ROOT=str(self.s3),
+            PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}",
+        )
         with open(out, "wb") as fo, open(err, "wb") as fe:
-            proc = subprocess.run(["bash", "-c", text], stdout=fo, stderr=fe, env=env,
-                                  timeout=timeout, cwd=self.root)
+            proc = subprocess.run(
+                ["bash", "-c", text], stdout=fo, stderr=fe, env=env, timeout=timeout, cwd=self.root
+            )
         return proc.returncode, out.read_text(), err.read_text()
 
     def server_pid(self) -> int:
@@ -350,8 +359,10 @@ def snapshot_to_s3(srv: ServerProcess, e: Env, name: str, rel: str = "snapshots"
 def wal_to_s3(srv: ServerProcess, e: Env, date: str, after: int) -> int:
     """POST wal/backup (rotate), tar it like the document's backup script, 'upload' it."""
     with srv.client() as c:
-        r = c.post(f"/api/v1/{NS}/wal/backup",
-                   json={"afterSegmentId": after, "backupDir": f"wal/{date}", "rotate": True})
+        r = c.post(
+            f"/api/v1/{NS}/wal/backup",
+            json={"afterSegmentId": after, "backupDir": f"wal/{date}", "rotate": True},
+        )
         assert r.status_code == 200, r.text
     backups = r.json()["backups"]
     root = e.data / "backups" / NS
@@ -374,8 +385,9 @@ def test_scripts_are_verbatim() -> None:
 
 
 @pytest.mark.parametrize("lose_wal", [False, True], ids=["wal-kept", "disk-lost"])
-def test_full_restore_from_snapshot_as_written(env: Env, server_factory: Callable[..., ServerProcess],
-                                               lose_wal: bool) -> None:
+def test_full_restore_from_snapshot_as_written(
+    env: Env, server_factory: Callable[..., ServerProcess], lose_wal: bool
+) -> None:
     srv = server_factory(env.data, NS, extra_args=["--wal-segment-size", "4KiB"])
     (env.work / "server.pid").write_text(str(srv.proc.pid))
     with srv.client() as c:
@@ -397,15 +409,13 @@ def test_full_restore_from_snapshot_as_written(env: Env, server_factory: Callabl
     if lose_wal:
         # Only the snapshot is left: exactly its state is served.
         assert '"found":true' in out and b64(b"from-the-snapshot") in out
-        assert got == {"test-key": b"from-the-snapshot", **{f"k{i}": b"v1-%d" % i
-                                                             for i in range(50)}}
+        assert got == {"test-key": b"from-the-snapshot", **{f"k{i}": b"v1-%d" % i for i in range(50)}}
     else:
         # The local WAL was kept (the procedure only empties db/): startup replays it on top
         # of the snapshot's checkpoint, so no acknowledged write is lost.
         assert b64(b"after-the-snapshot") in out
         assert got["test-key"] == b"after-the-snapshot"
-        assert all(got[f"k{i}"] == (b"v2-%d" % i if i % 2 == 0 else b"v1-%d" % i)
-                   for i in range(50))
+        assert all(got[f"k{i}"] == (b"v2-%d" % i if i % 2 == 0 else b"v1-%d" % i) for i in range(50))
 
 
 def _pitr_history(env: Env, srv: ServerProcess) -> dict[str, dict[str, bytes]]:
@@ -413,9 +423,11 @@ def _pitr_history(env: Env, srv: ServerProcess) -> dict[str, dict[str, bytes]]:
     models: dict[str, dict[str, bytes]] = {}
     state: dict[str, bytes] = {}
     with srv.client() as c:
+
         def w(k: str, v: bytes) -> None:
             put(c, k, v)
             state[k] = v
+
         for i in range(30):
             w(f"k{i}", b"day7-%d" % i)
         snapshot_to_s3(srv, env, "btree-20250107.db")
@@ -460,11 +472,13 @@ def test_pitr_as_written(env: Env, server_factory: Callable[..., ServerProcess])
 PITR_FIXED = DOC_PITR.replace(
     """awk -v target="$(date -d "$TARGET_TIME" +%Y%m%d)" '$0 <= target'""",
     """awk -v target="$(date -d "$TARGET_TIME" +%Y%m%d)" \\
-    '{ d = $0; sub(/^btree-/, "", d); d = substr(d, 1, 8) } d <= target'""")
+    '{ d = $0; sub(/^btree-/, "", d); d = substr(d, 1, 8) } d <= target'""",
+)
 
 
 def test_pitr_with_the_snapshot_selection_fixed(
-        env: Env, server_factory: Callable[..., ServerProcess]) -> None:
+    env: Env, server_factory: Callable[..., ServerProcess]
+) -> None:
     srv = server_factory(env.data, NS, extra_args=["--wal-segment-size", "4KiB"])
     (env.work / "server.pid").write_text(str(srv.proc.pid))
     models = _pitr_history(env, srv)
@@ -497,7 +511,8 @@ def read_checkpoint_http(port: int) -> dict[str, int]:
 
 
 def test_pitr_with_a_missing_archive_refuses_to_start(
-        env: Env, server_factory: Callable[..., ServerProcess]) -> None:
+    env: Env, server_factory: Callable[..., ServerProcess]
+) -> None:
     srv = server_factory(env.data, NS, extra_args=["--wal-segment-size", "4KiB"])
     (env.work / "server.pid").write_text(str(srv.proc.pid))
     _pitr_history(env, srv)
@@ -531,7 +546,8 @@ def _drill_setup(env: Env, server_factory: Callable[..., ServerProcess]) -> dict
 
 
 def test_restore_drill_as_written_is_refused_with_the_right_path(
-        env: Env, server_factory: Callable[..., ServerProcess]) -> None:
+    env: Env, server_factory: Callable[..., ServerProcess]
+) -> None:
     _drill_setup(env, server_factory)
     drill_port = free_port()
     rc, out, err = env.run(DOC_DRILL, drill_port)
@@ -544,14 +560,16 @@ def test_restore_drill_as_written_is_refused_with_the_right_path(
     assert '"namespaces"' not in out
 
 
-DRILL_FIXED = (DOC_DRILL
-               .replace('mkdir -p "$TEST_DIR"/{db,wal}', 'mkdir -p "$TEST_DIR/$NAMESPACE"/{db,wal}')
-               .replace('-o "$TEST_DIR/db/data.mdb"', '-o "$TEST_DIR/$NAMESPACE/db/data.mdb"')
-               .replace("curl http", "curl -fsS http"))
+DRILL_FIXED = (
+    DOC_DRILL.replace('mkdir -p "$TEST_DIR"/{db,wal}', 'mkdir -p "$TEST_DIR/$NAMESPACE"/{db,wal}')
+    .replace('-o "$TEST_DIR/db/data.mdb"', '-o "$TEST_DIR/$NAMESPACE/db/data.mdb"')
+    .replace("curl http", "curl -fsS http")
+)
 
 
 def test_restore_drill_with_the_namespace_path(
-        env: Env, server_factory: Callable[..., ServerProcess]) -> None:
+    env: Env, server_factory: Callable[..., ServerProcess]
+) -> None:
     _drill_setup(env, server_factory)
     rc, out, err = env.run("set -e\n" + DRILL_FIXED, free_port())
     assert rc == 0, err
@@ -561,16 +579,28 @@ def test_restore_drill_with_the_namespace_path(
 
 
 def test_server_refuses_a_snapshot_at_the_data_dir_root(
-        env: Env, server_factory: Callable[..., ServerProcess]) -> None:
+    env: Env, server_factory: Callable[..., ServerProcess]
+) -> None:
     _drill_setup(env, server_factory)
     test_dir = env.root / "drill"
     (test_dir / "db").mkdir(parents=True)
-    subprocess.run(["zstd", "-q", "-d", str(env.bucket / "snapshots" / "latest.db.zst"), "-o",
-                    str(test_dir / "db" / "data.mdb")], check=True)
+    subprocess.run(
+        [
+            "zstd",
+            "-q",
+            "-d",
+            str(env.bucket / "snapshots" / "latest.db.zst"),
+            "-o",
+            str(test_dir / "db" / "data.mdb"),
+        ],
+        check=True,
+    )
     port = free_port()
-    proc = subprocess.Popen([sys.executable, "-m", "unisondb", "--data-dir", str(test_dir),
-                             "--http-addr", f"127.0.0.1:{port}"],
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "unisondb", "--data-dir", str(test_dir), "--http-addr", f"127.0.0.1:{port}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
     try:
         deadline = time.monotonic() + 15
         while proc.poll() is None and time.monotonic() < deadline and not _port_open(port):

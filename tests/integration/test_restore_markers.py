@@ -48,15 +48,15 @@ def _segment_bounds(dirs: list[Path]) -> set[int]:
 
 
 def test_restore_to_every_marker_by_lsn_and_time(
-        history: tuple[History, Path, list[Path]], tmp_path: Path) -> None:
+    history: tuple[History, Path, list[Path]], tmp_path: Path
+) -> None:
     h, snap, dirs = history
     times = h.times()
     last = h.last_lsn
     assert last == 225
     bounds = _segment_bounds(dirs)
     assert len(bounds) >= 8, "the history should span several segments"
-    markers = sorted({m for m in range(75, last + 1, 6)} | {m for m in bounds if m >= 75}
-                     | {75, 76, last})
+    markers = sorted({m for m in range(75, last + 1, 6)} | {m for m in bounds if m >= 75} | {75, 76, last})
     target = tmp_path / "restored"
     last_timeline = 1
     for i, m in enumerate(markers):
@@ -82,7 +82,8 @@ def test_restore_to_every_marker_by_lsn_and_time(
 
 
 def test_no_target_restores_to_the_end_and_says_where(
-        history: tuple[History, Path, list[Path]], tmp_path: Path) -> None:
+    history: tuple[History, Path, list[Path]], tmp_path: Path
+) -> None:
     h, snap, dirs = history
     out = restore(tmp_path / "d", NS, snap, dirs)
     assert out.summary is not None and out.summary.end_lsn == h.last_lsn
@@ -91,7 +92,8 @@ def test_no_target_restores_to_the_end_and_says_where(
 
 
 def test_time_target_at_or_after_the_last_record_is_refused(
-        history: tuple[History, Path, list[Path]], tmp_path: Path) -> None:
+    history: tuple[History, Path, list[Path]], tmp_path: Path
+) -> None:
     h, snap, dirs = history
     last_time = h.times()[h.last_lsn]
     for t in (last_time, last_time + 10**9):
@@ -101,7 +103,8 @@ def test_time_target_at_or_after_the_last_record_is_refused(
 
 
 def test_targets_before_the_snapshot_are_refused(
-        history: tuple[History, Path, list[Path]], tmp_path: Path) -> None:
+    history: tuple[History, Path, list[Path]], tmp_path: Path
+) -> None:
     h, snap, dirs = history
     times = h.times()
     with pytest.raises(BadTarget, match="before the snapshot"):
@@ -117,7 +120,8 @@ def test_targets_before_the_snapshot_are_refused(
 
 
 def test_snapshot_only_restore_serves_the_snapshot(
-        history: tuple[History, Path, list[Path]], tmp_path: Path) -> None:
+    history: tuple[History, Path, list[Path]], tmp_path: Path
+) -> None:
     h, snap, _dirs = history
     out = restore(tmp_path / "d", NS, snap)
     assert out.summary is not None and out.summary.end_lsn == 75

@@ -95,8 +95,9 @@ def wal_times(*dirs: Path) -> dict[int, int]:
 
 
 def run_cli(*args: str | Path, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*UNISONDB, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [*UNISONDB, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 @dataclass
@@ -129,8 +130,7 @@ class History:
 
     @property
     def config(self) -> EngineConfig:
-        return EngineConfig(segment_size=self.segment_size, segment_max_age=0,
-                            retention=10 * 365 * 86400.0)
+        return EngineConfig(segment_size=self.segment_size, segment_max_age=0, retention=10 * 365 * 86400.0)
 
     def open(self, data_dir: Path | None = None) -> Engine:
         if data_dir is not None:
@@ -157,8 +157,7 @@ class History:
         return max(self.ops, default=self.base_lsn)
 
     def _value(self, lsn: int) -> bytes:
-        return (b"v%06d-" % lsn + bytes(self.rng.randrange(97, 123) for _ in range(32)))[
-            : self.value_size]
+        return (b"v%06d-" % lsn + bytes(self.rng.randrange(97, 123) for _ in range(32)))[: self.value_size]
 
     def write_random(self, n: int) -> list[int]:
         lsns = []
@@ -170,8 +169,10 @@ class History:
             elif roll < 0.8:
                 entries = [Entry(EntryKind.DELETE, self._key())]
             else:
-                entries = [Entry(EntryKind.PUT, self._key(), self._value(nxt))
-                           for _ in range(self.rng.randrange(2, 5))]
+                entries = [
+                    Entry(EntryKind.PUT, self._key(), self._value(nxt))
+                    for _ in range(self.rng.randrange(2, 5))
+                ]
                 entries.append(Entry(EntryKind.DELETE, self._key()))
             lsn = self.eng.write(entries)
             assert lsn == nxt, (lsn, nxt)
@@ -188,8 +189,12 @@ class History:
     def _key(self) -> bytes:
         return b"key-%03d" % self.rng.randrange(self.keys)
 
-    def state_at(self, lsn: int, base: dict[bytes, bytes] | None = None,
-                 ops: dict[int, tuple[Entry, ...]] | None = None) -> dict[bytes, bytes]:
+    def state_at(
+        self,
+        lsn: int,
+        base: dict[bytes, bytes] | None = None,
+        ops: dict[int, tuple[Entry, ...]] | None = None,
+    ) -> dict[bytes, bytes]:
         state = dict(base or {})
         source = self.ops if ops is None else ops
         for n in sorted(source):

@@ -25,8 +25,15 @@ from serverproc import ServerProcess, free_port, start_server, wait_healthy
 
 import unisondb
 
-FLAGS = ("--data-dir", "--http-addr", "--namespace", "--config", "--wal-segment-size",
-         "--wal-segment-max-age", "--wal-retention")
+FLAGS = (
+    "--data-dir",
+    "--http-addr",
+    "--namespace",
+    "--config",
+    "--wal-segment-size",
+    "--wal-segment-max-age",
+    "--wal-retention",
+)
 
 
 def b64(data: bytes) -> str:
@@ -42,8 +49,9 @@ def procs() -> Iterator[list[Any]]:
         srv.kill9()
 
 
-def launch(procs: list[Any], args: list[str], port: int, log_path: Path,
-           cwd: Path | None = None, wait: bool = True) -> Any:
+def launch(
+    procs: list[Any], args: list[str], port: int, log_path: Path, cwd: Path | None = None, wait: bool = True
+) -> Any:
     """Start ``python -m unisondb ARGS`` exactly as given (no flags added)."""
     cmd = [sys.executable, "-m", "unisondb", *args]
     with open(log_path, "wb") as log:
@@ -55,16 +63,16 @@ def launch(procs: list[Any], args: list[str], port: int, log_path: Path,
     return srv
 
 
-def start(procs: list[Any], data_dir: Path, *namespaces: str,
-          extra: list[str] | None = None) -> Any:
+def start(procs: list[Any], data_dir: Path, *namespaces: str, extra: list[str] | None = None) -> Any:
     srv = start_server(data_dir, namespaces, extra)
     procs.append(srv)
     return srv
 
 
 def cli(*args: str, cwd: Path | None = None, timeout: float = 20) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "unisondb", *args], capture_output=True, text=True,
-                          cwd=cwd, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "unisondb", *args], capture_output=True, text=True, cwd=cwd, timeout=timeout
+    )
 
 
 def tmp_files(data_dir: Path) -> list[Path]:
@@ -80,8 +88,7 @@ class Writers:
         self.unexpected: list[str] = []
         self._lock = threading.Lock()
         self._stop = threading.Event()
-        self._threads = [threading.Thread(target=self._run, args=(t,), daemon=True)
-                         for t in range(threads)]
+        self._threads = [threading.Thread(target=self._run, args=(t,), daemon=True) for t in range(threads)]
 
     def __enter__(self) -> Writers:
         for t in self._threads:
@@ -124,8 +131,7 @@ class Writers:
 
 def assert_all_present(srv: Any, ns: str, expected: dict[str, str]) -> None:
     with httpx.Client(base_url=f"{srv.url}/api/v1/{ns}") as c:
-        missing = [k for k, v in expected.items()
-                   if c.get(f"/kv/{k}").json() != {"value": v, "found": True}]
+        missing = [k for k, v in expected.items() if c.get(f"/kv/{k}").json() != {"value": v, "found": True}]
     assert missing == [], f"{len(missing)} acknowledged writes lost, e.g. {missing[:5]}"
 
 
@@ -141,7 +147,9 @@ def write_fixture_data(srv: Any) -> dict[str, str]:
         del expected["single-4"]
         items = [{"key": f"batch-{i}", "value": b64(f"b{i}".encode())} for i in range(20)]
         assert c.post("/kv/batch", json={"operation": "put", "items": items}).json() == {
-            "success": True, "count": 20}
+            "success": True,
+            "count": 20,
+        }
         expected.update({it["key"]: it["value"] for it in items})
     return expected
 
@@ -169,8 +177,7 @@ def test_sigterm_is_graceful_and_restart_preserves_data(tmp_path: Path, procs: l
     assert cp["recordProcessed"] == stats["lastLsn"] >= 7 + len(writers.acked)
 
 
-def test_sigkill_then_restart_keeps_every_acknowledged_write(tmp_path: Path,
-                                                            procs: list[Any]) -> None:
+def test_sigkill_then_restart_keeps_every_acknowledged_write(tmp_path: Path, procs: list[Any]) -> None:
     data = tmp_path / "data"
     srv = start(procs, data, "default", "users")
     expected = write_fixture_data(srv)
@@ -184,15 +191,17 @@ def test_sigkill_then_restart_keeps_every_acknowledged_write(tmp_path: Path,
     metrics = httpx.get(again.url + "/metrics").text
     assert re.search(r'^unisondb_recovery_records_replayed\{namespace="users"\} \d', metrics, re.M)
     # The log continues where it stopped: new writes work and survive another restart.
-    assert httpx.put(f"{again.url}/api/v1/users/kv/after-crash",
-                     json={"value": b64(b"ok")}).status_code == 200
+    assert (
+        httpx.put(f"{again.url}/api/v1/users/kv/after-crash", json={"value": b64(b"ok")}).status_code == 200
+    )
     again.stop()
     third = start(procs, data, "users")
     assert_all_present(third, "users", {"after-crash": b64(b"ok")})
 
 
 def test_namespaces_on_disk_are_served_after_restart_without_namespace_flags(
-        tmp_path: Path, procs: list[Any]) -> None:
+    tmp_path: Path, procs: list[Any]
+) -> None:
     data = tmp_path / "data"
     srv = start(procs, data, "users", "orders")
     for ns in ("users", "orders"):
@@ -205,8 +214,7 @@ def test_namespaces_on_disk_are_served_after_restart_without_namespace_flags(
     health = httpx.get(again.url + "/healthz").json()
     assert health == {"status": "ok", "namespaces": ["default", "orders", "users"]}
     for ns in ("users", "orders"):
-        assert httpx.get(f"{again.url}/api/v1/{ns}/kv/k").json() == {
-            "value": b64(ns.encode()), "found": True}
+        assert httpx.get(f"{again.url}/api/v1/{ns}/kv/k").json() == {"value": b64(ns.encode()), "found": True}
 
 
 # --- the namespace lock -----------------------------------------------------------------
@@ -218,19 +226,16 @@ def test_second_server_on_the_same_data_dir_fails_fast(tmp_path: Path, procs: li
     assert httpx.put(f"{first.url}/api/v1/users/kv/k", json={"value": "eA=="}).status_code == 200
 
     began = time.monotonic()
-    second = cli("--data-dir", str(data), "--http-addr", f"127.0.0.1:{free_port()}",
-                 "--namespace", "users")
+    second = cli("--data-dir", str(data), "--http-addr", f"127.0.0.1:{free_port()}", "--namespace", "users")
     assert time.monotonic() - began < 10
     assert second.returncode != 0
     assert "Traceback" not in second.stderr
-    assert re.search(r"^error: namespace is locked: .*/(default|users)/LOCK ", second.stderr), \
-        second.stderr
+    assert re.search(r"^error: namespace is locked: .*/(default|users)/LOCK ", second.stderr), second.stderr
     assert f"pid {first.proc.pid}" in second.stderr
     assert "stop the other process" in second.stderr
 
     # Also when the namespace is only discovered on disk, not named.
-    third = cli("--data-dir", str(data), "--http-addr", f"127.0.0.1:{free_port()}",
-                "--namespace", "other")
+    third = cli("--data-dir", str(data), "--http-addr", f"127.0.0.1:{free_port()}", "--namespace", "other")
     assert third.returncode != 0 and "locked" in third.stderr
     assert not (data / "other").exists(), "a failed start must not leave a new namespace behind"
 
@@ -268,13 +273,19 @@ def test_document_verification_step_with_curl(tmp_path: Path, procs: list[Any]) 
     """`unisondb --data-dir DIR --http-addr localhost:PORT --namespace users`, then curl."""
     port = free_port()
     data = tmp_path / "data"
-    srv = launch(procs, ["--data-dir", str(data), "--http-addr", f"localhost:{port}",
-                         "--namespace", "users"], port, tmp_path / "server.log", wait=False)
+    srv = launch(
+        procs,
+        ["--data-dir", str(data), "--http-addr", f"localhost:{port}", "--namespace", "users"],
+        port,
+        tmp_path / "server.log",
+        wait=False,
+    )
     url = f"http://localhost:{port}/api/v1/users/kv/test-key"
 
     def curl(*args: str) -> tuple[str, str]:
-        res = subprocess.run(["curl", "-sS", "-w", "\n%{http_code}", *args, url],
-                             capture_output=True, text=True, timeout=20)
+        res = subprocess.run(
+            ["curl", "-sS", "-w", "\n%{http_code}", *args, url], capture_output=True, text=True, timeout=20
+        )
         assert res.returncode == 0, res.stderr
         body, _, code = res.stdout.rpartition("\n")
         # Every JSON body ends with a newline (one line per entry in `| tee -a` logs).
@@ -302,7 +313,7 @@ def test_toml_config_file_and_flags_override_it(tmp_path: Path, procs: list[Any]
     p1, p2 = free_port(), free_port()
     config = tmp_path / "unisondb.toml"
     config.write_text(f'''
-data_dir = "{tmp_path / 'from-config'}"
+data_dir = "{tmp_path / "from-config"}"
 http_addr = "127.0.0.1:{p1}"
 namespaces = ["alpha", "beta"]
 max_body_bytes = "2MiB"
@@ -324,9 +335,22 @@ map_size = "64MiB"
     assert len(list((tmp_path / "from-config" / "alpha" / "wal").glob("*.wal"))) >= 2
     assert srv.stop() == 0
 
-    over = launch(procs, ["--config", str(config), "--http-addr", f"127.0.0.1:{p2}",
-                          "--namespace", "gamma", "--data-dir", str(tmp_path / "from-flag")],
-                  p2, tmp_path / "b.log", cwd=tmp_path)
+    over = launch(
+        procs,
+        [
+            "--config",
+            str(config),
+            "--http-addr",
+            f"127.0.0.1:{p2}",
+            "--namespace",
+            "gamma",
+            "--data-dir",
+            str(tmp_path / "from-flag"),
+        ],
+        p2,
+        tmp_path / "b.log",
+        cwd=tmp_path,
+    )
     assert httpx.get(over.url + "/health").json()["namespaces"] == ["gamma"]
     assert (tmp_path / "from-flag" / "gamma").is_dir()
     with pytest.raises(httpx.TransportError):
@@ -344,8 +368,11 @@ BAD_FLAGS = [
     (["--namespace", "bad/name"], r"error: invalid namespace name 'bad/name'"),
     (["--namespace", "backups"], r"error: invalid namespace name 'backups'.*must not be 'backups'"),
     (["--namespace", "-x"], r"error: invalid namespace name '-x'"),
-    (["--log-format", "xml"], r"^error: invalid value for '--log-format'.*"
-                              r"\(hint: see 'unisondb --help'\)\n$"),
+    (
+        ["--log-format", "xml"],
+        r"^error: invalid value for '--log-format'.*"
+        r"\(hint: see 'unisondb --help'\)\n$",
+    ),
     (["--no-such-flag"], r"^error: no such option '--no-such-flag'.*\(hint: see 'unisondb --help'\)\n$"),
     (["--config", "missing.toml"], r"error: cannot read config file missing.toml"),
 ]
@@ -378,8 +405,9 @@ def assert_clean_failure(code: int | None, stderr: str, pattern: str) -> None:
     assert len(stderr.strip().splitlines()) <= 5, stderr
 
 
-def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-             *args: str) -> tuple[int, str]:
+def run_main(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], *args: str
+) -> tuple[int, str]:
     """``unisondb ARGS`` in this process (fast), with ``serve`` replaced by a tripwire:
     these arguments must be refused before a server would start."""
     import unisondb.server
@@ -396,19 +424,26 @@ def run_main(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 
 @pytest.mark.parametrize(("args", "pattern"), BAD_FLAGS, ids=[" ".join(a) for a, _ in BAD_FLAGS])
 def test_invalid_flag_is_refused_with_a_clear_error(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        args: list[str], pattern: str) -> None:
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    pattern: str,
+) -> None:
     monkeypatch.chdir(tmp_path)
-    code, err = run_main(monkeypatch, capsys, "--data-dir", "data", "--http-addr",
-                         "127.0.0.1:8080", *args)
+    code, err = run_main(monkeypatch, capsys, "--data-dir", "data", "--http-addr", "127.0.0.1:8080", *args)
     assert_clean_failure(code, err, pattern)
     assert not (tmp_path / "data").exists(), "nothing may be created before the arguments are valid"
 
 
 @pytest.mark.parametrize(("text", "pattern"), BAD_CONFIGS, ids=[t for t, _ in BAD_CONFIGS])
 def test_invalid_config_is_refused_with_a_clear_error(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str],
-        text: str, pattern: str) -> None:
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    text: str,
+    pattern: str,
+) -> None:
     monkeypatch.chdir(tmp_path)
     (tmp_path / "unisondb.toml").write_text(text + "\n")
     code, err = run_main(monkeypatch, capsys, "--config", "unisondb.toml")
@@ -416,20 +451,23 @@ def test_invalid_config_is_refused_with_a_clear_error(
     assert not (tmp_path / "data").exists(), "nothing may be created before the config is valid"
 
 
-@pytest.mark.parametrize(("args", "config", "pattern"), [
-    (["--wal-segment-size", "lots"], None, r"^error: invalid size 'lots'"),
-    (["--log-format", "xml"], None, r"^error: invalid value for '--log-format'.*\(hint: .*\)\n$"),
-    ([], "namespaces = [", r"^error: invalid TOML in unisondb.toml"),
-    ([], 'namespaces = "users"', r"^error: invalid config in .*: namespaces must be a list"),
-])
-def test_invalid_settings_exit_the_real_process_nonzero(tmp_path: Path, args: list[str],
-                                                        config: str | None, pattern: str) -> None:
+@pytest.mark.parametrize(
+    ("args", "config", "pattern"),
+    [
+        (["--wal-segment-size", "lots"], None, r"^error: invalid size 'lots'"),
+        (["--log-format", "xml"], None, r"^error: invalid value for '--log-format'.*\(hint: .*\)\n$"),
+        ([], "namespaces = [", r"^error: invalid TOML in unisondb.toml"),
+        ([], 'namespaces = "users"', r"^error: invalid config in .*: namespaces must be a list"),
+    ],
+)
+def test_invalid_settings_exit_the_real_process_nonzero(
+    tmp_path: Path, args: list[str], config: str | None, pattern: str
+) -> None:
     """The same, as a real process: a non-zero exit status, one clear line, no traceback."""
     if config is not None:
         (tmp_path / "unisondb.toml").write_text(config + "\n")
         args = [*args, "--config", "unisondb.toml"]
-    res = cli("--data-dir", "data", "--http-addr", f"127.0.0.1:{free_port()}", *args,
-              cwd=tmp_path)
+    res = cli("--data-dir", "data", "--http-addr", f"127.0.0.1:{free_port()}", *args, cwd=tmp_path)
     assert_clean_failure(res.returncode, res.stderr, pattern)
     assert res.returncode == 2  # bad input (InvalidRequest, or a click usage error)
     assert not (tmp_path / "data").exists()
@@ -443,8 +481,7 @@ def test_data_dir_that_is_a_file_is_a_clear_error(tmp_path: Path) -> None:
         assert_clean_failure(res.returncode, res.stderr, rf"^error: .*{re.escape(str(data))}")
 
 
-def test_port_in_use_exits_nonzero_and_releases_the_namespace(tmp_path: Path,
-                                                              procs: list[Any]) -> None:
+def test_port_in_use_exits_nonzero_and_releases_the_namespace(tmp_path: Path, procs: list[Any]) -> None:
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
@@ -474,8 +511,7 @@ def _labelled_snapshot(tmp_path: Path, ns: str) -> bytes:
 
 
 @pytest.mark.parametrize("where", ["db/data.mdb", "data.mdb"])
-def test_misplaced_snapshot_hint_names_the_namespace_of_the_file(tmp_path: Path,
-                                                                 where: str) -> None:
+def test_misplaced_snapshot_hint_names_the_namespace_of_the_file(tmp_path: Path, where: str) -> None:
     # A snapshot of 'users' at <data-dir>/db/data.mdb (the document's drill): the server
     # serves 'default' by default, but the hint must say where *this* file belongs.
     data = tmp_path / "data"
@@ -491,14 +527,13 @@ def test_misplaced_snapshot_hint_names_the_namespace_of_the_file(tmp_path: Path,
 
 
 @pytest.mark.parametrize("cut", [0, 4096, 8192, -1])
-def test_misplaced_cut_snapshot_gets_the_generic_hint_not_a_signal(tmp_path: Path,
-                                                                   cut: int) -> None:
+def test_misplaced_cut_snapshot_gets_the_generic_hint_not_a_signal(tmp_path: Path, cut: int) -> None:
     # A partial copy: the label cannot be read safely (liblmdb would die of SIGBUS on the
     # missing pages), so the hint falls back to <namespace>; the exit is an error, not a signal.
     data = tmp_path / "data"
     (data / "db").mkdir(parents=True)
     raw = _labelled_snapshot(tmp_path, "users")
-    (data / "db" / "data.mdb").write_bytes(raw[:cut] if cut >= 0 else raw[:len(raw) // 2])
+    (data / "db" / "data.mdb").write_bytes(raw[:cut] if cut >= 0 else raw[: len(raw) // 2])
     res = cli("--data-dir", str(data), "--http-addr", f"127.0.0.1:{free_port()}")
     assert res.returncode > 0, res
     assert_clean_failure(res.returncode, res.stderr, r"belongs to no namespace")

@@ -23,7 +23,8 @@ TIMEOUT = 4.0
 
 
 def test_sigterm_during_a_snapshot_answers_json_publishes_nothing_and_exits_in_time(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     fifo = tmp_path / "hold"
     os.mkfifo(fifo)
     monkeypatch.setenv("UNISONDB_TEST_HOLD", f"snapshot-copy:{fifo}")
@@ -32,12 +33,14 @@ def test_sigterm_during_a_snapshot_answers_json_publishes_nothing_and_exits_in_t
     try:
         with srv.client() as c:
             for i in range(20):
-                r = c.put(f"/api/v1/default/kv/k{i}",
-                          json={"value": base64.b64encode(b"v%d" % i).decode()})
+                r = c.put(f"/api/v1/default/kv/k{i}", json={"value": base64.b64encode(b"v%d" % i).decode()})
                 assert r.status_code == 200
         answer: list[httpx.Response] = []
-        t = threading.Thread(target=lambda: answer.append(
-            srv.client().post("/api/v1/default/btree/backup", json={"path": "snaps/s.db"})))
+        t = threading.Thread(
+            target=lambda: answer.append(
+                srv.client().post("/api/v1/default/btree/backup", json={"path": "snaps/s.db"})
+            )
+        )
         t.start()
         reached = Path(str(fifo) + ".reached")
         deadline = time.monotonic() + 20

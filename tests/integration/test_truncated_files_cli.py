@@ -36,13 +36,26 @@ from test_restore_support import NS, REPO, History, tree_digest
 
 _CLI = Path(sys.executable).with_name("unisondb")
 UNISONDB = [str(_CLI)] if _CLI.exists() else [sys.executable, "-m", "unisondb"]
-KINDS = ["cut0", "cut1", "cut4095", "cut4096", "cut8191", "cut8192", "half", "size-1",
-         "zeros", "garbage", "gzip", "zstd"]
+KINDS = [
+    "cut0",
+    "cut1",
+    "cut4095",
+    "cut4096",
+    "cut8191",
+    "cut8192",
+    "half",
+    "size-1",
+    "zeros",
+    "garbage",
+    "gzip",
+    "zstd",
+]
 
 
 def run(*args: str | Path, timeout: float = 60) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([*UNISONDB, *map(str, args)], capture_output=True, text=True,
-                          timeout=timeout, cwd=REPO)
+    return subprocess.run(
+        [*UNISONDB, *map(str, args)], capture_output=True, text=True, timeout=timeout, cwd=REPO
+    )
 
 
 def assert_no_signal(proc: subprocess.CompletedProcess[str]) -> None:
@@ -94,28 +107,26 @@ def make_kind(kind: str, snap: Path, dest_dir: Path) -> Path:
         out.write_bytes(random.Random(8).randbytes(len(data)))
     elif kind == "gzip":  # compressed inputs are read directly: compress a cut snapshot
         out = dest_dir / "s.db.gz"
-        out.write_bytes(gzip.compress(data[:len(data) // 2]))
+        out.write_bytes(gzip.compress(data[: len(data) // 2]))
     else:
         if shutil.which("zstd") is None:
             pytest.skip("zstd CLI not installed (scripts/test installs it)")
         raw = dest_dir / "s.db"
-        raw.write_bytes(data[:len(data) // 2])
+        raw.write_bytes(data[: len(data) // 2])
         subprocess.run(["zstd", "-q", "--rm", str(raw)], check=True)
         out = dest_dir / "s.db.zst"
     return out
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_server_start_refuses_with_one_line(made: tuple[Path, Path, Path], tmp_path: Path,
-                                            kind: str) -> None:
+def test_server_start_refuses_with_one_line(made: tuple[Path, Path, Path], tmp_path: Path, kind: str) -> None:
     snap, _wal, _restored = made
     src = make_kind(kind, snap, tmp_path / "src")
     db = tmp_path / "data" / NS / "db"
     db.mkdir(parents=True)
     shutil.copyfile(src, db / "data.mdb")  # the document's manual procedure
     before = (db / "data.mdb").read_bytes()
-    proc = run("--data-dir", tmp_path / "data", "--namespace", NS, "--http-addr",
-               f"127.0.0.1:{free_port()}")
+    proc = run("--data-dir", tmp_path / "data", "--namespace", NS, "--http-addr", f"127.0.0.1:{free_port()}")
     line = error_line(proc, db / "data.mdb")
     assert proc.returncode == 6, proc
     assert "B-tree file" in line and "(hint: " in line, line
@@ -125,16 +136,14 @@ def test_server_start_refuses_with_one_line(made: tuple[Path, Path, Path], tmp_p
 
 
 @pytest.mark.parametrize("kind", KINDS)
-def test_offline_commands_refuse(made: tuple[Path, Path, Path], tmp_path: Path,
-                                 kind: str) -> None:
+def test_offline_commands_refuse(made: tuple[Path, Path, Path], tmp_path: Path, kind: str) -> None:
     snap, wal, restored = made
     bad = make_kind(kind, snap, tmp_path / "backups" / "snapshots")
     compressed = kind in ("gzip", "zstd")
 
     # restore --dry-run into a data dir that does not exist: an error, nothing created
     target = tmp_path / "new"
-    proc = run("restore", "--data-dir", target, "-n", NS, "--snapshot", bad, "--wal", wal,
-               "--dry-run")
+    proc = run("restore", "--data-dir", target, "-n", NS, "--snapshot", bad, "--wal", wal, "--dry-run")
     error_line(proc, bad)
     assert proc.returncode == 6, proc
     assert not target.exists() or not any(target.iterdir())
@@ -143,13 +152,13 @@ def test_offline_commands_refuse(made: tuple[Path, Path, Path], tmp_path: Path,
     existing = tmp_path / "existing"
     shutil.copytree(restored, existing)
     digest = tree_digest(existing)
-    proc = run("restore", "--data-dir", existing, "-n", NS, "--snapshot", bad, "--wal", wal,
-               "--force")
+    proc = run("restore", "--data-dir", existing, "-n", NS, "--snapshot", bad, "--wal", wal, "--force")
     error_line(proc, bad)
     assert proc.returncode == 6, proc
     assert tree_digest(existing) == digest
     assert sorted(p.name for p in existing.iterdir()) == sorted(
-        p.name for p in restored.iterdir())  # no staging directory left
+        p.name for p in restored.iterdir()
+    )  # no staging directory left
 
     # backup verify: the report names the file and says what is wrong
     proc = run("backup", "verify", "--snapshot", bad, "--wal", wal)
@@ -204,8 +213,11 @@ def test_cut_wal_segment(wal_made: tuple[Path, Path], tmp_path: Path, cut: str) 
         out = proc.stdout + proc.stderr
         # list: the row of segment 000000001 (by id, or by path if its header is unreadable);
         # inspect: the block that starts with its path
-        part = (next(ln for ln in out.splitlines() if victim.stem in ln) if cmd[1] == "list"
-                else out[out.index(str(victim)):].split("\n\n")[0])
+        part = (
+            next(ln for ln in out.splitlines() if victim.stem in ln)
+            if cmd[1] == "list"
+            else out[out.index(str(victim)) :].split("\n\n")[0]
+        )
         assert any(w in part for w in ("bad header", "damaged", "truncated")), out
 
     target = tmp_path / "target"
@@ -220,12 +232,15 @@ def test_the_hazard_is_real(made: tuple[Path, Path, Path], tmp_path: Path) -> No
     """Without the check, LMDB maps a cut snapshot and reading it is a SIGBUS."""
     snap, _wal, _restored = made
     cut = make_kind("cut8192", snap, tmp_path)
-    script = ("import lmdb, sys\n"
-              "env = lmdb.open(sys.argv[1], subdir=False, readonly=True, lock=False, "
-              "max_dbs=4)\n"
-              "kv = env.open_db(b'kv', create=False)\n"
-              "with env.begin() as txn:\n"
-              "    print(sum(1 for _ in txn.cursor(db=kv)))\n")
-    proc = subprocess.run([sys.executable, "-c", script, str(cut)], capture_output=True,
-                          text=True, timeout=60)
+    script = (
+        "import lmdb, sys\n"
+        "env = lmdb.open(sys.argv[1], subdir=False, readonly=True, lock=False, "
+        "max_dbs=4)\n"
+        "kv = env.open_db(b'kv', create=False)\n"
+        "with env.begin() as txn:\n"
+        "    print(sum(1 for _ in txn.cursor(db=kv)))\n"
+    )
+    proc = subprocess.run(
+        [sys.executable, "-c", script, str(cut)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == -signal.SIGBUS, proc

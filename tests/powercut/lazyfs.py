@@ -290,8 +290,19 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
         with self._mu:
             self._check()
             sv = os.statvfs(self.backing)
-            return {k: getattr(sv, k) for k in ("f_bsize", "f_frsize", "f_blocks", "f_bfree",
-                                                 "f_bavail", "f_files", "f_ffree", "f_namemax")}
+            return {
+                k: getattr(sv, k)
+                for k in (
+                    "f_bsize",
+                    "f_frsize",
+                    "f_blocks",
+                    "f_bfree",
+                    "f_bavail",
+                    "f_files",
+                    "f_ffree",
+                    "f_namemax",
+                )
+            }
 
     def access(self, path: str, amode: int) -> int:
         with self._mu:
@@ -316,7 +327,7 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
         with self._mu:
             if fh == CONTROL_FH:
                 report = {**self.counters, "frozen": self.frozen}
-                return json.dumps(report).encode()[offset:offset + size]
+                return json.dumps(report).encode()[offset : offset + size]
             self._check()
             return os.pread(self.fds[fh][0], size, offset)
 
@@ -491,11 +502,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--image", required=True, help="where a cut writes the durable tree (must not exist)")
     ap.add_argument("mountpoint")
     args = ap.parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if os.environ.get("POWERCUT_DEBUG") else logging.WARNING,
-                        stream=sys.stderr)
+    logging.basicConfig(
+        level=logging.DEBUG if os.environ.get("POWERCUT_DEBUG") else logging.WARNING, stream=sys.stderr
+    )
     fs = PowerCutFS(args.backing, args.state, args.image)
-    _FUSE(fs, args.mountpoint, foreground=True, hard_remove=True,
-          fsname="powercut", subtype="powercut")
+    _FUSE(fs, args.mountpoint, foreground=True, hard_remove=True, fsname="powercut", subtype="powercut")
     return 0
 
 

@@ -23,8 +23,14 @@ LAZYFS = Path(__file__).with_name("lazyfs.py")
 CONTROL = ".powercut"
 
 #: Words in a failed mount's output that mean this machine forbids FUSE mounts.
-_NOT_PERMITTED = ("Operation not permitted", "Permission denied", "fuse: device not found",
-                  "No such device", "fusermount3: not found", "failed to exec fusermount3")
+_NOT_PERMITTED = (
+    "Operation not permitted",
+    "Permission denied",
+    "fuse: device not found",
+    "No such device",
+    "fusermount3: not found",
+    "failed to exec fusermount3",
+)
 
 
 class MountNotPermitted(RuntimeError):
@@ -58,9 +64,20 @@ class PowerCutMount:
             os.rename(self.image, live)
         log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, str(LAZYFS), "--backing", str(live), "--state", str(state),
-             "--image", str(gen / "image"), str(self.mountpoint)],
-            stdout=log, stderr=subprocess.STDOUT)
+            [
+                sys.executable,
+                str(LAZYFS),
+                "--backing",
+                str(live),
+                "--state",
+                str(state),
+                "--image",
+                str(gen / "image"),
+                str(self.mountpoint),
+            ],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
         log.close()
         deadline = time.monotonic() + timeout
         while not self.is_mounted():
@@ -95,8 +112,12 @@ class PowerCutMount:
     def unmount(self, timeout: float = 10.0) -> None:
         """Lazy unmount, then wait for (or end) our filesystem process. Safe to repeat."""
         if self.is_mounted():
-            subprocess.run(["fusermount3", "-u", "-z", str(self.mountpoint)],
-                           stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=False)
+            subprocess.run(
+                ["fusermount3", "-u", "-z", str(self.mountpoint)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                check=False,
+            )
         proc, self.proc = self.proc, None
         if proc is None:
             return

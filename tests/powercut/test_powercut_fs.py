@@ -215,7 +215,8 @@ def test_a_rename_over_a_file_keeps_the_old_file_until_the_dir_is_synced(pcfs: P
 
 @pytest.mark.parametrize("sync_top", [True, False])
 def test_a_wal_segment_in_a_new_tree_survives_only_if_the_tree_top_was_synced(
-        pcfs: PowerCutMount, sync_top: bool) -> None:
+    pcfs: PowerCutMount, sync_top: bool
+) -> None:
     """The server's first-start sequence (mkdir -p with parent fsyncs, segment created by
     tmp + fsync + rename + dir fsync, reopened O_WRONLY, pwrite + fdatasync, rotation).
     Every later sync survives, but all of it hangs on the entry of the tree's top directory

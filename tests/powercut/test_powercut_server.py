@@ -17,32 +17,36 @@ SEED = int(os.environ.get("UNISONDB_POWERCUT_SEED", str(random.randrange(1 << 32
 WORKLOADS = ["put", "wal-backup", "snapshot"]
 
 
-def run_rounds(pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path,
-               workload: str, rounds: int) -> None:
+def run_rounds(
+    pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path, workload: str, rounds: int
+) -> None:
     r = Rounds(pcfs, servers, tmp_path / "logs", workload, SEED)
     problems = r.run(rounds)
     for line in r.lines:
         print(line)
-    assert not problems, (f"UNISONDB_POWERCUT_SEED={SEED} {workload}:\n" + "\n".join(r.lines)
-                          + "\n" + "\n".join(problems[:40]))
+    assert not problems, (
+        f"UNISONDB_POWERCUT_SEED={SEED} {workload}:\n" + "\n".join(r.lines) + "\n" + "\n".join(problems[:40])
+    )
 
 
 @pytest.mark.parametrize("workload", WORKLOADS)
 def test_power_cut_keeps_every_acknowledged_write_and_backup(
-        pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path, workload: str) -> None:
+    pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path, workload: str
+) -> None:
     run_rounds(pcfs, servers, tmp_path, workload, ROUNDS)
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("workload", WORKLOADS)
-def test_power_cut_soak(pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path,
-                        workload: str) -> None:
+def test_power_cut_soak(
+    pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path, workload: str
+) -> None:
     run_rounds(pcfs, servers, tmp_path, workload, SOAK_ROUNDS)
 
 
 def test_power_cut_layer_catches_a_missing_wal_fdatasync(
-        pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path,
-        monkeypatch: pytest.MonkeyPatch) -> None:
+    pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """The proof that the layer sees missing fsyncs: with WAL fdatasync turned into a no-op
     (the test fault in unisondb/storage/fsutil.py), the same rounds must find lost writes."""
     monkeypatch.setenv("UNISONDB_TEST_FAULT_SKIP_WAL_FSYNC", "1")  # inherited by the server
@@ -50,12 +54,15 @@ def test_power_cut_layer_catches_a_missing_wal_fdatasync(
     problems = r.run(6, stop_at_first_problem=True)
     lost = [p for p in problems if "lost acknowledged write" in p]
     print("\n".join(r.lines + problems[:10]))
-    assert lost, (f"UNISONDB_POWERCUT_SEED={SEED}: WAL fdatasync was skipped, yet no acknowledged "
-                  "write was lost:\n" + "\n".join(r.lines + problems))
+    assert lost, (
+        f"UNISONDB_POWERCUT_SEED={SEED}: WAL fdatasync was skipped, yet no acknowledged "
+        "write was lost:\n" + "\n".join(r.lines + problems)
+    )
 
 
 def test_power_cut_soon_after_first_start_keeps_acknowledged_writes(
-        pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path) -> None:
+    pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path
+) -> None:
     """Nothing but the server's own fsyncs makes the first start's layout durable: every
     directory it creates, the data dir itself included (found here: serve() made it with
     Path.mkdir and never fsynced the parent, so a cut lost the whole tree)."""

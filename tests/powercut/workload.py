@@ -60,8 +60,16 @@ class RoundResult:
 class Rounds:
     """Runs power-cut rounds of one workload ("put", "wal-backup" or "snapshot")."""
 
-    def __init__(self, fs: PowerCutMount, servers: list[ServerProcess], logs: Path,
-                 workload: str, seed: int, *, sync_first_start: bool = True) -> None:
+    def __init__(
+        self,
+        fs: PowerCutMount,
+        servers: list[ServerProcess],
+        logs: Path,
+        workload: str,
+        seed: int,
+        *,
+        sync_first_start: bool = True,
+    ) -> None:
         self.sync_first_start = sync_first_start
         self.fs, self.servers, self.logs = fs, servers, logs
         self.workload = workload
@@ -87,8 +95,12 @@ class Rounds:
         """Start the server on the mount; a server that does not come up is a finding."""
         n = len(self.servers)
         try:
-            srv = start_server(self.data_dir, (NS,), ["--wal-segment-size", SEGMENT_SIZE],
-                               log_path=self.logs / f"server-{n}.log")
+            srv = start_server(
+                self.data_dir,
+                (NS,),
+                ["--wal-segment-size", SEGMENT_SIZE],
+                log_path=self.logs / f"server-{n}.log",
+            )
         except RuntimeError as exc:
             return f"server did not start on what survived: {str(exc)[-1500:]}"
         self.servers.append(srv)
@@ -96,8 +108,15 @@ class Rounds:
 
     # --- load ---
 
-    def _writer(self, srv: ServerProcess, t: int, stop: threading.Event, acked_now: list[int],
-                target: int, reached: threading.Event) -> None:
+    def _writer(
+        self,
+        srv: ServerProcess,
+        t: int,
+        stop: threading.Event,
+        acked_now: list[int],
+        target: int,
+        reached: threading.Event,
+    ) -> None:
         rng = random.Random(self.rng.random() + t)
         m = self.model
         counter = f"counter-{t}"
@@ -145,8 +164,7 @@ class Rounds:
                         ok = r.status_code == 200
                         paths = [b["path"] for b in r.json().get("backups", [])] if ok else []
                     else:
-                        r = c.post(f"/api/v1/{NS}/btree/backup",
-                                   json={"path": f"s{self.round}-{n}.db"})
+                        r = c.post(f"/api/v1/{NS}/btree/backup", json={"path": f"s{self.round}-{n}.db"})
                         ok = r.status_code == 200
                         paths = [r.json()["path"]] if ok else []
                 except (httpx.HTTPError, ValueError):
@@ -158,7 +176,7 @@ class Rounds:
                 with self.model.lock:
                     for p in paths:
                         assert p.startswith(root + "/"), p
-                        self.model.backups.add(p[len(root) + 1:])
+                        self.model.backups.add(p[len(root) + 1 :])
                     counts[0] += len(paths)
 
     def load_and_cut(self, srv: ServerProcess) -> RoundResult:
@@ -168,16 +186,20 @@ class Rounds:
         self.in_backup, self.after_cut = threading.Event(), threading.Event()
         stop, reached = threading.Event(), threading.Event()
         acked_now, backups_now = [0], [0]
-        threads = [threading.Thread(target=self._writer, args=(srv, t, stop, acked_now, target, reached))
-                   for t in range(WRITERS)]
+        threads = [
+            threading.Thread(target=self._writer, args=(srv, t, stop, acked_now, target, reached))
+            for t in range(WRITERS)
+        ]
         if self.workload != "put":
             threads.append(threading.Thread(target=self._backups, args=(srv, stop, backups_now)))
         for th in threads:
             th.start()
         try:
             if not reached.wait(timeout=60):
-                raise AssertionError(f"round {self.round}: {acked_now[0]} of {target} writes "
-                                     f"acknowledged in 60 s\n{srv.log()[-2000:]}")
+                raise AssertionError(
+                    f"round {self.round}: {acked_now[0]} of {target} writes "
+                    f"acknowledged in 60 s\n{srv.log()[-2000:]}"
+                )
             self.fs.cut()
             # Writes fail from now on. Each client stops at its first failure, so every
             # answer the server sent before dying has been read: the acknowledged set is whole.
@@ -210,8 +232,10 @@ class Rounds:
                 body = c.get(f"/api/v1/{NS}/kv/{counter}").json()
                 got = int(base64.b64decode(body["value"])) if body.get("found") else 0
                 if not m.counter_acked.get(counter, 0) <= got <= sent:
-                    problems.append(f"lost acknowledged write: {counter} holds version {got}, "
-                                    f"acknowledged {m.counter_acked.get(counter, 0)}, sent {sent}")
+                    problems.append(
+                        f"lost acknowledged write: {counter} holds version {got}, "
+                        f"acknowledged {m.counter_acked.get(counter, 0)}, sent {sent}"
+                    )
         m.new_keys.clear()
         problems += self.check_backups()
         return problems
@@ -230,12 +254,19 @@ class Rounds:
             if not target.is_file():
                 problems.append(f"{sidecar.relative_to(root)} has no file beside it")
                 continue
-            res = subprocess.run(["sha256sum", "--quiet", "-c", sidecar.name], cwd=sidecar.parent,
-                                 capture_output=True, text=True, check=False)
+            res = subprocess.run(
+                ["sha256sum", "--quiet", "-c", sidecar.name],
+                cwd=sidecar.parent,
+                capture_output=True,
+                text=True,
+                check=False,
+            )
             self.verified += res.returncode == 0
             if res.returncode != 0:
-                problems.append(f"published backup {target.relative_to(root)} fails sha256sum -c: "
-                                f"{(res.stdout + res.stderr).strip()}")
+                problems.append(
+                    f"published backup {target.relative_to(root)} fails sha256sum -c: "
+                    f"{(res.stdout + res.stderr).strip()}"
+                )
         return problems
 
     # --- rounds ---
@@ -270,7 +301,8 @@ class Rounds:
                 f"round {self.round} [{self.workload}]: cut after {res.acked} acknowledged writes, "
                 f"{res.backups_acked} acknowledged backups"
                 f"{' (cut mid-backup)' if self.cut_mid_backup else ''}; {stats['fsync']} file and "
-                f"{stats['fsyncdir']} directory syncs this mount")
+                f"{stats['fsyncdir']} directory syncs this mount"
+            )
         self.fs.mount()
         srv = self.start()
         if isinstance(srv, str):
@@ -278,7 +310,9 @@ class Rounds:
         else:
             problems += [f"after round {self.round}: {p}" for p in self.check(srv)]
             srv.stop()
-        self.lines.append(f"{len(self.model.acked)} acknowledged writes checked, "
-                          f"{self.verified} published backup files passed sha256sum -c")
+        self.lines.append(
+            f"{len(self.model.acked)} acknowledged writes checked, "
+            f"{self.verified} published backup files passed sha256sum -c"
+        )
         self.fs.unmount()
         return problems

@@ -47,14 +47,25 @@ NS = "default"
 CONFIG = EngineConfig(segment_size=4096, segment_max_age=0, map_size=32 << 10)
 
 KEYS = [
-    b"a", b"b", b"c", b"d", b"e", b"k/with/slash", b"\x00", b"\xff" * 3,
-    "ключ".encode(), b"batch", b"x" * record.MAX_KEY,
+    b"a",
+    b"b",
+    b"c",
+    b"d",
+    b"e",
+    b"k/with/slash",
+    b"\x00",
+    b"\xff" * 3,
+    "ключ".encode(),
+    b"batch",
+    b"x" * record.MAX_KEY,
 ]
 keys = st.sampled_from(KEYS)
 #: A valid segment footer: a value ending with one makes an unsealed segment look sealed.
 footers = st.builds(
     lambda lsn, t, n: segment.SegmentFooter(lsn, t, t, n).encode(),
-    st.integers(0, 400), st.integers(0, 2**63 - 1), st.integers(0, 400),
+    st.integers(0, 400),
+    st.integers(0, 2**63 - 1),
+    st.integers(0, 400),
 )
 #: Mostly small values; sometimes empty, larger than a whole segment, or footer-shaped.
 values = st.one_of(
@@ -214,8 +225,9 @@ class EngineMachine(RuleBasedStateMachine):
         newest = list(segment.iter_segment_files(layout.wal_dir(new_dir, NS)))[-1][1]
         garbage = b""
         if torn:
-            data = record.encode(self.lsn + 1, time.time_ns(),
-                                 [Entry(EntryKind.PUT, b"never-acked", b"v" * 64)])
+            data = record.encode(
+                self.lsn + 1, time.time_ns(), [Entry(EntryKind.PUT, b"never-acked", b"v" * 64)]
+            )
             garbage = data[: max(1, int(len(data) * cut))]
             with open(newest, "ab") as f:
                 f.write(garbage)

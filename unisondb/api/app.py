@@ -149,8 +149,13 @@ class KvFastPath:
         if scope["type"] == "http" and method in ("GET", "PUT"):
             parts = (scope.get("raw_path") or scope["path"].encode()).split(b"/")
             # [b"", b"api", b"v1", ns, b"kv", key]
-            if (len(parts) == 6 and parts[4] == b"kv" and parts[1] == b"api"
-                    and parts[2] == b"v1" and parts[5]):
+            if (
+                len(parts) == 6
+                and parts[4] == b"kv"
+                and parts[1] == b"api"
+                and parts[2] == b"v1"
+                and parts[5]
+            ):
                 engine = self.engines.get(parts[3].decode("latin-1"))
                 key = _fast_key(parts[5]) if engine is not None else b""
                 if engine is not None and key:
@@ -167,8 +172,7 @@ class KvFastPath:
                     return
         await self.app(scope, receive, send)
 
-    async def _put(self, engine: Engine, key: bytes, scope: Scope, receive: Receive,
-                   send: Send) -> None:
+    async def _put(self, engine: Engine, key: bytes, scope: Scope, receive: Receive, send: Send) -> None:
         for name, raw in scope["headers"]:
             if name == b"content-length" and (not raw.isdigit() or int(raw) > self.max_body_bytes):
                 # Refused on the header alone, before a byte of the body is read.
@@ -188,8 +192,13 @@ class KvFastPath:
         await self._send(send, 200, self._PUT_OK)
 
     async def _send(self, send: Send, status: int, body: bytes) -> None:
-        await send({"type": "http.response.start", "status": status,
-                    "headers": [*self._HEADERS, (b"content-length", b"%d" % len(body))]})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": status,
+                "headers": [*self._HEADERS, (b"content-length", b"%d" % len(body))],
+            }
+        )
         await send({"type": "http.response.body", "body": body})
 
 
@@ -240,10 +249,17 @@ def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
     return replay
 
 
-def build_app(engines: dict[str, Engine], metrics: Metrics, *, data_dir: str = ".",
-              max_body_bytes: int = 1 << 20, tokens: TokenTable | None = None,
-              metrics_open: bool = False, archive: Any = None,
-              shutdown: Shutdown | None = None) -> ASGIApp:
+def build_app(
+    engines: dict[str, Engine],
+    metrics: Metrics,
+    *,
+    data_dir: str = ".",
+    max_body_bytes: int = 1 << 20,
+    tokens: TokenTable | None = None,
+    metrics_open: bool = False,
+    archive: Any = None,
+    shutdown: Shutdown | None = None,
+) -> ASGIApp:
     """The ASGI app: metrics around (auth around (fast path, else the routed app)).
 
     Auth sits in front of the fast path so both answer every token case identically; with

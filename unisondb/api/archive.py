@@ -25,11 +25,19 @@ async def archive_snapshot(request: Request) -> Response:
     engine = engine_for(request)
     service = request.app.state.archive
     if service is None:
-        raise Conflict("archiving is off: this server was started without --archive-url",
-                       hint="use POST .../btree/backup for a local snapshot")
+        raise Conflict(
+            "archiving is off: this server was started without --archive-url",
+            hint="use POST .../btree/backup for a local snapshot",
+        )
     manifest = await anyio.to_thread.run_sync(service.snapshot, engine.namespace)
-    return json_response({
-        "key": manifest.snapshot_key, "lsn": manifest.lsn, "history": manifest.history_id,
-        "sha256": manifest.snapshot_sha256, "fingerprint": manifest.fingerprint,
-        "bytes": manifest.snapshot_plain_size, "objectBytes": manifest.snapshot_object_size,
-    })
+    return json_response(
+        {
+            "key": manifest.snapshot_key,
+            "lsn": manifest.lsn,
+            "history": manifest.history_id,
+            "sha256": manifest.snapshot_sha256,
+            "fingerprint": manifest.fingerprint,
+            "bytes": manifest.snapshot_plain_size,
+            "objectBytes": manifest.snapshot_object_size,
+        }
+    )

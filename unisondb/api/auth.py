@@ -49,8 +49,12 @@ class Role(IntEnum):
     ADMIN = 3
 
 
-_ROLE_NAMES: Mapping[str, Role] = {"read": Role.READ, "write": Role.WRITE, "admin": Role.ADMIN,
-                                   "backup": Role.ADMIN}
+_ROLE_NAMES: Mapping[str, Role] = {
+    "read": Role.READ,
+    "write": Role.WRITE,
+    "admin": Role.ADMIN,
+    "backup": Role.ADMIN,
+}
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 _PUBLIC = frozenset({b"/health", b"/healthz"})
 _REALM = 'Bearer realm="unisondb"'
@@ -81,8 +85,9 @@ def load_tokens(path: Path) -> TokenTable:
         raise InvalidRequest(f"auth token file {path} is not UTF-8 text") from None
     if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
         raise InvalidRequest(
-            f"auth token file {path} is readable by other users (mode "
-            f"{stat.S_IMODE(st.st_mode):04o})", hint=f"chmod 600 {path}")
+            f"auth token file {path} is readable by other users (mode {stat.S_IMODE(st.st_mode):04o})",
+            hint=f"chmod 600 {path}",
+        )
     entries: list[tuple[bytes, Role]] = []
     seen: set[str] = set()
     for lineno, line in enumerate(text.splitlines(), 1):
@@ -100,14 +105,17 @@ def load_tokens(path: Path) -> TokenTable:
         if not 16 <= len(token) <= 512 or not _TOKEN_RE.match(token):
             raise InvalidRequest(
                 f"{where}: a token must be 16 to 512 characters of A-Z a-z 0-9 - . _ ~ + / =",
-                hint="generate one with: openssl rand -hex 32")
+                hint="generate one with: openssl rand -hex 32",
+            )
         if token in seen:
             raise InvalidRequest(f"{where}: this token is listed twice")
         seen.add(token)
         entries.append((token.encode("ascii"), role))
     if not entries:
-        raise InvalidRequest(f"auth token file {path} holds no token",
-                             hint="add a line '<token> <role>', e.g. from: openssl rand -hex 32")
+        raise InvalidRequest(
+            f"auth token file {path} holds no token",
+            hint="add a line '<token> <role>', e.g. from: openssl rand -hex 32",
+        )
     return TokenTable(tuple(entries))
 
 
@@ -131,9 +139,15 @@ def required_role(method: str, raw_path: bytes, metrics_open: bool) -> Role | No
 
 def _refusal(status: int, message: str, challenge: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
     body = orjson.dumps({"error": message}) + b"\n"
-    return status, body, [(b"content-type", b"application/json"),
-                          (b"content-length", b"%d" % len(body)),
-                          (b"www-authenticate", challenge.encode("ascii"))]
+    return (
+        status,
+        body,
+        [
+            (b"content-type", b"application/json"),
+            (b"content-length", b"%d" % len(body)),
+            (b"www-authenticate", challenge.encode("ascii")),
+        ],
+    )
 
 
 class BearerAuth:
@@ -168,15 +182,16 @@ class BearerAuth:
                     presented = rest.strip()
                 break
         if not presented:
-            return _refusal(401, "authentication required: send 'Authorization: Bearer <token>'",
-                            _REALM)
+            return _refusal(401, "authentication required: send 'Authorization: Bearer <token>'", _REALM)
         role = self.tokens.role_of(presented)
         if role is None:
             return _refusal(401, "invalid bearer token", _REALM + ', error="invalid_token"')
         if role < need:
-            return _refusal(403, f"token role '{role.name.lower()}' may not do this; it needs "
-                                 f"role '{need.name.lower()}'",
-                            _REALM + ', error="insufficient_scope"')
+            return _refusal(
+                403,
+                f"token role '{role.name.lower()}' may not do this; it needs role '{need.name.lower()}'",
+                _REALM + ', error="insufficient_scope"',
+            )
         return None
 
 

@@ -76,9 +76,7 @@ def parse_wal_params(body: dict[str, Any]) -> WalParams:
     if after is None:
         after = 0
     elif isinstance(after, bool) or not isinstance(after, int):
-        raise InvalidRequest(
-            f"afterSegmentId must be an integer >= 0 or null, got {_show(after)}"
-        )
+        raise InvalidRequest(f"afterSegmentId must be an integer >= 0 or null, got {_show(after)}")
     elif after < 0:
         raise InvalidRequest(f"afterSegmentId must be >= 0, got {after}")
     rotate = body.get("rotate")
@@ -87,22 +85,21 @@ def parse_wal_params(body: dict[str, Any]) -> WalParams:
     elif not isinstance(rotate, bool):
         raise InvalidRequest(f"rotate must be true or false, got {_show(rotate)}")
     if "backupDir" not in body:
-        raise InvalidRequest(
-            "missing field 'backupDir': a relative path inside backups/<namespace>/"
-        )
+        raise InvalidRequest("missing field 'backupDir': a relative path inside backups/<namespace>/")
     parts = paths.parse_relative(body["backupDir"], "backupDir", is_file=False)
     return WalParams(after, parts, rotate)
 
 
 def parse_btree_params(body: dict[str, Any]) -> tuple[str, ...]:
     if "path" not in body:
-        raise InvalidRequest("missing field 'path': a relative file path inside "
-                             "backups/<namespace>/, e.g. 'snapshots/users.db'")
+        raise InvalidRequest(
+            "missing field 'path': a relative file path inside "
+            "backups/<namespace>/, e.g. 'snapshots/users.db'"
+        )
     return paths.parse_relative(body["path"], "path", is_file=True)
 
 
-def resolve_target(engine: Engine, parts: tuple[str, ...], field: str,
-                   is_file: bool) -> paths.Resolved:
+def resolve_target(engine: Engine, parts: tuple[str, ...], field: str, is_file: bool) -> paths.Resolved:
     root = layout.backup_root(engine.data_dir, engine.namespace)
     return paths.resolve(root, parts, field, is_file=is_file)
 
@@ -110,21 +107,36 @@ def resolve_target(engine: Engine, parts: tuple[str, ...], field: str,
 async def wal_backup(request: Request) -> Response:
     engine = engine_for(request)
     params = parse_wal_params(await read_json_object(request))
-    target = await anyio.to_thread.run_sync(resolve_target, engine, params.backup_dir,
-                                            "backupDir", False)
+    target = await anyio.to_thread.run_sync(resolve_target, engine, params.backup_dir, "backupDir", False)
     metrics: Metrics = request.app.state.metrics
 
     def run() -> list[WalCopy]:
         return backup_wal(engine, target, params.after_segment_id, params.rotate)
 
-    copies = await _raced(target, _cancellable(
-        request, "WAL backup", lambda: _recorded(metrics, engine.namespace, "wal", run,
-                                                 lambda cs: sum(c.bytes_written for c in cs))))
-    return json_response({"backups": [
-        {"segmentId": c.segment_id, "path": str(c.path), "bytes": c.size, "sha256": c.sha256,
-         "copied": c.copied}
-        for c in copies
-    ]})
+    copies = await _raced(
+        target,
+        _cancellable(
+            request,
+            "WAL backup",
+            lambda: _recorded(
+                metrics, engine.namespace, "wal", run, lambda cs: sum(c.bytes_written for c in cs)
+            ),
+        ),
+    )
+    return json_response(
+        {
+            "backups": [
+                {
+                    "segmentId": c.segment_id,
+                    "path": str(c.path),
+                    "bytes": c.size,
+                    "sha256": c.sha256,
+                    "copied": c.copied,
+                }
+                for c in copies
+            ]
+        }
+    )
 
 
 async def btree_backup(request: Request) -> Response:
@@ -136,19 +148,26 @@ async def btree_backup(request: Request) -> Response:
     def run() -> Snapshot:
         return take_snapshot(engine, target)
 
-    snap = await _raced(target, _cancellable(
-        request, "snapshot", lambda: _recorded(metrics, engine.namespace, "btree", run,
-                                               lambda s: s.bytes_written)))
+    snap = await _raced(
+        target,
+        _cancellable(
+            request,
+            "snapshot",
+            lambda: _recorded(metrics, engine.namespace, "btree", run, lambda s: s.bytes_written),
+        ),
+    )
     cp = snap.checkpoint
-    return json_response({
-        "path": str(snap.path),
-        "bytes": snap.size,
-        "lsn": cp.applied_lsn,
-        "sha256": snap.sha256,
-        "timeline": cp.timeline,
-        "segmentId": cp.segment_id,
-        "copied": snap.copied,
-    })
+    return json_response(
+        {
+            "path": str(snap.path),
+            "bytes": snap.size,
+            "lsn": cp.applied_lsn,
+            "sha256": snap.sha256,
+            "timeline": cp.timeline,
+            "segmentId": cp.segment_id,
+            "copied": snap.copied,
+        }
+    )
 
 
 async def _cancellable(request: Request, what: str, fn: Callable[[], T]) -> T:
@@ -181,7 +200,9 @@ async def _cancellable(request: Request, what: str, fn: Callable[[], T]) -> T:
             log.warning("backup.cancelled_by_shutdown", what=what)
             raise Unavailable(
                 f"the server is shutting down: the {what} was cancelled before it finished; "
-                "nothing was published for it", hint="retry once the server is back")
+                "nothing was published for it",
+                hint="retry once the server is back",
+            )
 
 
 #: How often a running backup's request checks whether a shutdown cancels it.
@@ -197,12 +218,15 @@ async def _raced(target: paths.Resolved, work: Awaitable[T]) -> T:
     try:
         return await work
     except (FileNotFoundError, NotADirectoryError) as exc:
-        raise Conflict(f"{exc.filename or target.path} disappeared or changed while the backup "
-                       f"ran ({exc.strerror}); nothing was published for it, retry") from exc
+        raise Conflict(
+            f"{exc.filename or target.path} disappeared or changed while the backup "
+            f"ran ({exc.strerror}); nothing was published for it, retry"
+        ) from exc
 
 
-def _recorded(metrics: Metrics, namespace: str, kind: str, fn: Callable[[], T],
-              nbytes: Callable[[T], int]) -> T:
+def _recorded(
+    metrics: Metrics, namespace: str, kind: str, fn: Callable[[], T], nbytes: Callable[[T], int]
+) -> T:
     """Run one backup, recording success or failure, bytes and duration."""
     started = time.perf_counter()
     try:
@@ -213,14 +237,12 @@ def _recorded(metrics: Metrics, namespace: str, kind: str, fn: Callable[[], T],
         if isinstance(exc, BackupGap):
             metrics.backup_wal_gap.labels(namespace).inc()
         message = exc.message if isinstance(exc, UnisonDBError) else repr(exc)
-        log.warning("backup.failed", namespace=namespace, kind=kind, error=message,
-                    seconds=round(seconds, 3))
+        log.warning("backup.failed", namespace=namespace, kind=kind, error=message, seconds=round(seconds, 3))
         raise
     seconds = time.perf_counter() - started
     written = nbytes(result)
     metrics.record_backup(namespace, kind, True, written, seconds)
-    log.info("backup.done", namespace=namespace, kind=kind, bytes_written=written,
-             seconds=round(seconds, 3))
+    log.info("backup.done", namespace=namespace, kind=kind, bytes_written=written, seconds=round(seconds, 3))
     return result
 
 

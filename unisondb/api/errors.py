@@ -21,8 +21,12 @@ log = structlog.get_logger(__name__)
 
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(orjson.dumps({"error": message}) + b"\n", status_code=status,
-                    media_type="application/json", headers=headers)
+    return Response(
+        orjson.dumps({"error": message}) + b"\n",
+        status_code=status,
+        media_type="application/json",
+        headers=headers,
+    )
 
 
 async def handle_unisondb_error(request: Request, exc: Exception) -> Response:

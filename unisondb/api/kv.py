@@ -120,13 +120,15 @@ async def get_stats(request: Request) -> Response:
 
 async def get_checkpoint(request: Request) -> Response:
     cp = engine_for(request).checkpoint()
-    return json_response({
-        "recordProcessed": cp.applied_lsn,
-        "segmentId": cp.segment_id,
-        "offset": cp.offset,
-        "lsn": cp.applied_lsn,
-        "timeline": cp.timeline,
-        # Compare these with the original server's (or a backup's) to prove two states equal.
-        "history": cp.history.hex(),
-        "fingerprint": cp.fingerprint.hex(),
-    })
+    return json_response(
+        {
+            "recordProcessed": cp.applied_lsn,
+            "segmentId": cp.segment_id,
+            "offset": cp.offset,
+            "lsn": cp.applied_lsn,
+            "timeline": cp.timeline,
+            # Compare these with the original server's (or a backup's) to prove two states equal.
+            "history": cp.history.hex(),
+            "fingerprint": cp.fingerprint.hex(),
+        }
+    )

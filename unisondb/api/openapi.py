@@ -11,9 +11,13 @@ from typing import Any
 
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _NS = {"name": "namespace", "in": "path", "required": True, "schema": {"type": "string"}}
-_KEY = {"name": "key", "in": "path", "required": True,
-        "description": "any non-empty UTF-8 path segment (percent-encoded), at most 511 bytes",
-        "schema": {"type": "string", "minLength": 1}}
+_KEY = {
+    "name": "key",
+    "in": "path",
+    "required": True,
+    "description": "any non-empty UTF-8 path segment (percent-encoded), at most 511 bytes",
+    "schema": {"type": "string", "minLength": 1},
+}
 #: Standard base64 with padding: exactly what ``base64.b64decode(validate=True)`` accepts.
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
 #: A backup path: non-empty, not absolute, not starting blank (``backup/paths.py`` has the
@@ -28,17 +32,29 @@ def _json(schema: dict[str, Any]) -> dict[str, Any]:
 
 
 def _errors(*codes: int) -> dict[str, Any]:
-    text = {400: "bad input", 401: "bearer token missing or unknown (when tokens are on)",
-            403: "token role too low", 404: "unknown namespace", 409: "conflict",
-            413: "body too large", 500: "I/O failure", 503: "namespace unavailable",
-            507: "no space left on device"}
+    text = {
+        400: "bad input",
+        401: "bearer token missing or unknown (when tokens are on)",
+        403: "token role too low",
+        404: "unknown namespace",
+        409: "conflict",
+        413: "body too large",
+        500: "I/O failure",
+        503: "namespace unavailable",
+        507: "no space left on device",
+    }
     # Authentication is optional but, when on, applies to every operation documented here
     # except /health and /healthz (which call _op with params=[] and no codes).
     return {str(c): {"description": text[c], **_json(_ERROR)} for c in (*codes, 401, 403)}
 
 
-def _op(summary: str, ok: dict[str, Any], *errs: int, body: dict[str, Any] | None = None,
-        params: list[dict[str, Any]] | None = None) -> dict[str, Any]:
+def _op(
+    summary: str,
+    ok: dict[str, Any],
+    *errs: int,
+    body: dict[str, Any] | None = None,
+    params: list[dict[str, Any]] | None = None,
+) -> dict[str, Any]:
     op: dict[str, Any] = {
         "summary": summary,
         "parameters": params if params is not None else [_NS],
@@ -50,9 +66,11 @@ def _op(summary: str, ok: dict[str, Any], *errs: int, body: dict[str, Any] | Non
 
 
 def _public(summary: str) -> dict[str, Any]:
-    return {"summary": summary, "parameters": [],
-            "responses": {"200": {"description": "OK",
-                                  **_json({"$ref": "#/components/schemas/Health"})}}}
+    return {
+        "summary": summary,
+        "parameters": [],
+        "responses": {"200": {"description": "OK", **_json({"$ref": "#/components/schemas/Health"})}},
+    }
 
 
 def build_openapi(max_body_bytes: int) -> dict[str, Any]:
@@ -60,135 +78,278 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
     success = {"type": obj, "properties": {"success": {"type": "boolean"}}}
     b64 = {"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN}
     key_text = {"type": "string", "minLength": 1}
-    backup_seg = {"type": obj, "properties": {
-        "segmentId": {"type": "integer"}, "path": {"type": "string", "description": "absolute"},
-        "bytes": {"type": "integer"}, "sha256": {"type": "string"},
-        "copied": {"type": "boolean",
-                   "description": "false: an identical file was already there"}}}
+    backup_seg = {
+        "type": obj,
+        "properties": {
+            "segmentId": {"type": "integer"},
+            "path": {"type": "string", "description": "absolute"},
+            "bytes": {"type": "integer"},
+            "sha256": {"type": "string"},
+            "copied": {"type": "boolean", "description": "false: an identical file was already there"},
+        },
+    }
     key_ops: dict[str, Any] = {
-        "get": _op("Read a key (missing → found:false)",
-                   {"type": obj, "properties": {"value": b64, "found": {"type": "boolean"}}},
-                   400, 404, params=[_NS, _KEY]),
-        "put": _op("Write a key (durable when answered)", success, 400, 404, 413, 500, 503,
-                   507, body={"type": obj, "required": ["value"], "properties": {"value": b64}},
-                   params=[_NS, _KEY]),
-        "delete": _op("Delete a key (logged even if absent)", success, 400, 404, 500, 503, 507,
-                      params=[_NS, _KEY]),
+        "get": _op(
+            "Read a key (missing → found:false)",
+            {"type": obj, "properties": {"value": b64, "found": {"type": "boolean"}}},
+            400,
+            404,
+            params=[_NS, _KEY],
+        ),
+        "put": _op(
+            "Write a key (durable when answered)",
+            success,
+            400,
+            404,
+            413,
+            500,
+            503,
+            507,
+            body={"type": obj, "required": ["value"], "properties": {"value": b64}},
+            params=[_NS, _KEY],
+        ),
+        "delete": _op(
+            "Delete a key (logged even if absent)", success, 400, 404, 500, 503, 507, params=[_NS, _KEY]
+        ),
     }
     paths: dict[str, Any] = {
         "/health": {"get": _public("Liveness and namespaces (never needs a token)")},
         "/healthz": {"get": _public("Same as /health")},
-        "/metrics": {"get": {"summary": "Prometheus metrics (a read token unless "
-                                        "--metrics-auth none)", "parameters": [],
-                             "responses": {"200": {"description": "Prometheus text format"},
-                                           **_errors()}}},
-        "/openapi.json": {"get": {"summary": "This document", "parameters": [],
-                                  "responses": {"200": {"description": "OpenAPI 3.1"},
-                                                **_errors()}}},
+        "/metrics": {
+            "get": {
+                "summary": "Prometheus metrics (a read token unless --metrics-auth none)",
+                "parameters": [],
+                "responses": {"200": {"description": "Prometheus text format"}, **_errors()},
+            }
+        },
+        "/openapi.json": {
+            "get": {
+                "summary": "This document",
+                "parameters": [],
+                "responses": {"200": {"description": "OpenAPI 3.1"}, **_errors()},
+            }
+        },
         "/api/v1/{namespace}/kv/{key}": key_ops,
         "/api/v1/{namespace}/kv/batch": {
             # GET/PUT/DELETE here are the key named "batch" (the {key} routes serve them);
             # listed so that the Allow header of a 405 and this document agree.
             "get": {**key_ops["get"], "summary": "Read the key named 'batch'", "parameters": [_NS]},
             "put": {**key_ops["put"], "summary": "Write the key named 'batch'", "parameters": [_NS]},
-            "delete": {**key_ops["delete"], "summary": "Delete the key named 'batch'",
-                       "parameters": [_NS]},
+            "delete": {**key_ops["delete"], "summary": "Delete the key named 'batch'", "parameters": [_NS]},
             "post": _op(
                 "Atomic batch of puts or deletes (one WAL record)",
-                {"type": obj, "properties": {"success": {"type": "boolean"},
-                                             "count": {"type": "integer"}}},
-                400, 404, 413, 500, 503, 507,
-                body={"oneOf": [
-                    {"type": obj, "required": ["operation", "items"], "properties": {
-                        "operation": {"const": "put"},
-                        "items": {"type": "array", "minItems": 1, "items": {
-                            "type": obj, "required": ["key", "value"], "properties": {
-                                "key": key_text, "value": b64}}}}},
-                    {"type": obj, "required": ["operation", "keys"], "properties": {
-                        "operation": {"const": "delete"},
-                        "keys": {"type": "array", "minItems": 1, "items": key_text}}},
-                ]}),
+                {"type": obj, "properties": {"success": {"type": "boolean"}, "count": {"type": "integer"}}},
+                400,
+                404,
+                413,
+                500,
+                503,
+                507,
+                body={
+                    "oneOf": [
+                        {
+                            "type": obj,
+                            "required": ["operation", "items"],
+                            "properties": {
+                                "operation": {"const": "put"},
+                                "items": {
+                                    "type": "array",
+                                    "minItems": 1,
+                                    "items": {
+                                        "type": obj,
+                                        "required": ["key", "value"],
+                                        "properties": {"key": key_text, "value": b64},
+                                    },
+                                },
+                            },
+                        },
+                        {
+                            "type": obj,
+                            "required": ["operation", "keys"],
+                            "properties": {
+                                "operation": {"const": "delete"},
+                                "keys": {"type": "array", "minItems": 1, "items": key_text},
+                            },
+                        },
+                    ]
+                },
+            ),
         },
-        "/api/v1/{namespace}/offset": {"get": _op(
-            "Position of the last record appended",
-            {"type": obj, "properties": {"segmentId": {"type": "integer"},
-                                         "offset": {"type": "integer"}}}, 404)},
+        "/api/v1/{namespace}/offset": {
+            "get": _op(
+                "Position of the last record appended",
+                {
+                    "type": obj,
+                    "properties": {"segmentId": {"type": "integer"}, "offset": {"type": "integer"}},
+                },
+                404,
+            )
+        },
         "/api/v1/{namespace}/stats": {"get": _op("Namespace counters", {"type": obj}, 404)},
-        "/api/v1/{namespace}/checkpoint": {"get": _op(
-            "The B-tree checkpoint (last applied WAL record)",
-            {"type": obj, "properties": {
-                **{k: {"type": "integer"} for k in
-                   ("recordProcessed", "segmentId", "offset", "lsn", "timeline")},
-                "history": {"type": "string", "description": "history id (32 hex digits)"},
-                "fingerprint": {"type": "string",
-                                "description": "state fingerprint digest (64 hex digits)"}}},
-            404)},
-        "/api/v1/{namespace}/backups": {"get": _op(
-            "The backup catalog of backups/<ns>/: snapshots, and per history its lineage, WAL "
-            "coverage, holes, recorded fingerprints and restorable window (as unisondb "
-            "backup list --json)", {"type": obj, "properties": {
-                "snapshots": {"type": "array"}, "wal": {"type": "object"},
-                "problems": {"type": "array", "items": {"type": "string"}}}}, 404)},
-        "/api/v1/{namespace}/wal/backup": {"post": _op(
-            "Copy sealed WAL segments with id > afterSegmentId into backups/<ns>/<backupDir> "
-            "(each with a .sha256 sidecar); 409 if afterSegmentId points before the oldest "
-            "segment still on disk (deleted by retention) or a same-named file differs",
-            {"type": obj, "properties": {"backups": {"type": "array", "items": backup_seg}}},
-            400, 404, 409, 413, 500, 507,
-            body={"type": obj, "required": ["backupDir"], "properties": {
-                "afterSegmentId": {"type": ["integer", "null"], "minimum": 0,
-                                   "description": "null or omitted = 0 = every sealed segment"},
-                "backupDir": {"type": "string", "minLength": 1, "pattern": BACKUP_PATH_PATTERN,
-                              "description": "relative to <dataDir>/backups/<namespace>/"},
-                "rotate": {"type": ["boolean", "null"], "default": False,
-                           "description": "seal the active segment first (if non-empty)"}}})},
-        "/api/v1/{namespace}/btree/backup": {"post": _op(
-            "Consistent B-tree snapshot (one LMDB read transaction, a valid data.mdb) into "
-            "backups/<ns>/<path>, with a .sha256 sidecar",
-            {"type": obj, "properties": {
-                "path": {"type": "string", "description": "absolute"},
-                "bytes": {"type": "integer"},
-                "lsn": {"type": "integer", "description": "last WAL record the snapshot holds"},
-                "sha256": {"type": "string"},
-                "timeline": {"type": "integer"},
-                "segmentId": {"type": "integer",
-                              "description": "WAL segment holding record `lsn` (replay "
-                                             "resumes there)"},
-                "copied": {"type": "boolean",
-                           "description": "false: an identical file was already there"}}},
-            400, 404, 409, 413, 500, 507,
-            body={"type": obj, "required": ["path"], "properties": {
-                "path": {"type": "string", "minLength": 1, "pattern": BACKUP_PATH_PATTERN,
-                         "description": "file path relative to <dataDir>/backups/<namespace>/"}}})},
-        "/api/v1/{namespace}/archive/snapshot": {"post": _op(
-            "Publish a snapshot to the archive now (--archive-url): the snapshot object, then "
-            "its manifest, then the manifest copy (docs/ARCHIVE.md). 409 when archiving is off",
-            {"type": obj, "properties": {
-                "key": {"type": "string", "description": "object name of the snapshot"},
-                "lsn": {"type": "integer", "description": "last WAL record the snapshot holds"},
-                "history": {"type": "string", "description": "history id, 32 hex digits"},
-                "sha256": {"type": "string", "description": "of the snapshot file"},
-                "fingerprint": {"type": "string"},
-                "bytes": {"type": "integer", "description": "size of the snapshot file"},
-                "objectBytes": {"type": "integer",
-                                "description": "size of the (compressed) archive object"}}},
-            404, 409, 500, 503, 507)},
+        "/api/v1/{namespace}/checkpoint": {
+            "get": _op(
+                "The B-tree checkpoint (last applied WAL record)",
+                {
+                    "type": obj,
+                    "properties": {
+                        **{
+                            k: {"type": "integer"}
+                            for k in ("recordProcessed", "segmentId", "offset", "lsn", "timeline")
+                        },
+                        "history": {"type": "string", "description": "history id (32 hex digits)"},
+                        "fingerprint": {
+                            "type": "string",
+                            "description": "state fingerprint digest (64 hex digits)",
+                        },
+                    },
+                },
+                404,
+            )
+        },
+        "/api/v1/{namespace}/backups": {
+            "get": _op(
+                "The backup catalog of backups/<ns>/: snapshots, and per history its lineage, WAL "
+                "coverage, holes, recorded fingerprints and restorable window (as unisondb "
+                "backup list --json)",
+                {
+                    "type": obj,
+                    "properties": {
+                        "snapshots": {"type": "array"},
+                        "wal": {"type": "object"},
+                        "problems": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+                404,
+            )
+        },
+        "/api/v1/{namespace}/wal/backup": {
+            "post": _op(
+                "Copy sealed WAL segments with id > afterSegmentId into backups/<ns>/<backupDir> "
+                "(each with a .sha256 sidecar); 409 if afterSegmentId points before the oldest "
+                "segment still on disk (deleted by retention) or a same-named file differs",
+                {"type": obj, "properties": {"backups": {"type": "array", "items": backup_seg}}},
+                400,
+                404,
+                409,
+                413,
+                500,
+                507,
+                body={
+                    "type": obj,
+                    "required": ["backupDir"],
+                    "properties": {
+                        "afterSegmentId": {
+                            "type": ["integer", "null"],
+                            "minimum": 0,
+                            "description": "null or omitted = 0 = every sealed segment",
+                        },
+                        "backupDir": {
+                            "type": "string",
+                            "minLength": 1,
+                            "pattern": BACKUP_PATH_PATTERN,
+                            "description": "relative to <dataDir>/backups/<namespace>/",
+                        },
+                        "rotate": {
+                            "type": ["boolean", "null"],
+                            "default": False,
+                            "description": "seal the active segment first (if non-empty)",
+                        },
+                    },
+                },
+            )
+        },
+        "/api/v1/{namespace}/btree/backup": {
+            "post": _op(
+                "Consistent B-tree snapshot (one LMDB read transaction, a valid data.mdb) into "
+                "backups/<ns>/<path>, with a .sha256 sidecar",
+                {
+                    "type": obj,
+                    "properties": {
+                        "path": {"type": "string", "description": "absolute"},
+                        "bytes": {"type": "integer"},
+                        "lsn": {"type": "integer", "description": "last WAL record the snapshot holds"},
+                        "sha256": {"type": "string"},
+                        "timeline": {"type": "integer"},
+                        "segmentId": {
+                            "type": "integer",
+                            "description": "WAL segment holding record `lsn` (replay resumes there)",
+                        },
+                        "copied": {
+                            "type": "boolean",
+                            "description": "false: an identical file was already there",
+                        },
+                    },
+                },
+                400,
+                404,
+                409,
+                413,
+                500,
+                507,
+                body={
+                    "type": obj,
+                    "required": ["path"],
+                    "properties": {
+                        "path": {
+                            "type": "string",
+                            "minLength": 1,
+                            "pattern": BACKUP_PATH_PATTERN,
+                            "description": "file path relative to <dataDir>/backups/<namespace>/",
+                        }
+                    },
+                },
+            )
+        },
+        "/api/v1/{namespace}/archive/snapshot": {
+            "post": _op(
+                "Publish a snapshot to the archive now (--archive-url): the snapshot object, then "
+                "its manifest, then the manifest copy (docs/ARCHIVE.md). 409 when archiving is off",
+                {
+                    "type": obj,
+                    "properties": {
+                        "key": {"type": "string", "description": "object name of the snapshot"},
+                        "lsn": {"type": "integer", "description": "last WAL record the snapshot holds"},
+                        "history": {"type": "string", "description": "history id, 32 hex digits"},
+                        "sha256": {"type": "string", "description": "of the snapshot file"},
+                        "fingerprint": {"type": "string"},
+                        "bytes": {"type": "integer", "description": "size of the snapshot file"},
+                        "objectBytes": {
+                            "type": "integer",
+                            "description": "size of the (compressed) archive object",
+                        },
+                    },
+                },
+                404,
+                409,
+                500,
+                503,
+                507,
+            )
+        },
     }
     return {
         "openapi": "3.1.0",
-        "info": {"title": "UnisonDB HTTP API", "version": "1",
-                 "description": f"Request bodies are limited to {max_body_bytes} bytes (413). "
-                                "Every error is {\"error\": \"<message>\"}. With "
-                                "--auth-token-file every route but /health and /healthz "
-                                "needs 'Authorization: Bearer <token>' (401/403). "
-                                "Connection-level limits answer 408, 414, 431 and 503 "
-                                "(docs/OPERATIONS.md)."},
+        "info": {
+            "title": "UnisonDB HTTP API",
+            "version": "1",
+            "description": f"Request bodies are limited to {max_body_bytes} bytes (413). "
+            'Every error is {"error": "<message>"}. With '
+            "--auth-token-file every route but /health and /healthz "
+            "needs 'Authorization: Bearer <token>' (401/403). "
+            "Connection-level limits answer 408, 414, 431 and 503 "
+            "(docs/OPERATIONS.md).",
+        },
         "paths": paths,
-        "components": {"schemas": {
-            "Error": {"type": obj, "required": ["error"],
-                      "properties": {"error": {"type": "string"}}},
-            "Health": {"type": obj, "properties": {
-                "status": {"type": "string"},
-                "namespaces": {"type": "array", "items": {"type": "string"}}}},
-        }},
+        "components": {
+            "schemas": {
+                "Error": {"type": obj, "required": ["error"], "properties": {"error": {"type": "string"}}},
+                "Health": {
+                    "type": obj,
+                    "properties": {
+                        "status": {"type": "string"},
+                        "namespaces": {"type": "array", "items": {"type": "string"}},
+                    },
+                },
+            }
+        },
     }

@@ -48,9 +48,7 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     except orjson.JSONDecodeError as exc:
         raise InvalidRequest(f"invalid request body: malformed JSON: {exc}") from None
     if not isinstance(obj, dict):
-        raise InvalidRequest(
-            f"invalid request body: expected a JSON object, got {type(obj).__name__}"
-        )
+        raise InvalidRequest(f"invalid request body: expected a JSON object, got {type(obj).__name__}")
     return obj
 
 
@@ -88,7 +86,7 @@ def key_from_path(request: Request, prefix_segments: int) -> bytes:
     raw_path = raw_path.split(b"?", 1)[0]
     parts = raw_path.split(b"/")
     # parts[0] is empty (leading slash).
-    segs = parts[1 + prefix_segments:]
+    segs = parts[1 + prefix_segments :]
     if len(segs) != 1 or not segs[0]:
         raise NotFound(f"not found: {request.method} {request.url.path}")
     return decode_key_segment(segs[0])

@@ -46,8 +46,13 @@ from unisondb.config import HttpLimits
 _LINGER = 1.0
 #: Set to True in a request's ASGI scope when the server timed its body out.
 TIMED_OUT_SCOPE_KEY = "unisondb.timed_out"
-_REASONS = {408: "Request Timeout", 414: "URI Too Long", 431: "Request Header Fields Too Large",
-            400: "Bad Request", 503: "Service Unavailable"}
+_REASONS = {
+    408: "Request Timeout",
+    414: "URI Too Long",
+    431: "Request Header Fields Too Large",
+    400: "Bad Request",
+    503: "Service Unavailable",
+}
 
 
 class _Refused(Exception):
@@ -57,9 +62,13 @@ class _Refused(Exception):
 def error_bytes(status: int, message: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A complete HTTP/1.1 error response in the API's envelope, closing the connection."""
     body = orjson.dumps({"error": message}) + b"\n"
-    head = [f"HTTP/1.1 {status} {_REASONS.get(status, '')}".rstrip(),
-            "content-type: application/json", f"content-length: {len(body)}",
-            "connection: close", *(f"{k}: {v}" for k, v in extra)]
+    head = [
+        f"HTTP/1.1 {status} {_REASONS.get(status, '')}".rstrip(),
+        "content-type: application/json",
+        f"content-length: {len(body)}",
+        "connection: close",
+        *(f"{k}: {v}" for k, v in extra),
+    ]
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
@@ -96,12 +105,16 @@ class _LimitedProtocol(HttpToolsProtocol):
         if len(self.connections) > self.limits.max_connections:
             # Not one of ours: uvicorn's graceful shutdown need not wait for it.
             self.connections.discard(self)
-            self._refuse(503, f"too many connections (limit {self.limits.max_connections}); "
-                              "retry later", (("retry-after", "1"),))
+            self._refuse(
+                503,
+                f"too many connections (limit {self.limits.max_connections}); retry later",
+                (("retry-after", "1"),),
+            )
             return
         # Idle before the first request too; uvicorn cancels it on the first byte.
         self.timeout_keep_alive_task = self.loop.call_later(
-            self.limits.idle_timeout, self.timeout_keep_alive_handler)
+            self.limits.idle_timeout, self.timeout_keep_alive_handler
+        )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._cancel_deadline()
@@ -135,14 +148,12 @@ class _LimitedProtocol(HttpToolsProtocol):
             self._head_bytes += len(part)
             super().data_received(bytes(part))
             if self._in_head and self._head_bytes > limit and not self._refusing:
-                self._refuse(431, f"request head too large: over {limit} bytes of request "
-                                  "line and headers")
+                self._refuse(431, f"request head too large: over {limit} bytes of request line and headers")
 
     def on_url(self, url: bytes) -> None:
         super().on_url(url)
         if len(self.url) > self.limits.max_request_line:
-            self._refusal = (414, f"request target too long: over {self.limits.max_request_line} "
-                                  "bytes")
+            self._refusal = (414, f"request target too long: over {self.limits.max_request_line} bytes")
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
@@ -187,8 +198,7 @@ class _LimitedProtocol(HttpToolsProtocol):
         if self._write_deadline is None:
             # The client stopped reading our response: give it the idle timeout, then drop it.
             # abort, not close: close would wait for the very buffer that does not drain.
-            self._write_deadline = self.loop.call_later(self.limits.idle_timeout,
-                                                        self.transport.abort)
+            self._write_deadline = self.loop.call_later(self.limits.idle_timeout, self.transport.abort)
 
     def resume_writing(self) -> None:
         super().resume_writing()

@@ -70,13 +70,23 @@ class Backoff:
 
 
 class Archiver:
-    def __init__(self, store: ObjectStore, prefix: str, namespace: str, lease: Lease,
-                 list_sealed: Callable[[], list[tuple[int, Path]]],
-                 describe: Callable[[int, Path], SegmentInfo], *,
-                 archive_key: ArchiveKey | None = None, interval: float = 1.0,
-                 backoff: Backoff | None = None, metrics: ArchiveMetrics | None = None,
-                 clock: Callable[[], float] = time.monotonic, wall: Callable[[], float] = time.time,
-                 spool_dir: Path | None = None) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str,
+        namespace: str,
+        lease: Lease,
+        list_sealed: Callable[[], list[tuple[int, Path]]],
+        describe: Callable[[int, Path], SegmentInfo],
+        *,
+        archive_key: ArchiveKey | None = None,
+        interval: float = 1.0,
+        backoff: Backoff | None = None,
+        metrics: ArchiveMetrics | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        spool_dir: Path | None = None,
+    ) -> None:
         self.store = store
         self.prefix = prefix
         self.namespace = namespace
@@ -139,12 +149,22 @@ class Archiver:
     def _publish(self, segment_id: int, path: Path) -> None:
         info = self._describe(segment_id, path)
         encrypted = self._key is not None
-        key = naming.segment_key(self.prefix, self.namespace, info.history_id, info.first_lsn,
-                                 info.last_lsn, segment_id, encrypted)
-        published = publish_file(self.store, key, path, kind=Kind.SEGMENT, namespace=self.namespace,
-                                 history_id=info.history_id, first_lsn=info.first_lsn,
-                                 last_lsn=info.last_lsn, fingerprint=info.fingerprint,
-                                 archive_key=self._key, spool_dir=self._spool_dir)
+        key = naming.segment_key(
+            self.prefix, self.namespace, info.history_id, info.first_lsn, info.last_lsn, segment_id, encrypted
+        )
+        published = publish_file(
+            self.store,
+            key,
+            path,
+            kind=Kind.SEGMENT,
+            namespace=self.namespace,
+            history_id=info.history_id,
+            first_lsn=info.first_lsn,
+            last_lsn=info.last_lsn,
+            fingerprint=info.fingerprint,
+            archive_key=self._key,
+            spool_dir=self._spool_dir,
+        )
         with self._lock:
             self._archived.add(segment_id)
             self._archived_lsn = max(self._archived_lsn, info.last_lsn)
@@ -154,8 +174,13 @@ class Archiver:
                 self.metrics.upload_bytes.labels(self.namespace, "segment").inc(published.size)
             self.metrics.last_success.labels(self.namespace).set(self._wall())
             self.metrics.archived_lsn.labels(self.namespace).set(info.last_lsn)
-        log.debug("archived segment", namespace=self.namespace, segment=segment_id, key=key,
-                  already=published.already)
+        log.debug(
+            "archived segment",
+            namespace=self.namespace,
+            segment=segment_id,
+            key=key,
+            already=published.already,
+        )
 
     def _set_pending(self, n: int) -> None:
         if self.metrics is not None:

@@ -46,9 +46,16 @@ class Fetched:
     seconds: float
 
 
-def fetch_for_restore(store: ObjectStore, url: ArchiveURL, namespace: str, staging: Path, *,
-                      key: ArchiveKey | None, target_lsn: int | None = None,
-                      target_time_ns: int | None = None) -> Fetched:
+def fetch_for_restore(
+    store: ObjectStore,
+    url: ArchiveURL,
+    namespace: str,
+    staging: Path,
+    *,
+    key: ArchiveKey | None,
+    target_lsn: int | None = None,
+    target_time_ns: int | None = None,
+) -> Fetched:
     started = time.perf_counter()
     names: list[tuple[str, ArchiveName]] = []
     for info in store.list(naming.namespace_prefix(url.prefix, namespace)):
@@ -66,20 +73,31 @@ def fetch_for_restore(store: ObjectStore, url: ArchiveURL, namespace: str, stagi
     wal_dir.mkdir(parents=True, exist_ok=True)
     with ThreadPoolExecutor(PARALLEL) as pool:
         sizes = list(pool.map(lambda job: _download(store, job[0], job[1], key), jobs))
-    return Fetched(snapshot, wal_dir, manifest, len(segments), sum(sizes),
-                   time.perf_counter() - started)
+    return Fetched(snapshot, wal_dir, manifest, len(segments), sum(sizes), time.perf_counter() - started)
 
 
-def _choose_snapshot(store: ObjectStore, url: ArchiveURL, namespace: str,
-                     names: list[tuple[str, ArchiveName]], key: ArchiveKey | None,
-                     target_lsn: int | None, target_time_ns: int | None) -> SnapshotManifest:
+def _choose_snapshot(
+    store: ObjectStore,
+    url: ArchiveURL,
+    namespace: str,
+    names: list[tuple[str, ArchiveName]],
+    key: ArchiveKey | None,
+    target_lsn: int | None,
+    target_time_ns: int | None,
+) -> SnapshotManifest:
     where = f"{url}/{namespace}/"
-    candidates = sorted({(n.first_lsn, n.history_id) for _, n in names
-                         if n.kind is NameKind.SNAPSHOT
-                         and (target_lsn is None or n.first_lsn <= target_lsn)}, reverse=True)
+    candidates = sorted(
+        {
+            (n.first_lsn, n.history_id)
+            for _, n in names
+            if n.kind is NameKind.SNAPSHOT and (target_lsn is None or n.first_lsn <= target_lsn)
+        },
+        reverse=True,
+    )
     if key is None and any(n.encrypted for _, n in names if n.kind is NameKind.SNAPSHOT):
-        raise InvalidRequest(f"the archive {where} is encrypted",
-                             hint="pass the archive key with --archive-key-file")
+        raise InvalidRequest(
+            f"the archive {where} is encrypted", hint="pass the archive key with --archive-key-file"
+        )
     skipped: list[str] = []
     for lsn, history_id in candidates:
         try:
@@ -91,10 +109,11 @@ def _choose_snapshot(store: ObjectStore, url: ArchiveURL, namespace: str,
             continue
         return manifest
     detail = f" (skipped: {'; '.join(skipped)})" if skipped else ""
-    raise NotFound(f"no complete snapshot of namespace {namespace} at or before the target in "
-                   f"{where}{detail}",
-                   hint="check --from and --namespace; a server publishes one when archiving "
-                        "starts and every --archive-snapshot-interval")
+    raise NotFound(
+        f"no complete snapshot of namespace {namespace} at or before the target in {where}{detail}",
+        hint="check --from and --namespace; a server publishes one when archiving "
+        "starts and every --archive-snapshot-interval",
+    )
 
 
 def _download(store: ObjectStore, object_key: str, dest: Path, key: ArchiveKey | None) -> int:
@@ -113,4 +132,3 @@ def _download(store: ObjectStore, object_key: str, dest: Path, key: ArchiveKey |
         fsutil.remove_quietly(tmp)
         raise
     return size
-

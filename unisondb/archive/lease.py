@@ -65,13 +65,17 @@ class LeaseRecord:
                 raise ValueError(f"format {raw.get('format')!r}")
             return cls(**raw)
         except (ValueError, TypeError) as exc:
-            raise CorruptArchive(f"{where}: unreadable writer lease ({exc})",
-                                 hint="if no server archives here, delete this object") from exc
+            raise CorruptArchive(
+                f"{where}: unreadable writer lease ({exc})",
+                hint="if no server archives here, delete this object",
+            ) from exc
 
     def describe(self, now: float) -> str:
         age = now - self.renewed_at
-        return (f"writer {self.writer_id} (host {self.host}, pid {self.pid}, renewed {age:.0f} s ago, "
-                f"expires in {max(0.0, self.ttl_seconds - age):.0f} s)")
+        return (
+            f"writer {self.writer_id} (host {self.host}, pid {self.pid}, renewed {age:.0f} s ago, "
+            f"expires in {max(0.0, self.ttl_seconds - age):.0f} s)"
+        )
 
 
 def _pid_alive(pid: int) -> bool:
@@ -87,9 +91,18 @@ def _pid_alive(pid: int) -> bool:
 class Lease:
     """The single-writer lease of one archive prefix, held by this process."""
 
-    def __init__(self, store: ObjectStore, prefix: str, writer_id: str, *, ttl_seconds: float = DEFAULT_TTL_S,
-                 clock: Callable[[], float] = time.time, host: str | None = None, pid: int | None = None,
-                 pid_alive: Callable[[int], bool] = _pid_alive) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        prefix: str,
+        writer_id: str,
+        *,
+        ttl_seconds: float = DEFAULT_TTL_S,
+        clock: Callable[[], float] = time.time,
+        host: str | None = None,
+        pid: int | None = None,
+        pid_alive: Callable[[int], bool] = _pid_alive,
+    ) -> None:
         self.store = store
         self.key = naming.lease_key(prefix)
         self.writer_id = writer_id
@@ -113,9 +126,16 @@ class Lease:
 
     def _fresh(self, generation: int, acquired_at: float | None = None) -> LeaseRecord:
         now = self._clock()
-        return LeaseRecord(self.writer_id, self._instance, self._host, self._pid,
-                           acquired_at if acquired_at is not None else now, now, self.ttl_seconds,
-                           generation)
+        return LeaseRecord(
+            self.writer_id,
+            self._instance,
+            self._host,
+            self._pid,
+            acquired_at if acquired_at is not None else now,
+            now,
+            self.ttl_seconds,
+            generation,
+        )
 
     def acquire(self) -> None:
         with self._lock:
@@ -138,21 +158,29 @@ class Lease:
                 raise LeaseHeld(
                     f"archive {self.store.where(self.key)} is held by {current.describe(now)}; "
                     "two servers must not archive to one prefix",
-                    hint="stop the other server or point this one at another --archive-url")
+                    hint="stop the other server or point this one at another --archive-url",
+                )
             record = self._fresh(current.generation + 1)
             try:
                 self._etag = self.store.put_if_match(self.key, record.encode(), etag)
             except ObjectChanged as exc:
-                raise LeaseHeld(f"archive {self.store.where(self.key)}: another server took the writer "
-                                "lease at the same moment", hint="stop the other server") from exc
+                raise LeaseHeld(
+                    f"archive {self.store.where(self.key)}: another server took the writer "
+                    "lease at the same moment",
+                    hint="stop the other server",
+                ) from exc
             self._record = record
 
     def _may_take_over(self, current: LeaseRecord, now: float) -> bool:
         if current.released or now > current.renewed_at + current.ttl_seconds:
             return True
         # The same server restarting after a crash: same id, same host, its old process is gone.
-        return (current.writer_id == self.writer_id and current.host == self._host
-                and current.pid != self._pid and not self._pid_alive(current.pid))
+        return (
+            current.writer_id == self.writer_id
+            and current.host == self._host
+            and current.pid != self._pid
+            and not self._pid_alive(current.pid)
+        )
 
     def renew(self) -> None:
         """Extend the lease; ``LeaseHeld`` if another writer took it (then stop writing)."""
@@ -164,9 +192,11 @@ class Lease:
                 self._etag = self.store.put_if_match(self.key, record.encode(), self._etag)
             except ObjectChanged as exc:
                 self._etag = None
-                raise LeaseHeld(f"archive {self.store.where(self.key)}: lost the writer lease to another "
-                                "server; this server stops archiving",
-                                hint="two servers were pointed at one --archive-url") from exc
+                raise LeaseHeld(
+                    f"archive {self.store.where(self.key)}: lost the writer lease to another "
+                    "server; this server stops archiving",
+                    hint="two servers were pointed at one --archive-url",
+                ) from exc
             self._record = record
 
     def release(self) -> None:

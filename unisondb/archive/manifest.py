@@ -50,27 +50,57 @@ class SnapshotManifest:
         return json.dumps(asdict(self), sort_keys=True, separators=(",", ":")).encode()
 
 
-def publish_snapshot(store: ObjectStore, prefix: str, path: Path, *, namespace: str, history_id: bytes,
-                     lsn: int, fingerprint: bytes | None, writer_id: str,
-                     archive_key: ArchiveKey | None = None, created_at: float | None = None,
-                     spool_dir: Path | None = None) -> SnapshotManifest:
+def publish_snapshot(
+    store: ObjectStore,
+    prefix: str,
+    path: Path,
+    *,
+    namespace: str,
+    history_id: bytes,
+    lsn: int,
+    fingerprint: bytes | None,
+    writer_id: str,
+    archive_key: ArchiveKey | None = None,
+    created_at: float | None = None,
+    spool_dir: Path | None = None,
+) -> SnapshotManifest:
     """Upload a snapshot file, then its manifest, then the manifest copy (in that order)."""
     encrypted = archive_key is not None
     key = naming.snapshot_key(prefix, namespace, history_id, lsn, encrypted)
-    published = publish_file(store, key, path, kind=Kind.SNAPSHOT, namespace=namespace,
-                             history_id=history_id, first_lsn=lsn, last_lsn=lsn, fingerprint=fingerprint,
-                             archive_key=archive_key, spool_dir=spool_dir)
+    published = publish_file(
+        store,
+        key,
+        path,
+        kind=Kind.SNAPSHOT,
+        namespace=namespace,
+        history_id=history_id,
+        first_lsn=lsn,
+        last_lsn=lsn,
+        fingerprint=fingerprint,
+        archive_key=archive_key,
+        spool_dir=spool_dir,
+    )
     size = published.size
     if published.already:
         info = store.head(key)
         if info is None:
-            raise NotFound(f"{store.where(key)} vanished right after it was published",
-                           hint="something deletes objects under this prefix; check lifecycle rules")
+            raise NotFound(
+                f"{store.where(key)} vanished right after it was published",
+                hint="something deletes objects under this prefix; check lifecycle rules",
+            )
         size = info.size
     manifest = SnapshotManifest(
-        namespace, history_id.hex(), lsn, key, published.header.sha256.hex(), published.header.plain_size,
-        size, published.header.fingerprint.hex(), created_at if created_at is not None else time.time(),
-        writer_id)
+        namespace,
+        history_id.hex(),
+        lsn,
+        key,
+        published.header.sha256.hex(),
+        published.header.plain_size,
+        size,
+        published.header.fingerprint.hex(),
+        created_at if created_at is not None else time.time(),
+        writer_id,
+    )
     if published.already:
         # A retry after a crash between the PUTs: keep the manifest that may already be there (its
         # created_at differs from ours), so the copy matches it and nothing is overwritten.
@@ -82,16 +112,35 @@ def publish_snapshot(store: ObjectStore, prefix: str, path: Path, *, namespace: 
             pass
     content = manifest.encode()
     for kind in (NameKind.MANIFEST, NameKind.MANIFEST_COPY):
-        header = objectfmt.new_header(Kind.MANIFEST, namespace, history_id, lsn, lsn, len(content),
-                                      hashlib.sha256(content).digest(), published.header.fingerprint,
-                                      archive_key)
-        publish_bytes(store, naming.snapshot_key(prefix, namespace, history_id, lsn, encrypted, kind),
-                      content, header, archive_key)
+        header = objectfmt.new_header(
+            Kind.MANIFEST,
+            namespace,
+            history_id,
+            lsn,
+            lsn,
+            len(content),
+            hashlib.sha256(content).digest(),
+            published.header.fingerprint,
+            archive_key,
+        )
+        publish_bytes(
+            store,
+            naming.snapshot_key(prefix, namespace, history_id, lsn, encrypted, kind),
+            content,
+            header,
+            archive_key,
+        )
     return manifest
 
 
-def read_manifest(store: ObjectStore, prefix: str, namespace: str, history_id: bytes, lsn: int,
-                  archive_key: ArchiveKey | None) -> SnapshotManifest:
+def read_manifest(
+    store: ObjectStore,
+    prefix: str,
+    namespace: str,
+    history_id: bytes,
+    lsn: int,
+    archive_key: ArchiveKey | None,
+) -> SnapshotManifest:
     """The snapshot's manifest, falling back to the copy if the first is missing or damaged."""
     encrypted = archive_key is not None
     errors: list[str] = []
@@ -103,13 +152,19 @@ def read_manifest(store: ObjectStore, prefix: str, namespace: str, history_id: b
             header = objectfmt.decode(io.BytesIO(data), out, archive_key, store.where(key))
             raw: dict[str, Any] = json.loads(out.getvalue())
             manifest = SnapshotManifest(**raw)
-            if (header.kind is not Kind.MANIFEST or manifest.lsn != lsn
-                    or manifest.namespace != namespace or manifest.history_id != history_id.hex()):
+            if (
+                header.kind is not Kind.MANIFEST
+                or manifest.lsn != lsn
+                or manifest.namespace != namespace
+                or manifest.history_id != history_id.hex()
+            ):
                 raise CorruptArchive(f"{store.where(key)}: manifest describes another snapshot")
             return manifest
         except (NotFound, CorruptArchive) as exc:
             errors.append(str(exc))
         except (ValueError, TypeError) as exc:
             errors.append(f"{store.where(key)}: unreadable manifest ({exc})")
-    raise CorruptArchive(f"snapshot at LSN {lsn} of {namespace} has no usable manifest (an unfinished "
-                         f"upload is not a backup): {'; '.join(errors)}")
+    raise CorruptArchive(
+        f"snapshot at LSN {lsn} of {namespace} has no usable manifest (an unfinished "
+        f"upload is not a backup): {'; '.join(errors)}"
+    )

@@ -25,10 +25,14 @@ from unisondb.storage.layout import is_namespace_name, validate_namespace
 LEASE_NAME = "writer.lease"
 
 _HISTORY = r"(?P<history>[0-9a-f]{32})"
-_SEGMENT_RE = re.compile(_HISTORY + r"/wal/(?P<first>\d{20})-(?P<last>\d{20})-(?P<segment>\d{9,})"
-                         r"\.wal\.zst(?P<enc>\.enc)?$")
-_SNAPSHOT_RE = re.compile(_HISTORY + r"/snapshots/(?P<lsn>\d{20})\.(?P<what>snapshot|manifest|manifest\.copy)"
-                          r"\.zst(?P<enc>\.enc)?$")
+_SEGMENT_RE = re.compile(
+    _HISTORY + r"/wal/(?P<first>\d{20})-(?P<last>\d{20})-(?P<segment>\d{9,})"
+    r"\.wal\.zst(?P<enc>\.enc)?$"
+)
+_SNAPSHOT_RE = re.compile(
+    _HISTORY + r"/snapshots/(?P<lsn>\d{20})\.(?P<what>snapshot|manifest|manifest\.copy)"
+    r"\.zst(?P<enc>\.enc)?$"
+)
 
 
 class NameKind(Enum):
@@ -72,20 +76,34 @@ def namespace_prefix(prefix: str, namespace: str) -> str:
     return f"{prefix}/{namespace}/" if prefix else f"{namespace}/"
 
 
-def segment_key(prefix: str, namespace: str, history_id: bytes, first_lsn: int, last_lsn: int,
-                segment_id: int, encrypted: bool) -> str:
+def segment_key(
+    prefix: str,
+    namespace: str,
+    history_id: bytes,
+    first_lsn: int,
+    last_lsn: int,
+    segment_id: int,
+    encrypted: bool,
+) -> str:
     if not 0 <= first_lsn <= last_lsn or segment_id < 0:
         raise ValueError(f"bad segment {segment_id} LSN range {first_lsn}..{last_lsn}")
-    return (f"{_root(prefix, namespace, history_id)}/wal/"
-            f"{first_lsn:020d}-{last_lsn:020d}-{segment_id:09d}.wal{_suffix(encrypted)}")
+    return (
+        f"{_root(prefix, namespace, history_id)}/wal/"
+        f"{first_lsn:020d}-{last_lsn:020d}-{segment_id:09d}.wal{_suffix(encrypted)}"
+    )
 
 
-def snapshot_key(prefix: str, namespace: str, history_id: bytes, lsn: int, encrypted: bool,
-                 kind: NameKind = NameKind.SNAPSHOT) -> str:
+def snapshot_key(
+    prefix: str,
+    namespace: str,
+    history_id: bytes,
+    lsn: int,
+    encrypted: bool,
+    kind: NameKind = NameKind.SNAPSHOT,
+) -> str:
     if kind is NameKind.SEGMENT or lsn < 0:
         raise ValueError(f"bad snapshot name kind {kind} or LSN {lsn}")
-    return (f"{_root(prefix, namespace, history_id)}/snapshots/"
-            f"{lsn:020d}.{kind.value}{_suffix(encrypted)}")
+    return f"{_root(prefix, namespace, history_id)}/snapshots/{lsn:020d}.{kind.value}{_suffix(encrypted)}"
 
 
 def parse_key(prefix: str, key: str) -> ArchiveName | None:
@@ -93,15 +111,28 @@ def parse_key(prefix: str, key: str) -> ArchiveName | None:
     head = f"{prefix}/" if prefix else ""
     if not key.startswith(head):
         return None
-    namespace, _, rest = key[len(head):].partition("/")
+    namespace, _, rest = key[len(head) :].partition("/")
     if not is_namespace_name(namespace):
         return None
     if match := _SEGMENT_RE.match(rest):
-        return ArchiveName(NameKind.SEGMENT, namespace, bytes.fromhex(match["history"]),
-                           int(match["first"]), int(match["last"]), int(match["segment"]),
-                           bool(match["enc"]))
+        return ArchiveName(
+            NameKind.SEGMENT,
+            namespace,
+            bytes.fromhex(match["history"]),
+            int(match["first"]),
+            int(match["last"]),
+            int(match["segment"]),
+            bool(match["enc"]),
+        )
     if match := _SNAPSHOT_RE.match(rest):
         lsn = int(match["lsn"])
-        return ArchiveName(NameKind(match["what"]), namespace, bytes.fromhex(match["history"]), lsn, lsn,
-                           None, bool(match["enc"]))
+        return ArchiveName(
+            NameKind(match["what"]),
+            namespace,
+            bytes.fromhex(match["history"]),
+            lsn,
+            lsn,
+            None,
+            bool(match["enc"]),
+        )
     return None

@@ -60,7 +60,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
-from typing import IO, Protocol
+from typing import IO, Protocol, cast
 
 import crc32c
 import zstandard
@@ -120,8 +120,9 @@ def load_key(path: Path) -> ArchiveKey:
     except OSError as exc:
         raise from_os_error(exc, path) from exc
     if mode & (stat.S_IRWXG | stat.S_IRWXO):
-        raise InvalidRequest(f"archive key file {path} is readable by group or others",
-                             hint=f"chmod 600 {path}")
+        raise InvalidRequest(
+            f"archive key file {path} is readable by group or others", hint=f"chmod 600 {path}"
+        )
     text = raw.strip()
     if len(text) == 64:
         try:
@@ -130,8 +131,10 @@ def load_key(path: Path) -> ArchiveKey:
             pass
     if len(raw) == 32:
         return ArchiveKey.from_bytes(raw)
-    raise InvalidRequest(f"archive key file {path} holds {len(raw)} bytes: expected 64 hex characters "
-                         "or 32 raw bytes", hint="create one with: openssl rand -hex 32 > FILE")
+    raise InvalidRequest(
+        f"archive key file {path} holds {len(raw)} bytes: expected 64 hex characters or 32 raw bytes",
+        hint="create one with: openssl rand -hex 32 > FILE",
+    )
 
 
 @dataclass(frozen=True)
@@ -155,9 +158,24 @@ class ObjectHeader:
     def pack(self) -> bytes:
         ns = self.namespace.encode("utf-8")
         flags = FLAG_ENCRYPTED if self.encrypted else 0
-        body = HEADER.pack(MAGIC, VERSION, int(self.kind), flags, self.history_id, self.first_lsn,
-                           self.last_lsn, self.plain_size, self.sha256, self.fingerprint, self.key_id,
-                           self.nonce_prefix, self.chunk_size, len(ns), ns, 0)[:-4]
+        body = HEADER.pack(
+            MAGIC,
+            VERSION,
+            int(self.kind),
+            flags,
+            self.history_id,
+            self.first_lsn,
+            self.last_lsn,
+            self.plain_size,
+            self.sha256,
+            self.fingerprint,
+            self.key_id,
+            self.nonce_prefix,
+            self.chunk_size,
+            len(ns),
+            ns,
+            0,
+        )[:-4]
         return body + struct.pack("<I", crc32c.crc32c(body))
 
 
@@ -165,15 +183,33 @@ def parse_header(data: bytes, where: str) -> ObjectHeader:
     """The header from the first ``HEADER_SIZE`` bytes of an object; ``CorruptArchive`` if it is bad."""
     if len(data) < HEADER_SIZE:
         raise CorruptArchive(f"{where}: truncated header ({len(data)} of {HEADER_SIZE} bytes)")
-    (magic, version, kind, flags, history, first, last, plain_size, sha, fingerprint, key_id, nonce,
-     chunk_size, ns_len, ns, crc) = HEADER.unpack_from(data)
+    (
+        magic,
+        version,
+        kind,
+        flags,
+        history,
+        first,
+        last,
+        plain_size,
+        sha,
+        fingerprint,
+        key_id,
+        nonce,
+        chunk_size,
+        ns_len,
+        ns,
+        crc,
+    ) = HEADER.unpack_from(data)
     if magic != MAGIC:
         raise CorruptArchive(f"{where}: not a UnisonDB archive object (magic {magic!r})")
-    if crc32c.crc32c(data[:HEADER_SIZE - 4]) != crc:
+    if crc32c.crc32c(data[: HEADER_SIZE - 4]) != crc:
         raise CorruptArchive(f"{where}: header checksum mismatch (the header was changed or damaged)")
     if version != VERSION:
-        raise CorruptArchive(f"{where}: archive object version {version}, this build reads {VERSION}",
-                             hint="restore with the UnisonDB release that wrote the archive")
+        raise CorruptArchive(
+            f"{where}: archive object version {version}, this build reads {VERSION}",
+            hint="restore with the UnisonDB release that wrote the archive",
+        )
     try:
         kind_ = Kind(kind)
         namespace = ns[:ns_len].decode("utf-8")
@@ -182,13 +218,22 @@ def parse_header(data: bytes, where: str) -> ObjectHeader:
     encrypted = bool(flags & FLAG_ENCRYPTED)
     if flags & ~FLAG_ENCRYPTED or encrypted != (chunk_size != 0) or first > last or ns_len > 64:
         raise CorruptArchive(f"{where}: inconsistent header fields")
-    return ObjectHeader(kind_, namespace, history, first, last, plain_size, sha, fingerprint, key_id,
-                        nonce, chunk_size)
+    return ObjectHeader(
+        kind_, namespace, history, first, last, plain_size, sha, fingerprint, key_id, nonce, chunk_size
+    )
 
 
-def new_header(kind: Kind, namespace: str, history_id: bytes, first_lsn: int, last_lsn: int,
-               plain_size: int, sha256: bytes, fingerprint: bytes | None = None,
-               key: ArchiveKey | None = None) -> ObjectHeader:
+def new_header(
+    kind: Kind,
+    namespace: str,
+    history_id: bytes,
+    first_lsn: int,
+    last_lsn: int,
+    plain_size: int,
+    sha256: bytes,
+    fingerprint: bytes | None = None,
+    key: ArchiveKey | None = None,
+) -> ObjectHeader:
     """A header for new content; the nonce prefix is drawn fresh for every encrypted object."""
     fingerprint = fingerprint if fingerprint is not None else bytes(32)
     if len(history_id) != 16 or len(sha256) != 32 or len(fingerprint) != 32:
@@ -196,10 +241,20 @@ def new_header(kind: Kind, namespace: str, history_id: bytes, first_lsn: int, la
     if len(namespace.encode("utf-8")) > 64 or not 0 <= first_lsn <= last_lsn:
         raise ValueError(f"bad namespace {namespace!r} or LSN range {first_lsn}..{last_lsn}")
     if key is None:
-        return ObjectHeader(kind, namespace, history_id, first_lsn, last_lsn, plain_size, sha256,
-                            fingerprint)
-    return ObjectHeader(kind, namespace, history_id, first_lsn, last_lsn, plain_size, sha256, fingerprint,
-                        key.key_id, secrets.token_bytes(8), CHUNK_SIZE)
+        return ObjectHeader(kind, namespace, history_id, first_lsn, last_lsn, plain_size, sha256, fingerprint)
+    return ObjectHeader(
+        kind,
+        namespace,
+        history_id,
+        first_lsn,
+        last_lsn,
+        plain_size,
+        sha256,
+        fingerprint,
+        key.key_id,
+        secrets.token_bytes(8),
+        CHUNK_SIZE,
+    )
 
 
 def file_digest(path: Path) -> tuple[int, bytes]:
@@ -236,16 +291,27 @@ def encode(src: IO[bytes], dst: IO[bytes], header: ObjectHeader, key: ArchiveKey
         sink.write(compressor.compress(piece))
     sink.write(compressor.flush())
     if size != header.plain_size or digest.digest() != header.sha256:
-        raise InvalidRequest(f"content changed while it was archived ({size} bytes, header says "
-                             f"{header.plain_size}); not uploading it")
+        raise InvalidRequest(
+            f"content changed while it was archived ({size} bytes, header says "
+            f"{header.plain_size}); not uploading it"
+        )
     body_size, body_crc = sink.finish()
     dst.write(TRAILER.pack(body_size, body_crc, TRAILER_MAGIC))
     return HEADER_SIZE + body_size + TRAILER_SIZE
 
 
-def encode_file(path: Path, dst: IO[bytes], *, kind: Kind, namespace: str, history_id: bytes,
-                first_lsn: int, last_lsn: int, fingerprint: bytes | None = None,
-                key: ArchiveKey | None = None) -> ObjectHeader:
+def encode_file(
+    path: Path,
+    dst: IO[bytes],
+    *,
+    kind: Kind,
+    namespace: str,
+    history_id: bytes,
+    first_lsn: int,
+    last_lsn: int,
+    fingerprint: bytes | None = None,
+    key: ArchiveKey | None = None,
+) -> ObjectHeader:
     """Encode a file (a sealed segment, a snapshot): hash it, then stream it through ``encode``."""
     size, sha = file_digest(path)
     header = new_header(kind, namespace, history_id, first_lsn, last_lsn, size, sha, fingerprint, key)
@@ -267,25 +333,36 @@ def decode(src: IO[bytes], dst: IO[bytes], key: ArchiveKey | None, where: str) -
     head = header.pack()
     if header.encrypted:
         if key is None:
-            raise InvalidRequest(f"{where} is encrypted (key id {header.key_id.hex()})",
-                                 hint="pass the archive key with --archive-key-file")
+            raise InvalidRequest(
+                f"{where} is encrypted (key id {header.key_id.hex()})",
+                hint="pass the archive key with --archive-key-file",
+            )
         if key.key_id != header.key_id:
-            raise InvalidRequest(f"{where} was encrypted with key id {header.key_id.hex()}, "
-                                 f"the given key has id {key.key_id.hex()}",
-                                 hint="use the key file this archive was written with")
+            raise InvalidRequest(
+                f"{where} was encrypted with key id {header.key_id.hex()}, "
+                f"the given key has id {key.key_id.hex()}",
+                hint="use the key file this archive was written with",
+            )
     body = _BodyReader(src, where)
-    frames: IO[bytes] = _ChunkReader(_decrypt_chunks(body, head, header, key, where)) \
-        if key is not None and header.encrypted else body  # type: ignore[assignment]
+    # Both readers implement the read() that zstandard's stream_reader uses.
+    frames = cast(
+        IO[bytes],
+        _ChunkReader(_decrypt_chunks(body, head, header, key, where))
+        if key is not None and header.encrypted
+        else body,
+    )
     reader = zstandard.ZstdDecompressor(max_window_size=_MAX_WINDOW).stream_reader(
-        frames, read_size=CHUNK_SIZE, read_across_frames=True)
+        frames, read_size=CHUNK_SIZE, read_across_frames=True
+    )
     digest = hashlib.sha256()
     size = 0
     try:
         while piece := reader.read(_IO_SIZE):
             size += len(piece)
             if size > header.plain_size:
-                raise CorruptArchive(f"{where}: content is longer than the {header.plain_size} bytes "
-                                     "its header states")
+                raise CorruptArchive(
+                    f"{where}: content is longer than the {header.plain_size} bytes its header states"
+                )
             digest.update(piece)
             dst.write(piece)
     except zstandard.ZstdError as exc:
@@ -294,8 +371,9 @@ def decode(src: IO[bytes], dst: IO[bytes], key: ArchiveKey | None, where: str) -
     if size != header.plain_size:
         raise CorruptArchive(f"{where}: content is {size} bytes, its header states {header.plain_size}")
     if digest.digest() != header.sha256:
-        raise CorruptArchive(f"{where}: content SHA-256 {digest.hexdigest()} does not match the header's "
-                             f"{header.sha256.hex()}")
+        raise CorruptArchive(
+            f"{where}: content SHA-256 {digest.hexdigest()} does not match the header's {header.sha256.hex()}"
+        )
     return header
 
 
@@ -344,13 +422,14 @@ class _BodyWriter:
             return
         self._pending += data
         while len(self._pending) > self._chunk:  # keep the remainder: the last chunk must be short
-            self._seal(bytes(self._pending[:self._chunk]), final=False)
-            del self._pending[:self._chunk]
+            self._seal(bytes(self._pending[: self._chunk]), final=False)
+            del self._pending[: self._chunk]
 
     def _seal(self, plain: bytes, final: bool) -> None:
         assert self._aead is not None
-        self._emit(self._aead.encrypt(_nonce(self._prefix, self._index), plain,
-                                      _aad(self._head, self._index, final)))
+        self._emit(
+            self._aead.encrypt(_nonce(self._prefix, self._index), plain, _aad(self._head, self._index, final))
+        )
         self._index += 1
 
     def finish(self) -> tuple[int, int]:
@@ -398,14 +477,16 @@ class _BodyReader:
             raise CorruptArchive(f"{self._where}: truncated (the trailer is missing)")
         size, crc, magic = TRAILER.unpack(bytes(self._buf))
         if magic != TRAILER_MAGIC or size != self._size:
-            raise CorruptArchive(f"{self._where}: truncated or extended (trailer says a {size}-byte body, "
-                                 f"read {self._size})")
+            raise CorruptArchive(
+                f"{self._where}: truncated or extended (trailer says a {size}-byte body, read {self._size})"
+            )
         if crc != self._crc:
             raise CorruptArchive(f"{self._where}: body checksum mismatch")
 
 
-def _decrypt_chunks(body: _BodyReader, head: bytes, header: ObjectHeader, key: ArchiveKey,
-                    where: str) -> Iterator[bytes]:
+def _decrypt_chunks(
+    body: _BodyReader, head: bytes, header: ObjectHeader, key: ArchiveKey, where: str
+) -> Iterator[bytes]:
     aead = AESGCM(key.secret)
     full = header.chunk_size + TAG_SIZE
     index = 0
@@ -417,8 +498,10 @@ def _decrypt_chunks(body: _BodyReader, head: bytes, header: ObjectHeader, key: A
         try:
             yield aead.decrypt(_nonce(header.nonce_prefix, index), sealed, _aad(head, index, final))
         except InvalidTag as exc:
-            raise CorruptArchive(f"{where}: encrypted chunk {index} fails authentication (tampered, "
-                                 "truncated, reordered, or a key with a colliding id)") from exc
+            raise CorruptArchive(
+                f"{where}: encrypted chunk {index} fails authentication (tampered, "
+                "truncated, reordered, or a key with a colliding id)"
+            ) from exc
         if final:
             return
         index += 1

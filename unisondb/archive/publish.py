@@ -34,25 +34,44 @@ class Published:
 
 
 def _identity(h: ObjectHeader) -> tuple[object, ...]:
-    return (h.kind, h.namespace, h.history_id, h.first_lsn, h.last_lsn, h.plain_size, h.sha256,
-            h.fingerprint)
+    return (h.kind, h.namespace, h.history_id, h.first_lsn, h.last_lsn, h.plain_size, h.sha256, h.fingerprint)
 
 
-def publish_file(store: ObjectStore, key: str, path: Path, *, kind: Kind, namespace: str,
-                 history_id: bytes, first_lsn: int, last_lsn: int, fingerprint: bytes | None = None,
-                 archive_key: ArchiveKey | None = None, spool_dir: Path | None = None) -> Published:
+def publish_file(
+    store: ObjectStore,
+    key: str,
+    path: Path,
+    *,
+    kind: Kind,
+    namespace: str,
+    history_id: bytes,
+    first_lsn: int,
+    last_lsn: int,
+    fingerprint: bytes | None = None,
+    archive_key: ArchiveKey | None = None,
+    spool_dir: Path | None = None,
+) -> Published:
     """Encode ``path`` to a temporary file (bounded memory; S3 needs a known length) and publish it."""
     with tempfile.TemporaryFile(dir=spool_dir) as spool:
-        header = objectfmt.encode_file(path, spool, kind=kind, namespace=namespace,
-                                       history_id=history_id, first_lsn=first_lsn, last_lsn=last_lsn,
-                                       fingerprint=fingerprint, key=archive_key)
+        header = objectfmt.encode_file(
+            path,
+            spool,
+            kind=kind,
+            namespace=namespace,
+            history_id=history_id,
+            first_lsn=first_lsn,
+            last_lsn=last_lsn,
+            fingerprint=fingerprint,
+            key=archive_key,
+        )
         size = spool.tell()
         spool.seek(0)
         return _publish(store, key, spool, header, size)
 
 
-def publish_bytes(store: ObjectStore, key: str, content: bytes, header: ObjectHeader,
-                  archive_key: ArchiveKey | None = None) -> Published:
+def publish_bytes(
+    store: ObjectStore, key: str, content: bytes, header: ObjectHeader, archive_key: ArchiveKey | None = None
+) -> Published:
     """Publish small content (a manifest) whose header the caller built with ``new_header``."""
     out = io.BytesIO()
     size = objectfmt.encode(io.BytesIO(content), out, header, archive_key)
@@ -74,5 +93,6 @@ def _publish(store: ObjectStore, key: str, body: IO[bytes], header: ObjectHeader
             f"{existing.sha256.hex()[:16]}…, LSNs {existing.first_lsn}..{existing.last_lsn}; ours "
             f"{header.sha256.hex()[:16]}…, LSNs {header.first_lsn}..{header.last_lsn}); the archive "
             "is never overwritten",
-            hint="another server or an older history wrote this name: check --archive-url")
+            hint="another server or an older history wrote this name: check --archive-url",
+        )
     return Published(key, existing, 0, already=True)

@@ -108,15 +108,15 @@ class NamespaceArchive:
         for s in self.engine.sealed_segments():
             if s.segment_id == segment_id:
                 return segment_info(s)
-        raise ArchiveUnavailable(f"segment {segment_id} of {self.engine.namespace} vanished "
-                                 "before it was archived")
+        raise ArchiveUnavailable(
+            f"segment {segment_id} of {self.engine.namespace} vanished before it was archived"
+        )
 
     def is_archived(self, segment_id: int) -> bool:
         if self.archiver.is_archived(segment_id):
             return True
         # Empty segments hold nothing to archive; retention may delete them.
-        return any(s.segment_id == segment_id and not s.count
-                   for s in self.engine.sealed_segments())
+        return any(s.segment_id == segment_id and not s.count for s in self.engine.sealed_segments())
 
     def lag(self, now_ns: int) -> ArchiveLag:
         ns = self.engine.namespace
@@ -131,9 +131,16 @@ class NamespaceArchive:
 class ArchiveService:
     """Every namespace's archiver and the snapshot schedule of one server process."""
 
-    def __init__(self, cfg: ArchiveConfig, data_dir: Path, engines: Mapping[str, Engine],
-                 metrics: ArchiveMetrics, *, store: ObjectStore | None = None,
-                 wall: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        cfg: ArchiveConfig,
+        data_dir: Path,
+        engines: Mapping[str, Engine],
+        metrics: ArchiveMetrics,
+        *,
+        store: ObjectStore | None = None,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
         if cfg.url is None:
             raise InvalidRequest("archiving needs --archive-url s3://bucket/prefix")
         self.cfg = cfg
@@ -142,8 +149,9 @@ class ArchiveService:
         self.metrics = metrics
         self._wall = wall
         self.key: ArchiveKey | None = load_key(cfg.key_file) if cfg.key_file else None
-        self.store = store or ObjectStore(self.url.bucket, endpoint_url=cfg.endpoint,
-                                          path_style=cfg.path_style)
+        self.store = store or ObjectStore(
+            self.url.bucket, endpoint_url=cfg.endpoint, path_style=cfg.path_style
+        )
         self.writer_id = writer_id(data_dir)
         self.lease = Lease(self.store, self.url.prefix, self.writer_id)
         self.namespaces: dict[str, NamespaceArchive] = {}
@@ -154,11 +162,18 @@ class ArchiveService:
 
     def add(self, ns: str, engine: Engine) -> None:
         holder: list[NamespaceArchive] = []
-        archiver = Archiver(self.store, self.url.prefix, ns, self.lease,
-                            lambda: holder[0].list_sealed(),
-                            lambda sid, path: holder[0].describe(sid, path),
-                            archive_key=self.key, interval=self.cfg.interval, metrics=self.metrics,
-                            spool_dir=layout.backup_root(self.data_dir, ns))
+        archiver = Archiver(
+            self.store,
+            self.url.prefix,
+            ns,
+            self.lease,
+            lambda: holder[0].list_sealed(),
+            lambda sid, path: holder[0].describe(sid, path),
+            archive_key=self.key,
+            interval=self.cfg.interval,
+            metrics=self.metrics,
+            spool_dir=layout.backup_root(self.data_dir, ns),
+        )
         na = NamespaceArchive(engine, archiver, last_snapshot=self._read_state(ns))
         holder.append(na)
         self.namespaces[ns] = na
@@ -172,12 +187,17 @@ class ArchiveService:
         for na in self.namespaces.values():
             na.engine.enable_archiving(na.is_archived, self.cfg.interval, na.archiver.wake)
             na.archiver.start()
-        self._scheduler = threading.Thread(target=self._schedule_loop, name="archive-snapshots",
-                                           daemon=True)
+        self._scheduler = threading.Thread(target=self._schedule_loop, name="archive-snapshots", daemon=True)
         self._scheduler.start()
-        log.info("archive.started", url=str(self.url), namespaces=sorted(self.namespaces),
-                 writer=self.writer_id, encrypted=self.key is not None,
-                 interval=self.cfg.interval, snapshot_interval=self.cfg.snapshot_interval)
+        log.info(
+            "archive.started",
+            url=str(self.url),
+            namespaces=sorted(self.namespaces),
+            writer=self.writer_id,
+            encrypted=self.key is not None,
+            interval=self.cfg.interval,
+            snapshot_interval=self.cfg.snapshot_interval,
+        )
 
     def seal_all(self) -> None:
         """Seal every active segment that holds writes (before a clean stop's drain)."""
@@ -214,9 +234,11 @@ class ArchiveService:
 
         na = self.namespaces[ns]
         if not self.lease.held:
-            raise ArchiveUnavailable(f"archive {self.url} is not held by this server yet "
-                                     f"(archiver state: {na.archiver.state}); retry shortly",
-                                     hint=na.archiver.last_error)
+            raise ArchiveUnavailable(
+                f"archive {self.url} is not held by this server yet "
+                f"(archiver state: {na.archiver.state}); retry shortly",
+                hint=na.archiver.last_error,
+            )
         with na.snapshot_lock:
             root = layout.backup_root(self.data_dir, ns)
             tmp = root / f".archive-snapshot-{os.getpid()}{fsutil.TMP_SUFFIX}"
@@ -230,22 +252,41 @@ class ArchiveService:
                 finally:
                     os.close(fd)
                 manifest = publish_snapshot(
-                    self.store, self.url.prefix, tmp, namespace=ns, history_id=cp.history,
-                    lsn=cp.applied_lsn, fingerprint=cp.fingerprint, writer_id=self.writer_id,
-                    archive_key=self.key, created_at=self._wall(), spool_dir=root)
+                    self.store,
+                    self.url.prefix,
+                    tmp,
+                    namespace=ns,
+                    history_id=cp.history,
+                    lsn=cp.applied_lsn,
+                    fingerprint=cp.fingerprint,
+                    writer_id=self.writer_id,
+                    archive_key=self.key,
+                    created_at=self._wall(),
+                    spool_dir=root,
+                )
             finally:
                 fsutil.remove_quietly(tmp)
-            state = {"lsn": manifest.lsn, "time": manifest.created_at,
-                     "history": manifest.history_id, "key": manifest.snapshot_key}
-            _write_durably(layout.namespace_dir(self.data_dir, ns) / SNAPSHOT_STATE_FILE,
-                           json.dumps(state) + "\n")
+            state = {
+                "lsn": manifest.lsn,
+                "time": manifest.created_at,
+                "history": manifest.history_id,
+                "key": manifest.snapshot_key,
+            }
+            _write_durably(
+                layout.namespace_dir(self.data_dir, ns) / SNAPSHOT_STATE_FILE, json.dumps(state) + "\n"
+            )
             na.last_snapshot = state
             na.snapshot_error = None
             self.metrics.last_snapshot.labels(ns).set(manifest.created_at)
             self.metrics.uploads.labels(ns, "snapshot").inc()
             self.metrics.upload_bytes.labels(ns, "snapshot").inc(manifest.snapshot_object_size)
-            log.info("archive.snapshot_published", namespace=ns, lsn=manifest.lsn,
-                     key=manifest.snapshot_key, bytes=size)
+            log.info(
+                "archive.snapshot_published",
+                namespace=ns,
+                lsn=manifest.lsn,
+                key=manifest.snapshot_key,
+                bytes=size,
+            )
             return manifest
 
     def _schedule_loop(self) -> None:
@@ -284,14 +325,20 @@ class ArchiveService:
         return ArchiveCollector(self.lags)
 
     def health(self) -> dict[str, Any]:
-        out: dict[str, Any] = {"url": str(self.url), "writer": self.writer_id,
-                               "encrypted": self.key is not None, "namespaces": {}}
+        out: dict[str, Any] = {
+            "url": str(self.url),
+            "writer": self.writer_id,
+            "encrypted": self.key is not None,
+            "namespaces": {},
+        }
         now = time.time_ns()
         for ns, na in self.namespaces.items():
             _, lag_lsns, lag_s, _ = na.lag(now)
             out["namespaces"][ns] = {
-                "state": na.archiver.state, "archivedLsn": na.archiver.archived_lsn,
-                "lagLsns": lag_lsns, "lagSeconds": round(lag_s, 3),
+                "state": na.archiver.state,
+                "archivedLsn": na.archiver.archived_lsn,
+                "lagLsns": lag_lsns,
+                "lagSeconds": round(lag_s, 3),
                 "lastError": na.archiver.last_error,
                 "lastSnapshotLsn": (na.last_snapshot or {}).get("lsn"),
                 "lastSnapshotTime": (na.last_snapshot or {}).get("time"),

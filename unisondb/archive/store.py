@@ -43,8 +43,15 @@ from unisondb.errors import (
 )
 
 _URL_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
-_THROTTLED = {"SlowDown", "Throttling", "ThrottlingException", "RequestTimeout", "RequestTimeTooSkewed",
-              "ServiceUnavailable", "InternalError"}
+_THROTTLED = {
+    "SlowDown",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeout",
+    "RequestTimeTooSkewed",
+    "ServiceUnavailable",
+    "InternalError",
+}
 
 
 @dataclass(frozen=True)
@@ -61,8 +68,10 @@ class ArchiveURL:
 def parse_url(url: str) -> ArchiveURL:
     match = _URL_RE.match(url)
     if not match:
-        raise InvalidRequest(f"invalid archive URL {url!r}: expected s3://bucket/prefix "
-                             "(bucket: 3-63 lowercase letters, digits, dots, dashes)")
+        raise InvalidRequest(
+            f"invalid archive URL {url!r}: expected s3://bucket/prefix "
+            "(bucket: 3-63 lowercase letters, digits, dots, dashes)"
+        )
     prefix = (match["prefix"] or "").strip("/")
     if "//" in prefix or any(part in (".", "..") for part in prefix.split("/") if prefix):
         raise InvalidRequest(f"invalid archive URL {url!r}: the prefix has an empty, '.' or '..' part")
@@ -79,8 +88,16 @@ class ObjectInfo:
 class ObjectStore:
     """One bucket of an S3-compatible store. Thread-safe (boto3 clients are)."""
 
-    def __init__(self, bucket: str, *, endpoint_url: str | None = None, path_style: bool = False,
-                 region: str | None = None, max_attempts: int = 3, client: Any = None) -> None:
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        endpoint_url: str | None = None,
+        path_style: bool = False,
+        region: str | None = None,
+        max_attempts: int = 3,
+        client: Any = None,
+    ) -> None:
         self.bucket = bucket
         self.endpoint_url = endpoint_url
         if client is None:
@@ -89,13 +106,18 @@ class ObjectStore:
                 # botocore retries transient errors a few times inside one call; the archiver's own
                 # backoff (archiver.py) handles outages longer than that.
                 retries={"mode": "standard", "max_attempts": max_attempts},
-                connect_timeout=5, read_timeout=60,
+                connect_timeout=5,
+                read_timeout=60,
             )
             # region None: boto3 reads AWS_REGION / AWS_DEFAULT_REGION / the config file; an
             # S3-compatible endpoint that ignores regions still needs one for SigV4, so default it.
             session = boto3.session.Session()
-            client = session.client("s3", endpoint_url=endpoint_url, config=config,
-                                    region_name=region or session.region_name or "us-east-1")
+            client = session.client(
+                "s3",
+                endpoint_url=endpoint_url,
+                config=config,
+                region_name=region or session.region_name or "us-east-1",
+            )
         self._client = client
 
     def where(self, key: str) -> str:
@@ -164,14 +186,17 @@ class ObjectStore:
             raise _translate(exc, self.where(key)) from exc
 
 
-def _translate(exc: ClientError | BotoCoreError, where: str,
-               on_412: type[UnisonDBError] = ObjectChanged) -> UnisonDBError:
+def _translate(
+    exc: ClientError | BotoCoreError, where: str, on_412: type[UnisonDBError] = ObjectChanged
+) -> UnisonDBError:
     if not isinstance(exc, ClientError):
         # EndpointConnectionError, ReadTimeoutError, ConnectionClosedError, NoCredentialsError, ...
         name = type(exc).__name__
         if name in ("NoCredentialsError", "PartialCredentialsError"):
-            return PermissionDenied(f"no AWS credentials for {where}",
-                                    hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE")
+            return PermissionDenied(
+                f"no AWS credentials for {where}",
+                hint="set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE",
+            )
         return ArchiveUnavailable(f"object store unreachable for {where}: {exc}")
     error = exc.response.get("Error", {})
     code = str(error.get("Code", ""))
@@ -183,8 +208,10 @@ def _translate(exc: ClientError | BotoCoreError, where: str,
         hint = "create the bucket or fix --archive-url" if code == "NoSuchBucket" else None
         return NotFound(f"not in the archive: {where} ({detail})", hint=hint)
     if status in (401, 403):
-        return PermissionDenied(f"object store refused access to {where} ({detail})",
-                                hint="check the AWS credentials and the bucket policy")
+        return PermissionDenied(
+            f"object store refused access to {where} ({detail})",
+            hint="check the AWS credentials and the bucket policy",
+        )
     if status >= 500 or status == 429 or code in _THROTTLED:
         return ArchiveUnavailable(f"object store failed on {where} ({detail})")
     return InvalidRequest(f"object store rejected a request for {where} ({detail})")

@@ -119,8 +119,9 @@ class TargetDir:
     def require_regular(self, name: str) -> os.stat_result | None:
         st = self.stat(name)
         if st is not None and not stat.S_ISREG(st.st_mode):
-            raise Conflict(f"{self.path / name} already exists and is not a regular file; "
-                           "refusing to replace it")
+            raise Conflict(
+                f"{self.path / name} already exists and is not a regular file; refusing to replace it"
+            )
         return st
 
     def open_read(self, name: str) -> int:
@@ -163,8 +164,7 @@ class TargetDir:
         except OSError as exc:
             raise from_os_error(exc, self.path) from exc
 
-    def publish(self, name: str, write: Callable[[int], T],
-                keep: Callable[[T], bool] | None = None) -> T:
+    def publish(self, name: str, write: Callable[[int], T], keep: Callable[[T], bool] | None = None) -> T:
         """Create ``name`` atomically and durably from what ``write(fd)`` writes.
 
         ``write`` gets a descriptor open for reading and writing on ``<name>.tmp``. After it
@@ -176,8 +176,9 @@ class TargetDir:
         tmp = name + TMP_SUFFIX
         dest = self.path / name
         try:
-            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC,
-                         0o600, dir_fd=self.fd)
+            fd = os.open(
+                tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600, dir_fd=self.fd
+            )
         except FileExistsError:
             raise Conflict(
                 f"{self.path / tmp} already exists: another backup is writing {dest} right now "
@@ -241,4 +242,3 @@ def _unlink_quietly(dir_fd: int, name: str) -> None:
         # Cleanup after a failure: the error being raised is the one that matters, and a
         # leftover .tmp is removed at the next start.
         pass
-

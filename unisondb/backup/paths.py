@@ -93,13 +93,10 @@ class Resolved:
 def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
     """Validate a client path string; return its components without ``.`` and empty ones."""
     if value is None:
-        raise InvalidRequest(
-            f"missing field '{field}': a relative path inside backups/<namespace>/"
-        )
+        raise InvalidRequest(f"missing field '{field}': a relative path inside backups/<namespace>/")
     if not isinstance(value, str):
         raise InvalidRequest(
-            f"{field} must be a string (a relative path inside backups/<namespace>/), "
-            f"got {_json_type(value)}"
+            f"{field} must be a string (a relative path inside backups/<namespace>/), got {_json_type(value)}"
         )
     if not value.strip():
         raise InvalidRequest(f"{field} must not be empty")
@@ -144,8 +141,7 @@ def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
         return parts
     if not parts:
         raise InvalidRequest(
-            f"{field} names the backup root itself; give a file name such as "
-            f"'snapshots/users.db': {value!r}"
+            f"{field} names the backup root itself; give a file name such as 'snapshots/users.db': {value!r}"
         )
     if components[-1] in ("", "."):
         raise InvalidRequest(
@@ -193,8 +189,10 @@ def resolve(root: Path, parts: tuple[str, ...], field: str, *, is_file: bool) ->
     final = Path(os.path.realpath(root_abs.joinpath(*parts)))
     if not _inside(final, root_real):
         # Every prefix was inside a moment ago: a link was swapped in while we looked.
-        raise Conflict(f"{field} {shown!r} changed while it was being checked (a path "
-                       "component was replaced, e.g. by a symbolic link); nothing was written")
+        raise Conflict(
+            f"{field} {shown!r} changed while it was being checked (a path "
+            "component was replaced, e.g. by a symbolic link); nothing was written"
+        )
     rel = final.relative_to(root_real).parts
     if len(str(root_abs.joinpath(*rel)).encode("utf-8")) >= MAX_PATH_BYTES:
         raise InvalidRequest(f"{field} is too long once placed under {root_abs}")
@@ -209,9 +207,7 @@ def resolve(root: Path, parts: tuple[str, ...], field: str, *, is_file: bool) ->
         if st is None:
             break
         if not stat.S_ISDIR(st.st_mode):
-            raise Conflict(
-                f"{field} {shown!r}: {root_abs.joinpath(*rel[:i])} exists and is not a directory"
-            )
+            raise Conflict(f"{field} {shown!r}: {root_abs.joinpath(*rel[:i])} exists and is not a directory")
     if is_file:
         st = _lstat(final)
         if st is not None and not stat.S_ISREG(st.st_mode):
@@ -272,8 +268,10 @@ def open_dir(res: Resolved) -> int:
 def _changed(exc: OSError, path: Path) -> Exception:
     """A directory that vanished or stopped being one since ``resolve`` is a race: 409."""
     if exc.errno in (errno.ENOENT, errno.ENOTDIR, errno.ELOOP):
-        return Conflict(f"{path} changed while the backup was being prepared (removed, or "
-                        f"replaced by a file or link): {exc.strerror}; nothing was written")
+        return Conflict(
+            f"{path} changed while the backup was being prepared (removed, or "
+            f"replaced by a file or link): {exc.strerror}; nothing was written"
+        )
     return from_os_error(exc, path)
 
 

@@ -75,15 +75,18 @@ def _complete(path: Path) -> Repaired | None:
         moved = _free_name(path)
         os.rename(path, moved)
         fsutil.fsync_dir(path.parent)
-        log.error("startup.snapshot_corrupt", path=str(path), moved_to=str(moved),
-                  error=str(exc))
+        log.error("startup.snapshot_corrupt", path=str(path), moved_to=str(moved), error=str(exc))
         return Repaired(path, "renamed-corrupt", moved)
     fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     with TargetDir(fd, path.parent) as tdir:
         checksum.ensure_sidecar(tdir, path.name, digest)
-    log.warning("startup.snapshot_sidecar_written", path=str(path), sha256=digest,
-                reason="the server stopped after publishing this snapshot and before its "
-                ".sha256; the file verified against its own trailer")
+    log.warning(
+        "startup.snapshot_sidecar_written",
+        path=str(path),
+        sha256=digest,
+        reason="the server stopped after publishing this snapshot and before its "
+        ".sha256; the file verified against its own trailer",
+    )
     return Repaired(path, "sidecar-written")
 
 

@@ -95,21 +95,20 @@ def take_snapshot(engine: Engine, target: Resolved) -> Snapshot:
             existing_digest = _existing_same(engine, tdir, name, target.path, *result)
             return False  # the same snapshot is already there: keep the existing file
 
-        cp, size, digest = tdir.publish(
-            name, lambda fd: write_snapshot(engine, fd, target.path), keep)
+        cp, size, digest = tdir.publish(name, lambda fd: write_snapshot(engine, fd, target.path), keep)
         if dest_exists:
             checksum.ensure_sidecar(tdir, name, existing_digest)
             tdir.sync()  # a previous run may have died before its directory fsync
             st = tdir.stat(name)
-            return Snapshot(target.path, st.st_size if st else size, existing_digest, cp,
-                            copied=False)
+            return Snapshot(target.path, st.st_size if st else size, existing_digest, cp, copied=False)
         _test_hold("snapshot-published")
         checksum.complete_publish(tdir, name, digest)
         return Snapshot(target.path, size, digest, cp, copied=True)
 
 
-def _existing_same(engine: Engine, tdir: TargetDir, name: str, dest: Path, cp: Checkpoint,
-                   size: int, digest: str) -> str:
+def _existing_same(
+    engine: Engine, tdir: TargetDir, name: str, dest: Path, cp: Checkpoint, size: int, digest: str
+) -> str:
     """Whole-file sha256 of the existing ``name`` if it holds this same snapshot, else 409.
 
     Same means byte-identical, or a self-verifying snapshot (intact) of the same namespace
@@ -120,11 +119,18 @@ def _existing_same(engine: Engine, tdir: TargetDir, name: str, dest: Path, cp: C
     fd = tdir.open_read(name)
     try:
         trailer = snapfile.read_trailer_fd(fd, dest)
-        if (trailer is not None and trailer.namespace == engine.namespace
-                and trailer.checkpoint == cp.encode()):
-            return snapfile.verify_fd(fd, dest, hint=(
-                "an earlier snapshot of the same state under this name is damaged: move it "
-                "away and retry"))[1]
+        if (
+            trailer is not None
+            and trailer.namespace == engine.namespace
+            and trailer.checkpoint == cp.encode()
+        ):
+            return snapfile.verify_fd(
+                fd,
+                dest,
+                hint=(
+                    "an earlier snapshot of the same state under this name is damaged: move it away and retry"
+                ),
+            )[1]
         existing, _size = files.hash_fd(fd)
     except OSError as exc:
         raise from_os_error(exc, dest) from exc
@@ -168,8 +174,7 @@ def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint,
             with os.fdopen(out_fd, "wb", closefd=False) as f:
                 outcome.checkpoint = cp = copy_env(engine, f)
             h, data_len = files.sha256_fd(out_fd)
-            trailer = snapfile.encode_trailer(data_len, h.copy().digest(), engine.namespace,
-                                              cp.encode())
+            trailer = snapfile.encode_trailer(data_len, h.copy().digest(), engine.namespace, cp.encode())
             os.lseek(out_fd, data_len, os.SEEK_SET)
             files.write_all(out_fd, trailer)
             h.update(trailer)

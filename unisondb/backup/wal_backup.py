@@ -68,8 +68,7 @@ def plan(engine: Engine, after_segment_id: int) -> list[SegmentInfo]:
     # history: nobody can back them up any more, and nobody needs to.
     first_missing = max(after_segment_id + 1, engine.checkpoint().timeline_first_segment)
     if after_segment_id > 0 and on_disk and on_disk[0].segment_id > first_missing:
-        raise gap_error(engine, first_missing, on_disk[0].segment_id - 1,
-                        on_disk[0].segment_id)
+        raise gap_error(engine, first_missing, on_disk[0].segment_id - 1, on_disk[0].segment_id)
     return [s for s in engine.wal.sealed_segments() if s.segment_id > after_segment_id]
 
 
@@ -83,8 +82,9 @@ def gap_error(engine: Engine, first: int, last: int, oldest: int) -> BackupGap:
     )
 
 
-def backup_wal(engine: Engine, target: Resolved, after_segment_id: int,
-               rotate: bool = False) -> list[WalCopy]:
+def backup_wal(
+    engine: Engine, target: Resolved, after_segment_id: int, rotate: bool = False
+) -> list[WalCopy]:
     """Run one WAL backup request (blocking: call it from a worker thread)."""
     if rotate:
         engine.rotate()
@@ -154,13 +154,18 @@ def _check_source(engine: Engine, info: SegmentInfo, src: int) -> None:
         )
     header = segment.decode_header(head, info.path)
     footer = segment.try_decode_footer(head + tail)
-    if (header.segment_id != info.segment_id
-            or header.ns_crc != segment.namespace_crc(engine.namespace)):
-        raise CorruptLog(f"header does not belong to segment {info.segment_id} of namespace "
-                         f"{engine.namespace}", path=info.path, offset=0)
+    if header.segment_id != info.segment_id or header.ns_crc != segment.namespace_crc(engine.namespace):
+        raise CorruptLog(
+            f"header does not belong to segment {info.segment_id} of namespace {engine.namespace}",
+            path=info.path,
+            offset=0,
+        )
     if footer is None or footer.last_lsn != info.last_lsn or footer.count != info.count:
-        raise CorruptLog("sealed segment footer is missing or does not match the segment "
-                         "table", path=info.path, offset=size - segment.FOOTER_SIZE)
+        raise CorruptLog(
+            "sealed segment footer is missing or does not match the segment table",
+            path=info.path,
+            offset=size - segment.FOOTER_SIZE,
+        )
 
 
 def _drop_cache(src: int) -> None:
@@ -188,8 +193,10 @@ def _read_checked(src: int, info: SegmentInfo) -> tuple[bytes, str]:
     except OSError as exc:
         raise from_os_error(exc, info.path) from exc
     if off != info.size:
-        raise StorageError(f"{info.path} changed size while being copied ({off} bytes read, "
-                           f"{info.size} expected); a sealed segment must never change")
+        raise StorageError(
+            f"{info.path} changed size while being copied ({off} bytes read, "
+            f"{info.size} expected); a sealed segment must never change"
+        )
     data = b"".join(chunks)
     del chunks
     try:
@@ -204,12 +211,14 @@ def _read_checked(src: int, info: SegmentInfo) -> tuple[bytes, str]:
         ) from None
     if not scanned.sealed:
         raise CorruptLog(
-            f"refusing to back up WAL segment {info.segment_id}: its records do not end in "
-            "a valid footer", path=info.path, offset=scanned.data_end)
+            f"refusing to back up WAL segment {info.segment_id}: its records do not end in a valid footer",
+            path=info.path,
+            offset=scanned.data_end,
+        )
     return data, hashlib.sha256(data).hexdigest()
 
 
 def _write(fd: int, data: bytes) -> None:
     view = memoryview(data)
     for off in range(0, len(view), CHUNK):
-        files.write_all(fd, view[off:off + CHUNK])
+        files.write_all(fd, view[off : off + CHUNK])

@@ -17,88 +17,217 @@ from unisondb.config import load_config
 from unisondb.errors import UnisonDBError
 
 
-@click.group(invoke_without_command=True, context_settings={"help_option_names": ["-h", "--help"],
-                                                            "max_content_width": 100})
-@click.option("--data-dir", type=click.Path(path_type=Path), default=None,
-              help="Directory holding every namespace (<dir>/<ns>/db, <dir>/<ns>/wal) and "
-                   "backups (<dir>/backups/<ns>). Default: ./data")
-@click.option("--http-addr", default=None, metavar="HOST:PORT",
-              help="Address the HTTP API listens on. Default: 127.0.0.1:8080")
-@click.option("--namespace", "namespaces", multiple=True, metavar="NS",
-              help="Namespace to serve (repeatable). Namespaces found on disk are served too. "
-                   "Default: default")
-@click.option("--config", "config_file", type=click.Path(path_type=Path, dir_okay=False),
-              default=None, help="TOML config file; command-line flags override it.")
-@click.option("--wal-segment-size", default=None, metavar="SIZE",
-              help="Seal a WAL segment when it would exceed SIZE (e.g. 16MiB). Default: 16MiB")
-@click.option("--wal-segment-max-age", default=None, metavar="DURATION",
-              help="Seal a non-empty WAL segment older than DURATION (e.g. 1h; 0 = never). "
-                   "Default: 1h")
-@click.option("--wal-retention", default=None, metavar="DURATION",
-              help="Keep sealed WAL segments at least this long after they are applied "
-                   "(e.g. 24h, 7d). Default: 24h")
-@click.option("--shutdown-timeout", default=None, metavar="DURATION",
-              help="On SIGTERM/SIGINT exit within DURATION: in-flight writes finish, backups "
-                   "still running near the deadline are cancelled (503). Default: 30s")
-@click.option("--disk-full-retry", default=None, metavar="DURATION",
-              help="While the disk is full, retry the unfinished storage work this often; "
-                   "writes resume by themselves once space is freed. Default: 1s")
-@click.option("--disk-full-hold", default=None, metavar="DURATION",
-              help="How long a write that is durable in the WAL but not yet in LMDB waits "
-                   "for that retry before it is answered 507. Default: 2s")
-@click.option("--log-format", type=click.Choice(["console", "json"]), default=None,
-              help="Log format on stderr. Default: console")
-@click.option("--http-max-header-bytes", default=None, metavar="SIZE",
-              help="Largest request line + headers; more gets 431. Default: 64KiB")
-@click.option("--http-max-headers", default=None, metavar="N",
-              help="Most header fields in a request; more gets 431. Default: 100")
-@click.option("--http-max-request-line", default=None, metavar="SIZE",
-              help="Longest request target (path + query); longer gets 414. Default: 8KiB")
-@click.option("--http-idle-timeout", default=None, metavar="DURATION",
-              help="Close a connection idle this long (no request, or a client that stops "
-                   "reading). Default: 30s")
-@click.option("--http-header-timeout", default=None, metavar="DURATION",
-              help="A request head must arrive within DURATION of its first byte (408). "
-                   "Default: 10s")
-@click.option("--http-body-timeout", default=None, metavar="DURATION",
-              help="A request body must arrive within DURATION after its head (408). Default: 30s")
-@click.option("--http-max-connections", default=None, metavar="N",
-              help="Connections served at once; beyond it 503 with Retry-After. Default: 1024")
-@click.option("--auth-token-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Require bearer tokens: a file of '<token> <role>' lines (read, write, admin), "
-                   "mode 0600. Default: no authentication")
-@click.option("--metrics-auth", type=click.Choice(["token", "none"]), default=None,
-              help="Whether /metrics needs a read token when tokens are on. Default: token")
-@click.option("--insecure-no-auth", is_flag=True, default=None,
-              help="Allow a non-loopback --http-addr without --auth-token-file.")
-@click.option("--tls-cert", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Serve HTTPS with this PEM certificate (chain); needs --tls-key.")
-@click.option("--tls-key", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="PEM private key of --tls-cert.")
-@click.option("--tls-client-ca", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Require client certificates signed by this PEM CA bundle.")
-@click.option("--archive-url", default=None, metavar="s3://BUCKET/PREFIX",
-              help="Archive every namespace continuously to this S3 prefix (docs/ARCHIVE.md). "
-                   "Credentials: the standard AWS variables and files. Default: off")
-@click.option("--archive-endpoint", default=None, metavar="URL",
-              help="S3-compatible endpoint (SeaweedFS, MinIO, ...). Default: AWS")
-@click.option("--archive-path-style", is_flag=True, default=None,
-              help="Path-style bucket addressing (most self-hosted S3 servers need it).")
-@click.option("--archive-key-file", type=click.Path(path_type=Path, dir_okay=False), default=None,
-              help="Encrypt archive objects (AES-256-GCM) with this key (64 hex chars, mode 0600).")
-@click.option("--archive-interval", default=None, metavar="DURATION",
-              help="Seal and archive the active WAL segment this long after new writes (the "
-                   "archive's RPO). Default: 1s")
-@click.option("--archive-snapshot-interval", default=None, metavar="DURATION",
-              help="Publish a snapshot to the archive this often (0 = on demand only). "
-                   "Default: 24h")
+@click.group(
+    invoke_without_command=True,
+    context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 100},
+)
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    default=None,
+    help="Directory holding every namespace (<dir>/<ns>/db, <dir>/<ns>/wal) and "
+    "backups (<dir>/backups/<ns>). Default: ./data",
+)
+@click.option(
+    "--http-addr",
+    default=None,
+    metavar="HOST:PORT",
+    help="Address the HTTP API listens on. Default: 127.0.0.1:8080",
+)
+@click.option(
+    "--namespace",
+    "namespaces",
+    multiple=True,
+    metavar="NS",
+    help="Namespace to serve (repeatable). Namespaces found on disk are served too. Default: default",
+)
+@click.option(
+    "--config",
+    "config_file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="TOML config file; command-line flags override it.",
+)
+@click.option(
+    "--wal-segment-size",
+    default=None,
+    metavar="SIZE",
+    help="Seal a WAL segment when it would exceed SIZE (e.g. 16MiB). Default: 16MiB",
+)
+@click.option(
+    "--wal-segment-max-age",
+    default=None,
+    metavar="DURATION",
+    help="Seal a non-empty WAL segment older than DURATION (e.g. 1h; 0 = never). Default: 1h",
+)
+@click.option(
+    "--wal-retention",
+    default=None,
+    metavar="DURATION",
+    help="Keep sealed WAL segments at least this long after they are applied (e.g. 24h, 7d). Default: 24h",
+)
+@click.option(
+    "--shutdown-timeout",
+    default=None,
+    metavar="DURATION",
+    help="On SIGTERM/SIGINT exit within DURATION: in-flight writes finish, backups "
+    "still running near the deadline are cancelled (503). Default: 30s",
+)
+@click.option(
+    "--disk-full-retry",
+    default=None,
+    metavar="DURATION",
+    help="While the disk is full, retry the unfinished storage work this often; "
+    "writes resume by themselves once space is freed. Default: 1s",
+)
+@click.option(
+    "--disk-full-hold",
+    default=None,
+    metavar="DURATION",
+    help="How long a write that is durable in the WAL but not yet in LMDB waits "
+    "for that retry before it is answered 507. Default: 2s",
+)
+@click.option(
+    "--log-format",
+    type=click.Choice(["console", "json"]),
+    default=None,
+    help="Log format on stderr. Default: console",
+)
+@click.option(
+    "--http-max-header-bytes",
+    default=None,
+    metavar="SIZE",
+    help="Largest request line + headers; more gets 431. Default: 64KiB",
+)
+@click.option(
+    "--http-max-headers",
+    default=None,
+    metavar="N",
+    help="Most header fields in a request; more gets 431. Default: 100",
+)
+@click.option(
+    "--http-max-request-line",
+    default=None,
+    metavar="SIZE",
+    help="Longest request target (path + query); longer gets 414. Default: 8KiB",
+)
+@click.option(
+    "--http-idle-timeout",
+    default=None,
+    metavar="DURATION",
+    help="Close a connection idle this long (no request, or a client that stops reading). Default: 30s",
+)
+@click.option(
+    "--http-header-timeout",
+    default=None,
+    metavar="DURATION",
+    help="A request head must arrive within DURATION of its first byte (408). Default: 10s",
+)
+@click.option(
+    "--http-body-timeout",
+    default=None,
+    metavar="DURATION",
+    help="A request body must arrive within DURATION after its head (408). Default: 30s",
+)
+@click.option(
+    "--http-max-connections",
+    default=None,
+    metavar="N",
+    help="Connections served at once; beyond it 503 with Retry-After. Default: 1024",
+)
+@click.option(
+    "--auth-token-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Require bearer tokens: a file of '<token> <role>' lines (read, write, admin), "
+    "mode 0600. Default: no authentication",
+)
+@click.option(
+    "--metrics-auth",
+    type=click.Choice(["token", "none"]),
+    default=None,
+    help="Whether /metrics needs a read token when tokens are on. Default: token",
+)
+@click.option(
+    "--insecure-no-auth",
+    is_flag=True,
+    default=None,
+    help="Allow a non-loopback --http-addr without --auth-token-file.",
+)
+@click.option(
+    "--tls-cert",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Serve HTTPS with this PEM certificate (chain); needs --tls-key.",
+)
+@click.option(
+    "--tls-key",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="PEM private key of --tls-cert.",
+)
+@click.option(
+    "--tls-client-ca",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Require client certificates signed by this PEM CA bundle.",
+)
+@click.option(
+    "--archive-url",
+    default=None,
+    metavar="s3://BUCKET/PREFIX",
+    help="Archive every namespace continuously to this S3 prefix (docs/ARCHIVE.md). "
+    "Credentials: the standard AWS variables and files. Default: off",
+)
+@click.option(
+    "--archive-endpoint",
+    default=None,
+    metavar="URL",
+    help="S3-compatible endpoint (SeaweedFS, MinIO, ...). Default: AWS",
+)
+@click.option(
+    "--archive-path-style",
+    is_flag=True,
+    default=None,
+    help="Path-style bucket addressing (most self-hosted S3 servers need it).",
+)
+@click.option(
+    "--archive-key-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Encrypt archive objects (AES-256-GCM) with this key (64 hex chars, mode 0600).",
+)
+@click.option(
+    "--archive-interval",
+    default=None,
+    metavar="DURATION",
+    help="Seal and archive the active WAL segment this long after new writes (the "
+    "archive's RPO). Default: 1s",
+)
+@click.option(
+    "--archive-snapshot-interval",
+    default=None,
+    metavar="DURATION",
+    help="Publish a snapshot to the archive this often (0 = on demand only). Default: 24h",
+)
 @click.version_option(__version__, prog_name="unisondb")
 @click.pass_context
-def cli(ctx: click.Context, /, data_dir: Path | None, http_addr: str | None,
-        namespaces: tuple[str, ...], config_file: Path | None, wal_segment_size: str | None,
-        wal_segment_max_age: str | None, wal_retention: str | None,
-        shutdown_timeout: str | None, disk_full_retry: str | None, disk_full_hold: str | None,
-        log_format: str | None, **http_flags: Any) -> None:
+def cli(
+    ctx: click.Context,
+    /,
+    data_dir: Path | None,
+    http_addr: str | None,
+    namespaces: tuple[str, ...],
+    config_file: Path | None,
+    wal_segment_size: str | None,
+    wal_segment_max_age: str | None,
+    wal_retention: str | None,
+    shutdown_timeout: str | None,
+    disk_full_retry: str | None,
+    disk_full_hold: str | None,
+    log_format: str | None,
+    **http_flags: Any,
+) -> None:
     """UnisonDB: a log-native key-value database server.
 
     Without a subcommand, starts the server. It stops gracefully on SIGTERM or SIGINT:
@@ -108,23 +237,32 @@ def cli(ctx: click.Context, /, data_dir: Path | None, http_addr: str | None,
         return
     from unisondb.server import serve
 
-    cfg = load_config(config_file, data_dir=data_dir, http_addr=http_addr,
-                      namespaces=namespaces,
-                      overrides={"segment_size": wal_segment_size,
-                                 "segment_max_age": wal_segment_max_age,
-                                 "retention": wal_retention,
-                                 "shutdown_timeout": shutdown_timeout,
-                                 "disk_full_retry": disk_full_retry,
-                                 "disk_full_hold": disk_full_hold},
-                      http_overrides={k[5:]: v for k, v in http_flags.items()
-                                      if k.startswith("http_")},
-                      auth_overrides={"token_file": http_flags["auth_token_file"],
-                                      "metrics": http_flags["metrics_auth"],
-                                      "insecure_no_auth": http_flags["insecure_no_auth"]},
-                      tls_overrides={"cert": http_flags["tls_cert"], "key": http_flags["tls_key"],
-                                     "client_ca": http_flags["tls_client_ca"]},
-                      archive_overrides={k[8:]: v for k, v in http_flags.items()
-                                         if k.startswith("archive_")})
+    cfg = load_config(
+        config_file,
+        data_dir=data_dir,
+        http_addr=http_addr,
+        namespaces=namespaces,
+        overrides={
+            "segment_size": wal_segment_size,
+            "segment_max_age": wal_segment_max_age,
+            "retention": wal_retention,
+            "shutdown_timeout": shutdown_timeout,
+            "disk_full_retry": disk_full_retry,
+            "disk_full_hold": disk_full_hold,
+        },
+        http_overrides={k[5:]: v for k, v in http_flags.items() if k.startswith("http_")},
+        auth_overrides={
+            "token_file": http_flags["auth_token_file"],
+            "metrics": http_flags["metrics_auth"],
+            "insecure_no_auth": http_flags["insecure_no_auth"],
+        },
+        tls_overrides={
+            "cert": http_flags["tls_cert"],
+            "key": http_flags["tls_key"],
+            "client_ca": http_flags["tls_client_ca"],
+        },
+        archive_overrides={k[8:]: v for k, v in http_flags.items() if k.startswith("archive_")},
+    )
     if log_format:
         from dataclasses import replace
 

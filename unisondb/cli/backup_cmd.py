@@ -33,21 +33,45 @@ def backup_group() -> None:
 
 
 @backup_group.command("verify")
-@click.option("--snapshot", type=LocalPath(path_type=Path, dir_okay=False), default=None,
-              metavar="FILE", help="B-tree snapshot to check (plain, .gz or .zst).")
-@click.option("--wal", "wal_dirs", type=LocalPath(path_type=Path), multiple=True,
-              metavar="DIR", help="WAL backup directory (recursive; .wal, .wal.gz, .wal.zst, "
-              "wal-*.tar.gz), or one such file. Repeatable.")
-@click.option("--namespace", "-n", default=None, metavar="NS",
-              help="Check that every segment belongs to NS.")
-@click.option("--replay", is_flag=True,
-              help="Also restore into a scratch directory and report the measured restore time.")
-@click.option("--scratch-dir", type=click.Path(path_type=Path, file_okay=False), default=None,
-              metavar="DIR", help="Where --replay stages its restore and compressed inputs are "
-              "decompressed (default: system temp dir; needs room for the snapshot).")
+@click.option(
+    "--snapshot",
+    type=LocalPath(path_type=Path, dir_okay=False),
+    default=None,
+    metavar="FILE",
+    help="B-tree snapshot to check (plain, .gz or .zst).",
+)
+@click.option(
+    "--wal",
+    "wal_dirs",
+    type=LocalPath(path_type=Path),
+    multiple=True,
+    metavar="DIR",
+    help="WAL backup directory (recursive; .wal, .wal.gz, .wal.zst, "
+    "wal-*.tar.gz), or one such file. Repeatable.",
+)
+@click.option("--namespace", "-n", default=None, metavar="NS", help="Check that every segment belongs to NS.")
+@click.option(
+    "--replay",
+    is_flag=True,
+    help="Also restore into a scratch directory and report the measured restore time.",
+)
+@click.option(
+    "--scratch-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="Where --replay stages its restore and compressed inputs are "
+    "decompressed (default: system temp dir; needs room for the snapshot).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def verify_cmd(snapshot: Path | None, wal_dirs: tuple[Path, ...], namespace: str | None,
-               replay: bool, scratch_dir: Path | None, as_json: bool) -> None:
+def verify_cmd(
+    snapshot: Path | None,
+    wal_dirs: tuple[Path, ...],
+    namespace: str | None,
+    replay: bool,
+    scratch_dir: Path | None,
+    as_json: bool,
+) -> None:
     """Check checksums, LMDB integrity, record CRCs, LSN gaps and overlaps.
 
     Exits 0 only if nothing is wrong. Every missing LSN range is named. With --replay the
@@ -102,14 +126,25 @@ def _describe_stored(snapshot: Path, info: dict[str, object]) -> None:
         pass
 
 
-def _replay(report: VerifyReport, snapshot: Path, wal_dirs: list[Path], namespace: str | None,
-            scratch_dir: Path | None) -> None:
+def _replay(
+    report: VerifyReport,
+    snapshot: Path,
+    wal_dirs: list[Path],
+    namespace: str | None,
+    scratch_dir: Path | None,
+) -> None:
     scratch = Path(tempfile.mkdtemp(prefix="unisondb-verify-", dir=scratch_dir))
     ns = namespace or "verify"
     try:
         try:
-            outcome = restore(scratch, ns, snapshot, wal_dirs, progress=for_terminal(),
-                              check_namespace=namespace is not None)
+            outcome = restore(
+                scratch,
+                ns,
+                snapshot,
+                wal_dirs,
+                progress=for_terminal(),
+                check_namespace=namespace is not None,
+            )
         except UnisonDBError as exc:
             report.problems.append(f"replay failed: {exc}")
             return
@@ -122,21 +157,33 @@ def _replay(report: VerifyReport, snapshot: Path, wal_dirs: list[Path], namespac
         report.problems += [f"drill: {p}" for p in drill.problems]
         rto = s.total_seconds + drill.start_seconds + drill.check_seconds
         report.replay = {
-            "lsn": s.end_lsn, "time": format_ns(s.end_time_ns) if s.end_time_ns else None,
-            "records": s.records_replayed, "walBytes": s.wal_bytes,
-            "snapshotBytes": s.snapshot_bytes, "keys": keys,
-            "history": s.history.hex(), "fingerprint": s.proof.fingerprint.hex(),
-            "proof": {"endProven": s.proof.end_proven, "provenLsn": s.proof.proven_lsn,
-                      "segmentBoundariesChecked": s.proof.boundaries,
-                      "text": s.proof.describe()},
+            "lsn": s.end_lsn,
+            "time": format_ns(s.end_time_ns) if s.end_time_ns else None,
+            "records": s.records_replayed,
+            "walBytes": s.wal_bytes,
+            "snapshotBytes": s.snapshot_bytes,
+            "keys": keys,
+            "history": s.history.hex(),
+            "fingerprint": s.proof.fingerprint.hex(),
+            "proof": {
+                "endProven": s.proof.end_proven,
+                "provenLsn": s.proof.proven_lsn,
+                "segmentBoundariesChecked": s.proof.boundaries,
+                "text": s.proof.describe(),
+            },
             "server": drill.to_json(),
-            "seconds": {"total": round(rto, 4), "verify": round(s.verify_seconds, 4),
-                        "copy": round(s.copy_seconds, 4), "replay": round(s.replay_seconds, 4),
-                        "publish": round(s.publish_seconds, 4),
-                        "serverStart": round(drill.start_seconds, 4),
-                        "serveChecks": round(drill.check_seconds, 4)},
+            "seconds": {
+                "total": round(rto, 4),
+                "verify": round(s.verify_seconds, 4),
+                "copy": round(s.copy_seconds, 4),
+                "replay": round(s.replay_seconds, 4),
+                "publish": round(s.publish_seconds, 4),
+                "serverStart": round(drill.start_seconds, 4),
+                "serveChecks": round(drill.check_seconds, 4),
+            },
             "recordsPerSecond": round(s.records_replayed / s.replay_seconds)
-            if s.replay_seconds > 0 and s.records_replayed else None,
+            if s.replay_seconds > 0 and s.records_replayed
+            else None,
         }
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
@@ -148,12 +195,17 @@ def render_verify(rep: VerifyReport) -> str:
         s = rep.snapshot
         if s.get("lmdb") == "ok":
             stored = s.get("stored")
-            comp = (f" ({stored['compression']}, {format_bytes(int(stored['bytes']))} stored)"
-                    if isinstance(stored, dict) else "")
+            comp = (
+                f" ({stored['compression']}, {format_bytes(int(stored['bytes']))} stored)"
+                if isinstance(stored, dict)
+                else ""
+            )
             checked = f" ({s['checked']})" if s.get("checked") else ""
-            lines.append(f"snapshot  {s['path']}: {format_bytes(int(str(s['bytes'])))}{comp}, "
-                         f"sha256 {s.get('sidecar')}{checked}, LMDB structure ok, LSN {s['lsn']} "
-                         f"({s['time']}), timeline {s['timeline']}, {s['keys']} keys")
+            lines.append(
+                f"snapshot  {s['path']}: {format_bytes(int(str(s['bytes'])))}{comp}, "
+                f"sha256 {s.get('sidecar')}{checked}, LMDB structure ok, LSN {s['lsn']} "
+                f"({s['time']}), timeline {s['timeline']}, {s['keys']} keys"
+            )
         else:
             lines.append(f"snapshot  {s['path']}: FAILED")
     if rep.segments:
@@ -161,38 +213,46 @@ def render_verify(rep: VerifyReport) -> str:
         lines.append(f"segments  {len(rep.segments)} file(s), {ok} with every record CRC ok")
         for seg in rep.segments:
             if seg.get("crc") != "ok" or seg.get("sidecar") == "mismatch":
-                lines.append(f"          {seg['path']}: crc {seg.get('crc')}, sha256 "
-                             f"{seg.get('sidecar')}" + (f", {seg['damage']}" if seg.get("damage")
-                                                        else ""))
+                lines.append(
+                    f"          {seg['path']}: crc {seg.get('crc')}, sha256 "
+                    f"{seg.get('sidecar')}" + (f", {seg['damage']}" if seg.get("damage") else "")
+                )
     for h in rep.holes:
         lines.append(f"hole      missing {h['text']}")
     if rep.restorable is not None:
         r = rep.restorable
-        lines.append(f"restorable from LSN {r['fromLsn']} ({r['fromTime']}) to LSN {r['toLsn']} "
-                     f"({r['toTime']}) on timeline {r['toTimeline']}")
+        lines.append(
+            f"restorable from LSN {r['fromLsn']} ({r['fromTime']}) to LSN {r['toLsn']} "
+            f"({r['toTime']}) on timeline {r['toTimeline']}"
+        )
     if rep.replay is not None:
         rp = rep.replay
         sec = rp["seconds"]
         assert isinstance(sec, dict)
         proof, srv = rp["proof"], rp["server"]
         assert isinstance(proof, dict) and isinstance(srv, dict)
-        lines.append(f"replay    restored to LSN {rp['lsn']} ({rp['time']}): {rp['records']} records "
-                     f"replayed, {rp['keys']} keys, fingerprint {str(rp['fingerprint'])[:16]}")
+        lines.append(
+            f"replay    restored to LSN {rp['lsn']} ({rp['time']}): {rp['records']} records "
+            f"replayed, {rp['keys']} keys, fingerprint {str(rp['fingerprint'])[:16]}"
+        )
         lines.append(f"proof     {proof['text']}")
-        lines.append(f"served    a real server on 127.0.0.1:{srv['port']} served LSN "
-                     f"{srv['servedLsn']} with fingerprint {str(srv['servedFingerprint'])[:16]}; "
-                     f"{srv['sampledKeys']} sampled keys read back, "
-                     f"{len(srv['mismatchedKeys'])} differ")
-        lines.append(f"          measured RTO {sec['total']:.2f} s (verify "
-                     f"{sec['verify']:.2f} s, copy {sec['copy']:.2f} s, replay "
-                     f"{sec['replay']:.2f} s, publish {sec['publish']:.2f} s, server start "
-                     f"{sec['serverStart']:.2f} s, checks {sec['serveChecks']:.2f} s)")
+        lines.append(
+            f"served    a real server on 127.0.0.1:{srv['port']} served LSN "
+            f"{srv['servedLsn']} with fingerprint {str(srv['servedFingerprint'])[:16]}; "
+            f"{srv['sampledKeys']} sampled keys read back, "
+            f"{len(srv['mismatchedKeys'])} differ"
+        )
+        lines.append(
+            f"          measured RTO {sec['total']:.2f} s (verify "
+            f"{sec['verify']:.2f} s, copy {sec['copy']:.2f} s, replay "
+            f"{sec['replay']:.2f} s, publish {sec['publish']:.2f} s, server start "
+            f"{sec['serverStart']:.2f} s, checks {sec['serveChecks']:.2f} s)"
+        )
     for w in rep.warnings:
         lines.append(f"warning   {w}")
     for p in rep.problems:
         lines.append(f"PROBLEM   {p}")
-    lines.append("OK: the backup set is restorable" if rep.ok else
-                 f"FAILED: {len(rep.problems)} problem(s)")
+    lines.append("OK: the backup set is restorable" if rep.ok else f"FAILED: {len(rep.problems)} problem(s)")
     return "\n".join(lines)
 
 
@@ -200,9 +260,13 @@ def render_verify(rep: VerifyReport) -> str:
 
 
 @backup_group.command("list")
-@click.option("--backup-dir", type=LocalPath(path_type=Path, file_okay=False, exists=True),
-              required=True, metavar="DIR",
-              help="A backup root, e.g. <data-dir>/backups/<ns> (searched recursively).")
+@click.option(
+    "--backup-dir",
+    type=LocalPath(path_type=Path, file_okay=False, exists=True),
+    required=True,
+    metavar="DIR",
+    help="A backup root, e.g. <data-dir>/backups/<ns> (searched recursively).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def list_cmd(backup_dir: Path, as_json: bool) -> None:
     """List snapshots and, per history, WAL coverage, holes and the restorable window.
@@ -226,18 +290,20 @@ def render_list(payload: dict[str, Any]) -> str:
             lines.append(f"  {s['path']}  ERROR: {s['error']}")
             continue
         r = s["restorableTo"]
-        comp = (f" ({s['compression']}, {format_bytes(s['plainBytes'])} plain)"
-                if "compression" in s else "")
-        lines.append(f"  {s['path']}  {format_bytes(s['bytes'])}{comp}  LSN {s['lsn']}  "
-                     f"{s['time'] or '-'}  timeline {s['timeline']}"
-                     + ("" if s["sidecar"] else "  (no .sha256)"))
-        lines.append(f"      restorable to LSN {r['lsn']} ({r['time'] or '-'}) on timeline "
-                     f"{r['timeline']}" + (f"; then missing {'; '.join(r['holesAfter'])}"
-                                           if r["holesAfter"] else ""))
+        comp = f" ({s['compression']}, {format_bytes(s['plainBytes'])} plain)" if "compression" in s else ""
+        lines.append(
+            f"  {s['path']}  {format_bytes(s['bytes'])}{comp}  LSN {s['lsn']}  "
+            f"{s['time'] or '-'}  timeline {s['timeline']}" + ("" if s["sidecar"] else "  (no .sha256)")
+        )
+        lines.append(
+            f"      restorable to LSN {r['lsn']} ({r['time'] or '-'}) on timeline "
+            f"{r['timeline']}" + (f"; then missing {'; '.join(r['holesAfter'])}" if r["holesAfter"] else "")
+        )
     for c in payload["compressed"]:
-        lines.append(f"  {c['path']}  {format_bytes(c['bytes'])}  {c['format']}-compressed, "
-                     + (f"ERROR: {c['error']}" if "error" in c
-                        else "not a snapshot or segment (ignored)"))
+        lines.append(
+            f"  {c['path']}  {format_bytes(c['bytes'])}  {c['format']}-compressed, "
+            + (f"ERROR: {c['error']}" if "error" in c else "not a snapshot or segment (ignored)")
+        )
     if payload["encrypted"]:
         lines += ["", "Encrypted (not inspected):"]
     for e in payload["encrypted"]:
@@ -246,30 +312,41 @@ def render_list(payload: dict[str, Any]) -> str:
     if not payload["wal"]["histories"] and not payload["wal"]["empty"]:
         lines.append("  (none)")
     for t in payload["wal"]["histories"]:
-        origin = (f"forked from {t['parent'][:12]} after LSN {t['forkLsn']}" if t["parent"]
-                  else "from an empty namespace")
+        origin = (
+            f"forked from {t['parent'][:12]} after LSN {t['forkLsn']}"
+            if t["parent"]
+            else "from an empty namespace"
+        )
         lines.append(f"  history {t['history'][:12]} (timeline {t['timeline']}), {origin}")
         if t["segments"]:
-            lines.append(f"      WAL: LSN {t['earliestLsn']}..{t['latestLsn']}  "
-                         f"{t['earliestTime']} .. {t['latestTime']}  {t['segments']} segment(s) "
-                         f"{t['firstSegmentId']:09d}..{t['lastSegmentId']:09d}, "
-                         f"{t['records']} records, {t['fingerprints']} recorded fingerprint(s)")
+            lines.append(
+                f"      WAL: LSN {t['earliestLsn']}..{t['latestLsn']}  "
+                f"{t['earliestTime']} .. {t['latestTime']}  {t['segments']} segment(s) "
+                f"{t['firstSegmentId']:09d}..{t['lastSegmentId']:09d}, "
+                f"{t['records']} records, {t['fingerprints']} recorded fingerprint(s)"
+            )
         else:
             lines.append("      WAL: (no segments)")
         w = t["window"]
         if w is None:
             lines.append("      restorable: nothing (no snapshot reaches this history)")
         else:
-            lines.append(f"      restorable: LSN {w['earliestLsn']}..{w['latestLsn']}  "
-                         f"({w['earliestTime'] or '-'} .. {w['latestTime'] or '-'})")
+            lines.append(
+                f"      restorable: LSN {w['earliestLsn']}..{w['latestLsn']}  "
+                f"({w['earliestTime'] or '-'} .. {w['latestTime'] or '-'})"
+            )
             for anchor in w["anchors"]:
-                lines.append(f"        from {Path(anchor['snapshot']).name} (LSN "
-                             f"{anchor['fromLsn']}): LSN {anchor['fromLsn']}..{anchor['toLsn']}")
+                lines.append(
+                    f"        from {Path(anchor['snapshot']).name} (LSN "
+                    f"{anchor['fromLsn']}): LSN {anchor['fromLsn']}..{anchor['toLsn']}"
+                )
         for h in t["holes"]:
             lines.append(f"      hole: missing {h['text']}")
     for e in payload["wal"]["empty"]:
-        lines.append(f"  {Path(e['path']).name}  timeline {e['timeline']}: LSN "
-                     f"{format_lsn_range(e['firstLsn'], e['firstLsn'] - 1)}, no records")
+        lines.append(
+            f"  {Path(e['path']).name}  timeline {e['timeline']}: LSN "
+            f"{format_lsn_range(e['firstLsn'], e['firstLsn'] - 1)}, no records"
+        )
     for p in payload["problems"]:
         lines.append(f"PROBLEM {p}")
     return "\n".join(lines)

@@ -26,8 +26,7 @@ def _download_hint(url: str, scheme: str) -> str:
     tree = url.endswith("/")
     name = url.rstrip("/").rsplit("/", 1)[-1] or "download"
     if scheme == "s3":
-        return f"download with aws s3 cp first: aws s3 cp {'--recursive ' if tree else ''}" \
-            f"{url} ./{name}"
+        return f"download with aws s3 cp first: aws s3 cp {'--recursive ' if tree else ''}{url} ./{name}"
     if scheme == "gs":
         return f"download with gsutil cp first: gsutil cp {'-r ' if tree else ''}{url} ./{name}"
     if scheme in ("http", "https") and not tree:
@@ -38,8 +37,7 @@ def _download_hint(url: str, scheme: str) -> str:
 class LocalPath(click.Path):
     """``click.Path`` that refuses URLs with a one-line error naming the download command."""
 
-    def convert(self, value: Any, param: click.Parameter | None,
-                ctx: click.Context | None) -> Any:
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
         if isinstance(value, str) and (m := _URL.match(value)):
             scheme = m.group(1).lower()
             hint = _download_hint(value, scheme)

@@ -43,12 +43,18 @@ def _segment_files(wal_dir: Path) -> tuple[list[tuple[int, Path]], list[tuple[Pa
 
 
 def _unreadable_row(path: Path, reason: str) -> dict[str, Any]:
-    return {"path": str(path), "file": path.name, "status": "unreadable", "crc": "unreadable",
-            "error": reason}
+    return {
+        "path": str(path),
+        "file": path.name,
+        "status": "unreadable",
+        "crc": "unreadable",
+        "error": reason,
+    }
 
 
-def describe_segment(path: Path, *, is_last: bool, with_records: bool = False,
-                     namespace: str | None = None) -> dict[str, Any]:
+def describe_segment(
+    path: Path, *, is_last: bool, with_records: bool = False, namespace: str | None = None
+) -> dict[str, Any]:
     """Everything about one segment file, from one read-only pass over its bytes."""
     out: dict[str, Any] = {"path": str(path), "file": path.name}
     try:
@@ -63,9 +69,15 @@ def describe_segment(path: Path, *, is_last: bool, with_records: bool = False,
         header = segment.decode_header(data, path)
     except CorruptLog as exc:
         return {**out, "status": "unknown", "crc": "bad header", "error": exc.message}
-    out.update({"segmentId": header.segment_id, "timeline": header.timeline,
-                "firstLsn": header.first_lsn, "created": format_ns(header.created_ns),
-                "nsCrc": f"{header.ns_crc:08x}"})
+    out.update(
+        {
+            "segmentId": header.segment_id,
+            "timeline": header.timeline,
+            "firstLsn": header.first_lsn,
+            "created": format_ns(header.created_ns),
+            "nsCrc": f"{header.ns_crc:08x}",
+        }
+    )
     if namespace is not None:
         out["namespaceMatches"] = header.ns_crc == segment.namespace_crc(namespace)
     footer = segment.try_decode_footer(data)
@@ -78,33 +90,49 @@ def describe_segment(path: Path, *, is_last: bool, with_records: bool = False,
         out.update({"crc": "damaged", "error": exc.message})
         return out
     recs = scan.records
-    out.update({
-        "lastLsn": scan.last_lsn, "records": len(recs),
-        "minTime": format_ns(min(r.time_ns for r, _s, _e in recs)) if recs else None,
-        "maxTime": format_ns(max(r.time_ns for r, _s, _e in recs)) if recs else None,
-        "dataEnd": scan.data_end,
-        "lastRecordOffset": recs[-1][1] if recs else None,
-    })
+    out.update(
+        {
+            "lastLsn": scan.last_lsn,
+            "records": len(recs),
+            "minTime": format_ns(min(r.time_ns for r, _s, _e in recs)) if recs else None,
+            "maxTime": format_ns(max(r.time_ns for r, _s, _e in recs)) if recs else None,
+            "dataEnd": scan.data_end,
+            "lastRecordOffset": recs[-1][1] if recs else None,
+        }
+    )
     if footer is not None:
-        out["footer"] = {"lastLsn": footer.last_lsn, "records": footer.count,
-                         "minTime": format_ns(footer.min_time_ns) if footer.count else None,
-                         "maxTime": format_ns(footer.max_time_ns) if footer.count else None}
+        out["footer"] = {
+            "lastLsn": footer.last_lsn,
+            "records": footer.count,
+            "minTime": format_ns(footer.min_time_ns) if footer.count else None,
+            "maxTime": format_ns(footer.max_time_ns) if footer.count else None,
+        }
     if scan.tail_error is None:
         out["crc"] = "ok"
     elif scan.tail_is_midlog or not is_last:
-        out.update({"crc": "damaged", "error": f"{scan.tail_error} (valid records follow or a "
-                    "newer segment exists: not a torn tail)"})
+        out.update(
+            {
+                "crc": "damaged",
+                "error": f"{scan.tail_error} (valid records follow or a "
+                "newer segment exists: not a torn tail)",
+            }
+        )
     else:
-        out.update({"crc": "torn tail", "error": f"{scan.tail_error}; the server cuts this on "
-                    "its next start"})
+        out.update(
+            {"crc": "torn tail", "error": f"{scan.tail_error}; the server cuts this on its next start"}
+        )
     if with_records:
         out["recordList"] = [
-            {"lsn": r.lsn, "time": format_ns(r.time_ns), "offset": start, "bytes": end - start,
-             "entries": len(r.entries),
-             "puts": sum(1 for e in r.entries if e.kind == record.EntryKind.PUT),
-             "deletes": sum(1 for e in r.entries if e.kind == record.EntryKind.DELETE),
-             "firstKey": r.entries[0].key.decode("utf-8", "backslashreplace") if r.entries
-             else None}
+            {
+                "lsn": r.lsn,
+                "time": format_ns(r.time_ns),
+                "offset": start,
+                "bytes": end - start,
+                "entries": len(r.entries),
+                "puts": sum(1 for e in r.entries if e.kind == record.EntryKind.PUT),
+                "deletes": sum(1 for e in r.entries if e.kind == record.EntryKind.DELETE),
+                "firstKey": r.entries[0].key.decode("utf-8", "backslashreplace") if r.entries else None,
+            }
             for r, start, end in recs
         ]
     return out
@@ -118,66 +146,82 @@ def _refuse_foreign(rows: list[dict[str, Any]], namespace: str | None) -> None:
         return
     more = f" (and {len(foreign) - 3} more)" if len(foreign) > 3 else ""
     raise BackupMismatch(
-        f"WAL segments from another namespace (not {namespace!r}): "
-        f"{', '.join(foreign[:3])}{more}",
+        f"WAL segments from another namespace (not {namespace!r}): {', '.join(foreign[:3])}{more}",
         hint="every segment header records its namespace; check -n, or keep only this "
         "namespace's segments in the directory",
     )
 
 
 @wal_group.command("list")
-@click.option("--wal-dir", type=LocalPath(path_type=Path, file_okay=False), required=True,
-              metavar="DIR", help="A WAL directory (<data-dir>/<ns>/wal or a backup dir).")
-@click.option("--namespace", "-n", default=None, metavar="NS",
-              help="Also check each segment's namespace.")
+@click.option(
+    "--wal-dir",
+    type=LocalPath(path_type=Path, file_okay=False),
+    required=True,
+    metavar="DIR",
+    help="A WAL directory (<data-dir>/<ns>/wal or a backup dir).",
+)
+@click.option("--namespace", "-n", default=None, metavar="NS", help="Also check each segment's namespace.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
 def list_cmd(wal_dir: Path, namespace: str | None, as_json: bool) -> None:
     """One line per segment: id, timeline, LSN and time range, records, status, CRC."""
     with sources.staging():
         files, unreadable = _segment_files(wal_dir)
-        rows = [describe_segment(p, is_last=i == len(files) - 1, namespace=namespace)
-                for i, (_id, p) in enumerate(files)]
+        rows = [
+            describe_segment(p, is_last=i == len(files) - 1, namespace=namespace)
+            for i, (_id, p) in enumerate(files)
+        ]
     rows += [_unreadable_row(p, reason) for p, reason in unreadable]
     if as_json:
         emit_json(rows)
         _refuse_foreign(rows, namespace)
         return
-    click.echo(f"{'ID':>9}  {'TL':>3}  {'STATUS':<8}  {'FIRST_LSN':>10}  {'LAST_LSN':>10}  "
-               f"{'RECORDS':>8}  {'MIN_TIME':<30}  {'MAX_TIME':<30}  {'SIZE':>10}  CRC")
+    click.echo(
+        f"{'ID':>9}  {'TL':>3}  {'STATUS':<8}  {'FIRST_LSN':>10}  {'LAST_LSN':>10}  "
+        f"{'RECORDS':>8}  {'MIN_TIME':<30}  {'MAX_TIME':<30}  {'SIZE':>10}  CRC"
+    )
     for r in rows:
-        click.echo(f"{r.get('segmentId', 0):>09}  {r.get('timeline', '-'):>3}  {r['status']:<8}  "
-                   f"{r.get('firstLsn', '-'):>10}  {_last_lsn_cell(r):>10}  "
-                   f"{r.get('records', '-'):>8}  {r.get('minTime') or '-':<30}  "
-                   f"{r.get('maxTime') or '-':<30}  {format_bytes(r.get('bytes', 0)):>10}  "
-                   f"{r['crc']}" + (f" ({r['error']})" if r.get("error") else "")
-                   + ("  OTHER NAMESPACE" if r.get("namespaceMatches") is False else ""))
+        click.echo(
+            f"{r.get('segmentId', 0):>09}  {r.get('timeline', '-'):>3}  {r['status']:<8}  "
+            f"{r.get('firstLsn', '-'):>10}  {_last_lsn_cell(r):>10}  "
+            f"{r.get('records', '-'):>8}  {r.get('minTime') or '-':<30}  "
+            f"{r.get('maxTime') or '-':<30}  {format_bytes(r.get('bytes', 0)):>10}  "
+            f"{r['crc']}"
+            + (f" ({r['error']})" if r.get("error") else "")
+            + ("  OTHER NAMESPACE" if r.get("namespaceMatches") is False else "")
+        )
     _refuse_foreign(rows, namespace)
 
 
 @wal_group.command("inspect")
-@click.option("--wal-dir", type=LocalPath(path_type=Path, file_okay=False), required=True,
-              metavar="DIR", help="A WAL directory.")
-@click.option("--segment-id", "-s", type=int, default=None, metavar="N",
-              help="Only this segment (default: all).")
+@click.option(
+    "--wal-dir",
+    type=LocalPath(path_type=Path, file_okay=False),
+    required=True,
+    metavar="DIR",
+    help="A WAL directory.",
+)
+@click.option(
+    "--segment-id", "-s", type=int, default=None, metavar="N", help="Only this segment (default: all)."
+)
 @click.option("--records", "with_records", is_flag=True, help="List every record.")
-@click.option("--namespace", "-n", default=None, metavar="NS",
-              help="Also check the segment's namespace.")
+@click.option("--namespace", "-n", default=None, metavar="NS", help="Also check the segment's namespace.")
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def inspect_cmd(wal_dir: Path, segment_id: int | None, with_records: bool,
-                namespace: str | None, as_json: bool) -> None:
+def inspect_cmd(
+    wal_dir: Path, segment_id: int | None, with_records: bool, namespace: str | None, as_json: bool
+) -> None:
     """Header, footer, CRC status, last good record and (with --records) every record."""
     with sources.staging():
         files, unreadable = _segment_files(wal_dir)
-        chosen = [(i, p) for i, (sid, p) in enumerate(files)
-                  if segment_id is None or sid == segment_id]
+        chosen = [(i, p) for i, (sid, p) in enumerate(files) if segment_id is None or sid == segment_id]
         if segment_id is not None and not chosen:
             if unreadable:
                 p, reason = unreadable[0]
-                raise NotFound(f"segment {segment_id} not found in {wal_dir}; {p} cannot be "
-                               f"read: {reason}")
+                raise NotFound(f"segment {segment_id} not found in {wal_dir}; {p} cannot be read: {reason}")
             raise NotFound(f"segment {segment_id} not found in {wal_dir}")
-        rows = [describe_segment(p, is_last=i == len(files) - 1, with_records=with_records,
-                                 namespace=namespace) for i, p in chosen]
+        rows = [
+            describe_segment(p, is_last=i == len(files) - 1, with_records=with_records, namespace=namespace)
+            for i, p in chosen
+        ]
     if segment_id is None:
         rows += [_unreadable_row(p, reason) for p, reason in unreadable]
     if as_json:
@@ -186,21 +230,43 @@ def inspect_cmd(wal_dir: Path, segment_id: int | None, with_records: bool,
         return
     for r in rows:
         click.echo(f"segment {r['file']}  ({r['path']})")
-        for key in ("status", "crc", "error", "compression", "segmentId", "timeline", "firstLsn", "lastLsn",
-                    "records", "minTime", "maxTime", "created", "nsCrc", "namespaceMatches",
-                    "bytes", "dataEnd", "lastRecordOffset"):
+        for key in (
+            "status",
+            "crc",
+            "error",
+            "compression",
+            "segmentId",
+            "timeline",
+            "firstLsn",
+            "lastLsn",
+            "records",
+            "minTime",
+            "maxTime",
+            "created",
+            "nsCrc",
+            "namespaceMatches",
+            "bytes",
+            "dataEnd",
+            "lastRecordOffset",
+        ):
             if key in r and r[key] is not None:
                 click.echo(f"  {key:<17} {_text_value(r, key, namespace)}")
         if "footer" in r:
             f = r["footer"]
-            click.echo(f"  {'footer':<17} " + (
-                "no records (empty segment)" if not f["records"] else
-                f"last LSN {f['lastLsn']}, {f['records']} records, {f['minTime']} .. "
-                f"{f['maxTime']}"))
+            click.echo(
+                f"  {'footer':<17} "
+                + (
+                    "no records (empty segment)"
+                    if not f["records"]
+                    else f"last LSN {f['lastLsn']}, {f['records']} records, {f['minTime']} .. {f['maxTime']}"
+                )
+            )
         for rec in r.get("recordList", []):
-            click.echo(f"    LSN {rec['lsn']:>10}  {rec['time']}  offset {rec['offset']:>9}  "
-                       f"{rec['bytes']:>7} B  {rec['puts']} put / {rec['deletes']} delete  "
-                       f"{rec['firstKey']}")
+            click.echo(
+                f"    LSN {rec['lsn']:>10}  {rec['time']}  offset {rec['offset']:>9}  "
+                f"{rec['bytes']:>7} B  {rec['puts']} put / {rec['deletes']} delete  "
+                f"{rec['firstKey']}"
+            )
         click.echo("")
     _refuse_foreign(rows, namespace)
 
@@ -212,8 +278,7 @@ def _last_lsn_cell(row: dict[str, Any]) -> object:
 
 def _text_value(row: dict[str, Any], key: str, namespace: str | None) -> object:
     if key == "namespaceMatches":
-        return f"yes ({namespace})" if row[key] else f"NO: written by another namespace, " \
-            f"not {namespace!r}"
+        return f"yes ({namespace})" if row[key] else f"NO: written by another namespace, not {namespace!r}"
     if key == "lastLsn":
         return _last_lsn_cell(row)
     return row[key]

@@ -29,8 +29,7 @@ from unisondb.restore.progress import Progress
 from unisondb.restore.timefmt import parse_rfc3339
 from unisondb.restore.verify import VerifiedPlan, verify_plan
 
-__all__ = ["RestoreOutcome", "RestorePlan", "RestoreSummary", "Target", "VerifiedPlan",
-           "prepare", "restore"]
+__all__ = ["RestoreOutcome", "RestorePlan", "RestoreSummary", "Target", "VerifiedPlan", "prepare", "restore"]
 
 
 @dataclass(slots=True)
@@ -41,24 +40,49 @@ class RestoreOutcome:
     prepare_seconds: float
 
 
-def prepare(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[Path] = (), *,
-            target: Target | None = None, history_choice: str | None = None,
-            progress: Progress | None = None, check_namespace: bool = True) -> VerifiedPlan:
+def prepare(
+    data_dir: Path,
+    namespace: str,
+    snapshot: Path,
+    wal_dirs: Sequence[Path] = (),
+    *,
+    target: Target | None = None,
+    history_choice: str | None = None,
+    progress: Progress | None = None,
+    check_namespace: bool = True,
+) -> VerifiedPlan:
     """Inventory, plan and verify; raises if the restore cannot be done. Writes nothing."""
     progress = progress or Progress()
     snap = inspect_snapshot(snapshot)
     inv = collect_wal(wal_dirs)
     existing = inspect_target(data_dir, namespace)
-    plan = build_plan(namespace, data_dir, snap, inv, target or Target(),
-                      history_choice=history_choice, existing=existing,
-                      check_namespace=check_namespace)
+    plan = build_plan(
+        namespace,
+        data_dir,
+        snap,
+        inv,
+        target or Target(),
+        history_choice=history_choice,
+        existing=existing,
+        check_namespace=check_namespace,
+    )
     return verify_plan(plan, progress)
 
 
-def restore(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[Path] = (), *,
-            target_lsn: int | None = None, target_time: str | int | None = None,
-            history_choice: str | None = None, force: bool = False, dry_run: bool = False,
-            progress: Progress | None = None, check_namespace: bool = True) -> RestoreOutcome:
+def restore(
+    data_dir: Path,
+    namespace: str,
+    snapshot: Path,
+    wal_dirs: Sequence[Path] = (),
+    *,
+    target_lsn: int | None = None,
+    target_time: str | int | None = None,
+    history_choice: str | None = None,
+    force: bool = False,
+    dry_run: bool = False,
+    progress: Progress | None = None,
+    check_namespace: bool = True,
+) -> RestoreOutcome:
     """Restore ``namespace`` under ``data_dir`` from a snapshot plus WAL directories.
 
     ``target_time`` is RFC 3339 text or integer nanoseconds. Everything is verified before
@@ -67,23 +91,51 @@ def restore(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[P
     (``$TMPDIR``), removed before this returns.
     """
     with sources.staging():
-        return _restore(data_dir, namespace, snapshot, wal_dirs, target_lsn=target_lsn,
-                        target_time=target_time, history_choice=history_choice, force=force,
-                        dry_run=dry_run, progress=progress, check_namespace=check_namespace)
+        return _restore(
+            data_dir,
+            namespace,
+            snapshot,
+            wal_dirs,
+            target_lsn=target_lsn,
+            target_time=target_time,
+            history_choice=history_choice,
+            force=force,
+            dry_run=dry_run,
+            progress=progress,
+            check_namespace=check_namespace,
+        )
 
 
-def _restore(data_dir: Path, namespace: str, snapshot: Path, wal_dirs: Sequence[Path], *,
-             target_lsn: int | None, target_time: str | int | None, history_choice: str | None,
-             force: bool, dry_run: bool, progress: Progress | None,
-             check_namespace: bool) -> RestoreOutcome:
+def _restore(
+    data_dir: Path,
+    namespace: str,
+    snapshot: Path,
+    wal_dirs: Sequence[Path],
+    *,
+    target_lsn: int | None,
+    target_time: str | int | None,
+    history_choice: str | None,
+    force: bool,
+    dry_run: bool,
+    progress: Progress | None,
+    check_namespace: bool,
+) -> RestoreOutcome:
     started = time.perf_counter()
     progress = progress or Progress()
     data_dir, snapshot = data_dir.absolute(), snapshot.absolute()
     wal_dirs = [d.absolute() for d in wal_dirs]
     t_ns = parse_rfc3339(target_time) if isinstance(target_time, str) else target_time
     target = Target.from_options(target_lsn, t_ns)
-    vp = prepare(data_dir, namespace, snapshot, wal_dirs, target=target,
-                 history_choice=history_choice, progress=progress, check_namespace=check_namespace)
+    vp = prepare(
+        data_dir,
+        namespace,
+        snapshot,
+        wal_dirs,
+        target=target,
+        history_choice=history_choice,
+        progress=progress,
+        check_namespace=check_namespace,
+    )
     prepare_seconds = time.perf_counter() - started
     vp.seconds = prepare_seconds
     if dry_run:

@@ -118,8 +118,9 @@ class DataDirLock:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             os.close(fd)
-            raise LockedError(f"another 'unisondb restore' is running in {self.path}",
-                              hint="wait for it to finish") from None
+            raise LockedError(
+                f"another 'unisondb restore' is running in {self.path}", hint="wait for it to finish"
+            ) from None
         self._fd = fd
 
     def release(self) -> None:
@@ -128,8 +129,9 @@ class DataDirLock:
             self._fd = None
 
 
-def apply_plan(vp: VerifiedPlan, *, force: bool = False, progress: Progress | None = None,
-               started: float | None = None) -> RestoreSummary:
+def apply_plan(
+    vp: VerifiedPlan, *, force: bool = False, progress: Progress | None = None, started: float | None = None
+) -> RestoreSummary:
     """Publish the verified plan into ``<data-dir>/<ns>``. See the module docstring."""
     progress = progress or Progress()
     plan = vp.plan
@@ -208,18 +210,29 @@ def apply_plan(vp: VerifiedPlan, *, force: bool = False, progress: Progress | No
         restore_lock.release()
     total = time.perf_counter() - (started if started is not None else t_start)
     return RestoreSummary(
-        namespace=ns, target_dir=ns_dir, end_lsn=vp.end_lsn, end_time_ns=vp.end_time_ns,
-        timeline=plan.new_timeline, next_segment_id=plan.new_segment_id,
-        history=plan.new_history, proof=proof,
-        records_replayed=vp.records, wal_bytes=vp.wal_bytes, snapshot_bytes=plan.snapshot.size,
-        replaced_existing=existed, verify_seconds=vp.seconds, copy_seconds=copy_seconds,
-        replay_seconds=replay_seconds, publish_seconds=publish_seconds, total_seconds=total,
-        removed_staging=removed, warnings=list(vp.warnings),
+        namespace=ns,
+        target_dir=ns_dir,
+        end_lsn=vp.end_lsn,
+        end_time_ns=vp.end_time_ns,
+        timeline=plan.new_timeline,
+        next_segment_id=plan.new_segment_id,
+        history=plan.new_history,
+        proof=proof,
+        records_replayed=vp.records,
+        wal_bytes=vp.wal_bytes,
+        snapshot_bytes=plan.snapshot.size,
+        replaced_existing=existed,
+        verify_seconds=vp.seconds,
+        copy_seconds=copy_seconds,
+        replay_seconds=replay_seconds,
+        publish_seconds=publish_seconds,
+        total_seconds=total,
+        removed_staging=removed,
+        warnings=list(vp.warnings),
     )
 
 
-def _refuse_if_busy_or_full(data_dir: Path, ns: str, force: bool, *,
-                            check_lock: bool = True) -> None:
+def _refuse_if_busy_or_full(data_dir: Path, ns: str, force: bool, *, check_lock: bool = True) -> None:
     existing = inspect_target(data_dir, ns)
     if check_lock and existing.locked_by is not None:
         who = f" (held by pid {existing.locked_by})" if existing.locked_by else ""
@@ -230,8 +243,7 @@ def _refuse_if_busy_or_full(data_dir: Path, ns: str, force: bool, *,
         )
     if existing.has_data and not force:
         raise DataExists(
-            f"{existing.path} already holds data (db/data.mdb or WAL segments); refusing to "
-            "replace it",
+            f"{existing.path} already holds data (db/data.mdb or WAL segments); refusing to replace it",
             hint="add --force to replace it (the current B-tree and WAL are deleted), or "
             "restore into another --data-dir; --dry-run shows what would be replaced",
         )
@@ -265,8 +277,10 @@ def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> None:
     except OSError as exc:
         raise from_os_error(exc, dest if exc.filename == str(dest) else src) from exc
     if h.hexdigest() != vp.snapshot_sha256:
-        raise BackupCorrupt(f"snapshot {src} changed after it was verified (sha256 "
-                            f"{h.hexdigest()}, verified {vp.snapshot_sha256})")
+        raise BackupCorrupt(
+            f"snapshot {src} changed after it was verified (sha256 "
+            f"{h.hexdigest()}, verified {vp.snapshot_sha256})"
+        )
 
 
 @dataclass(frozen=True, slots=True)
@@ -289,14 +303,21 @@ class Proof:
 
     def describe(self) -> str:
         if self.end_proven:
-            return (f"state fingerprint {fingerprint.short(self.fingerprint)} equals the one "
-                    f"the server recorded at LSN {self.end_lsn}: the restored state is "
-                    "exactly the original state there")
-        where = (f"last proven at LSN {self.proven_lsn}" if self.proven_lsn is not None
-                 else "no recorded fingerprint on the way")
-        return (f"state fingerprint {fingerprint.short(self.fingerprint)}; LSN {self.end_lsn} "
-                f"is inside a segment, where no fingerprint is recorded ({where}; every "
-                "record CRC checked)")
+            return (
+                f"state fingerprint {fingerprint.short(self.fingerprint)} equals the one "
+                f"the server recorded at LSN {self.end_lsn}: the restored state is "
+                "exactly the original state there"
+            )
+        where = (
+            f"last proven at LSN {self.proven_lsn}"
+            if self.proven_lsn is not None
+            else "no recorded fingerprint on the way"
+        )
+        return (
+            f"state fingerprint {fingerprint.short(self.fingerprint)}; LSN {self.end_lsn} "
+            f"is inside a segment, where no fingerprint is recorded ({where}; every "
+            "record CRC checked)"
+        )
 
 
 def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
@@ -315,8 +336,9 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
     try:
         got = btree.read_checkpoint()
         if got != cp:
-            raise BackupCorrupt(f"the staged snapshot's checkpoint {got} differs from the one "
-                                f"verified ({cp})")
+            raise BackupCorrupt(
+                f"the staged snapshot's checkpoint {got} differs from the one verified ({cp})"
+            )
         # The snapshot's content was proven against its recorded fingerprint by
         # ``verify_plan`` (check_snapshot_content), and the staged copy has the verified
         # sha256, so it is not hashed a second time here.
@@ -341,8 +363,7 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
             data, _digest = read_verified(seg, step.sha256)
             for rec, start, end in _records(link, data):
                 if rec.lsn != last_lsn + 1:
-                    raise BackupCorrupt(f"{seg.path}: LSN {rec.lsn} where "
-                                        f"{last_lsn + 1} was expected")
+                    raise BackupCorrupt(f"{seg.path}: LSN {rec.lsn} where {last_lsn + 1} was expected")
                 batch.append(rec)
                 size += end - start
                 where = (link, end)
@@ -374,9 +395,16 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
         # retention gap.
         parent = plan.chain.end_history if vp.steps else cp.history
         lineage = Lineage(plan.new_history, parent, vp.end_lsn, plan.new_timeline)
-        cp = btree.apply([], replace(cp, applied_lsn=vp.end_lsn, segment_id=plan.new_segment_id - 1,
-                                     offset=0, time_ns=vp.end_time_ns or cp.time_ns)
-                         .on_lineage(lineage, plan.new_segment_id))
+        cp = btree.apply(
+            [],
+            replace(
+                cp,
+                applied_lsn=vp.end_lsn,
+                segment_id=plan.new_segment_id - 1,
+                offset=0,
+                time_ns=vp.end_time_ns or cp.time_ns,
+            ).on_lineage(lineage, plan.new_segment_id),
+        )
         # A deliberate restore may load a snapshot into another namespace: it is ours now.
         btree.write_namespace(plan.namespace)
         btree.sync()
@@ -388,14 +416,22 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
 def _start_history(vp: VerifiedPlan, wal_dir: Path, proof: Proof) -> None:
     """Create the new history's first (empty) segment, so a start continues it."""
     plan = vp.plan
-    lineage = Lineage(plan.new_history, plan.chain.end_history if vp.steps
-                      else plan.snapshot.checkpoint.history, vp.end_lsn, plan.new_timeline)
+    lineage = Lineage(
+        plan.new_history,
+        plan.chain.end_history if vp.steps else plan.snapshot.checkpoint.history,
+        vp.end_lsn,
+        plan.new_timeline,
+    )
     header = segment.SegmentHeader.for_lineage(
-        plan.new_segment_id, lineage, vp.end_lsn + 1, time.time_ns(),
-        segment.namespace_crc(plan.namespace), proof.fingerprint)
+        plan.new_segment_id,
+        lineage,
+        vp.end_lsn + 1,
+        time.time_ns(),
+        segment.namespace_crc(plan.namespace),
+        proof.fingerprint,
+    )
     try:
-        fsutil.write_file_atomic(wal_dir / layout.segment_name(plan.new_segment_id),
-                                 header.encode())
+        fsutil.write_file_atomic(wal_dir / layout.segment_name(plan.new_segment_id), header.encode())
     except OSError as exc:
         raise from_os_error(exc, wal_dir) from exc
 
@@ -430,15 +466,15 @@ def _records(link: Link, data: bytes) -> Iterator[tuple[Record, int, int]]:
             try:
                 rec, nxt = record.decode(view, pos)
             except record.RecordError as exc:
-                raise BackupCorrupt(f"WAL segment {seg.path} is damaged at offset {pos}: "
-                                    f"{exc.reason}") from None
+                raise BackupCorrupt(
+                    f"WAL segment {seg.path} is damaged at offset {pos}: {exc.reason}"
+                ) from None
             yield rec, pos, nxt
             pos = nxt
         lsn += 1
 
 
-def _apply_batch(btree: BTree, batch: list[Record], cp: Checkpoint, link: Link,
-                 end: int) -> Checkpoint:
+def _apply_batch(btree: BTree, batch: list[Record], cp: Checkpoint, link: Link, end: int) -> Checkpoint:
     last = batch[-1]
     return btree.apply(batch, cp.advance(last.lsn, link.segment.segment_id, end, last.time_ns))
 
@@ -481,9 +517,10 @@ def _rename_noreplace(staging: Path, ns_dir: Path) -> None:
         _renameat2(staging, ns_dir, _RENAME_NOREPLACE)
     except OSError as exc:
         if exc.errno in (errno.EEXIST, errno.ENOTEMPTY):
-            raise Conflict(f"{ns_dir} appeared while the restore was running (a server "
-                           "starting?); nothing was changed", hint="stop it and run the restore "
-                           "again") from exc
+            raise Conflict(
+                f"{ns_dir} appeared while the restore was running (a server starting?); nothing was changed",
+                hint="stop it and run the restore again",
+            ) from exc
         if exc.errno in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):
             try:
                 os.rename(staging, ns_dir)  # ns_dir did not exist a moment ago

@@ -54,44 +54,64 @@ class DrillResult:
     server_log_tail: str = ""
 
     def to_json(self) -> dict[str, Any]:
-        return {"port": self.port, "startSeconds": round(self.start_seconds, 4),
-                "checkSeconds": round(self.check_seconds, 4), "servedLsn": self.served_lsn,
-                "servedFingerprint": self.served_fingerprint, "sampledKeys": self.sampled,
-                "mismatchedKeys": self.mismatched[:10], "skippedKeys": self.skipped_keys,
-                "problems": self.problems}
+        return {
+            "port": self.port,
+            "startSeconds": round(self.start_seconds, 4),
+            "checkSeconds": round(self.check_seconds, 4),
+            "servedLsn": self.served_lsn,
+            "servedFingerprint": self.served_fingerprint,
+            "sampledKeys": self.sampled,
+            "mismatchedKeys": self.mismatched[:10],
+            "skippedKeys": self.skipped_keys,
+            "problems": self.problems,
+        }
 
 
-def sample_keys(data_dir: Path, namespace: str,
-                n: int = SAMPLE_KEYS) -> tuple[int, list[tuple[bytes, bytes]]]:
+def sample_keys(
+    data_dir: Path, namespace: str, n: int = SAMPLE_KEYS
+) -> tuple[int, list[tuple[bytes, bytes]]]:
     """(number of keys, up to ``n`` (key, value) pairs spread over the restored key space)."""
     btree = BTree(layout.btree_dir(data_dir, namespace))
     try:
         total = btree.count()
         step = max(1, total // n) if total else 1
-        pairs = [(bytes(k), bytes(v)) for i, (k, v) in enumerate(btree.items())
-                 if i % step == 0][:n]
+        pairs = [(bytes(k), bytes(v)) for i, (k, v) in enumerate(btree.items()) if i % step == 0][:n]
         return total, pairs
     finally:
         btree.close()
 
 
-def run_drill(data_dir: Path, namespace: str, expect_lsn: int, expect_fingerprint: str,
-              sample: list[tuple[bytes, bytes]]) -> DrillResult:
+def run_drill(
+    data_dir: Path,
+    namespace: str,
+    expect_lsn: int,
+    expect_fingerprint: str,
+    sample: list[tuple[bytes, bytes]],
+) -> DrillResult:
     port = _free_port()
     result = DrillResult(port)
     log_path = data_dir / f"drill-server-{port}.log"
-    args = [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir), "--http-addr",
-            f"127.0.0.1:{port}", "--namespace", namespace]
+    args = [
+        sys.executable,
+        "-m",
+        "unisondb",
+        "--data-dir",
+        str(data_dir),
+        "--http-addr",
+        f"127.0.0.1:{port}",
+        "--namespace",
+        namespace,
+    ]
     started = time.perf_counter()
     with open(log_path, "wb") as log:
-        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL)
+        proc = subprocess.Popen(args, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
     base = f"http://127.0.0.1:{port}"
     try:
         if not _wait_healthy(proc, base, START_TIMEOUT):
             result.problems.append(
                 f"the restored server did not become healthy within {START_TIMEOUT:.0f} s "
-                f"(exit code {proc.poll()})")
+                f"(exit code {proc.poll()})"
+            )
             return result
         result.start_seconds = time.perf_counter() - started
         t_check = time.perf_counter()
@@ -99,26 +119,29 @@ def run_drill(data_dir: Path, namespace: str, expect_lsn: int, expect_fingerprin
         result.served_lsn = int(cp["lsn"])
         result.served_fingerprint = str(cp.get("fingerprint"))
         if result.served_lsn != expect_lsn:
-            result.problems.append(f"the restored server serves LSN {result.served_lsn}, the "
-                                   f"restore ended at {expect_lsn}")
+            result.problems.append(
+                f"the restored server serves LSN {result.served_lsn}, the restore ended at {expect_lsn}"
+            )
         if result.served_fingerprint != expect_fingerprint:
             result.problems.append(
                 f"the restored server's state fingerprint {result.served_fingerprint[:16]} is "
-                f"not the restored one {expect_fingerprint[:16]}")
+                f"not the restored one {expect_fingerprint[:16]}"
+            )
         for key, value in sample:
             try:
                 text = key.decode("utf-8")
             except UnicodeDecodeError:
                 result.skipped_keys += 1  # not addressable through the text key API
                 continue
-            got = _get_json(f"{base}/api/v1/{namespace}/kv/"
-                            + urllib.parse.quote(text, safe=""))
+            got = _get_json(f"{base}/api/v1/{namespace}/kv/" + urllib.parse.quote(text, safe=""))
             result.sampled += 1
             if not got.get("found") or base64.b64decode(got.get("value", "")) != value:
                 result.mismatched.append(text)
         if result.mismatched:
-            result.problems.append(f"{len(result.mismatched)} of {result.sampled} sampled keys "
-                                   "differ between the restored B-tree and what is served")
+            result.problems.append(
+                f"{len(result.mismatched)} of {result.sampled} sampled keys "
+                "differ between the restored B-tree and what is served"
+            )
         result.check_seconds = time.perf_counter() - t_check
     except (OSError, ValueError, KeyError) as exc:
         result.problems.append(f"drill request failed: {exc}")

@@ -92,8 +92,7 @@ class ChecksumResult:
     sidecar: str | None = None
 
     def to_json(self) -> dict[str, object]:
-        out: dict[str, object] = {"path": str(self.path), "sha256": self.sha256,
-                                  "sidecar": self.status}
+        out: dict[str, object] = {"path": str(self.path), "sha256": self.sha256, "sidecar": self.status}
         if self.sidecar is not None:
             out["checked"] = self.sidecar
         if self.expected is not None and self.status == "mismatch":
@@ -124,8 +123,9 @@ def read_sidecar(path: Path) -> tuple[str, str | None] | None:
         return None
     pick = sha256sum.entry_for(entries, (path.name,))
     if pick is None:
-        raise BackupCorrupt(f"checksum file {sidecar_path(path)} lists several files, none "
-                            f"of them {path.name}")
+        raise BackupCorrupt(
+            f"checksum file {sidecar_path(path)} lists several files, none of them {path.name}"
+        )
     return pick[0].digest, pick[0].name
 
 
@@ -148,12 +148,13 @@ def check_sidecar(path: Path, digest: str, *, stored: str | None = None) -> Chec
         found = True
         pick = sha256sum.entry_for(entries, names)
         if pick is None:
-            raise BackupCorrupt(f"checksum file {side} lists several files, none of them "
-                                f"{path.name}")
+            raise BackupCorrupt(f"checksum file {side} lists several files, none of them {path.name}")
         entry, named = pick
         if not named and entry.name is not None:
-            note = (f"{side.name} names {entry.name!r}, not {path.name!r} (file renamed?); "
-                    "the digest was compared anyway")
+            note = (
+                f"{side.name} names {entry.name!r}, not {path.name!r} (file renamed?); "
+                "the digest was compared anyway"
+            )
         if entry.digest == digest:
             checked.append(f"{side.name} (decompressed content)" if compressed else side.name)
             continue
@@ -163,15 +164,16 @@ def check_sidecar(path: Path, digest: str, *, stored: str | None = None) -> Chec
             if entry.digest == stored:
                 checked.append(f"{side.name} (compressed file)")
                 continue
-        return ChecksumResult(path, digest, "mismatch", expected=entry.digest, note=note,
-                              sidecar=side.name)
+        return ChecksumResult(path, digest, "mismatch", expected=entry.digest, note=note, sidecar=side.name)
     if not found:
         names_text = " or ".join(p.name for p in sidecar_candidates(path))
-        return ChecksumResult(path, digest, "missing",
-                              note=f"no {names_text}: content cannot be checked "
-                              "against the checksum taken at backup time")
-    return ChecksumResult(path, digest, "ok", expected=digest, note=note,
-                          sidecar=" and ".join(checked))
+        return ChecksumResult(
+            path,
+            digest,
+            "missing",
+            note=f"no {names_text}: content cannot be checked against the checksum taken at backup time",
+        )
+    return ChecksumResult(path, digest, "ok", expected=digest, note=note, sidecar=" and ".join(checked))
 
 
 def raise_on_mismatch(result: ChecksumResult) -> None:
@@ -236,14 +238,18 @@ def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
     except OSError as exc:
         raise from_os_error(exc, path) from exc
     if path.is_dir():
-        raise NotFound(f"snapshot path is a directory, expected a file: {path}",
-                       hint="pass the snapshot file itself (an LMDB data.mdb copy)")
+        raise NotFound(
+            f"snapshot path is a directory, expected a file: {path}",
+            hint="pass the snapshot file itself (an LMDB data.mdb copy)",
+        )
     kind = sources.classify(path)
     if kind.kind is sources.Kind.ENCRYPTED:
         raise sources.encrypted_error(path)
     if kind.kind is sources.Kind.ARCHIVE:
-        raise InvalidRequest(f"{path} is a tar archive; --snapshot takes one snapshot file",
-                             hint="extract the snapshot from it, or pass the archive to --wal")
+        raise InvalidRequest(
+            f"{path} is a tar archive; --snapshot takes one snapshot file",
+            hint="extract the snapshot from it, or pass the archive to --wal",
+        )
     if kind.codec != "none" and kind.kind is not sources.Kind.SNAPSHOT:
         raise CompressedInput(
             f"{path} is {kind.codec}-compressed but does not hold an LMDB snapshot "
@@ -275,8 +281,9 @@ def check_snapshot_content(info: SnapshotInfo) -> None:
         return
     local = sources.local(info.path)
     try:
-        env = lmdb.open(str(local), subdir=False, readonly=True, lock=False, max_dbs=4,
-                        map_size=max(info.size, 1 << 20))
+        env = lmdb.open(
+            str(local), subdir=False, readonly=True, lock=False, max_dbs=4, map_size=max(info.size, 1 << 20)
+        )
     except lmdb.Error as exc:
         raise BackupCorrupt(f"cannot open snapshot {info.path} as LMDB: {exc}") from exc
     try:
@@ -298,11 +305,11 @@ def check_snapshot_content(info: SnapshotInfo) -> None:
         )
 
 
-def _read_checkpoint_readonly(local: Path, size: int,
-                              path: Path) -> tuple[Checkpoint, bool, int]:
+def _read_checkpoint_readonly(local: Path, size: int, path: Path) -> tuple[Checkpoint, bool, int]:
     try:
-        env = lmdb.open(str(local), subdir=False, readonly=True, lock=False, max_dbs=4,
-                        map_size=max(size, 1 << 20))
+        env = lmdb.open(
+            str(local), subdir=False, readonly=True, lock=False, max_dbs=4, map_size=max(size, 1 << 20)
+        )
     except lmdb.Error as exc:
         raise BackupCorrupt(f"cannot open snapshot {path} as LMDB: {exc}") from exc
     try:
@@ -311,8 +318,7 @@ def _read_checkpoint_readonly(local: Path, size: int,
             kv = env.open_db(b"kv", create=False)
         except lmdb.NotFoundError:
             raise BackupMismatch(
-                f"{path} is an LMDB file but not a UnisonDB snapshot (no 'kv'/'meta' "
-                "sub-databases)"
+                f"{path} is an LMDB file but not a UnisonDB snapshot (no 'kv'/'meta' sub-databases)"
             ) from None
         with env.begin() as txn:
             raw = txn.get(CHECKPOINT_KEY, db=meta)
@@ -373,13 +379,20 @@ class SegmentMeta:
         from unisondb.restore.timefmt import format_ns
 
         return {
-            "segmentId": self.segment_id, "path": str(self.path), "timeline": self.timeline,
-            "firstLsn": self.first_lsn, "lastLsn": self.last_lsn, "records": self.count,
+            "segmentId": self.segment_id,
+            "path": str(self.path),
+            "timeline": self.timeline,
+            "firstLsn": self.first_lsn,
+            "lastLsn": self.last_lsn,
+            "records": self.count,
             "minTime": format_ns(self.min_time_ns) if self.count else None,
             "maxTime": format_ns(self.max_time_ns) if self.count else None,
-            "bytes": self.size, "sealed": self.sealed, "damage": self.damage,
-            "history": self.history.hex(), "parentHistory": self.lineage.parent.hex()
-            if self.lineage.parent != NO_HISTORY else None, "forkLsn": self.lineage.fork_lsn,
+            "bytes": self.size,
+            "sealed": self.sealed,
+            "damage": self.damage,
+            "history": self.history.hex(),
+            "parentHistory": self.lineage.parent.hex() if self.lineage.parent != NO_HISTORY else None,
+            "forkLsn": self.lineage.fork_lsn,
             "startFingerprint": self.start_fp.hex() if self.start_fp else None,
             "endFingerprint": self.end_fp.hex() if self.end_fp else None,
         }
@@ -408,30 +421,75 @@ def read_segment_meta(path: Path) -> SegmentMeta:
         damage = f"header says segment {h.segment_id} but the file is named for segment {named}"
     if footer is not None:
         f = footer
-        return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, f.last_lsn, f.count,
-                           f.min_time_ns, f.max_time_ns, h.created_ns, h.ns_crc, size,
-                           True, damage, h.lineage, h.start_fp, f.fingerprint)
+        return SegmentMeta(
+            path,
+            h.segment_id,
+            h.timeline,
+            h.first_lsn,
+            f.last_lsn,
+            f.count,
+            f.min_time_ns,
+            f.max_time_ns,
+            h.created_ns,
+            h.ns_crc,
+            size,
+            True,
+            damage,
+            h.lineage,
+            h.start_fp,
+            f.fingerprint,
+        )
     if data is None:
         data = sources.read_segment(path)
-    if size >= segment.HEADER_SIZE + segment.FOOTER_SIZE and \
-            data[size - segment.FOOTER_SIZE:size - segment.FOOTER_SIZE + 4] == \
-            segment.FOOTER_MAGIC:
+    if (
+        size >= segment.HEADER_SIZE + segment.FOOTER_SIZE
+        and data[size - segment.FOOTER_SIZE : size - segment.FOOTER_SIZE + 4] == segment.FOOTER_MAGIC
+    ):
         damage = damage or "footer checksum mismatch (the footer is damaged)"
     try:
         scan = segment.scan(path, data)
     except CorruptLog as exc:
         damage = damage or exc.message
-        return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, h.first_lsn - 1, 0, 0,
-                           0, h.created_ns, h.ns_crc, size, False, damage, h.lineage,
-                           h.start_fp)
+        return SegmentMeta(
+            path,
+            h.segment_id,
+            h.timeline,
+            h.first_lsn,
+            h.first_lsn - 1,
+            0,
+            0,
+            0,
+            h.created_ns,
+            h.ns_crc,
+            size,
+            False,
+            damage,
+            h.lineage,
+            h.start_fp,
+        )
     recs = [r for r, _s, _e in scan.records]
     if scan.tail_error is not None:
-        damage = damage or (f"damaged or incomplete record ({scan.tail_error}); the file is "
-                            "truncated or corrupt")
+        damage = damage or (
+            f"damaged or incomplete record ({scan.tail_error}); the file is truncated or corrupt"
+        )
     times = [r.time_ns for r in recs]
-    return SegmentMeta(path, h.segment_id, h.timeline, h.first_lsn, scan.last_lsn, len(recs),
-                       min(times, default=0), max(times, default=0), h.created_ns, h.ns_crc,
-                       size, False, damage, h.lineage, h.start_fp)
+    return SegmentMeta(
+        path,
+        h.segment_id,
+        h.timeline,
+        h.first_lsn,
+        scan.last_lsn,
+        len(recs),
+        min(times, default=0),
+        max(times, default=0),
+        h.created_ns,
+        h.ns_crc,
+        size,
+        False,
+        damage,
+        h.lineage,
+        h.start_fp,
+    )
 
 
 @dataclass(slots=True)
@@ -510,8 +568,7 @@ def _same_content(a: SegmentMeta, b: SegmentMeta) -> bool:
 def raise_on_conflicts(inv: WalInventory) -> None:
     if inv.conflicts:
         a, b = inv.conflicts[0]
-        more = f" (and {len(inv.conflicts) - 1} more conflicting pairs)" if len(inv.conflicts) > 1 \
-            else ""
+        more = f" (and {len(inv.conflicts) - 1} more conflicting pairs)" if len(inv.conflicts) > 1 else ""
         raise BackupMismatch(
             f"two different files claim the same segment id: {a} and {b}{more}",
             hint="segment ids are unique per namespace; these come from different data "
@@ -580,12 +637,14 @@ def inspect_target(data_dir: Path, namespace: str) -> ExistingNamespace:
             size = 0
         try:
             meta = read_segment_meta(p)
-            segs.append(TargetSegment(seg_id, p, meta.timeline, meta.first_lsn, meta.last_lsn,
-                                      size, meta.sealed))
+            segs.append(
+                TargetSegment(seg_id, p, meta.timeline, meta.first_lsn, meta.last_lsn, size, meta.sealed)
+            )
         except UnisonDBError:
             segs.append(TargetSegment(seg_id, p, None, None, None, size))
-    return ExistingNamespace(ns_dir, True, has_btree, tuple(segs),
-                             probe_lock(layout.lock_path(data_dir, namespace)))
+    return ExistingNamespace(
+        ns_dir, True, has_btree, tuple(segs), probe_lock(layout.lock_path(data_dir, namespace))
+    )
 
 
 def probe_lock(path: Path) -> str | None:

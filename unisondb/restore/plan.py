@@ -127,9 +127,15 @@ class RestorePlan:
 
 
 def build_plan(
-    namespace: str, data_dir: Path, snapshot: SnapshotInfo, inventory: WalInventory,
-    target: Target, *, history_choice: str | None = None,
-    existing: ExistingNamespace | None = None, check_namespace: bool = True,
+    namespace: str,
+    data_dir: Path,
+    snapshot: SnapshotInfo,
+    inventory: WalInventory,
+    target: Target,
+    *,
+    history_choice: str | None = None,
+    existing: ExistingNamespace | None = None,
+    check_namespace: bool = True,
 ) -> RestorePlan:
     """Plan a restore; ``check_namespace=False`` (backup verify without --namespace) only
     requires every segment to come from one namespace."""
@@ -138,26 +144,35 @@ def build_plan(
     warnings: list[str] = []
     _check_target_not_before_snapshot(target, snapshot)
     max_lsn = target.lsn if target.kind == "lsn" else None
-    chain = select_chain(cp.applied_lsn, cp.history, inventory.segments, history_choice,
-                         max_lsn=max_lsn, start_timeline=cp.timeline)
-    _check_inventory(namespace if check_namespace else None, inventory, snapshot, target,
-                     chain, warnings)
+    chain = select_chain(
+        cp.applied_lsn,
+        cp.history,
+        inventory.segments,
+        history_choice,
+        max_lsn=max_lsn,
+        start_timeline=cp.timeline,
+    )
+    _check_inventory(namespace if check_namespace else None, inventory, snapshot, target, chain, warnings)
     _refuse_unrelated_wal(snapshot, inventory)
-    end_lsn = _resolve_end(target, snapshot, chain, warnings,
-                           _other_histories(inventory.segments, chain))
+    end_lsn = _resolve_end(target, snapshot, chain, warnings, _other_histories(inventory.segments, chain))
     anchor = _anchor_segment(snapshot, inventory)
-    new_timeline = 1 + max(cp.timeline, inventory.max_timeline,
-                           existing.max_timeline if existing else 0)
-    ids_seen = [inventory.max_segment_id, cp.segment_id,
-                existing.max_archivable_segment_id if existing else 0]
+    new_timeline = 1 + max(cp.timeline, inventory.max_timeline, existing.max_timeline if existing else 0)
+    ids_seen = [
+        inventory.max_segment_id,
+        cp.segment_id,
+        existing.max_archivable_segment_id if existing else 0,
+    ]
     ids_seen += [layout.parse_segment_name(p.name) or 0 for p, _ in inventory.unreadable]
     new_segment_id = fork_segment_id(max(ids_seen), cp.segment_id)
     if existing is not None:
         warnings += _existing_warnings(existing, inventory)
     if chain.alternatives:
         names = ", ".join(lin.describe() for lin in chain.alternatives[:4])
-        how = "chosen with --history" if history_choice is not None else \
-            "the newest (its latest segment was written last)"
+        how = (
+            "chosen with --history"
+            if history_choice is not None
+            else "the newest (its latest segment was written last)"
+        )
         warnings.append(
             f"these backups hold {len(chain.alternatives) + 1} histories that continue the "
             f"snapshot; restoring history {hist.short(chain.target)}, {how}; the others: "
@@ -176,16 +191,32 @@ def build_plan(
             f"{', '.join(unsealed)}; they are used up to their last whole record"
         )
     return RestorePlan(
-        namespace=namespace, data_dir=data_dir, snapshot=snapshot, wal_dirs=inventory.dirs,
-        target=target, history_choice=history_choice, chain=chain, end_lsn=end_lsn,
-        new_timeline=new_timeline, new_segment_id=new_segment_id,
-        new_history=new_history_id(), existing=existing,
-        anchor=anchor, segments_found=len(inventory.segments), warnings=warnings,
+        namespace=namespace,
+        data_dir=data_dir,
+        snapshot=snapshot,
+        wal_dirs=inventory.dirs,
+        target=target,
+        history_choice=history_choice,
+        chain=chain,
+        end_lsn=end_lsn,
+        new_timeline=new_timeline,
+        new_segment_id=new_segment_id,
+        new_history=new_history_id(),
+        existing=existing,
+        anchor=anchor,
+        segments_found=len(inventory.segments),
+        warnings=warnings,
     )
 
 
-def _check_inventory(namespace: str | None, inv: WalInventory, snapshot: SnapshotInfo, target: Target,
-                     chain: Chain, warnings: list[str]) -> None:
+def _check_inventory(
+    namespace: str | None,
+    inv: WalInventory,
+    snapshot: SnapshotInfo,
+    target: Target,
+    chain: Chain,
+    warnings: list[str],
+) -> None:
     if inv.unreadable:
         path, reason = inv.unreadable[0]
         more = f" (and {len(inv.unreadable) - 1} more)" if len(inv.unreadable) > 1 else ""
@@ -199,8 +230,10 @@ def _check_inventory(namespace: str | None, inv: WalInventory, snapshot: Snapsho
     if namespace is None:
         crcs = {s.ns_crc for s in inv.segments}
         if len(crcs) > 1:
-            raise BackupMismatch("the WAL directories mix segments of more than one namespace",
-                                 hint="pass --namespace to see which files do not belong")
+            raise BackupMismatch(
+                "the WAL directories mix segments of more than one namespace",
+                hint="pass --namespace to see which files do not belong",
+            )
         foreign = []
     else:
         want = segment.namespace_crc(namespace)
@@ -220,11 +253,12 @@ def _check_inventory(namespace: str | None, inv: WalInventory, snapshot: Snapsho
             continue
         # A damaged segment whose header names a history on the chosen path (or any
         # history at all, if the damage hides it) could hold records the restore needs.
-        on_path = {ln.history for ln in chain.links + chain.beyond} | {chain.start_history,
-                                                                     chain.target}
-        relevant = ((s.history in on_path or not s.lineage.is_set)
-                    and (not s.sealed or s.last_lsn > cp.applied_lsn)
-                    and (limit is None or s.first_lsn <= limit))
+        on_path = {ln.history for ln in chain.links + chain.beyond} | {chain.start_history, chain.target}
+        relevant = (
+            (s.history in on_path or not s.lineage.is_set)
+            and (not s.sealed or s.last_lsn > cp.applied_lsn)
+            and (limit is None or s.first_lsn <= limit)
+        )
         if relevant:
             raise BackupCorrupt(
                 f"WAL segment {s.path} is damaged: {s.damage}",
@@ -273,12 +307,19 @@ def _check_target_not_before_snapshot(target: Target, snapshot: SnapshotInfo) ->
 def _other_histories(segments: list[SegmentMeta], chain: Chain) -> str:
     """Why the LSN after the chain's end is unusable where it exists at all (for messages)."""
     nxt = chain.end_lsn + 1
-    others = [s for s in segments if s.count and s.damage is None
-              and s.first_lsn <= nxt <= s.last_lsn and s.history != chain.end_history]
+    others = [
+        s
+        for s in segments
+        if s.count
+        and s.damage is None
+        and s.first_lsn <= nxt <= s.last_lsn
+        and s.history != chain.end_history
+    ]
     if not others:
         return ""
-    names = ", ".join(f"{s.name} (timeline {s.timeline}, history {hist.short(s.history)})"
-                      for s in others[:3])
+    names = ", ".join(
+        f"{s.name} (timeline {s.timeline}, history {hist.short(s.history)})" for s in others[:3]
+    )
     whys = dict.fromkeys(_why_other(s, chain) for s in others[:3])
     return f"; LSN {nxt} exists only in {names}, {'; '.join(whys)}"
 
@@ -287,19 +328,25 @@ def _why_other(seg: SegmentMeta, chain: Chain) -> str:
     """Where that history left the chain's, from the lineage in the headers, not a guess."""
     switch = next((sw for sw in chain.switches if sw.from_history == seg.history), None)
     if switch is not None:
-        return (f"an older history: timeline {switch.to_timeline} replaced timeline "
-                f"{seg.timeline} from LSN {switch.at_lsn} on")
+        return (
+            f"an older history: timeline {switch.to_timeline} replaced timeline "
+            f"{seg.timeline} from LSN {switch.at_lsn} on"
+        )
     lin = seg.lineage
     snap_lsn = chain.start_lsn - 1
     if lin.parent == NO_HISTORY:
         return "another history with no common origin (another server or installation)"
-    where = "before the snapshot's position" if lin.fork_lsn < snap_lsn else \
-        f"after the snapshot's LSN {snap_lsn}, not the one chosen (--history picks it)"
+    where = (
+        "before the snapshot's position"
+        if lin.fork_lsn < snap_lsn
+        else f"after the snapshot's LSN {snap_lsn}, not the one chosen (--history picks it)"
+    )
     return f"another history that branched off after LSN {lin.fork_lsn}, {where}"
 
 
-def _resolve_end(target: Target, snapshot: SnapshotInfo, chain: Chain,
-                 warnings: list[str], elsewhere: str = "") -> int | None:
+def _resolve_end(
+    target: Target, snapshot: SnapshotInfo, chain: Chain, warnings: list[str], elsewhere: str = ""
+) -> int | None:
     end = chain.end_lsn
     if target.kind == "end":
         if chain.holes:
@@ -394,14 +441,22 @@ def _existing_warnings(existing: ExistingNamespace, inv: WalInventory) -> list[s
         if existing.segments:
             ids = [s.segment_id for s in existing.segments]
             parts.append(f"{len(ids)} WAL segment(s) {min(ids):09d}..{max(ids):09d}")
-        out.append(f"{existing.path} holds data ({', '.join(parts)}): the restore replaces it "
-                   "(requires --force)")
+        out.append(
+            f"{existing.path} holds data ({', '.join(parts)}): the restore replaces it (requires --force)"
+        )
         # A copy inside the namespace being replaced is no backup: it is deleted with it.
         inside = existing.path.resolve()
-        backed = {seg_id for seg_id, paths in inv.copies.items()
-                  if any(not p.resolve().is_relative_to(inside) for p in paths)}
-        only_here = [s for s in existing.segments if s.segment_id not in backed
-                     and (s.last_lsn is None or s.first_lsn is None or s.last_lsn >= s.first_lsn)]
+        backed = {
+            seg_id
+            for seg_id, paths in inv.copies.items()
+            if any(not p.resolve().is_relative_to(inside) for p in paths)
+        }
+        only_here = [
+            s
+            for s in existing.segments
+            if s.segment_id not in backed
+            and (s.last_lsn is None or s.first_lsn is None or s.last_lsn >= s.first_lsn)
+        ]
         if only_here:
             ids = [s.segment_id for s in only_here]
             out.append(

@@ -22,8 +22,9 @@ class Progress:
     def __enter__(self) -> Progress:
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
         self.close()
 
 
@@ -43,10 +44,20 @@ class RichProgress(Progress):
         from rich.progress import Progress as _RichProgress
 
         self._console = Console(file=stream or sys.stderr)
-        self._bytes_cols = (TextColumn("{task.description:<18}"), BarColumn(), DownloadColumn(),
-                            TimeElapsedColumn(), TimeRemainingColumn())
-        self._count_cols = (TextColumn("{task.description:<18}"), BarColumn(),
-                            MofNCompleteColumn(), TimeElapsedColumn(), TimeRemainingColumn())
+        self._bytes_cols = (
+            TextColumn("{task.description:<18}"),
+            BarColumn(),
+            DownloadColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
+        self._count_cols = (
+            TextColumn("{task.description:<18}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TimeRemainingColumn(),
+        )
         self._factory = _RichProgress
         self._bar: _RichProgress | None = None
         self._task: object = None

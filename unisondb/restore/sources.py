@@ -118,8 +118,13 @@ def classify_name(name: str) -> Classified:
     if low.endswith(".sha256"):
         return Classified(Kind.SIDECAR, "none", name)
     if low.endswith(_ARCHIVE_SUFFIXES):
-        codec = ("gzip" if low.endswith((".gz", ".tgz")) else
-                 "zstd" if low.endswith((".zst", ".zstd", ".tzst")) else "none")
+        codec = (
+            "gzip"
+            if low.endswith((".gz", ".tgz"))
+            else "zstd"
+            if low.endswith((".zst", ".zstd", ".tzst"))
+            else "none"
+        )
         return Classified(Kind.ARCHIVE, codec, name)
     codec, plain = "none", name
     for suffix, c in CODEC_SUFFIXES.items():
@@ -178,8 +183,11 @@ def classify(path: Path) -> Classified:
 
 
 def encrypted_error(path: Path) -> EncryptedInput:
-    out = path.with_name(path.name.rsplit(".", 1)[0]) if path.suffix.lower() in \
-        _ENCRYPTED_SUFFIXES else path.with_name(path.name + ".decrypted")
+    out = (
+        path.with_name(path.name.rsplit(".", 1)[0])
+        if path.suffix.lower() in _ENCRYPTED_SUFFIXES
+        else path.with_name(path.name + ".decrypted")
+    )
     return EncryptedInput(
         f"{path} is encrypted (OpenPGP); UnisonDB does not decrypt backups",
         hint=f"decrypt it first: gpg --decrypt --output {out} {path}",
@@ -237,9 +245,11 @@ class _Decoder(io.RawIOBase):
 
     def corrupt(self, why: str) -> BackupCorrupt:
         cmd = _TEST_COMMAND[self._codec].format(p=self._origin)
-        return BackupCorrupt(f"{self._origin}: {self._codec} data is {why}",
-                             hint=f"the file is damaged (an interrupted copy, a full disk or "
-                             f"bit rot); `{cmd}` shows it too; fetch another copy")
+        return BackupCorrupt(
+            f"{self._origin}: {self._codec} data is {why}",
+            hint=f"the file is damaged (an interrupted copy, a full disk or "
+            f"bit rot); `{cmd}` shows it too; fetch another copy",
+        )
 
     def _more_input(self) -> bytes:
         if self._pending:
@@ -263,8 +273,11 @@ class _Decoder(io.RawIOBase):
             data = self._more_input()
             if not data:
                 if self._started or not self._stored:
-                    raise self.corrupt("truncated (the stream ends inside a compressed block)"
-                                       if self._stored else "empty (the file has no bytes)")
+                    raise self.corrupt(
+                        "truncated (the stream ends inside a compressed block)"
+                        if self._stored
+                        else "empty (the file has no bytes)"
+                    )
                 self._done = True
                 return b""
             out: bytes
@@ -302,8 +315,10 @@ class _Decoder(io.RawIOBase):
         elif not rest.strip(b"\0") and self._rest_is_zero():
             self._done = True
         else:
-            raise self.corrupt(f"followed by bytes that are not {self._codec} data (garbage "
-                               "after the end, or a damaged member header)")
+            raise self.corrupt(
+                f"followed by bytes that are not {self._codec} data (garbage "
+                "after the end, or a damaged member header)"
+            )
 
     def _rest_is_zero(self) -> bool:
         """Zero padding after the last member (tape/dd style): read and check it all."""
@@ -318,7 +333,7 @@ class _Decoder(io.RawIOBase):
             if not self._buf:
                 return 0
         n = min(len(b), len(self._buf) - self._pos)
-        b[:n] = self._buf[self._pos:self._pos + n]
+        b[:n] = self._buf[self._pos : self._pos + n]
         self._pos += n
         return n
 
@@ -376,7 +391,7 @@ def _note_stored_digest(path: Path, dec: _Decoder) -> None:
 
 
 def codec_of(path: Path) -> str:
-    """"none", "gzip" or "zstd", from the stored bytes' magic; raises for encrypted files."""
+    """ "none", "gzip" or "zstd", from the stored bytes' magic; raises for encrypted files."""
     if _lookup_materialized(path) is not None:
         return "none"
     head = _read_head(local(path), 512)
@@ -401,8 +416,9 @@ def read_segment(path: Path) -> bytes:
             out += chunk
             if len(out) > MAX_SEGMENT_BYTES:
                 raise BackupCorrupt(
-                    f"{path} holds more than {MAX_SEGMENT_BYTES >> 20} MiB of plain data: not "
-                    "a WAL segment", hint="move it out of the --wal directory")
+                    f"{path} holds more than {MAX_SEGMENT_BYTES >> 20} MiB of plain data: not a WAL segment",
+                    hint="move it out of the --wal directory",
+                )
     return bytes(out)
 
 
@@ -492,8 +508,7 @@ class Staging:
     def _new_file(self, name: str) -> Path:
         if self._root is None:
             try:
-                self._root = Path(tempfile.mkdtemp(prefix="unisondb-inputs-",
-                                                   dir=self.parent))
+                self._root = Path(tempfile.mkdtemp(prefix="unisondb-inputs-", dir=self.parent))
             except OSError as exc:
                 raise from_os_error(exc, self.parent or tempfile.gettempdir()) from exc
         self._n += 1
@@ -545,7 +560,8 @@ class Staging:
                 except (tarfile.TarError, EOFError) as exc:
                     raise BackupCorrupt(
                         f"{origin}: the tar archive is truncated or corrupt ({exc})",
-                        hint=f"`tar -tf {origin}` shows it too; fetch another copy") from None
+                        hint=f"`tar -tf {origin}` shows it too; fetch another copy",
+                    ) from None
                 # Read what tar left (its end-of-archive blocks): the digest covers every byte.
                 while stream.read(_COPY_CHUNK):
                     pass
@@ -559,8 +575,7 @@ class Staging:
         self.archives[k] = found
         return found
 
-    def _extract(self, origin: Path, stream: BinaryIO, found: list[Path],
-                 created: list[Path]) -> None:
+    def _extract(self, origin: Path, stream: BinaryIO, found: list[Path], created: list[Path]) -> None:
         tar = tarfile.open(fileobj=stream, mode="r|")
         for member in tar:
             c = classify_name(member.name.rsplit("/", 1)[-1])
@@ -590,9 +605,9 @@ class Staging:
         res = check_sidecar(origin, digest, stored=digest)
         if res.status == "mismatch":
             raise BackupCorrupt(
-                f"checksum mismatch: {origin} has sha256 {digest} but {res.sidecar} expects "
-                f"{res.expected}", hint="the archive changed after it was written; fetch "
-                "another copy")
+                f"checksum mismatch: {origin} has sha256 {digest} but {res.sidecar} expects {res.expected}",
+                hint="the archive changed after it was written; fetch another copy",
+            )
 
     def close(self) -> None:
         if self._root is not None:
@@ -735,9 +750,10 @@ def find_segments(root: Path, *, recursive: bool = True) -> Found:
     if root.is_file():
         _add_file(root, found, explicit=True)
     elif not root.is_dir():
-        raise NotFound(f"not a directory: {root}",
-                       hint="--wal takes a directory of NNNNNNNNN.wal[.gz|.zst] files or "
-                       "wal-*.tar.gz archives")
+        raise NotFound(
+            f"not a directory: {root}",
+            hint="--wal takes a directory of NNNNNNNNN.wal[.gz|.zst] files or wal-*.tar.gz archives",
+        )
     elif recursive:
         for dirpath, dirnames, files in os.walk(root):
             dirnames.sort()
@@ -759,14 +775,17 @@ def _add_file(p: Path, found: Found, *, explicit: bool = False) -> None:
         found.segments.append(p)
     elif c.kind is Kind.ARCHIVE:
         try:
-            found.segments += [m for m in current().expand_archive(p)
-                               if classify_name(m.name).kind is Kind.SEGMENT]
+            found.segments += [
+                m for m in current().expand_archive(p) if classify_name(m.name).kind is Kind.SEGMENT
+            ]
         except UnisonDBError as exc:
             found.unreadable.append((p, str(exc)))
-    elif c.kind is Kind.ENCRYPTED and (explicit or classify_name(c.plain_name).kind in (
-            Kind.SEGMENT, Kind.ARCHIVE)):
+    elif c.kind is Kind.ENCRYPTED and (
+        explicit or classify_name(c.plain_name).kind in (Kind.SEGMENT, Kind.ARCHIVE)
+    ):
         found.unreadable.append((p, str(encrypted_error(p))))
     elif explicit:
-        raise InvalidRequest(f"{p} is not a WAL segment or archive (by its name)",
-                             hint="segments are named NNNNNNNNN.wal (optionally .gz or .zst); "
-                             "archives *.tar.gz")
+        raise InvalidRequest(
+            f"{p} is not a WAL segment or archive (by its name)",
+            hint="segments are named NNNNNNNNN.wal (optionally .gz or .zst); archives *.tar.gz",
+        )

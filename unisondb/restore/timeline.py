@@ -72,8 +72,7 @@ class Hole:
             names = f"{a:09d}.wal" if a == b else f"{a:09d}.wal..{b:09d}.wal"
             text += f", probably segment{'s' if a != b else ''} {names}"
         if self.unusable:
-            parts = ", ".join(f"{s.name} (history {hist.short(s.history)})"
-                              for s in self.unusable[:3])
+            parts = ", ".join(f"{s.name} (history {hist.short(s.history)})" for s in self.unusable[:3])
             text += f"; present only in {parts}, another history"
         return text
 
@@ -148,8 +147,9 @@ def lineages(segments: Sequence[SegmentMeta]) -> dict[bytes, Lineage]:
     return {h: v[0] for h, v in found.items()}
 
 
-def path_to(target: bytes, start: bytes, start_lsn: int,
-            known: dict[bytes, Lineage]) -> list[tuple[bytes, int | None]] | None:
+def path_to(
+    target: bytes, start: bytes, start_lsn: int, known: dict[bytes, Lineage]
+) -> list[tuple[bytes, int | None]] | None:
     """[(history, last LSN taken from it or None for the end)] from ``start`` to ``target``.
 
     None if ``target`` does not continue the state (``start``, ``start_lsn``): rule 1."""
@@ -174,8 +174,9 @@ def path_to(target: bytes, start: bytes, start_lsn: int,
     return out
 
 
-def continuations(start: bytes, start_lsn: int, segments: Sequence[SegmentMeta]
-                  ) -> dict[bytes, list[tuple[bytes, int | None]]]:
+def continuations(
+    start: bytes, start_lsn: int, segments: Sequence[SegmentMeta]
+) -> dict[bytes, list[tuple[bytes, int | None]]]:
     """Every history present (or ``start`` itself) that continues the snapshot's state."""
     known = lineages(segments)
     out = {}
@@ -186,8 +187,9 @@ def continuations(start: bytes, start_lsn: int, segments: Sequence[SegmentMeta]
     return out
 
 
-def choose_target(start: bytes, start_lsn: int, segments: Sequence[SegmentMeta],
-                  choice: str | None) -> tuple[bytes, list[tuple[bytes, int | None]], list[bytes]]:
+def choose_target(
+    start: bytes, start_lsn: int, segments: Sequence[SegmentMeta], choice: str | None
+) -> tuple[bytes, list[tuple[bytes, int | None]], list[bytes]]:
     """(target history, its path, the other continuations) — rule 3."""
     conts = continuations(start, start_lsn, segments)
     known = lineages(segments)
@@ -195,7 +197,7 @@ def choose_target(start: bytes, start_lsn: int, segments: Sequence[SegmentMeta],
         picked = _match_choice(choice, known, start)
         if picked not in conts:
             lin = known.get(picked)
-            why = (f"{lin.describe()}" if lin else "no segment of it is present")
+            why = f"{lin.describe()}" if lin else "no segment of it is present"
             raise BadTarget(
                 f"history {hist.short(picked)} does not continue the snapshot (history "
                 f"{hist.short(start)} at LSN {start_lsn}): {why}",
@@ -214,8 +216,7 @@ def _match_choice(choice: str, known: dict[bytes, Lineage], start: bytes) -> byt
     everything = {start, *known}
     if choice.startswith("timeline:"):
         number = int(choice.split(":", 1)[1])
-        hits = [h for h in everything
-                if (known[h].timeline if h in known else -1) == number]
+        hits = [h for h in everything if (known[h].timeline if h in known else -1) == number]
     else:
         want = choice.lower()
         hits = [h for h in everything if h.hex().startswith(want)]
@@ -223,16 +224,25 @@ def _match_choice(choice: str, known: dict[bytes, Lineage], start: bytes) -> byt
         return hits[0]
     what = choice.replace("timeline:", "timeline ")
     if not hits:
-        raise BadTarget(f"no history matches {what!r} in these backups",
-                        hint="'unisondb backup list' shows every history id and timeline")
-    raise BadTarget(f"{what!r} matches {len(hits)} histories: "
-                    f"{', '.join(hist.short(h) for h in hits)}",
-                    hint="give more digits of the history id with --history")
+        raise BadTarget(
+            f"no history matches {what!r} in these backups",
+            hint="'unisondb backup list' shows every history id and timeline",
+        )
+    raise BadTarget(
+        f"{what!r} matches {len(hits)} histories: {', '.join(hist.short(h) for h in hits)}",
+        hint="give more digits of the history id with --history",
+    )
 
 
-def select_chain(after_lsn: int, start: bytes, segments: Sequence[SegmentMeta],
-                 choice: str | None = None, *, max_lsn: int | None = None,
-                 start_timeline: int = 1) -> Chain:
+def select_chain(
+    after_lsn: int,
+    start: bytes,
+    segments: Sequence[SegmentMeta],
+    choice: str | None = None,
+    *,
+    max_lsn: int | None = None,
+    start_timeline: int = 1,
+) -> Chain:
     """Follow the history that continues a snapshot at ``after_lsn`` of history ``start``.
 
     ``segments`` should be one entry per segment id (``WalInventory.segments``); empty and
@@ -242,16 +252,18 @@ def select_chain(after_lsn: int, start: bytes, segments: Sequence[SegmentMeta],
     segs = usable_segments(segments)
     target, steps, others = choose_target(start, after_lsn, segs, choice)
     known = lineages(segs)
-    chain = Chain(after_lsn + 1, start_timeline, start, target,
-                  alternatives=[known[h] for h in others if h in known])
+    chain = Chain(
+        after_lsn + 1, start_timeline, start, target, alternatives=[known[h] for h in others if h in known]
+    )
     expected = after_lsn + 1
     links = chain.links
     prev_history, prev_timeline = start, start_timeline
     for h, upto in steps:
         mine = sorted((s for s in segs if s.history == h), key=lambda s: (s.first_lsn, s.segment_id))
         if h != start and mine:
-            chain.switches.append(Switch(expected, prev_timeline, mine[0].timeline,
-                                         mine[0].segment_id, prev_history, h))
+            chain.switches.append(
+                Switch(expected, prev_timeline, mine[0].timeline, mine[0].segment_id, prev_history, h)
+            )
         while (upto is None or expected <= upto) and (max_lsn is None or expected <= max_lsn):
             covering = [s for s in mine if s.first_lsn <= expected <= s.last_lsn]
             if covering:
@@ -260,8 +272,9 @@ def select_chain(after_lsn: int, start: bytes, segments: Sequence[SegmentMeta],
                 links.append(Link(seg, expected, to))
                 expected = to + 1
                 continue
-            later = [s.first_lsn for s in mine if s.first_lsn > expected
-                     and (upto is None or s.first_lsn <= upto)]
+            later = [
+                s.first_lsn for s in mine if s.first_lsn > expected and (upto is None or s.first_lsn <= upto)
+            ]
             if later:
                 resume = min(later)
             elif upto is not None:
@@ -276,10 +289,8 @@ def select_chain(after_lsn: int, start: bytes, segments: Sequence[SegmentMeta],
     return chain
 
 
-def _hole(segs: list[SegmentMeta], mine: list[SegmentMeta], first: int, last: int,
-          h: bytes) -> Hole:
-    unusable = tuple(s for s in segs if s.history != h and s.first_lsn <= last
-                     and s.last_lsn >= first)
+def _hole(segs: list[SegmentMeta], mine: list[SegmentMeta], first: int, last: int, h: bytes) -> Hole:
+    unusable = tuple(s for s in segs if s.history != h and s.first_lsn <= last and s.last_lsn >= first)
     before = [s for s in mine if s.last_lsn < first]
     after = [s for s in mine if s.first_lsn > last]
     missing = None
@@ -333,8 +344,7 @@ def coverage_holes(segments: Sequence[SegmentMeta]) -> list[Hole]:
                 missing = None
                 if cur.segment_id - prev.segment_id > 1:
                     missing = (prev.segment_id + 1, cur.segment_id - 1)
-                holes.append(Hole(prev.last_lsn + 1, cur.first_lsn - 1, cur.timeline, h, (),
-                                  missing))
+                holes.append(Hole(prev.last_lsn + 1, cur.first_lsn - 1, cur.timeline, h, (), missing))
     return holes
 
 

@@ -114,7 +114,11 @@ def check_segment_bytes(meta: SegmentMeta, data: bytes) -> RecordIndex:
     except CorruptLog as exc:
         raise bad(exc.message, 0) from None
     if (header.segment_id, header.lineage, header.first_lsn, header.ns_crc) != (
-            meta.segment_id, meta.lineage, meta.first_lsn, meta.ns_crc):
+        meta.segment_id,
+        meta.lineage,
+        meta.first_lsn,
+        meta.ns_crc,
+    ):
         raise BackupCorrupt(f"WAL segment {path} changed while the restore was reading it")
     footer = segment.try_decode_footer(data) if meta.sealed else None
     if meta.sealed and footer is None:
@@ -134,7 +138,7 @@ def check_segment_bytes(meta: SegmentMeta, data: bytes) -> RecordIndex:
         nxt = pos + record.HEADER_SIZE + body_len
         if body_len < record.MIN_BODY or body_len > record.MAX_BODY or nxt > end:
             raise bad(f"record length {body_len} out of range", pos)
-        if crc_fn(view[pos + 4:nxt]) != crc:
+        if crc_fn(view[pos + 4 : nxt]) != crc:
             raise bad("record checksum mismatch", pos)
         lsn, time_ns, _op, _count = unpack_body(view, pos + record.HEADER_SIZE)
         if lsn != expected:
@@ -145,8 +149,10 @@ def check_segment_bytes(meta: SegmentMeta, data: bytes) -> RecordIndex:
         expected += 1
         pos = nxt
     if footer is not None and (
-            footer.count != len(lsns) or footer.last_lsn != expected - 1
-            or (lsns and (footer.min_time_ns != min(times) or footer.max_time_ns != max(times)))):
+        footer.count != len(lsns)
+        or footer.last_lsn != expected - 1
+        or (lsns and (footer.min_time_ns != min(times) or footer.max_time_ns != max(times)))
+    ):
         raise bad("segment footer does not match its records", end)
     if (lsns[-1] if lsns else header.first_lsn - 1) < meta.last_lsn:
         raise BackupCorrupt(f"WAL segment {path} changed while the restore was reading it")
@@ -158,8 +164,10 @@ def read_verified(meta: SegmentMeta, expected_sha256: str | None = None) -> tupl
     data = sources.read_segment(meta.path)
     digest = sha256_bytes(data)
     if expected_sha256 is not None and digest != expected_sha256:
-        raise BackupCorrupt(f"WAL segment {meta.path} changed after it was verified "
-                            f"(sha256 {digest}, verified {expected_sha256})")
+        raise BackupCorrupt(
+            f"WAL segment {meta.path} changed after it was verified "
+            f"(sha256 {digest}, verified {expected_sha256})"
+        )
     return data, digest
 
 
@@ -197,16 +205,17 @@ def verify_plan(plan: RestorePlan, progress: Progress | None = None) -> Verified
         first = link.from_lsn - link.segment.first_lsn
         last = link.to_lsn - link.segment.first_lsn
         if first < 0 or last >= len(idx.lsns):
-            raise LsnGap(f"{link.segment.path} does not hold LSNs {link.from_lsn}.."
-                         f"{link.to_lsn} as its footer claims", path=link.segment.path)
+            raise LsnGap(
+                f"{link.segment.path} does not hold LSNs {link.from_lsn}..{link.to_lsn} as its footer claims",
+                path=link.segment.path,
+            )
         if target_time is not None:
             cut = next((i for i in range(first, last + 1) if idx.times[i] > target_time), None)
             if cut is not None:
                 end_lsn = idx.lsns[cut] - 1
                 if cut > first:
                     end_time = idx.times[cut - 1]
-                    steps.append(ReplayStep(Link(link.segment, link.from_lsn, end_lsn), digest,
-                                            len(data)))
+                    steps.append(ReplayStep(Link(link.segment, link.from_lsn, end_lsn), digest, len(data)))
                 break
         end_time = idx.times[last]
         steps.append(ReplayStep(link, digest, len(data)))
@@ -219,8 +228,7 @@ def verify_plan(plan: RestorePlan, progress: Progress | None = None) -> Verified
         raise BadTarget(
             f"target time {format_ns(target_time)} is after the last record the WAL backups "
             f"hold (LSN {plan.chain.end_lsn}); records written after that are not in the backup",
-            hint=f"add newer WAL segments, or omit --target-time to restore to LSN "
-            f"{plan.chain.end_lsn}",
+            hint=f"add newer WAL segments, or omit --target-time to restore to LSN {plan.chain.end_lsn}",
         )
     if end_lsn == cp.applied_lsn:
         end_time = cp.time_ns
@@ -229,8 +237,9 @@ def verify_plan(plan: RestorePlan, progress: Progress | None = None) -> Verified
     if missing:
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         warnings.append(f"no .sha256 sidecar for {shown}: checked by CRC/LMDB structure only")
-    return VerifiedPlan(plan, end_lsn, end_time, steps, snap_sha, checksums,
-                        time.perf_counter() - started, warnings)
+    return VerifiedPlan(
+        plan, end_lsn, end_time, steps, snap_sha, checksums, time.perf_counter() - started, warnings
+    )
 
 
 def _check_anchor(plan: RestorePlan, idx: RecordIndex) -> None:
@@ -265,14 +274,22 @@ class VerifyReport:
         return not self.problems
 
     def to_json(self) -> dict[str, object]:
-        return {"ok": self.ok, "problems": self.problems, "warnings": self.warnings,
-                "snapshot": self.snapshot, "segments": self.segments, "holes": self.holes,
-                "overlaps": self.overlaps, "restorable": self.restorable, "replay": self.replay}
+        return {
+            "ok": self.ok,
+            "problems": self.problems,
+            "warnings": self.warnings,
+            "snapshot": self.snapshot,
+            "segments": self.segments,
+            "holes": self.holes,
+            "overlaps": self.overlaps,
+            "restorable": self.restorable,
+            "replay": self.replay,
+        }
 
 
-def verify_backup_set(snapshot_path: Path | None, wal_dirs: list[Path], namespace: str | None,
-                      progress: Progress | None = None) -> tuple[VerifyReport, SnapshotInfo | None,
-                                                                  WalInventory | None]:
+def verify_backup_set(
+    snapshot_path: Path | None, wal_dirs: list[Path], namespace: str | None, progress: Progress | None = None
+) -> tuple[VerifyReport, SnapshotInfo | None, WalInventory | None]:
     """Check every file of a backup set; return the report (problems collected, not raised)."""
     progress = progress or Progress()
     rep = VerifyReport()
@@ -288,22 +305,32 @@ def verify_backup_set(snapshot_path: Path | None, wal_dirs: list[Path], namespac
     if inv is not None:
         _verify_segments(inv, namespace, rep, progress)
         for h in coverage_holes(inv.segments):
-            item: dict[str, object] = {"timeline": h.timeline, "history": h.history.hex(),
-                                       "firstLsn": h.first_lsn,
-                                       "lastLsn": h.last_lsn, "text": h.describe()}
+            item: dict[str, object] = {
+                "timeline": h.timeline,
+                "history": h.history.hex(),
+                "firstLsn": h.first_lsn,
+                "lastLsn": h.last_lsn,
+                "text": h.describe(),
+            }
             if h.missing_ids:
                 item["missingSegmentIds"] = list(h.missing_ids)
             rep.holes.append(item)
         for a, b in overlaps(inv.segments):
-            rep.overlaps.append({"timeline": a.timeline, "history": a.history.hex(),
-                                 "segments": [a.name, b.name],
-                                 "lsns": [b.first_lsn, min(a.last_lsn, b.last_lsn)]})
+            rep.overlaps.append(
+                {
+                    "timeline": a.timeline,
+                    "history": a.history.hex(),
+                    "segments": [a.name, b.name],
+                    "lsns": [b.first_lsn, min(a.last_lsn, b.last_lsn)],
+                }
+            )
             # One (history, LSN) names one record: two segments holding it is an altered
             # file or a history continued twice, never something to pick from silently.
             rep.problems.append(
                 f"segments {a.name} and {b.name} of history {hist.short(a.history)} overlap "
                 f"(LSNs {b.first_lsn}..{min(a.last_lsn, b.last_lsn)}): one LSN of one history "
-                "must name one record")
+                "must name one record"
+            )
     if snap is not None:
         _restorable(snap, inv, rep)
     elif inv is not None:
@@ -323,8 +350,9 @@ def _verify_snapshot(path: Path, rep: VerifyReport, progress: Progress) -> Snaps
         res = check_sidecar(path, digest)
         info.update(res.to_json())
         if res.status == "mismatch":
-            rep.problems.append(f"snapshot {path}: sha256 {digest} does not match its sidecar "
-                                f"({res.expected})")
+            rep.problems.append(
+                f"snapshot {path}: sha256 {digest} does not match its sidecar ({res.expected})"
+            )
         elif res.status == "missing":
             rep.warnings.append(f"snapshot {path}: no .sha256 sidecar")
         snap = inspect_snapshot(path, structural=True)
@@ -334,21 +362,27 @@ def _verify_snapshot(path: Path, rep: VerifyReport, progress: Progress) -> Snaps
         info["lmdb"] = "failed"
         return None
     cp = snap.checkpoint
-    info.update({"lmdb": "ok", "keys": snap.keys, "lsn": cp.applied_lsn,
-                 "time": format_ns(cp.time_ns) if snap.has_checkpoint else None,
-                 "timeline": cp.timeline, "segmentId": cp.segment_id,
-                 "history": cp.history.hex(), "fingerprint": cp.fingerprint.hex()})
+    info.update(
+        {
+            "lmdb": "ok",
+            "keys": snap.keys,
+            "lsn": cp.applied_lsn,
+            "time": format_ns(cp.time_ns) if snap.has_checkpoint else None,
+            "timeline": cp.timeline,
+            "segmentId": cp.segment_id,
+            "history": cp.history.hex(),
+            "fingerprint": cp.fingerprint.hex(),
+        }
+    )
     return snap
 
 
-def _verify_segments(inv: WalInventory, namespace: str | None, rep: VerifyReport,
-                     progress: Progress) -> None:
+def _verify_segments(inv: WalInventory, namespace: str | None, rep: VerifyReport, progress: Progress) -> None:
     for path, reason in inv.unreadable:
         rep.problems.append(f"{path}: unreadable segment header: {reason}")
         rep.segments.append({"path": str(path), "crc": "unreadable", "damage": reason})
     for a, b in inv.conflicts:
-        rep.problems.append(f"segment id conflict: {a} and {b} have the same id but different "
-                            "content")
+        rep.problems.append(f"segment id conflict: {a} and {b} have the same id but different content")
     crcs = {s.ns_crc for s in inv.segments}
     if namespace is not None:
         want = segment.namespace_crc(namespace)
@@ -410,12 +444,14 @@ def _restorable(snap: SnapshotInfo, inv: WalInventory | None, rep: VerifyReport)
     foreign = [s for s in segs if s.count and s.history not in family]
     if foreign:
         names = ", ".join(s.name for s in foreign[:5]) + (
-            f" (and {len(foreign) - 5} more)" if len(foreign) > 5 else "")
+            f" (and {len(foreign) - 5} more)" if len(foreign) > 5 else ""
+        )
         rep.problems.append(
             f"{len(foreign)} segment(s) belong to a history unrelated to this snapshot's "
             f"({', '.join(sorted({hist.short(s.history) for s in foreign}))}: another server "
             f"or installation): {names}; a restore never uses them, remove them from this "
-            "backup set")
+            "backup set"
+        )
     if chain.alternatives:
         # Resolved by the documented default (the newest), so a warning, not a failure;
         # what cannot be resolved (overlaps, disagreeing lineage) is a problem above.
@@ -423,10 +459,13 @@ def _restorable(snap: SnapshotInfo, inv: WalInventory | None, rep: VerifyReport)
             f"{len(chain.alternatives) + 1} histories continue this snapshot (newest: "
             f"{hist.short(chain.target)}; others: "
             f"{', '.join(lin.describe() for lin in chain.alternatives[:4])}): a restore "
-            "without --history takes the newest; check that is the one you mean")
+            "without --history takes the newest; check that is the one you mean"
+        )
     rep.restorable = {
-        "fromLsn": cp.applied_lsn, "fromTime": format_ns(cp.time_ns) if snap.has_checkpoint else None,
-        "toLsn": chain.end_lsn, "toTimeline": chain.end_timeline,
+        "fromLsn": cp.applied_lsn,
+        "fromTime": format_ns(cp.time_ns) if snap.has_checkpoint else None,
+        "toLsn": chain.end_lsn,
+        "toTimeline": chain.end_timeline,
         "history": chain.end_history.hex(),
         # The latest time a --target-time can name exactly is just before the last record.
         "toTime": format_ns(end_time) if chain.links or snap.has_checkpoint else None,
@@ -434,12 +473,13 @@ def _restorable(snap: SnapshotInfo, inv: WalInventory | None, rep: VerifyReport)
         "holesAfter": [h.describe() for h in chain.holes],
     }
     for h in chain.holes:
-        rep.problems.append(f"LSN gap after the snapshot: missing {h.describe()}; a restore "
-                            f"from this snapshot stops at LSN {chain.end_lsn}")
+        rep.problems.append(
+            f"LSN gap after the snapshot: missing {h.describe()}; a restore "
+            f"from this snapshot stops at LSN {chain.end_lsn}"
+        )
     chain_hs = {ln.history.hex() for ln in chain.links} | {cp.history.hex()}
     for item in rep.holes:
         lsn_first = item["firstLsn"]
         assert isinstance(lsn_first, int)
         if item["history"] not in chain_hs or lsn_first <= cp.applied_lsn:
-            rep.warnings.append(f"WAL hole outside this snapshot's restore path: missing "
-                                f"{item['text']}")
+            rep.warnings.append(f"WAL hole outside this snapshot's restore path: missing {item['text']}")

@@ -74,8 +74,15 @@ class Checkpoint:
 
     def encode(self) -> bytes:
         return CHECKPOINT.pack(
-            self.applied_lsn, self.segment_id, self.offset, self.timeline, self.time_ns,
-            self.timeline_first_segment, self.history, self.parent, self.fork_lsn,
+            self.applied_lsn,
+            self.segment_id,
+            self.offset,
+            self.timeline,
+            self.time_ns,
+            self.timeline_first_segment,
+            self.history,
+            self.parent,
+            self.fork_lsn,
             self.fp_state,
         )
 
@@ -91,22 +98,27 @@ class Checkpoint:
     def advance(self, lsn: int, segment_id: int, offset: int, time_ns: int) -> Checkpoint:
         """The position after records up to ``lsn`` on the same history (``BTree.apply``
         then sets the fingerprint of the state they produce)."""
-        return replace(self, applied_lsn=lsn, segment_id=segment_id, offset=offset,
-                       time_ns=time_ns)
+        return replace(self, applied_lsn=lsn, segment_id=segment_id, offset=offset, time_ns=time_ns)
 
     def on_lineage(self, lineage: Lineage, first_segment: int) -> Checkpoint:
         """The same state, now the start of ``lineage`` (a new or forked history)."""
-        return replace(self, timeline=lineage.timeline, history=lineage.history,
-                       parent=lineage.parent, fork_lsn=lineage.fork_lsn,
-                       timeline_first_segment=first_segment)
+        return replace(
+            self,
+            timeline=lineage.timeline,
+            history=lineage.history,
+            parent=lineage.parent,
+            fork_lsn=lineage.fork_lsn,
+            timeline_first_segment=first_segment,
+        )
 
     @classmethod
     def decode(cls, raw: bytes) -> Checkpoint:
         if len(raw) == 48:
             raise CorruptLog(
-                "checkpoint is format 1 (a pre-release without history ids or state "
-                "fingerprint)", hint="restore this namespace from a backup written by this "
-                "version, or run the pre-release build to export it")
+                "checkpoint is format 1 (a pre-release without history ids or state fingerprint)",
+                hint="restore this namespace from a backup written by this "
+                "version, or run the pre-release build to export it",
+            )
         if len(raw) != CHECKPOINT.size:
             raise CorruptLog(f"checkpoint record has {len(raw)} bytes, expected {CHECKPOINT.size}")
         return cls(*CHECKPOINT.unpack(raw))
@@ -156,8 +168,9 @@ class _ReadWriteLock:
 class BTree:
     """LMDB environment of one namespace. Writes come only from the engine's writer thread."""
 
-    def __init__(self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE,
-                 durable: bool = True, serving: bool = False) -> None:
+    def __init__(
+        self, path: Path, *, map_size: int = DEFAULT_MAP_SIZE, durable: bool = True, serving: bool = False
+    ) -> None:
         """``durable=False`` (no fsync per commit) is only for a restore's staging copy,
         which is synced with ``sync()`` before anything can use it. ``serving``: opened by
         the engine, which forks a new history on a snapshot installed by hand."""
@@ -174,8 +187,15 @@ class BTree:
             size = max(map_size, _round_up(existing * 2, 1 << 20))
             _reserve_lock_file(path / "lock.mdb")
             self.env = lmdb.open(
-                str(path), map_size=size, max_dbs=4, subdir=True, sync=durable,
-                metasync=False, readahead=False, max_readers=512, lock=True,
+                str(path),
+                map_size=size,
+                max_dbs=4,
+                subdir=True,
+                sync=durable,
+                metasync=False,
+                readahead=False,
+                max_readers=512,
+                lock=True,
             )
             self._kv = self.env.open_db(b"kv")
             self._meta = self.env.open_db(b"meta")
@@ -185,9 +205,9 @@ class BTree:
                 fsutil.fsync_dir(path)
         except lmdb.Error as exc:
             raise CorruptLog(
-                f"cannot open LMDB environment: {exc}", path=path / "data.mdb",
-                hint="if data.mdb was copied from a snapshot, check it with "
-                "'sha256sum -c <snapshot>.sha256'",
+                f"cannot open LMDB environment: {exc}",
+                path=path / "data.mdb",
+                hint="if data.mdb was copied from a snapshot, check it with 'sha256sum -c <snapshot>.sha256'",
             ) from exc
         except OSError as exc:
             raise from_os_error(exc, path) from exc
@@ -278,8 +298,7 @@ class BTree:
             except lmdb.Error as exc:
                 # The transaction was aborted: the environment is unchanged and a later
                 # commit may succeed (e.g. once space is freed); the engine decides.
-                raise lmdberrors.translate(exc, self.path / "data.mdb",
-                                           what="LMDB write") from exc
+                raise lmdberrors.translate(exc, self.path / "data.mdb", what="LMDB write") from exc
 
     def set_checkpoint(self, checkpoint: Checkpoint) -> None:
         self.apply([], checkpoint)
@@ -292,8 +311,7 @@ class BTree:
             try:
                 self.env.set_mapsize(size)
             except lmdb.Error as exc:
-                raise lmdberrors.translate(exc, self.path / "data.mdb",
-                                           what="LMDB map growth") from exc
+                raise lmdberrors.translate(exc, self.path / "data.mdb", what="LMDB map growth") from exc
             self.map_size = size
 
     def _ensure_headroom(self) -> None:
@@ -352,8 +370,9 @@ def read_namespace_label(path: Path) -> str | None:
     except UnisonDBError:
         return None
     try:
-        env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_dbs=4,
-                        map_size=max(size, 1 << 20))
+        env = lmdb.open(
+            str(path), subdir=False, readonly=True, lock=False, max_dbs=4, map_size=max(size, 1 << 20)
+        )
     except lmdb.Error:
         return None
     try:

@@ -176,8 +176,7 @@ class Engine:
         except BaseException:
             eng._lock.release()
             raise
-        eng._thread = threading.Thread(target=eng._writer_loop, name=f"wal-writer-{namespace}",
-                                       daemon=True)
+        eng._thread = threading.Thread(target=eng._writer_loop, name=f"wal-writer-{namespace}", daemon=True)
         eng._thread.start()
         return eng
 
@@ -186,13 +185,19 @@ class Engine:
         removed += fsutil.clean_tmp_files(layout.wal_dir(self.data_dir, self.namespace))
         complete_interrupted(layout.backup_root(self.data_dir, self.namespace))
         if removed:
-            log.warning("startup.removed_tmp_files", namespace=self.namespace,
-                        files=[str(p) for p in removed])
-        self.btree = BTree(layout.btree_dir(self.data_dir, self.namespace),
-                           map_size=self.config.map_size, serving=True)
+            log.warning(
+                "startup.removed_tmp_files", namespace=self.namespace, files=[str(p) for p in removed]
+            )
+        self.btree = BTree(
+            layout.btree_dir(self.data_dir, self.namespace), map_size=self.config.map_size, serving=True
+        )
         if (inst := self.btree.installed) is not None:  # a snapshot copied in by hand
-            log.info("startup.snapshot_installed", path=str(inst.path),
-                     bytes=inst.trailer.data_len, verify_seconds=round(inst.verify_seconds, 3))
+            log.info(
+                "startup.snapshot_installed",
+                path=str(inst.path),
+                bytes=inst.trailer.data_len,
+                verify_seconds=round(inst.verify_seconds, 3),
+            )
         self.wal = None  # type: ignore[assignment]
         try:
             self._claim_btree()
@@ -200,15 +205,13 @@ class Engine:
             self.wal = Wal.open(layout.wal_dir(self.data_dir, self.namespace), self.namespace)
             self.recovery = recover(self.wal, self.btree)
             rcp = self.recovery.checkpoint
-            fork_reason = "a snapshot was installed by hand" if installed \
-                else self._fork_reason(rcp)
+            fork_reason = "a snapshot was installed by hand" if installed else self._fork_reason(rcp)
             # Every start begins a fresh segment: the previous active one is sealed (so it can
             # be backed up and is immutable), and ids keep growing past anything the
             # checkpoint has seen (a snapshot copied in from elsewhere included). Its footer
             # gets the state fingerprint only if that state is the one after its last record.
             act = self.wal.active
-            tip = act is not None and act.header.history == rcp.history \
-                and act.last_lsn == rcp.applied_lsn
+            tip = act is not None and act.header.history == rcp.history and act.last_lsn == rcp.applied_lsn
             self.wal.seal_active_if_nonempty(rcp.fingerprint if tip else None)
             cp, next_id = self._settle_history(rcp, fork_reason)
             self.wal.start_segment(next_id, cp.lineage, self.recovery.next_lsn, cp.fingerprint)
@@ -226,10 +229,16 @@ class Engine:
         self._durable_lsn = cp.applied_lsn
         self._next_lsn = self.recovery.next_lsn
         self._last_time_ns = cp.time_ns
-        log.info("engine.opened", namespace=self.namespace, applied_lsn=cp.applied_lsn,
-                 replayed=self.recovery.records_replayed, timeline=cp.timeline,
-                 history=history.show(cp.history), fingerprint=fingerprint.short(cp.fingerprint),
-                 segment=next_id)
+        log.info(
+            "engine.opened",
+            namespace=self.namespace,
+            applied_lsn=cp.applied_lsn,
+            replayed=self.recovery.records_replayed,
+            timeline=cp.timeline,
+            history=history.show(cp.history),
+            fingerprint=fingerprint.short(cp.fingerprint),
+            segment=next_id,
+        )
 
     def _installed_marker(self) -> Path:
         return layout.btree_dir(self.data_dir, self.namespace) / snapfile.INSTALL_MARKER
@@ -251,8 +260,12 @@ class Engine:
                 f"{fingerprint.short(cp.fingerprint)} at LSN {cp.applied_lsn})",
                 hint="copy another snapshot (or an older one) to it, or run 'unisondb restore'",
             )
-        log.info("startup.snapshot_content_verified", namespace=self.namespace,
-                 keys=self.btree.count(), fingerprint=fingerprint.short(cp.fingerprint))
+        log.info(
+            "startup.snapshot_content_verified",
+            namespace=self.namespace,
+            keys=self.btree.count(),
+            fingerprint=fingerprint.short(cp.fingerprint),
+        )
         return True
 
     def _settle_history(self, cp: Checkpoint, reason: str | None) -> tuple[Checkpoint, int]:
@@ -276,9 +289,16 @@ class Engine:
         old = cp.lineage
         cp = self.btree.apply([], cp.on_lineage(old.fork(cp.applied_lsn), next_id))
         self.btree.sync()
-        log.warning("engine.forked_history", namespace=self.namespace, reason=reason,
-                    parent=history.show(old.history), history=history.show(cp.history),
-                    fork_lsn=cp.applied_lsn, timeline=cp.timeline, first_segment=next_id)
+        log.warning(
+            "engine.forked_history",
+            namespace=self.namespace,
+            reason=reason,
+            parent=history.show(old.history),
+            history=history.show(cp.history),
+            fork_lsn=cp.applied_lsn,
+            timeline=cp.timeline,
+            first_segment=next_id,
+        )
         return cp, next_id
 
     def _fork_reason(self, cp: Checkpoint) -> str | None:
@@ -286,12 +306,13 @@ class Engine:
         if not cp.lineage.is_set:
             return None  # a new namespace: it gets a history of its own, not a fork
         for s in self.wal.segments():
-            if s.history == cp.history and s.first_lsn <= cp.applied_lsn + 1 \
-                    and s.last_lsn >= cp.applied_lsn:
+            if s.history == cp.history and s.first_lsn <= cp.applied_lsn + 1 and s.last_lsn >= cp.applied_lsn:
                 return None
-        return (f"no local WAL segment of history {history.short(cp.history)} holds the "
-                f"checkpoint (LSN {cp.applied_lsn}, segment {cp.segment_id}): data.mdb was "
-                "installed from elsewhere or its WAL is gone")
+        return (
+            f"no local WAL segment of history {history.short(cp.history)} holds the "
+            f"checkpoint (LSN {cp.applied_lsn}, segment {cp.segment_id}): data.mdb was "
+            "installed from elsewhere or its WAL is gone"
+        )
 
     def _claim_btree(self) -> None:
         """Refuse a data.mdb that another namespace wrote; label an unlabelled one as ours."""
@@ -335,8 +356,11 @@ class Engine:
                 try:
                     self.wal.rotate(self._next_lsn, self._checkpoint.fingerprint)
                 except (OSError, UnisonDBError) as exc:
-                    log.warning("engine.close_seal_failed", namespace=self.namespace,
-                                error=str(_as_storage_error(exc, self.wal.dir)))
+                    log.warning(
+                        "engine.close_seal_failed",
+                        namespace=self.namespace,
+                        error=str(_as_storage_error(exc, self.wal.dir)),
+                    )
             self.btree.sync()
         finally:
             self.wal.close()
@@ -345,10 +369,13 @@ class Engine:
             if idle:
                 self.btree.close()
             else:
-                log.error("engine.close_abandoned_reader", namespace=self.namespace,
-                          note="a reader (snapshot copy) is still inside LMDB at the "
-                               "shutdown deadline: the environment is left open and the "
-                               "process exits without closing it")
+                log.error(
+                    "engine.close_abandoned_reader",
+                    namespace=self.namespace,
+                    note="a reader (snapshot copy) is still inside LMDB at the "
+                    "shutdown deadline: the environment is left open and the "
+                    "process exits without closing it",
+                )
             self._lock.release()
         return idle
 
@@ -402,10 +429,12 @@ class Engine:
     @staticmethod
     def _refusal(cause: UnisonDBError) -> UnisonDBError:
         """A fresh error (never one instance raised in many threads) saying why."""
-        cls = type(cause) if type(cause) in (NoSpace, PermissionDenied, StorageError) \
-            else StorageError
-        return cls(cause.message, hint="writes are refused until the storage accepts them "
-                   "again; free space and they resume by themselves (reads still work)")
+        cls = type(cause) if type(cause) in (NoSpace, PermissionDenied, StorageError) else StorageError
+        return cls(
+            cause.message,
+            hint="writes are refused until the storage accepts them "
+            "again; free space and they resume by themselves (reads still work)",
+        )
 
     @property
     def stalled(self) -> UnisonDBError | None:
@@ -459,8 +488,12 @@ class Engine:
 
     # --- archiving hooks (unisondb/archive/service.py) ---
 
-    def enable_archiving(self, is_archived: Callable[[int], bool], seal_after: float,
-                         on_sealed: Callable[[], None] | None = None) -> None:
+    def enable_archiving(
+        self,
+        is_archived: Callable[[int], bool],
+        seal_after: float,
+        on_sealed: Callable[[], None] | None = None,
+    ) -> None:
         """Turn on the archive's two demands on the engine.
 
         * retention never deletes a sealed segment for which ``is_archived(id)`` is False,
@@ -557,22 +590,27 @@ class Engine:
             seg_id, end = self._append(writes, records)
             self._sync_appended()
         except _ApplyFailed as af:
-            self._ack(writes[:self._applied_in_group], records)
-            for req in writes[af.count:]:  # never appended
+            self._ack(writes[: self._applied_in_group], records)
+            for req in writes[af.count :]:  # never appended
                 req.future.set_exception(af.error)
-            self._stall_pending(records[self._applied_in_group:af.count],
-                                writes[self._applied_in_group:af.count], af.segment_id,
-                                af.end, af.error)
+            self._stall_pending(
+                records[self._applied_in_group : af.count],
+                writes[self._applied_in_group : af.count],
+                af.segment_id,
+                af.end,
+                af.error,
+            )
             return
         except UnisonDBError as exc:
             self._group_failed(writes, records, exc)
             return
         try:
-            self._apply(records[self._applied_in_group:], seg_id, end)
+            self._apply(records[self._applied_in_group :], seg_id, end)
         except UnisonDBError as exc:
-            self._ack(writes[:self._applied_in_group], records)
-            self._stall_pending(records[self._applied_in_group:],
-                                writes[self._applied_in_group:], seg_id, end, exc)
+            self._ack(writes[: self._applied_in_group], records)
+            self._stall_pending(
+                records[self._applied_in_group :], writes[self._applied_in_group :], seg_id, end, exc
+            )
             return
         self._ack(writes, records)
 
@@ -586,8 +624,7 @@ class Engine:
             if not req.future.done():
                 req.future.set_result(rec.lsn)
 
-    def _group_failed(self, writes: list[_Request], records: list[Record],
-                      exc: UnisonDBError) -> None:
+    def _group_failed(self, writes: list[_Request], records: list[Record], exc: UnisonDBError) -> None:
         """A WAL write, fsync or seal failed: what was applied before a mid-group rotation
         is durable and acknowledged; the rest is not in the WAL (cut back) and fails."""
         done = self._applied_in_group
@@ -617,16 +654,21 @@ class Engine:
         finally:
             self._unsynced_mark = None
 
-    def _stall_pending(self, records: list[Record], writes: list[_Request], seg_id: int,
-                       end: int, exc: UnisonDBError) -> None:
+    def _stall_pending(
+        self, records: list[Record], writes: list[_Request], seg_id: int, end: int, exc: UnisonDBError
+    ) -> None:
         """LMDB refused durable records: keep them, refuse new writes, retry later."""
         if not records:
             return
         self._pending = _Pending(records, seg_id, end, list(writes), time.monotonic())
-        log.error("engine.apply_failed", namespace=self.namespace, error=str(exc),
-                  first_lsn=records[0].lsn, last_lsn=records[-1].lsn,
-                  note="the records are durable in the WAL and are applied once LMDB "
-                       "takes them again")
+        log.error(
+            "engine.apply_failed",
+            namespace=self.namespace,
+            error=str(exc),
+            first_lsn=records[0].lsn,
+            last_lsn=records[-1].lsn,
+            note="the records are durable in the WAL and are applied once LMDB takes them again",
+        )
         self._stall(exc)
         self._answer_held()
 
@@ -636,8 +678,12 @@ class Engine:
             self._stalled = exc
         if first:
             self.stats.stalls += 1
-            log.error("engine.stalled", namespace=self.namespace, error=str(exc),
-                      retry_seconds=self.config.disk_full_retry)
+            log.error(
+                "engine.stalled",
+                namespace=self.namespace,
+                error=str(exc),
+                retry_seconds=self.config.disk_full_retry,
+            )
         self._next_retry = time.monotonic() + self.config.disk_full_retry
 
     def _answer_held(self, *, force: bool = False) -> None:
@@ -656,9 +702,14 @@ class Engine:
         p.requests = []
         self.stats.durable_but_failed += n
         if n:
-            log.warning("engine.durable_writes_answered_failed", namespace=self.namespace,
-                        writes=n, first_lsn=p.records[0].lsn, last_lsn=p.records[-1].lsn,
-                        note="these writes are in the WAL and will be visible once applied")
+            log.warning(
+                "engine.durable_writes_answered_failed",
+                namespace=self.namespace,
+                writes=n,
+                first_lsn=p.records[0].lsn,
+                last_lsn=p.records[-1].lsn,
+                note="these writes are in the WAL and will be visible once applied",
+            )
 
     def _try_resume(self) -> bool:
         """Retry what the full disk stopped: apply pending records, create the segment a
@@ -686,8 +737,9 @@ class Engine:
     def _apply(self, records: list[Record], seg_id: int, end: int) -> None:
         """Apply durable records to LMDB with the checkpoint after them (one transaction)."""
         if records:
-            self._checkpoint = self.btree.apply(records, self._checkpoint.advance(
-                records[-1].lsn, seg_id, end, records[-1].time_ns))
+            self._checkpoint = self.btree.apply(
+                records, self._checkpoint.advance(records[-1].lsn, seg_id, end, records[-1].time_ns)
+            )
 
     def _append(self, writes: list[_Request], records: list[Record]) -> tuple[int, int]:
         """Encode and write the group, rotating by size between records."""
@@ -705,8 +757,7 @@ class Engine:
             lsn = self._next_lsn
             data = record.encode(lsn, now, req.entries)
             active = self.wal.active
-            if (active.count or chunk) and active.size + chunk_bytes + len(data) > \
-                    self.config.segment_size:
+            if (active.count or chunk) and active.size + chunk_bytes + len(data) > self.config.segment_size:
                 if chunk:
                     seg_id, end = self._flush_chunk(chunk, meta)
                 chunk, meta, chunk_bytes = [], [], 0
@@ -737,7 +788,7 @@ class Engine:
         # Rotation mid-group: the records already written must be durable before sealing,
         # and applied, because the footer records the state fingerprint after them.
         self._sync_appended()
-        todo = records[self._applied_in_group:]
+        todo = records[self._applied_in_group :]
         if todo:
             try:
                 self._apply(todo, seg_id, end)
@@ -772,8 +823,12 @@ class Engine:
         elif act is None:
             self._stall(err)
         else:
-            log.warning("wal.rotation_failed", namespace=self.namespace, error=str(err),
-                        note="the segment stays active; a later rotation seals it")
+            log.warning(
+                "wal.rotation_failed",
+                namespace=self.namespace,
+                error=str(err),
+                note="the segment stays active; a later rotation seals it",
+            )
         return err
 
     def _fail(self, exc: UnisonDBError, writes: list[_Request]) -> None:
@@ -812,8 +867,12 @@ class Engine:
                 self._try_resume()
             return
         act = self.wal.active
-        by_age = (act is not None and act.count and self.config.segment_max_age > 0
-                  and time.time_ns() - act.header.created_ns > self.config.segment_max_age * 1e9)
+        by_age = (
+            act is not None
+            and act.count
+            and self.config.segment_max_age > 0
+            and time.time_ns() - act.header.created_ns > self.config.segment_max_age * 1e9
+        )
         if by_age or (self._seal_after > 0 and self.rotate_if_idle_since(self._seal_after)):
             try:
                 self._rotate()
@@ -824,8 +883,7 @@ class Engine:
             now = time.monotonic()
             # With archiving on, segments wait for the archive rather than only for age, so
             # check more often (a short --wal-retention then frees disk soon after upload).
-            period = 30.0 if self._retention_guard is None else \
-                min(30.0, max(self.config.retention, 1.0))
+            period = 30.0 if self._retention_guard is None else min(30.0, max(self.config.retention, 1.0))
             if now - self._last_retention_check > period:
                 self._last_retention_check = now
                 self._apply_retention()
@@ -835,8 +893,9 @@ class Engine:
     def _apply_retention(self) -> None:
         """Delete sealed segments the durable checkpoint has passed and retention allows."""
         cutoff_ns = time.time_ns() - int(self.config.retention * 1e9)
-        candidates = [s for s in self.wal.sealed_segments() if s.max_time_ns < cutoff_ns
-                      and s.created_ns < cutoff_ns]
+        candidates = [
+            s for s in self.wal.sealed_segments() if s.max_time_ns < cutoff_ns and s.created_ns < cutoff_ns
+        ]
         if not candidates:
             return
         self.btree.sync()  # everything committed so far is now durable
@@ -845,8 +904,7 @@ class Engine:
         for s in candidates:
             if guard is not None and not guard(s.segment_id):
                 # Not yet in the archive: age alone never deletes it (docs/ARCHIVE.md).
-                log.info("wal.retention_kept_unarchived", namespace=self.namespace,
-                         segment=s.segment_id)
+                log.info("wal.retention_kept_unarchived", namespace=self.namespace, segment=s.segment_id)
                 continue
             if s.last_lsn <= self._durable_lsn:
                 log.info("wal.retention_delete", namespace=self.namespace, segment=s.segment_id)
@@ -888,6 +946,4 @@ def _validate_entries(entries: tuple[Entry, ...]) -> None:
         if not e.key:
             raise InvalidRequest("key cannot be empty")
         if len(e.key) > record.MAX_KEY:
-            raise InvalidRequest(
-                f"key is {len(e.key)} bytes; the maximum is {record.MAX_KEY} bytes (UTF-8)"
-            )
+            raise InvalidRequest(f"key is {len(e.key)} bytes; the maximum is {record.MAX_KEY} bytes (UTF-8)")

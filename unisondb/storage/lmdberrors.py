@@ -22,8 +22,7 @@ from unisondb.errors import StorageError, UnisonDBError, from_os_error
 from unisondb.storage import fsutil
 
 #: errno values whose message LMDB may report, most specific first.
-_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO,
-           errno.EFBIG)
+_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EACCES, errno.EPERM, errno.EROFS, errno.EIO, errno.EFBIG)
 
 
 def translate(exc: lmdb.Error, path: Path, *, what: str, fs_path: Path | None = None) -> UnisonDBError:

@@ -164,8 +164,9 @@ def check_if_present(path: Path, role: Role = "btree") -> BTreeFileInfo | None:
     return check_file(path, role)
 
 
-def check_file(path: Path, role: Role = "snapshot", *,
-               shown: Path | None = None, walk: bool = False) -> BTreeFileInfo:
+def check_file(
+    path: Path, role: Role = "snapshot", *, shown: Path | None = None, walk: bool = False
+) -> BTreeFileInfo:
     """Check that LMDB can map ``path`` without touching a byte past its end.
 
     ``walk``: also walk every page LMDB can reach (page headers and node arrays, never a
@@ -183,84 +184,128 @@ def check_file(path: Path, role: Role = "snapshot", *,
             info = _check(f, shown or path, size, what, role, walk=walk)
             return replace(info, path=path)
     except IsADirectoryError:
-        raise BadBTreeFile(f"{what} {path} is a directory, expected an LMDB data file",
-                           path=path, hint="pass the file itself (a copy of data.mdb)") from None
+        raise BadBTreeFile(
+            f"{what} {path} is a directory, expected an LMDB data file",
+            path=path,
+            hint="pass the file itself (a copy of data.mdb)",
+        ) from None
     except OSError as exc:
         raise from_os_error(exc, path) from exc
 
 
-def _check(f: BinaryIO, path: Path, size: int, what: str, role: Role, *,
-           walk: bool = False) -> BTreeFileInfo:
+def _check(f: BinaryIO, path: Path, size: int, what: str, role: Role, *, walk: bool = False) -> BTreeFileInfo:
     def bad(problem: str, hint: str) -> BadBTreeFile:
         return BadBTreeFile(f"{what} {path} {problem}", path=path, hint=hint)
 
     again = _copy_again_hint(path, role)
     if size == 0:
-        raise bad("is empty (0 bytes): not an LMDB data file", again + (
-            "; if this namespace was created just before a crash and never held data, "
-            f"delete {path} and start again (the WAL is replayed into a new one)"
-            if role == "btree" else ""))
+        raise bad(
+            "is empty (0 bytes): not an LMDB data file",
+            again
+            + (
+                "; if this namespace was created just before a crash and never held data, "
+                f"delete {path} and start again (the WAL is replayed into a new one)"
+                if role == "btree"
+                else ""
+            ),
+        )
     head = _read_at(f, 0, min(size, 4096))
-    if size < META_PAGE_BYTES and describe_foreign(head) is None and (
-            size < 20 or head[16:20] == struct.pack("=I", MAGIC)):
-        raise bad(f"is cut short: {size} byte{'s' * (size != 1)}, less than one LMDB meta page "
-                  f"({META_PAGE_BYTES} bytes)", again)
+    if (
+        size < META_PAGE_BYTES
+        and describe_foreign(head) is None
+        and (size < 20 or head[16:20] == struct.pack("=I", MAGIC))
+    ):
+        raise bad(
+            f"is cut short: {size} byte{'s' * (size != 1)}, less than one LMDB meta page "
+            f"({META_PAGE_BYTES} bytes)",
+            again,
+        )
     if head[16:20] != struct.pack("=I", MAGIC):
         raise _foreign(f, path, size, head, what, role)
     m0 = _decode_meta(head[:META_PAGE_BYTES])
     _check_meta(m0, 0, bad, again)
     psize = m0.page_size
     if psize == 0 or psize & (psize - 1) or not MIN_PAGE_SIZE <= psize <= MAX_PAGE_SIZE:
-        raise bad(f"has an impossible page size {psize} in its first meta page (want a power "
-                  f"of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}): damaged", again)
+        raise bad(
+            f"has an impossible page size {psize} in its first meta page (want a power "
+            f"of two in {MIN_PAGE_SIZE}..{MAX_PAGE_SIZE}): damaged",
+            again,
+        )
     if size < psize + META_PAGE_BYTES:
-        raise bad(f"is cut short: {size} bytes end inside the second LMDB meta page "
-                  f"(bytes {psize}..{2 * psize - 1})", again)
+        raise bad(
+            f"is cut short: {size} bytes end inside the second LMDB meta page "
+            f"(bytes {psize}..{2 * psize - 1})",
+            again,
+        )
     m1 = _decode_meta(_read_at(f, psize, META_PAGE_BYTES))
     _check_meta(m1, 1, bad, again)
     if m1.page_size != psize:
-        raise bad(f"has meta pages that disagree on the page size ({psize} and "
-                  f"{m1.page_size}): damaged", again)
+        raise bad(
+            f"has meta pages that disagree on the page size ({psize} and {m1.page_size}): damaged", again
+        )
     # mdb_env_read_header: the higher txnid wins, meta 0 on a tie.
     current, meta = (1, m1) if m1.txnid > m0.txnid else (0, m0)
     if meta.last_page < 1:
-        raise bad(f"has last page {meta.last_page} in meta page {current}, below the two meta "
-                  "pages themselves: damaged", again)
+        raise bad(
+            f"has last page {meta.last_page} in meta page {current}, below the two meta "
+            "pages themselves: damaged",
+            again,
+        )
     for name, db in (("main", meta.main), ("free-page", meta.free)):
         if db.root != P_INVALID and not 2 <= db.root <= meta.last_page:
-            raise bad(f"names page {db.root} as the root of its {name} B-tree, outside pages "
-                      f"2..{meta.last_page} (meta page {current}, txn {meta.txnid}): damaged",
-                      again)
+            raise bad(
+                f"names page {db.root} as the root of its {name} B-tree, outside pages "
+                f"2..{meta.last_page} (meta page {current}, txn {meta.txnid}): damaged",
+                again,
+            )
     need = (meta.last_page + 1) * psize
     free_tail = 0
     if size < need:
         free_tail = _short_file_pages(f, size, need, psize, meta, current, bad, again)
     elif walk and (problem := _page_past_end(f, size, psize, meta)) is not None:
         raise bad(f"is not a sound LMDB file: {problem}", again)
-    return BTreeFileInfo(path, size, psize, meta.last_page, meta.txnid, meta.map_size,
-                         current, _subdb_entries(f, size, psize, meta.main), free_tail)
+    return BTreeFileInfo(
+        path,
+        size,
+        psize,
+        meta.last_page,
+        meta.txnid,
+        meta.map_size,
+        current,
+        _subdb_entries(f, size, psize, meta.main),
+        free_tail,
+    )
 
 
 def _check_meta(m: _Meta, index: int, bad: _Bad, again: str) -> None:
     if not m.page_flags & P_META:
-        raise bad(f"has no LMDB meta page at page {index} (page flags 0x{m.page_flags:04x}, "
-                  f"P_META 0x{P_META:02x} not set): damaged", again)
+        raise bad(
+            f"has no LMDB meta page at page {index} (page flags 0x{m.page_flags:04x}, "
+            f"P_META 0x{P_META:02x} not set): damaged",
+            again,
+        )
     if m.magic != MAGIC:
-        raise bad(f"has a bad magic 0x{m.magic:08x} in LMDB meta page {index} (want "
-                  f"0x{MAGIC:08X}): damaged", again)
+        raise bad(
+            f"has a bad magic 0x{m.magic:08x} in LMDB meta page {index} (want 0x{MAGIC:08X}): damaged", again
+        )
     if m.version != DATA_VERSION:
-        raise bad(f"is LMDB data version {m.version} (meta page {index}); this build reads "
-                  f"version {DATA_VERSION} (LMDB 0.9)",
-                  "open it with the LMDB version that wrote it, or use another copy")
+        raise bad(
+            f"is LMDB data version {m.version} (meta page {index}); this build reads "
+            f"version {DATA_VERSION} (LMDB 0.9)",
+            "open it with the LMDB version that wrote it, or use another copy",
+        )
 
 
-def _short_file_pages(f: BinaryIO, size: int, need: int, psize: int, meta: _Meta,
-                      current: int, bad: _Bad, again: str) -> int:
+def _short_file_pages(
+    f: BinaryIO, size: int, need: int, psize: int, meta: _Meta, current: int, bad: _Bad, again: str
+) -> int:
     """Accept a file short by free pages only (see the module docstring), else refuse."""
     missing = -(-(need - size) // psize)
-    claim = (f"is truncated: {size} bytes, but its meta page {current} (txn {meta.txnid}) "
-             f"says the B-tree spans {need} bytes (pages 0..{meta.last_page}, "
-             f"{psize}-byte pages)")
+    claim = (
+        f"is truncated: {size} bytes, but its meta page {current} (txn {meta.txnid}) "
+        f"says the B-tree spans {need} bytes (pages 0..{meta.last_page}, "
+        f"{psize}-byte pages)"
+    )
     # Loose pages are few, all from the last transaction; a gap wider than the file
     # itself is a cut copy, and walking it would only chase a fiction.
     if missing > max(size // psize, 64):
@@ -280,8 +325,11 @@ def _page_past_end(f: BinaryIO, size: int, psize: int, meta: _Meta) -> str | Non
     Deliberately not ``lmdb.verify``: that verifier also rejects valid files (a big value
     overwritten by a small one in the same transaction keeps its longer overflow run).
     """
-    stack = [(db.root, name) for name, db in (("free-page", meta.free), ("main", meta.main))
-             if db.root != P_INVALID]
+    stack = [
+        (db.root, name)
+        for name, db in (("free-page", meta.free), ("main", meta.main))
+        if db.root != P_INVALID
+    ]
     seen: set[int] = set()
     while stack:
         pgno, name = stack.pop()
@@ -313,14 +361,16 @@ def _page_past_end(f: BinaryIO, size: int, psize: int, meta: _Meta) -> str | Non
                     return f"overflow page {ov} of the {name} B-tree is past the end of the file"
                 (run,) = struct.unpack_from("=I", _read_at(f, ov * psize + 12, 4))
                 if (ov + max(run, 1)) * psize > size:
-                    return (f"overflow pages {ov}..{ov + run - 1} of the {name} B-tree end past "
-                            "the end of the file")
+                    return (
+                        f"overflow pages {ov}..{ov + run - 1} of the {name} B-tree end past "
+                        "the end of the file"
+                    )
             elif nflags & F_SUBDATA:  # a named sub-database or a key's duplicate tree
                 if data_at + _DB.size > psize:
                     return f"page {pgno} of the {name} B-tree has a node past its end: damaged"
-                sub = DbRecord.decode(page[data_at:data_at + _DB.size])
+                sub = DbRecord.decode(page[data_at : data_at + _DB.size])
                 if sub.root != P_INVALID:
-                    label = page[off + _NODE.size:data_at].decode("utf-8", errors="replace")
+                    label = page[off + _NODE.size : data_at].decode("utf-8", errors="replace")
                     stack.append((sub.root, f"{name}/{label}" if name == "main" else name))
     return None
 
@@ -345,36 +395,42 @@ def _subdb_entries(f: BinaryIO, size: int, psize: int, main: DbRecord) -> dict[s
         dsize = lo | (hi << 16)
         if not nflags & F_SUBDATA or dsize != _DB.size or key_at + ksize + dsize > psize:
             continue
-        name = page[key_at:key_at + ksize].decode("utf-8", errors="replace")
-        out[name] = DbRecord.decode(page[key_at + ksize:key_at + ksize + dsize]).entries
+        name = page[key_at : key_at + ksize].decode("utf-8", errors="replace")
+        out[name] = DbRecord.decode(page[key_at + ksize : key_at + ksize + dsize]).entries
     return out
 
 
 # --- foreign files ---
 
 
-def _foreign(f: BinaryIO, path: Path, size: int, head: bytes, what: str,
-             role: Role) -> BadBTreeFile:
+def _foreign(f: BinaryIO, path: Path, size: int, head: bytes, what: str, role: Role) -> BadBTreeFile:
     """The error for a file without an LMDB meta page at its start: say what it is instead."""
     looks = describe_foreign(head)
     if looks is not None:
         kind, command = looks
         target = "the snapshot" if role == "snapshot" else f"the result to {path}"
-        hint = f"{command.format(path=path, out=_plain_name(path))}, then use {target}" \
-            if command else _copy_again_hint(path, role)
-        return BadBTreeFile(f"{what} {path} is not an LMDB data file: it looks like {kind}",
-                            path=path, hint=hint)
+        hint = (
+            f"{command.format(path=path, out=_plain_name(path))}, then use {target}"
+            if command
+            else _copy_again_hint(path, role)
+        )
+        return BadBTreeFile(
+            f"{what} {path} is not an LMDB data file: it looks like {kind}", path=path, hint=hint
+        )
     if _all_zero(f, size):
         return BadBTreeFile(
             f"{what} {path} is not an LMDB data file: all {size} bytes are zero (space "
             "allocated but never written: an interrupted copy or a crash during the copy)",
-            path=path, hint=_copy_again_hint(path, role))
+            path=path,
+            hint=_copy_again_hint(path, role),
+        )
     if head[:META_PAGE_BYTES].count(0) == META_PAGE_BYTES:
         problem = "its first page is zero bytes where the LMDB meta page belongs"
     else:
         problem = f"no LMDB meta page at the start (first bytes {head[:16].hex(' ')})"
-    return BadBTreeFile(f"{what} {path} is not an LMDB data file: {problem}", path=path,
-                        hint=_copy_again_hint(path, role))
+    return BadBTreeFile(
+        f"{what} {path} is not an LMDB data file: {problem}", path=path, hint=_copy_again_hint(path, role)
+    )
 
 
 def describe_foreign(head: bytes) -> tuple[str, str] | None:
@@ -385,8 +441,10 @@ def describe_foreign(head: bytes) -> tuple[str, str] | None:
     if head.startswith(b"\x28\xb5\x2f\xfd"):
         return "a zstd-compressed file", "decompress it first: zstd -d {path} -o {out}"
     if head.startswith(b"\x1f\x8b"):
-        return ("a gzip-compressed file (a .tar.gz archive holds several files: "
-                "list it with tar -tzf)", "decompress it first: gzip -dc {path} > {out}")
+        return (
+            "a gzip-compressed file (a .tar.gz archive holds several files: list it with tar -tzf)",
+            "decompress it first: gzip -dc {path} > {out}",
+        )
     if head.startswith(b"BZh") and head[3:4].isdigit():
         return "a bzip2-compressed file", "decompress it first: bzip2 -dc {path} > {out}"
     if head.startswith(b"\xfd7zXZ\x00"):
@@ -398,14 +456,15 @@ def describe_foreign(head: bytes) -> tuple[str, str] | None:
     if head.startswith(b"-----BEGIN PGP") or _looks_like_openpgp(head):
         return "a gpg-encrypted file", "decrypt it first: gpg --decrypt -o {out} {path}"
     if head.startswith(b"UDBW"):
-        return ("a UnisonDB WAL segment, not a B-tree snapshot",
-                "pass its directory with --wal DIR, and a snapshot file with --snapshot")
+        return (
+            "a UnisonDB WAL segment, not a B-tree snapshot",
+            "pass its directory with --wal DIR, and a snapshot file with --snapshot",
+        )
     if head.startswith(b"SQLite format 3\x00"):
         return "an SQLite database", ""
     for off in (8, 12, 24):  # 32-bit page headers, LMDB 1.0's 24-byte page header
-        if head[off:off + 4] == struct.pack("=I", MAGIC):
-            return (f"an LMDB file of another LMDB version or a 32-bit build (page header "
-                    f"{off} bytes)", "")
+        if head[off : off + 4] == struct.pack("=I", MAGIC):
+            return (f"an LMDB file of another LMDB version or a 32-bit build (page header {off} bytes)", "")
     if head[16:20] == struct.pack(">I" if struct.pack("=I", 1)[0] == 1 else "<I", MAGIC):
         return "an LMDB file from a machine of the other byte order", ""
     text = head[:256].rstrip(b"\0")
@@ -431,8 +490,12 @@ def _looks_like_openpgp(head: bytes) -> bool:
         tag, ltype = (b >> 2) & 0x0F, b & 0x03
         body = 1 + {0: 1, 1: 2, 2: 4, 3: 0}[ltype]
     version = head[body]
-    return (tag == 1 and version == 3) or (tag == 3 and version in (4, 5, 6)) \
-        or (tag == 8 and version in (1, 2, 3)) or (tag == 18 and version in (1, 2))
+    return (
+        (tag == 1 and version == 3)
+        or (tag == 3 and version in (4, 5, 6))
+        or (tag == 8 and version in (1, 2, 3))
+        or (tag == 18 and version in (1, 2))
+    )
 
 
 # --- helpers ---
@@ -440,10 +503,14 @@ def _looks_like_openpgp(head: bytes) -> bool:
 
 def _copy_again_hint(path: Path, role: Role) -> str:
     if role == "snapshot":
-        return ("the copy is incomplete or damaged: fetch it again (compare it with its "
-                ".sha256) or use another snapshot")
-    return (f"if {path.name} was copied from a snapshot, copy it again (compare it with the "
-            "snapshot's .sha256) or rebuild the namespace with 'unisondb restore'")
+        return (
+            "the copy is incomplete or damaged: fetch it again (compare it with its "
+            ".sha256) or use another snapshot"
+        )
+    return (
+        f"if {path.name} was copied from a snapshot, copy it again (compare it with the "
+        "snapshot's .sha256) or rebuild the namespace with 'unisondb restore'"
+    )
 
 
 def _plain_name(path: Path) -> Path:
@@ -455,12 +522,10 @@ def _plain_name(path: Path) -> Path:
 
 def _decode_meta(raw: bytes) -> _Meta:
     pgno, _pad, flags, _lower, _upper = _PAGE_HEADER.unpack_from(raw)
-    magic, version, _addr, mapsize, free, main, last, txnid = _META.unpack_from(
-        raw, PAGE_HEADER_SIZE)
+    magic, version, _addr, mapsize, free, main, last, txnid = _META.unpack_from(raw, PAGE_HEADER_SIZE)
     free_db = DbRecord.decode(free)
     psize = _DB.unpack(free)[0]  # mm_psize aliases the free DB's md_pad
-    return _Meta(pgno, flags, magic, version, mapsize, free_db, DbRecord.decode(main), psize,
-                 last, txnid)
+    return _Meta(pgno, flags, magic, version, mapsize, free_db, DbRecord.decode(main), psize, last, txnid)
 
 
 def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:

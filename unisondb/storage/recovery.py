@@ -57,8 +57,7 @@ def recover(wal: Wal, btree: BTree) -> RecoveryResult:
         if scan.header.history != cp.history:
             # Another history (abandoned by a restore, or one the snapshot never saw): never
             # replayed into this one. Decided below whether it can be ignored.
-            other_timelines.append((scan.header.segment_id, scan.header.timeline,
-                                    recs[-1][0].lsn))
+            other_timelines.append((scan.header.segment_id, scan.header.timeline, recs[-1][0].lsn))
             continue
         first = recs[0][0].lsn
         if first != expected:
@@ -99,10 +98,10 @@ def recover(wal: Wal, btree: BTree) -> RecoveryResult:
             "--wal ...', which follows timeline switches",
         )
     if other_timelines:
-        log.warning("recovery.ignored_other_timelines", timeline=cp.timeline,
-                    segments=[t[0] for t in other_timelines])
-    claimed = max((s.last_lsn for s in wal.segments() if s.history == cp.history),
-                  default=0)
+        log.warning(
+            "recovery.ignored_other_timelines", timeline=cp.timeline, segments=[t[0] for t in other_timelines]
+        )
+    claimed = max((s.last_lsn for s in wal.segments() if s.history == cp.history), default=0)
     if claimed > cp.applied_lsn:
         raise LsnGap(
             f"WAL is missing LSNs {cp.applied_lsn + 1}..{claimed}: the segments on disk claim "
@@ -114,8 +113,7 @@ def recover(wal: Wal, btree: BTree) -> RecoveryResult:
         )
     if replayed:
         log.info("recovery.replayed", records=replayed, applied_lsn=cp.applied_lsn)
-    return RecoveryResult(cp, replayed, time.perf_counter() - started,
-                          next_lsn=cp.applied_lsn + 1)
+    return RecoveryResult(cp, replayed, time.perf_counter() - started, next_lsn=cp.applied_lsn + 1)
 
 
 def _adopt_wal_history(wal: Wal, btree: BTree, cp: Checkpoint) -> Checkpoint:

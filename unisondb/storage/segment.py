@@ -89,10 +89,20 @@ class SegmentHeader:
     start_fp: bytes = EMPTY_DIGEST
 
     @classmethod
-    def for_lineage(cls, segment_id: int, lineage: Lineage, first_lsn: int, created_ns: int,
-                    ns_crc: int, start_fp: bytes) -> SegmentHeader:
-        return cls(segment_id, lineage.timeline, first_lsn, created_ns, ns_crc,
-                   lineage.history, lineage.parent, lineage.fork_lsn, start_fp)
+    def for_lineage(
+        cls, segment_id: int, lineage: Lineage, first_lsn: int, created_ns: int, ns_crc: int, start_fp: bytes
+    ) -> SegmentHeader:
+        return cls(
+            segment_id,
+            lineage.timeline,
+            first_lsn,
+            created_ns,
+            ns_crc,
+            lineage.history,
+            lineage.parent,
+            lineage.fork_lsn,
+            start_fp,
+        )
 
     @property
     def lineage(self) -> Lineage:
@@ -100,9 +110,19 @@ class SegmentHeader:
 
     def encode(self) -> bytes:
         body = HEADER.pack(
-            MAGIC, VERSION, 0, self.segment_id, self.timeline, self.first_lsn,
-            self.created_ns, self.ns_crc, self.history, self.parent, self.fork_lsn,
-            self.start_fp, 0,
+            MAGIC,
+            VERSION,
+            0,
+            self.segment_id,
+            self.timeline,
+            self.first_lsn,
+            self.created_ns,
+            self.ns_crc,
+            self.history,
+            self.parent,
+            self.fork_lsn,
+            self.start_fp,
+            0,
         )[:_HEADER_CRC_AT]
         return body + struct.pack("<I", crc32c.crc32c(body))
 
@@ -119,8 +139,14 @@ class SegmentFooter:
     def encode(self) -> bytes:
         flags = 0 if self.fingerprint is None else FOOTER_HAS_FINGERPRINT
         body = FOOTER.pack(
-            FOOTER_MAGIC, flags, self.last_lsn, self.min_time_ns, self.max_time_ns, self.count,
-            self.fingerprint or bytes(32), 0,
+            FOOTER_MAGIC,
+            flags,
+            self.last_lsn,
+            self.min_time_ns,
+            self.max_time_ns,
+            self.count,
+            self.fingerprint or bytes(32),
+            0,
         )[:_FOOTER_CRC_AT]
         return body + struct.pack("<I", crc32c.crc32c(body))
 
@@ -135,7 +161,9 @@ def decode_header(buf: bytes, path: Path) -> SegmentHeader:
     if version == 1:
         raise CorruptLog(
             "segment is format version 1 (a pre-release without history ids); this build "
-            f"reads version {VERSION}", path=path, offset=4,
+            f"reads version {VERSION}",
+            path=path,
+            offset=4,
             hint="restore from a backup written by this version",
         )
     if len(buf) < HEADER_SIZE:
@@ -144,10 +172,22 @@ def decode_header(buf: bytes, path: Path) -> SegmentHeader:
         raise CorruptLog("segment header checksum mismatch", path=path, offset=0)
     if version != VERSION:
         raise CorruptLog(f"unsupported segment format version {version}", path=path, offset=4)
-    (_m, _v, _flags, seg_id, timeline, first_lsn, created, ns_crc, history, parent, fork_lsn,
-     start_fp, _crc) = HEADER.unpack_from(buf, 0)
-    return SegmentHeader(seg_id, timeline, first_lsn, created, ns_crc, history, parent,
-                         fork_lsn, start_fp)
+    (
+        _m,
+        _v,
+        _flags,
+        seg_id,
+        timeline,
+        first_lsn,
+        created,
+        ns_crc,
+        history,
+        parent,
+        fork_lsn,
+        start_fp,
+        _crc,
+    ) = HEADER.unpack_from(buf, 0)
+    return SegmentHeader(seg_id, timeline, first_lsn, created, ns_crc, history, parent, fork_lsn, start_fp)
 
 
 def try_decode_footer(buf: bytes | memoryview) -> SegmentFooter | None:
@@ -158,8 +198,7 @@ def try_decode_footer(buf: bytes | memoryview) -> SegmentFooter | None:
     magic, flags, last_lsn, tmin, tmax, count, fp, crc = FOOTER.unpack(tail)
     if magic != FOOTER_MAGIC or crc32c.crc32c(tail[:_FOOTER_CRC_AT]) != crc:
         return None
-    return SegmentFooter(last_lsn, tmin, tmax, count,
-                         fp if flags & FOOTER_HAS_FINGERPRINT else None)
+    return SegmentFooter(last_lsn, tmin, tmax, count, fp if flags & FOOTER_HAS_FINGERPRINT else None)
 
 
 @dataclass(slots=True)
@@ -231,8 +270,7 @@ def scan(path: Path, buf: bytes | None = None) -> SegmentScan:
         return plain
 
 
-def _scan(path: Path, data: bytes, header: SegmentHeader,
-          footer: SegmentFooter | None) -> SegmentScan:
+def _scan(path: Path, data: bytes, header: SegmentHeader, footer: SegmentFooter | None) -> SegmentScan:
     end = len(data) - FOOTER_SIZE if footer is not None else len(data)
     result = SegmentScan(path, header, footer, file_size=len(data))
     view = memoryview(data)[:end]
@@ -244,7 +282,9 @@ def _scan(path: Path, data: bytes, header: SegmentHeader,
         except record.RecordError as exc:
             if footer is not None:
                 raise CorruptLog(
-                    f"invalid record in sealed segment: {exc.reason}", path=path, offset=pos,
+                    f"invalid record in sealed segment: {exc.reason}",
+                    path=path,
+                    offset=pos,
                     hint="restore this segment from a backup copy (unisondb backup verify "
                     "names the good copies)",
                 ) from None
@@ -252,9 +292,7 @@ def _scan(path: Path, data: bytes, header: SegmentHeader,
             result.tail_is_midlog = _valid_record_follows(view, pos, expected)
             break
         if rec.lsn != expected:
-            raise CorruptLog(
-                f"record LSN {rec.lsn} where {expected} was expected", path=path, offset=pos
-            )
+            raise CorruptLog(f"record LSN {rec.lsn} where {expected} was expected", path=path, offset=pos)
         result.records.append((rec, pos, nxt))
         expected += 1
         pos = nxt
@@ -291,8 +329,10 @@ def _valid_record_follows(view: memoryview, pos: int, lsn: int) -> bool:
         implied = start - pos - record.HEADER_SIZE
         if (
             _decodes_at(view, start, lsn + 1)
-            and crc32c.crc32c(view[pos + record.HEADER_SIZE : start],
-                              crc32c.crc32c(struct.pack("<I", implied))) == crc
+            and crc32c.crc32c(
+                view[pos + record.HEADER_SIZE : start], crc32c.crc32c(struct.pack("<I", implied))
+            )
+            == crc
         ):
             return True
         hit = rest.find(needle, hit + 1)
@@ -317,7 +357,8 @@ def _check_footer(result: SegmentScan, footer: SegmentFooter) -> None:
     )
     if not ok:
         raise CorruptLog(
-            "segment footer does not match its records", path=result.path,
+            "segment footer does not match its records",
+            path=result.path,
             offset=result.file_size - FOOTER_SIZE,
         )
 
@@ -432,8 +473,14 @@ class ActiveSegment:
 
     def mark(self) -> tuple[int, int, int, int, int, int]:
         """The segment's end and accounting now, for ``rollback``."""
-        return (self.size, self.count, self.last_lsn, self.min_time_ns, self.max_time_ns,
-                self.last_record_offset)
+        return (
+            self.size,
+            self.count,
+            self.last_lsn,
+            self.min_time_ns,
+            self.max_time_ns,
+            self.last_record_offset,
+        )
 
     def rollback(self, mark: tuple[int, int, int, int, int, int]) -> None:
         """Durably drop what was appended after ``mark`` (records whose fdatasync failed:
@@ -441,15 +488,20 @@ class ActiveSegment:
         Sets ``broken`` if that fails too."""
         self._cut_back(mark[0], sync=True)
         if not self.broken:
-            (_size, self.count, self.last_lsn, self.min_time_ns, self.max_time_ns,
-             self.last_record_offset) = mark
+            (
+                _size,
+                self.count,
+                self.last_lsn,
+                self.min_time_ns,
+                self.max_time_ns,
+                self.last_record_offset,
+            ) = mark
 
     def sync(self) -> None:
         fsutil.fdatasync(self._fd)
 
     def footer(self, fingerprint: bytes | None) -> SegmentFooter:
-        return SegmentFooter(self.last_lsn, self.min_time_ns, self.max_time_ns, self.count,
-                             fingerprint)
+        return SegmentFooter(self.last_lsn, self.min_time_ns, self.max_time_ns, self.count, fingerprint)
 
     def seal(self, fingerprint: bytes | None) -> SegmentFooter:
         """Append the footer and make it durable; the file is immutable afterwards.

@@ -110,8 +110,9 @@ class SnapshotTrailer:
         return Checkpoint.decode(self.checkpoint)
 
 
-def encode_trailer(data_len: int, data_sha256: bytes, namespace: str, checkpoint: bytes,
-                   created_ns: int | None = None) -> bytes:
+def encode_trailer(
+    data_len: int, data_sha256: bytes, namespace: str, checkpoint: bytes, created_ns: int | None = None
+) -> bytes:
     ns = namespace.encode("utf-8")
     if len(ns) > MAX_NAMESPACE:
         raise ValueError(f"namespace {namespace!r} is longer than {MAX_NAMESPACE} bytes")
@@ -120,18 +121,20 @@ def encode_trailer(data_len: int, data_sha256: bytes, namespace: str, checkpoint
     if len(data_sha256) != 32:
         raise ValueError("data_sha256 must be the 32-byte digest")
     buf = bytearray(TRAILER_SIZE)
-    _HEAD.pack_into(buf, 0, MAGIC, VERSION, 0, data_len, data_sha256,
-                    time.time_ns() if created_ns is None else created_ns)
+    _HEAD.pack_into(
+        buf, 0, MAGIC, VERSION, 0, data_len, data_sha256, time.time_ns() if created_ns is None else created_ns
+    )
     struct.pack_into("<H", buf, _NS_AT, len(ns))
-    buf[_NS_AT + 2:_NS_AT + 2 + len(ns)] = ns
+    buf[_NS_AT + 2 : _NS_AT + 2 + len(ns)] = ns
     struct.pack_into("<H", buf, _CP_AT, len(checkpoint))
-    buf[_CP_AT + 2:_CP_AT + 2 + len(checkpoint)] = checkpoint
+    buf[_CP_AT + 2 : _CP_AT + 2 + len(checkpoint)] = checkpoint
     struct.pack_into("<I", buf, _CRC_AT, crc32c.crc32c(bytes(buf[:_CRC_AT])))
     return bytes(buf)
 
 
-def decode_trailer(raw: bytes, file_size: int, path: Path | str,
-                   lmdb_end: int | None = None) -> SnapshotTrailer | None:
+def decode_trailer(
+    raw: bytes, file_size: int, path: Path | str, lmdb_end: int | None = None
+) -> SnapshotTrailer | None:
     """The trailer in ``raw`` (the file's last 4096 bytes), None if there is none.
 
     ``lmdb_end``: where the LMDB pages end by the file's meta page (None: unknown).
@@ -154,16 +157,23 @@ def decode_trailer(raw: bytes, file_size: int, path: Path | str,
             hint="read it with the UnisonDB version that wrote it",
         )
     if data_len != file_size - TRAILER_SIZE:
-        raise _damaged(path, f"the file is {file_size} bytes but its trailer says "
-                       f"{data_len} data bytes + {TRAILER_SIZE} (truncated or appended to)")
+        raise _damaged(
+            path,
+            f"the file is {file_size} bytes but its trailer says "
+            f"{data_len} data bytes + {TRAILER_SIZE} (truncated or appended to)",
+        )
     (ns_len,) = struct.unpack_from("<H", raw, _NS_AT)
     (cp_len,) = struct.unpack_from("<H", raw, _CP_AT)
     if ns_len > MAX_NAMESPACE or cp_len > MAX_CHECKPOINT:
         raise _damaged(path, "its trailer has impossible field lengths")
     return SnapshotTrailer(
-        data_len=data_len, data_sha256=digest, created_ns=created_ns,
-        namespace=raw[_NS_AT + 2:_NS_AT + 2 + ns_len].decode("utf-8", errors="replace"),
-        checkpoint=bytes(raw[_CP_AT + 2:_CP_AT + 2 + cp_len]), version=version, flags=flags,
+        data_len=data_len,
+        data_sha256=digest,
+        created_ns=created_ns,
+        namespace=raw[_NS_AT + 2 : _NS_AT + 2 + ns_len].decode("utf-8", errors="replace"),
+        checkpoint=bytes(raw[_CP_AT + 2 : _CP_AT + 2 + cp_len]),
+        version=version,
+        flags=flags,
         raw=bytes(raw),
     )
 
@@ -190,8 +200,9 @@ def read_trailer(path: Path) -> SnapshotTrailer | None:
         os.close(fd)
 
 
-def verify_fd(fd: int, path: Path | str, on_bytes: ByteCallback | None = None,
-              hint: str | None = None) -> tuple[SnapshotTrailer, str]:
+def verify_fd(
+    fd: int, path: Path | str, on_bytes: ByteCallback | None = None, hint: str | None = None
+) -> tuple[SnapshotTrailer, str]:
     """Check every byte of the file behind ``fd``; (trailer, sha256 hex of the whole file).
 
     Streams the data bytes through sha256 (1 MiB at a time) and compares the digest with
@@ -222,21 +233,22 @@ def verify_fd(fd: int, path: Path | str, on_bytes: ByteCallback | None = None,
         raise CorruptSnapshot(
             f"{path} is corrupt: sha256 of its {trailer.data_len} data bytes is "
             f"{actual.hex()} but its trailer records {trailer.data_sha256_hex}",
-            hint=hint or "the file changed after it was written (disk or transfer damage); "
+            hint=hint
+            or "the file changed after it was written (disk or transfer damage); "
             "use another copy of this snapshot or an older one",
         )
     h.update(trailer.raw)
     return trailer, h.hexdigest()
 
 
-def verify(path: Path, on_bytes: ByteCallback | None = None,
-           hint: str | None = None) -> SnapshotTrailer:
+def verify(path: Path, on_bytes: ByteCallback | None = None, hint: str | None = None) -> SnapshotTrailer:
     """Check a snapshot against its own trailer; ``CorruptSnapshot`` naming what differs."""
     return verify_and_digest(path, on_bytes, hint)[0]
 
 
-def verify_and_digest(path: Path, on_bytes: ByteCallback | None = None,
-                      hint: str | None = None) -> tuple[SnapshotTrailer, str]:
+def verify_and_digest(
+    path: Path, on_bytes: ByteCallback | None = None, hint: str | None = None
+) -> tuple[SnapshotTrailer, str]:
     fd = _open(path)
     try:
         return verify_fd(fd, path, on_bytes, hint)
@@ -294,8 +306,10 @@ def install_check(db_dir: Path, *, mark: bool = False) -> Installed | None:
     data = db_dir / "data.mdb"
     if not data.is_file():
         return None
-    hint = (f"{data} was copied from a snapshot that is damaged; copy another snapshot "
-            "(or an older one) to it, or run 'unisondb restore'")
+    hint = (
+        f"{data} was copied from a snapshot that is damaged; copy another snapshot "
+        "(or an older one) to it, or run 'unisondb restore'"
+    )
     try:
         trailer = read_trailer(data)
     except CorruptSnapshot as exc:

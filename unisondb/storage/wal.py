@@ -104,31 +104,33 @@ class Wal:
             if summary.header.segment_id != seg_id:
                 raise CorruptLog(
                     f"header says segment {summary.header.segment_id} but the file is named "
-                    f"for segment {seg_id}", path=path, offset=8,
+                    f"for segment {seg_id}",
+                    path=path,
+                    offset=8,
                 )
             if summary.header.ns_crc != wal.ns_crc:
                 raise CorruptLog(
                     f"segment belongs to a different namespace than {namespace!r}",
-                    path=path, offset=40,
+                    path=path,
+                    offset=40,
                     hint="WAL segments cannot be moved between namespaces; remove this file "
                     "from the wal/ directory",
                 )
             if summary.footer is not None and not is_last:
-                wal._sealed[seg_id] = _info_from_footer(summary.header, summary.footer, path,
-                                                        summary.size)
+                wal._sealed[seg_id] = _info_from_footer(summary.header, summary.footer, path, summary.size)
                 continue
             # The newest segment is always read in full: its last bytes may be a value that
             # only looks like a footer (``segment.scan`` tells the two apart).
             scan = segment.scan(path)
             if scan.footer is not None:
-                wal._sealed[seg_id] = _info_from_footer(scan.header, scan.footer, path,
-                                                        scan.file_size)
+                wal._sealed[seg_id] = _info_from_footer(scan.header, scan.footer, path, scan.file_size)
                 continue
             if scan.tail_error is not None:
                 if not is_last or scan.tail_is_midlog:
                     raise CorruptLog(
                         f"damaged record ({scan.tail_error}) with more log after it",
-                        path=path, offset=scan.data_end,
+                        path=path,
+                        offset=scan.data_end,
                         hint="restore the segment from a WAL backup; if none exists, "
                         "'unisondb wal inspect' shows the last good record",
                     )
@@ -142,8 +144,14 @@ class Wal:
     def _repair_torn_tail(self, scan: segment.SegmentScan) -> None:
         broken = scan.path.with_name(scan.path.name + ".broken")
         cut = scan.file_size - scan.data_end
-        log.warning("wal.torn_tail", path=str(scan.path), offset=scan.data_end,
-                    bytes_dropped=cut, reason=scan.tail_error, broken_copy=str(broken))
+        log.warning(
+            "wal.torn_tail",
+            path=str(scan.path),
+            offset=scan.data_end,
+            bytes_dropped=cut,
+            reason=scan.tail_error,
+            broken_copy=str(broken),
+        )
         try:
             shutil.copyfile(scan.path, broken)
             with open(scan.path, "r+b") as f:
@@ -199,14 +207,24 @@ class Wal:
 
     def _active_info(self, act: ActiveSegment) -> SegmentInfo:
         h = act.header
-        return SegmentInfo(h.segment_id, act.path, h.timeline, h.first_lsn, act.last_lsn,
-                           act.count, act.min_time_ns, act.max_time_ns, h.created_ns, act.size,
-                           False, h.lineage)
+        return SegmentInfo(
+            h.segment_id,
+            act.path,
+            h.timeline,
+            h.first_lsn,
+            act.last_lsn,
+            act.count,
+            act.min_time_ns,
+            act.max_time_ns,
+            h.created_ns,
+            act.size,
+            False,
+            h.lineage,
+        )
 
     # --- writing (writer thread only) ---
 
-    def start_segment(self, segment_id: int, lineage: Lineage, first_lsn: int,
-                      start_fp: bytes) -> None:
+    def start_segment(self, segment_id: int, lineage: Lineage, first_lsn: int, start_fp: bytes) -> None:
         """Create a new active segment (the previous one must already be sealed or absent).
 
         ``start_fp`` is the state fingerprint digest before ``first_lsn``."""
@@ -217,8 +235,9 @@ class Wal:
             old.close()
             fsutil.remove_quietly(old.path)
             self.active = None
-        header = SegmentHeader.for_lineage(segment_id, lineage, first_lsn, time.time_ns(),
-                                           self.ns_crc, start_fp)
+        header = SegmentHeader.for_lineage(
+            segment_id, lineage, first_lsn, time.time_ns(), self.ns_crc, start_fp
+        )
         self.active = ActiveSegment.create(self.dir, header)
         fsutil.fsync_dir(self.dir)
 
@@ -316,6 +335,18 @@ class Wal:
 
 
 def _info_from_footer(h: SegmentHeader, f: SegmentFooter, path: Path, size: int) -> SegmentInfo:
-    return SegmentInfo(h.segment_id, path, h.timeline, h.first_lsn, f.last_lsn, f.count,
-                       f.min_time_ns, f.max_time_ns, h.created_ns, size, True, h.lineage,
-                       f.fingerprint)
+    return SegmentInfo(
+        h.segment_id,
+        path,
+        h.timeline,
+        h.first_lsn,
+        f.last_lsn,
+        f.count,
+        f.min_time_ns,
+        f.max_time_ns,
+        h.created_ns,
+        size,
+        True,
+        h.lineage,
+        f.fingerprint,
+    )

@@ -76,8 +76,7 @@ def test_sidecar_is_sha256sum_compatible_and_never_overwritten(tdir: TargetDir) 
     digest = tdir.hash_file(name)
     assert checksum.ensure_sidecar(tdir, name, digest) is True
     assert checksum.ensure_sidecar(tdir, name, digest) is False
-    r = subprocess.run(["sha256sum", "-c", name + ".sha256"], cwd=tdir.path,
-                       capture_output=True, text=True)
+    r = subprocess.run(["sha256sum", "-c", name + ".sha256"], cwd=tdir.path, capture_output=True, text=True)
     assert r.returncode == 0, r.stdout + r.stderr
     with pytest.raises(Conflict, match="records a different checksum"):
         checksum.ensure_sidecar(tdir, name, "0" * 64)
@@ -86,15 +85,18 @@ def test_sidecar_is_sha256sum_compatible_and_never_overwritten(tdir: TargetDir) 
     assert checksum.ensure_sidecar(tdir, name, digest) is False
 
 
-@pytest.mark.parametrize(("body", "words"), [
-    ({}, "missing field 'backupDir'"),
-    ({"backupDir": "w", "afterSegmentId": True}, "got a boolean"),
-    ({"backupDir": "w", "afterSegmentId": 1.5}, "non-integer number"),
-    ({"backupDir": "w", "afterSegmentId": "3"}, "got a string"),
-    ({"backupDir": "w", "afterSegmentId": -1}, "must be >= 0"),
-    ({"backupDir": "w", "rotate": "yes"}, "rotate must be true or false"),
-    ({"backupDir": "w", "rotate": 1}, "rotate must be true or false"),
-])
+@pytest.mark.parametrize(
+    ("body", "words"),
+    [
+        ({}, "missing field 'backupDir'"),
+        ({"backupDir": "w", "afterSegmentId": True}, "got a boolean"),
+        ({"backupDir": "w", "afterSegmentId": 1.5}, "non-integer number"),
+        ({"backupDir": "w", "afterSegmentId": "3"}, "got a string"),
+        ({"backupDir": "w", "afterSegmentId": -1}, "must be >= 0"),
+        ({"backupDir": "w", "rotate": "yes"}, "rotate must be true or false"),
+        ({"backupDir": "w", "rotate": 1}, "rotate must be true or false"),
+    ],
+)
 def test_wal_params_rejected(body: dict[str, object], words: str) -> None:
     with pytest.raises(InvalidRequest, match=words):
         parse_wal_params(body)
@@ -111,6 +113,7 @@ def test_wal_params_defaults_and_unknown_fields() -> None:
 
 
 # --- WAL copies and snapshots over a real engine ---
+
 
 @pytest.fixture
 def engine(tmp_path: Path) -> Iterator[Engine]:
@@ -137,8 +140,9 @@ def test_wal_copy_is_identical_and_source_untouched(engine: Engine) -> None:
     for s in sealed:
         assert (s.path.read_bytes(), os.stat(s.path).st_mtime_ns) == before[s.segment_id]
     again = backup_wal(engine, target(engine, "w", False), 0)
-    assert [(c.segment_id, c.copied, c.bytes_written) for c in again] == \
-        [(c.segment_id, False, 0) for c in copies]
+    assert [(c.segment_id, c.copied, c.bytes_written) for c in again] == [
+        (c.segment_id, False, 0) for c in copies
+    ]
     assert backup_wal(engine, target(engine, "w", False), sealed[-1].segment_id) == []
 
 
@@ -213,4 +217,5 @@ def test_concurrent_identical_requests_share_the_work(engine: Engine) -> None:
         assert sum(r[i][1] for r in results) == 1, f"segment {sid} written more than once"
     dest = layout.backup_root(engine.data_dir, NS) / "same"
     assert sorted(p.name for p in dest.iterdir()) == sorted(
-        [f"{i:09d}.wal" for i in ids] + [f"{i:09d}.wal.sha256" for i in ids])
+        [f"{i:09d}.wal" for i in ids] + [f"{i:09d}.wal.sha256" for i in ids]
+    )

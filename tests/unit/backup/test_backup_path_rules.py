@@ -13,69 +13,75 @@ from unisondb.backup import paths
 from unisondb.errors import Conflict, InvalidRequest
 
 
-@pytest.mark.parametrize(("value", "is_file", "words"), [
-    (None, True, "missing field 'path'"),
-    (3, False, "must be a string"),
-    (True, False, "got a boolean"),
-    ("", False, "must not be empty"),
-    (" \t", False, "must not be empty"),
-    ("a\x00b", True, "NUL byte"),
-    ("a\nb", True, "control characters"),
-    ("a\x7fb", True, "control characters"),
-    ("/abs", False, "absolute paths are rejected"),
-    ("//double", False, "absolute paths are rejected"),
-    ("..", False, "'..' components"),
-    ("a/../b", False, "'a/../b' is rejected too"),
-    ("a/..", True, "'..' components"),
-    ("%2e%2e", False, "percent-encoded '..'"),
-    ("x/%2E%2e/y", False, "percent-encoded '..'"),
-    ("a" * 256, False, "path component too long"),
-    ("d/" + "f" * 245, True, "path component too long"),
-    ("a/" * 2049, False, "too long"),
-    (".", True, "backup root itself"),
-    ("./", True, "backup root itself"),
-    ("a/", True, "must name a file"),
-    ("a/.", True, "must name a file"),
-    ("s.db.tmp", True, "must not end with '.tmp'"),
-    ("s.db.sha256", True, "must not end with '.sha256'"),
-    ("\ud800", True, "valid UTF-8"),
-    # One rule for encoded separators and dot segments (issue 12): a '..' piece after
-    # decoding and splitting at / and \ anywhere inside one component.
-    ("..%2f", False, "percent-encoded '..'"),
-    ("%2e%2e%2f", False, "percent-encoded '..'"),
-    ("a/x%2f..%2f..%2fetc", False, "percent-encoded '..'"),
-    ("..%5cx", True, "percent-encoded '..'"),
-    ("..\\x", True, "backslash separator"),
-    ("x\\..", True, "backslash separator"),
-    ("%252e%252e", False, "percent-encoded '..'"),
-    ("%2525252525252525252e", False, "percent-encoded '..'"),
-    # Names the WAL formats own: a snapshot there would be read as a segment.
-    ("wal/000000099.wal", True, "must not end with '.wal'"),
-    ("x.wal.gz", True, "must not end with '.wal.gz'"),
-    ("x.wal.zst", True, "must not end with '.wal.zst'"),
-])
+@pytest.mark.parametrize(
+    ("value", "is_file", "words"),
+    [
+        (None, True, "missing field 'path'"),
+        (3, False, "must be a string"),
+        (True, False, "got a boolean"),
+        ("", False, "must not be empty"),
+        (" \t", False, "must not be empty"),
+        ("a\x00b", True, "NUL byte"),
+        ("a\nb", True, "control characters"),
+        ("a\x7fb", True, "control characters"),
+        ("/abs", False, "absolute paths are rejected"),
+        ("//double", False, "absolute paths are rejected"),
+        ("..", False, "'..' components"),
+        ("a/../b", False, "'a/../b' is rejected too"),
+        ("a/..", True, "'..' components"),
+        ("%2e%2e", False, "percent-encoded '..'"),
+        ("x/%2E%2e/y", False, "percent-encoded '..'"),
+        ("a" * 256, False, "path component too long"),
+        ("d/" + "f" * 245, True, "path component too long"),
+        ("a/" * 2049, False, "too long"),
+        (".", True, "backup root itself"),
+        ("./", True, "backup root itself"),
+        ("a/", True, "must name a file"),
+        ("a/.", True, "must name a file"),
+        ("s.db.tmp", True, "must not end with '.tmp'"),
+        ("s.db.sha256", True, "must not end with '.sha256'"),
+        ("\ud800", True, "valid UTF-8"),
+        # One rule for encoded separators and dot segments (issue 12): a '..' piece after
+        # decoding and splitting at / and \ anywhere inside one component.
+        ("..%2f", False, "percent-encoded '..'"),
+        ("%2e%2e%2f", False, "percent-encoded '..'"),
+        ("a/x%2f..%2f..%2fetc", False, "percent-encoded '..'"),
+        ("..%5cx", True, "percent-encoded '..'"),
+        ("..\\x", True, "backslash separator"),
+        ("x\\..", True, "backslash separator"),
+        ("%252e%252e", False, "percent-encoded '..'"),
+        ("%2525252525252525252e", False, "percent-encoded '..'"),
+        # Names the WAL formats own: a snapshot there would be read as a segment.
+        ("wal/000000099.wal", True, "must not end with '.wal'"),
+        ("x.wal.gz", True, "must not end with '.wal.gz'"),
+        ("x.wal.zst", True, "must not end with '.wal.zst'"),
+    ],
+)
 def test_parse_relative_rejects(value: object, is_file: bool, words: str) -> None:
     with pytest.raises(InvalidRequest) as err:
         paths.parse_relative(value, "path", is_file=is_file)
     assert words in err.value.message
 
 
-@pytest.mark.parametrize(("value", "is_file", "parts"), [
-    ("a/b", False, ("a", "b")),
-    ("./a//b/.", False, ("a", "b")),
-    (".", False, ()),
-    ("./", False, ()),
-    ("a\\b", True, ("a\\b",)),
-    ("...", True, ("...",)),
-    ("..a", True, ("..a",)),
-    ("%2e", True, ("%2e",)),
-    ("a%2fb", True, ("a%2fb",)),
-    ("%2e%2fx", True, ("%2e%2fx",)),
-    ("x.wal.db", True, ("x.wal.db",)),
-    ("seg.wal", False, ("seg.wal",)),  # a directory may be named so; only files are reserved
-    ("x" * 244, True, ("x" * 244,)),
-    ("y" * 255 + "/z", True, ("y" * 255, "z")),
-])
+@pytest.mark.parametrize(
+    ("value", "is_file", "parts"),
+    [
+        ("a/b", False, ("a", "b")),
+        ("./a//b/.", False, ("a", "b")),
+        (".", False, ()),
+        ("./", False, ()),
+        ("a\\b", True, ("a\\b",)),
+        ("...", True, ("...",)),
+        ("..a", True, ("..a",)),
+        ("%2e", True, ("%2e",)),
+        ("a%2fb", True, ("a%2fb",)),
+        ("%2e%2fx", True, ("%2e%2fx",)),
+        ("x.wal.db", True, ("x.wal.db",)),
+        ("seg.wal", False, ("seg.wal",)),  # a directory may be named so; only files are reserved
+        ("x" * 244, True, ("x" * 244,)),
+        ("y" * 255 + "/z", True, ("y" * 255, "z")),
+    ],
+)
 def test_parse_relative_accepts(value: str, is_file: bool, parts: tuple[str, ...]) -> None:
     assert paths.parse_relative(value, "path", is_file=is_file) == parts
 
@@ -176,8 +182,9 @@ def test_backup_dirs_0700_and_files_0600_whatever_the_umask(root: Path, bits: in
     assert os.stat(root / "deep" / "er" / "f.db").st_mode & 0o777 == 0o600
 
 
-def test_a_link_swapped_in_during_resolve_is_409_not_valueerror(root: Path, tmp_path: Path,
-                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_link_swapped_in_during_resolve_is_409_not_valueerror(
+    root: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Fake: the swap is injected between resolve's prefix checks and its final lookup (a
     real race cannot be timed); what must hold is the 409 with a reason, not a ValueError."""
     outside = tmp_path / "outside"

@@ -40,8 +40,12 @@ def make_snapshot(tmp_path: Path, **kw: int) -> tuple[Path, dict[bytes, bytes]]:
     path, data = lmdb_copy(tmp_path, **kw)
     raw = path.read_bytes()
     snap = tmp_path / "s.db"
-    snap.write_bytes(raw + snapfile.encode_trailer(len(raw), hashlib.sha256(raw).digest(),
-                                                   "users", CP.encode(), created_ns=123))
+    snap.write_bytes(
+        raw
+        + snapfile.encode_trailer(
+            len(raw), hashlib.sha256(raw).digest(), "users", CP.encode(), created_ns=123
+        )
+    )
     return snap, data
 
 
@@ -60,12 +64,11 @@ def test_trailer_round_trip_and_layout(tmp_path: Path) -> None:
     t = snapfile.read_trailer(snap)
     assert t is not None
     size = snap.stat().st_size
-    assert (t.data_len, t.namespace, t.created_ns, t.version, t.flags) == \
-        (size - 4096, "users", 123, 1, 0)
+    assert (t.data_len, t.namespace, t.created_ns, t.version, t.flags) == (size - 4096, "users", 123, 1, 0)
     assert t.decode_checkpoint() == CP
     raw = snap.read_bytes()
-    assert t.data_sha256 == hashlib.sha256(raw[:t.data_len]).digest()
-    tail = raw[t.data_len:]
+    assert t.data_sha256 == hashlib.sha256(raw[: t.data_len]).digest()
+    tail = raw[t.data_len :]
     assert tail[:8] == b"UDBSNAP\x01" and len(tail) == snapfile.TRAILER_SIZE
     assert tail[64:66] == b"\x05\x00" and tail[66:71] == b"users"
     assert tail[644:4092] == bytes(4092 - 644)
@@ -98,8 +101,9 @@ def test_every_single_byte_change_is_detected(tmp_path: Path) -> None:
     pages = data_len // 4096
     assert pages >= 5
     rng = random.Random(7)
-    offsets = [p * 4096 + o for p in range(pages)
-               for o in {0, 1, 16, 17, 2048, 4095, *rng.sample(range(4096), 12)}]
+    offsets = [
+        p * 4096 + o for p in range(pages) for o in {0, 1, 16, 17, 2048, 4095, *rng.sample(range(4096), 12)}
+    ]
     offsets += range(data_len, len(original))  # every trailer byte
     missed = []
     with open(snap, "r+b") as f:
@@ -115,7 +119,7 @@ def test_every_single_byte_change_is_detected(tmp_path: Path) -> None:
                 else:
                     missed.append((off, mask))
                 f.seek(off)
-                f.write(original[off:off + 1])
+                f.write(original[off : off + 1])
                 f.flush()
     assert missed == []
     snapfile.verify(snap)  # restored: intact again (the loop really flipped and restored)
@@ -133,7 +137,7 @@ def test_corruption_message_names_file_digests_and_what_to_do(tmp_path: Path) ->
     with pytest.raises(CorruptSnapshot) as err:
         snapfile.verify(snap)
     msg = str(err.value)
-    actual = hashlib.sha256(snap.read_bytes()[:t.data_len]).hexdigest()
+    actual = hashlib.sha256(snap.read_bytes()[: t.data_len]).hexdigest()
     assert str(snap) in msg and t.data_sha256_hex in msg and actual in msg
     assert "use another copy" in msg
     assert err.value.exit_code == 6 and "\n" not in msg
@@ -190,16 +194,15 @@ def test_encode_refuses_oversized_fields() -> None:
     assert len(snapfile.encode_trailer(0, bytes(32), "n" * 64, bytes(512))) == 4096
 
 
-def test_user_value_that_looks_like_a_damaged_trailer_never_blocks_a_live_file(
-        tmp_path: Path) -> None:
+def test_user_value_that_looks_like_a_damaged_trailer_never_blocks_a_live_file(tmp_path: Path) -> None:
     """The last page of a live data.mdb can be raw bytes of a large value: never a trailer."""
     db = tmp_path / "db"
     env = lmdb.open(str(db), map_size=1 << 26, max_dbs=4)
     kv = env.open_db(b"kv")
     fake = b"UDBSNAP\x01" + b"\xaa" * 4088  # the magic, but no valid CRC
     value = bytearray(random.Random(3).randbytes(3 * 4096 - 16))
-    value[4096 - 16:2 * 4096 - 16] = fake  # lands at the start of overflow pages 2 and 3
-    value[2 * 4096 - 16:] = fake[:len(value) - (2 * 4096 - 16)]
+    value[4096 - 16 : 2 * 4096 - 16] = fake  # lands at the start of overflow pages 2 and 3
+    value[2 * 4096 - 16 :] = fake[: len(value) - (2 * 4096 - 16)]
     live = db / "data.mdb"
     for i in range(20):  # until the allocator puts an overflow page last
         with env.begin(write=True) as txn:

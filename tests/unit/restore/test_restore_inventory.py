@@ -25,8 +25,10 @@ def _file(tmp_path: Path, data: bytes = b"hello") -> tuple[Path, str]:
     return p, hashlib.sha256(data).hexdigest()
 
 
-@pytest.mark.parametrize("line", ["{h}  000000001.wal\n", "{h} *000000001.wal\n",
-                                  "\\{h}  000000001.wal\n", "{h}\n", "{H}  000000001.wal"])
+@pytest.mark.parametrize(
+    "line",
+    ["{h}  000000001.wal\n", "{h} *000000001.wal\n", "\\{h}  000000001.wal\n", "{h}\n", "{H}  000000001.wal"],
+)
 def test_sidecar_formats(tmp_path: Path, line: str) -> None:
     p, h = _file(tmp_path)
     p.with_name(p.name + ".sha256").write_text(line.format(h=h, H=h.upper()))

@@ -35,17 +35,39 @@ def lineage(tl: int, first: int) -> Lineage:
     return Lineage(hid(tl), hid(tl - 1), first - 1, tl)
 
 
-def seg(seg_id: int, tl: int, first: int, last: int, *, ns_crc: int = CRC,
-        damage: str | None = None, sealed: bool = True) -> SegmentMeta:
-    return SegmentMeta(Path(f"/b/{seg_id:09d}.wal"), seg_id, tl, first, last, last - first + 1,
-                       1000 + first * 10, 1000 + last * 10, seg_id, ns_crc, 100, sealed, damage,
-                       lineage(tl, first))
+def seg(
+    seg_id: int,
+    tl: int,
+    first: int,
+    last: int,
+    *,
+    ns_crc: int = CRC,
+    damage: str | None = None,
+    sealed: bool = True,
+) -> SegmentMeta:
+    return SegmentMeta(
+        Path(f"/b/{seg_id:09d}.wal"),
+        seg_id,
+        tl,
+        first,
+        last,
+        last - first + 1,
+        1000 + first * 10,
+        1000 + last * 10,
+        seg_id,
+        ns_crc,
+        100,
+        sealed,
+        damage,
+        lineage(tl, first),
+    )
 
 
 def snap(lsn: int, tl: int = 1, seg_id: int = 1) -> SnapshotInfo:
     # offset 0: no anchor comparison (that needs file bytes; covered by integration tests)
-    return SnapshotInfo(Path("/b/s.db"), 4096, Checkpoint(lsn, seg_id, 0, tl, 1000 + lsn * 10,
-                                                          history=hid(tl)), True, 10)
+    return SnapshotInfo(
+        Path("/b/s.db"), 4096, Checkpoint(lsn, seg_id, 0, tl, 1000 + lsn * 10, history=hid(tl)), True, 10
+    )
 
 
 def inv(*segs: SegmentMeta) -> WalInventory:
@@ -55,10 +77,10 @@ def inv(*segs: SegmentMeta) -> WalInventory:
     return i
 
 
-def plan(snapshot: SnapshotInfo, inventory: WalInventory, target: Target | None = None,
-         **kw: object) -> RestorePlan:
-    return build_plan(NS, Path("/data"), snapshot, inventory, target or Target(),
-                      **kw)  # type: ignore[arg-type]
+def plan(
+    snapshot: SnapshotInfo, inventory: WalInventory, target: Target | None = None, **kw: object
+) -> RestorePlan:
+    return build_plan(NS, Path("/data"), snapshot, inventory, target or Target(), **kw)  # type: ignore[arg-type]
 
 
 SEGS = (seg(1, 1, 1, 100), seg(2, 1, 101, 200), seg(3, 1, 201, 300))
@@ -67,16 +89,28 @@ SEGS = (seg(1, 1, 1, 100), seg(2, 1, 101, 200), seg(3, 1, 201, 300))
 def test_lsn_target_inside_the_chain() -> None:
     p = plan(snap(50), inv(*SEGS), Target("lsn", lsn=250))
     assert p.end_lsn == 250
-    assert [(ln.segment.segment_id, ln.from_lsn, ln.to_lsn) for ln in p.links_through(250)] == \
-        [(1, 51, 100), (2, 101, 200), (3, 201, 250)]
+    assert [(ln.segment.segment_id, ln.from_lsn, ln.to_lsn) for ln in p.links_through(250)] == [
+        (1, 51, 100),
+        (2, 101, 200),
+        (3, 201, 250),
+    ]
 
 
 def test_new_timeline_and_segment_id_exceed_everything_seen() -> None:
-    existing = ExistingNamespace(Path("/data/users"), True, True,
-                                 (TargetSegment(9, Path("/data/users/wal/000000009.wal"), 4,
-                                                301, 320, 10),), None)
-    p = plan(snap(50), inv(*SEGS, seg(7, 3, 400, 410)), Target("lsn", lsn=120),
-             history_choice=hid(1).hex(), existing=existing)
+    existing = ExistingNamespace(
+        Path("/data/users"),
+        True,
+        True,
+        (TargetSegment(9, Path("/data/users/wal/000000009.wal"), 4, 301, 320, 10),),
+        None,
+    )
+    p = plan(
+        snap(50),
+        inv(*SEGS, seg(7, 3, 400, 410)),
+        Target("lsn", lsn=120),
+        history_choice=hid(1).hex(),
+        existing=existing,
+    )
     assert p.new_timeline == 5  # above the existing namespace's timeline 4
     assert p.new_segment_id == fork_segment_id(9, 1) == 10  # above every id seen
     assert any("requires --force" in w for w in p.warnings)
@@ -159,7 +193,10 @@ def test_the_other_history_warning_says_where_it_branched() -> None:
     [w] = [w for w in p.warnings if "another history" in w]
     assert "after LSN 80" in w and "before the snapshot" in w
     # A history not chosen (--history) that branched after the snapshot says so.
-    p = plan(snap(50), inv(seg(1, 1, 1, 100), seg(2, 1, 101, 150), seg(3, 2, 151, 300)),
-             history_choice=hid(1).hex())
+    p = plan(
+        snap(50),
+        inv(seg(1, 1, 1, 100), seg(2, 1, 101, 150), seg(3, 2, 151, 300)),
+        history_choice=hid(1).hex(),
+    )
     [w] = [w for w in p.warnings if "another history that" in w]
     assert "before the snapshot" not in w and "--history" in w and "after LSN 150" in w

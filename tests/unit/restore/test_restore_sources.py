@@ -22,22 +22,25 @@ from unisondb.restore.sources import Kind
 K = sources.classify_name
 
 
-@pytest.mark.parametrize(("name", "kind", "codec", "plain"), [
-    ("000000042.wal", Kind.SEGMENT, "none", "000000042.wal"),
-    ("000000042.wal.gz", Kind.SEGMENT, "gzip", "000000042.wal"),
-    ("000000042.wal.zst", Kind.SEGMENT, "zstd", "000000042.wal"),
-    ("btree-20250108-0000.db.zst", Kind.SNAPSHOT, "zstd", "btree-20250108-0000.db"),
-    ("snapshot-20250108.db.gz", Kind.SNAPSHOT, "gzip", "snapshot-20250108.db"),
-    ("users-20250108.snapshot", Kind.SNAPSHOT, "none", "users-20250108.snapshot"),
-    ("data.mdb", Kind.SNAPSHOT, "none", "data.mdb"),
-    ("wal-20250108-1200.tar.gz", Kind.ARCHIVE, "gzip", "wal-20250108-1200.tar.gz"),
-    ("wal.tgz", Kind.ARCHIVE, "gzip", "wal.tgz"),
-    ("wal.tar.zst", Kind.ARCHIVE, "zstd", "wal.tar.zst"),
-    ("000000042.wal.sha256", Kind.SIDECAR, "none", "000000042.wal.sha256"),
-    ("btree-1.db.zst.gpg", Kind.ENCRYPTED, "zstd", "btree-1.db"),
-    ("42.wal", Kind.UNKNOWN, "none", "42.wal"),
-    ("notes.gz", Kind.UNKNOWN, "gzip", "notes"),
-])
+@pytest.mark.parametrize(
+    ("name", "kind", "codec", "plain"),
+    [
+        ("000000042.wal", Kind.SEGMENT, "none", "000000042.wal"),
+        ("000000042.wal.gz", Kind.SEGMENT, "gzip", "000000042.wal"),
+        ("000000042.wal.zst", Kind.SEGMENT, "zstd", "000000042.wal"),
+        ("btree-20250108-0000.db.zst", Kind.SNAPSHOT, "zstd", "btree-20250108-0000.db"),
+        ("snapshot-20250108.db.gz", Kind.SNAPSHOT, "gzip", "snapshot-20250108.db"),
+        ("users-20250108.snapshot", Kind.SNAPSHOT, "none", "users-20250108.snapshot"),
+        ("data.mdb", Kind.SNAPSHOT, "none", "data.mdb"),
+        ("wal-20250108-1200.tar.gz", Kind.ARCHIVE, "gzip", "wal-20250108-1200.tar.gz"),
+        ("wal.tgz", Kind.ARCHIVE, "gzip", "wal.tgz"),
+        ("wal.tar.zst", Kind.ARCHIVE, "zstd", "wal.tar.zst"),
+        ("000000042.wal.sha256", Kind.SIDECAR, "none", "000000042.wal.sha256"),
+        ("btree-1.db.zst.gpg", Kind.ENCRYPTED, "zstd", "btree-1.db"),
+        ("42.wal", Kind.UNKNOWN, "none", "42.wal"),
+        ("notes.gz", Kind.UNKNOWN, "gzip", "notes"),
+    ],
+)
 def test_classify_by_name(name: str, kind: Kind, codec: str, plain: str) -> None:
     c = K(name)
     assert (c.kind, c.codec, c.plain_name) == (kind, codec, plain)
@@ -94,11 +97,12 @@ def test_damage_is_named(tmp_path: Path, codec: str) -> None:
     comp = tmp_path / (raw.name + (".gz" if codec == "gzip" else ".zst"))
     good = comp.read_bytes()
     assert _read(comp) == raw.read_bytes()
-    cases = {"truncated": good[: len(good) // 2], "empty": good[:0] + (b"\x1f\x8b" if codec ==
-             "gzip" else b"\x28\xb5\x2f\xfd"),
-             "garbage after the end": good + b"trailing junk",
-             "corrupt": good[:len(good) // 2] + bytes([good[len(good) // 2] ^ 1])
-             + good[len(good) // 2 + 1:]}
+    cases = {
+        "truncated": good[: len(good) // 2],
+        "empty": good[:0] + (b"\x1f\x8b" if codec == "gzip" else b"\x28\xb5\x2f\xfd"),
+        "garbage after the end": good + b"trailing junk",
+        "corrupt": good[: len(good) // 2] + bytes([good[len(good) // 2] ^ 1]) + good[len(good) // 2 + 1 :],
+    }
     for why, data in cases.items():
         comp.write_bytes(data)
         with pytest.raises(BackupCorrupt, match=f"{comp}: {codec} data is") as exc:
@@ -115,8 +119,7 @@ def test_archive_members_and_their_sidecars(tmp_path: Path) -> None:
     subprocess.run(f"sha256sum {seg.name} > {seg.name}.sha256", shell=True, cwd=d, check=True)
     (d / "README").write_text("ignored")
     tgz = tmp_path / "wal-20250108-1200.tar.gz"
-    subprocess.run(["tar", "-czf", str(tgz), "-C", str(tmp_path), "wal/20250108-1200"],
-                   check=True)
+    subprocess.run(["tar", "-czf", str(tgz), "-C", str(tmp_path), "wal/20250108-1200"], check=True)
     with sources.staging(tmp_path) as stg:
         found = sources.find_segments(tgz)
         virtual = tgz / "wal/20250108-1200/000000003.wal"
@@ -143,13 +146,12 @@ def test_sidecar_for_the_plain_or_the_compressed_form(tmp_path: Path) -> None:
     comp_side = tmp_path / "000000007.wal.gz.sha256"
     plain_side.write_text(f"{pd}  000000007.wal\n")
     res = check_sidecar(gz, pd)
-    assert (res.status, res.sidecar, res.note) == (
-        "ok", "000000007.wal.sha256 (decompressed content)", None)
+    assert (res.status, res.sidecar, res.note) == ("ok", "000000007.wal.sha256 (decompressed content)", None)
     comp_side.write_text(f"{sd}  000000007.wal.gz\n")
     res = check_sidecar(gz, pd)
     assert res.status == "ok" and res.sidecar == (
-        "000000007.wal.gz.sha256 (compressed file) and "
-        "000000007.wal.sha256 (decompressed content)")
+        "000000007.wal.gz.sha256 (compressed file) and 000000007.wal.sha256 (decompressed content)"
+    )
     plain_side.unlink()
     comp_side.write_text(f"{pd}  000000007.wal\n")  # the plain digest under the .gz name
     assert check_sidecar(gz, pd).sidecar == "000000007.wal.gz.sha256 (decompressed content)"
@@ -167,8 +169,14 @@ def test_memory_stays_bounded_while_decompressing(tmp_path: Path) -> None:
         "base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
         "with sources.staging(Path(sys.argv[2])):\n"
         "    p = sources.materialize(Path(sys.argv[1])); n = p.stat().st_size\n"
-        "print(n, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(comp), str(tmp_path)],
-                         capture_output=True, text=True, check=True, timeout=120).stdout.split()
+        "print(n, (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - base) // 1024)\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(comp), str(tmp_path)],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    ).stdout.split()
     assert int(out[0]) == 1 << 29
     assert int(out[1]) < 64, f"peak RSS grew by {out[1]} MiB"

@@ -23,11 +23,25 @@ def child(n: int, parent: Lineage, fork_lsn: int) -> Lineage:
     return Lineage(hid(n), parent.history, fork_lsn, parent.timeline + 1)
 
 
-def seg(seg_id: int, lin: Lineage, first: int, last: int, *, created: int = 0,
-        damage: str | None = None) -> SegmentMeta:
-    return SegmentMeta(Path(f"/b/{seg_id:09d}.wal"), seg_id, lin.timeline, first, last,
-                       last - first + 1, first, last, created or seg_id, 0, 100, True, damage,
-                       lin)
+def seg(
+    seg_id: int, lin: Lineage, first: int, last: int, *, created: int = 0, damage: str | None = None
+) -> SegmentMeta:
+    return SegmentMeta(
+        Path(f"/b/{seg_id:09d}.wal"),
+        seg_id,
+        lin.timeline,
+        first,
+        last,
+        last - first + 1,
+        first,
+        last,
+        created or seg_id,
+        0,
+        100,
+        True,
+        damage,
+        lin,
+    )
 
 
 def spans(chain_links: list) -> list[tuple[int, int, int, int]]:  # type: ignore[type-arg]
@@ -59,8 +73,12 @@ def test_the_splice_of_finding_1_never_happens() -> None:
     """Snapshot s1 at LSN 150 of H1; H1 went on to 250 (segments 1-3); a server started on
     s1 forked H2 at 150, whose segments (ids from 1003) hold different records 151..230."""
     h2 = child(2, H1, 150)
-    segs = [seg(1, H1, 1, 100), seg(2, H1, 101, 202), seg(3, H1, 203, 250),
-            seg(1003, h2, 151, 230, created=5000)]
+    segs = [
+        seg(1, H1, 1, 100),
+        seg(2, H1, 101, 202),
+        seg(3, H1, 203, 250),
+        seg(1003, h2, 151, 230, created=5000),
+    ]
     newest = select_chain(150, H1.history, segs)
     assert spans(newest.links) == [(1003, 2, 151, 230)]  # never H1's 151..250
     assert newest.target == h2.history and newest.end_lsn == 230
@@ -71,13 +89,18 @@ def test_the_splice_of_finding_1_never_happens() -> None:
 
 def test_child_history_takes_over_at_its_fork() -> None:
     h2 = child(2, H1, 150)
-    segs = [seg(1, H1, 1, 100), seg(2, H1, 101, 200), seg(3, H1, 201, 300),
-            seg(1004, h2, 151, 180), seg(1005, h2, 181, 260)]
+    segs = [
+        seg(1, H1, 1, 100),
+        seg(2, H1, 101, 200),
+        seg(3, H1, 201, 300),
+        seg(1004, h2, 151, 180),
+        seg(1005, h2, 181, 260),
+    ]
     chain = select_chain(50, H1.history, segs)
-    assert spans(chain.links) == [(1, 1, 51, 100), (2, 1, 101, 150), (1004, 2, 151, 180),
-                                  (1005, 2, 181, 260)]
+    assert spans(chain.links) == [(1, 1, 51, 100), (2, 1, 101, 150), (1004, 2, 151, 180), (1005, 2, 181, 260)]
     assert [(s.at_lsn, s.from_history, s.to_history) for s in chain.switches] == [
-        (151, H1.history, h2.history)]
+        (151, H1.history, h2.history)
+    ]
 
 
 def test_a_history_that_forked_before_the_snapshot_is_never_entered() -> None:
@@ -92,8 +115,12 @@ def test_a_history_that_forked_before_the_snapshot_is_never_entered() -> None:
 def test_two_servers_with_one_namespace_name_never_mix() -> None:
     """Finding 5: A's segments 1-2 and B's segments 3-5; B is no continuation of A."""
     b = Lineage(hid(9), NO_HISTORY, 0, 1)
-    segs = [seg(1, H1, 1, 100), seg(2, H1, 101, 200),
-            seg(3, b, 201, 300, created=9000), seg(4, b, 301, 400, created=9001)]
+    segs = [
+        seg(1, H1, 1, 100),
+        seg(2, H1, 101, 200),
+        seg(3, b, 201, 300, created=9000),
+        seg(4, b, 301, 400, created=9001),
+    ]
     chain = select_chain(50, H1.history, segs)
     assert spans(chain.links) == [(1, 1, 51, 100), (2, 1, 101, 200)]
     assert chain.end_lsn == 200 and not chain.alternatives and not chain.beyond
@@ -109,8 +136,7 @@ def test_snapshot_on_a_forked_history_follows_its_parent_nowhere() -> None:
 def test_sibling_forks_pick_the_newest_and_name_the_other() -> None:
     a = child(2, H1, 100)
     b = Lineage(hid(3), H1.history, 120, 3)  # a second restore gets the next timeline
-    segs = [seg(1, H1, 1, 200), seg(1001, a, 101, 150, created=10000),
-            seg(2001, b, 121, 170, created=20000)]
+    segs = [seg(1, H1, 1, 200), seg(1001, a, 101, 150, created=10000), seg(2001, b, 121, 170, created=20000)]
     chain = select_chain(90, H1.history, segs)
     assert chain.target == b.history
     assert {x.history for x in chain.alternatives} == {H1.history, a.history}
@@ -150,11 +176,17 @@ def test_damaged_and_empty_segments_are_not_used() -> None:
 
 def test_coverage_holes_and_overlaps_per_history() -> None:
     h2 = child(2, H1, 150)
-    segs = [seg(1, H1, 1, 100), seg(3, H1, 201, 300), seg(4, H1, 250, 400),
-            seg(1005, h2, 151, 160), seg(1006, h2, 161, 170)]
+    segs = [
+        seg(1, H1, 1, 100),
+        seg(3, H1, 201, 300),
+        seg(4, H1, 250, 400),
+        seg(1005, h2, 151, 160),
+        seg(1006, h2, 161, 170),
+    ]
     holes = coverage_holes(segs)
     assert [(h.first_lsn, h.last_lsn, h.history, h.missing_ids) for h in holes] == [
-        (101, 200, H1.history, (2, 2))]
+        (101, 200, H1.history, (2, 2))
+    ]
     assert [(a.segment_id, b.segment_id) for a, b in overlaps(segs)] == [(3, 4)]
 
 

@@ -40,8 +40,9 @@ def open_engine(data_dir: Path) -> Iterator[Callable[..., Engine]]:
     """Factory that opens engines and closes every one of them at teardown."""
     engines: list[Engine] = []
 
-    def _open(config: EngineConfig | None = None, *, directory: Path | None = None,
-              namespace: str = NS) -> Engine:
+    def _open(
+        config: EngineConfig | None = None, *, directory: Path | None = None, namespace: str = NS
+    ) -> Engine:
         eng = Engine.open(directory or data_dir, namespace, config or EngineConfig())
         engines.append(eng)
         return eng
@@ -60,8 +61,14 @@ def build_wal() -> Callable[..., int]:
     ``value_for(lsn, value_size)`` at ``time_for(lsn)``. Returns the last LSN written.
     """
 
-    def _build(directory: Path, counts: list[int], *, seal_last: bool = False,
-               value_size: int = 16, namespace: str = NS) -> int:
+    def _build(
+        directory: Path,
+        counts: list[int],
+        *,
+        seal_last: bool = False,
+        value_size: int = 16,
+        namespace: str = NS,
+    ) -> int:
         wal = Wal.open(directory, namespace)
         lsn = 1
         # Footers carry the true state fingerprint, as the engine's would (keys are unique).

@@ -103,7 +103,7 @@ def test_compact_snapshot_is_exactly_its_pages(tmp_path: Path, snapshot: bytes) 
 def test_documented_offsets(tmp_path: Path, snapshot: bytes) -> None:
     """The byte layout in the module docstring, checked field by field on a real file."""
     info = lmdbfile.check_file(_write(tmp_path, snapshot))
-    page = snapshot[info.meta_page * PSIZE:][:lmdbfile.META_PAGE_BYTES]
+    page = snapshot[info.meta_page * PSIZE :][: lmdbfile.META_PAGE_BYTES]
     assert struct.unpack_from("<Q", page, 0)[0] == info.meta_page  # mp_pgno
     assert struct.unpack_from("<H", page, 10)[0] & lmdbfile.P_META  # mp_flags
     assert struct.unpack_from("<II", page, 16) == (lmdbfile.MAGIC, lmdbfile.DATA_VERSION)
@@ -129,15 +129,16 @@ def _cuts(size: int) -> list[int]:
 
 
 @pytest.mark.parametrize("role", ["snapshot", "btree"])
-def test_every_truncation_is_refused_with_file_and_advice(tmp_path: Path, snapshot: bytes,
-                                                          role: lmdbfile.Role) -> None:
+def test_every_truncation_is_refused_with_file_and_advice(
+    tmp_path: Path, snapshot: bytes, role: lmdbfile.Role
+) -> None:
     for n in _cuts(len(snapshot)):
         p = _write(tmp_path, snapshot[:n], f"cut{n}.db")
         with pytest.raises(BadBTreeFile) as exc:
             lmdbfile.check_file(p, role)
         msg = str(exc.value)
         assert str(p) in msg and "(hint: " in msg and "\n" not in msg, msg
-        expected = ("empty" if n == 0 else "cut short" if n < PSIZE + 152 else "truncated")
+        expected = "empty" if n == 0 else "cut short" if n < PSIZE + 152 else "truncated"
         assert expected in msg, (n, msg)
         if n >= PSIZE + 152:
             assert f"spans {len(snapshot)} bytes" in msg, msg
@@ -184,7 +185,7 @@ def test_short_by_free_pages_only_is_a_valid_live_file(tmp_path: Path) -> None:
     psize, last_pgno, _txnid, _m, entries = _env_facts(short)
     assert info.last_page == last_pgno and info.entries == entries
     # ... but a cut that loses pages the tree uses is refused
-    cut = short.read_bytes()[:(info.file_size // psize * 3 // 4) * psize]
+    cut = short.read_bytes()[: (info.file_size // psize * 3 // 4) * psize]
     with pytest.raises(BadBTreeFile, match="B-tree is past the end of the file"):
         lmdbfile.check_file(_write(tmp_path, cut))
 
@@ -231,18 +232,20 @@ def test_short_file_walk_accepts_what_lmdb_verify_rejects(tmp_path: Path) -> Non
 # --- damaged meta pages ---
 
 
-@pytest.mark.parametrize(("offset", "value", "words"), [
-    (10, struct.pack("<H", 0x02), "P_META 0x08 not set"),
-    (16, struct.pack("<I", 0xDEADBEEF), "not an LMDB data file"),
-    (PSIZE + 16, struct.pack("<I", 0xDEADBEEF), "bad magic 0xdeadbeef in LMDB meta page 1"),
-    (20, struct.pack("<I", 3), "data version 3"),
-    (40, struct.pack("<I", 3000), "impossible page size 3000"),
-    (PSIZE + 40, struct.pack("<I", 8192), "disagree on the page size"),
-])
-def test_damaged_meta_fields(tmp_path: Path, snapshot: bytes, offset: int, value: bytes,
-                             words: str) -> None:
+@pytest.mark.parametrize(
+    ("offset", "value", "words"),
+    [
+        (10, struct.pack("<H", 0x02), "P_META 0x08 not set"),
+        (16, struct.pack("<I", 0xDEADBEEF), "not an LMDB data file"),
+        (PSIZE + 16, struct.pack("<I", 0xDEADBEEF), "bad magic 0xdeadbeef in LMDB meta page 1"),
+        (20, struct.pack("<I", 3), "data version 3"),
+        (40, struct.pack("<I", 3000), "impossible page size 3000"),
+        (PSIZE + 40, struct.pack("<I", 8192), "disagree on the page size"),
+    ],
+)
+def test_damaged_meta_fields(tmp_path: Path, snapshot: bytes, offset: int, value: bytes, words: str) -> None:
     data = bytearray(snapshot)
-    data[offset:offset + len(value)] = value
+    data[offset : offset + len(value)] = value
     with pytest.raises(BadBTreeFile, match=words):
         lmdbfile.check_file(_write(tmp_path, bytes(data)))
 
@@ -251,11 +254,11 @@ def test_last_page_and_roots_must_fit(tmp_path: Path, snapshot: bytes) -> None:
     info = lmdbfile.check_file(_write(tmp_path, snapshot))
     base = info.meta_page * PSIZE
     huge = bytearray(snapshot)
-    huge[base + 136:base + 144] = struct.pack("<Q", 1 << 40)  # mm_last_pg far past EOF
+    huge[base + 136 : base + 144] = struct.pack("<Q", 1 << 40)  # mm_last_pg far past EOF
     with pytest.raises(BadBTreeFile, match="truncated"):
         lmdbfile.check_file(_write(tmp_path, bytes(huge)))
     root = bytearray(snapshot)
-    root[base + 88 + 40:base + 88 + 48] = struct.pack("<Q", info.last_page + 5)
+    root[base + 88 + 40 : base + 88 + 48] = struct.pack("<Q", info.last_page + 5)
     with pytest.raises(BadBTreeFile, match="root of its main B-tree"):
         lmdbfile.check_file(_write(tmp_path, bytes(root)))
 
@@ -264,7 +267,7 @@ def test_the_newer_meta_wins(tmp_path: Path, snapshot: bytes) -> None:
     info = lmdbfile.check_file(_write(tmp_path, snapshot))
     other = 1 - info.meta_page
     data = bytearray(snapshot)
-    data[other * PSIZE + 144:other * PSIZE + 152] = struct.pack("<Q", info.txnid + 1)
+    data[other * PSIZE + 144 : other * PSIZE + 152] = struct.pack("<Q", info.txnid + 1)
     assert lmdbfile.check_file(_write(tmp_path, bytes(data))).meta_page == other
 
 
@@ -326,11 +329,27 @@ def test_gpg(tmp_path: Path, snapshot: bytes, armor: bool) -> None:
     home = tmp_path / "gnupg"
     home.mkdir(mode=0o700)
     out = tmp_path / "snap.db.gpg"
-    subprocess.run(["gpg", "--batch", "--quiet", "--homedir", str(home), "--pinentry-mode",
-                    "loopback", "--passphrase", "test", "--symmetric", *(["--armor"] if armor
-                                                                         else []),
-                    "-o", str(out), str(raw)], check=True, capture_output=True,
-                   env={**os.environ, "GNUPGHOME": str(home)})
+    subprocess.run(
+        [
+            "gpg",
+            "--batch",
+            "--quiet",
+            "--homedir",
+            str(home),
+            "--pinentry-mode",
+            "loopback",
+            "--passphrase",
+            "test",
+            "--symmetric",
+            *(["--armor"] if armor else []),
+            "-o",
+            str(out),
+            str(raw),
+        ],
+        check=True,
+        capture_output=True,
+        env={**os.environ, "GNUPGHOME": str(home)},
+    )
     _expect_foreign(out, "a gpg-encrypted file", f"gpg --decrypt -o {raw} {out}")
 
 
@@ -338,8 +357,9 @@ def test_wal_segment_and_text(tmp_path: Path) -> None:
     from unisondb.storage import segment
 
     header = segment.SegmentHeader(1, 1, 1, 0, segment.namespace_crc("users")).encode()
-    _expect_foreign(_write(tmp_path, header + bytes(200), "000000001.wal"),
-                    "a UnisonDB WAL segment", "--wal DIR")
+    _expect_foreign(
+        _write(tmp_path, header + bytes(200), "000000001.wal"), "a UnisonDB WAL segment", "--wal DIR"
+    )
     side = _write(tmp_path, b"ab" * 32 + b"  snap.db\n", "snap.db.sha256")
     _expect_foreign(side, "a text file (begins 'abab", "")
 
@@ -361,8 +381,7 @@ def test_a_directory(tmp_path: Path) -> None:
 # --- the BTree refuses before LMDB maps ---
 
 
-def test_btree_refuses_a_cut_data_mdb_and_creates_nothing(tmp_path: Path,
-                                                          snapshot: bytes) -> None:
+def test_btree_refuses_a_cut_data_mdb_and_creates_nothing(tmp_path: Path, snapshot: bytes) -> None:
     db = tmp_path / "db"
     db.mkdir()
     (db / "data.mdb").write_bytes(snapshot[:8192])

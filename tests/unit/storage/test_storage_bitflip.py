@@ -159,8 +159,7 @@ def test_bit_flip_before_the_last_record_of_newest_segment_is_not_a_torn_tail(
     undetected = []
     try:
         for byte in range(last_start):
-            want = 0 if byte < segment.HEADER_SIZE else next(
-                s for s, e in spans if s <= byte < e)
+            want = 0 if byte < segment.HEADER_SIZE else next(s for s, e in spans if s <= byte < e)
             for bit in range(8):
                 flipped = _flip(raw, byte, bit)
                 seg.write_bytes(flipped)
@@ -177,9 +176,7 @@ def test_bit_flip_before_the_last_record_of_newest_segment_is_not_a_torn_tail(
     assert undetected == []
 
 
-def test_bit_flip_in_last_record_of_newest_segment_ends_the_log(
-    tmp_path: Path, newest_wal: Path
-) -> None:
+def test_bit_flip_in_last_record_of_newest_segment_ends_the_log(tmp_path: Path, newest_wal: Path) -> None:
     """The last record of the newest segment cannot be told from a torn write: it is cut
     off like one, and the ``.broken`` copy keeps the original bytes."""
     scan = segment.scan(newest_wal / segment_name(2))

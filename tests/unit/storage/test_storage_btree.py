@@ -42,8 +42,10 @@ def test_checkpoint_round_trip_and_atomic_apply(tmp_path: Path) -> None:
     bt = BTree(tmp_path / "db", map_size=1 << 20)
     try:
         assert bt.read_checkpoint() == Checkpoint()
-        recs = [Record(1, 10, (Entry(EntryKind.PUT, b"a", b"1"),)),
-                Record(2, 11, (Entry(EntryKind.PUT, b"b", b"2"), Entry(EntryKind.DELETE, b"a")))]
+        recs = [
+            Record(1, 10, (Entry(EntryKind.PUT, b"a", b"1"),)),
+            Record(2, 11, (Entry(EntryKind.PUT, b"b", b"2"), Entry(EntryKind.DELETE, b"a"))),
+        ]
         written = bt.apply(recs, Checkpoint(2, 1, 200, 1, 11))
         assert bt.read_checkpoint() == written
         assert written.fp_state == Fingerprint.of_items([(b"b", b"2")]).state()
@@ -60,8 +62,7 @@ def test_snapshot_leaves_half_the_map_free_for_writes_during_the_copy(tmp_path: 
     """A snapshot pins a read txn (no map resize until it ends), so it grows the map first."""
     bt = BTree(tmp_path / "db", map_size=1 << 20)
     try:
-        recs = [Record(i + 1, i, (Entry(EntryKind.PUT, f"k{i}".encode(), b"v" * 2000),))
-                for i in range(300)]
+        recs = [Record(i + 1, i, (Entry(EntryKind.PUT, f"k{i}".encode(), b"v" * 2000),)) for i in range(300)]
         bt.apply(recs, Checkpoint(300, 1, 0, 1, 0))
         used = (bt.env.info()["last_pgno"] + 1) * bt.env.stat()["psize"]
         with open(tmp_path / "snap.mdb", "wb") as f:

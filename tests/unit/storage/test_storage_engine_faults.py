@@ -47,7 +47,8 @@ def _check_log_whole(data_dir: Path, cfg: EngineConfig, expected: dict[bytes, by
 
 
 def test_failed_fsync_while_sealing_cuts_the_footer_back_and_keeps_serving(
-        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = EngineConfig()
     eng = Engine.open(data_dir, NS, cfg)
     for i in range(3):
@@ -75,12 +76,12 @@ def test_failed_fsync_while_sealing_cuts_the_footer_back_and_keeps_serving(
     assert eng.rotate() == active.header.segment_id
     monkeypatch.setattr(segment.fsutil, "fdatasync", real)
     eng.close()
-    _check_log_whole(data_dir, cfg, {**{b"before%d" % i: b"v" for i in range(3)},
-                                     b"after": b"w"})
+    _check_log_whole(data_dir, cfg, {**{b"before%d" % i: b"v" for i in range(3)}, b"after": b"w"})
 
 
 def test_footer_enospc_during_a_mid_group_rotation_acks_what_is_durable(
-        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = EngineConfig(segment_size=4096)
     eng = Engine.open(data_dir, NS, cfg)
     eng.put(b"k0", b"v" * 100)
@@ -121,7 +122,8 @@ def test_footer_enospc_during_a_mid_group_rotation_acks_what_is_durable(
 
 
 def test_failure_to_create_the_next_segment_stalls_until_a_retry_creates_it(
-        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = EngineConfig(disk_full_retry=3600)  # only retry_now retries here
     eng = Engine.open(data_dir, NS, cfg)
     eng.put(b"a", b"1")
@@ -145,7 +147,8 @@ def test_failure_to_create_the_next_segment_stalls_until_a_retry_creates_it(
 
 
 def test_failed_wal_fsync_cuts_the_group_off_and_reuses_its_lsns(
-        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     cfg = EngineConfig()
     eng = Engine.open(data_dir, NS, cfg)
     eng.put(b"a", b"1")
@@ -172,8 +175,7 @@ def test_failed_wal_fsync_cuts_the_group_off_and_reuses_its_lsns(
     _check_log_whole(data_dir, cfg, {b"a": b"1", b"b": b"2", b"lost": None})  # type: ignore[dict-item]
 
 
-def test_a_cut_back_that_fails_too_stops_the_engine(
-        data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_cut_back_that_fails_too_stops_the_engine(data_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The one remaining fail-stop: the segment's end is unknown, only recovery decides."""
     cfg = EngineConfig()
     eng = Engine.open(data_dir, NS, cfg)

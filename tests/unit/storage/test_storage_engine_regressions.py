@@ -58,9 +58,7 @@ def test_failed_open_leaks_no_file_descriptors(
     assert len(os.listdir("/proc/self/fd")) == before
 
 
-def test_offset_names_the_last_record_after_rotation(
-    open_engine: Callable[..., Engine]
-) -> None:
+def test_offset_names_the_last_record_after_rotation(open_engine: Callable[..., Engine]) -> None:
     eng = open_engine()
     eng.put(b"a", b"1")
     eng.put(b"b", b"2")
@@ -71,8 +69,7 @@ def test_offset_names_the_last_record_after_rotation(
 
 
 def test_snapshot_with_larger_segment_ids_leaves_no_stray_empty_segment(
-    tmp_path: Path, data_dir: Path, db_dir: Path, wal_dir: Path,
-    open_engine: Callable[..., Engine]
+    tmp_path: Path, data_dir: Path, db_dir: Path, wal_dir: Path, open_engine: Callable[..., Engine]
 ) -> None:
     other = tmp_path / "other"
     src = open_engine(directory=other)

@@ -25,8 +25,7 @@ def _scan_fp(eng: Engine) -> bytes:
     return fp.digest()
 
 
-def test_new_namespace_gets_a_history_that_a_restart_keeps(
-        open_engine: Callable[..., Engine]) -> None:
+def test_new_namespace_gets_a_history_that_a_restart_keeps(open_engine: Callable[..., Engine]) -> None:
     eng = open_engine(SMALL)
     h = eng.checkpoint().history
     assert h != NO_HISTORY and eng.checkpoint().parent == NO_HISTORY
@@ -46,8 +45,9 @@ def test_two_namespaces_never_share_a_history(tmp_path: Path) -> None:
     assert len(histories) == 2
 
 
-def test_every_footer_and_header_records_the_true_state(open_engine: Callable[..., Engine],
-                                                        wal_dir: Path) -> None:
+def test_every_footer_and_header_records_the_true_state(
+    open_engine: Callable[..., Engine], wal_dir: Path
+) -> None:
     eng = open_engine(SMALL)
     for i in range(200):  # overwrites and deletes too, across many rotations
         if i % 7 == 3:
@@ -72,8 +72,9 @@ def test_every_footer_and_header_records_the_true_state(open_engine: Callable[..
             prev_fp = s.footer.fingerprint
 
 
-def test_a_btree_without_its_wal_forks_a_new_history(open_engine: Callable[..., Engine],
-                                                     data_dir: Path, wal_dir: Path) -> None:
+def test_a_btree_without_its_wal_forks_a_new_history(
+    open_engine: Callable[..., Engine], data_dir: Path, wal_dir: Path
+) -> None:
     eng = open_engine(SMALL)
     for i in range(100):
         eng.put(b"k%d" % i, b"x" * 100)
@@ -94,7 +95,8 @@ def test_a_btree_without_its_wal_forks_a_new_history(open_engine: Callable[..., 
 
 
 def test_fork_ids_start_above_the_backups_of_the_old_history(
-        open_engine: Callable[..., Engine], data_dir: Path, wal_dir: Path) -> None:
+    open_engine: Callable[..., Engine], data_dir: Path, wal_dir: Path
+) -> None:
     eng = open_engine(SMALL)
     for i in range(100):
         eng.put(b"k%d" % i, b"x" * 100)
@@ -109,8 +111,9 @@ def test_fork_ids_start_above_the_backups_of_the_old_history(
     assert eng.wal.active is not None and eng.wal.active.header.segment_id == highest + 1
 
 
-def test_an_empty_btree_is_rebuilt_from_a_complete_wal(open_engine: Callable[..., Engine],
-                                                       db_dir: Path) -> None:
+def test_an_empty_btree_is_rebuilt_from_a_complete_wal(
+    open_engine: Callable[..., Engine], db_dir: Path
+) -> None:
     eng = open_engine(SMALL)
     for i in range(80):
         eng.put(b"k%d" % (i % 30), b"v%d" % i)
@@ -123,7 +126,8 @@ def test_an_empty_btree_is_rebuilt_from_a_complete_wal(open_engine: Callable[...
 
 
 def test_a_snapshot_installed_by_hand_forks_even_when_the_wal_continues_it(
-        open_engine: Callable[..., Engine], tmp_path: Path, db_dir: Path) -> None:
+    open_engine: Callable[..., Engine], tmp_path: Path, db_dir: Path
+) -> None:
     eng = open_engine(SMALL)
     for i in range(40):
         eng.put(b"k%d" % i, b"a" * 50)
@@ -147,7 +151,8 @@ def test_a_snapshot_installed_by_hand_forks_even_when_the_wal_continues_it(
 
 
 def test_a_crash_after_stripping_the_trailer_still_forks(
-        open_engine: Callable[..., Engine], db_dir: Path) -> None:
+    open_engine: Callable[..., Engine], db_dir: Path
+) -> None:
     eng = open_engine(SMALL)
     eng.put(b"k", b"v")
     before = eng.checkpoint()
@@ -159,14 +164,14 @@ def test_a_crash_after_stripping_the_trailer_still_forks(
     assert not (db_dir / snapfile.INSTALL_MARKER).exists()
 
 
-OPS = st.lists(st.tuples(st.sampled_from(["put", "del"]), st.integers(0, 15),
-                         st.binary(max_size=8)), max_size=60)
+OPS = st.lists(
+    st.tuples(st.sampled_from(["put", "del"]), st.integers(0, 15), st.binary(max_size=8)), max_size=60
+)
 
 
 @settings(max_examples=60, deadline=None, database=None)
 @given(ops=OPS, seed=st.randoms(use_true_random=False))
-def test_fingerprint_depends_only_on_the_final_set(ops: list[tuple[str, int, bytes]],
-                                                   seed: object) -> None:
+def test_fingerprint_depends_only_on_the_final_set(ops: list[tuple[str, int, bytes]], seed: object) -> None:
     """Insert/overwrite/delete in any order and any batching give one value: the scan's."""
     state: dict[bytes, bytes] = {}
     fp = Fingerprint()

@@ -27,8 +27,12 @@ def entries(draw: st.DrawFn, max_value: int = 4096, max_entries: int = 4) -> lis
     return out
 
 
-SETTINGS = settings(max_examples=60, deadline=None, database=None,
-                    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+SETTINGS = settings(
+    max_examples=60,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
 
 @SETTINGS
@@ -115,5 +119,4 @@ def test_extreme_field_values() -> None:
     ents = [Entry(EntryKind.PUT, b"\xff" * record.MAX_KEY, b"\0" * 4096)]
     data = record.encode(2**64 - 1, 2**64 - 1, ents)
     rec, end = record.decode(data, 0)
-    assert (rec.lsn, rec.time_ns, rec.entries, end) == (2**64 - 1, 2**64 - 1, tuple(ents),
-                                                         len(data))
+    assert (rec.lsn, rec.time_ns, rec.entries, end) == (2**64 - 1, 2**64 - 1, tuple(ents), len(data))

@@ -143,8 +143,7 @@ def test_restart_continuity(open_engine: Callable[..., Engine]) -> None:
         assert eng.wal.active is not None
         active_ids.append(eng.wal.active.header.segment_id)
         # The new segment starts after everything on disk, at the next LSN.
-        assert active_ids[-1] > max([s.segment_id for s in eng.wal.sealed_segments()],
-                                    default=0)
+        assert active_ids[-1] > max([s.segment_id for s in eng.wal.sealed_segments()], default=0)
         assert eng.wal.active.header.first_lsn == len(all_lsns) + 1
         assert eng.recovery.records_replayed == 0
         all_lsns += _put_range(eng, len(all_lsns) + 1, len(all_lsns) + 30 + restart)
@@ -201,7 +200,9 @@ def test_value_that_looks_like_a_footer_survives_restart(
     assert eng.put(b"b", b"2") == 3
     segs = eng.segments()
     assert [(s.segment_id, s.sealed, s.first_lsn, s.last_lsn) for s in segs] == [
-        (1, True, 1, 2), (2, False, 3, 3)]
+        (1, True, 1, 2),
+        (2, False, 3, 3),
+    ]
     assert segment.scan(segs[0].path).sealed
     eng.close()
 

@@ -18,8 +18,10 @@ SMALL = EngineConfig(segment_size=4096)
 
 def _write_many(eng: Engine, first: int, n: int, value_size: int = 60) -> list[int]:
     """``n`` writes, most submitted concurrently so group commits span rotations."""
-    futures = [eng.submit([Entry(EntryKind.PUT, key_for(i), value_for(i, value_size))])
-               for i in range(first, first + n)]
+    futures = [
+        eng.submit([Entry(EntryKind.PUT, key_for(i), value_for(i, value_size))])
+        for i in range(first, first + n)
+    ]
     return [f.result() for f in futures]
 
 
@@ -37,7 +39,7 @@ def _check_sealed_segment(path: Path, max_size: int) -> segment.SegmentScan:
     # Header, records and footer, and not one byte more (no padding, nothing after it).
     assert scan.data_end == scan.records[-1][2]
     assert scan.file_size == scan.data_end + segment.FOOTER_SIZE == path.stat().st_size
-    assert path.read_bytes()[-segment.FOOTER_SIZE:-segment.FOOTER_SIZE + 4] == b"UDBF"
+    assert path.read_bytes()[-segment.FOOTER_SIZE : -segment.FOOTER_SIZE + 4] == b"UDBF"
     # Size rotation: a multi-record segment never exceeds the limit (plus its footer).
     if len(recs) > 1:
         assert scan.data_end <= max_size
@@ -74,17 +76,14 @@ def test_size_rotation_seals_contiguous_segments(open_engine: Callable[..., Engi
         assert eng.get(key_for(i)) == value_for(i, 60)
 
 
-def test_record_larger_than_segment_size_gets_its_own_segment(
-    open_engine: Callable[..., Engine]
-) -> None:
+def test_record_larger_than_segment_size_gets_its_own_segment(open_engine: Callable[..., Engine]) -> None:
     eng = open_engine(SMALL)
     eng.put(b"small", b"x")
     big = b"B" * (3 * SMALL.segment_size)
     assert eng.put(b"big", big) == 2
     assert eng.put(b"after", b"y") == 3
     segs = eng.segments()
-    assert [(s.first_lsn, s.last_lsn, s.sealed) for s in segs] == [
-        (1, 1, True), (2, 2, True), (3, 3, False)]
+    assert [(s.first_lsn, s.last_lsn, s.sealed) for s in segs] == [(1, 1, True), (2, 2, True), (3, 3, False)]
     _check_sealed_segment(segs[1].path, SMALL.segment_size)
     assert eng.get(b"big") == big
 
@@ -99,7 +98,9 @@ def test_rotate_on_demand(open_engine: Callable[..., Engine]) -> None:
     assert eng.rotate() is None
     segs = eng.segments()
     assert [(s.segment_id, s.sealed, s.first_lsn, s.last_lsn, s.count) for s in segs] == [
-        (1, True, 1, 2, 2), (2, False, 3, 2, 0)]
+        (1, True, 1, 2, 2),
+        (2, False, 3, 2, 0),
+    ]
     _check_sealed_segment(segs[0].path, 1 << 30)
     assert eng.put(b"c", b"3") == 3
     assert eng.rotate() == 2
@@ -109,9 +110,7 @@ def test_rotate_on_demand(open_engine: Callable[..., Engine]) -> None:
     assert eng.offset() == (2, segment.HEADER_SIZE)  # the last record starts right after the header
 
 
-def test_age_rotation_seals_nonempty_and_never_empty(
-    open_engine: Callable[..., Engine]
-) -> None:
+def test_age_rotation_seals_nonempty_and_never_empty(open_engine: Callable[..., Engine]) -> None:
     age = 0.2
     eng = open_engine(EngineConfig(segment_max_age=age))
     # An empty segment is never sealed, however old it gets.

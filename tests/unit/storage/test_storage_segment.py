@@ -23,8 +23,7 @@ U32 = st.integers(min_value=0, max_value=2**32 - 1)
 
 @settings(max_examples=50, deadline=None, database=None)
 @given(seg_id=U64, timeline=U64, first_lsn=U64, created=U64, ns_crc=U32)
-def test_header_round_trip(seg_id: int, timeline: int, first_lsn: int, created: int,
-                           ns_crc: int) -> None:
+def test_header_round_trip(seg_id: int, timeline: int, first_lsn: int, created: int, ns_crc: int) -> None:
     h = SegmentHeader(seg_id, timeline, first_lsn, created, ns_crc)
     raw = h.encode()
     assert len(raw) == segment.HEADER_SIZE == 128
@@ -82,7 +81,7 @@ def test_sealed_segment_with_wrong_lsn_sequence_is_corrupt(
     h = segment.decode_header(raw, wal_dir / segment_name(2))
     bad = SegmentHeader(h.segment_id, h.timeline, h.first_lsn + 1, h.created_ns, h.ns_crc)
     path = tmp_path / "bad.wal"
-    path.write_bytes(bad.encode() + raw[segment.HEADER_SIZE:])
+    path.write_bytes(bad.encode() + raw[segment.HEADER_SIZE :])
     with pytest.raises(CorruptLog, match="LSN 3 where 4 was expected") as info:
         segment.scan(path)
     assert info.value.offset == segment.HEADER_SIZE

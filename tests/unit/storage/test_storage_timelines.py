@@ -37,8 +37,10 @@ def restored_namespace(tmp_path: Path, wal: Path, lsn: int) -> Path:
     """A data dir whose B-tree is on timeline 2 at ``lsn`` (as after a restore), with ``wal``."""
     data = tmp_path / "data"
     bt = BTree(layout.btree_dir(data, NS))
-    bt.apply([Record(lsn, 1, (Entry(EntryKind.PUT, b"x", b"new%d" % lsn),))],
-             Checkpoint(lsn, 50, 0, 2, 1, timeline_first_segment=51))
+    bt.apply(
+        [Record(lsn, 1, (Entry(EntryKind.PUT, b"x", b"new%d" % lsn),))],
+        Checkpoint(lsn, 50, 0, 2, 1, timeline_first_segment=51),
+    )
     bt.close()
     shutil.copytree(wal, layout.wal_dir(data, NS))
     return data

@@ -91,8 +91,7 @@ def test_torn_tail_at_every_offset_of_last_record(tmp_path: Path, template: Path
 
 
 @pytest.mark.parametrize("zeros", [1, 7, 8, 100, 4096])
-def test_zero_filled_space_after_last_record(tmp_path: Path, template: Path,
-                                             zeros: int) -> None:
+def test_zero_filled_space_after_last_record(tmp_path: Path, template: Path, zeros: int) -> None:
     """Space the filesystem extended but never wrote (zeros) after a whole record."""
     wal_dir = tmp_path / "wal"
     shutil.copytree(template, wal_dir)
@@ -129,8 +128,9 @@ def test_last_record_replaced_by_zeros(tmp_path: Path, template: Path) -> None:
     assert wal.report.truncated_bytes == end - start
 
 
-def test_engine_continues_after_torn_tail(tmp_path: Path, template: Path,
-                                          open_engine: Callable[..., Engine]) -> None:
+def test_engine_continues_after_torn_tail(
+    tmp_path: Path, template: Path, open_engine: Callable[..., Engine]
+) -> None:
     """After the repair the next write reuses the LSN of the record that was never whole."""
     data_dir = tmp_path / "data"
     wal_dir = data_dir / NS / "wal"
@@ -150,9 +150,7 @@ def test_engine_continues_after_torn_tail(tmp_path: Path, template: Path,
     assert segs[1].sealed and segs[1].last_lsn == LAST - 1 and segs[2].first_lsn == LAST
 
 
-def test_older_segment_missing_its_footer_is_sealed_on_open(
-    tmp_path: Path, template: Path
-) -> None:
+def test_older_segment_missing_its_footer_is_sealed_on_open(tmp_path: Path, template: Path) -> None:
     """A crash between a segment's last record and its footer: the next open seals it."""
     wal_dir = tmp_path / "wal"
     shutil.copytree(template, wal_dir)
@@ -177,8 +175,7 @@ def test_older_segment_missing_its_footer_is_sealed_on_open(
 
 
 @pytest.mark.parametrize("keep", [1, 20, segment.FOOTER_SIZE - 1])
-def test_torn_footer_of_newest_segment(tmp_path: Path, build_wal: Callable[..., int],
-                                       keep: int) -> None:
+def test_torn_footer_of_newest_segment(tmp_path: Path, build_wal: Callable[..., int], keep: int) -> None:
     """A crash while sealing the newest segment: the partial footer is a torn tail."""
     wal_dir = tmp_path / "wal"
     build_wal(wal_dir, [2, 3], seal_last=True)
