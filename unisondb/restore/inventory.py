@@ -279,7 +279,7 @@ def check_snapshot_content(info: SnapshotInfo) -> None:
     also in a plain LMDB copy that has no trailer). One cursor pass, read-only."""
     if not info.has_checkpoint:
         return
-    local = sources.local(info.path)
+    local = sources.materialize(info.path)  # the plain copy of a compressed snapshot
     try:
         env = lmdb.open(
             str(local), subdir=False, readonly=True, lock=False, max_dbs=4, map_size=max(info.size, 1 << 20)
