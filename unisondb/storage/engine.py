@@ -283,7 +283,9 @@ class Engine:
             cp = self.btree.apply([], cp.on_lineage(Lineage.create(), 0))
             return cp, max(sealed_max, cp.segment_id) + 1
         if reason is None:
-            return cp, max(sealed_max, cp.segment_id) + 1
+            # A fork's first segment may be gone (it was empty, and the last start dropped
+            # it): ids then continue from where the fork put them, never below.
+            return cp, max(sealed_max, cp.segment_id, cp.timeline_first_segment - 1) + 1
         known = max(sealed_max, layout.max_backup_segment_id(self.data_dir, self.namespace))
         next_id = fork_segment_id(known, cp.segment_id)
         old = cp.lineage

@@ -194,3 +194,21 @@ def test_fingerprint_separates_near_misses() -> None:
     assert base != Fingerprint.of_items([(b"a", b"bc")])  # the length prefix
     assert base != Fingerprint.of_items([(b"ab", b"c"), (b"ab", b"c")])  # a duplicate counts
     assert Fingerprint.of_items([]).digest() == Fingerprint().digest()
+
+
+def test_restarts_after_a_fork_never_take_an_id_below_the_fork(
+    open_engine: Callable[..., Engine], wal_dir: Path
+) -> None:
+    eng = open_engine(SMALL)
+    eng.put(b"k", b"v")
+    eng.close()
+    shutil.rmtree(wal_dir)  # fork with the gap: nothing visible beyond the checkpoint
+    eng = open_engine(SMALL)
+    assert eng.wal.active is not None
+    first = eng.wal.active.header.segment_id
+    assert first >= FORK_SEGMENT_GAP
+    eng.close()  # no write: the fork's first segment stays empty
+    for _ in range(2):
+        eng = open_engine(SMALL)
+        assert eng.wal.active is not None and eng.wal.active.header.segment_id >= first
+        eng.close()
