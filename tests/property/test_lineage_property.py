@@ -1,0 +1,362 @@
+"""Property test: every restore target ``backup list`` promises gives exactly that state.
+
+Hypothesis interleaves, on one in-process ``Engine`` (small segments, so they rotate):
+
+* writes: ``put``, ``delete`` and atomic batches over a small key space;
+* snapshots: ``backup.snapshot.write_snapshot`` into ``backups/<ns>/snapshots/``;
+* WAL backups: the document's incremental loop (``rotate`` then ``afterSegmentId`` = the
+  last segment id copied) into one directory ``backups/<ns>/wal/archive`` through the
+  real ``backup_wal``;
+* manual restores by the document's *Full Restore* procedure: close, ``rm -rf <ns>``,
+  copy an earlier snapshot to ``<ns>/db/data.mdb``, reopen (the engine forks by itself);
+* ``unisondb restore`` forks (``unisondb.restore.restore``, ``force=True``) into the live
+  data directory, to a target the backup listing offers;
+* clean restarts.
+
+The model keeps, for every history id the engine reports, the state at every LSN of that
+history (a fork inherits its parent's states up to the fork LSN). Checks:
+
+* after each write / fork the engine serves the model's state and its checkpoint carries
+  the model's fingerprint; a fork's parent and fork LSN are the ones the model expects;
+* no file name under ``backups/<ns>/`` ever holds different bytes (sha256 per name);
+* after every WAL backup, every sealed segment on disk is in the archive, byte-identical
+  (the incremental loop never skips a segment of a new history);
+* for a bounded sample of the targets ``backup list --json`` promises (per history each
+  ``window.anchors`` entry's ``fromLsn..toLsn`` with its snapshot, and per snapshot its
+  default ``restorableTo``), a restore into a scratch directory gives exactly the model's
+  state at (history, LSN), key by key, and ``summary.proof.fingerprint`` equals the
+  model state's fingerprint. A restore that mixed records of two histories would produce
+  a state the model does not have at that point, so this also proves no splice.
+
+The CI size is ``UNISONDB_LINEAGE_EXAMPLES`` (default 25) examples of
+``UNISONDB_LINEAGE_STEPS`` (default 30) steps, derandomized; ``test_lineage_soak``
+(``slow``) runs 300 x 50 with a random seed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hypothesis import HealthCheck, event, settings
+from hypothesis import strategies as st
+from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
+
+from unisondb.backup.paths import resolve
+from unisondb.backup.snapshot import write_snapshot
+from unisondb.backup.wal_backup import backup_wal
+from unisondb.cli.backup_cmd import list_backups
+from unisondb.config import EngineConfig
+from unisondb.restore import restore
+from unisondb.storage import layout
+from unisondb.storage.btree import BTree
+from unisondb.storage.engine import Engine
+from unisondb.storage.fingerprint import Fingerprint
+from unisondb.storage.record import Entry, EntryKind
+
+NS = "users"
+#: ~10 small records per segment, so WAL backups see several segments per history. Age
+#: rotation off: only the test's steps decide when a segment is sealed.
+CONFIG = EngineConfig(segment_size=1024, segment_max_age=0, map_size=1 << 20)
+KEYS = [b"k0", b"k1", b"k2", b"k3", b"k4", b"k5"]
+keys = st.sampled_from(KEYS)
+values = st.binary(min_size=0, max_size=48)
+entries = st.one_of(
+    st.builds(lambda k, v: Entry(EntryKind.PUT, k, v), keys, values),
+    st.builds(lambda k: Entry(EntryKind.DELETE, k), keys),
+)
+#: Restores checked per ``verify_targets`` step (each is a real restore into scratch).
+TARGETS_PER_CHECK = 3
+
+State = dict[bytes, bytes]
+
+
+def fingerprint_of(state: State) -> bytes:
+    return Fingerprint.of_items(state.items()).digest()
+
+
+class LineageMachine(RuleBasedStateMachine):
+    def __init__(self) -> None:
+        super().__init__()
+        self.root = Path(tempfile.mkdtemp(prefix="unisondb-lineage-"))
+        self.data_dir = self.root / "data"
+        self.backups = layout.backup_root(self.data_dir, NS)
+        self.snap_dir = self.backups / "snapshots"
+        self.wal_archive = self.backups / "wal" / "archive"
+        self.engine: Engine | None = Engine.open(self.data_dir, NS, CONFIG)
+        cp = self.engine.checkpoint()
+        #: history id -> {LSN: state after that LSN} (a fork's entries up to its fork LSN
+        #: are its parent's).
+        self.states: dict[bytes, dict[int, State]] = {cp.history: {0: {}}}
+        self.history = cp.history
+        self.lsn = 0
+        self.state: State = {}
+        #: (path, history, LSN) of every snapshot written.
+        self.snapshots: list[tuple[Path, bytes, int]] = []
+        #: The incremental loop's state file: highest segment id copied so far.
+        self.last_segment = 0
+        #: sha256 of every file name ever seen under backups/<ns>/.
+        self.seen: dict[str, str] = {}
+        self.scratch_n = 0
+        self.snap_n = 0
+        self.check_backup_names()
+
+    # --- helpers ---
+
+    @property
+    def eng(self) -> Engine:
+        assert self.engine is not None
+        return self.engine
+
+    def wrote(self, lsn: int, batch: list[Entry]) -> None:
+        assert lsn == self.lsn + 1, f"write got LSN {lsn}, expected {self.lsn + 1}"
+        for e in batch:
+            if e.kind == EntryKind.PUT:
+                self.state[e.key] = e.value
+            else:
+                self.state.pop(e.key, None)
+        self.lsn = lsn
+        self.states[self.history][lsn] = dict(self.state)
+
+    def check_engine(self) -> None:
+        """The engine serves the model's state and its checkpoint says so."""
+        served = dict(self.eng.btree.items())
+        assert served == self.state
+        cp = self.eng.checkpoint()
+        assert cp.history == self.history
+        assert cp.applied_lsn == self.lsn
+        assert cp.fingerprint == fingerprint_of(self.state)
+
+    def check_backup_names(self) -> None:
+        """No name under backups/<ns>/ ever holds different bytes (issue 8, deliver 1)."""
+        if not self.backups.is_dir():
+            return
+        for path in sorted(p for p in self.backups.rglob("*") if p.is_file()):
+            name = str(path.relative_to(self.backups))
+            digest = hashlib.sha256(path.read_bytes()).hexdigest()
+            before = self.seen.setdefault(name, digest)
+            assert before == digest, f"backup file {name} was rewritten with different bytes"
+
+    def reopen(self, *, fork_from: tuple[bytes, int] | None) -> None:
+        """Open the engine; with ``fork_from=(history, lsn)`` it must have forked there."""
+        self.engine = Engine.open(self.data_dir, NS, CONFIG)
+        cp = self.engine.checkpoint()
+        if fork_from is None:
+            assert cp.history == self.history, "a clean restart changed the history"
+        else:
+            parent, at = fork_from
+            assert cp.history not in self.states, "a fork reused a known history id"
+            assert cp.parent == parent and cp.fork_lsn == at, (
+                f"fork from {parent.hex()[:12]}@{at}, engine says "
+                f"{cp.parent.hex()[:12]}@{cp.fork_lsn}")
+            assert cp.applied_lsn == at
+            inherited = {n: s for n, s in self.states[parent].items() if n <= at}
+            self.states[cp.history] = inherited
+            self.history, self.lsn = cp.history, at
+            self.state = dict(inherited[at])
+        self.check_engine()
+
+    def close(self) -> None:
+        self.eng.close()
+        self.engine = None
+
+    def promised_targets(self) -> list[tuple[Path, bytes | None, int | None, bytes, int]]:
+        """(snapshot, history choice, target LSN, expected history, expected LSN) for what
+        ``backup list --json`` promises; None choice/LSN = the restore's default."""
+        listing: dict[str, Any] = list_backups(self.backups)
+        assert not listing["problems"], listing["problems"]
+        out: list[tuple[Path, bytes | None, int | None, bytes, int]] = []
+        for hist in listing["wal"]["histories"]:
+            h = bytes.fromhex(hist["history"])
+            window = hist["window"]
+            if window is None:
+                continue
+            for a in window["anchors"]:
+                for n in range(a["fromLsn"], a["toLsn"] + 1):
+                    out.append((Path(a["snapshot"]), h, n, h, n))
+        for snap in listing["snapshots"]:
+            assert "error" not in snap, snap
+            r = snap["restorableTo"]
+            out.append((Path(snap["path"]), None, None, bytes.fromhex(r["history"]), r["lsn"]))
+        return out
+
+    def restore_into_scratch(self, snap: Path, choice: bytes | None, target: int | None,
+                             want_history: bytes, want_lsn: int) -> None:
+        self.scratch_n += 1
+        scratch = self.root / f"scratch-{self.scratch_n}"
+        try:
+            out = restore(scratch, NS, snap, [self.wal_archive],
+                          target_lsn=target,
+                          history_choice=None if choice is None else choice.hex())
+            assert out.summary is not None
+            assert out.summary.end_lsn == want_lsn
+            assert want_history in self.states, "restore target on an unknown history"
+            want = self.states[want_history][want_lsn]
+            assert out.summary.proof.fingerprint == fingerprint_of(want), (
+                f"restore of {snap.name} to {want_history.hex()[:12]}@{want_lsn}: fingerprint "
+                "differs from the model state's")
+            bt = BTree(layout.btree_dir(scratch, NS), map_size=CONFIG.map_size)
+            try:
+                got = dict(bt.items())
+                cp = bt.read_checkpoint()
+            finally:
+                bt.close()
+            assert got == want, (
+                f"restore of {snap.name} to {want_history.hex()[:12]}@{want_lsn} built a state "
+                "the model does not have there")
+            assert cp.applied_lsn == want_lsn
+            # The restore started a history of its own, forked at the target.
+            assert cp.parent == want_history and cp.fork_lsn == want_lsn
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
+
+    # --- writes ---
+
+    @rule(key=keys, value=values)
+    def put(self, key: bytes, value: bytes) -> None:
+        self.wrote(self.eng.put(key, value), [Entry(EntryKind.PUT, key, value)])
+
+    @rule(key=keys)
+    def delete(self, key: bytes) -> None:
+        self.wrote(self.eng.delete(key), [Entry(EntryKind.DELETE, key)])
+
+    @rule(batch=st.lists(entries, min_size=1, max_size=6))
+    def batch(self, batch: list[Entry]) -> None:
+        self.wrote(self.eng.write(batch), batch)
+
+    @rule(n=st.integers(3, 12), seed=st.integers(0, 2**16))
+    def many_puts(self, n: int, seed: int) -> None:
+        """Several writes in a row, so segments fill and rotate by size."""
+        for i in range(n):
+            key = KEYS[(seed + i) % len(KEYS)]
+            value = f"{seed}-{i}".encode() * 4
+            self.wrote(self.eng.put(key, value), [Entry(EntryKind.PUT, key, value)])
+        self.check_engine()
+
+    # --- backups ---
+
+    @rule()
+    def snapshot(self) -> None:
+        self.snap_dir.mkdir(parents=True, exist_ok=True)
+        self.snap_n += 1
+        path = self.snap_dir / f"snap-{self.snap_n:03d}.db"
+        with open(path, "w+b") as f:
+            cp, _size, _digest = write_snapshot(self.eng, f.fileno(), path)
+        assert cp.history == self.history and cp.applied_lsn == self.lsn
+        self.snapshots.append((path, cp.history, cp.applied_lsn))
+        self.check_backup_names()
+
+    @rule()
+    def wal_backup(self) -> None:
+        target = resolve(self.backups, ("wal", "archive"), "backupDir", is_file=False)
+        copies = backup_wal(self.eng, target, self.last_segment, rotate=True)
+        if copies:
+            self.last_segment = max(self.last_segment, max(c.segment_id for c in copies))
+            event("wal_backup copied segments")
+        # The loop with its state file captured every sealed segment there is, byte for byte.
+        for info in self.eng.wal.sealed_segments():
+            copy = self.wal_archive / layout.segment_name(info.segment_id)
+            assert copy.is_file(), (
+                f"sealed segment {info.segment_id} of history {info.history.hex()[:12]} was "
+                f"never backed up (afterSegmentId={self.last_segment})")
+            assert copy.read_bytes() == info.path.read_bytes()
+        self.check_backup_names()
+
+    # --- restarts and forks ---
+
+    @rule()
+    def restart(self) -> None:
+        self.close()
+        self.reopen(fork_from=None)
+
+    @precondition(lambda self: bool(self.snapshots))
+    @rule(data=st.data())
+    def manual_restore(self, data: st.DataObject) -> None:
+        """The document's Full Restore: rm -rf <ns>, cp snapshot <ns>/db/data.mdb, start."""
+        path, snap_history, snap_lsn = data.draw(st.sampled_from(self.snapshots))
+        self.close()
+        ns_dir = layout.namespace_dir(self.data_dir, NS)
+        shutil.rmtree(ns_dir)
+        layout.btree_dir(self.data_dir, NS).mkdir(parents=True)
+        shutil.copyfile(path, layout.btree_dir(self.data_dir, NS) / "data.mdb")
+        self.reopen(fork_from=(snap_history, snap_lsn))
+        event("manual restore")
+        self.check_backup_names()
+
+    @precondition(lambda self: bool(self.snapshots))
+    @rule(data=st.data())
+    def restore_fork(self, data: st.DataObject) -> None:
+        """``unisondb restore --force`` into the live data dir, to a promised target."""
+        targets = [t for t in self.promised_targets() if t[1] is not None]
+        if not targets:
+            return
+        snap, choice, lsn, want_h, want_lsn = data.draw(st.sampled_from(targets))
+        self.close()
+        out = restore(self.data_dir, NS, snap, [self.wal_archive], target_lsn=lsn,
+                      history_choice=None if choice is None else choice.hex(), force=True)
+        assert out.summary is not None and out.summary.end_lsn == want_lsn
+        self.reopen(fork_from=(want_h, want_lsn))
+        event("restore fork")
+        self.check_backup_names()
+
+    # --- the promise check ---
+
+    @precondition(lambda self: bool(self.snapshots))
+    @rule(data=st.data())
+    def verify_targets(self, data: st.DataObject) -> None:
+        targets = self.promised_targets()
+        picks = data.draw(st.lists(st.sampled_from(targets), min_size=1,
+                                   max_size=TARGETS_PER_CHECK, unique=True))
+        for t in picks:
+            self.restore_into_scratch(*t)
+        event(f"histories in backup dir: {min(len({t[3] for t in targets}), 4)}")
+
+    def teardown(self) -> None:
+        try:
+            if self.engine is not None and self.snapshots:
+                # The final listing: both ends of every anchor and every default target.
+                targets = self.promised_targets()
+                ends: dict[tuple[Path, bytes | None, int | None], Any] = {}
+                for t in targets:
+                    if t[1] is None:
+                        ends[t[:3]] = t
+                first_last: dict[tuple[Path, bytes | None], list[Any]] = {}
+                for t in targets:
+                    if t[1] is not None:
+                        first_last.setdefault((t[0], t[1]), []).append(t)
+                for group in first_last.values():
+                    ends[group[0][:3]] = group[0]
+                    ends[group[-1][:3]] = group[-1]
+                for t in ends.values():
+                    self.restore_into_scratch(*t)
+            if self.engine is not None:
+                self.close()
+        finally:
+            if self.engine is not None:
+                self.engine.close()
+            shutil.rmtree(self.root, ignore_errors=True)
+
+
+CI_SETTINGS = settings(
+    max_examples=int(os.environ.get("UNISONDB_LINEAGE_EXAMPLES", "25")),
+    stateful_step_count=int(os.environ.get("UNISONDB_LINEAGE_STEPS", "30")),
+    deadline=None,
+    database=None,
+    derandomize=True,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+
+
+class TestLineage(LineageMachine.TestCase):  # type: ignore[misc,valid-type]
+    settings = CI_SETTINGS
+
+
+@pytest.mark.slow
+class TestLineageSoak(LineageMachine.TestCase):  # type: ignore[misc,valid-type]
+    settings = settings(CI_SETTINGS, max_examples=300, stateful_step_count=50,
+                        derandomize=False)
