@@ -43,7 +43,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from hypothesis import HealthCheck, event, settings
+from hypothesis import HealthCheck, Phase, event, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, precondition, rule
 
@@ -53,6 +53,7 @@ from unisondb.backup.wal_backup import backup_wal
 from unisondb.cli.backup_cmd import list_backups
 from unisondb.config import EngineConfig
 from unisondb.restore import restore
+from unisondb.restore.errors import BackupMismatch
 from unisondb.storage import layout
 from unisondb.storage.btree import BTree
 from unisondb.storage.engine import Engine
@@ -70,10 +71,28 @@ entries = st.one_of(
     st.builds(lambda k, v: Entry(EntryKind.PUT, k, v), keys, values),
     st.builds(lambda k: Entry(EntryKind.DELETE, k), keys),
 )
+#: Known bug (pinned by ``test_list_promise_for_snapshot_of_grandchild_history_restores``):
+#: a snapshot whose history and parent history have no segment in the WAL directory
+#: (two manual restores with no write between them) is listed as restorable, but
+#: ``restore`` with that WAL directory refuses it with ``BackupMismatch``. While True, such
+#: a refusal is counted (Hypothesis event) instead of failing; set False with the fix.
+KNOWN_UNLINKED_SNAPSHOT_BUG = True
 #: Restores checked per ``verify_targets`` step (each is a real restore into scratch).
 TARGETS_PER_CHECK = 3
 
 State = dict[bytes, bytes]
+
+
+def scratch_parent() -> str | None:
+    """Where the test's files live: tmpfs when there is one, because every step fsyncs
+    (WAL, LMDB, snapshot, backup publish) and on a busy disk the fsyncs, not the logic,
+    took 90 % of the wall time. This test checks what is restored, not durability (that
+    is the SIGKILL tests' job). ``UNISONDB_LINEAGE_TMP`` overrides."""
+    chosen = os.environ.get("UNISONDB_LINEAGE_TMP")
+    if chosen:
+        return chosen
+    shm = Path("/dev/shm")
+    return str(shm) if shm.is_dir() and os.access(shm, os.W_OK) else None
 
 
 def fingerprint_of(state: State) -> bytes:
@@ -83,11 +102,12 @@ def fingerprint_of(state: State) -> bytes:
 class LineageMachine(RuleBasedStateMachine):
     def __init__(self) -> None:
         super().__init__()
-        self.root = Path(tempfile.mkdtemp(prefix="unisondb-lineage-"))
+        self.root = Path(tempfile.mkdtemp(prefix="unisondb-lineage-", dir=scratch_parent()))
         self.data_dir = self.root / "data"
         self.backups = layout.backup_root(self.data_dir, NS)
         self.snap_dir = self.backups / "snapshots"
         self.wal_archive = self.backups / "wal" / "archive"
+        self.wal_archive.mkdir(parents=True)  # the loop's target exists before its first run
         self.engine: Engine | None = Engine.open(self.data_dir, NS, CONFIG)
         cp = self.engine.checkpoint()
         #: history id -> {LSN: state after that LSN} (a fork's entries up to its fork LSN
@@ -104,6 +124,11 @@ class LineageMachine(RuleBasedStateMachine):
         self.seen: dict[str, str] = {}
         self.scratch_n = 0
         self.snap_n = 0
+        #: history id -> the order the model met it (ids are random; this is not), so
+        #: what Hypothesis draws from a list of targets does not depend on random ids.
+        self.order: dict[bytes, int] = {cp.history: 0}
+        #: history id -> (parent, fork LSN), as the engine reported it when it forked.
+        self.parents: dict[bytes, tuple[bytes, int]] = {}
         self.check_backup_names()
 
     # --- helpers ---
@@ -142,6 +167,16 @@ class LineageMachine(RuleBasedStateMachine):
             before = self.seen.setdefault(name, digest)
             assert before == digest, f"backup file {name} was rewritten with different bytes"
 
+    def sharing(self, history: bytes, lsn: int) -> list[bytes]:
+        """``history`` and each ancestor whose state at ``lsn`` is the same one (the fork
+        came at or after ``lsn``): (history, lsn) may be named by any of them, and the
+        last one is the history that wrote that LSN."""
+        out = [history]
+        while history in self.parents and lsn <= self.parents[history][1]:
+            history = self.parents[history][0]
+            out.append(history)
+        return out
+
     def reopen(self, *, fork_from: tuple[bytes, int] | None) -> None:
         """Open the engine; with ``fork_from=(history, lsn)`` it must have forked there."""
         self.engine = Engine.open(self.data_dir, NS, CONFIG)
@@ -151,12 +186,14 @@ class LineageMachine(RuleBasedStateMachine):
         else:
             parent, at = fork_from
             assert cp.history not in self.states, "a fork reused a known history id"
-            assert cp.parent == parent and cp.fork_lsn == at, (
+            assert cp.parent in self.sharing(parent, at) and cp.fork_lsn == at, (
                 f"fork from {parent.hex()[:12]}@{at}, engine says "
                 f"{cp.parent.hex()[:12]}@{cp.fork_lsn}")
             assert cp.applied_lsn == at
             inherited = {n: s for n, s in self.states[parent].items() if n <= at}
             self.states[cp.history] = inherited
+            self.order[cp.history] = len(self.order)
+            self.parents[cp.history] = (cp.parent, cp.fork_lsn)
             self.history, self.lsn = cp.history, at
             self.state = dict(inherited[at])
         self.check_engine()
@@ -182,17 +219,30 @@ class LineageMachine(RuleBasedStateMachine):
         for snap in listing["snapshots"]:
             assert "error" not in snap, snap
             r = snap["restorableTo"]
-            out.append((Path(snap["path"]), None, None, bytes.fromhex(r["history"]), r["lsn"]))
-        return out
+            # Without holes the default target is the promise; with a hole after it the
+            # restore (by design) wants the earlier point named: --target-lsn.
+            explicit = r["lsn"] if r["holesAfter"] else None
+            out.append((Path(snap["path"]), None, explicit, bytes.fromhex(r["history"]),
+                        r["lsn"]))
+        for t in out:
+            assert t[3] in self.order, f"backup list names a history the model never saw: {t}"
+        return sorted(out, key=lambda t: (t[0].name, -1 if t[1] is None else self.order[t[1]],
+                                          t[2] or 0))
 
     def restore_into_scratch(self, snap: Path, choice: bytes | None, target: int | None,
                              want_history: bytes, want_lsn: int) -> None:
         self.scratch_n += 1
         scratch = self.root / f"scratch-{self.scratch_n}"
         try:
-            out = restore(scratch, NS, snap, [self.wal_archive],
-                          target_lsn=target,
-                          history_choice=None if choice is None else choice.hex())
+            try:
+                out = restore(scratch, NS, snap, [self.wal_archive],
+                              target_lsn=target,
+                              history_choice=None if choice is None else choice.hex())
+            except BackupMismatch:
+                if KNOWN_UNLINKED_SNAPSHOT_BUG and self.unlinked(snap):
+                    event("known bug: listed snapshot refused (history not linked by WAL)")
+                    return
+                raise
             assert out.summary is not None
             assert out.summary.end_lsn == want_lsn
             assert want_history in self.states, "restore target on an unknown history"
@@ -211,9 +261,21 @@ class LineageMachine(RuleBasedStateMachine):
                 "the model does not have there")
             assert cp.applied_lsn == want_lsn
             # The restore started a history of its own, forked at the target.
-            assert cp.parent == want_history and cp.fork_lsn == want_lsn
+            assert cp.parent in self.sharing(want_history, want_lsn), (
+                f"restored history's parent {cp.parent.hex()[:12]} is not "
+                f"{want_history.hex()[:12]} or an ancestor sharing LSN {want_lsn}")
+            assert cp.fork_lsn == want_lsn
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
+
+    def unlinked(self, snap: Path) -> bool:
+        """The known bug's condition: neither the snapshot's history nor its parent has a
+        segment in the WAL archive, so nothing there links it to the archived histories."""
+        in_archive = {bytes.fromhex(h["history"])
+                      for h in list_backups(self.backups)["wal"]["histories"] if h["segments"]}
+        snap_history = next(h for p, h, _n in self.snapshots if p == snap)
+        parent = self.parents.get(snap_history, (snap_history, 0))[0]
+        return bool(in_archive) and not {snap_history, parent} & in_archive
 
     # --- writes ---
 
@@ -348,6 +410,11 @@ CI_SETTINGS = settings(
     deadline=None,
     database=None,
     derandomize=True,
+    report_multiple_bugs=False,
+    # Shrinking a failure of this machine can run for Hypothesis's full 5 minutes (every
+    # step is real I/O), past pytest's timeout; the unshrunk steps (<= 30) are printed.
+    phases=[Phase.explicit, Phase.reuse, Phase.generate]
+    + ([Phase.shrink] if os.environ.get("UNISONDB_LINEAGE_SHRINK") else []),
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
 
@@ -360,3 +427,47 @@ class TestLineage(LineageMachine.TestCase):  # type: ignore[misc,valid-type]
 class TestLineageSoak(LineageMachine.TestCase):  # type: ignore[misc,valid-type]
     settings = settings(CI_SETTINGS, max_examples=300, stateful_step_count=50,
                         derandomize=False)
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "backup list promises a snapshot of a grandchild history (two manual restores, no "
+    "write between) restorable, but restore with the same WAL dir refuses it: "
+    "BackupMismatch 'none of the WAL segment(s) belong to the snapshot's history'"))
+def test_list_promise_for_snapshot_of_grandchild_history_restores(tmp_path: Path) -> None:
+    """Minimal case the property test found. H1 writes LSN 1 and its segment is backed up;
+    snapshot a (H1@1); manual restore of a forks H2; snapshot b (H2@1); manual restore of
+    b forks H3; snapshot c (H3@1). ``backup list`` says c is restorable to LSN 1; restoring
+    c with the archive must then give that state (the archive's H1 segment ends at LSN 1,
+    so the snapshot alone is the answer), not refuse."""
+    data = tmp_path / "data"
+    backups = layout.backup_root(data, NS)
+    archive = backups / "wal" / "archive"
+    archive.mkdir(parents=True)
+    config = EngineConfig(segment_max_age=0)
+
+    def snap(engine: Engine, name: str) -> Path:
+        path = backups / name
+        with open(path, "w+b") as f:
+            write_snapshot(engine, f.fileno(), path)
+        return path
+
+    def manual_restore(engine: Engine, path: Path) -> Engine:
+        engine.close()
+        shutil.rmtree(layout.namespace_dir(data, NS))
+        layout.btree_dir(data, NS).mkdir(parents=True)
+        shutil.copyfile(path, layout.btree_dir(data, NS) / "data.mdb")
+        return Engine.open(data, NS, config)
+
+    engine = Engine.open(data, NS, config)
+    engine.put(b"k", b"v1")
+    backup_wal(engine, resolve(backups, ("wal", "archive"), "backupDir", is_file=False), 0,
+               rotate=True)
+    engine = manual_restore(engine, snap(engine, "a.db"))
+    engine = manual_restore(engine, snap(engine, "b.db"))
+    c = snap(engine, "c.db")
+    engine.close()
+    listed = {Path(s["path"]).name: s for s in list_backups(backups)["snapshots"]}
+    assert listed["c.db"]["restorableTo"]["lsn"] == 1  # the promise (holds today)
+    out = restore(tmp_path / "scratch", NS, c, [archive])  # raises BackupMismatch today
+    assert out.summary is not None and out.summary.end_lsn == 1
+    assert out.summary.proof.fingerprint == fingerprint_of({b"k": b"v1"})
