@@ -52,7 +52,7 @@ from unisondb.backup.snapshot import write_snapshot
 from unisondb.backup.wal_backup import backup_wal
 from unisondb.cli.backup_cmd import list_backups
 from unisondb.config import EngineConfig
-from unisondb.restore import restore
+from unisondb.restore import RestoreOutcome, restore
 from unisondb.restore.errors import BackupMismatch
 from unisondb.storage import layout
 from unisondb.storage.btree import BTree
@@ -77,6 +77,11 @@ entries = st.one_of(
 #: ``restore`` with that WAL directory refuses it with ``BackupMismatch``. While True, such
 #: a refusal is counted (Hypothesis event) instead of failing; set False with the fix.
 KNOWN_UNLINKED_SNAPSHOT_BUG = True
+#: Known bug (pinned by ``test_restart_right_after_a_fork_never_reuses_segment_ids``): a
+#: clean restart after a fork, before the new history's first write, numbers the next
+#: segment ``max(sealed, checkpoint segment) + 1`` again, below ids the old history used
+#: and backed up. While True the machine does not restart a history with no write yet.
+KNOWN_RESTART_AFTER_FORK_BUG = True
 #: Restores checked per ``verify_targets`` step (each is a real restore into scratch).
 TARGETS_PER_CHECK = 3
 
@@ -129,6 +134,8 @@ class LineageMachine(RuleBasedStateMachine):
         self.order: dict[bytes, int] = {cp.history: 0}
         #: history id -> (parent, fork LSN), as the engine reported it when it forked.
         self.parents: dict[bytes, tuple[bytes, int]] = {}
+        #: A fork happened and the new history has no write yet (the known bug's window).
+        self.fresh_fork = False
         self.check_backup_names()
 
     # --- helpers ---
@@ -147,6 +154,7 @@ class LineageMachine(RuleBasedStateMachine):
                 self.state.pop(e.key, None)
         self.lsn = lsn
         self.states[self.history][lsn] = dict(self.state)
+        self.fresh_fork = False
 
     def check_engine(self) -> None:
         """The engine serves the model's state and its checkpoint says so."""
@@ -194,6 +202,7 @@ class LineageMachine(RuleBasedStateMachine):
             self.states[cp.history] = inherited
             self.order[cp.history] = len(self.order)
             self.parents[cp.history] = (cp.parent, cp.fork_lsn)
+            self.fresh_fork = True
             self.history, self.lsn = cp.history, at
             self.state = dict(inherited[at])
         self.check_engine()
@@ -229,20 +238,27 @@ class LineageMachine(RuleBasedStateMachine):
         return sorted(out, key=lambda t: (t[0].name, -1 if t[1] is None else self.order[t[1]],
                                           t[2] or 0))
 
+    def restore(self, data_dir: Path, snap: Path, choice: bytes | None, target: int | None,
+                *, force: bool = False) -> RestoreOutcome | None:
+        """``unisondb restore`` with the archive; None = refused by the known bug."""
+        try:
+            return restore(data_dir, NS, snap, [self.wal_archive], target_lsn=target,
+                           history_choice=None if choice is None else choice.hex(),
+                           force=force)
+        except BackupMismatch:
+            if KNOWN_UNLINKED_SNAPSHOT_BUG and self.unlinked(snap):
+                event("known bug: listed snapshot refused (history not linked by WAL)")
+                return None
+            raise
+
     def restore_into_scratch(self, snap: Path, choice: bytes | None, target: int | None,
                              want_history: bytes, want_lsn: int) -> None:
         self.scratch_n += 1
         scratch = self.root / f"scratch-{self.scratch_n}"
         try:
-            try:
-                out = restore(scratch, NS, snap, [self.wal_archive],
-                              target_lsn=target,
-                              history_choice=None if choice is None else choice.hex())
-            except BackupMismatch:
-                if KNOWN_UNLINKED_SNAPSHOT_BUG and self.unlinked(snap):
-                    event("known bug: listed snapshot refused (history not linked by WAL)")
-                    return
-                raise
+            out = self.restore(scratch, snap, choice, target)
+            if out is None:
+                return
             assert out.summary is not None
             assert out.summary.end_lsn == want_lsn
             assert want_history in self.states, "restore target on an unknown history"
@@ -333,6 +349,9 @@ class LineageMachine(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
+        if KNOWN_RESTART_AFTER_FORK_BUG and self.fresh_fork:
+            event("known bug: restart right after a fork skipped")
+            return
         self.close()
         self.reopen(fork_from=None)
 
@@ -359,8 +378,10 @@ class LineageMachine(RuleBasedStateMachine):
             return
         snap, choice, lsn, want_h, want_lsn = data.draw(st.sampled_from(targets))
         self.close()
-        out = restore(self.data_dir, NS, snap, [self.wal_archive], target_lsn=lsn,
-                      history_choice=None if choice is None else choice.hex(), force=True)
+        out = self.restore(self.data_dir, snap, choice, lsn, force=True)
+        if out is None:  # refused before touching the data dir: the engine goes on as it was
+            self.reopen(fork_from=None)
+            return
         assert out.summary is not None and out.summary.end_lsn == want_lsn
         self.reopen(fork_from=(want_h, want_lsn))
         event("restore fork")
@@ -471,3 +492,49 @@ def test_list_promise_for_snapshot_of_grandchild_history_restores(tmp_path: Path
     out = restore(tmp_path / "scratch", NS, c, [archive])  # raises BackupMismatch today
     assert out.summary is not None and out.summary.end_lsn == 1
     assert out.summary.proof.fingerprint == fingerprint_of({b"k": b"v1"})
+
+
+@pytest.mark.xfail(strict=True, reason=(
+    "a clean restart after a fork, before its first write, starts the next segment at "
+    "max(sealed, checkpoint segment)+1 again: ids the old history used and backed up are "
+    "reused for different bytes, and the incremental loop silently skips them"))
+def test_restart_right_after_a_fork_never_reuses_segment_ids(tmp_path: Path) -> None:
+    """Minimal case the property test found. H1 writes LSN 1-3 in segments 1-3 (snapshot
+    after LSN 1) and the loop backs up 1-3. The document's Full Restore of the snapshot
+    forks H2 (first segment 4, correctly above the backups). A clean restart before any
+    write then starts segment 2; the next write goes there, the loop (afterSegmentId=3)
+    copies nothing, and the archive's 000000002.wal is H1's, not this one."""
+    data = tmp_path / "data"
+    backups = layout.backup_root(data, NS)
+    archive = backups / "wal" / "archive"
+    archive.mkdir(parents=True)
+    config = EngineConfig(segment_max_age=0)
+    target = resolve(backups, ("wal", "archive"), "backupDir", is_file=False)
+    engine = Engine.open(data, NS, config)
+    engine.put(b"a", b"1")
+    snap = backups / "s1.db"
+    with open(snap, "w+b") as f:
+        write_snapshot(engine, f.fileno(), snap)
+    engine.rotate()
+    engine.put(b"b", b"2")
+    engine.rotate()
+    engine.put(b"c", b"3")
+    last = max(c.segment_id for c in backup_wal(engine, target, 0, rotate=True))
+    assert last == 3
+    engine.close()
+    shutil.rmtree(layout.namespace_dir(data, NS))  # the document's Full Restore
+    layout.btree_dir(data, NS).mkdir(parents=True)
+    shutil.copyfile(snap, layout.btree_dir(data, NS) / "data.mdb")
+    engine = Engine.open(data, NS, config)  # forks H2; its first segment is above 3
+    engine.close()
+    engine = Engine.open(data, NS, config)  # a clean restart, no write yet
+    try:
+        engine.put(b"d", b"4")
+        backup_wal(engine, target, last, rotate=True)
+        for info in engine.wal.sealed_segments():
+            assert info.segment_id > last, (
+                f"H2 reused segment id {info.segment_id} (H1 used and backed up 1-{last})")
+            copy = archive / layout.segment_name(info.segment_id)
+            assert copy.read_bytes() == info.path.read_bytes()
+    finally:
+        engine.close()
