@@ -77,12 +77,6 @@ entries = st.one_of(
 #: ``restore`` with that WAL directory refuses it with ``BackupMismatch``. While True, such
 #: a refusal is counted (Hypothesis event) instead of failing; set False with the fix.
 KNOWN_UNLINKED_SNAPSHOT_BUG = True
-#: Known bug (pinned by ``test_restart_right_after_a_fork_never_reuses_segment_ids``): a
-#: clean restart after the engine forked by itself (a snapshot installed by hand), before
-#: the new history's first write, numbers the next
-#: segment ``max(sealed, checkpoint segment) + 1`` again, below ids the old history used
-#: and backed up. While True the machine does not restart a history with no write yet.
-KNOWN_RESTART_AFTER_FORK_BUG = True
 #: Restores checked per ``verify_targets`` step (each is a real restore into scratch).
 TARGETS_PER_CHECK = 3
 
@@ -136,7 +130,7 @@ class LineageMachine(RuleBasedStateMachine):
         #: history id -> (parent, fork LSN), as the engine reported it when it forked.
         self.parents: dict[bytes, tuple[bytes, int]] = {}
         #: The engine forked by itself (manual restore) and the new history has no write
-        #: yet: the known restart bug's window (a fork by ``restore`` is not affected).
+        #: yet: where a restart once reused the old history's segment ids.
         self.fresh_fork = False
         self.check_backup_names()
 
@@ -350,9 +344,8 @@ class LineageMachine(RuleBasedStateMachine):
 
     @rule()
     def restart(self) -> None:
-        if KNOWN_RESTART_AFTER_FORK_BUG and self.fresh_fork:
-            event("known bug: restart right after a fork skipped")
-            return
+        if self.fresh_fork:
+            event("restart right after a fork, before its first write")
         self.close()
         self.reopen(fork_from=None)
 
@@ -497,16 +490,12 @@ def test_list_promise_for_snapshot_of_grandchild_history_restores(tmp_path: Path
     assert out.summary.proof.fingerprint == fingerprint_of({b"k": b"v1"})
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "a clean restart after a fork, before its first write, starts the next segment at "
-    "max(sealed, checkpoint segment)+1 again: ids the old history used and backed up are "
-    "reused for different bytes, and the incremental loop silently skips them"))
 def test_restart_right_after_a_fork_never_reuses_segment_ids(tmp_path: Path) -> None:
-    """Minimal case the property test found. H1 writes LSN 1-3 in segments 1-3 (snapshot
-    after LSN 1) and the loop backs up 1-3. The document's Full Restore of the snapshot
-    forks H2 (first segment 4, correctly above the backups). A clean restart before any
-    write then starts segment 2; the next write goes there, the loop (afterSegmentId=3)
-    copies nothing, and the archive's 000000002.wal is H1's, not this one."""
+    """Regression (found by the property test, fixed in the engine). H1 writes LSN 1-3 in
+    segments 1-3 (snapshot after LSN 1) and the loop backs up 1-3. The document's Full
+    Restore of the snapshot forks H2 (first segment 4, above the backups). A clean restart
+    before any write used to start segment 2: the next write went there, the loop
+    (afterSegmentId=3) copied nothing, and the archive's 000000002.wal was H1's."""
     data = tmp_path / "data"
     backups = layout.backup_root(data, NS)
     archive = backups / "wal" / "archive"
