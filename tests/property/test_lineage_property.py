@@ -76,7 +76,7 @@ entries = st.one_of(
 #: (two manual restores with no write between them) is listed as restorable, but
 #: ``restore`` with that WAL directory refuses it with ``BackupMismatch``. While True, such
 #: a refusal is counted (Hypothesis event) instead of failing; set False with the fix.
-KNOWN_UNLINKED_SNAPSHOT_BUG = True
+KNOWN_UNLINKED_SNAPSHOT_BUG = False
 #: Restores checked per ``verify_targets`` step (each is a real restore into scratch).
 TARGETS_PER_CHECK = 3
 
@@ -191,8 +191,8 @@ class LineageMachine(RuleBasedStateMachine):
             parent, at = fork_from
             assert cp.history not in self.states, "a fork reused a known history id"
             assert cp.parent in self.sharing(parent, at) and cp.fork_lsn == at, (
-                f"fork from {parent.hex()[:12]}@{at}, engine says "
-                f"{cp.parent.hex()[:12]}@{cp.fork_lsn}")
+                f"fork from {parent.hex()[:12]}@{at}, engine says {cp.parent.hex()[:12]}@{cp.fork_lsn}"
+            )
             assert cp.applied_lsn == at
             inherited = {n: s for n, s in self.states[parent].items() if n <= at}
             self.states[cp.history] = inherited
@@ -226,28 +226,34 @@ class LineageMachine(RuleBasedStateMachine):
             # Without holes the default target is the promise; with a hole after it the
             # restore (by design) wants the earlier point named: --target-lsn.
             explicit = r["lsn"] if r["holesAfter"] else None
-            out.append((Path(snap["path"]), None, explicit, bytes.fromhex(r["history"]),
-                        r["lsn"]))
+            out.append((Path(snap["path"]), None, explicit, bytes.fromhex(r["history"]), r["lsn"]))
         for t in out:
             assert t[3] in self.order, f"backup list names a history the model never saw: {t}"
-        return sorted(out, key=lambda t: (t[0].name, -1 if t[1] is None else self.order[t[1]],
-                                          t[2] or 0))
+        return sorted(out, key=lambda t: (t[0].name, -1 if t[1] is None else self.order[t[1]], t[2] or 0))
 
-    def restore(self, data_dir: Path, snap: Path, choice: bytes | None, target: int | None,
-                *, force: bool = False) -> RestoreOutcome | None:
+    def restore(
+        self, data_dir: Path, snap: Path, choice: bytes | None, target: int | None, *, force: bool = False
+    ) -> RestoreOutcome | None:
         """``unisondb restore`` with the archive; None = refused by the known bug."""
         try:
-            return restore(data_dir, NS, snap, [self.wal_archive], target_lsn=target,
-                           history_choice=None if choice is None else choice.hex(),
-                           force=force)
+            return restore(
+                data_dir,
+                NS,
+                snap,
+                [self.wal_archive],
+                target_lsn=target,
+                history_choice=None if choice is None else choice.hex(),
+                force=force,
+            )
         except BackupMismatch:
             if KNOWN_UNLINKED_SNAPSHOT_BUG and self.unlinked(snap):
                 event("known bug: listed snapshot refused (history not linked by WAL)")
                 return None
             raise
 
-    def restore_into_scratch(self, snap: Path, choice: bytes | None, target: int | None,
-                             want_history: bytes, want_lsn: int) -> None:
+    def restore_into_scratch(
+        self, snap: Path, choice: bytes | None, target: int | None, want_history: bytes, want_lsn: int
+    ) -> None:
         self.scratch_n += 1
         scratch = self.root / f"scratch-{self.scratch_n}"
         try:
@@ -260,7 +266,8 @@ class LineageMachine(RuleBasedStateMachine):
             want = self.states[want_history][want_lsn]
             assert out.summary.proof.fingerprint == fingerprint_of(want), (
                 f"restore of {snap.name} to {want_history.hex()[:12]}@{want_lsn}: fingerprint "
-                "differs from the model state's")
+                "differs from the model state's"
+            )
             bt = BTree(layout.btree_dir(scratch, NS), map_size=CONFIG.map_size)
             try:
                 got = dict(bt.items())
@@ -269,12 +276,14 @@ class LineageMachine(RuleBasedStateMachine):
                 bt.close()
             assert got == want, (
                 f"restore of {snap.name} to {want_history.hex()[:12]}@{want_lsn} built a state "
-                "the model does not have there")
+                "the model does not have there"
+            )
             assert cp.applied_lsn == want_lsn
             # The restore started a history of its own, forked at the target.
             assert cp.parent in self.sharing(want_history, want_lsn), (
                 f"restored history's parent {cp.parent.hex()[:12]} is not "
-                f"{want_history.hex()[:12]} or an ancestor sharing LSN {want_lsn}")
+                f"{want_history.hex()[:12]} or an ancestor sharing LSN {want_lsn}"
+            )
             assert cp.fork_lsn == want_lsn
         finally:
             shutil.rmtree(scratch, ignore_errors=True)
@@ -282,8 +291,11 @@ class LineageMachine(RuleBasedStateMachine):
     def unlinked(self, snap: Path) -> bool:
         """The known bug's condition: neither the snapshot's history nor its parent has a
         segment in the WAL archive, so nothing there links it to the archived histories."""
-        in_archive = {bytes.fromhex(h["history"])
-                      for h in list_backups(self.backups)["wal"]["histories"] if h["segments"]}
+        in_archive = {
+            bytes.fromhex(h["history"])
+            for h in list_backups(self.backups)["wal"]["histories"]
+            if h["segments"]
+        }
         snap_history = next(h for p, h, _n in self.snapshots if p == snap)
         parent = self.parents.get(snap_history, (snap_history, 0))[0]
         return bool(in_archive) and not {snap_history, parent} & in_archive
@@ -336,7 +348,8 @@ class LineageMachine(RuleBasedStateMachine):
             copy = self.wal_archive / layout.segment_name(info.segment_id)
             assert copy.is_file(), (
                 f"sealed segment {info.segment_id} of history {info.history.hex()[:12]} was "
-                f"never backed up (afterSegmentId={self.last_segment})")
+                f"never backed up (afterSegmentId={self.last_segment})"
+            )
             assert copy.read_bytes() == info.path.read_bytes()
         self.check_backup_names()
 
@@ -388,8 +401,9 @@ class LineageMachine(RuleBasedStateMachine):
     @rule(data=st.data())
     def verify_targets(self, data: st.DataObject) -> None:
         targets = self.promised_targets()
-        picks = data.draw(st.lists(st.sampled_from(targets), min_size=1,
-                                   max_size=TARGETS_PER_CHECK, unique=True))
+        picks = data.draw(
+            st.lists(st.sampled_from(targets), min_size=1, max_size=TARGETS_PER_CHECK, unique=True)
+        )
         for t in picks:
             self.restore_into_scratch(*t)
         event(f"histories in backup dir: {min(len({t[3] for t in targets}), 4)}")
@@ -442,14 +456,9 @@ class TestLineage(LineageMachine.TestCase):  # type: ignore[misc,valid-type]
 @pytest.mark.slow
 @pytest.mark.timeout(3600)
 class TestLineageSoak(LineageMachine.TestCase):  # type: ignore[misc,valid-type]
-    settings = settings(CI_SETTINGS, max_examples=1000, stateful_step_count=60,
-                        derandomize=False)
+    settings = settings(CI_SETTINGS, max_examples=1000, stateful_step_count=60, derandomize=False)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "backup list promises a snapshot of a grandchild history (two manual restores, no "
-    "write between) restorable, but restore with the same WAL dir refuses it: "
-    "BackupMismatch 'none of the WAL segment(s) belong to the snapshot's history'"))
 def test_list_promise_for_snapshot_of_grandchild_history_restores(tmp_path: Path) -> None:
     """Minimal case the property test found. H1 writes LSN 1 and its segment is backed up;
     snapshot a (H1@1); manual restore of a forks H2; snapshot b (H2@1); manual restore of
@@ -477,8 +486,7 @@ def test_list_promise_for_snapshot_of_grandchild_history_restores(tmp_path: Path
 
     engine = Engine.open(data, NS, config)
     engine.put(b"k", b"v1")
-    backup_wal(engine, resolve(backups, ("wal", "archive"), "backupDir", is_file=False), 0,
-               rotate=True)
+    backup_wal(engine, resolve(backups, ("wal", "archive"), "backupDir", is_file=False), 0, rotate=True)
     engine = manual_restore(engine, snap(engine, "a.db"))
     engine = manual_restore(engine, snap(engine, "b.db"))
     c = snap(engine, "c.db")
@@ -525,7 +533,8 @@ def test_restart_right_after_a_fork_never_reuses_segment_ids(tmp_path: Path) -> 
         backup_wal(engine, target, last, rotate=True)
         for info in engine.wal.sealed_segments():
             assert info.segment_id > last, (
-                f"H2 reused segment id {info.segment_id} (H1 used and backed up 1-{last})")
+                f"H2 reused segment id {info.segment_id} (H1 used and backed up 1-{last})"
+            )
             copy = archive / layout.segment_name(info.segment_id)
             assert copy.read_bytes() == info.path.read_bytes()
     finally:

@@ -153,7 +153,7 @@ def build_plan(
         start_timeline=cp.timeline,
     )
     _check_inventory(namespace if check_namespace else None, inventory, snapshot, target, chain, warnings)
-    _refuse_unrelated_wal(snapshot, inventory)
+    _warn_unrelated_wal(snapshot, inventory, warnings)
     end_lsn = _resolve_end(target, snapshot, chain, warnings, _other_histories(inventory.segments, chain))
     anchor = _anchor_segment(snapshot, inventory)
     new_timeline = 1 + max(cp.timeline, inventory.max_timeline, existing.max_timeline if existing else 0)
@@ -269,22 +269,27 @@ def _check_inventory(
         warnings.append(f"ignoring damaged segment {s.path} (not needed): {s.damage}")
 
 
-def _refuse_unrelated_wal(snapshot: SnapshotInfo, inv: WalInventory) -> None:
-    """WAL directories that hold nothing of the snapshot's family of histories (another
-    server's namespace, a different installation) are a mistake, not a WAL to ignore."""
+def _warn_unrelated_wal(snapshot: SnapshotInfo, inv: WalInventory, warnings: list[str]) -> None:
+    """Say so plainly when no WAL record after the snapshot's LSN belongs to a history the
+    headers present link to the snapshot's (another server's namespace, or an ancestry
+    whose linking segments are not in these backups: two forks without a write between
+    leave a history with no segment at all). Such records are never used; the restore then
+    brings back the snapshot's own state, and ``backup verify`` reports the segments as a
+    problem for the operator to resolve."""
     cp = snapshot.checkpoint
-    segs = [s for s in inv.segments if s.count and s.damage is None]
-    if not segs or not snapshot.has_checkpoint:
+    later = [s for s in inv.segments if s.count and s.damage is None and s.last_lsn > cp.applied_lsn]
+    if not later or not snapshot.has_checkpoint:
         return
-    family = related_histories(cp.lineage, segs)
-    if any(s.history in family for s in segs):
+    family = related_histories(cp.lineage, inv.segments)
+    if any(s.history in family for s in later):
         return
-    names = sorted({hist.short(s.history) for s in segs})
-    raise BackupMismatch(
-        f"none of the {len(segs)} WAL segment(s) belong to the snapshot's history "
-        f"{hist.short(cp.history)} or any history related to it (they are of "
-        f"{', '.join(names[:4])}): the snapshot and the WAL come from different histories",
-        hint="use the WAL backups of the server the snapshot was taken from",
+    names = sorted({hist.short(s.history) for s in later})
+    warnings.append(
+        f"none of the {len(later)} WAL segment(s) after the snapshot's LSN {cp.applied_lsn} "
+        f"belong to the snapshot's history {hist.short(cp.history)} or a history these "
+        f"backups link to it (they are of {', '.join(names[:4])}): they are not used, and "
+        "the restore ends at the snapshot; if they are this namespace's WAL, pass the "
+        "backups that link them (unisondb backup list shows each history's parent)"
     )
 
 

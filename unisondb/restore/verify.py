@@ -441,7 +441,9 @@ def _restorable(snap: SnapshotInfo, inv: WalInventory | None, rep: VerifyReport)
         return
     end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
     family = related_histories(cp.lineage, segs)
-    foreign = [s for s in segs if s.count and s.history not in family]
+    # Only segments that could continue the snapshot matter: ones ending at or before its
+    # LSN may be ancestors that no header present links to (plan._refuse_unrelated_wal).
+    foreign = [s for s in segs if s.count and s.history not in family and s.last_lsn > cp.applied_lsn]
     if foreign:
         names = ", ".join(s.name for s in foreign[:5]) + (
             f" (and {len(foreign) - 5} more)" if len(foreign) > 5 else ""
