@@ -53,7 +53,8 @@ def backup_group() -> None:
 @click.option(
     "--replay",
     is_flag=True,
-    help="Also restore into a scratch directory and report the measured restore time.",
+    help="The restore drill: restore into a scratch directory, serve it from a real server "
+    "on a free loopback port, check what it serves, and report the RTO by phase.",
 )
 @click.option(
     "--scratch-dir",

@@ -42,7 +42,7 @@ from unisondb.restore.inventory import SegmentMeta, inspect_target
 from unisondb.restore.progress import Progress
 from unisondb.restore.timeline import Link
 from unisondb.restore.verify import VerifiedPlan, read_verified
-from unisondb.storage import fingerprint, fsutil, layout, record, segment
+from unisondb.storage import fingerprint, fsutil, layout, record, segment, snapfile
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.history import Lineage
 from unisondb.storage.lockfile import NamespaceLock
@@ -281,6 +281,10 @@ def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> None:
             f"snapshot {src} changed after it was verified (sha256 "
             f"{h.hexdigest()}, verified {vp.snapshot_sha256})"
         )
+    # The staged copy has the verified bytes: drop its trailer now, so opening it as a
+    # B-tree (snapfile.install_check) does not hash the whole file once more.
+    if snapfile.read_trailer(dest) is not None:
+        snapfile.strip(dest)
 
 
 @dataclass(frozen=True, slots=True)

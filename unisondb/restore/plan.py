@@ -46,7 +46,7 @@ from unisondb.restore.inventory import (
     raise_on_conflicts,
 )
 from unisondb.restore.timefmt import format_ns
-from unisondb.restore.timeline import Chain, Hole, Link, related_histories, select_chain
+from unisondb.restore.timeline import Chain, Hole, Link, select_chain, unlinked_after
 from unisondb.storage import history as hist
 from unisondb.storage import layout, segment
 from unisondb.storage.history import NO_HISTORY, fork_segment_id, new_history_id
@@ -277,11 +277,10 @@ def _warn_unrelated_wal(snapshot: SnapshotInfo, inv: WalInventory, warnings: lis
     brings back the snapshot's own state, and ``backup verify`` reports the segments as a
     problem for the operator to resolve."""
     cp = snapshot.checkpoint
-    later = [s for s in inv.segments if s.count and s.damage is None and s.last_lsn > cp.applied_lsn]
-    if not later or not snapshot.has_checkpoint:
+    if not snapshot.has_checkpoint:
         return
-    family = related_histories(cp.lineage, inv.segments)
-    if any(s.history in family for s in later):
+    later, unlinked = unlinked_after(cp.lineage, cp.applied_lsn, inv.segments)
+    if not later or len(unlinked) < len(later):
         return
     names = sorted({hist.short(s.history) for s in later})
     warnings.append(

@@ -325,6 +325,17 @@ def related_histories(start: Lineage, segments: Sequence[SegmentMeta]) -> set[by
     return family
 
 
+def unlinked_after(
+    start: Lineage, start_lsn: int, segments: Sequence[SegmentMeta]
+) -> tuple[list[SegmentMeta], list[SegmentMeta]]:
+    """(segments holding records after ``start_lsn``, those of them whose history the
+    headers present do not link to ``start``'s). Segments ending at or before the LSN
+    cannot continue the state, and may be ancestors that no header present links to."""
+    later = [s for s in segments if s.count and s.damage is None and s.last_lsn > start_lsn]
+    family = related_histories(start, segments)
+    return later, [s for s in later if s.history not in family]
+
+
 def by_history(segments: Sequence[SegmentMeta]) -> dict[bytes, list[SegmentMeta]]:
     out: dict[bytes, list[SegmentMeta]] = {}
     for s in segments:

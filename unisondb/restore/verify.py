@@ -44,8 +44,8 @@ from unisondb.restore.timeline import (
     Link,
     coverage_holes,
     overlaps,
-    related_histories,
     select_chain,
+    unlinked_after,
 )
 from unisondb.storage import history as hist
 from unisondb.storage import record, segment
@@ -440,10 +440,8 @@ def _restorable(snap: SnapshotInfo, inv: WalInventory | None, rep: VerifyReport)
         rep.problems.append(str(exc))
         return
     end_time = chain.links[-1].segment.max_time_ns if chain.links else cp.time_ns
-    family = related_histories(cp.lineage, segs)
-    # Only segments that could continue the snapshot matter: ones ending at or before its
-    # LSN may be ancestors that no header present links to (plan._refuse_unrelated_wal).
-    foreign = [s for s in segs if s.count and s.history not in family and s.last_lsn > cp.applied_lsn]
+    # Only segments that could continue the snapshot matter (timeline.unlinked_after).
+    _later, foreign = unlinked_after(cp.lineage, cp.applied_lsn, segs)
     if foreign:
         names = ", ".join(s.name for s in foreign[:5]) + (
             f" (and {len(foreign) - 5} more)" if len(foreign) > 5 else ""
