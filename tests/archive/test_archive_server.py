@@ -122,6 +122,18 @@ def restore_from(s3: S3Server, bucket: str, data_dir: Path, *extra: str) -> subp
     )
 
 
+def publish_snapshot_now(srv: ServerProcess, timeout: float = 30.0) -> None:
+    """POST …/archive/snapshot, retrying while the archiver is still taking its lease (503)."""
+    deadline = time.monotonic() + timeout
+    with srv.client() as c:
+        while True:
+            r = c.post(f"/api/v1/{NS}/archive/snapshot")
+            if r.status_code == 200 or time.monotonic() > deadline:
+                break
+            time.sleep(0.1)
+    assert r.status_code == 200, r.text
+
+
 def object_names(s3: S3Server, bucket: str) -> list[naming.ArchiveName]:
     store = ObjectStore(bucket, client=s3.client())
     names = [naming.parse_key("arch", o.key) for o in store.list("arch/")]
@@ -138,6 +150,9 @@ def test_namespace_survives_loss_of_its_data_directory(
         generate_key_file(key_file)
     data = tmp_path / "data"
     srv: ServerProcess = server_factory(data, NS, extra_args=archive_args(s3_env, bucket, key_file))
+    # The start-up snapshot is asynchronous and may land after some of the writes below;
+    # an explicit one now makes sure a snapshot at or before the earlier target exists.
+    publish_snapshot_now(srv)
     keys = [f"k{i:03d}" for i in range(60)]
     model: dict[str, bytes] = {}
     models: dict[int, dict[str, bytes]] = {}
