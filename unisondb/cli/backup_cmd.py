@@ -10,11 +10,14 @@ from __future__ import annotations
 
 import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import click
 
+from unisondb.cli.archive_opts import archive_options, open_archive
 from unisondb.cli.paths import LocalPath
 from unisondb.cli.restore import emit_json
 from unisondb.errors import UnisonDBError
@@ -25,6 +28,9 @@ from unisondb.restore.errors import BackupCorrupt
 from unisondb.restore.progress import for_terminal
 from unisondb.restore.timefmt import format_bytes, format_lsn_range, format_ns
 from unisondb.restore.verify import VerifyReport, verify_backup_set
+
+if TYPE_CHECKING:
+    from unisondb.archive.fetch import Staged
 
 
 @click.group("backup")
@@ -49,7 +55,14 @@ def backup_group() -> None:
     help="WAL backup directory (recursive; .wal, .wal.gz, .wal.zst, "
     "wal-*.tar.gz), or one such file. Repeatable.",
 )
-@click.option("--namespace", "-n", default=None, metavar="NS", help="Check that every segment belongs to NS.")
+@click.option(
+    "--namespace",
+    "-n",
+    default=None,
+    metavar="NS",
+    help="Check that every segment belongs to NS (with --from: the namespace to verify).",
+)
+@archive_options
 @click.option(
     "--replay",
     is_flag=True,
@@ -69,6 +82,10 @@ def verify_cmd(
     snapshot: Path | None,
     wal_dirs: tuple[Path, ...],
     namespace: str | None,
+    from_url: str | None,
+    archive_endpoint: str | None,
+    archive_path_style: bool,
+    archive_key_file: Path | None,
     replay: bool,
     scratch_dir: Path | None,
     as_json: bool,
@@ -79,28 +96,117 @@ def verify_cmd(
     backup is actually restored (snapshot + every WAL record to the end of the contiguous
     chain) into a scratch directory, which proves it restorable and measures how long a
     restore takes.
+
+    With --from s3://BUCKET/PREFIX --namespace NS: the newest complete snapshot of NS in the
+    archive and every segment are downloaded (each object's key id, tags, SHA-256 checked)
+    into a scratch directory and verified the same way.
     """
-    if snapshot is None and not wal_dirs:
-        raise click.UsageError("give --snapshot FILE and/or --wal DIR")
-    with sources.staging(scratch_dir):
-        progress = for_terminal()
-        if snapshot is not None:
-            _stage_snapshot(snapshot)
-        with progress:
-            report, snap, _inv = verify_backup_set(snapshot, list(wal_dirs), namespace, progress)
-        if snapshot is not None and report.snapshot is not None:
-            _describe_stored(snapshot, report.snapshot)
-        if replay:
+    if from_url is not None:
+        if snapshot is not None or wal_dirs:
+            raise click.UsageError("--from reads the archive: do not add --snapshot or --wal")
+        if namespace is None:
+            raise click.UsageError("--from needs --namespace NS")
+        with _from_archive(
+            from_url,
+            archive_endpoint,
+            archive_path_style,
+            archive_key_file,
+            namespace,
+            scratch_dir,
+            newest_snapshot_only=True,
+            quiet=as_json,
+        ) as staged:
+            snap = staged.snapshots[0][0] if staged.snapshots else None
+            report = _verify(snap, [staged.wal_dir], namespace, replay, scratch_dir)
+            report.problems[:0] = staged.failed
+            report.warnings += staged.incomplete
             if snap is None:
-                report.problems.append("--replay needs a sound --snapshot")
-            elif report.ok:
-                _replay(report, snap.path, list(wal_dirs), namespace, scratch_dir)
+                report.problems.append(
+                    f"no complete snapshot of namespace {namespace} in {staged.catalog.where}"
+                )
+            _relabel_report(report, staged.relabel)
+    else:
+        if snapshot is None and not wal_dirs:
+            raise click.UsageError("give --snapshot FILE and/or --wal DIR, or --from s3://BUCKET/PREFIX")
+        report = _verify(snapshot, list(wal_dirs), namespace, replay, scratch_dir)
     if as_json:
         emit_json(report.to_json())
     else:
         click.echo(render_verify(report))
     if not report.ok:
         raise BackupCorrupt(f"backup verification failed: {len(report.problems)} problem(s)")
+
+
+def _verify(
+    snapshot: Path | None, wal_dirs: list[Path], namespace: str | None, replay: bool, scratch_dir: Path | None
+) -> VerifyReport:
+    with sources.staging(scratch_dir):
+        progress = for_terminal()
+        if snapshot is not None:
+            _stage_snapshot(snapshot)
+        with progress:
+            report, snap, _inv = verify_backup_set(snapshot, wal_dirs, namespace, progress)
+        if snapshot is not None and report.snapshot is not None:
+            _describe_stored(snapshot, report.snapshot)
+        if replay:
+            if snap is None:
+                report.problems.append("--replay needs a sound --snapshot")
+            elif report.ok:
+                _replay(report, snap.path, wal_dirs, namespace, scratch_dir)
+    return report
+
+
+@contextmanager
+def _from_archive(
+    url: str,
+    endpoint: str | None,
+    path_style: bool,
+    key_file: Path | None,
+    namespace: str,
+    scratch_dir: Path | None,
+    *,
+    newest_snapshot_only: bool,
+    quiet: bool,
+) -> Iterator[Staged]:
+    """Download the namespace's objects into a scratch directory removed afterwards."""
+    from unisondb.archive.fetch import fetch_catalog
+
+    src = open_archive(url, endpoint, path_style, key_file)
+    staging = Path(tempfile.mkdtemp(prefix="unisondb-archive-", dir=scratch_dir))
+    try:
+        yield fetch_catalog(
+            src.store,
+            src.url,
+            namespace,
+            staging,
+            key=src.key,
+            newest_snapshot_only=newest_snapshot_only,
+            progress=for_terminal(enabled=not quiet),
+        )
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def relabel(value: Any, fix: Callable[[str], str]) -> Any:
+    """``value`` (JSON-like) with ``fix`` applied to every string in it."""
+    if isinstance(value, str):
+        return fix(value)
+    if isinstance(value, dict):
+        return {k: relabel(v, fix) for k, v in value.items()}
+    if isinstance(value, list):
+        return [relabel(v, fix) for v in value]
+    return value
+
+
+def _relabel_report(rep: VerifyReport, fix: Callable[[str], str]) -> None:
+    """Name archive objects, not the scratch files they were decoded into."""
+    rep.snapshot = relabel(rep.snapshot, fix)
+    rep.segments = relabel(rep.segments, fix)
+    rep.holes = relabel(rep.holes, fix)
+    rep.overlaps = relabel(rep.overlaps, fix)
+    rep.restorable = relabel(rep.restorable, fix)
+    rep.problems = relabel(rep.problems, fix)
+    rep.warnings = relabel(rep.warnings, fix)
 
 
 def _stage_snapshot(snapshot: Path) -> None:
@@ -264,22 +370,84 @@ def render_verify(rep: VerifyReport) -> str:
 @click.option(
     "--backup-dir",
     type=LocalPath(path_type=Path, file_okay=False, exists=True),
-    required=True,
+    default=None,
     metavar="DIR",
     help="A backup root, e.g. <data-dir>/backups/<ns> (searched recursively).",
 )
+@archive_options
+@click.option("--namespace", "-n", default=None, metavar="NS", help="With --from: the namespace to list.")
+@click.option(
+    "--scratch-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=None,
+    metavar="DIR",
+    help="With --from: where the objects are decoded (default: system temp dir).",
+)
 @click.option("--json", "as_json", is_flag=True, help="Print as JSON.")
-def list_cmd(backup_dir: Path, as_json: bool) -> None:
+def list_cmd(
+    backup_dir: Path | None,
+    from_url: str | None,
+    archive_endpoint: str | None,
+    archive_path_style: bool,
+    archive_key_file: Path | None,
+    namespace: str | None,
+    scratch_dir: Path | None,
+    as_json: bool,
+) -> None:
     """List snapshots and, per history, WAL coverage, holes and the restorable window.
 
     Reads headers, footers and each snapshot's checkpoint only; 'unisondb backup verify'
-    checks contents.
+    checks contents. With --from s3://BUCKET/PREFIX --namespace NS: the archive's objects
+    are downloaded and decoded (which checks each one) into a scratch directory first.
     """
-    payload = list_backups(backup_dir)
+    if (backup_dir is None) == (from_url is None):
+        raise click.UsageError("give --backup-dir DIR or --from s3://BUCKET/PREFIX")
+    if from_url is not None:
+        if namespace is None:
+            raise click.UsageError("--from needs --namespace NS")
+        with _from_archive(
+            from_url,
+            archive_endpoint,
+            archive_path_style,
+            archive_key_file,
+            namespace,
+            scratch_dir,
+            newest_snapshot_only=False,
+            quiet=as_json,
+        ) as staged:
+            payload = _archive_listing(staged)
+    else:
+        assert backup_dir is not None
+        payload = list_backups(backup_dir)
     if as_json:
         emit_json(payload)
     else:
         click.echo(render_list(payload))
+
+
+def _archive_listing(staged: Staged) -> dict[str, Any]:
+    """The local catalog of the staged objects, naming the objects, plus what only the archive has."""
+    payload: dict[str, Any] = relabel(list_backups(staged.wal_dir.parent), staged.relabel)
+    created = {staged.object_of[p]: m for p, m in staged.snapshots}
+    for snap in payload["snapshots"]:
+        manifest = created.get(snap["path"])
+        if manifest is not None:
+            snap["manifest"] = {
+                "createdAt": format_ns(int(manifest.created_at * 1e9)),
+                "writer": manifest.writer_id,
+            }
+    payload["backupDir"] = staged.catalog.where
+    payload["problems"][:0] = staged.failed
+    payload["archive"] = {
+        "url": str(staged.catalog.url),
+        "namespace": staged.catalog.namespace,
+        "objects": len(staged.catalog.objects),
+        "storedBytes": staged.stored_bytes,
+        "plainBytes": staged.plain_bytes,
+        "downloadSeconds": round(staged.seconds, 3),
+        "unfinishedSnapshots": staged.incomplete,
+    }
+    return payload
 
 
 def render_list(payload: dict[str, Any]) -> str:
@@ -348,6 +516,16 @@ def render_list(payload: dict[str, Any]) -> str:
             f"  {Path(e['path']).name}  timeline {e['timeline']}: LSN "
             f"{format_lsn_range(e['firstLsn'], e['firstLsn'] - 1)}, no records"
         )
+    archive = payload.get("archive")
+    if archive is not None:
+        lines += [
+            "",
+            f"Archive: {archive['objects']} object(s), {format_bytes(archive['storedBytes'])} stored, "
+            f"{format_bytes(archive['plainBytes'])} decoded and checked in "
+            f"{archive['downloadSeconds']:.2f} s",
+        ]
+        for u in archive["unfinishedSnapshots"]:
+            lines.append(f"  skipped {u}")
     for p in payload["problems"]:
         lines.append(f"PROBLEM {p}")
     return "\n".join(lines)

@@ -12,6 +12,7 @@ from typing import Any
 
 import click
 
+from unisondb.cli.archive_opts import archive_options, open_archive
 from unisondb.cli.paths import LocalPath, data_dir_option
 from unisondb.restore import RestoreOutcome, restore
 from unisondb.restore.apply import RestoreSummary
@@ -42,28 +43,7 @@ def emit_json(payload: Any) -> None:
     help="B-tree snapshot (the file from POST .../btree/backup, "
     "plain or .gz/.zst). Required unless --from is given.",
 )
-@click.option(
-    "--from",
-    "from_url",
-    metavar="s3://BUCKET/PREFIX",
-    default=None,
-    help="Restore from this archive (docs/ARCHIVE.md) instead of --snapshot/--wal: the "
-    "newest complete snapshot at or before the target and every later segment "
-    "are downloaded, verified and decoded into a staging directory first.",
-)
-@click.option(
-    "--archive-endpoint",
-    metavar="URL",
-    default=None,
-    help="With --from: S3-compatible endpoint. Default: AWS",
-)
-@click.option("--archive-path-style", is_flag=True, help="With --from: path-style addressing.")
-@click.option(
-    "--archive-key-file",
-    type=LocalPath(path_type=Path, dir_okay=False),
-    default=None,
-    help="With --from: the key an encrypted archive was written with.",
-)
+@archive_options
 @click.option(
     "--wal",
     "wal_dirs",
@@ -194,27 +174,26 @@ def _restore_from_archive(
     import tempfile
 
     from unisondb.archive.fetch import fetch_for_restore
-    from unisondb.archive.objectfmt import load_key
-    from unisondb.archive.store import ObjectStore, parse_url
     from unisondb.restore.timefmt import parse_rfc3339
 
-    parsed = parse_url(url)
-    key = load_key(key_file) if key_file is not None else None
-    store = ObjectStore(parsed.bucket, endpoint_url=endpoint, path_style=path_style)
+    src = open_archive(url, endpoint, path_style, key_file)
+    target_time_ns = parse_rfc3339(target_time) if target_time is not None else None
     staging = Path(tempfile.mkdtemp(prefix="unisondb-archive-restore-"))
     try:
+        # The bar is on stderr and only on a terminal; --json output stays clean either way.
         fetched = fetch_for_restore(
-            store,
-            parsed,
+            src.store,
+            src.url,
             namespace,
             staging,
-            key=key,
+            key=src.key,
             target_lsn=target_lsn,
-            target_time_ns=parse_rfc3339(target_time) if target_time is not None else None,
+            target_time_ns=target_time_ns,
+            progress=for_terminal(enabled=not quiet),
         )
         if not quiet:
             click.echo(
-                f"fetched from {parsed}: snapshot at LSN {fetched.manifest.lsn} and "
+                f"fetched from {src.url}: snapshot at LSN {fetched.manifest.lsn} and "
                 f"{fetched.segments} segment(s), {format_bytes(fetched.bytes_downloaded)} "
                 f"in {fetched.seconds:.2f} s (checksums, tags and SHA-256 verified)",
                 err=True,
@@ -229,7 +208,7 @@ def _restore_from_archive(
             history_choice=history_choice,
             force=force,
             dry_run=dry_run,
-            progress=for_terminal(),
+            progress=for_terminal(enabled=not quiet),
         )
     finally:
         shutil.rmtree(staging, ignore_errors=True)
