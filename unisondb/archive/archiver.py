@@ -16,7 +16,10 @@ Failures:
 
 * ``ArchiveUnavailable`` (network, 5xx, throttling): retried forever with exponential backoff and
   full jitter, capped; writes go on locally meanwhile, and local segments stay until confirmed.
-* ``LeaseHeld`` (another server took the prefix): the archiver stops; state ``lease-lost``.
+* ``LeaseHeld``: state ``lease-lost``. Refused at start (another writer's lease is live — e.g. a
+  server restored from the archive started within the TTL of the dead old one): retried when that
+  lease expires (``Lease.retry_in``). Lost while held (a live writer took it over): the archiver
+  stops.
 * anything else (a conflicting object, a damaged local segment, credentials refused): retried with
   the same backoff — an operator can fix credentials without a restart — and reported in ``state``
   and the failure metric.
@@ -195,7 +198,10 @@ class Archiver:
         except LeaseHeld as exc:
             self._fail("lease", exc)
             self.state = "lease-lost"
-            self._stop.set()
+            retry = self.lease.retry_in()
+            if retry is not None:  # refused by a live lease: try again once it expired (lease.py)
+                return retry
+            self._stop.set()  # lost while held: a live writer took over
             return 0.0
         except ArchiveUnavailable as exc:
             return self._retry_after("unavailable", exc)

@@ -14,6 +14,13 @@
 * **Renew** (every ``ttl/3``): rewrite it with ``If-Match: <our last ETag>``. A 412 means someone took
   it over: ``LeaseHeld`` and the archiver stops writing; the other writer keeps going.
 * **Release** (clean shutdown): rewrite it as released, with ``If-Match``.
+* **Refused, then retried**: an ``acquire`` refused because another writer's lease is live
+  remembers when that lease expires (``retry_in``). Until then ``acquire`` raises the same
+  ``LeaseHeld`` without asking the store (an archiver woken every second by new segments must not
+  GET the lease every second); after it, ``acquire`` reads the lease again and takes it over if
+  it was not renewed. This closes the lease gap: a server restored from the archive and started
+  within the TTL of the dead old one waits out the TTL, then archives its new history. A lease
+  *lost while held* (a 412 on renew: a live writer took it over) is never retried.
 
 Expiry compares ``renewed_at`` (the holder's clock) with the contender's clock, so the TTL must exceed
 the clock skew between machines; the clock is a constructor argument so tests drive it.
@@ -39,6 +46,9 @@ from unisondb.errors import CorruptArchive, LeaseHeld, NotFound, ObjectChanged, 
 
 FORMAT = 1
 DEFAULT_TTL_S = 30.0
+#: Retry a refused acquire this long after the holder's lease expires (by our clock), so the
+#: retry finds it expired rather than a moment before (``_may_take_over`` needs ``now > expiry``).
+RETRY_MARGIN_S = 0.5
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,8 @@ class Lease:
         self._instance = uuid.uuid4().hex
         self._etag: str | None = None
         self._record: LeaseRecord | None = None
+        # (clock time a refused acquire is worth retrying, the refusal): see acquire/retry_in.
+        self._refusal: tuple[float, LeaseHeld] | None = None
         self._lock = threading.Lock()
 
     @property
@@ -137,8 +149,21 @@ class Lease:
             generation,
         )
 
+    def retry_in(self) -> float | None:
+        """Seconds until a refused ``acquire`` is worth trying again (0: now); None when the last
+        acquire was not refused by a live lease — e.g. the lease was lost while held."""
+        with self._lock:
+            if self._refusal is None:
+                return None
+            return max(0.0, self._refusal[0] - self._clock())
+
     def acquire(self) -> None:
         with self._lock:
+            if self._refusal is not None:
+                until, refused = self._refusal
+                if self._clock() < until:  # the holder's lease is still live: no request
+                    raise LeaseHeld(refused.message, hint=refused.hint)
+                self._refusal = None
             record = self._fresh(1)
             try:
                 self._etag = self.store.put_if_absent(self.key, record.encode())
@@ -155,20 +180,26 @@ class Lease:
             current = LeaseRecord.decode(data, self.store.where(self.key))
             now = self._clock()
             if not self._may_take_over(current, now):
-                raise LeaseHeld(
+                refused = LeaseHeld(
                     f"archive {self.store.where(self.key)} is held by {current.describe(now)}; "
-                    "two servers must not archive to one prefix",
+                    "two servers must not archive to one prefix (this one retries when that "
+                    "lease expires)",
                     hint="stop the other server or point this one at another --archive-url",
                 )
+                self._refusal = (current.renewed_at + current.ttl_seconds + RETRY_MARGIN_S, refused)
+                raise refused
             record = self._fresh(current.generation + 1)
             try:
                 self._etag = self.store.put_if_match(self.key, record.encode(), etag)
             except ObjectChanged as exc:
-                raise LeaseHeld(
+                refused = LeaseHeld(
                     f"archive {self.store.where(self.key)}: another server took the writer "
                     "lease at the same moment",
                     hint="stop the other server",
-                ) from exc
+                )
+                # The winner's lease is fresh: it is worth reading again after one TTL.
+                self._refusal = (now + self.ttl_seconds + RETRY_MARGIN_S, refused)
+                raise refused from exc
             self._record = record
 
     def _may_take_over(self, current: LeaseRecord, now: float) -> bool:
