@@ -205,7 +205,7 @@ def test_sigkill_mid_upload_then_restart_resumes_without_duplicates(
         args[args.index(s3_env.endpoint)] = link.endpoint
         data = tmp_path / "data"
         srv: ServerProcess = server_factory(data, NS, extra_args=args)
-        publish_snapshot_now(srv)
+        second_snapshot(srv, "s")
         wait_for(srv, lambda s: s["state"] == "ok" and s["lagLsns"] == 0, "the start-up uploads")
         link.rate = 256 << 10  # a 1 MiB segment now takes about 4 s to upload
         last = 0
@@ -352,3 +352,71 @@ def test_refused_retry_against_a_live_holder_is_refused_again(
     assert all(a.is_archived(sid) for sid in wal_a.ids)
     segments = [n for _, n in objects(s3_server, bucket) if n.kind is NameKind.SEGMENT]
     assert sorted(n.segment_id for n in segments) == wal_a.ids  # only the holder's uploads
+
+
+def second_snapshot(srv: ServerProcess, key: str) -> int:
+    """A snapshot after a write, once the start-up one is in: two snapshots at one LSN differ in
+    bytes (the checkpoint's time) and the second is refused as a conflicting object (409)."""
+    wait_for(srv, lambda s: s["lastSnapshotLsn"] is not None, "the start-up snapshot")
+    lsn = put(srv, key, b"before the snapshot")
+    publish_snapshot_now(srv)
+    return lsn
+
+
+def restore_from_archive(s3: S3Server, bucket: str, data: Path) -> None:
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "unisondb",
+            "restore",
+            "--from",
+            f"s3://{bucket}/arch",
+            "--archive-endpoint",
+            s3.endpoint,
+            "--archive-path-style",
+            "--namespace",
+            NS,
+            "--data-dir",
+            str(data),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=180,
+        env={**os.environ, **s3.env()},
+    )
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+@pytest.mark.slow  # waits out the real 30 s lease TTL; the clock-seam test above is the fast one
+def test_lease_gap_end_to_end_restored_server_archives_its_new_history(
+    s3_env: S3Server, bucket: str, tmp_path: Path, server_factory: Any
+) -> None:
+    args = archive_args(s3_env, bucket)
+    old: ServerProcess = server_factory(tmp_path / "old", NS, extra_args=args)
+    second_snapshot(old, "s")
+    last = 0
+    for i in range(10):
+        last = put(old, f"k{i}", b"old")
+    wait_for(old, lambda s: s["archivedLsn"] >= last and s["lagLsns"] == 0, "the old server's archive")
+    old.kill9()  # the lease stays as it was last renewed
+
+    restore_from_archive(s3_env, bucket, tmp_path / "new")
+    new: ServerProcess = server_factory(tmp_path / "new", NS, extra_args=args)
+    state = wait_for(new, lambda s: s["state"] == "lease-lost", "the restored server to be refused")
+    assert "retries when that lease expires" in state["lastError"]
+    new_last = put(new, "after-restore", b"new")
+    state = wait_for(
+        new,
+        lambda s: s["state"] == "ok" and s["archivedLsn"] >= new_last and s["lastSnapshotLsn"] is not None,
+        "the restored server to take the expired lease over and archive",
+        timeout=60,
+    )
+    histories = {n.history_id for _, n in objects(s3_env, bucket) if n.kind is NameKind.SEGMENT}
+    assert len(histories) == 2  # the old history and the restored copy's fork
+    # And the archive now restores to the restored server's newest write.
+    restore_from_archive(s3_env, bucket, tmp_path / "again")
+    again: ServerProcess = server_factory(tmp_path / "again", NS)
+    with again.client() as c:
+        assert c.get(f"/api/v1/{NS}/kv/after-restore").json()["found"]
+        assert int(c.get(f"/api/v1/{NS}/stats").json()["lastLsn"]) >= new_last
