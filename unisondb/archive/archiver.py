@@ -196,7 +196,8 @@ class Archiver:
         try:
             self.run_once()
         except LeaseHeld as exc:
-            self._fail("lease", exc)
+            if str(exc) != self.last_error:  # a remembered refusal (lease.py) is not news
+                self._fail("lease", exc)
             self.state = "lease-lost"
             retry = self.lease.retry_in()
             if retry is not None:  # refused by a live lease: try again once it expired (lease.py)
