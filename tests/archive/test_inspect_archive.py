@@ -161,6 +161,9 @@ def test_verify_from_archive_with_replay_drill(archive: Archive) -> None:
     assert out["ok"] and out["problems"] == []
     assert out["snapshot"]["path"].startswith(f"{archive.url}/{NS}/")
     assert out["snapshot"]["lsn"] == archive.snapshot_lsns[-1]  # the newest complete one
+    # The content's SHA-256 comes from each object's verified header: no "no .sha256" warnings.
+    assert out["snapshot"]["sidecar"] == "ok" and out["snapshot"]["checked"] == "the object header"
+    assert out["warnings"] == []
     assert out["restorable"]["toLsn"] == archive.last_lsn
     assert out["replay"]["lsn"] == archive.last_lsn and out["replay"]["keys"] == len(archive.model)
     assert out["replay"]["server"]["mismatchedKeys"] == []
@@ -201,6 +204,10 @@ def test_hole_and_unfinished_snapshot_are_reported(archive: Archive) -> None:
 
 def test_bad_url_missing_bucket_wrong_credentials_wrong_key(archive: Archive, tmp_path: Path) -> None:
     base = ["backup", "list", "--namespace", NS, "--from"]
+    usage = one_line_error(cli(archive, "backup", "verify", "--from", archive.url))
+    assert "--from needs --namespace NS" in usage
+    both = one_line_error(cli(archive, *base, archive.url, "--backup-dir", str(tmp_path)))
+    assert "give --backup-dir DIR or --from" in both
     assert "invalid archive URL" in one_line_error(cli(archive, *base, "http://x/y"))
     missing = one_line_error(cli(archive, *base, f"s3://no-such-{uuid.uuid4().hex[:12]}/p"))
     assert "not in the archive" in missing and "create the bucket or fix" in missing

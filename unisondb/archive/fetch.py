@@ -21,6 +21,7 @@ Staging layout (what the local tools read)::
     STAGING/snapshot.db                          restore: the chosen snapshot
     STAGING/snapshots/HISTORY-LSN.db             list/verify: each complete snapshot
     STAGING/wal/HISTORY/NNNNNNNNN.wal            every downloaded segment
+    <each of those>.sha256                       its content's SHA-256 from the object header
 
 Each object is decoded (``objectfmt.decode``: key id, every GCM tag, zstd, SHA-256, trailer) through
 a ``.tmp`` file renamed only after its checks passed; its header must also agree with its name
@@ -40,12 +41,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
 
+from unisondb import sha256sum
 from unisondb.archive import naming, objectfmt
 from unisondb.archive.manifest import SnapshotManifest, read_manifest
 from unisondb.archive.naming import ArchiveName, NameKind
 from unisondb.archive.objectfmt import ArchiveKey, Kind
 from unisondb.archive.store import ArchiveURL, ObjectStore
 from unisondb.errors import CorruptArchive, InvalidRequest, NotFound, UnisonDBError
+from unisondb.restore.inventory import SIDECAR_SUFFIX
 from unisondb.restore.progress import Progress
 from unisondb.storage import fsutil
 
@@ -216,6 +219,8 @@ class Staged:
     def relabel(self, text: str) -> str:
         """``text`` with every staged path replaced by its object's URL."""
         for path in sorted(self.object_of, key=lambda p: len(str(p)), reverse=True):
+            text = text.replace(str(path) + SIDECAR_SUFFIX, "the object header")
+            text = text.replace(path.name + SIDECAR_SUFFIX, "the object header")
             text = text.replace(str(path), self.object_of[path])
         return text.replace(str(self.wal_dir), self.catalog.where)
 
@@ -245,7 +250,12 @@ def fetch_catalog(
     chosen: list[tuple[Path, SnapshotManifest]] = []
     for obj, manifest, why in manifests(store, catalog, key):
         if manifest is None:
-            incomplete.append(f"{store.where(obj.key)}: unfinished upload, not a backup ({why})")
+            # read_manifest says "... (an unfinished upload is not a backup): <each attempt>".
+            detail = str(why).split("): ", 1)[-1]
+            incomplete.append(
+                f"{store.where(obj.key)}: no usable manifest, an unfinished upload that no restore "
+                f"uses ({detail})"
+            )
             continue
         if newest_snapshot_only and chosen:
             continue
@@ -349,6 +359,10 @@ def _download(store: ObjectStore, job: _Job, key: ArchiveKey | None, progress: P
         finally:
             body.close()
         _check_identity(header, job, where)
+        # The content's SHA-256 from the (verified) header, as the sidecar the local tools
+        # check: so they report "sha256 ok" rather than "no .sha256" for an archive object.
+        sidecar = dest.with_name(dest.name + SIDECAR_SUFFIX)
+        sidecar.write_text(sha256sum.line(header.sha256.hex(), dest.name))
         os.replace(tmp, dest)
     except BaseException:
         fsutil.remove_quietly(tmp)
