@@ -33,10 +33,11 @@ stored bytes to a ``restore.progress.Progress`` (a bar on a terminal).
 from __future__ import annotations
 
 import os
+import re
 import threading
 import time
 from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO
@@ -54,6 +55,9 @@ from unisondb.storage import fsutil
 
 #: Objects downloaded at once (bounded: each holds one HTTP connection and one decoder).
 PARALLEL = 4
+
+#: A staged sidecar named on its own (``check_sidecar`` reports the basename it read).
+_STAGED_SIDECAR = re.compile(r"\b(?:[0-9a-f]{32}-\d{20}\.db|\d{9}\.wal)\.sha256\b")
 
 _KIND_OF_NAME = {NameKind.SEGMENT: Kind.SEGMENT, NameKind.SNAPSHOT: Kind.SNAPSHOT}
 
@@ -215,14 +219,31 @@ class Staged:
     plain_bytes: int
     stored_bytes: int
     seconds: float
+    _by_text: dict[str, str] | None = field(default=None, repr=False)
 
     def relabel(self, text: str) -> str:
-        """``text`` with every staged path replaced by its object's URL."""
-        for path in sorted(self.object_of, key=lambda p: len(str(p)), reverse=True):
-            text = text.replace(str(path) + SIDECAR_SUFFIX, "the object header")
-            text = text.replace(path.name + SIDECAR_SUFFIX, "the object header")
-            text = text.replace(str(path), self.object_of[path])
-        return text.replace(str(self.wal_dir), self.catalog.where)
+        """``text`` with every staged path replaced by its object's URL, and the staged sidecars
+        by where their digest came from (one regex pass: reports have a string per segment)."""
+        root = str(self.wal_dir.parent)
+        if root not in text and SIDECAR_SUFFIX not in text:
+            return text
+        urls = self._urls()
+
+        def one(match: re.Match[str]) -> str:
+            found = match[0]
+            if found.endswith(SIDECAR_SUFFIX):
+                return "the object header"
+            if found in urls:
+                return urls[found]
+            return self.catalog.where if found.rstrip("/") == str(self.wal_dir) else found
+
+        text = re.sub(re.escape(root) + r"/[^\s:,;()'\"]*", one, text)
+        return _STAGED_SIDECAR.sub("the object header", text)
+
+    def _urls(self) -> dict[str, str]:
+        if self._by_text is None:
+            self._by_text = {str(p): url for p, url in self.object_of.items()}
+        return self._by_text
 
 
 def fetch_catalog(
@@ -319,11 +340,14 @@ def _download_all(
         with lock:
             done.plain_bytes += size
 
+    pool = ThreadPoolExecutor(PARALLEL)
     try:
-        with ThreadPoolExecutor(PARALLEL) as pool:
-            # list() re-raises the first failure (in job order) once every started download ended.
-            list(pool.map(one, jobs))
+        futures = [pool.submit(one, job) for job in jobs]
+        for future in as_completed(futures):
+            future.result()  # the first failure (restore): raised once the pool has stopped
     finally:
+        # A failed restore must not go on downloading: drop what has not started.
+        pool.shutdown(wait=True, cancel_futures=True)
         progress.close()
     return done
 
