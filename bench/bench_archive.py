@@ -48,6 +48,7 @@ import datetime as dt
 import json
 import logging
 import os
+import random
 import shlex
 import shutil
 import signal
@@ -105,12 +106,13 @@ class Plan:
     upload_runs: int
     segment_size: int
     restore_runs: int
+    restore_bytes: int  # loaded before the restore phase: half, a snapshot, the other half
     interval: str = "1s"
 
 
-QUICK = Plan("quick", 12, 200, 4, 0.05, 5, 3, 16, 32 << 20, 3, 4 << 20, 3)
-FULL = Plan("full", 60, 300, 4, 0.05, 7, 8, 16, 256 << 20, 5, 16 << 20, 5)
-TINY = Plan("tiny", 2.5, 40, 1, 0.05, 1, 1, 4, 1 << 20, 1, 256 << 10, 1)
+QUICK = Plan("quick", 12, 200, 4, 0.05, 5, 3, 16, 32 << 20, 3, 4 << 20, 3, 24 << 20)
+FULL = Plan("full", 60, 300, 4, 0.05, 7, 8, 16, 256 << 20, 5, 16 << 20, 5, 256 << 20)
+TINY = Plan("tiny", 2.5, 40, 1, 0.05, 1, 1, 4, 1 << 20, 1, 256 << 10, 1, 256 << 10)
 
 
 # --- processes ---
@@ -368,7 +370,7 @@ def py_put_load(url: str, seconds: float, conns: int) -> lib.Load:
     lock = threading.Lock()
 
     def one(_: int) -> None:
-        mine = []
+        mine: list[float] = []
         with httpx.Client(timeout=30) as c:
             while not mine or time.monotonic() < stop:  # at least one, even on a crawling machine
                 t0 = time.perf_counter()
@@ -434,17 +436,26 @@ class Segments:
     bytes: int
 
 
-#: A JSON-ish document of about 1 KiB; ``text`` values vary only in their numbers (zstd: ~10x).
-_TEXT = (
-    b'{"id": %d, "email": "user%d@example.com", "plan": "standard", "balance": %d, '
-    b'"bio": "' + b"lorem ipsum dolor sit amet, consectetur adipiscing elit " * 16 + b'"}'
-)
+_RNG = random.Random(9)
+#: Pseudo-words for ``text`` values: JSON-like documents of words drawn from a 2,000-word
+#: vocabulary, which zstd shrinks about as much as ordinary text (~2-3x), unlike repeated bytes.
+_WORDS = [
+    "".join(_RNG.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(_RNG.randint(3, 9))).encode()
+    for _ in range(2000)
+]
 
 
 def value_for(data: str, i: int) -> bytes:
     if data == "random":
         return os.urandom(1024)
-    return _TEXT % (i, i, (i * 7919) % 100_000)
+    rng = random.Random(i)
+    words = b" ".join(rng.choice(_WORDS) for _ in range(150))[:900]
+    return b'{"id": %d, "email": "user%d@example.com", "balance": %d, "bio": "%s"}' % (
+        i,
+        i,
+        rng.randrange(100_000),
+        words,
+    )
 
 
 def build_segments(work: Path, plan: Plan, data: str) -> Segments:
@@ -612,6 +623,34 @@ class Restore:
     client_startup: list[float] = field(default_factory=list)
 
 
+def load_restore_data(srv: ServerProcess, plan: Plan) -> int:
+    """``plan.restore_bytes`` of ``text`` values in 100-entry batches: half, then a snapshot
+    published on demand, then the other half (a quarter overwrites): restore downloads a real
+    snapshot and replays real WAL. Returns the snapshot's LSN."""
+    half = max(1, plan.restore_bytes // 2 // (100 * 1024))
+    lib.note(
+        f"# restore data: {2 * half} × POST /api/v1/{NS}/kv/batch (100 text values of ~1 KiB), "
+        f"POST /api/v1/{NS}/archive/snapshot after the first {half}"
+    )
+    snapshot_lsn = 0
+    with httpx.Client(base_url=srv.url, timeout=120) as c:
+        for b in range(2 * half):
+            first = b * 100 if b < half else (b - half // 2) * 100
+            items = [
+                {"key": f"rs-{k:08d}", "value": lib.b64(value_for("text", k))}
+                for k in range(first, first + 100)
+            ]
+            r = c.post(f"/api/v1/{NS}/kv/batch", json={"operation": "put", "items": items})
+            if r.status_code != 200:
+                raise lib.BenchError(f"batch PUT answered {r.status_code}: {r.text}")
+            if b == half - 1:
+                r = c.post(f"/api/v1/{NS}/archive/snapshot")
+                if r.status_code != 200:
+                    raise lib.BenchError(f"archive snapshot answered {r.status_code}: {r.text}")
+                snapshot_lsn = int(r.json()["lsn"])
+    return snapshot_lsn
+
+
 def cli_restore(args: list[str], tmpdir: Path) -> RestoreRun:
     cmd = [sys.executable, "-m", "unisondb", "restore", *args, "--json"]
     env = {**os.environ, "TMPDIR": str(tmpdir)}
@@ -707,7 +746,8 @@ def measure_restore(work: Path, s3: S3Server, arch: Archive, plan: Plan) -> Rest
         # A fixed cost only the archive path pays: a process that imports boto3 and builds the client.
         code = (
             "from unisondb.archive.store import ObjectStore; "
-            f"ObjectStore('{arch.url.bucket}', endpoint_url='{s3.endpoint}', path_style=True)"
+            f"s = ObjectStore('{arch.url.bucket}', endpoint_url='{s3.endpoint}', path_style=True); "
+            "s.head('absent')"
         )
         t0 = time.perf_counter()
         lib.run([sys.executable, "-c", code], 120)
@@ -950,8 +990,10 @@ def render(res: Results) -> str:
     if res.restores:
         md.h(2, "4. Restore from the archive vs from local files")
         md.p(
-            "Each archive is what its server uploaded during phases 1-2 (snapshot at start, then "
-            "segments), after a clean stop. `restore --from` wall time is measured here and split "
+            "Each archive is what its server uploaded during phases 1-2 plus "
+            f"{fmt_bytes(p.restore_bytes)} of `text` values in 100-entry batches, half before and "
+            "half after a snapshot published on demand, then a clean stop. `restore --from` wall "
+            "time is measured here and split "
             "with its own `--json` seconds; the fetch split is measured in this process on the same "
             "objects. The local restore uses the decoded snapshot and WAL files `fetch_for_restore` "
             f"staged (the same bytes). {p.restore_runs} runs, order alternating."
@@ -1002,8 +1044,8 @@ def render(res: Results) -> str:
                         f"{l_wall - l_total:.3f}",
                     ],
                     [
-                        "… of which importing boto3 and building the client (a separate process, "
-                        "minus one that imports only `unisondb.restore`)",
+                        "… of which importing boto3, building the client and its first request (a "
+                        "separate process, minus one that imports only `unisondb.restore`)",
                         f"{med(rs.client_startup):.3f}",
                         "—",
                     ],
@@ -1163,6 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
             res.phase("4. restore")
             for a in archives.values():
                 assert a.srv is not None
+                load_restore_data(a.srv, plan)
                 lib.note(f"kill -TERM {a.srv.proc.pid}  # {a.name}: a clean stop seals and uploads the rest")
                 if a.srv.stop(timeout=60) != 0:
                     raise lib.BenchError(f"server {a.name} exited with {a.srv.proc.returncode}")
