@@ -621,6 +621,8 @@ class Restore:
     segments: int = 0
     snapshot_lsn: int = 0
     client_startup: list[float] = field(default_factory=list)
+    load_seconds: float = 0.0
+    stop_seconds: float = 0.0
 
 
 def load_restore_data(srv: ServerProcess, plan: Plan) -> int:
@@ -796,8 +798,9 @@ class Results:
 
     def phase(self, name: str) -> None:
         la = lib.loadavg()
-        self.loads.append((name, la))
-        print(f"== {name} (load average {la})", file=sys.stderr, flush=True)
+        at = (dt.datetime.now().astimezone() - self.started).total_seconds()
+        self.loads.append((f"{name} (+{at:.0f} s)", la))
+        print(f"== +{at:.0f} s {name} (load average {la})", file=sys.stderr, flush=True)
 
 
 def render(res: Results) -> str:
@@ -1013,7 +1016,8 @@ def render(res: Results) -> str:
                 f"{a[0].records} records replayed to LSN {a[0].lsn}; {rs.objects} objects, "
                 f"{rs.object_bytes / 2**20:.2f} MiB in the archive, {rs.decoded_bytes / 2**20:.2f} MiB "
                 "decoded. Both restores end at the same LSN and state fingerprint "
-                f"({a[0].fingerprint[:16]}…).\n"
+                f"({a[0].fingerprint[:16]}…). Loading the data took {rs.load_seconds:.1f} s; the "
+                f"clean stop (seal, upload the rest, release the lease) {rs.stop_seconds:.1f} s.\n"
             )
             md.table(
                 ["phase", "from archive (s)", "from local files (s)"],
@@ -1205,12 +1209,22 @@ def main(argv: list[str] | None = None) -> int:
             res.phase("4. restore")
             for a in archives.values():
                 assert a.srv is not None
+                t_load = time.perf_counter()
                 load_restore_data(a.srv, plan)
+                t_stop = time.perf_counter()
                 lib.note(f"kill -TERM {a.srv.proc.pid}  # {a.name}: a clean stop seals and uploads the rest")
                 if a.srv.stop(timeout=60) != 0:
                     raise lib.BenchError(f"server {a.name} exited with {a.srv.proc.returncode}")
-            for a in archives.values():
-                res.restores.append(measure_restore(work, s3, a, plan))
+                stopped = time.perf_counter()
+                rs = measure_restore(work, s3, a, plan)
+                rs.load_seconds, rs.stop_seconds = t_stop - t_load, stopped - t_stop
+                res.restores.append(rs)
+                print(
+                    f"   {a.name}: load {rs.load_seconds:.1f} s, stop {rs.stop_seconds:.1f} s, "
+                    f"restores {time.perf_counter() - stopped:.1f} s",
+                    file=sys.stderr,
+                    flush=True,
+                )
             res.phase("end")
     except (lib.BenchError, KeyboardInterrupt) as exc:
         res.error = f"{type(exc).__name__}: {exc}"
