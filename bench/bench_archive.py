@@ -62,6 +62,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -346,9 +347,9 @@ def measure_rpo(arch: Archive, s3: S3Server, plan: Plan) -> Rpo:
         server.append(max(0.0, t_h - t_ack))
         ack_of[lsn] = t_ack
     segments = []
-    for first, last_lsn, t in seg_seen:
+    for first, last_lsn, t_seen in seg_seen:
         if first in ack_of and last_lsn in ack_of:
-            segments.append((first, last_lsn, t - ack_of[first], t - ack_of[last_lsn]))
+            segments.append((first, last_lsn, t_seen - ack_of[first], t_seen - ack_of[last_lsn]))
     return Rpo(arch.name, len(acks), load_s, listing, server, list_latency, segments, lsn_check)
 
 
@@ -413,10 +414,10 @@ def measure_ab(
             order.reverse()
         for n in order:
             # The previous run's last segment must not be uploaded during this one.
-            waited = sum(
-                wait_until(f"{a}'s archive backlog to empty", lambda a=a: drained(servers[a]), 60)
-                for a in archiving
-            )
+            waited = 0.0
+            for a in archiving:
+                srv_a = servers[a]
+                waited += wait_until(f"{a}'s archive backlog to empty", partial(drained, srv_a), 60)
             srv = servers[n]
             c0, w0 = cpu_seconds(srv.proc.pid), cpu_seconds(s3.proc.pid)
             load = put_load(srv, plan, use_hey)
@@ -937,13 +938,14 @@ def render(res: Results) -> str:
             f"values; {p.ab_runs} runs per server, order rotating; each run starts with every "
             "archive's backlog empty. CPU = utime + stime during the run, from /proc."
         )
-        off = res.ab.get("off", [])
+        off_runs = res.ab.get("off", [])
         ab_rows = []
         for n, runs in res.ab.items():
             rps = med(x.load.rps for x in runs)
+            pairs = zip(runs, off_runs, strict=True)
             paired = (
-                f"{statistics.median(x.load.rps / y.load.rps for x, y in zip(runs, off, strict=True)):.3f}"
-                if off and n != "off"
+                f"{statistics.median(x.load.rps / y.load.rps for x, y in pairs):.3f}"
+                if off_runs and n != "off"
                 else "—"
             )
             total = sum(x.load.rps for x in runs) * p.ab_seconds
@@ -953,7 +955,7 @@ def render(res: Results) -> str:
                 [
                     n,
                     f"{rps:,.0f}",
-                    lib.ratio(rps, med(x.load.rps for x in off)) if off else "—",
+                    lib.ratio(rps, med(x.load.rps for x in off_runs)) if off_runs else "—",
                     paired,
                     f"{med(x.load.p50 for x in runs):.2f} / {med(x.load.p99 for x in runs):.2f}",
                     f"{cpu_k * 1000:.0f} ms",
@@ -1024,21 +1026,21 @@ def render(res: Results) -> str:
             f"staged (the same bytes). {p.restore_runs} runs, order alternating."
         )
         for rs in res.restores:
-            a, lo = rs.archive, rs.local
-            if not (a and lo):
+            ar, lo = rs.archive, rs.local
+            if not (ar and lo):
                 continue
 
             def ph(runs: list[RestoreRun], k: str) -> str:
                 return f"{med(x.seconds[k] for x in runs):.3f}"
 
-            a_wall, l_wall = med(x.wall for x in a), med(x.wall for x in lo)
-            a_total, l_total = med(x.seconds["total"] for x in a), med(x.seconds["total"] for x in lo)
+            a_wall, l_wall = med(x.wall for x in ar), med(x.wall for x in lo)
+            a_total, l_total = med(x.seconds["total"] for x in ar), med(x.seconds["total"] for x in lo)
             md.p(
                 f"\n**`{rs.name}`**: snapshot at LSN {rs.snapshot_lsn}, {rs.segments} segments, "
-                f"{a[0].records} records replayed to LSN {a[0].lsn}; {rs.objects} objects, "
+                f"{ar[0].records} records replayed to LSN {ar[0].lsn}; {rs.objects} objects, "
                 f"{rs.object_bytes / 2**20:.2f} MiB in the archive, {rs.decoded_bytes / 2**20:.2f} MiB "
                 "decoded. Both restores end at the same LSN and state fingerprint "
-                f"({a[0].fingerprint[:16]}…). Loading the data took {rs.load_seconds:.1f} s; the "
+                f"({ar[0].fingerprint[:16]}…). Loading the data took {rs.load_seconds:.1f} s; the "
                 f"clean stop (seal, upload the rest, release the lease) {rs.stop_seconds:.1f} s.\n"
             )
             md.table(
@@ -1059,10 +1061,10 @@ def render(res: Results) -> str:
                         f"{med(rs.fetch):.3f}",
                         "—",
                     ],
-                    ["restore: verify (`--json` seconds)", ph(a, "verify"), ph(lo, "verify")],
-                    ["restore: copy", ph(a, "copy"), ph(lo, "copy")],
-                    ["restore: replay", ph(a, "replay"), ph(lo, "replay")],
-                    ["restore: publish", ph(a, "publish"), ph(lo, "publish")],
+                    ["restore: verify (`--json` seconds)", ph(ar, "verify"), ph(lo, "verify")],
+                    ["restore: copy", ph(ar, "copy"), ph(lo, "copy")],
+                    ["restore: replay", ph(ar, "replay"), ph(lo, "replay")],
+                    ["restore: publish", ph(ar, "publish"), ph(lo, "publish")],
                     ["restore: total (`--json`)", f"{a_total:.3f}", f"{l_total:.3f}"],
                     [
                         "wall − total: process start, LIST, fetch, staging cleanup",
@@ -1082,7 +1084,7 @@ def render(res: Results) -> str:
                     ],
                     [
                         "every run, wall",
-                        " ".join(f"{x.wall:.2f}" for x in a),
+                        " ".join(f"{x.wall:.2f}" for x in ar),
                         " ".join(f"{x.wall:.2f}" for x in lo),
                     ],
                 ],
@@ -1193,8 +1195,7 @@ def main(argv: list[str] | None = None) -> int:
                 a.srv = servers[a.name] = start_server(work, a.name, a.args(s3, plan.interval))
             for a in archives.values():
                 assert a.srv is not None
-                srv = a.srv
-                wait_until(f"{a.name}'s first snapshot", lambda srv=srv: drained(srv), 60)
+                wait_until(f"{a.name}'s first snapshot", partial(drained, a.srv), 60)
 
             for a in archives.values():
                 res.phase(f"1. RPO {a.name}")
