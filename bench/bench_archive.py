@@ -243,7 +243,6 @@ def measure_rpo(arch: Archive, s3: S3Server, plan: Plan) -> Rpo:
     health_t: list[float] = []
     health_cover: list[int] = []
     list_latency: list[float] = []
-    done = threading.Event()
     stop_polls = threading.Event()
     errors: list[BaseException] = []
     n_total = int(plan.rpo_seconds * plan.rpo_rate)
@@ -317,7 +316,6 @@ def measure_rpo(arch: Archive, s3: S3Server, plan: Plan) -> Rpo:
     for t in writers:
         t.join()
     load_s = time.monotonic() - t_start
-    done.set()
     last = base + n_total
     try:
         if not errors:
