@@ -288,3 +288,36 @@ def test_snapshot_manifest_and_copy(
         store.delete(naming.snapshot_key("arch", "users", HISTORY, 77, enc, kind))
     with pytest.raises(CorruptArchive, match="no usable manifest.*unfinished upload is not a backup"):
         read_manifest(store, "arch", "users", HISTORY, 77, archive_key)
+
+
+@pytest.mark.parametrize("archive_key", [None, KEY], ids=["plain", "encrypted"])
+def test_second_snapshot_of_the_same_state_is_the_first(
+    s3_server: S3Server, bucket: str, tmp_path: Path, archive_key: ArchiveKey | None
+) -> None:
+    """Two snapshots at one LSN of an idle namespace differ in bytes (the checkpoint's time), not
+    in state: the second publish confirms the first (its manifest names the first's SHA-256);
+    a different state under the same name is still a conflict."""
+    store = _store(s3_server, bucket)
+    fingerprint = os.urandom(32)
+    first_file, second_file = tmp_path / "a.mdb", tmp_path / "b.mdb"
+    first_file.write_bytes(os.urandom(50_000))
+    second_file.write_bytes(os.urandom(50_000))
+
+    def publish(path: Path, fp: bytes) -> object:
+        return publish_snapshot(
+            store,
+            "arch",
+            path,
+            namespace="users",
+            history_id=HISTORY,
+            lsn=0,
+            fingerprint=fp,
+            writer_id="w",
+            archive_key=archive_key,
+        )
+
+    first = publish(first_file, fingerprint)
+    assert publish(second_file, fingerprint) == first
+    with pytest.raises(ArchiveConflict, match="already exists with different content"):
+        publish(second_file, os.urandom(32))
+    assert read_manifest(store, "arch", "users", HISTORY, 0, archive_key) == first

@@ -5,6 +5,11 @@ object's header (a ranged GET of its first bytes) decides:
 
 * same content identity (kind, namespace, history, LSN range, size, SHA-256, fingerprint) — an
   earlier attempt already published it (a retry after a timeout, a restart after SIGKILL): done;
+* a snapshot of the same state — same kind, namespace, history, LSN and state fingerprint, other
+  bytes: two snapshots taken at one LSN (the start-up snapshot and an on-demand one on an idle
+  namespace) differ only in the checkpoint's wall-clock time, and the fingerprint proves they hold
+  the same pairs. The existing object stands for both: done, and the caller's manifest names the
+  existing object's SHA-256;
 * anything else — ``ArchiveConflict``: the archive is never overwritten.
 
 Encrypted objects differ byte-for-byte on every encoding (fresh nonces), which is why identity is
@@ -34,6 +39,9 @@ class Published:
 
 
 def _identity(h: ObjectHeader) -> tuple[object, ...]:
+    if h.kind is Kind.SNAPSHOT and any(h.fingerprint):
+        # The state, not its bytes (see the module docstring).
+        return (h.kind, h.namespace, h.history_id, h.first_lsn, h.last_lsn, h.fingerprint)
     return (h.kind, h.namespace, h.history_id, h.first_lsn, h.last_lsn, h.plain_size, h.sha256, h.fingerprint)
 
 
