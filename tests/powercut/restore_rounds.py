@@ -178,8 +178,10 @@ class RestoreRounds:
     def _check_planned(self, srv: ServerProcess, where: str) -> list[str]:
         got = _checkpoint(srv)
         if (got.lsn, got.fingerprint) != (self.bs.planned.lsn, self.bs.planned.fingerprint):
-            return [f"{where}: state is lsn {got.lsn} fingerprint {got.fingerprint[:16]}, planned "
-                    f"lsn {self.bs.planned.lsn} fingerprint {self.bs.planned.fingerprint[:16]}"]
+            return [
+                f"{where}: state is lsn {got.lsn} fingerprint {got.fingerprint[:16]}, planned "
+                f"lsn {self.bs.planned.lsn} fingerprint {self.bs.planned.fingerprint[:16]}"
+            ]
         problems = []
         with srv.client() as c:
             for key, value in self.bs.keys.items():
@@ -254,7 +256,9 @@ class RestoreRounds:
         # The next restore must clean up whatever the cut left and publish the planned state.
         proc = self._restore()
         if proc.returncode != 0:
-            problems.append(f"{where}: the next restore failed (exit {proc.returncode}): {proc.stderr[-800:]}")
+            problems.append(
+                f"{where}: the next restore failed (exit {proc.returncode}): {proc.stderr[-800:]}"
+            )
             return problems
         left = self._staging()
         if left:

@@ -1,5 +1,8 @@
 """Bearer-token authentication: the token file, roles, and the ASGI guard in front of every route.
 
+(Client certificates can carry the same roles: ``api/clientcert.py``; the guard below
+checks both.)
+
 Token file (``--auth-token-file``; mode 0600 or stricter, owned by the server's user)::
 
     # comments and blank lines are ignored
@@ -49,7 +52,7 @@ class Role(IntEnum):
     ADMIN = 3
 
 
-_ROLE_NAMES: Mapping[str, Role] = {
+ROLE_NAMES: Mapping[str, Role] = {
     "read": Role.READ,
     "write": Role.WRITE,
     "admin": Role.ADMIN,
@@ -58,6 +61,8 @@ _ROLE_NAMES: Mapping[str, Role] = {
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 _PUBLIC = frozenset({b"/health", b"/healthz"})
 _REALM = 'Bearer realm="unisondb"'
+#: ASGI scope key of the connection's verified client certificate (``api/clientcert.py``).
+CLIENT_CERT_SCOPE_KEY = "unisondb.client_cert"
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,7 +104,7 @@ def load_tokens(path: Path) -> TokenTable:
         if len(fields) != 2:
             raise InvalidRequest(f"{where}: expected '<token> <role>', got {len(fields)} field(s)")
         token, role_name = fields
-        role = _ROLE_NAMES.get(role_name.lower())
+        role = ROLE_NAMES.get(role_name.lower())
         if role is None:
             raise InvalidRequest(f"{where}: unknown role {role_name!r} (use read, write or admin)")
         if not 16 <= len(token) <= 512 or not _TOKEN_RE.match(token):
@@ -151,12 +156,21 @@ def _refusal(status: int, message: str, challenge: str) -> tuple[int, bytes, lis
 
 
 class BearerAuth:
-    """ASGI middleware in front of the fast path and the full app alike: one check for both."""
+    """ASGI middleware in front of the fast path and the full app alike: one check for both.
 
-    def __init__(self, app: ASGIApp, tokens: TokenTable, *, metrics_open: bool) -> None:
+    ``tokens``: the token table (None: bearer tokens are off, an Authorization header is
+    ignored). ``client_certs``: the protocol puts each connection's ``CertIdentity`` into
+    the scope (``api/clientcert.py``). A request's role is its token's when it sends one
+    (an unknown token is 401 even with a good certificate), else its certificate's.
+    """
+
+    def __init__(
+        self, app: ASGIApp, tokens: TokenTable | None, *, metrics_open: bool, client_certs: bool = False
+    ) -> None:
         self.app = app
         self.tokens = tokens
         self.metrics_open = metrics_open
+        self.client_certs = client_certs
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http":
@@ -175,21 +189,36 @@ class BearerAuth:
         if need is None:
             return None
         presented: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, rest = value.strip().partition(b" ")
-                if scheme.lower() == b"bearer":
-                    presented = rest.strip()
-                break
-        if not presented:
-            return _refusal(401, "authentication required: send 'Authorization: Bearer <token>'", _REALM)
-        role = self.tokens.role_of(presented)
-        if role is None:
-            return _refusal(401, "invalid bearer token", _REALM + ', error="invalid_token"')
+        if self.tokens is not None:
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    scheme, _, rest = value.strip().partition(b" ")
+                    if scheme.lower() == b"bearer":
+                        presented = rest.strip()
+                    break
+        if presented:
+            assert self.tokens is not None
+            role = self.tokens.role_of(presented)
+            if role is None:
+                return _refusal(401, "invalid bearer token", _REALM + ', error="invalid_token"')
+            who = "token"
+        else:
+            cert = scope.get(CLIENT_CERT_SCOPE_KEY) if self.client_certs else None
+            if cert is None:
+                return _refusal(401, "authentication required: send 'Authorization: Bearer <token>'", _REALM)
+            role, who = cert.role, cert.describe()
+            if role is None:
+                hint = "; send a bearer token" if self.tokens is not None else ""
+                return _refusal(
+                    403,
+                    f"{who} has no role: add 'cn:{cert.cn}' or 'sha256:{cert.sha256}' to the "
+                    f"--tls-client-roles file{hint}",
+                    _REALM + ', error="insufficient_scope"',
+                )
         if role < need:
             return _refusal(
                 403,
-                f"token role '{role.name.lower()}' may not do this; it needs role '{need.name.lower()}'",
+                f"{who} role '{role.name.lower()}' may not do this; it needs role '{need.name.lower()}'",
                 _REALM + ', error="insufficient_scope"',
             )
         return None
