@@ -16,8 +16,9 @@ The checks after a cut (remounted on what survived):
 * the restore ended with an error line and an exit code from the error tree, or with 0
   if it had finished before the cut — never a signal death or a traceback;
 * ``<ns>`` is either not published — absent (fresh) or the old state, i.e. a server
-  starts on it and reports the old fingerprint (replace) — or whole: a server starts on it
-  and reports the planned LSN and fingerprint, and every planned key reads back;
+  starts on it and reports the old LSN and fingerprint and holds the old keys (replace) —
+  or whole: a server starts on it, reports the planned LSN and fingerprint, and holds
+  exactly the planned keys (the count, and every value read back);
 * then a second, undisturbed restore succeeds, removes any ``.restore-<ns>-*`` staging
   debris the cut left, and the server on its result reports the planned state.
 """
@@ -56,6 +57,7 @@ class BackupSet:
     keys: dict[str, str]  # key -> base64 value, at the planned state
     templates: dict[str, Path]  # scenario -> a tree holding data/ as a round starts
     old: State  # the replace scenario's existing namespace
+    old_keys: dict[str, str]
 
 
 def _checkpoint(srv: ServerProcess) -> State:
@@ -104,8 +106,9 @@ def make_backup_set(root: Path, seed: int) -> BackupSet:
     (fresh / "data").mkdir(parents=True)
     replace = root / "tmpl-replace"
     old = start_server(replace / "data", (NS,), log_path=logs / "old.log")
+    old_keys: dict[str, str] = {}
     try:
-        _put_many(old, random.Random(seed + 1), {}, 30, 50)
+        _put_many(old, random.Random(seed + 1), old_keys, 30, 50)
         old_state = _checkpoint(old)
     finally:
         assert old.stop() == 0, old.log()[-2000:]
@@ -117,6 +120,7 @@ def make_backup_set(root: Path, seed: int) -> BackupSet:
         keys,
         {"fresh": fresh, "replace": replace},
         old_state,
+        old_keys,
     )
 
 
@@ -175,21 +179,26 @@ class RestoreRounds:
     def _staging(self) -> list[str]:
         return sorted(p.name for p in self.data_dir.glob(f".restore-{NS}-*"))
 
-    def _check_planned(self, srv: ServerProcess, where: str) -> list[str]:
+    def _check_state(self, srv: ServerProcess, want: State, keys: dict[str, str], where: str) -> list[str]:
+        """The server reports ``want`` and holds exactly ``keys`` (count and every value)."""
         got = _checkpoint(srv)
-        if (got.lsn, got.fingerprint) != (self.bs.planned.lsn, self.bs.planned.fingerprint):
+        if (got.lsn, got.fingerprint) != (want.lsn, want.fingerprint):
             return [
-                f"{where}: state is lsn {got.lsn} fingerprint {got.fingerprint[:16]}, planned "
-                f"lsn {self.bs.planned.lsn} fingerprint {self.bs.planned.fingerprint[:16]}"
+                f"{where}: state is lsn {got.lsn} fingerprint {got.fingerprint[:16]}, expected "
+                f"lsn {want.lsn} fingerprint {want.fingerprint[:16]}"
             ]
-        problems = []
         with srv.client() as c:
-            for key, value in self.bs.keys.items():
+            count = c.get(f"/api/v1/{NS}/stats").json()["keys"]
+            if count != len(keys):
+                return [f"{where}: {count} keys, expected {len(keys)}"]
+            for key, value in keys.items():
                 body = c.get(f"/api/v1/{NS}/kv/{key}").json()
                 if body.get("value") != value:
-                    problems.append(f"{where}: key {key} does not hold its planned value")
-                    break
-        return problems
+                    return [f"{where}: key {key} does not hold its expected value"]
+        return []
+
+    def _check_planned(self, srv: ServerProcess, where: str) -> list[str]:
+        return self._check_state(srv, self.bs.planned, self.bs.keys, where)
 
     def calibrate(self) -> int:
         """Syncs of one undisturbed restore on the mount (also: it must succeed there)."""
@@ -245,6 +254,7 @@ class RestoreRounds:
             got = _checkpoint(srv)
             if self.scenario == "replace" and got.fingerprint == self.bs.old.fingerprint:
                 outcome = "old"
+                problems += self._check_state(srv, self.bs.old, self.bs.old_keys, where)
             else:
                 outcome = "published"
                 problems += self._check_planned(srv, where)

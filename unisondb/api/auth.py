@@ -124,22 +124,29 @@ def load_tokens(path: Path) -> TokenTable:
     return TokenTable(tuple(entries))
 
 
+#: Module constants: an enum member looked up as ``Role.X`` costs ~0.1 µs on Python 3.11.
+_READ, _WRITE, _ADMIN = Role.READ, Role.WRITE, Role.ADMIN
+_ADMIN_SUFFIXES = (b"/backup", b"/backups", b"/archive/snapshot")
+
+
 def required_role(method: str, raw_path: bytes, metrics_open: bool) -> Role | None:
     """The least role a request needs; None: no token needed."""
     if raw_path in _PUBLIC or (metrics_open and raw_path == b"/metrics"):
         return None
-    if raw_path.endswith(b"/backup"):  # split only then: this runs on every request
+    if raw_path.endswith(_ADMIN_SUFFIXES):  # one call for every other path; split only then
         parts = raw_path.split(b"/")
-        # [b"", b"api", b"v1", ns, b"wal"|b"btree", b"backup"]
-        if len(parts) == 6 and parts[4] in (b"wal", b"btree"):
-            return Role.ADMIN
-    if raw_path.endswith(b"/backups") and raw_path.count(b"/") == 4:
-        return Role.ADMIN  # GET /api/v1/<ns>/backups: the backup catalog
-    if raw_path.endswith(b"/archive/snapshot"):  # uploads a whole snapshot: a backup route
-        return Role.ADMIN
-    if method in ("GET", "HEAD"):
-        return Role.READ
-    return Role.WRITE
+        if raw_path.endswith(b"/backup"):
+            # [b"", b"api", b"v1", ns, b"wal"|b"btree", b"backup"]
+            if len(parts) == 6 and parts[4] in (b"wal", b"btree"):
+                return _ADMIN
+        elif raw_path.endswith(b"/backups"):
+            if len(parts) == 5:
+                return _ADMIN  # GET /api/v1/<ns>/backups: the backup catalog
+        else:
+            return _ADMIN  # .../archive/snapshot uploads a whole snapshot: a backup route
+    if method == "GET" or method == "HEAD":
+        return _READ
+    return _WRITE
 
 
 def _refusal(status: int, message: str, challenge: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
