@@ -13,6 +13,9 @@ Two parts:
    side, the median ratio, and a 95 % confidence interval of the mean ratio over pairs
    (Student's t). With one run per side (the earlier version of this script: 3 runs),
    run-to-run noise on this 2-core, shared machine is ±5-10 %, several times the effect.
+   For each run the server's CPU time (all threads, from /proc) is divided by the
+   requests it answered: CPU µs per request, which other processes competing for the
+   cores move far less than req/s. Its pairs give a difference on − off with a CI too.
 2. **In-process cost.** ``BearerAuth.check`` on the scope hey's requests produce, timed
    with ``timeit`` (best of 7 repeats): with tokens, and the route lookup alone (what
    any request pays). The difference, times the plain server's req/s, is the share of
@@ -24,6 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import tempfile
@@ -55,11 +59,27 @@ def mean_ci(xs: list[float]) -> tuple[float, float]:
     return m, t * statistics.stdev(xs) / math.sqrt(len(xs))
 
 
-def http_ab(args: argparse.Namespace, tokens: Path, work: Path) -> dict[str, dict[str, list[float]]]:
+def cpu_ns(pid: int) -> int:
+    """CPU time of every thread of ``pid`` so far (schedstat: nanoseconds on a CPU)."""
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, IndexError, ValueError):
+            pass  # a thread that just ended
+    return total
+
+
+def http_ab(
+    args: argparse.Namespace, tokens: Path, work: Path
+) -> tuple[dict[str, dict[str, list[float]]], dict[str, dict[str, list[float]]]]:
     plain = start_server(work / "a", ("default",))
     authed = start_server(work / "b", ("default",), ["--auth-token-file", str(tokens)])
     body = json.dumps({"value": lib.b64(b"v" * 100)})
     rates: dict[str, dict[str, list[float]]] = {m: {"off": [], "on": []} for m in ("PUT", "GET")}
+    # Server CPU per request: hardly moved by other processes competing for the cores,
+    # unlike req/s on a shared machine.
+    cpu_us: dict[str, dict[str, list[float]]] = {m: {"off": [], "on": []} for m in ("PUT", "GET")}
     try:
         for i in range(args.runs):
             order = (("off", plain), ("on", authed))
@@ -73,8 +93,12 @@ def http_ab(args: argparse.Namespace, tokens: Path, work: Path) -> dict[str, dic
                         cmd += ["-H", f"Authorization: Bearer {TOKEN}"]
                     if method == "PUT":
                         cmd += ["-T", "application/json", "-d", body]
+                    before = cpu_ns(srv.proc.pid)
                     out = lib.run([*cmd, url], args.seconds + 60).stdout
+                    used = cpu_ns(srv.proc.pid) - before
                     rates[method][name].append(lib.parse_hey(out).rps)
+                    done = sum(int(n) for n in re.findall(r"\[2\d\d\]\s+(\d+) responses", out))
+                    cpu_us[method][name].append(used / 1000 / max(done, 1))
             print(
                 f"pair {i + 1}/{args.runs}: "
                 + ", ".join(f"{m} {r['off'][-1]:.0f}:{r['on'][-1]:.0f}" for m, r in rates.items()),
@@ -83,7 +107,7 @@ def http_ab(args: argparse.Namespace, tokens: Path, work: Path) -> dict[str, dic
     finally:
         plain.stop()
         authed.stop()
-    return rates
+    return rates, cpu_us
 
 
 def micro(tokens: Path) -> dict[str, float]:
@@ -139,7 +163,7 @@ def main() -> None:
         tokens.write_text(TOKEN_FILE)
         tokens.chmod(0o600)
         us = micro(tokens)
-        rates = http_ab(args, tokens, work)
+        rates, cpu_us = http_ab(args, tokens, work)
     print(
         f"HTTP A/B: {args.runs} pairs per route, hey -z {args.seconds:g}s -c {args.connections}, "
         "order alternating inside the pairs\n"
@@ -157,10 +181,27 @@ def main() -> None:
             f"| {method} | {off:.0f} | {on:.0f} | {on / off:.3f} | {statistics.median(ratios):.3f} "
             f"| {m:.3f} ± {hw:.3f} |"
         )
-    print("\nEvery pair (off:on req/s):\n")
+    print("\nServer CPU time per request (all threads, /proc/<pid>/task/*/schedstat):\n")
+    print(
+        "| route | auth off µs (median) | auth on µs (median) | on − off per pair: median | mean ± 95 % CI "
+        "| as % of off |"
+    )
+    print("|---|---:|---:|---:|---:|---:|")
+    for method, c in cpu_us.items():
+        off, on = statistics.median(c["off"]), statistics.median(c["on"])
+        diffs = [b - a for a, b in zip(c["off"], c["on"], strict=True)]
+        m, hw = mean_ci(diffs)
+        print(
+            f"| {method} | {off:.1f} | {on:.1f} | {statistics.median(diffs):+.2f} | {m:+.2f} ± {hw:.2f} "
+            f"| {m / off * 100:+.1f} % ± {hw / off * 100:.1f} |"
+        )
+    print("\nEvery pair (off:on req/s; off:on server CPU µs per request):\n")
     for method, r in rates.items():
         pairs = " / ".join(f"{a:.0f}:{b:.0f}" for a, b in zip(r["off"], r["on"], strict=True))
-        print(f"- {method}: {pairs}")
+        print(f"- {method} req/s: {pairs}")
+        c = cpu_us[method]
+        pairs = " / ".join(f"{a:.1f}:{b:.1f}" for a, b in zip(c["off"], c["on"], strict=True))
+        print(f"- {method} CPU µs: {pairs}")
     print("\nIn-process cost of the guard (timeit, best of 7 × 200,000 calls):\n")
     print("| what | µs per request | share of a request's time at the plain server's median req/s |")
     print("|---|---:|---:|")

@@ -13,8 +13,9 @@ deleted). Every round starts from a copy of the scenario's template tree.
 
 The checks after a cut (remounted on what survived):
 
-* the restore ended with an error line and an exit code from the error tree, or with 0
-  if it had finished before the cut — never a signal death or a traceback;
+* the restore ended with an ``error: ...`` line and an exit code from the error tree, or
+  with 0 if it had finished before the cut — never a signal death or a traceback; a
+  restore that exited 0 must find its result published after the cut;
 * ``<ns>`` is either not published — absent (fresh) or the old state, i.e. a server
   starts on it and reports the old LSN and fingerprint and holds the old keys (replace) —
   or whole: a server starts on it, reports the planned LSN and fingerprint, and holds
@@ -228,18 +229,21 @@ class RestoreRounds:
             problems.append(f"{where}: restore printed a traceback:\n{err[-1500:]}")
         elif fired and proc.returncode == 0:
             problems.append(f"{where}: the cut fired, yet restore exited 0")
+        elif fired and not any(ln.startswith("error: ") for ln in err.splitlines()):
+            problems.append(f"{where}: restore failed without an 'error: ...' line: {err[-500:]}")
         elif not fired and proc.returncode != 0:
             problems.append(f"{where}: restore failed without a cut (exit {proc.returncode}): {err[-500:]}")
         self.fs.mount()
         try:
-            problems += self._check_after_cut(where)
+            problems += self._check_after_cut(where, finished=not fired and proc.returncode == 0)
         finally:
             for srv in self.servers:
                 srv.kill9()
             self.fs.unmount()
         return problems
 
-    def _check_after_cut(self, where: str) -> list[str]:
+    def _check_after_cut(self, where: str, *, finished: bool) -> list[str]:
+        """``finished``: the restore exited 0 before the cut, so its result must have survived."""
         problems: list[str] = []
         debris = self._staging()
         ns_dir = self.data_dir / NS
@@ -260,6 +264,8 @@ class RestoreRounds:
                 problems += self._check_planned(srv, where)
             if srv.stop() != 0:
                 problems.append(f"{where}: server on what survived did not stop cleanly")
+        if finished and outcome != "published":
+            problems.append(f"{where}: restore exited 0, yet after the cut the namespace is {outcome}")
         self.outcomes[outcome] += 1
         if debris:
             self.outcomes["staging debris"] += 1
