@@ -35,7 +35,7 @@ import hmac
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -61,6 +61,7 @@ ROLE_NAMES: Mapping[str, Role] = {
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 _PUBLIC = frozenset({b"/health", b"/healthz"})
 _REALM = 'Bearer realm="unisondb"'
+_compare_digest = hmac.compare_digest  # a global, not a module attribute, on the hot path
 #: ASGI scope key of the connection's verified client certificate (``api/clientcert.py``).
 CLIENT_CERT_SCOPE_KEY = "unisondb.client_cert"
 
@@ -74,7 +75,7 @@ class TokenTable:
     def role_of(self, token: bytes) -> Role | None:
         found: Role | None = None
         for known, role in self.entries:  # no early exit: same work whichever one matches
-            if hmac.compare_digest(token, known):
+            if _compare_digest(token, known):
                 found = role
         return found
 
@@ -179,24 +180,32 @@ class BearerAuth:
         self.metrics_open = metrics_open
         self.client_certs = client_certs
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine itself: an admitted request gets the inner app's own awaitable,
+        # so the guard adds no coroutine frame (~1 µs, a few % of a fast-path GET).
         if scope["type"] == "http":
             refusal = self.check(scope)
             if refusal is not None:
-                status, body, headers = refusal
-                scope["endpoint"] = auth_refused  # the metrics label of these responses
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
+                return self._refuse(scope, send, refusal)
+        return self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(
+        scope: Scope, send: Send, refusal: tuple[int, bytes, list[tuple[bytes, bytes]]]
+    ) -> None:
+        status, body, headers = refusal
+        scope["endpoint"] = auth_refused  # the metrics label of these responses
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def check(self, scope: Scope) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()  # no query in it
         need = required_role(scope["method"], raw_path, self.metrics_open)
         if need is None:
             return None
-        presented: bytes | None = None
-        if self.tokens is not None:
+        tokens = self.tokens
+        presented = b""
+        if tokens is not None:
             for name, value in scope["headers"]:
                 if name == b"authorization":
                     scheme, _, rest = value.strip().partition(b" ")
@@ -204,10 +213,12 @@ class BearerAuth:
                         presented = rest.strip()
                     break
         if presented:
-            assert self.tokens is not None
-            role = self.tokens.role_of(presented)
+            assert tokens is not None
+            role = tokens.role_of(presented)
             if role is None:
                 return _refusal(401, "invalid bearer token", _REALM + ', error="invalid_token"')
+            if role >= need:
+                return None  # the common case: no more work
             who = "token"
         else:
             cert = scope.get(CLIENT_CERT_SCOPE_KEY) if self.client_certs else None
