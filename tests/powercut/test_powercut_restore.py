@@ -62,6 +62,7 @@ def test_power_cut_during_restore_leaves_old_or_whole_new(
 
 
 @pytest.mark.slow
+@pytest.mark.timeout(3600)  # ~12 rounds of ~30 s each on a loaded machine: over the default 300 s
 @pytest.mark.parametrize("scenario", SCENARIOS)
 def test_power_cut_during_restore_at_every_sync_point(
     pcfs: PowerCutMount, servers: list[ServerProcess], tmp_path: Path, backup_set: BackupSet, scenario: str
