@@ -39,6 +39,7 @@ TOML file (every key optional; flags given on the command line win)::
     cert = "server.crt"
     key = "server.key"
     client_ca = "clients-ca.crt"          # optional: require client certificates
+    client_roles = "client-roles"         # optional: "cn:NAME role" / "sha256:HEX role" per line
 
     [archive]                             # continuous archiving (docs/ARCHIVE.md); off unless url
     url = "s3://bucket/prefix"
@@ -155,6 +156,8 @@ class SecurityConfig:
     tls_cert: Path | None = None
     tls_key: Path | None = None
     tls_client_ca: Path | None = None
+    #: Client certificate (CN or SHA-256) -> role, as tokens have (``api/clientcert.py``).
+    tls_client_roles: Path | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,7 +249,7 @@ def load_config(
         ("btree", {"map_size"}),
         ("http", set(_HTTP_KEYS)),
         ("auth", {"token_file", "metrics", "insecure_no_auth"}),
-        ("tls", {"cert", "key", "client_ca"}),
+        ("tls", {"cert", "key", "client_ca", "client_roles"}),
         ("archive", set(_ARCHIVE_KEYS)),
     ):
         if not isinstance(raw.get(table, {}), dict):
@@ -414,11 +417,16 @@ def _security(auth: dict[str, Any], tls: dict[str, Any], config_file: Path | Non
         tls_cert=path(tls, "cert"),
         tls_key=path(tls, "key"),
         tls_client_ca=path(tls, "client_ca"),
+        tls_client_roles=path(tls, "client_roles"),
     )
     if (sec.tls_cert is None) != (sec.tls_key is None):
         raise InvalidRequest("TLS needs both --tls-cert and --tls-key (got only one of them)")
     if sec.tls_client_ca is not None and sec.tls_cert is None:
         raise InvalidRequest("--tls-client-ca needs TLS: give --tls-cert and --tls-key too")
+    if sec.tls_client_roles is not None and sec.tls_client_ca is None:
+        raise InvalidRequest(
+            "--tls-client-roles needs --tls-client-ca: only verified client certificates get a role"
+        )
     return sec
 
 

@@ -28,6 +28,7 @@ from unisondb import lifecycle
 from unisondb import logging as ulog
 from unisondb.api.app import build_app
 from unisondb.api.auth import TokenTable, load_tokens
+from unisondb.api.clientcert import ClientRoles, load_client_roles, with_client_certs
 from unisondb.api.protocol import limited_protocol
 from unisondb.config import SecurityConfig, ServerConfig
 from unisondb.errors import InvalidRequest, from_os_error
@@ -132,12 +133,12 @@ def is_loopback(host: str) -> bool:
         return False  # a host name: it may resolve to anything
 
 
-def check_security(cfg: ServerConfig) -> TokenTable | None:
+def check_security(cfg: ServerConfig) -> tuple[TokenTable | None, ClientRoles | None]:
     """Load the token file and TLS files now, so a mistake is one error line, not a traceback.
 
     A server reachable beyond loopback without any authentication is refused unless the
     operator says ``--insecure-no-auth``; client certificates (``--tls-client-ca``) count
-    as authentication.
+    as authentication (with ``--tls-client-roles``, each certificate's role).
     """
     sec = cfg.security
     tokens = load_tokens(sec.token_file) if sec.token_file is not None else None
@@ -153,9 +154,10 @@ def check_security(cfg: ServerConfig) -> TokenTable | None:
             hint="give --auth-token-file FILE (see docs/OPERATIONS.md), listen on 127.0.0.1, "
             "or pass --insecure-no-auth if a firewall or proxy does this job",
         )
+    roles = load_client_roles(sec.tls_client_roles) if sec.tls_client_roles is not None else None
     if sec.tls_cert is not None:
         _check_tls(sec)
-    return tokens
+    return tokens, roles
 
 
 def _check_tls(sec: SecurityConfig) -> None:
@@ -186,7 +188,7 @@ def _tls_kwargs(sec: SecurityConfig) -> dict[str, Any]:
 
 def serve(cfg: ServerConfig) -> int:
     ulog.configure(cfg.log_format)
-    tokens = check_security(cfg)
+    tokens, client_roles = check_security(cfg)
     try:
         # Not Path.mkdir: a data dir this start creates must be fsynced into its parent, or a
         # power cut soon after loses the whole tree, acknowledged writes included (everything
@@ -213,6 +215,7 @@ def serve(cfg: ServerConfig) -> int:
         max_body_bytes=cfg.max_body_bytes,
         tokens=tokens,
         metrics_open=cfg.security.metrics_auth == "none",
+        client_certs=client_roles is not None,
         archive=archive,
         shutdown=shutdown,
     )
@@ -223,7 +226,9 @@ def serve(cfg: ServerConfig) -> int:
         loop="uvloop",
         lifespan="off",
         # httptools parsing with the limits it lacks (api/protocol.py, docs/OPERATIONS.md).
-        http=limited_protocol(cfg.http),
+        http=limited_protocol(cfg.http)
+        if client_roles is None
+        else with_client_certs(limited_protocol(cfg.http), client_roles),
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=max(1, int(cfg.shutdown_timeout * lifecycle.HTTP_GRACE_AT)),
@@ -239,6 +244,7 @@ def serve(cfg: ServerConfig) -> int:
         data_dir=str(cfg.data_dir),
         namespaces=sorted(engines),
         auth="tokens" if tokens is not None else "none",
+        client_cert_roles=client_roles is not None,
         tls=cfg.security.tls_cert is not None,
     )
     # uvicorn restores the previous handlers after a graceful shutdown and re-raises the

@@ -24,18 +24,22 @@ Durability model (strict POSIX, stricter than ext4 in practice):
   data was never synced comes back **empty** (size 0).
 * Writing ``sync`` to the control file makes the whole live state durable, as the
   kernel's periodic write-back (or ``sync``) would after a quiet half minute.
-* A power cut (writing ``cut`` to the control file ``/.powercut`` at the mount root)
+* A power cut (writing ``cut`` to the control file ``/.powercut`` at the mount root,
+  or the N-th ``fsync``/``fdatasync``/directory fsync after writing ``cut-at-sync N``)
   freezes the filesystem at once: that write returns after the durable state has
   been written out as a plain directory tree (``--image``), and every later operation
   fails with ``EIO``. The test then SIGKILLs the program, unmounts, and mounts a new
-  instance on the image: "what survived". Reading ``/.powercut`` returns JSON
+  instance on the image: "what survived". Since the durable state changes only at those
+  syncs, cutting just before the N-th one, for N = 1, 2, ..., reaches every state a
+  power cut could leave behind (the restore rounds use this). Reading ``/.powercut`` returns JSON
   counters (syncs, dir syncs, writes, cut state).
 
 What it does NOT model: torn writes inside one ``write`` call (a write is all or
 nothing), reordering or partial persistence of unsynced writes (all unsynced changes
 are lost together; a real disk may keep some), ``sync``/``syncfs``/``sync_file_range``
 (not passed to FUSE; unused by UnisonDB), hard links and device nodes (refused with
-``EPERM``), and metadata other than sizes: permission bits, owners and times are
+``EPERM``); ``rename`` honours ``RENAME_NOREPLACE`` and ``RENAME_EXCHANGE`` (passed on to the
+backing directory with ``renameat2``), and metadata other than sizes: permission bits, owners and times are
 durable immediately. Files that existed when the filesystem was mounted are durable.
 Kernel caches are safe because a cut is always followed by an unmount; the kernel
 write-back cache is off (libfuse's default), so every ``write`` reaches this process
@@ -49,6 +53,7 @@ unmounted (``fusermount3 -u -z MOUNTPOINT``); ``POWERCUT_DEBUG=1`` logs every op
 from __future__ import annotations
 
 import argparse
+import ctypes
 import errno
 import json
 import logging
@@ -67,6 +72,8 @@ CONTROL_PATH = "/" + CONTROL_NAME
 CONTROL_FH = 1 << 40  # file handle of the control file (real fds are small)
 _SYNC_FLAGS = os.O_SYNC | os.O_DSYNC
 _SYNC_BIT = 1 << 32  # set in a file handle opened with O_SYNC/O_DSYNC
+_AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
+_LIBC = ctypes.CDLL(None, use_errno=True)
 _STAT_KEYS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino", "st_blocks", "st_blksize")
 
 
@@ -111,6 +118,7 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
         self.fds: dict[int, tuple[int, int]] = {}  # fh -> (live fd, node id)
         self.dirs: dict[int, str] = {}  # directory handle -> path (libfuse may pass no path)
         self.counters = {"fsync": 0, "fsyncdir": 0, "write": 0, "bytes_synced": 0}
+        self.cut_at_sync: int | None = None  # syncs left until an armed cut (None: not armed)
         os.makedirs(self.state, exist_ok=True)
         self.root = self._load(self.backing)
 
@@ -236,6 +244,16 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
         if self.frozen:
             raise mfusepy.FuseOSError(errno.EIO)
 
+    def _sync_point(self) -> None:
+        """Before each fsync/fsyncdir: an armed cut happens here, instead of this sync."""
+        self._check()
+        if self.cut_at_sync is not None:
+            self.cut_at_sync -= 1
+            if self.cut_at_sync <= 0:
+                self.cut_at_sync = None
+                self.cut()
+                raise mfusepy.FuseOSError(errno.EIO)
+
     def _fd(self, fh: int) -> tuple[int, Node]:
         fd, nid = self.fds[fh]
         return fd, self.nodes[nid]
@@ -340,6 +358,8 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
                         self.cut()
                 elif command == b"sync" and not self.frozen:
                     self.sync_all()
+                elif command.startswith(b"cut-at-sync ") and command[12:].isdigit() and int(command[12:]) > 0:
+                    self.cut_at_sync = int(command[12:])
                 else:
                     raise mfusepy.FuseOSError(errno.EINVAL)
                 return len(data)
@@ -372,7 +392,7 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
         with self._mu:
             if fh == CONTROL_FH:
                 return 0
-            self._check()
+            self._sync_point()
             fd, node = self._fd(fh)
             self._sync_file(fd, node)
             self.counters["fsync"] += 1
@@ -404,7 +424,7 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
 
     def fsyncdir(self, path: str | None, datasync: int, fh: int) -> int:
         with self._mu:
-            self._check()
+            self._sync_point()
             # The handle's path is the one opened: a directory renamed since is not followed.
             self._sync_dir(self._live(path or self.dirs[fh]))
             self.counters["fsyncdir"] += 1
@@ -438,12 +458,20 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
             os.unlink(live)
             return 0
 
-    def rename(self, old: str, new: str) -> int:
+    def rename(self, old: str, new: str, flags: int = 0) -> int:
         with self._mu:
             self._check()
             if CONTROL_PATH in (old, new):
                 raise mfusepy.FuseOSError(errno.EPERM)
             src, dst = self._live(old), self._live(new)
+            if flags:
+                # Both names keep their inodes (exchange) or nothing is replaced (noreplace):
+                # the node map stays right as it is.
+                if flags & ~(_RENAME_NOREPLACE | _RENAME_EXCHANGE):
+                    raise mfusepy.FuseOSError(errno.EINVAL)
+                if _LIBC.renameat2(_AT_FDCWD, os.fsencode(src), _AT_FDCWD, os.fsencode(dst), flags) != 0:
+                    raise mfusepy.FuseOSError(ctypes.get_errno())
+                return 0
             src_ino = os.lstat(src).st_ino
             if os.path.lexists(dst) and os.lstat(dst).st_ino != src_ino:
                 self._forget(dst)
@@ -487,7 +515,12 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
 
 
 class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
-    """mfusepy drops the file handle of ``ftruncate`` under libfuse 3; pass it on."""
+    """mfusepy drops the file handle of ``ftruncate`` and the flags of ``rename`` under
+    libfuse 3 (a RENAME_EXCHANGE became a plain rename); pass them on."""
+
+    def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
+        result: int = self.operations.rename(old.decode(), new.decode(), flags)
+        return result
 
     def truncate_fuse_3(self, path: bytes | None, length: int, fip: Any) -> int:
         fh = fip.contents.fh if fip else None

@@ -2,7 +2,8 @@
 
 ``PowerCutMount(workdir)`` owns one mount point. ``mount()`` starts a filesystem
 process on an empty tree or on the image the last ``cut()`` left; ``cut()`` loses
-every change not made durable and returns that image; ``unmount()`` lazily unmounts
+every change not made durable and returns that image (``cut_at_sync(n)`` arms the same cut
+at the n-th sync to come); ``unmount()`` lazily unmounts
 and ends the filesystem process (by its PID). Each generation keeps its own
 ``live``/``state`` directories so a failure can be looked at afterwards.
 """
@@ -108,6 +109,20 @@ class PowerCutMount:
             f.write(b"cut")
         self.image = self.workdir / f"gen{self.generation}" / "image"
         return self.image
+
+    def cut_at_sync(self, n: int) -> None:
+        """Arm a cut just before the ``n``-th fsync/fdatasync/directory fsync from now."""
+        with open(self.mountpoint / CONTROL, "wb", buffering=0) as f:
+            f.write(b"cut-at-sync %d" % n)
+
+    def cut_if_not_yet(self) -> bool:
+        """After an armed cut: take its image, or cut now if it did not fire; True if it fired."""
+        fired = bool(self.stats()["frozen"])
+        if fired:
+            self.image = self.workdir / f"gen{self.generation}" / "image"
+        else:
+            self.cut()
+        return fired
 
     def unmount(self, timeout: float = 10.0) -> None:
         """Lazy unmount, then wait for (or end) our filesystem process. Safe to repeat."""

@@ -257,6 +257,7 @@ def build_app(
     max_body_bytes: int = 1 << 20,
     tokens: TokenTable | None = None,
     metrics_open: bool = False,
+    client_certs: bool = False,
     archive: Any = None,
     shutdown: Shutdown | None = None,
 ) -> ASGIApp:
@@ -277,6 +278,6 @@ def build_app(
     app.state.shutdown = shutdown
     app.state.openapi = build_openapi(max_body_bytes)
     inner: ASGIApp = KvFastPath(app, engines, max_body_bytes)
-    if tokens is not None:
-        inner = BearerAuth(inner, tokens, metrics_open=metrics_open)
+    if tokens is not None or client_certs:  # client_certs: the protocol sets the scope key
+        inner = BearerAuth(inner, tokens, metrics_open=metrics_open, client_certs=client_certs)
     return RequestMetrics(inner, metrics)

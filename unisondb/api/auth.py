@@ -1,5 +1,8 @@
 """Bearer-token authentication: the token file, roles, and the ASGI guard in front of every route.
 
+(Client certificates can carry the same roles: ``api/clientcert.py``; the guard below
+checks both.)
+
 Token file (``--auth-token-file``; mode 0600 or stricter, owned by the server's user)::
 
     # comments and blank lines are ignored
@@ -32,7 +35,7 @@ import hmac
 import os
 import re
 import stat
-from collections.abc import Mapping
+from collections.abc import Awaitable, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -49,7 +52,7 @@ class Role(IntEnum):
     ADMIN = 3
 
 
-_ROLE_NAMES: Mapping[str, Role] = {
+ROLE_NAMES: Mapping[str, Role] = {
     "read": Role.READ,
     "write": Role.WRITE,
     "admin": Role.ADMIN,
@@ -58,6 +61,9 @@ _ROLE_NAMES: Mapping[str, Role] = {
 _TOKEN_RE = re.compile(r"^[A-Za-z0-9\-._~+/]+=*$")
 _PUBLIC = frozenset({b"/health", b"/healthz"})
 _REALM = 'Bearer realm="unisondb"'
+_compare_digest = hmac.compare_digest  # a global, not a module attribute, on the hot path
+#: ASGI scope key of the connection's verified client certificate (``api/clientcert.py``).
+CLIENT_CERT_SCOPE_KEY = "unisondb.client_cert"
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,7 +75,7 @@ class TokenTable:
     def role_of(self, token: bytes) -> Role | None:
         found: Role | None = None
         for known, role in self.entries:  # no early exit: same work whichever one matches
-            if hmac.compare_digest(token, known):
+            if _compare_digest(token, known):
                 found = role
         return found
 
@@ -99,7 +105,7 @@ def load_tokens(path: Path) -> TokenTable:
         if len(fields) != 2:
             raise InvalidRequest(f"{where}: expected '<token> <role>', got {len(fields)} field(s)")
         token, role_name = fields
-        role = _ROLE_NAMES.get(role_name.lower())
+        role = ROLE_NAMES.get(role_name.lower())
         if role is None:
             raise InvalidRequest(f"{where}: unknown role {role_name!r} (use read, write or admin)")
         if not 16 <= len(token) <= 512 or not _TOKEN_RE.match(token):
@@ -119,22 +125,29 @@ def load_tokens(path: Path) -> TokenTable:
     return TokenTable(tuple(entries))
 
 
+#: Module constants: an enum member looked up as ``Role.X`` costs ~0.1 µs on Python 3.11.
+_READ, _WRITE, _ADMIN = Role.READ, Role.WRITE, Role.ADMIN
+_ADMIN_SUFFIXES = (b"/backup", b"/backups", b"/archive/snapshot")
+
+
 def required_role(method: str, raw_path: bytes, metrics_open: bool) -> Role | None:
     """The least role a request needs; None: no token needed."""
     if raw_path in _PUBLIC or (metrics_open and raw_path == b"/metrics"):
         return None
-    if raw_path.endswith(b"/backup"):  # split only then: this runs on every request
+    if raw_path.endswith(_ADMIN_SUFFIXES):  # one call for every other path; split only then
         parts = raw_path.split(b"/")
-        # [b"", b"api", b"v1", ns, b"wal"|b"btree", b"backup"]
-        if len(parts) == 6 and parts[4] in (b"wal", b"btree"):
-            return Role.ADMIN
-    if raw_path.endswith(b"/backups") and raw_path.count(b"/") == 4:
-        return Role.ADMIN  # GET /api/v1/<ns>/backups: the backup catalog
-    if raw_path.endswith(b"/archive/snapshot"):  # uploads a whole snapshot: a backup route
-        return Role.ADMIN
-    if method in ("GET", "HEAD"):
-        return Role.READ
-    return Role.WRITE
+        if raw_path.endswith(b"/backup"):
+            # [b"", b"api", b"v1", ns, b"wal"|b"btree", b"backup"]
+            if len(parts) == 6 and parts[4] in (b"wal", b"btree"):
+                return _ADMIN
+        elif raw_path.endswith(b"/backups"):
+            if len(parts) == 5:
+                return _ADMIN  # GET /api/v1/<ns>/backups: the backup catalog
+        else:
+            return _ADMIN  # .../archive/snapshot uploads a whole snapshot: a backup route
+    if method == "GET" or method == "HEAD":
+        return _READ
+    return _WRITE
 
 
 def _refusal(status: int, message: str, challenge: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
@@ -151,45 +164,79 @@ def _refusal(status: int, message: str, challenge: str) -> tuple[int, bytes, lis
 
 
 class BearerAuth:
-    """ASGI middleware in front of the fast path and the full app alike: one check for both."""
+    """ASGI middleware in front of the fast path and the full app alike: one check for both.
 
-    def __init__(self, app: ASGIApp, tokens: TokenTable, *, metrics_open: bool) -> None:
+    ``tokens``: the token table (None: bearer tokens are off, an Authorization header is
+    ignored). ``client_certs``: the protocol puts each connection's ``CertIdentity`` into
+    the scope (``api/clientcert.py``). A request's role is its token's when it sends one
+    (an unknown token is 401 even with a good certificate), else its certificate's.
+    """
+
+    def __init__(
+        self, app: ASGIApp, tokens: TokenTable | None, *, metrics_open: bool, client_certs: bool = False
+    ) -> None:
         self.app = app
         self.tokens = tokens
         self.metrics_open = metrics_open
+        self.client_certs = client_certs
 
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+    def __call__(self, scope: Scope, receive: Receive, send: Send) -> Awaitable[None]:
+        # Not a coroutine itself: an admitted request gets the inner app's own awaitable,
+        # so the guard adds no coroutine frame (~1 µs, a few % of a fast-path GET).
         if scope["type"] == "http":
             refusal = self.check(scope)
             if refusal is not None:
-                status, body, headers = refusal
-                scope["endpoint"] = auth_refused  # the metrics label of these responses
-                await send({"type": "http.response.start", "status": status, "headers": headers})
-                await send({"type": "http.response.body", "body": body})
-                return
-        await self.app(scope, receive, send)
+                return self._refuse(scope, send, refusal)
+        return self.app(scope, receive, send)
+
+    @staticmethod
+    async def _refuse(
+        scope: Scope, send: Send, refusal: tuple[int, bytes, list[tuple[bytes, bytes]]]
+    ) -> None:
+        status, body, headers = refusal
+        scope["endpoint"] = auth_refused  # the metrics label of these responses
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send({"type": "http.response.body", "body": body})
 
     def check(self, scope: Scope) -> tuple[int, bytes, list[tuple[bytes, bytes]]] | None:
         raw_path: bytes = scope.get("raw_path") or scope["path"].encode()  # no query in it
         need = required_role(scope["method"], raw_path, self.metrics_open)
         if need is None:
             return None
-        presented: bytes | None = None
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                scheme, _, rest = value.strip().partition(b" ")
-                if scheme.lower() == b"bearer":
-                    presented = rest.strip()
-                break
-        if not presented:
-            return _refusal(401, "authentication required: send 'Authorization: Bearer <token>'", _REALM)
-        role = self.tokens.role_of(presented)
-        if role is None:
-            return _refusal(401, "invalid bearer token", _REALM + ', error="invalid_token"')
+        tokens = self.tokens
+        presented = b""
+        if tokens is not None:
+            for name, value in scope["headers"]:
+                if name == b"authorization":
+                    scheme, _, rest = value.strip().partition(b" ")
+                    if scheme.lower() == b"bearer":
+                        presented = rest.strip()
+                    break
+        if presented:
+            assert tokens is not None
+            role = tokens.role_of(presented)
+            if role is None:
+                return _refusal(401, "invalid bearer token", _REALM + ', error="invalid_token"')
+            if role >= need:
+                return None  # the common case: no more work
+            who = "token"
+        else:
+            cert = scope.get(CLIENT_CERT_SCOPE_KEY) if self.client_certs else None
+            if cert is None:
+                return _refusal(401, "authentication required: send 'Authorization: Bearer <token>'", _REALM)
+            role, who = cert.role, cert.describe()
+            if role is None:
+                hint = "; send a bearer token" if self.tokens is not None else ""
+                return _refusal(
+                    403,
+                    f"{who} has no role: add 'cn:{cert.cn}' or 'sha256:{cert.sha256}' to the "
+                    f"--tls-client-roles file{hint}",
+                    _REALM + ', error="insufficient_scope"',
+                )
         if role < need:
             return _refusal(
                 403,
-                f"token role '{role.name.lower()}' may not do this; it needs role '{need.name.lower()}'",
+                f"{who} role '{role.name.lower()}' may not do this; it needs role '{need.name.lower()}'",
                 _REALM + ', error="insufficient_scope"',
             )
         return None

@@ -173,6 +173,13 @@ from unisondb.errors import UnisonDBError
     help="Require client certificates signed by this PEM CA bundle.",
 )
 @click.option(
+    "--tls-client-roles",
+    type=click.Path(path_type=Path, dir_okay=False),
+    default=None,
+    help="Give client certificates roles: lines 'cn:NAME ROLE' or 'sha256:HEX ROLE' "
+    "(roles as for tokens; needs --tls-client-ca).",
+)
+@click.option(
     "--archive-url",
     default=None,
     metavar="s3://BUCKET/PREFIX",
@@ -260,6 +267,7 @@ def cli(
             "cert": http_flags["tls_cert"],
             "key": http_flags["tls_key"],
             "client_ca": http_flags["tls_client_ca"],
+            "client_roles": http_flags["tls_client_roles"],
         },
         archive_overrides={k[8:]: v for k, v in http_flags.items() if k.startswith("archive_")},
     )

@@ -191,11 +191,15 @@ def apply_plan(
             _rename_noreplace(staging, ns_dir)
             staging = None
             _step("renamed")
-        fsutil.fsync_dir(data_dir)
-        if staging is not None:
-            _rmtree(staging)
-            staging = None
+        try:
+            # An error here (EIO: a power cut) is one error line too, like every step before.
             fsutil.fsync_dir(data_dir)
+            if staging is not None:
+                _rmtree(staging)
+                staging = None
+                fsutil.fsync_dir(data_dir)
+        except OSError as exc:
+            raise from_os_error(exc, data_dir) from exc
         _step("published")
         publish_seconds = time.perf_counter() - t_pub
     except BaseException:
@@ -255,7 +259,10 @@ def _remove_stale_staging(data_dir: Path, ns: str) -> list[Path]:
     for d in removed:
         _rmtree(d)
     if removed:
-        fsutil.fsync_dir(data_dir)
+        try:
+            fsutil.fsync_dir(data_dir)
+        except OSError as exc:
+            raise from_os_error(exc, data_dir) from exc
     return removed
 
 
