@@ -7,6 +7,12 @@ credential chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_
 and since 1.35 ``put_object`` takes ``IfNoneMatch='*'`` and ``IfMatch=etag``, the conditional writes the
 single-writer lease and the never-overwrite rule rest on.
 
+Objects above ``multipart_threshold`` (default 64 MiB; one S3 PUT holds at most 5 GiB) are sent as a
+multipart upload whose ``CompleteMultipartUpload`` carries ``If-None-Match: *`` (AWS since 2024-08,
+SeaweedFS too: ``tests/archive/test_archive_multipart.py``), so a big object is created-if-absent
+exactly like a small one; a failed or refused upload is aborted. Every upload (not the lease) first
+takes its bytes from the ``--archive-rate-limit`` token bucket (``ratelimit.py``).
+
 Every call goes through :func:`_translate`, so callers only ever see ``unisondb.errors``:
 
 =============================================  ====================================================
@@ -23,6 +29,7 @@ other 4xx (bad bucket name, bad request)       ``InvalidRequest``
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -32,6 +39,7 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
+from unisondb.archive.ratelimit import TokenBucket
 from unisondb.errors import (
     ArchiveUnavailable,
     InvalidRequest,
@@ -52,6 +60,15 @@ _THROTTLED = {
     "ServiceUnavailable",
     "InternalError",
 }
+
+
+#: Objects larger than this go up as a multipart upload (S3 allows 5 GiB in one PUT; smaller
+#: parts also bound the memory and the time one request holds the rate limiter).
+MULTIPART_THRESHOLD = 64 << 20
+#: Part size (S3: at least 5 MiB except the last, at most 10 000 parts — raised to fit).
+PART_SIZE = 16 << 20
+MIN_PART_SIZE = 5 << 20
+MAX_PARTS = 10_000
 
 
 @dataclass(frozen=True)
@@ -97,9 +114,17 @@ class ObjectStore:
         region: str | None = None,
         max_attempts: int = 3,
         client: Any = None,
+        limiter: TokenBucket | None = None,
+        multipart_threshold: int = MULTIPART_THRESHOLD,
+        part_size: int = PART_SIZE,
     ) -> None:
+        if part_size < MIN_PART_SIZE or multipart_threshold < part_size:
+            raise ValueError(f"part size {part_size} must be >= 5 MiB and <= the multipart threshold")
         self.bucket = bucket
         self.endpoint_url = endpoint_url
+        self.limiter = limiter
+        self.multipart_threshold = multipart_threshold
+        self.part_size = part_size
         if client is None:
             config = Config(
                 s3={"addressing_style": "path" if path_style else "auto"},
@@ -124,12 +149,59 @@ class ObjectStore:
         return f"s3://{self.bucket}/{key}"
 
     def put_if_absent(self, key: str, body: bytes | IO[bytes]) -> str:
-        """Create ``key``; ``ObjectExists`` if any object already has that name. Returns the ETag."""
+        """Create ``key``; ``ObjectExists`` if any object already has that name. Returns the ETag.
+
+        A seekable file body is sent from its current position to its end; above the multipart
+        threshold, as a multipart upload completed with the same condition."""
+        size = _remaining(body)
+        if size > self.multipart_threshold and not isinstance(body, bytes):
+            return self._put_multipart(key, body, size)
+        if self.limiter is not None:
+            self.limiter.take(size)
         try:
             response = self._client.put_object(Bucket=self.bucket, Key=key, Body=body, IfNoneMatch="*")
         except (ClientError, BotoCoreError) as exc:
             raise _translate(exc, self.where(key), on_412=ObjectExists) from exc
         return str(response["ETag"])
+
+    def _put_multipart(self, key: str, body: IO[bytes], size: int) -> str:
+        part_size = max(self.part_size, -(-size // MAX_PARTS))
+        try:
+            upload_id = str(self._client.create_multipart_upload(Bucket=self.bucket, Key=key)["UploadId"])
+        except (ClientError, BotoCoreError) as exc:
+            raise _translate(exc, self.where(key)) from exc
+        try:
+            parts: list[dict[str, Any]] = []
+            while chunk := body.read(part_size):
+                if self.limiter is not None:
+                    self.limiter.take(len(chunk))
+                number = len(parts) + 1
+                response = self._client.upload_part(
+                    Bucket=self.bucket, Key=key, UploadId=upload_id, PartNumber=number, Body=chunk
+                )
+                parts.append({"ETag": response["ETag"], "PartNumber": number})
+            done = self._client.complete_multipart_upload(
+                Bucket=self.bucket,
+                Key=key,
+                UploadId=upload_id,
+                MultipartUpload={"Parts": parts},
+                IfNoneMatch="*",
+            )
+        except (ClientError, BotoCoreError) as exc:
+            self._abort(key, upload_id)
+            raise _translate(exc, self.where(key), on_412=ObjectExists) from exc
+        except BaseException:
+            self._abort(key, upload_id)
+            raise
+        return str(done["ETag"])
+
+    def _abort(self, key: str, upload_id: str) -> None:
+        # Best effort: an upload left behind (a crash here) is invisible to GET/LIST of objects and
+        # is reclaimed by an AbortIncompleteMultipartUpload lifecycle rule (docs/ARCHIVE.md).
+        try:
+            self._client.abort_multipart_upload(Bucket=self.bucket, Key=key, UploadId=upload_id)
+        except (ClientError, BotoCoreError):
+            pass
 
     def put_if_match(self, key: str, body: bytes | IO[bytes], etag: str) -> str:
         """Replace ``key`` only if its ETag is still ``etag``; ``ObjectChanged`` otherwise."""
@@ -184,6 +256,16 @@ class ObjectStore:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise _translate(exc, self.where(key)) from exc
+
+
+def _remaining(body: bytes | IO[bytes]) -> int:
+    """Bytes from the body's position to its end (what a PUT of it sends)."""
+    if isinstance(body, (bytes, bytearray)):
+        return len(body)
+    here = body.tell()
+    end = body.seek(0, os.SEEK_END)
+    body.seek(here)
+    return end - here
 
 
 def _translate(
