@@ -45,13 +45,13 @@ import structlog
 
 from unisondb.archive.archiver import Archiver, SegmentInfo
 from unisondb.archive.lease import Lease
-from unisondb.archive.manifest import SnapshotManifest, publish_snapshot
+from unisondb.archive.manifest import SnapshotManifest, publish_snapshot, read_manifest
 from unisondb.archive.objectfmt import ArchiveKey, load_key
 from unisondb.archive.ratelimit import TokenBucket
 from unisondb.archive.retention import PruneResult, Retention, RetentionPolicy
 from unisondb.archive.store import ArchiveURL, ObjectStore, parse_url
 from unisondb.config import ArchiveConfig
-from unisondb.errors import ArchiveUnavailable, InvalidRequest, UnisonDBError, from_os_error
+from unisondb.errors import ArchiveConflict, ArchiveUnavailable, InvalidRequest, UnisonDBError, from_os_error
 from unisondb.metrics import ArchiveCollector, ArchiveLag, ArchiveMetrics
 from unisondb.storage import fsutil, layout
 from unisondb.storage.engine import Engine
@@ -296,19 +296,29 @@ class ArchiveService:
                     cp, size, _ = write_snapshot(na.engine, fd, tmp)
                 finally:
                     os.close(fd)
-                manifest = publish_snapshot(
-                    self.store,
-                    self.url.prefix,
-                    tmp,
-                    namespace=ns,
-                    history_id=cp.history,
-                    lsn=cp.applied_lsn,
-                    fingerprint=cp.fingerprint,
-                    writer_id=self.writer_id,
-                    archive_key=self.key,
-                    created_at=self._wall(),
-                    spool_dir=root,
-                )
+                try:
+                    manifest = publish_snapshot(
+                        self.store,
+                        self.url.prefix,
+                        tmp,
+                        namespace=ns,
+                        history_id=cp.history,
+                        lsn=cp.applied_lsn,
+                        fingerprint=cp.fingerprint,
+                        writer_id=self.writer_id,
+                        archive_key=self.key,
+                        created_at=self._wall(),
+                        spool_dir=root,
+                    )
+                except ArchiveConflict:
+                    # A snapshot file differs byte for byte each time it is written, so a second
+                    # snapshot at an LSN already published (nothing written since) conflicts by
+                    # SHA-256; the same history, LSN and state fingerprint is the same state.
+                    manifest = read_manifest(
+                        self.store, self.url.prefix, ns, cp.history, cp.applied_lsn, self.key
+                    )
+                    if cp.fingerprint is None or manifest.fingerprint != cp.fingerprint.hex():
+                        raise
             finally:
                 fsutil.remove_quietly(tmp)
             state = {
