@@ -11,6 +11,8 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -306,3 +308,28 @@ def test_server_retention_then_restore_to_the_oldest_promised_point(
     assert "no complete snapshot" in res.stderr and "at or before the target" in res.stderr, res.stderr
     assert "Traceback" not in res.stderr
     assert not (before / NS).exists()
+
+
+def test_bad_retention_and_rate_limit_flags_are_one_line_errors(tmp_path: Path) -> None:
+    url = ["--archive-url", "s3://bkt/p"]
+    cases = [
+        ([*url, "--archive-retention-snapshots", "many"], "expected a count"),
+        ([*url, "--archive-retention-snapshots", "-1"], "expected a count"),
+        ([*url, "--archive-retention-age", "a week"], "invalid duration"),
+        ([*url, "--archive-retention-interval", "0"], "at least 1s"),
+        ([*url, "--archive-rate-limit", "fast"], "invalid archive rate limit"),
+        ([*url, "--archive-rate-limit", "1KiB/s"], "at least 64KiB/s"),
+        (["--archive-retention-snapshots", "3"], "need --archive-url"),
+        (["--archive-rate-limit", "1MiB/s"], "need --archive-url"),
+    ]
+    for args, message in cases:
+        res = subprocess.run(
+            [sys.executable, "-m", "unisondb", "--data-dir", str(tmp_path / "d"), *args],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "AWS_ACCESS_KEY_ID": "x", "AWS_SECRET_ACCESS_KEY": "y"},
+        )
+        assert res.returncode != 0
+        lines = res.stderr.strip().splitlines()
+        assert len(lines) == 1 and message in lines[0], (args, res.stderr)
