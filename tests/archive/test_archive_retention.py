@@ -194,6 +194,16 @@ def test_prune_a_real_bucket(s3_server: S3Server, bucket: str, tmp_path: Path) -
     assert _retention(store, RetentionPolicy(keep_snapshots=2)).prune(5600.0).deleted_objects == 0
 
 
+def test_prune_a_real_bucket_by_age(s3_server: S3Server, bucket: str, tmp_path: Path) -> None:
+    store = ObjectStore(bucket, client=s3_server.client())
+    _build(store, tmp_path)
+    retention = _retention(store, RetentionPolicy(keep_age=2500))
+    assert retention.prune(5600.0).window_lsn == 500  # the window starts at 3100: base is 3000's
+    assert assert_consistent(store) == [500, 750, 950]
+    assert retention.prune(6600.0).window_lsn == 750  # an hour later the window moved on
+    assert assert_consistent(store) == [750, 950]
+
+
 @pytest.mark.parametrize("crash_after", [0, 1, 2, 5, 9, 10, 13])
 def test_a_crash_anywhere_in_a_prune_leaves_only_extra_objects(
     s3_server: S3Server, bucket: str, tmp_path: Path, crash_after: int

@@ -9,10 +9,14 @@ from __future__ import annotations
 
 import io
 import os
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 from s3server import S3Server
+from serverproc import ServerProcess
+from test_archive_server import NS, archive_args, put, s3_env, wait_for  # noqa: F401  (s3_env: a fixture)
 
 from unisondb.archive import objectfmt
 from unisondb.archive.objectfmt import ArchiveKey, Kind
@@ -135,3 +139,25 @@ def test_large_segment_published_in_parts_round_trips(
     out = io.BytesIO()
     objectfmt.decode(store.open("seg/one"), out, key, "seg/one")
     assert out.getvalue() == path.read_bytes()
+
+
+def test_server_rate_limit_holds_uploads_back(
+    s3_env: S3Server,  # noqa: F811
+    bucket: str,
+    tmp_path: Path,
+    server_factory: Any,
+) -> None:
+    """The flag reaches the uploads: at 64 KiB/s, ~400 KiB of incompressible WAL waits seconds
+    (read from the counter the server exports, not timed by the test)."""
+    args = archive_args(
+        s3_env, bucket, None, "--archive-snapshot-interval", "0", "--archive-rate-limit", "64KiB/s"
+    )
+    srv: ServerProcess = server_factory(tmp_path / "data", NS, extra_args=args)
+    last = 0
+    for i in range(8):
+        last = put(srv, f"k{i}", os.urandom(50_000))
+    wait_for(srv, lambda s: s["archivedLsn"] >= last, "the archive to catch up", timeout=60)
+    with srv.client() as c:
+        metrics = c.get("/metrics").text
+    waited = re.search(r"^unisondb_archive_rate_limited_seconds_total (\S+)$", metrics, re.M)
+    assert waited and float(waited.group(1)) >= 3.0, metrics
