@@ -13,6 +13,7 @@ import re
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from test_archive_server import (
 from unisondb.archive import naming
 from unisondb.archive.manifest import publish_snapshot, read_manifest
 from unisondb.archive.naming import ArchiveName, NameKind
-from unisondb.archive.objectfmt import Kind
+from unisondb.archive.objectfmt import ArchiveKey, Kind
 from unisondb.archive.publish import publish_file
 from unisondb.archive.retention import Retention, RetentionPolicy, SnapshotEntry, plan, read_record
 from unisondb.archive.store import ObjectStore
@@ -202,6 +203,53 @@ def test_prune_a_real_bucket_by_age(s3_server: S3Server, bucket: str, tmp_path: 
     assert assert_consistent(store) == [500, 750, 950]
     assert retention.prune(6600.0).window_lsn == 750  # an hour later the window moved on
     assert assert_consistent(store) == [750, 950]
+
+
+def test_snapshots_of_another_key_keep_their_place_in_the_window(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """After a key rotation the old snapshots cannot be read, but they are not damaged: retention
+    neither fails on them nor deletes them as unfinished; they age out by their LastModified."""
+    store = ObjectStore(bucket, client=s3_server.client())
+    old, new = ArchiveKey.from_bytes(os.urandom(32)), ArchiveKey.from_bytes(os.urandom(32))
+    blob = tmp_path / "blob"
+    blob.write_bytes(os.urandom(2000))
+    for i, (first, last) in enumerate(SEGMENTS):
+        k = old if first < 500 else new
+        key = naming.segment_key(PREFIX, NS, H, first, last, i + 1, True)
+        publish_file(
+            store,
+            key,
+            blob,
+            kind=Kind.SEGMENT,
+            namespace=NS,
+            history_id=H,
+            first_lsn=first,
+            last_lsn=last,
+            archive_key=k,
+        )
+    stored = time.time()
+    for lsn in (0, 250, 500, 750, 950):
+        k = old if lsn < 500 else new
+        publish_snapshot(
+            store, PREFIX, blob, namespace=NS, history_id=H, lsn=lsn, fingerprint=None, writer_id="w",
+            archive_key=k, created_at=stored + 3600 + lsn,  # the new key's: after the rotation
+        )  # fmt: skip
+    retention = Retention(
+        store,
+        PREFIX,
+        NS,
+        RetentionPolicy(keep_snapshots=4),
+        archive_key=new,
+        writer_id="w",
+        lease_held=lambda: True,
+    )
+    result = retention.prune(stored + 7200)
+    assert result.window_lsn == 250 and result.deleted_snapshots == 1 and result.deleted_segments == 2
+    left = _names(store)
+    assert sorted({n.first_lsn for n in left if n.kind is NameKind.SNAPSHOT}) == [250, 500, 750, 950]
+    assert read_manifest(store, PREFIX, NS, H, 250, old).lsn == 250  # still a backup, with its key
+    assert min(n.first_lsn for n in left if n.kind is NameKind.SEGMENT) == 201
 
 
 @pytest.mark.parametrize("crash_after", [0, 1, 2, 5, 9, 10, 13])

@@ -29,9 +29,13 @@ still names a snapshot whose WAL is all there:
    copy remains it is still a complete backup; after it, an unfinished upload, never offered);
 3. then the segments below the window, lowest LSN first (what remains is a contiguous suffix).
 
-Unfinished snapshots (no readable manifest) below ``W_lsn`` are leftovers of a crash and are
-deleted the same way. The caller holds the namespace's snapshot lock so no snapshot is being
-published meanwhile, and the writer lease: every delete first checks ``lease_held()``.
+Unfinished snapshots (no readable manifest) below ``W_lsn`` are leftovers of a crash and are deleted
+the same way. A snapshot written with another key (before a rotation, or before encryption was
+switched on or off) cannot be read but is not damaged: it counts as complete, with its manifest
+object's LastModified (from the LIST) as its creation time, so it keeps its place in the window and
+ages out like any other (a restore from it needs its own key). The caller holds the namespace's
+snapshot lock so no snapshot is being published meanwhile, and the writer lease: every delete first
+checks ``lease_held()``.
 
 Pruning LISTs the namespace once per run (it is not the steady-state path; it runs on its own
 schedule, ``--archive-retention-interval``, default 1 h). Manifests are immutable, so those read
@@ -57,7 +61,7 @@ from unisondb.archive.manifest import SnapshotManifest, read_manifest
 from unisondb.archive.naming import ArchiveName, NameKind
 from unisondb.archive.objectfmt import ArchiveKey
 from unisondb.archive.store import ObjectStore
-from unisondb.errors import CorruptArchive, LeaseHeld, NotFound
+from unisondb.errors import CorruptArchive, InvalidRequest, LeaseHeld, NotFound
 
 log = structlog.get_logger(__name__)
 
@@ -84,11 +88,23 @@ class SnapshotEntry:
     lsn: int
     #: Names present, in the order they are deleted (manifest, copy, snapshot object).
     keys: dict[NameKind, str] = field(default_factory=dict)
+    #: Whether the listed names are of an encrypted archive (``.enc``).
+    encrypted: bool = False
+    #: When the manifest object was stored (LIST's LastModified).
+    stored_at: float | None = None
     manifest: SnapshotManifest | None = None
+    #: Written with another key (or none/one when we have one/none): unreadable, not damaged.
+    foreign: bool = False
+
+    @property
+    def created_at(self) -> float | None:
+        if self.manifest is not None:
+            return self.manifest.created_at
+        return self.stored_at if self.foreign else None
 
     @property
     def complete(self) -> bool:
-        return self.manifest is not None and NameKind.SNAPSHOT in self.keys
+        return self.created_at is not None and NameKind.SNAPSHOT in self.keys
 
     def delete_order(self) -> list[tuple[str, str]]:
         """(object name, metric kind) in the order they are deleted."""
@@ -120,7 +136,7 @@ def plan(
     entries = list(snapshots)
     complete = sorted(
         (e for e in entries if e.complete),
-        key=lambda e: (e.manifest.created_at if e.manifest else 0.0, e.lsn),
+        key=lambda e: (e.created_at or 0.0, e.lsn),
         reverse=True,
     )
     if not policy.enabled or not complete:
@@ -129,16 +145,17 @@ def plan(
     if policy.keep_age > 0:
         cutoff = now - policy.keep_age
         for i, e in enumerate(complete):
-            assert e.manifest is not None
             keep_ids.add(i)
-            if e.manifest.created_at <= cutoff:
+            if (e.created_at or 0.0) <= cutoff:
                 break  # the base of the window's start; everything older may go
     kept = [e for i, e in enumerate(complete) if i in keep_ids]
     pruned = [e for i, e in enumerate(complete) if i not in keep_ids]
     pruned.reverse()  # oldest first
     window_lsn = min(e.lsn for e in kept)
-    window_time = min(e.manifest.created_at for e in kept if e.manifest is not None)
-    orphans = sorted((e for e in entries if not e.complete and e.lsn < window_lsn), key=lambda e: e.lsn)
+    window_time = min(e.created_at or 0.0 for e in kept)
+    orphans = sorted(
+        (e for e in entries if not e.complete and not e.foreign and e.lsn < window_lsn), key=lambda e: e.lsn
+    )
     doomed = sorted(
         (
             (n.first_lsn, n.segment_id or 0, k)
@@ -198,8 +215,16 @@ class Retention:
             ident = (name.history_id, name.first_lsn)
             entry = entries.setdefault(ident, SnapshotEntry(name.history_id, name.first_lsn))
             entry.keys[name.kind] = info.key
+            if name.kind is not NameKind.SNAPSHOT:
+                entry.encrypted = name.encrypted
+                stamp = info.last_modified
+                if stamp is not None:
+                    entry.stored_at = stamp if entry.stored_at is None else min(entry.stored_at, stamp)
         for ident, entry in entries.items():
             if NameKind.MANIFEST not in entry.keys and NameKind.MANIFEST_COPY not in entry.keys:
+                continue
+            if entry.encrypted != (self._key is not None):
+                entry.foreign = True  # plain while we encrypt, or the reverse
                 continue
             cached = self._manifests.get(ident)
             if cached is None:
@@ -207,6 +232,9 @@ class Retention:
                     cached = read_manifest(
                         self.store, self.prefix, self.namespace, entry.history_id, entry.lsn, self._key
                     )
+                except InvalidRequest:
+                    entry.foreign = True  # another key id (a rotation): unreadable, not damaged
+                    continue
                 except CorruptArchive as exc:
                     # Unreadable (damaged, or another key): not a backup, so it keeps nothing.
                     log.warning(

@@ -100,6 +100,8 @@ class ObjectInfo:
     key: str
     size: int
     etag: str
+    #: Unix time the store last wrote the object (None when the answer lacked it).
+    last_modified: float | None = None
 
 
 class ObjectStore:
@@ -237,7 +239,7 @@ class ObjectStore:
             if isinstance(error, NotFound):
                 return None
             raise error from exc
-        return ObjectInfo(key, int(response["ContentLength"]), str(response["ETag"]))
+        return ObjectInfo(key, int(response["ContentLength"]), str(response["ETag"]), _time(response))
 
     def list(self, prefix: str) -> Iterator[ObjectInfo]:
         """Every object under ``prefix``, in key order. For rebuilding the catalog only: LIST is the
@@ -246,7 +248,7 @@ class ObjectStore:
         try:
             for page in paginator.paginate(Bucket=self.bucket, Prefix=prefix):
                 for item in page.get("Contents", []):
-                    yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]))
+                    yield ObjectInfo(str(item["Key"]), int(item["Size"]), str(item["ETag"]), _time(item))
         except (ClientError, BotoCoreError) as exc:
             raise _translate(exc, self.where(prefix)) from exc
 
@@ -256,6 +258,11 @@ class ObjectStore:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise _translate(exc, self.where(key)) from exc
+
+
+def _time(answer: dict[str, Any]) -> float | None:
+    stamp = answer.get("LastModified")
+    return float(stamp.timestamp()) if stamp is not None else None
 
 
 def _remaining(body: bytes | IO[bytes]) -> int:
