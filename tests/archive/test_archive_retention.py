@@ -40,7 +40,7 @@ from unisondb.archive.objectfmt import ArchiveKey, Kind
 from unisondb.archive.publish import publish_file
 from unisondb.archive.retention import Retention, RetentionPolicy, SnapshotEntry, plan, read_record
 from unisondb.archive.store import ObjectStore
-from unisondb.errors import CorruptArchive
+from unisondb.errors import CorruptArchive, LeaseHeld
 
 H = bytes.fromhex("aa" * 16)
 PREFIX = "arch"
@@ -166,7 +166,7 @@ def assert_consistent(store: ObjectStore) -> list[int]:
     return sorted(offered)
 
 
-def _retention(store: ObjectStore, policy: RetentionPolicy, on_delete: Any = None) -> Retention:
+def _retention(store: ObjectStore, policy: RetentionPolicy, on_delete: Any = None, **kw: Any) -> Retention:
     return Retention(
         store,
         PREFIX,
@@ -176,6 +176,7 @@ def _retention(store: ObjectStore, policy: RetentionPolicy, on_delete: Any = Non
         writer_id="w",
         lease_held=lambda: True,
         on_delete=on_delete,
+        **kw,
     )
 
 
@@ -252,6 +253,29 @@ def test_snapshots_of_another_key_keep_their_place_in_the_window(
     assert min(n.first_lsn for n in left if n.kind is NameKind.SEGMENT) == 201
 
 
+def test_a_lost_lease_or_a_stop_ends_a_prune_between_deletes(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    store = ObjectStore(bucket, client=s3_server.client())
+    _build(store, tmp_path)
+    deletes = [0]
+
+    def count(kind: str) -> None:
+        deletes[0] += 1
+
+    held = lambda: deletes[0] < 4  # noqa: E731  (another server takes the prefix after 4 deletes)
+    with pytest.raises(LeaseHeld, match="no longer holds the lease"):
+        Retention(
+            store, PREFIX, NS, RetentionPolicy(keep_snapshots=2), archive_key=None, writer_id="w",
+            lease_held=held, on_delete=count,
+        ).prune(5600.0)  # fmt: skip
+    assert deletes[0] == 4 and {750, 950} <= set(assert_consistent(store))
+    stopped = _retention(store, RetentionPolicy(keep_snapshots=2), count, stopping=lambda: deletes[0] >= 6)
+    result = stopped.prune(5600.0)  # stops after the snapshot it is on; no segment deleted
+    assert result.deleted_segments == 0 and {750, 950} <= set(assert_consistent(store))
+    assert len([n for n in _names(store) if n.kind is NameKind.SEGMENT]) == 10
+
+
 @pytest.mark.parametrize("crash_after", [0, 1, 2, 5, 9, 10, 13])
 def test_a_crash_anywhere_in_a_prune_leaves_only_extra_objects(
     s3_server: S3Server, bucket: str, tmp_path: Path, crash_after: int
@@ -269,7 +293,7 @@ def test_a_crash_anywhere_in_a_prune_leaves_only_extra_objects(
             raise Killed
 
     with pytest.raises(Killed):
-        _retention(store, RetentionPolicy(keep_snapshots=2), die).prune(5600.0)
+        _retention(store, RetentionPolicy(keep_snapshots=2), die, batch=3).prune(5600.0)
     # The record of the new window is written before the first delete.
     assert (read_record(store, PREFIX, NS) or {}).get("oldest_lsn") == 750
     offered = assert_consistent(store)

@@ -27,7 +27,9 @@ still names a snapshot whose WAL is all there:
    with the new window, before anything is deleted;
 2. pruned snapshots, oldest first, each as manifest → manifest copy → snapshot object (while the
    copy remains it is still a complete backup; after it, an unfinished upload, never offered);
-3. then the segments below the window, lowest LSN first (what remains is a contiguous suffix).
+3. then the segments below the window, lowest LSN first, in batches of up to 1000 per DeleteObjects
+   request (the batches in order, so what remains is nearly a contiguous suffix; within a batch
+   the store picks the order — all of it is below the window either way).
 
 Unfinished snapshots (no readable manifest) below ``W_lsn`` are leftovers of a crash and are deleted
 the same way. A snapshot written with another key (before a rotation, or before encryption was
@@ -60,7 +62,7 @@ from unisondb.archive import naming
 from unisondb.archive.manifest import SnapshotManifest, read_manifest
 from unisondb.archive.naming import ArchiveName, NameKind
 from unisondb.archive.objectfmt import ArchiveKey
-from unisondb.archive.store import ObjectStore
+from unisondb.archive.store import DELETE_BATCH, ObjectStore
 from unisondb.errors import CorruptArchive, InvalidRequest, LeaseHeld, NotFound
 
 log = structlog.get_logger(__name__)
@@ -190,6 +192,8 @@ class Retention:
         writer_id: str,
         lease_held: Callable[[], bool],
         on_delete: Callable[[str], None] | None = None,  # called with the metric kind
+        stopping: Callable[[], bool] = lambda: False,
+        batch: int = DELETE_BATCH,
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -199,6 +203,8 @@ class Retention:
         self.writer_id = writer_id
         self._lease_held = lease_held
         self._on_delete = on_delete
+        self._stopping = stopping
+        self._batch = batch
         self._manifests: dict[tuple[bytes, int], SnapshotManifest] = {}
 
     def catalog(self) -> tuple[list[SnapshotEntry], list[tuple[str, ArchiveName]]]:
@@ -250,23 +256,35 @@ class Retention:
         p = plan(self.policy, snapshots, segments, now)
         if p.window_lsn is None:
             return PruneResult(None, None, len(p.kept), 0, 0, 0)
-        deleted = 0
+        deleted = snapshots_deleted = segments_deleted = 0
         if p.pruned or p.orphans or p.segments:
             self._write_record(p, now)
         for entry in [*p.pruned, *p.orphans]:
+            if self._stopping():
+                break  # a shutdown: the next run goes on from here
             for key, kind in entry.delete_order():
-                self._delete(key, kind)
+                self._check_lease(key)
+                self.store.delete(key)
+                self._deleted(kind, 1)
                 deleted += 1
+            snapshots_deleted += 1
             self._manifests.pop((entry.history_id, entry.lsn), None)
-        for key in p.segments:
-            self._delete(key, "segment")
-            deleted += 1
+        else:  # segments only once every pruned snapshot is gone (not after a stop)
+            for start in range(0, len(p.segments), self._batch):
+                if self._stopping():
+                    break
+                keys = p.segments[start : start + self._batch]
+                self._check_lease(keys[0])
+                self.store.delete_many(keys)
+                self._deleted("segment", len(keys))
+                deleted += len(keys)
+                segments_deleted += len(keys)
         result = PruneResult(
             p.window_lsn,
             p.window_time,
             len(p.kept),
-            len(p.pruned) + len(p.orphans),
-            len(p.segments),
+            snapshots_deleted,
+            segments_deleted,
             deleted,
         )
         log.info(
@@ -280,15 +298,17 @@ class Retention:
         )
         return result
 
-    def _delete(self, key: str, kind: str) -> None:
+    def _check_lease(self, key: str) -> None:
         if not self._lease_held():
             raise LeaseHeld(
                 f"archive retention of {self.namespace} stopped: this server no longer holds the lease "
                 f"(the next object was {self.store.where(key)})"
             )
-        self.store.delete(key)
+
+    def _deleted(self, kind: str, n: int) -> None:
         if self._on_delete is not None:
-            self._on_delete(kind)
+            for _ in range(n):
+                self._on_delete(kind)
 
     def _write_record(self, p: PrunePlan, now: float) -> None:
         assert p.window_lsn is not None

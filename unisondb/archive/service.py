@@ -173,9 +173,9 @@ class ArchiveService:
         self.writer_id = writer_id(data_dir)
         self.lease = Lease(self.store, self.url.prefix, self.writer_id)
         self.namespaces: dict[str, NamespaceArchive] = {}
+        self._stop = threading.Event()
         for ns, engine in engines.items():
             self.add(ns, engine)
-        self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
         self._pruner: threading.Thread | None = None
 
@@ -211,6 +211,7 @@ class ArchiveService:
                 writer_id=self.writer_id,
                 lease_held=lambda: self.lease.held and archiver.state != "lease-lost",
                 on_delete=lambda kind: self.metrics.retention_deletions.labels(ns, kind).inc(),
+                stopping=self._stop.is_set,
             )
         holder.append(na)
         self.namespaces[ns] = na

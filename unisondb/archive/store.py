@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from typing import IO, Any
 
@@ -252,12 +252,40 @@ class ObjectStore:
         except (ClientError, BotoCoreError) as exc:
             raise _translate(exc, self.where(prefix)) from exc
 
+    def delete_many(self, keys: Sequence[str]) -> None:
+        """Remove up to ``DELETE_BATCH`` keys in one request (retention's segment pruning). Any key
+        the store reports as not deleted fails the call, naming it."""
+        if not keys:
+            return
+        if len(keys) > DELETE_BATCH:
+            raise ValueError(f"at most {DELETE_BATCH} keys per delete, got {len(keys)}")
+        try:
+            response = self._client.delete_objects(
+                Bucket=self.bucket, Delete={"Objects": [{"Key": k} for k in keys], "Quiet": True}
+            )
+        except (ClientError, BotoCoreError) as exc:
+            raise _translate(exc, self.where(keys[0])) from exc
+        errors = response.get("Errors") or []
+        if errors:
+            first = errors[0]
+            where = self.where(str(first.get("Key", keys[0])))
+            detail = f"{first.get('Code', '')}: {first.get('Message', '')}"
+            if str(first.get("Code", "")) in ("AccessDenied",):
+                raise PermissionDenied(f"object store refused to delete {where} ({detail})")
+            raise ArchiveUnavailable(
+                f"object store did not delete {where} and {len(errors) - 1} more ({detail})"
+            )
+
     def delete(self, key: str) -> None:
         """Remove ``key`` (no error if it is already gone: S3 DELETE is idempotent)."""
         try:
             self._client.delete_object(Bucket=self.bucket, Key=key)
         except (ClientError, BotoCoreError) as exc:
             raise _translate(exc, self.where(key)) from exc
+
+
+#: Keys per DeleteObjects request (the S3 maximum).
+DELETE_BATCH = 1000
 
 
 def _time(answer: dict[str, Any]) -> float | None:
