@@ -1,4 +1,4 @@
-"""The narrow object-store client the archive uses: six calls, one place where S3 errors are translated.
+"""The narrow object-store client the archive uses: a few calls, one place where S3 errors are translated.
 
 Why boto3 (docs/ARCHIVE.md has the long form): it is the AWS SDK itself, so it follows the standard
 credential chain (``AWS_ACCESS_KEY_ID``/``AWS_SECRET_ACCESS_KEY``/``AWS_SESSION_TOKEN``,
