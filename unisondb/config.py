@@ -48,6 +48,10 @@ TOML file (every key optional; flags given on the command line win)::
     key_file = "/etc/unisondb/archive.key"  # AES-256-GCM key; unset = not encrypted
     interval = "1s"                       # seal the active segment this long after new writes
     snapshot_interval = "24h"             # a snapshot to the archive this often (0 = never)
+    retention_snapshots = 0               # keep the newest N snapshots (0 and age 0 = keep all)
+    retention_age = "0"                   # keep every point of the last D restorable (e.g. "7d")
+    retention_interval = "1h"             # how often retention prunes the archive
+    rate_limit = "0"                      # upload bandwidth, bytes/s (e.g. "20MiB"); 0 = unlimited
 """
 
 from __future__ import annotations
@@ -176,6 +180,14 @@ class ArchiveConfig:
     interval: float = 1.0
     #: A snapshot is published to the archive this often (0 = only on demand).
     snapshot_interval: float = 24 * 3600.0
+    #: Retention (archive/retention.py): keep the newest N complete snapshots, and every
+    #: point of the last ``retention_age`` seconds; both 0 (the default) = never delete.
+    retention_snapshots: int = 0
+    retention_age: float = 0.0
+    #: How often retention lists and prunes each namespace (it never runs per upload).
+    retention_interval: float = 3600.0
+    #: Upload bandwidth bound in bytes per second for the whole server (0 = unlimited).
+    rate_limit: int = 0
 
     @property
     def enabled(self) -> bool:
@@ -320,6 +332,10 @@ _ARCHIVE_KEYS: dict[str, type] = {
     "key_file": str,
     "interval": object,
     "snapshot_interval": object,
+    "retention_snapshots": object,
+    "retention_age": object,
+    "retention_interval": object,
+    "rate_limit": object,
 }
 
 
@@ -344,15 +360,61 @@ def _archive(values: dict[str, Any], config_file: Path | None) -> ArchiveConfig:
         key_file=Path(values["key_file"]) if values.get("key_file") else None,
         interval=parse_duration(values.get("interval", default.interval)),
         snapshot_interval=parse_duration(values.get("snapshot_interval", default.snapshot_interval)),
+        retention_snapshots=_count("retention_snapshots", values.get("retention_snapshots", 0)),
+        retention_age=parse_duration(values.get("retention_age", default.retention_age)),
+        retention_interval=parse_duration(values.get("retention_interval", default.retention_interval)),
+        rate_limit=_rate(values.get("rate_limit", default.rate_limit)),
     )
+    if cfg.retention_interval < 1.0:
+        raise InvalidRequest(
+            f"archive retention interval must be at least 1s, got {cfg.retention_interval:g}s"
+        )
+    if cfg.rate_limit and cfg.rate_limit < 64 * 1024:
+        raise InvalidRequest(
+            f"archive rate limit must be 0 (unlimited) or at least 64KiB/s, got {cfg.rate_limit} bytes/s"
+        )
     if cfg.interval < 0.05:
         raise InvalidRequest(f"archive interval must be at least 50ms, got {cfg.interval:g}s")
-    if url is None and (cfg.endpoint or cfg.key_file or cfg.path_style):
+    if url is None and (
+        cfg.endpoint
+        or cfg.key_file
+        or cfg.path_style
+        or cfg.retention_snapshots
+        or cfg.retention_age
+        or cfg.rate_limit
+    ):
         raise InvalidRequest(
-            "--archive-endpoint, --archive-path-style and --archive-key-file "
-            "need --archive-url s3://bucket/prefix"
+            "--archive-endpoint, --archive-path-style, --archive-key-file, --archive-retention-* "
+            "and --archive-rate-limit need --archive-url s3://bucket/prefix"
         )
     return cfg
+
+
+def _count(name: str, value: object) -> int:
+    """A non-negative integer flag or TOML value ('7' from the command line, 7 from a file)."""
+    try:
+        count = int(str(value)) if not isinstance(value, bool) else -1
+    except ValueError:
+        count = -1
+    if count < 0:
+        raise InvalidRequest(
+            f"invalid archive {name.replace('_', ' ')} {value!r}: expected a count such as 7"
+        )
+    return count
+
+
+def _rate(value: object) -> int:
+    """'20MiB/s', '20MiB' or a number of bytes per second."""
+    if isinstance(value, str) and value.endswith("/s"):
+        value = value[:-2]
+    if not isinstance(value, (str, int)) or isinstance(value, bool):
+        raise InvalidRequest(f"invalid archive rate limit {value!r}: use e.g. 20MiB/s or a byte count")
+    try:
+        return parse_size(value)
+    except InvalidRequest:
+        raise InvalidRequest(
+            f"invalid archive rate limit {value!r}: use e.g. 20MiB/s or a byte count"
+        ) from None
 
 
 #: ``[http]`` keys and how each is parsed.

@@ -178,8 +178,36 @@ class ArchiveMetrics:
             registry=r,
         )
 
+        self.retention_deletions = Counter(
+            "unisondb_archive_retention_deletions_total",
+            "Objects archive retention deleted (kind: segment, snapshot, manifest)",
+            ["namespace", "kind"],
+            registry=r,
+        )
+        self.retention_window_lsn = Gauge(
+            "unisondb_archive_retention_window_lsn",
+            "Oldest LSN archive retention still promises to restore (-1: not pruned yet)",
+            ["namespace"],
+            registry=r,
+        )
+        self.retention_last_run = Gauge(
+            "unisondb_archive_retention_last_run_timestamp_seconds",
+            "Unix time of the last successful retention run (0: none since start)",
+            ["namespace"],
+            registry=r,
+        )
+        self.rate_limited = Counter(
+            "unisondb_archive_rate_limited_seconds_total",
+            "Seconds uploads waited for --archive-rate-limit",
+            registry=r,
+        )
+
     def init_namespace(self, namespace: str) -> None:
         """Series at 0 from the start, so ``increase()`` sees the first failure."""
+        for kind in ("segment", "snapshot", "manifest"):
+            self.retention_deletions.labels(namespace, kind)
+        self.retention_window_lsn.labels(namespace).set(-1)
+        self.retention_last_run.labels(namespace).set(0)
         for kind in ("segment", "snapshot"):
             self.uploads.labels(namespace, kind)
             self.upload_bytes.labels(namespace, kind)

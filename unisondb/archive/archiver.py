@@ -8,9 +8,21 @@ It is given two narrow callables instead of reaching into the engine:
 
 A background thread (or a caller, through :meth:`run_once`) repeatedly: renews the writer lease when
 due, then publishes every sealed segment that is not yet confirmed, lowest id first, and stops the
-pass at the first failure so the archive never gets a hole that a later upload hides. Confirmed ids
-are kept in memory; after a restart each local sealed segment is published again, and
-``publish_file`` treats an identical existing object as confirmed (no LIST call, ever, on this path).
+pass at the first failure so the archive never gets a hole that a later upload hides.
+
+Confirmed ids are kept in memory, and the newest one is persisted after every pass that confirmed
+something (``state_path``, ``<data-dir>/<ns>/archive-segments.json``)::
+
+    {"url": "s3://bucket/prefix", "segment": 42, "key": "<object name>", "last_lsn": 4200}
+
+Because segments are confirmed strictly in id order, every local sealed segment with an id below it
+was confirmed too. After a restart the first pass trusts that watermark when (a) the URL is the same,
+(b) the local segment with that id still exists and names the same object (same history and LSN
+range: a restored or replaced WAL does not match), and (c) one HEAD finds the object — or the
+namespace's retention record shows retention deleted it on purpose. Then nothing below it is
+re-encoded or re-uploaded (and segments retention pruned are not resurrected). Otherwise the
+segments are published again and ``publish_file`` recognises identical objects. No LIST, ever, on
+this path.
 
 Failures:
 
@@ -29,6 +41,7 @@ Failures:
 
 from __future__ import annotations
 
+import json
 import random
 import threading
 import time
@@ -38,13 +51,14 @@ from pathlib import Path
 
 import structlog
 
-from unisondb.archive import naming
+from unisondb.archive import naming, retention
 from unisondb.archive.lease import Lease
 from unisondb.archive.objectfmt import ArchiveKey, Kind
 from unisondb.archive.publish import publish_file
 from unisondb.archive.store import ObjectStore
-from unisondb.errors import ArchiveUnavailable, LeaseHeld, UnisonDBError
+from unisondb.errors import ArchiveUnavailable, CorruptArchive, LeaseHeld, UnisonDBError
 from unisondb.metrics import ArchiveMetrics
+from unisondb.storage import fsutil
 
 log = structlog.get_logger(__name__)
 
@@ -89,6 +103,8 @@ class Archiver:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         spool_dir: Path | None = None,
+        state_path: Path | None = None,
+        archive_url: str = "",
     ) -> None:
         self.store = store
         self.prefix = prefix
@@ -103,6 +119,10 @@ class Archiver:
         self._clock = clock
         self._wall = wall
         self._spool_dir = spool_dir
+        self._state_path = state_path
+        self._archive_url = archive_url
+        self._resumed = state_path is None
+        self._newest: tuple[int, str, int] | None = None  # (segment id, key, last LSN) confirmed
         self._archived: set[int] = set()
         self._archived_lsn = -1
         self._lock = threading.Lock()
@@ -138,16 +158,98 @@ class Archiver:
         elif self._clock() >= self._next_renewal:
             self.lease.renew()
             self._next_renewal = self._clock() + self.lease.renew_interval
+        if not self._resumed:
+            self._resume()
         pending = sorted((sid, path) for sid, path in self._list_sealed() if not self.is_archived(sid))
         self._set_pending(len(pending))
         done = 0
-        for segment_id, path in pending:
-            if self._stop.is_set() and not self._draining:
-                break
-            self._publish(segment_id, path)
-            done += 1
-            self._set_pending(len(pending) - done)
+        try:
+            for segment_id, path in pending:
+                if self._stop.is_set() and not self._draining:
+                    break
+                self._publish(segment_id, path)
+                done += 1
+                self._set_pending(len(pending) - done)
+        finally:
+            if done:
+                self._save_state()
         return done
+
+    # -- the persisted watermark -------------------------------------------------------------------
+
+    def _resume(self) -> None:
+        # Not marked done when the archive is unreachable: the next pass tries again.
+        self._try_resume()
+        self._resumed = True
+
+    def _try_resume(self) -> None:
+        """Trust the persisted watermark if it still describes this WAL and this archive."""
+        state = self._read_state()
+        if state is None:
+            return
+        sid, key, last_lsn = state
+        sealed = dict(self._list_sealed())
+        if sid not in sealed or self._key_of(sid, sealed[sid]) != key:
+            log.info("archive.watermark_not_local", namespace=self.namespace, segment=sid)
+            return
+        if self.store.head(key) is None:
+            try:
+                record = retention.read_record(self.store, self.prefix, self.namespace)
+            except CorruptArchive as exc:
+                log.warning("archive.retention_record_unreadable", error=str(exc))
+                record = None
+            oldest = record.get("oldest_lsn") if record else None
+            if not isinstance(oldest, int) or oldest < last_lsn:
+                log.warning(
+                    "archive.watermark_missing",
+                    namespace=self.namespace,
+                    key=self.store.where(key),
+                    hint="the archive lost a confirmed segment; publishing the local ones again",
+                )
+                return
+        with self._lock:
+            self._archived.update(s for s in sealed if s <= sid)
+            self._archived_lsn = max(self._archived_lsn, last_lsn)
+            self._newest = (sid, key, last_lsn)
+        log.info("archive.resumed", namespace=self.namespace, segment=sid, last_lsn=last_lsn)
+
+    def _read_state(self) -> tuple[int, str, int] | None:
+        assert self._state_path is not None
+        try:
+            raw = json.loads(self._state_path.read_text())
+            if raw.get("url") != self._archive_url:
+                return None
+            return int(raw["segment"]), str(raw["key"]), int(raw["last_lsn"])
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            # Only an optimisation depends on it: without it the segments are published again.
+            log.warning("archive.watermark_unreadable", path=str(self._state_path), error=str(exc))
+            return None
+
+    def _save_state(self) -> None:
+        with self._lock:
+            newest = self._newest
+        if self._state_path is None or newest is None:
+            return
+        sid, key, last_lsn = newest
+        text = json.dumps({"url": self._archive_url, "segment": sid, "key": key, "last_lsn": last_lsn})
+        try:
+            fsutil.write_file_atomic(self._state_path, (text + "\n").encode())
+        except UnisonDBError as exc:
+            log.warning("archive.watermark_not_saved", path=str(self._state_path), error=str(exc))
+
+    def _key_of(self, segment_id: int, path: Path) -> str:
+        info = self._describe(segment_id, path)
+        return naming.segment_key(
+            self.prefix,
+            self.namespace,
+            info.history_id,
+            info.first_lsn,
+            info.last_lsn,
+            segment_id,
+            self._key is not None,
+        )
 
     def _publish(self, segment_id: int, path: Path) -> None:
         info = self._describe(segment_id, path)
@@ -171,6 +273,8 @@ class Archiver:
         with self._lock:
             self._archived.add(segment_id)
             self._archived_lsn = max(self._archived_lsn, info.last_lsn)
+            if self._newest is None or segment_id > self._newest[0]:
+                self._newest = (segment_id, key, info.last_lsn)
         if self.metrics is not None:
             if not published.already:
                 self.metrics.uploads.labels(self.namespace, "segment").inc()

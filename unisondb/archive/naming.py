@@ -7,6 +7,7 @@ Under an archive URL ``s3://bucket/PREFIX``::
     PREFIX/NS/HISTORY/snapshots/LSN.snapshot.zst[.enc]             one snapshot (B-tree at LSN)
     PREFIX/NS/HISTORY/snapshots/LSN.manifest.zst[.enc]             written after the snapshot
     PREFIX/NS/HISTORY/snapshots/LSN.manifest.copy.zst[.enc]        written after the manifest
+    PREFIX/NS/retention.json                                       the window retention keeps (retention.py)
 
 ``NS`` is the namespace, ``HISTORY`` the 32 lowercase hex digits of the 16-byte history id, ``FIRST``,
 ``LAST`` and ``LSN`` are LSNs as 20 decimal digits and ``SEGMENT`` the segment id as 9 (the local file
@@ -23,6 +24,7 @@ from enum import Enum
 from unisondb.storage.layout import is_namespace_name, validate_namespace
 
 LEASE_NAME = "writer.lease"
+RETENTION_NAME = "retention.json"
 
 _HISTORY = r"(?P<history>[0-9a-f]{32})"
 _SEGMENT_RE = re.compile(
@@ -68,6 +70,11 @@ def _suffix(encrypted: bool) -> str:
 
 def lease_key(prefix: str) -> str:
     return f"{prefix}/{LEASE_NAME}" if prefix else LEASE_NAME
+
+
+def retention_key(prefix: str, namespace: str) -> str:
+    """The namespace's retention record (not an archive object: plain JSON, see retention.py)."""
+    return namespace_prefix(prefix, namespace) + RETENTION_NAME
 
 
 def namespace_prefix(prefix: str, namespace: str) -> str:

@@ -17,7 +17,14 @@ All namespaces of one server share one writer lease (``PREFIX/writer.lease``): t
 prefix, and two servers on one prefix is the mistake it refuses. The writer id is stable per data
 directory (``<data-dir>/archive-writer-id``), so a restart after SIGKILL takes its own lease back.
 
-The last snapshot's time per namespace is kept in ``<data-dir>/<ns>/archive-snapshot.json``
+Retention (``retention.py``) runs in its own thread every ``--archive-retention-interval`` when
+``--archive-retention-snapshots`` or ``--archive-retention-age`` is set, holding the namespace's
+snapshot lock (no snapshot is half-published while it lists and deletes) and only while the lease is
+held. ``--archive-rate-limit`` is one token bucket in the shared ``ObjectStore``: it bounds the
+uploads of all namespaces together, never the lease.
+
+The archiver's confirmed-segment watermark is ``<data-dir>/<ns>/archive-segments.json``
+(``archiver.py``). The last snapshot's time per namespace is kept in ``<data-dir>/<ns>/archive-snapshot.json``
 (``{"lsn": N, "time": unix seconds, "history": "<32 hex>", "key": "<object name>"}``) so a restart
 does not upload a fresh 24-hourly snapshot, and so the schedule needs no LIST call.
 """
@@ -40,6 +47,8 @@ from unisondb.archive.archiver import Archiver, SegmentInfo
 from unisondb.archive.lease import Lease
 from unisondb.archive.manifest import SnapshotManifest, publish_snapshot
 from unisondb.archive.objectfmt import ArchiveKey, load_key
+from unisondb.archive.ratelimit import TokenBucket
+from unisondb.archive.retention import PruneResult, Retention, RetentionPolicy
 from unisondb.archive.store import ArchiveURL, ObjectStore, parse_url
 from unisondb.config import ArchiveConfig
 from unisondb.errors import ArchiveUnavailable, InvalidRequest, UnisonDBError, from_os_error
@@ -51,6 +60,7 @@ log = structlog.get_logger(__name__)
 
 WRITER_ID_FILE = "archive-writer-id"
 SNAPSHOT_STATE_FILE = "archive-snapshot.json"
+SEGMENT_STATE_FILE = "archive-segments.json"
 #: How often the snapshot scheduler looks at the clock.
 SCHEDULE_POLL_S = 1.0
 #: How long a clean stop keeps uploading what the stop itself sealed.
@@ -99,6 +109,10 @@ class NamespaceArchive:
     snapshot_lock: threading.Lock = field(default_factory=threading.Lock)
     last_snapshot: dict[str, Any] | None = None
     snapshot_error: str | None = None
+    retention: Retention | None = None
+    last_prune: PruneResult | None = None
+    last_prune_time: float | None = None
+    retention_error: str | None = None
 
     def list_sealed(self) -> list[tuple[int, Path]]:
         # Empty sealed segments cover no LSN and are not uploaded (they cannot be named).
@@ -149,16 +163,26 @@ class ArchiveService:
         self.metrics = metrics
         self._wall = wall
         self.key: ArchiveKey | None = load_key(cfg.key_file) if cfg.key_file else None
-        self.store = store or ObjectStore(
-            self.url.bucket, endpoint_url=cfg.endpoint, path_style=cfg.path_style
+        self.limiter = (
+            TokenBucket(cfg.rate_limit, sleep=self._rate_limited_sleep) if cfg.rate_limit > 0 else None
         )
+        self.store = store or ObjectStore(
+            self.url.bucket, endpoint_url=cfg.endpoint, path_style=cfg.path_style, limiter=self.limiter
+        )
+        self.policy = RetentionPolicy(cfg.retention_snapshots, cfg.retention_age)
         self.writer_id = writer_id(data_dir)
         self.lease = Lease(self.store, self.url.prefix, self.writer_id)
         self.namespaces: dict[str, NamespaceArchive] = {}
+        self._stop = threading.Event()
         for ns, engine in engines.items():
             self.add(ns, engine)
-        self._stop = threading.Event()
         self._scheduler: threading.Thread | None = None
+        self._pruner: threading.Thread | None = None
+
+    def _rate_limited_sleep(self, seconds: float) -> None:
+        self.metrics.rate_limited.inc(seconds)
+        # Waits on the stop event, so a low rate limit never holds up a shutdown by much.
+        self._stop.wait(seconds)
 
     def add(self, ns: str, engine: Engine) -> None:
         holder: list[NamespaceArchive] = []
@@ -173,8 +197,22 @@ class ArchiveService:
             interval=self.cfg.interval,
             metrics=self.metrics,
             spool_dir=layout.backup_root(self.data_dir, ns),
+            state_path=layout.namespace_dir(self.data_dir, ns) / SEGMENT_STATE_FILE,
+            archive_url=str(self.url),
         )
         na = NamespaceArchive(engine, archiver, last_snapshot=self._read_state(ns))
+        if self.policy.enabled:
+            na.retention = Retention(
+                self.store,
+                self.url.prefix,
+                ns,
+                self.policy,
+                archive_key=self.key,
+                writer_id=self.writer_id,
+                lease_held=lambda: self.lease.held and archiver.state != "lease-lost",
+                on_delete=lambda kind: self.metrics.retention_deletions.labels(ns, kind).inc(),
+                stopping=self._stop.is_set,
+            )
         holder.append(na)
         self.namespaces[ns] = na
         self.metrics.init_namespace(ns)
@@ -189,6 +227,9 @@ class ArchiveService:
             na.archiver.start()
         self._scheduler = threading.Thread(target=self._schedule_loop, name="archive-snapshots", daemon=True)
         self._scheduler.start()
+        if self.policy.enabled:
+            self._pruner = threading.Thread(target=self._prune_loop, name="archive-retention", daemon=True)
+            self._pruner.start()
         log.info(
             "archive.started",
             url=str(self.url),
@@ -197,6 +238,9 @@ class ArchiveService:
             encrypted=self.key is not None,
             interval=self.cfg.interval,
             snapshot_interval=self.cfg.snapshot_interval,
+            retention_snapshots=self.cfg.retention_snapshots,
+            retention_age=self.cfg.retention_age,
+            rate_limit=self.cfg.rate_limit,
         )
 
     def seal_all(self) -> None:
@@ -212,6 +256,8 @@ class ArchiveService:
         self._stop.set()
         if self._scheduler is not None:
             self._scheduler.join(60)
+        if self._pruner is not None:
+            self._pruner.join(60)
         for na in self.namespaces.values():
             na.archiver.stop(release=False, drain=drain)
         if all(na.archiver.state != "lease-lost" for na in self.namespaces.values()):
@@ -251,6 +297,7 @@ class ArchiveService:
                     cp, size, _ = write_snapshot(na.engine, fd, tmp)
                 finally:
                     os.close(fd)
+                # A second snapshot of the same state at one LSN confirms the first (publish.py).
                 manifest = publish_snapshot(
                     self.store,
                     self.url.prefix,
@@ -303,6 +350,43 @@ class ArchiveService:
                         log.warning("archive.snapshot_failed", namespace=ns, error=str(exc))
             self._stop.wait(SCHEDULE_POLL_S)
 
+    # -- retention -----------------------------------------------------------------------------
+
+    def prune(self, ns: str) -> PruneResult:
+        """Apply the retention policy to one namespace now (blocking; the schedule calls it)."""
+        na = self.namespaces[ns]
+        if na.retention is None:
+            raise InvalidRequest(
+                "archive retention is off",
+                hint="set --archive-retention-snapshots N or --archive-retention-age DURATION",
+            )
+        if not self.lease.held:
+            raise ArchiveUnavailable(f"archive {self.url} is not held by this server yet; retry shortly")
+        with na.snapshot_lock:
+            now = self._wall()
+            result = na.retention.prune(now)
+        na.last_prune, na.last_prune_time, na.retention_error = result, now, None
+        self.metrics.retention_last_run.labels(ns).set(now)
+        if result.window_lsn is not None:
+            self.metrics.retention_window_lsn.labels(ns).set(result.window_lsn)
+        return result
+
+    def _prune_loop(self) -> None:
+        next_run = 0.0  # the first run as soon as the lease is held
+        while not self._stop.is_set():
+            if self.lease.held and time.monotonic() >= next_run:
+                for ns in list(self.namespaces):
+                    if self._stop.is_set():
+                        return
+                    try:
+                        self.prune(ns)
+                    except UnisonDBError as exc:
+                        self.namespaces[ns].retention_error = str(exc)
+                        self.metrics.failures.labels(ns, "retention").inc()
+                        log.warning("archive.retention_failed", namespace=ns, error=str(exc))
+                next_run = time.monotonic() + self.cfg.retention_interval
+            self._stop.wait(SCHEDULE_POLL_S)
+
     def _read_state(self, ns: str) -> dict[str, Any] | None:
         path = layout.namespace_dir(self.data_dir, ns) / SNAPSHOT_STATE_FILE
         try:
@@ -344,4 +428,12 @@ class ArchiveService:
                 "lastSnapshotTime": (na.last_snapshot or {}).get("time"),
                 "snapshotError": na.snapshot_error,
             }
+            if na.retention is not None:
+                prune = na.last_prune
+                out["namespaces"][ns]["retention"] = {
+                    "windowLsn": prune.window_lsn if prune else None,
+                    "windowTime": prune.window_time if prune else None,
+                    "lastRun": na.last_prune_time,
+                    "error": na.retention_error,
+                }
         return out

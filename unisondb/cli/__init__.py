@@ -217,6 +217,32 @@ from unisondb.errors import UnisonDBError
     metavar="DURATION",
     help="Publish a snapshot to the archive this often (0 = on demand only). Default: 24h",
 )
+@click.option(
+    "--archive-retention-snapshots",
+    default=None,
+    metavar="N",
+    help="Archive retention: keep the newest N snapshots (and the WAL they need). "
+    "Default: 0 = keep everything (unless --archive-retention-age)",
+)
+@click.option(
+    "--archive-retention-age",
+    default=None,
+    metavar="DURATION",
+    help="Archive retention: keep every point of the last DURATION restorable (e.g. 7d). "
+    "Default: 0 = keep everything (unless --archive-retention-snapshots)",
+)
+@click.option(
+    "--archive-retention-interval",
+    default=None,
+    metavar="DURATION",
+    help="How often archive retention prunes. Default: 1h",
+)
+@click.option(
+    "--archive-rate-limit",
+    default=None,
+    metavar="BYTES/S",
+    help="Bound the archive's upload bandwidth (e.g. 20MiB/s). Default: 0 = unlimited",
+)
 @click.version_option(__version__, prog_name="unisondb")
 @click.pass_context
 def cli(
