@@ -276,7 +276,9 @@ def build_app(
     app.state.archive = archive  # an ArchiveService, or None when archiving is off
     #: Backups register with it so a shutdown can cancel them (None: never cancelled).
     app.state.shutdown = shutdown
-    app.state.openapi = build_openapi(max_body_bytes)
+    app.state.openapi = build_openapi(
+        max_body_bytes, namespaces=list(engines), auth=tokens is not None, metrics_open=metrics_open
+    )
     inner: ASGIApp = KvFastPath(app, engines, max_body_bytes)
     if tokens is not None or client_certs:  # client_certs: the protocol sets the scope key
         inner = BearerAuth(inner, tokens, metrics_open=metrics_open, client_certs=client_certs)

@@ -7,24 +7,52 @@ routes the app serves.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
+from unisondb.api import parsing
+from unisondb.backup import paths
+
+#: Operations that never need a token (``api/auth.py``); /metrics joins them with
+#: ``--metrics-auth none``.
+_PUBLIC_PATHS = ("/health", "/healthz")
 _ERROR = {"$ref": "#/components/schemas/Error"}
 _NS = {"name": "namespace", "in": "path", "required": True, "schema": {"type": "string"}}
+#: A key, as a JSON string and (percent-encoded) as the last path segment: the rules of
+#: ``api/parsing.py`` (tests/unit/api/test_spec_agreement.py checks they agree).
+_KEY_TEXT = {
+    "type": "string",
+    "minLength": 1,
+    "pattern": parsing.KEY_PATTERN,
+    "format": parsing.KEY_FORMAT,
+    "description": f"any non-empty text; 'format': {parsing.KEY_FORMAT_RULE}",
+}
 _KEY = {
     "name": "key",
     "in": "path",
     "required": True,
-    "description": "any non-empty UTF-8 path segment (percent-encoded), at most 511 bytes",
-    "schema": {"type": "string", "minLength": 1},
+    "description": "the key, percent-encoded as one path segment ('/' as %2F)",
+    "schema": _KEY_TEXT,
 }
 #: Standard base64 with padding: exactly what ``base64.b64decode(validate=True)`` accepts.
 BASE64_PATTERN = r"^(?:[A-Za-z0-9+/]{4})*(?:[A-Za-z0-9+/]{2}==|[A-Za-z0-9+/]{3}=)?$"
-#: A backup path: non-empty, not absolute, not starting blank (``backup/paths.py`` has the
-#: full rules; the spec may be stricter than the server, never looser).
-#: Not absolute, not starting with whitespace, no control characters anywhere (the same
-#: rules as backup/paths.py ``check_text``; tests/integration/test_schemathesis.py).
-BACKUP_PATH_PATTERN = r"^[^/\s\u0000-\u001f\u007f][^\u0000-\u001f\u007f]*$"
+#: Backup paths: the pattern is generated from the validator's own rules
+#: (``backup/paths.py`` ``text_pattern``); what no pattern can state (byte limits, a '..'
+#: hidden behind percent-encoding) is the ``format``, described in its text. A unit test
+#: (tests/unit/api/test_spec_agreement.py) checks pattern and validator agree.
+BACKUP_DIR_FORMAT = "unisondb-backup-dir"
+BACKUP_FILE_FORMAT = "unisondb-backup-file"
+
+
+def backup_path_schema(*, is_file: bool, description: str) -> dict[str, Any]:
+    return {
+        "type": "string",
+        "minLength": 1,
+        "pattern": paths.text_pattern(is_file=is_file),
+        "format": BACKUP_FILE_FORMAT if is_file else BACKUP_DIR_FORMAT,
+        "description": f"{description}; rules in docs/OPERATIONS.md 'Path rules'. Beyond the "
+        f"pattern ('format'): {paths.FORMAT_RULES}",
+    }
 
 
 def _json(schema: dict[str, Any]) -> dict[str, Any]:
@@ -73,11 +101,24 @@ def _public(summary: str) -> dict[str, Any]:
     }
 
 
-def build_openapi(max_body_bytes: int) -> dict[str, Any]:
+def build_openapi(
+    max_body_bytes: int,
+    *,
+    namespaces: Sequence[str] = (),
+    auth: bool = False,
+    metrics_open: bool = False,
+) -> dict[str, Any]:
+    """The document for one server: its body limit, its namespaces, whether tokens are on.
+
+    ``namespaces`` (when given) become the ``enum`` of ``{namespace}``: every other name is a
+    404, so a client (or schemathesis) generating from the document reaches the handlers.
+    ``auth`` declares the bearer scheme on every operation but /health and /healthz (and
+    /metrics when ``metrics_open``).
+    """
     obj = "object"
     success = {"type": obj, "properties": {"success": {"type": "boolean"}}}
     b64 = {"type": "string", "contentEncoding": "base64", "pattern": BASE64_PATTERN}
-    key_text = {"type": "string", "minLength": 1}
+    key_text = _KEY_TEXT
     backup_seg = {
         "type": obj,
         "properties": {
@@ -243,12 +284,10 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
                             "minimum": 0,
                             "description": "null or omitted = 0 = every sealed segment",
                         },
-                        "backupDir": {
-                            "type": "string",
-                            "minLength": 1,
-                            "pattern": BACKUP_PATH_PATTERN,
-                            "description": "relative to <dataDir>/backups/<namespace>/",
-                        },
+                        "backupDir": backup_path_schema(
+                            is_file=False,
+                            description="a directory relative to <dataDir>/backups/<namespace>/",
+                        ),
                         "rotate": {
                             "type": ["boolean", "null"],
                             "default": False,
@@ -290,12 +329,10 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
                     "type": obj,
                     "required": ["path"],
                     "properties": {
-                        "path": {
-                            "type": "string",
-                            "minLength": 1,
-                            "pattern": BACKUP_PATH_PATTERN,
-                            "description": "file path relative to <dataDir>/backups/<namespace>/",
-                        }
+                        "path": backup_path_schema(
+                            is_file=True,
+                            description="a file path relative to <dataDir>/backups/<namespace>/",
+                        )
                     },
                 },
             )
@@ -327,7 +364,24 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
             )
         },
     }
-    return {
+    if namespaces:
+        ns_param = {**_NS, "schema": {"type": "string", "enum": sorted(namespaces)}}
+        for ops in paths.values():
+            for op in ops.values():
+                op["parameters"] = [ns_param if p is _NS else p for p in op["parameters"]]
+    components: dict[str, Any] = {
+        "schemas": {
+            "Error": {"type": obj, "required": ["error"], "properties": {"error": {"type": "string"}}},
+            "Health": {
+                "type": obj,
+                "properties": {
+                    "status": {"type": "string"},
+                    "namespaces": {"type": "array", "items": {"type": "string"}},
+                },
+            },
+        }
+    }
+    spec: dict[str, Any] = {
         "openapi": "3.1.0",
         "info": {
             "title": "UnisonDB HTTP API",
@@ -340,16 +394,12 @@ def build_openapi(max_body_bytes: int) -> dict[str, Any]:
             "(docs/OPERATIONS.md).",
         },
         "paths": paths,
-        "components": {
-            "schemas": {
-                "Error": {"type": obj, "required": ["error"], "properties": {"error": {"type": "string"}}},
-                "Health": {
-                    "type": obj,
-                    "properties": {
-                        "status": {"type": "string"},
-                        "namespaces": {"type": "array", "items": {"type": "string"}},
-                    },
-                },
-            }
-        },
+        "components": components,
     }
+    if auth:
+        components["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        spec["security"] = [{"bearer": []}]
+        for path in (*_PUBLIC_PATHS, *(["/metrics"] if metrics_open else [])):
+            for op in paths[path].values():
+                op["security"] = []  # never needs a token
+    return spec

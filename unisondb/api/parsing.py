@@ -17,6 +17,13 @@ from starlette.requests import Request
 from unisondb.errors import InvalidRequest, NotFound, PayloadTooLarge
 from unisondb.storage.record import MAX_KEY
 
+#: What the OpenAPI document says of a key (a JSON string or the decoded path segment):
+#: non-empty Unicode without lone surrogates (those have no UTF-8 form); the byte limit is
+#: the schema's ``format`` (``KEY_FORMAT_RULE``), as no pattern can count UTF-8 bytes.
+KEY_PATTERN = "^[^\\ud800-\\udfff]+$"
+KEY_FORMAT = "unisondb-key"
+KEY_FORMAT_RULE = f"at most {MAX_KEY} bytes once UTF-8 encoded"
+
 
 async def read_body(request: Request) -> bytes:
     """The whole body, refusing (413) anything over the server's ``max_body_bytes``."""

@@ -19,6 +19,11 @@ Two steps, both raising ``InvalidRequest`` (400) with the rule that was broken:
    backup path, so ``%2e``, ``a%2fb`` and ``back\slash`` are ordinary names. The reason:
    a tool further down (a proxy, an upload script mapping paths to object keys, a Windows
    copy) may decode or split where we do not, and must not find a ``..`` there.
+   ``text_pattern`` spells every one of these rules that a regular expression can state as
+   one pattern (``/openapi.json`` serves it, so a client can check a path before sending it);
+   the rest — the byte limits and the hidden-``..`` rule — are the schema's ``format``
+   (``FORMAT_RULES``). ``tests/unit/api/test_spec_agreement.py`` checks that pattern and
+   these checks agree on every input.
 2. ``resolve`` looks at the file system: every prefix of the path, with symbolic links
    followed (``os.path.realpath``), must stay inside the root's real location. That covers a
    link to ``/etc`` as much as a link to another namespace's backup root.
@@ -38,6 +43,7 @@ from __future__ import annotations
 
 import errno
 import os
+import re
 import stat
 from dataclasses import dataclass
 from pathlib import Path
@@ -59,6 +65,22 @@ RESERVED_SUFFIXES = {
     ".wal.gz": "reserved for compressed WAL segments: verify and restore would read it as one",
     ".wal.zst": "reserved for compressed WAL segments: verify and restore would read it as one",
 }
+#: What ``str.isspace`` calls whitespace: a path made only of these is blank (refused).
+#: Spelled out so that ``text_pattern`` uses the very same set (a unit test compares it with
+#: ``str.isspace`` over all of Unicode).
+WHITESPACE = (
+    "\t\n\x0b\x0c\r\x1c\x1d\x1e\x1f \x85\xa0\u1680\u2000\u2001\u2002\u2003\u2004\u2005"
+    "\u2006\u2007\u2008\u2009\u200a\u2028\u2029\u202f\u205f\u3000"
+)
+#: Control characters (refused anywhere): a regex class body, used by the check and the pattern.
+_CONTROL_CLASS = "\\u0000-\\u001f\\u007f"
+_CONTROL = re.compile(f"[{_CONTROL_CLASS}]")
+#: The rules ``text_pattern`` cannot state; the schema names them as its ``format``.
+FORMAT_RULES = (
+    f"components at most {MAX_COMPONENT_BYTES} UTF-8 bytes, a file name at most "
+    f"{MAX_FILE_NAME_BYTES}, the whole path at most {MAX_PATH_BYTES}; no component that, "
+    "percent-decoded until it stops changing and split at '/' and '\\', has a '..' piece"
+)
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
 
 
@@ -98,11 +120,11 @@ def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
         raise InvalidRequest(
             f"{field} must be a string (a relative path inside backups/<namespace>/), got {_json_type(value)}"
         )
-    if not value.strip():
+    if not value.strip(WHITESPACE):
         raise InvalidRequest(f"{field} must not be empty")
     if "\x00" in value:
         raise InvalidRequest(f"{field} must not contain a NUL byte")
-    if any(ord(c) < 0x20 or ord(c) == 0x7F for c in value):
+    if _CONTROL.search(value):
         raise InvalidRequest(
             f"{field} must not contain control characters (newline, tab, ...): they break "
             "sha256sum sidecars and shell scripts"
@@ -157,6 +179,34 @@ def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
         if parts[-1].endswith(suffix):
             raise InvalidRequest(f"{field} must not end with '{suffix}' ({why}): {value!r}")
     return parts
+
+
+def text_pattern(*, is_file: bool) -> str:
+    """The rules of ``parse_relative`` that a regular expression can state, as one pattern.
+
+    Written in the common subset of ECMA-262 (JSON Schema's dialect) and Python ``re``:
+    ``\\uXXXX`` escapes, character classes, lookaheads. A string that passes
+    ``parse_relative`` matches it; one that matches it passes unless it breaks one of
+    ``FORMAT_RULES``.
+    """
+
+    def esc(chars: str) -> str:
+        return "".join(f"\\u{ord(c):04x}" for c in chars)
+
+    bad = _CONTROL_CLASS + "\\ud800-\\udfff"  # lone surrogates are not UTF-8
+    text = f"[^{bad}]"
+    blank = esc("".join(c for c in WHITESPACE if not _CONTROL.match(c)))
+    rules = [
+        "(?!/)",  # relative
+        # no '..' piece of a component split at '/' and '\\' (literal or behind a backslash)
+        f"(?!(?:{text}*[/\\\\])?\\.\\.(?:[/\\\\]|$))",
+    ]
+    if is_file:
+        rules.append(f"(?!(?:{text}*/)?\\.?$)")  # names a file: no trailing '/' or '/.', not '.'
+        suffixes = "|".join(re.escape(s) for s in RESERVED_SUFFIXES)
+        rules.append(f"(?!{text}*(?:{suffixes})$)")
+    # Not blank: optional whitespace, then one character that is not, then anything allowed.
+    return "^" + "".join(rules) + f"[{blank}]*[^{bad}{blank}]{text}*$"
 
 
 def _hides_dot_dot(comp: str) -> bool:
