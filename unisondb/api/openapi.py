@@ -23,7 +23,6 @@ _NS = {"name": "namespace", "in": "path", "required": True, "schema": {"type": "
 _KEY_TEXT = {
     "type": "string",
     "minLength": 1,
-    "pattern": parsing.KEY_PATTERN,
     "format": parsing.KEY_FORMAT,
     "description": f"any non-empty text; 'format': {parsing.KEY_FORMAT_RULE}",
 }

@@ -18,9 +18,9 @@ from unisondb.errors import InvalidRequest, NotFound, PayloadTooLarge
 from unisondb.storage.record import MAX_KEY
 
 #: What the OpenAPI document says of a key (a JSON string or the decoded path segment):
-#: non-empty Unicode without lone surrogates (those have no UTF-8 form); the byte limit is
-#: the schema's ``format`` (``KEY_FORMAT_RULE``), as no pattern can count UTF-8 bytes.
-KEY_PATTERN = "^[^\\ud800-\\udfff]+$"
+#: non-empty (``minLength``) and, as its ``format``, the byte limit no pattern can count.
+#: (Lone surrogates, not UTF-8, need no rule: they are not Unicode scalar values, no JSON
+#: Schema validator can hold one, and the JSON parser refuses them.)
 KEY_FORMAT = "unisondb-key"
 KEY_FORMAT_RULE = f"at most {MAX_KEY} bytes once UTF-8 encoded"
 

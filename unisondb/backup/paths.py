@@ -193,7 +193,9 @@ def text_pattern(*, is_file: bool) -> str:
     def esc(chars: str) -> str:
         return "".join(f"\\u{ord(c):04x}" for c in chars)
 
-    bad = _CONTROL_CLASS + "\\ud800-\\udfff"  # lone surrogates are not UTF-8
+    # Lone surrogates (not UTF-8 either) need no rule here: they are not Unicode scalar
+    # values, so no JSON Schema validator can hold one, and the JSON parser refuses them.
+    bad = _CONTROL_CLASS
     text = f"[^{bad}]"
     blank = esc("".join(c for c in WHITESPACE if not _CONTROL.match(c)))
     rules = [
