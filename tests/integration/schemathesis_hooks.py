@@ -2,8 +2,9 @@
 
 ``/openapi.json`` states backup paths and keys as a ``pattern`` plus a ``format`` for what no
 pattern can say (UTF-8 byte limits, a '..' hidden behind percent-encoding). Schemathesis
-does not know those formats, so here they get generators built from the server's validators
-themselves: a schema-valid value is then exactly one the handler accepts.
+does not know those formats, so here they get generators: the document's pattern, filtered by
+the validator's own format check (``paths.check_format``). The pattern rules are not
+filtered, so a pattern looser than the handler still shows up as a rejected valid request.
 """
 
 from __future__ import annotations
@@ -19,10 +20,10 @@ from unisondb.errors import InvalidRequest
 from unisondb.storage.record import MAX_KEY
 
 
-def _accepted(is_file: bool) -> Callable[[str], bool]:
+def _format_holds(is_file: bool) -> Callable[[str], bool]:
     def check(value: str) -> bool:
         try:
-            paths.parse_relative(value, "path", is_file=is_file)
+            paths.check_format(value, "path", is_file=is_file)
         except InvalidRequest:
             return False
         return True
@@ -33,7 +34,7 @@ def _accepted(is_file: bool) -> Callable[[str], bool]:
 for _is_file, _name in ((False, openapi.BACKUP_DIR_FORMAT), (True, openapi.BACKUP_FILE_FORMAT)):
     schemathesis.openapi.format(
         _name,
-        st.from_regex(paths.text_pattern(is_file=_is_file), fullmatch=True).filter(_accepted(_is_file)),
+        st.from_regex(paths.text_pattern(is_file=_is_file), fullmatch=True).filter(_format_holds(_is_file)),
     )
 schemathesis.openapi.format(
     parsing.KEY_FORMAT, st.text(min_size=1).filter(lambda k: len(k.encode("utf-8")) <= MAX_KEY)

@@ -19,11 +19,14 @@ Two steps, both raising ``InvalidRequest`` (400) with the rule that was broken:
    backup path, so ``%2e``, ``a%2fb`` and ``back\slash`` are ordinary names. The reason:
    a tool further down (a proxy, an upload script mapping paths to object keys, a Windows
    copy) may decode or split where we do not, and must not find a ``..`` there.
-   ``text_pattern`` spells every one of these rules that a regular expression can state as
-   one pattern (``/openapi.json`` serves it, so a client can check a path before sending it);
-   the rest — the byte limits and the hidden-``..`` rule — are the schema's ``format``
-   (``FORMAT_RULES``). ``tests/unit/api/test_spec_agreement.py`` checks that pattern and
-   these checks agree on every input.
+
+   The rules come in two groups, each implemented once. ``_check_text`` holds those a
+   regular expression can state, and ``text_pattern`` spells them as the one pattern
+   ``/openapi.json`` serves (so a client can check a path before sending it); a literal
+   ``..`` piece (after ``/`` or ``\``) is one of them. ``check_format`` holds the rest, the
+   schema's ``format`` (``FORMAT_RULES``): the byte limits and a ``..`` that only appears
+   after percent-decoding. ``tests/unit/api/test_spec_agreement.py`` checks that the
+   validator accepts exactly what the pattern matches and ``check_format`` allows.
 2. ``resolve`` looks at the file system: every prefix of the path, with symbolic links
    followed (``os.path.realpath``), must stay inside the root's real location. That covers a
    link to ``/etc`` as much as a link to another namespace's backup root.
@@ -113,13 +116,24 @@ class Resolved:
 
 
 def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
-    """Validate a client path string; return its components without ``.`` and empty ones."""
+    """Validate a client path string; return its components without ``.`` and empty ones.
+
+    Two groups of rules, each stated once: ``_check_text`` holds those ``text_pattern``
+    spells as a regular expression, ``check_format`` the rest (the schema's ``format``).
+    """
     if value is None:
         raise InvalidRequest(f"missing field '{field}': a relative path inside backups/<namespace>/")
     if not isinstance(value, str):
         raise InvalidRequest(
             f"{field} must be a string (a relative path inside backups/<namespace>/), got {_json_type(value)}"
         )
+    _check_text(value, field, is_file=is_file)
+    check_format(value, field, is_file=is_file)
+    return tuple(c for c in value.split("/") if c not in ("", "."))
+
+
+def _check_text(value: str, field: str, *, is_file: bool) -> None:
+    """The rules ``text_pattern`` states (keep the two in step; a unit test compares them)."""
     if not value.strip(WHITESPACE):
         raise InvalidRequest(f"{field} must not be empty")
     if "\x00" in value:
@@ -130,7 +144,7 @@ def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
             "sha256sum sidecars and shell scripts"
         )
     try:
-        size = len(value.encode("utf-8"))
+        value.encode("utf-8")
     except UnicodeEncodeError:
         raise InvalidRequest(f"{field} must be valid UTF-8") from None
     if value.startswith("/"):
@@ -138,8 +152,6 @@ def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
             f"{field} must be a relative path inside backups/<namespace>/; absolute paths "
             f"are rejected: {value!r}"
         )
-    if size > MAX_PATH_BYTES:
-        raise InvalidRequest(f"{field} is too long: {size} bytes (max {MAX_PATH_BYTES})")
     components = value.split("/")
     for comp in components:
         if comp == "..":
@@ -147,21 +159,14 @@ def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
                 f"{field} must not contain '..' components (checked before normalisation, "
                 f"so 'a/../b' is rejected too): {value!r}"
             )
-        if _hides_dot_dot(comp):
+        if ".." in comp.split("\\"):
             raise InvalidRequest(
-                f"{field} must not contain a percent-encoded '..' component or a '..' behind "
-                f"an encoded or backslash separator ({comp!r}): {value!r}"
+                f"{field} must not contain a '..' between backslash separators ({comp!r}: a "
+                f"Windows copy would read it as the parent directory): {value!r}"
             )
-        nbytes = len(comp.encode("utf-8"))
-        if nbytes > MAX_COMPONENT_BYTES:
-            raise InvalidRequest(
-                f"{field}: path component too long: {nbytes} bytes "
-                f"(max {MAX_COMPONENT_BYTES}): {comp[:40]!r}..."
-            )
-    parts = tuple(c for c in components if c not in ("", "."))
     if not is_file:
-        return parts
-    if not parts:
+        return
+    if all(c in ("", ".") for c in components):
         raise InvalidRequest(
             f"{field} names the backup root itself; give a file name such as 'snapshots/users.db': {value!r}"
         )
@@ -169,16 +174,35 @@ def parse_relative(value: Any, field: str, *, is_file: bool) -> tuple[str, ...]:
         raise InvalidRequest(
             f"{field} must name a file, not a directory (it ends with '/' or '/.'): {value!r}"
         )
-    nbytes = len(parts[-1].encode("utf-8"))
-    if nbytes > MAX_FILE_NAME_BYTES:
+    for suffix, why in RESERVED_SUFFIXES.items():
+        if components[-1].endswith(suffix):
+            raise InvalidRequest(f"{field} must not end with '{suffix}' ({why}): {value!r}")
+
+
+def check_format(value: str, field: str, *, is_file: bool) -> None:
+    """The rules no pattern states (``FORMAT_RULES``): byte limits, a '..' behind encoding."""
+    size = len(value.encode("utf-8", errors="surrogatepass"))
+    if size > MAX_PATH_BYTES:
+        raise InvalidRequest(f"{field} is too long: {size} bytes (max {MAX_PATH_BYTES})")
+    components = value.split("/")
+    for comp in components:
+        if _hides_dot_dot(comp):
+            raise InvalidRequest(
+                f"{field} must not contain a percent-encoded '..' component or a '..' behind "
+                f"an encoded separator ({comp!r}): {value!r}"
+            )
+        nbytes = len(comp.encode("utf-8", errors="surrogatepass"))
+        if nbytes > MAX_COMPONENT_BYTES:
+            raise InvalidRequest(
+                f"{field}: path component too long: {nbytes} bytes "
+                f"(max {MAX_COMPONENT_BYTES}): {comp[:40]!r}..."
+            )
+    nbytes = len(components[-1].encode("utf-8", errors="surrogatepass"))
+    if is_file and nbytes > MAX_FILE_NAME_BYTES:
         raise InvalidRequest(
             f"{field}: path component too long: the file name is {nbytes} bytes (max "
             f"{MAX_FILE_NAME_BYTES}, leaving room for the '.sha256.tmp' the server appends)"
         )
-    for suffix, why in RESERVED_SUFFIXES.items():
-        if parts[-1].endswith(suffix):
-            raise InvalidRequest(f"{field} must not end with '{suffix}' ({why}): {value!r}")
-    return parts
 
 
 def text_pattern(*, is_file: bool) -> str:
@@ -212,7 +236,11 @@ def text_pattern(*, is_file: bool) -> str:
 
 
 def _hides_dot_dot(comp: str) -> bool:
-    """True if ``comp`` decodes (repeatedly) to something with a ``..`` piece (see module doc)."""
+    """True if ``comp`` decodes (repeatedly) to something with a ``..`` piece (see module doc).
+
+    Only what percent-decoding changes: a literal ``..`` (after ``/`` or ``\\``) is
+    ``_check_text``'s rule, so this one is exactly what the pattern cannot see.
+    """
     decoded = comp
     for _ in range(8):  # %25 nesting deeper than this is refused outright below
         once = unquote(decoded)
@@ -221,7 +249,7 @@ def _hides_dot_dot(comp: str) -> bool:
         decoded = once
     else:
         return True
-    return ".." in decoded.replace("\\", "/").split("/")
+    return decoded != comp and ".." in decoded.replace("\\", "/").split("/")
 
 
 def resolve(root: Path, parts: tuple[str, ...], field: str, *, is_file: bool) -> Resolved:
