@@ -99,6 +99,10 @@ def test_schemathesis_with_a_token_file(tmp_path: Path) -> None:
     tokens.chmod(0o600)
     server = start_server(tmp_path / "data", ("default",), extra_args=["--auth-token-file", str(tokens)])
     try:
+        with server.client() as http:
+            assert http.get("/openapi.json").status_code == 401
+            spec = http.get("/openapi.json", headers={"Authorization": f"Bearer {TOKEN}"}).json()
+        assert spec["security"] == [{"bearer": []}]
         out = run_schemathesis(
             server,
             tmp_path / "st",

@@ -271,3 +271,25 @@ def test_base64_pattern_agrees_with_the_decoder(value: str) -> None:
     except InvalidRequest:
         accepted = False
     assert _matches(rule, value) == accepted
+
+
+def test_security_is_declared_only_with_tokens_and_not_on_public_routes() -> None:
+    """The bearer scheme matches api/auth.py: every route but /health and /healthz (and
+    /metrics with --metrics-auth none) needs a token, and only when tokens are on."""
+    assert "security" not in SPEC
+    for metrics_open in (False, True):
+        spec = openapi.build_openapi(1 << 20, auth=True, metrics_open=metrics_open)
+        assert spec["security"] == [{"bearer": []}]
+        assert spec["components"]["securitySchemes"] == {"bearer": {"type": "http", "scheme": "bearer"}}
+        public = {
+            path
+            for path, ops in spec["paths"].items()
+            if any(op.get("security") == [] for op in ops.values())
+        }
+        assert public == {"/health", "/healthz", *(["/metrics"] if metrics_open else [])}
+        assert all(
+            "401" in op["responses"]
+            for path, ops in spec["paths"].items()
+            if path not in public
+            for op in ops.values()
+        )
