@@ -1,8 +1,11 @@
 """The OpenAPI 3.1 description served at ``/openapi.json``.
 
 Hand-written (the API is small and its error shapes matter more than generated
-schemas); ``tests/integration/test_openapi.py`` checks that it names exactly the
-routes the app serves.
+schemas), except for the input rules: backup path patterns come from
+``backup/paths.py`` and key/value rules from ``api/parsing.py``, the validators the
+handlers call. ``tests/integration/test_openapi.py`` checks that it names exactly the
+routes the app serves, ``tests/unit/api/test_spec_agreement.py`` that its rules and the
+validators agree, ``tests/integration/test_schemathesis.py`` the whole against a server.
 """
 
 from __future__ import annotations
@@ -11,7 +14,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from unisondb.api import parsing
-from unisondb.backup import paths
+from unisondb.backup import paths as backup_paths
 
 #: Operations that never need a token (``api/auth.py``); /metrics joins them with
 #: ``--metrics-auth none``.
@@ -47,10 +50,10 @@ def backup_path_schema(*, is_file: bool, description: str) -> dict[str, Any]:
     return {
         "type": "string",
         "minLength": 1,
-        "pattern": paths.text_pattern(is_file=is_file),
+        "pattern": backup_paths.text_pattern(is_file=is_file),
         "format": BACKUP_FILE_FORMAT if is_file else BACKUP_DIR_FORMAT,
         "description": f"{description}; rules in docs/OPERATIONS.md 'Path rules'. Beyond the "
-        f"pattern ('format'): {paths.FORMAT_RULES}",
+        f"pattern ('format'): {backup_paths.FORMAT_RULES}",
     }
 
 

@@ -293,3 +293,18 @@ def test_security_is_declared_only_with_tokens_and_not_on_public_routes() -> Non
             if path not in public
             for op in ops.values()
         )
+
+
+def test_every_namespace_parameter_is_the_enum_of_served_namespaces() -> None:
+    spec = openapi.build_openapi(1 << 20, namespaces=["users", "default"])
+    found = 0
+    for ops in spec["paths"].values():
+        for op in ops.values():
+            for param in op["parameters"]:
+                if param["name"] == "namespace":
+                    assert param["schema"] == {"type": "string", "enum": ["default", "users"]}
+                    found += 1
+    assert found == 14  # every operation under /api/v1/{namespace}/
+    assert openapi.build_openapi(1 << 20)["paths"]["/api/v1/{namespace}/stats"]["get"]["parameters"][0][
+        "schema"
+    ] == {"type": "string"}
