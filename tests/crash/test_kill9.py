@@ -254,7 +254,10 @@ class WalCheck:
                             )
                         else:
                             self.sealed[seg_id] = (size, first, last)
-                    elif scan.sealed or scan.data_end != size:
+                    elif scan.sealed or (
+                        scan.data_end != size and any(segment.read_file(path)[scan.data_end :])
+                    ):
+                        # (Zeros after the records are the zero-filler's preallocated space.)
                         problems.append(
                             f"{path.name}: active segment sealed={scan.sealed}, "
                             f"records end {scan.data_end}, size {size}"
