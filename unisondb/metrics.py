@@ -261,6 +261,16 @@ class EngineCollector(Collector):
         rotations = CounterMetricFamily("unisondb_wal_rotations", "WAL segment rotations", labels=ns)
         writes = CounterMetricFamily("unisondb_writes", "Acknowledged write requests", labels=ns)
         groups = CounterMetricFamily("unisondb_group_commits", "Group commits (one fsync each)", labels=ns)
+        per_fsync = GaugeMetricFamily(
+            "unisondb_group_commit_writes_per_fsync",
+            "Acknowledged writes per group commit (one WAL fsync each) since start",
+            labels=ns,
+        )
+        waits = CounterMetricFamily(
+            "unisondb_group_commit_waits",
+            "Group commits that waited (up to --group-commit-window) for more writers",
+            labels=ns,
+        )
         replayed = GaugeMetricFamily(
             "unisondb_recovery_records_replayed", "WAL records replayed at the last startup", labels=ns
         )
@@ -304,6 +314,8 @@ class EngineCollector(Collector):
             rotations.add_metric(n, wal.rotations)
             writes.add_metric(n, eng.stats.ops_flushed)
             groups.add_metric(n, eng.stats.group_commits)
+            per_fsync.add_metric(n, eng.writes_per_fsync)
+            waits.add_metric(n, eng.stats.group_waits)
             replayed.add_metric(n, eng.recovery.records_replayed)
             rec_secs.add_metric(n, eng.recovery.seconds)
             truncated.add_metric(n, wal.report.truncated_bytes)
@@ -324,6 +336,8 @@ class EngineCollector(Collector):
             rotations,
             writes,
             groups,
+            per_fsync,
+            waits,
             replayed,
             rec_secs,
             truncated,
