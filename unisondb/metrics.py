@@ -266,6 +266,21 @@ class EngineCollector(Collector):
             "Acknowledged writes per group commit (one WAL fsync each) since start",
             labels=ns,
         )
+        table_bytes = GaugeMetricFamily(
+            "unisondb_memtable_bytes",
+            "Bytes of acknowledged records not yet in LMDB (--ack wal; 0 otherwise)",
+            labels=ns,
+        )
+        lmdb_lag = GaugeMetricFamily(
+            "unisondb_lmdb_lag_records",
+            "Acknowledged records LMDB does not hold yet (--ack wal; recovery replays them after a crash)",
+            labels=ns,
+        )
+        table_full = CounterMetricFamily(
+            "unisondb_memtable_full_waits",
+            "Times a group commit waited because the in-memory table was full (backpressure)",
+            labels=ns,
+        )
         waits = CounterMetricFamily(
             "unisondb_group_commit_waits",
             "Group commits that waited (up to --group-commit-window) for more writers",
@@ -316,6 +331,9 @@ class EngineCollector(Collector):
             groups.add_metric(n, eng.stats.group_commits)
             per_fsync.add_metric(n, eng.writes_per_fsync)
             waits.add_metric(n, eng.stats.group_waits)
+            table_bytes.add_metric(n, eng.table_bytes)
+            lmdb_lag.add_metric(n, eng.lmdb_lag)
+            table_full.add_metric(n, eng.table_full_waits)
             replayed.add_metric(n, eng.recovery.records_replayed)
             rec_secs.add_metric(n, eng.recovery.seconds)
             truncated.add_metric(n, wal.report.truncated_bytes)
@@ -338,6 +356,9 @@ class EngineCollector(Collector):
             groups,
             per_fsync,
             waits,
+            table_bytes,
+            lmdb_lag,
+            table_full,
             replayed,
             rec_secs,
             truncated,

@@ -550,6 +550,17 @@ class Engine:
         """Bytes of acknowledged records not yet in LMDB (0 unless ``--ack wal``)."""
         return self._table.bytes if self._table is not None else 0
 
+    def key_count(self) -> int:
+        """Live keys, acknowledged writes in the in-memory table included."""
+        if self._table is None:
+            return self.btree.count()
+        return self._table.count_keys(self.btree.count_with)
+
+    @property
+    def table_full_waits(self) -> int:
+        """Group commits that waited for room in the in-memory table (backpressure)."""
+        return self._table.full_waits if self._table is not None else 0
+
     @property
     def lmdb_lag(self) -> int:
         """Acknowledged records LMDB does not hold yet."""
@@ -1154,7 +1165,7 @@ class Engine:
             "timeline": cp.timeline,
             "history": history.show(cp.history),
             "fingerprint": cp.fingerprint.hex(),
-            "keys": self.btree.count(),
+            "keys": self.key_count(),
             "groupCommits": self.stats.group_commits,
             "writesPerFsync": round(self.writes_per_fsync, 2),
             "ack": self.config.ack,

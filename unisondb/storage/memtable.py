@@ -60,6 +60,18 @@ class MemTable:
             return False, None
         return True, hit[1]
 
+    def count_keys(self, lmdb_count: Callable[[list[bytes]], tuple[int, list[bool]]]) -> int:
+        """Live keys: LMDB's count corrected by the table (each key in the table counts as
+        its newest value says, instead of as LMDB has it). ``lmdb_count`` reads LMDB in one
+        transaction; the lock is held meanwhile, so nothing leaves the table that the
+        transaction might not see (records leave only after their commit)."""
+        with self.cond:
+            keys = list(self._map)
+            n, present = lmdb_count(keys)
+            for key, was in zip(keys, present, strict=True):
+                n += (self._map[key][1] is not None) - was
+        return n
+
     # --- the writer thread ---
 
     def add(self, records: list[Record], segment_id: int, end: int) -> None:

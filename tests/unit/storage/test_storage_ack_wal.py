@@ -48,6 +48,7 @@ def test_acknowledged_writes_are_visible_before_lmdb_has_them(open_engine: Calla
     assert eng.get(b"base") is None and eng.btree.get(b"base") == b"0"
     assert eng.applied_lsn == applied and eng.last_lsn == applied + 21
     assert eng.lmdb_lag == 21 and eng.table_bytes > 0
+    assert eng.btree.count() == 1 and eng.key_count() == 20  # 20 new keys, "base" deleted
     assert eng.describe()["lmdbLagRecords"] == 21
     eng.resume_applier()
     assert eng._drain()
