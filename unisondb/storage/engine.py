@@ -929,8 +929,9 @@ class Engine:
         return ok
 
     def _room_never_comes(self) -> bool:
-        """While the writer waits for room in the table: give up if LMDB is refusing."""
-        return self._closing or (self._applier is not None and self._applier.error is not None)
+        """While the writer waits for room in the table: give up if LMDB is refusing (the
+        applier keeps running while the engine closes, so room comes then too)."""
+        return self._applier is not None and self._applier.error is not None
 
     def _apply_refused(self, exc: UnisonDBError) -> None:
         """Applier thread: LMDB refused acknowledged records; refuse new writes until it takes them."""
