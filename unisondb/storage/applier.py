@@ -122,6 +122,15 @@ class Applier:
                 cond.wait()
         return True
 
+    def wait_applied(self, lsn: int, timeout: float | None = None) -> bool:
+        """Wait until LMDB holds every record up to ``lsn`` (from any thread; records added
+        meanwhile are not waited for); False if LMDB is refusing or the wait timed out."""
+        cond = self.table.cond
+        with cond:
+            return cond.wait_for(
+                lambda: self.checkpoint.applied_lsn >= lsn or self.error is not None or self._stop, timeout
+            ) and (self.checkpoint.applied_lsn >= lsn)
+
     def retry_now(self, timeout: float = 30.0) -> bool:
         """Retry a refused transaction now; True if the table could be applied."""
         cond = self.table.cond

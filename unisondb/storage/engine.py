@@ -67,7 +67,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -530,6 +530,22 @@ class Engine:
 
     def checkpoint(self) -> Checkpoint:
         return self.btree.read_checkpoint()
+
+    def catch_up(self, timeout: float | None = None) -> bool:
+        """Wait until LMDB holds every write acknowledged before this call (``--ack wal``;
+        at once otherwise). False if LMDB is refusing writes or ``timeout`` passed."""
+        if self._applier is None:
+            return True
+        return self._applier.wait_applied(self._acked_lsn, timeout)
+
+    def snapshot_to(self, f: BinaryIO) -> Checkpoint:
+        """A consistent copy of LMDB (``BTree.snapshot_to``) holding every write acknowledged
+        before the call: with ``--ack wal`` the applier catches up first, so a snapshot-only
+        backup never misses a write that was answered 200 before it was requested."""
+        if not self.catch_up():
+            assert self._applier is not None
+            raise self._applier.error or Unavailable(f"namespace {self.namespace} is shutting down")
+        return self.btree.snapshot_to(f)
 
     @property
     def applied_lsn(self) -> int:
