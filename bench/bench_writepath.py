@@ -95,7 +95,17 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help='one more UnisonDB target, e.g. "ack-wal-2ms=--ack wal --group-commit-window 2ms"',
+    )
     args = ap.parse_args()
+    for spec in args.also:
+        name, _, flags = spec.partition("=")
+        CONFIGS[name] = flags.split()
     for tool in ("hey", "etcd"):
         if shutil.which(tool) is None:
             raise SystemExit(f"{tool} not found: apt-get install -y hey etcd-server etcd-client")
@@ -145,7 +155,11 @@ def main() -> int:
                     f"  {name}: 16c {load.rps:,.0f}/s p99 {load.p99:.2f} ms; 1c p50 {one.p50:.3f} ms",
                     flush=True,
                 )
-        rss = {name: t.vmhwm_kib() for name, t in targets.items() if isinstance(t, peers.Managed)}
+        rss = {
+            name: (t.vmhwm_kib(), lib.proc_status(t.pid).get("RssAnon", 0))
+            for name, t in targets.items()
+            if isinstance(t, peers.Managed)
+        }
     finally:
         peers.stop_all()
         shutil.rmtree(work, ignore_errors=True)
@@ -162,18 +176,19 @@ def main() -> int:
         f"`uptime` after: `{uptime_after}`",
         "",
         "| target | PUT/s 16 conns | vs etcd | p50 ms | p99 ms | writes/fsync | 1-client PUT p50 ms "
-        "| vs before | 1-client PUT/s | table peak | LMDB lag peak | VmHWM MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| vs before | 1-client PUT/s | table peak | LMDB lag peak | VmHWM MiB | RssAnon MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in med.items():
         wpf = f"{m['writes_per_fsync']:.1f}" if "writes_per_fsync" in m else "—"
-        tb = f"{m['table_bytes_peak'] / 1024:.0f} KiB" if name == "ack-wal" else "—"
-        lag = f"{m['lmdb_lag_peak']:.0f}" if name == "ack-wal" else "—"
+        wal_mode = "--ack wal" in " ".join(CONFIGS.get(name, []))
+        tb = f"{m['table_bytes_peak'] / 1024:.0f} KiB" if wal_mode else "—"
+        lag = f"{m['lmdb_lag_peak']:.0f}" if wal_mode else "—"
         lines.append(
             f"| {name} | {m['put16.rps']:,.0f} | {m['put16.rps'] / etcd['put16.rps']:.2f}× | "
             f"{m['put16.p50']:.2f} | {m['put16.p99']:.2f} | {wpf} | {m['put1.p50']:.3f} | "
             f"{m['put1.p50'] / before['put1.p50']:.2f}× | {m['put1.rps']:,.0f} | {tb} | {lag} | "
-            f"{rss.get(name, 0) / 1024:.0f} |"
+            f"{rss.get(name, (0, 0))[0] / 1024:.0f} | {rss.get(name, (0, 0))[1] / 1024:.0f} |"
         )
     lines += ["", "Every run (PUT/s with 16 connections):", ""]
     for name, d in rows.items():

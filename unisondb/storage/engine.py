@@ -185,9 +185,11 @@ class Engine:
         self._next_retry = 0.0
         #: Monotonic clock of the group-commit window (a seam: tests install their own).
         self.clock: Callable[[], float] = time.monotonic
-        #: Write requests queued or being committed, and the peak of that count over the
-        #: current and the previous run of ``_CONCURRENCY_GROUPS`` groups.
-        self._inflight = 0
+        #: Writes of the group being committed whose answers are not out yet (zeroed just
+        #: before the answers go out, so a client coming straight back is not counted
+        #: twice); with the queue, the writes in flight. Peak of that count over the
+        #: current and the previous run of ``_CONCURRENCY_GROUPS`` groups:
+        self._committing = 0
         self._peak_now = 0
         self._peak_prev = 0
         self._peak_groups = 0
@@ -474,9 +476,9 @@ class Engine:
             self._queue.append(req)
             if req.entries is not None:
                 self.stats.ops_received += 1
-                self._inflight += 1
-                if self._inflight > self._peak_now:
-                    self._peak_now = self._inflight
+                inflight = len(self._queue) + self._committing
+                if inflight > self._peak_now:
+                    self._peak_now = inflight
             self._cond.notify()
         return req.future
 
@@ -661,6 +663,7 @@ class Engine:
                 group = self._take_group()
                 if group:
                     self._gather(group)
+                    self._committing = sum(1 for r in group if r.entries is not None)
             try:
                 if group:
                     self._commit_group(group)
@@ -701,14 +704,13 @@ class Engine:
         """The group is answered (or failed): it no longer counts as in flight."""
         if not group:
             return
-        n = sum(1 for r in group if r.entries is not None)
         with self._cond:
-            self._inflight -= n
+            self._committing = 0
             self._peak_groups += 1
             if self._peak_groups >= _CONCURRENCY_GROUPS:
                 # A burst ends: after two runs of groups its peak no longer makes a lone
                 # writer wait.
-                self._peak_prev, self._peak_now, self._peak_groups = self._peak_now, self._inflight, 0
+                self._peak_prev, self._peak_now, self._peak_groups = self._peak_now, len(self._queue), 0
 
     # --- test seams for the writer thread ---
 
@@ -811,6 +813,7 @@ class Engine:
     def _ack(self, writes: list[_Request], records: list[Record]) -> None:
         if not writes:
             return
+        self._committing = 0  # before the answers: a client's next write is not "another"
         self.stats.ops_flushed += len(writes)
         self.stats.group_commits += 1
         self.stats.records_written += len(writes)

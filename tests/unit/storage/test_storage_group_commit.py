@@ -89,3 +89,26 @@ def test_the_wait_ends_at_the_window(open_engine: Callable[..., Engine]) -> None
     eng.wake()
     assert lone.result(timeout=30) == 4
     assert eng.stats.group_commits == 2
+
+
+def test_a_lone_writer_answered_fast_is_not_counted_as_a_second_one(
+    open_engine: Callable[..., Engine],
+) -> None:
+    """A client that sends its next write the moment the last one is answered (here: from
+    the future's callback, on the writer thread, before the group's bookkeeping is done) is
+    still alone: no group waits. With a 30 s window, one wait would fail the test."""
+    eng = open_engine(EngineConfig(group_commit_window=30.0))
+    done = threading.Event()
+    lsns: list[int] = []
+
+    def next_write(fut: Future[int]) -> None:
+        lsns.append(fut.result())
+        if len(lsns) == 50:
+            done.set()
+            return
+        _put(eng, len(lsns)).add_done_callback(next_write)
+
+    _put(eng, 0).add_done_callback(next_write)
+    assert done.wait(20), f"only {len(lsns)} of 50 chained writes done: a lone writer waited"
+    assert lsns == list(range(1, 51))
+    assert eng.stats.group_waits == 0
