@@ -17,6 +17,11 @@ TOML file (every key optional; flags given on the command line win)::
     segment_size = "16MiB"
     segment_max_age = "1h"
     retention = "24h"
+    preallocate = "2MiB"         # zero-filled ahead of the writer (cheaper fdatasync); 0 = off
+    group_commit_window = "250us"  # with other writers in flight, wait up to this for more
+    ack = "lmdb"                 # "wal": acknowledge at the WAL fsync, LMDB follows (memtable)
+    memtable_size = "8MiB"       # ack = "wal": acknowledged records not yet in LMDB, at most
+    memtable_max_lag = 100000    # ... and at most this many records; then writes wait
 
     [btree]
     map_size = "1GiB"
@@ -66,9 +71,9 @@ from unisondb.errors import InvalidRequest
 from unisondb.storage.layout import validate_namespace
 
 _SIZE_RE = re.compile(r"^\s*(\d+)\s*([KMGT]i?B?|B)?\s*$", re.IGNORECASE)
-_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_DURATION_RE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(us|ms|s|m|h|d)?\s*$")
 _SIZE_UNITS = {"": 1, "B": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
-_DURATION_UNITS = {"": 1.0, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+_DURATION_UNITS = {"": 1.0, "us": 1e-6, "ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
 
 def parse_size(value: str | int) -> int:
@@ -83,7 +88,7 @@ def parse_size(value: str | int) -> int:
 
 
 def parse_duration(value: str | int | float) -> float:
-    """'90s', '15m', '24h', '7d', '250ms' or a number of seconds."""
+    """'90s', '15m', '24h', '7d', '250ms', '300us' or a number of seconds."""
     if isinstance(value, (int, float)) and not isinstance(value, bool) and value >= 0:
         return float(value)
     m = _DURATION_RE.match(value) if isinstance(value, str) else None
@@ -126,6 +131,20 @@ class EngineConfig:
     #: How long a write whose records are durable but not yet applied waits for a retry to
     #: succeed before it is answered 507 (counted in unisondb_writes_durable_but_failed).
     disk_full_hold: float = 2.0
+    #: Bytes after the WAL write position kept zero-filled by a background thread (appending
+    #: into existing zeros makes fdatasync skip the file-size update); 0 disables it.
+    wal_preallocate: int = 2 << 20
+    #: With other writers in flight, a group commit waits up to this many seconds for more
+    #: to join before its fsync (never when a writer is alone); 0 disables the wait.
+    group_commit_window: float = 250e-6
+    #: When a write is acknowledged: "lmdb" once it is in the WAL and in LMDB (one chain of
+    #: two fsyncs); "wal" once it is in the WAL and in the in-memory table, LMDB following
+    #: from a separate thread (``storage/applier.py``).
+    ack: str = "lmdb"
+    #: ``ack="wal"``: the in-memory table's bound in bytes of records and in records; when
+    #: full, writes wait (backpressure) until LMDB has caught up.
+    memtable_bytes: int = 8 << 20
+    memtable_max_lag: int = 100_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -257,7 +276,19 @@ def load_config(
     }
     _check_keys(raw, known, "", config_file)
     for table, keys in (
-        ("wal", {"segment_size", "segment_max_age", "retention"}),
+        (
+            "wal",
+            {
+                "segment_size",
+                "segment_max_age",
+                "retention",
+                "preallocate",
+                "group_commit_window",
+                "ack",
+                "memtable_size",
+                "memtable_max_lag",
+            },
+        ),
         ("btree", {"map_size"}),
         ("http", set(_HTTP_KEYS)),
         ("auth", {"token_file", "metrics", "insecure_no_auth"}),
@@ -292,7 +323,18 @@ def load_config(
         map_size=parse_size(raw.get("btree", {}).get("map_size", default.map_size)),
         disk_full_retry=parse_duration(top.get("disk_full_retry", default.disk_full_retry)),
         disk_full_hold=parse_duration(top.get("disk_full_hold", default.disk_full_hold)),
+        wal_preallocate=parse_size(wal.get("preallocate", default.wal_preallocate)),
+        group_commit_window=parse_duration(wal.get("group_commit_window", default.group_commit_window)),
+        ack=str(wal.get("ack", default.ack)),
+        memtable_bytes=parse_size(wal.get("memtable_size", default.memtable_bytes)),
+        memtable_max_lag=int(wal.get("memtable_max_lag", default.memtable_max_lag)),
     )
+    if engine.ack not in ("lmdb", "wal"):
+        raise InvalidRequest(f'invalid wal ack {engine.ack!r}: use "lmdb" or "wal"')
+    if engine.memtable_bytes < 64 << 10 or engine.memtable_max_lag < 1:
+        raise InvalidRequest("wal memtable_size must be at least 64KiB and memtable_max_lag at least 1")
+    if not 0 <= engine.group_commit_window <= 0.1:
+        raise InvalidRequest("wal group_commit_window must be between 0 and 100ms")
     if engine.disk_full_retry < 0.01:
         raise InvalidRequest("disk_full_retry must be at least 10ms")
     shutdown_timeout = parse_duration(top.get("shutdown_timeout", 30.0))

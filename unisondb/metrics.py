@@ -261,6 +261,31 @@ class EngineCollector(Collector):
         rotations = CounterMetricFamily("unisondb_wal_rotations", "WAL segment rotations", labels=ns)
         writes = CounterMetricFamily("unisondb_writes", "Acknowledged write requests", labels=ns)
         groups = CounterMetricFamily("unisondb_group_commits", "Group commits (one fsync each)", labels=ns)
+        per_fsync = GaugeMetricFamily(
+            "unisondb_group_commit_writes_per_fsync",
+            "Acknowledged writes per group commit (one WAL fsync each) since start",
+            labels=ns,
+        )
+        table_bytes = GaugeMetricFamily(
+            "unisondb_memtable_bytes",
+            "Bytes of acknowledged records not yet in LMDB (--ack wal; 0 otherwise)",
+            labels=ns,
+        )
+        lmdb_lag = GaugeMetricFamily(
+            "unisondb_lmdb_lag_records",
+            "Acknowledged records LMDB does not hold yet (--ack wal; recovery replays them after a crash)",
+            labels=ns,
+        )
+        table_full = CounterMetricFamily(
+            "unisondb_memtable_full_waits",
+            "Times a group commit waited because the in-memory table was full (backpressure)",
+            labels=ns,
+        )
+        waits = CounterMetricFamily(
+            "unisondb_group_commit_waits",
+            "Group commits that waited (up to --group-commit-window) for more writers",
+            labels=ns,
+        )
         replayed = GaugeMetricFamily(
             "unisondb_recovery_records_replayed", "WAL records replayed at the last startup", labels=ns
         )
@@ -304,6 +329,11 @@ class EngineCollector(Collector):
             rotations.add_metric(n, wal.rotations)
             writes.add_metric(n, eng.stats.ops_flushed)
             groups.add_metric(n, eng.stats.group_commits)
+            per_fsync.add_metric(n, eng.writes_per_fsync)
+            waits.add_metric(n, eng.stats.group_waits)
+            table_bytes.add_metric(n, eng.table_bytes)
+            lmdb_lag.add_metric(n, eng.lmdb_lag)
+            table_full.add_metric(n, eng.table_full_waits)
             replayed.add_metric(n, eng.recovery.records_replayed)
             rec_secs.add_metric(n, eng.recovery.seconds)
             truncated.add_metric(n, wal.report.truncated_bytes)
@@ -324,6 +354,11 @@ class EngineCollector(Collector):
             rotations,
             writes,
             groups,
+            per_fsync,
+            waits,
+            table_bytes,
+            lmdb_lag,
+            table_full,
             replayed,
             rec_secs,
             truncated,

@@ -149,8 +149,9 @@ _test_hold = testseam.hold
 
 
 def copy_env(engine: Engine, f: BinaryIO) -> Checkpoint:
-    """LMDB's consistent compacting copy into ``f`` (tests replace this to fake ENOSPC)."""
-    return engine.btree.snapshot_to(f)
+    """LMDB's consistent compacting copy into ``f`` (tests replace this to fake ENOSPC),
+    holding every write acknowledged before it (``Engine.snapshot_to``)."""
+    return engine.snapshot_to(f)
 
 
 def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint, int, str]:

@@ -67,6 +67,35 @@ from unisondb.errors import UnisonDBError
     help="Keep sealed WAL segments at least this long after they are applied (e.g. 24h, 7d). Default: 24h",
 )
 @click.option(
+    "--wal-preallocate",
+    default=None,
+    metavar="SIZE",
+    help="Keep SIZE bytes after the WAL write position zero-filled in the background "
+    "(cheaper fdatasync; 0 = off). Default: 2MiB",
+)
+@click.option(
+    "--group-commit-window",
+    default=None,
+    metavar="DURATION",
+    help="With other writers in flight, a group commit waits up to DURATION for more "
+    "to join its fsync (never when a writer is alone; 0 = never). Default: 250us",
+)
+@click.option(
+    "--ack",
+    "ack",
+    type=click.Choice(["lmdb", "wal"]),
+    default=None,
+    help="Acknowledge a write once it is in the WAL and in LMDB (lmdb), or once it is in "
+    "the WAL and the in-memory table, LMDB following from a separate thread (wal). Default: lmdb",
+)
+@click.option(
+    "--memtable-size",
+    default=None,
+    metavar="SIZE",
+    help="With --ack wal: most bytes of acknowledged records not yet in LMDB; then "
+    "writes wait for LMDB. Default: 8MiB",
+)
+@click.option(
     "--shutdown-timeout",
     default=None,
     metavar="DURATION",
@@ -255,6 +284,10 @@ def cli(
     wal_segment_size: str | None,
     wal_segment_max_age: str | None,
     wal_retention: str | None,
+    wal_preallocate: str | None,
+    group_commit_window: str | None,
+    ack: str | None,
+    memtable_size: str | None,
     shutdown_timeout: str | None,
     disk_full_retry: str | None,
     disk_full_hold: str | None,
@@ -279,6 +312,10 @@ def cli(
             "segment_size": wal_segment_size,
             "segment_max_age": wal_segment_max_age,
             "retention": wal_retention,
+            "preallocate": wal_preallocate,
+            "group_commit_window": group_commit_window,
+            "ack": ack,
+            "memtable_size": memtable_size,
             "shutdown_timeout": shutdown_timeout,
             "disk_full_retry": disk_full_retry,
             "disk_full_hold": disk_full_hold,

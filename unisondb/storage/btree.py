@@ -37,7 +37,7 @@ import errno
 import os
 import struct
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -238,6 +238,13 @@ class BTree:
         with self._rw.read(), self.env.begin(db=self._kv) as txn:
             n: int = txn.stat(self._kv)["entries"]
             return n
+
+    def count_with(self, keys: Iterable[bytes]) -> tuple[int, list[bool]]:
+        """The key count and, for each of ``keys``, whether it is present, from one read
+        transaction (the engine adds the in-memory table's changes to this count)."""
+        with self._rw.read(), self.env.begin(db=self._kv) as txn:
+            n: int = txn.stat(self._kv)["entries"]
+            return n, [txn.get(k) is not None for k in keys]
 
     def items(self) -> Iterator[tuple[bytes, bytes]]:
         """All key/value pairs in key order, from one consistent read transaction."""

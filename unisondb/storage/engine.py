@@ -12,8 +12,27 @@ Write path (durable when the returned future resolves)::
 Concurrent writers therefore share one WAL fsync and one LMDB commit. A request is
 acknowledged only after its record is on disk *and* visible to readers.
 
+Adaptive group commit: when other writers have been in flight recently (the peak number
+of unanswered writes over the last groups is above one), the writer thread waits up to
+``group_commit_window`` (250 µs) after taking a group for the writers still missing from
+it, so one fsync serves all of them instead of two alternating cohorts. A writer that is
+alone never waits: its latency is the same as without the window. Time comes from
+``self.clock`` (a seam tests replace); ``wake()`` re-checks a waiting writer at once.
+
 Reads go straight to LMDB from the caller's thread (read transactions never block on
 the writer).
+
+``ack="wal"`` (``--ack wal``): a group is acknowledged once its WAL fdatasync returned and
+its records are in the in-memory table (``memtable.py``), which readers check before
+LMDB; the applier thread (``applier.py``) commits the table to LMDB in large
+transactions, each with its checkpoint (the same one-transaction rule), in LSN order.
+LMDB then lags the WAL by at most the table's bound (bytes and records); when the table
+is full the writer waits before its next group (backpressure). A segment is sealed only
+after the applier caught up with its last record (``_drain``), because its footer needs
+the fingerprint after it. A crash loses the table and recovery replays it from the WAL
+(docs/ARCHITECTURE.md "Acknowledging at the WAL"). An LMDB failure then comes after the
+acknowledgement: the records stay visible in the table, new writes are refused (stall)
+until the applier's retry succeeds.
 
 Failure policy (a full disk is a state, not a death; docs/OPERATIONS.md "Disk full"):
 
@@ -48,7 +67,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import structlog
 
@@ -66,14 +85,19 @@ from unisondb.errors import (
     from_os_error,
 )
 from unisondb.storage import fingerprint, fsutil, history, layout, record, snapfile
+from unisondb.storage.applier import Applier
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.history import Lineage, fork_segment_id
 from unisondb.storage.lockfile import NamespaceLock
+from unisondb.storage.memtable import MemTable
 from unisondb.storage.record import Entry, EntryKind, Record
 from unisondb.storage.recovery import RecoveryResult, recover
 from unisondb.storage.wal import SegmentInfo, Wal
 
 log = structlog.get_logger(__name__)
+
+#: Groups over which the peak number of writers in flight is remembered (adaptive commit).
+_CONCURRENCY_GROUPS = 64
 
 
 @dataclass(slots=True)
@@ -94,6 +118,9 @@ class EngineStats:
     #: Times the engine entered the disk-full (stalled) state, and left it.
     stalls: int = 0
     resumes: int = 0
+    #: Groups that waited for more writers (adaptive group commit), and for how long.
+    group_waits: int = 0
+    group_wait_seconds: float = 0.0
 
 
 @dataclass(slots=True)
@@ -156,6 +183,23 @@ class Engine:
         self._stalled: UnisonDBError | None = None
         self._pending: _Pending | None = None
         self._next_retry = 0.0
+        #: Monotonic clock of the group-commit window (a seam: tests install their own).
+        self.clock: Callable[[], float] = time.monotonic
+        #: Writes of the group being committed whose answers are not out yet (zeroed just
+        #: before the answers go out, so a client coming straight back is not counted
+        #: twice); with the queue, the writes in flight. Peak of that count over the
+        #: current and the previous run of ``_CONCURRENCY_GROUPS`` groups:
+        self._committing = 0
+        self._peak_now = 0
+        self._peak_prev = 0
+        self._peak_groups = 0
+        #: Test seam: while set the writer takes no group (``pause_writer``).
+        self._writer_paused = False
+        #: ``ack="wal"``: acknowledged records not yet in LMDB, and the thread applying them.
+        self._table: MemTable | None = None
+        self._applier: Applier | None = None
+        #: Highest LSN acknowledged (durable in the WAL and visible to readers).
+        self._acked_lsn = 0
 
     # --- lifecycle ---
 
@@ -176,6 +220,18 @@ class Engine:
         except BaseException:
             eng._lock.release()
             raise
+        if eng.config.ack == "wal":
+            eng._table = MemTable(eng.config.memtable_bytes, eng.config.memtable_max_lag)
+            eng._applier = Applier(
+                eng._table,
+                eng.btree,
+                eng._checkpoint,
+                retry=eng.config.disk_full_retry,
+                on_error=eng._apply_refused,
+                on_recovered=eng._apply_recovered,
+                name=f"lmdb-applier-{namespace}",
+            )
+            eng._applier.start()
         eng._thread = threading.Thread(target=eng._writer_loop, name=f"wal-writer-{namespace}", daemon=True)
         eng._thread.start()
         return eng
@@ -202,7 +258,12 @@ class Engine:
         try:
             self._claim_btree()
             installed = self._check_installed_snapshot()
-            self.wal = Wal.open(layout.wal_dir(self.data_dir, self.namespace), self.namespace)
+            self.wal = Wal.open(
+                layout.wal_dir(self.data_dir, self.namespace),
+                self.namespace,
+                preallocate=self.config.wal_preallocate,
+                segment_size=self.config.segment_size,
+            )
             self.recovery = recover(self.wal, self.btree)
             rcp = self.recovery.checkpoint
             fork_reason = "a snapshot was installed by hand" if installed else self._fork_reason(rcp)
@@ -227,6 +288,7 @@ class Engine:
         self.btree.sync()
         self._checkpoint = cp
         self._durable_lsn = cp.applied_lsn
+        self._acked_lsn = cp.applied_lsn
         self._next_lsn = self.recovery.next_lsn
         self._last_time_ns = cp.time_ns
         log.info(
@@ -344,11 +406,21 @@ class Engine:
             self._cond.notify_all()
         if self._thread is not None:
             self._thread.join()
+        drained = True
+        if self._applier is not None:
+            # Everything acknowledged goes to LMDB before the seal (its footer needs the
+            # state after it); if LMDB refuses, the WAL still holds it for the next start.
+            self._applier.resume()  # (a test may have paused it)
+            if self._applier.error is not None:
+                self._applier.retry_now(timeout=5.0)
+            drained = self._applier.drain()
+            self._applier.stop()
+            self._checkpoint = self._applier.checkpoint
         try:
-            if self._stalled is not None:
+            if self._stalled is not None and drained:
                 self._try_resume()  # one last chance to apply what is pending
             self._answer_held(force=True)
-            if self.wal.active is not None and self._failed is None and self._pending is None:
+            if self.wal.active is not None and self._failed is None and self._pending is None and drained:
                 self.wal.sync()
                 # A clean stop seals: the last writes are then in a segment that a WAL
                 # backup can copy (only sealed segments are backed up). It also starts the
@@ -404,6 +476,9 @@ class Engine:
             self._queue.append(req)
             if req.entries is not None:
                 self.stats.ops_received += 1
+                inflight = len(self._queue) + self._committing
+                if inflight > self._peak_now:
+                    self._peak_now = inflight
             self._cond.notify()
         return req.future
 
@@ -446,21 +521,68 @@ class Engine:
     # --- reads ---
 
     def get(self, key: bytes) -> bytes | None:
+        """The newest acknowledged value: from the in-memory table if the key is there
+        (``--ack wal``; it is dropped only after LMDB committed it), else from LMDB."""
+        table = self._table
+        if table is not None:
+            found, value = table.get(key)
+            if found:
+                return value
         return self.btree.get(key)
 
     def checkpoint(self) -> Checkpoint:
         return self.btree.read_checkpoint()
 
+    def catch_up(self, timeout: float | None = None) -> bool:
+        """Wait until LMDB holds every write acknowledged before this call (``--ack wal``;
+        at once otherwise). False if LMDB is refusing writes or ``timeout`` passed."""
+        if self._applier is None:
+            return True
+        return self._applier.wait_applied(self._acked_lsn, timeout)
+
+    def snapshot_to(self, f: BinaryIO) -> Checkpoint:
+        """A consistent copy of LMDB (``BTree.snapshot_to``) holding every write acknowledged
+        before the call: with ``--ack wal`` the applier catches up first, so a snapshot-only
+        backup never misses a write that was answered 200 before it was requested."""
+        if not self.catch_up():
+            assert self._applier is not None
+            raise self._applier.error or Unavailable(f"namespace {self.namespace} is shutting down")
+        return self.btree.snapshot_to(f)
+
     @property
     def applied_lsn(self) -> int:
-        """Last LSN applied to the B-tree (equal to ``last_lsn`` between group commits)."""
+        """Last LSN applied to the B-tree (equal to ``last_lsn`` between group commits,
+        behind it by the in-memory table with ``--ack wal``)."""
+        if self._applier is not None:
+            return self._applier.checkpoint.applied_lsn
         return self._checkpoint.applied_lsn
 
     @property
     def last_lsn(self) -> int:
-        """Last LSN that is durable and applied. LSNs handed out to a group still being
-        written are not reported: if that group fails they are given out again."""
-        return self._checkpoint.applied_lsn
+        """Last LSN acknowledged (durable and visible). LSNs handed out to a group still
+        being written are not reported: if that group fails they are given out again."""
+        return max(self._acked_lsn, self.applied_lsn)
+
+    @property
+    def table_bytes(self) -> int:
+        """Bytes of acknowledged records not yet in LMDB (0 unless ``--ack wal``)."""
+        return self._table.bytes if self._table is not None else 0
+
+    def key_count(self) -> int:
+        """Live keys, acknowledged writes in the in-memory table included."""
+        if self._table is None:
+            return self.btree.count()
+        return self._table.count_keys(self.btree.count_with)
+
+    @property
+    def table_full_waits(self) -> int:
+        """Group commits that waited for room in the in-memory table (backpressure)."""
+        return self._table.full_waits if self._table is not None else 0
+
+    @property
+    def lmdb_lag(self) -> int:
+        """Acknowledged records LMDB does not hold yet."""
+        return self.last_lsn - self.applied_lsn
 
     def offset(self) -> tuple[int, int]:
         """(segment id, start offset) of the last record appended; zeros before the first."""
@@ -532,13 +654,16 @@ class Engine:
     def _writer_loop(self) -> None:
         while True:
             with self._cond:
-                while not self._queue and not self._closing:
+                while (not self._queue or self._writer_paused) and not self._closing:
                     self._cond.wait(timeout=self._idle_timeout())
-                    if not self._queue:
+                    if not self._queue and not self._writer_paused:
                         break
                 if not self._queue and self._closing:
                     return
                 group = self._take_group()
+                if group:
+                    self._gather(group)
+                    self._committing = sum(1 for r in group if r.entries is not None)
             try:
                 if group:
                     self._commit_group(group)
@@ -546,6 +671,64 @@ class Engine:
             except Exception as exc:  # a bug or an unexpected failure: never die silently
                 log.exception("engine.writer_crashed", namespace=self.namespace)
                 self._fail(StorageError(f"WAL writer failed: {exc!r}"), group)
+            finally:
+                self._group_done(group)
+
+    def _gather(self, group: list[_Request]) -> None:
+        """Adaptive group commit (``self._cond`` held): with other writers recently in
+        flight, wait up to ``group_commit_window`` for as many to join as were in flight
+        at the peak. Alone (peak of one), never wait."""
+        window = self.config.group_commit_window
+        target = max(self._peak_now, self._peak_prev)
+        if window <= 0 or target < 2 or len(group) >= target or group[-1].entries is None:
+            return
+        started = self.clock()
+        deadline = started + window
+        size = sum(record.encoded_size(r.entries) for r in group if r.entries is not None)
+        while not self._closing:
+            while self._queue and size < self.config.max_group_bytes and group[-1].entries is not None:
+                req = self._queue.popleft()
+                group.append(req)
+                if req.entries is not None:
+                    size += record.encoded_size(req.entries)
+            if len(group) >= target or group[-1].entries is None or size >= self.config.max_group_bytes:
+                break
+            remaining = deadline - self.clock()
+            if remaining <= 0:
+                break
+            self._cond.wait(remaining)
+        self.stats.group_waits += 1
+        self.stats.group_wait_seconds += self.clock() - started
+
+    def _group_done(self, group: list[_Request]) -> None:
+        """The group is answered (or failed): it no longer counts as in flight."""
+        if not group:
+            return
+        with self._cond:
+            self._committing = 0
+            self._peak_groups += 1
+            if self._peak_groups >= _CONCURRENCY_GROUPS:
+                # A burst ends: after two runs of groups its peak no longer makes a lone
+                # writer wait.
+                self._peak_prev, self._peak_now, self._peak_groups = self._peak_now, len(self._queue), 0
+
+    # --- test seams for the writer thread ---
+
+    def pause_writer(self) -> None:
+        """Make the writer thread take no new group until ``resume_writer`` (a test seam:
+        queue several writes, then let them be taken together)."""
+        with self._cond:
+            self._writer_paused = True
+
+    def resume_writer(self) -> None:
+        with self._cond:
+            self._writer_paused = False
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Make a writer waiting in the group-commit window look at ``clock`` again now."""
+        with self._cond:
+            self._cond.notify_all()
 
     def _idle_timeout(self) -> float:
         if self._stalled is not None:
@@ -587,6 +770,12 @@ class Engine:
             for req in writes:
                 req.future.set_exception(self._refusal(self._stalled))
             return
+        if self._table is not None and not self._table.wait_room(self._room_never_comes, self.clock):
+            for req in writes:  # LMDB refuses and the table is full: never written
+                req.future.set_exception(
+                    self._refusal(self._stalled or StorageError("LMDB is refusing writes"))
+                )
+            return
         records: list[Record] = []
         try:
             seg_id, end = self._append(writes, records)
@@ -606,6 +795,11 @@ class Engine:
         except UnisonDBError as exc:
             self._group_failed(writes, records, exc)
             return
+        if self._table is not None:
+            # Durable: visible through the table now, in LMDB once the applier is there.
+            self._table.add(records[self._applied_in_group :], seg_id, end)
+            self._ack(writes, records)
+            return
         try:
             self._apply(records[self._applied_in_group :], seg_id, end)
         except UnisonDBError as exc:
@@ -619,10 +813,13 @@ class Engine:
     def _ack(self, writes: list[_Request], records: list[Record]) -> None:
         if not writes:
             return
+        self._committing = 0  # before the answers: a client's next write is not "another"
         self.stats.ops_flushed += len(writes)
         self.stats.group_commits += 1
         self.stats.records_written += len(writes)
         for req, rec in zip(writes, records, strict=False):
+            if rec.lsn > self._acked_lsn:
+                self._acked_lsn = rec.lsn
             if not req.future.done():
                 req.future.set_result(rec.lsn)
 
@@ -718,6 +915,8 @@ class Engine:
         rotation still owes. True (and accepting writes again) if everything succeeded."""
         if self._stalled is None:
             return True
+        if self._applier is not None and not self._applier.retry_now():
+            return False  # LMDB still refuses the table (its own retry timer goes on)
         p = self._pending
         try:
             if p is not None:
@@ -735,6 +934,53 @@ class Engine:
         self.stats.resumes += 1
         log.info("engine.resumed", namespace=self.namespace, applied_lsn=self.applied_lsn)
         return True
+
+    # --- ack="wal": the applier's calls and the writer's waits ---
+
+    def _drain(self) -> bool:
+        """Wait until LMDB holds every acknowledged record (``--ack wal``), so the state
+        fingerprint after the active segment's last record is known; False if LMDB refuses."""
+        if self._applier is None:
+            return True
+        ok = self._applier.drain()
+        if ok:
+            self._checkpoint = self._applier.checkpoint
+        return ok
+
+    def _room_never_comes(self) -> bool:
+        """While the writer waits for room in the table: give up if LMDB is refusing (the
+        applier keeps running while the engine closes, so room comes then too)."""
+        return self._applier is not None and self._applier.error is not None
+
+    def _apply_refused(self, exc: UnisonDBError) -> None:
+        """Applier thread: LMDB refused acknowledged records; refuse new writes until it takes them."""
+        log.error(
+            "engine.apply_failed",
+            namespace=self.namespace,
+            error=str(exc),
+            note="the records are acknowledged, durable in the WAL and visible; they are "
+            "applied once LMDB takes them again",
+        )
+        self._stall(exc)
+
+    def _apply_recovered(self) -> None:
+        """Applier thread: LMDB took the table again; accept writes unless something else
+        (a segment a rotation still owes) keeps the engine stalled."""
+        with self._cond:
+            if self._stalled is None or self.wal.active is None or self._pending is not None:
+                return
+            self._stalled = None
+        self.stats.resumes += 1
+        log.info("engine.resumed", namespace=self.namespace, applied_lsn=self.applied_lsn)
+
+    def pause_applier(self) -> None:
+        """Test seam (``--ack wal``): apply nothing to LMDB until ``resume_applier``."""
+        assert self._applier is not None, "pause_applier needs ack='wal'"
+        self._applier.pause()
+
+    def resume_applier(self) -> None:
+        assert self._applier is not None, "resume_applier needs ack='wal'"
+        self._applier.resume()
 
     def _apply(self, records: list[Record], seg_id: int, end: int) -> None:
         """Apply durable records to LMDB with the checkpoint after them (one transaction)."""
@@ -791,7 +1037,14 @@ class Engine:
         # and applied, because the footer records the state fingerprint after them.
         self._sync_appended()
         todo = records[self._applied_in_group :]
-        if todo:
+        if self._table is not None:
+            self._table.add(todo, seg_id, end)
+            self._applied_in_group = len(records)
+            if not self._drain():
+                assert self._applier is not None
+                err = self._applier.error or Unavailable(f"namespace {self.namespace} is shutting down")
+                raise _ApplyFailed(err, len(records), seg_id, end)
+        elif todo:
             try:
                 self._apply(todo, seg_id, end)
             except UnisonDBError as exc:
@@ -810,6 +1063,9 @@ class Engine:
         if act is None:
             self.wal.start_unstarted()
             return None
+        if act.count and not self._drain():
+            assert self._applier is not None
+            raise self._applier.error or Unavailable(f"namespace {self.namespace} is shutting down")
         if act.count:
             self._last_record = (act.header.segment_id, act.last_record_offset)
         sealed = self.wal.rotate(self._next_lsn, self._checkpoint.fingerprint)
@@ -901,7 +1157,7 @@ class Engine:
         if not candidates:
             return
         self.btree.sync()  # everything committed so far is now durable
-        self._durable_lsn = self._checkpoint.applied_lsn
+        self._durable_lsn = self._lmdb_checkpoint().applied_lsn
         guard = self._retention_guard
         for s in candidates:
             if guard is not None and not guard(s.segment_id):
@@ -912,8 +1168,13 @@ class Engine:
                 log.info("wal.retention_delete", namespace=self.namespace, segment=s.segment_id)
                 self.wal.delete_segment(s.segment_id)
 
+    def _lmdb_checkpoint(self) -> Checkpoint:
+        """The checkpoint LMDB holds now (the applier's with ``--ack wal``)."""
+        return self._applier.checkpoint if self._applier is not None else self._checkpoint
+
     def describe(self) -> dict[str, Any]:
         act = self.wal.active
+        cp = self._lmdb_checkpoint()
         return {
             "namespace": self.namespace,
             "opsReceived": self.stats.ops_received,
@@ -921,11 +1182,22 @@ class Engine:
             "currentSegment": act.header.segment_id if act else 0,
             "currentOffset": act.size if act else 0,
             "lastLsn": self.last_lsn,
-            "timeline": self._checkpoint.timeline,
-            "history": history.show(self._checkpoint.history),
-            "fingerprint": self._checkpoint.fingerprint.hex(),
-            "keys": self.btree.count(),
+            "timeline": cp.timeline,
+            "history": history.show(cp.history),
+            "fingerprint": cp.fingerprint.hex(),
+            "keys": self.key_count(),
+            "groupCommits": self.stats.group_commits,
+            "writesPerFsync": round(self.writes_per_fsync, 2),
+            "ack": self.config.ack,
+            "appliedLsn": self.applied_lsn,
+            "lmdbLagRecords": self.lmdb_lag,
+            "memtableBytes": self.table_bytes,
         }
+
+    @property
+    def writes_per_fsync(self) -> float:
+        """Acknowledged writes per group commit (one WAL fsync each), since start."""
+        return self.stats.ops_flushed / self.stats.group_commits if self.stats.group_commits else 0.0
 
 
 def _as_storage_error(exc: BaseException, path: Path) -> UnisonDBError:

@@ -48,6 +48,7 @@ from __future__ import annotations
 
 import os
 import struct
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -288,6 +289,10 @@ def _scan(path: Path, data: bytes, header: SegmentHeader, footer: SegmentFooter 
                     hint="restore this segment from a backup copy (unisondb backup verify "
                     "names the good copies)",
                 ) from None
+            if footer is None and _zero_from(view, pos):
+                # Zero-filled space ahead of the writer (``zerofill.py``): the clean end of
+                # the log. A record never starts with 8 zero bytes, so this cannot hide one.
+                break
             result.tail_error = f"{exc.reason} at offset {pos}"
             result.tail_is_midlog = _valid_record_follows(view, pos, expected)
             break
@@ -300,6 +305,12 @@ def _scan(path: Path, data: bytes, header: SegmentHeader, footer: SegmentFooter 
     if footer is not None:
         _check_footer(result, footer)
     return result
+
+
+def _zero_from(view: memoryview, pos: int) -> bool:
+    """Whether every byte from ``pos`` to the end of ``view`` is zero."""
+    rest = view[pos:]
+    return rest.nbytes > 0 and rest.tobytes().count(0) == rest.nbytes
 
 
 def _valid_record_follows(view: memoryview, pos: int, lsn: int) -> bool:
@@ -405,6 +416,12 @@ class ActiveSegment:
         #: A failed write could not be cut back off again: where the file ends is unknown,
         #: so it must never be appended to or sealed (the engine stops; recovery decides).
         self.broken = False
+        #: Shared with the zero-filler (``zerofill.py``): it writes zeros only at or past
+        #: ``max(zeroed_end, size)`` and only while holding this lock.
+        self.lock = threading.Lock()
+        #: Offset up to which the file holds records or zeros (the file's length).
+        self.zeroed_end = size
+        self.closed = False
 
     @classmethod
     def create(cls, directory: Path, header: SegmentHeader) -> ActiveSegment:
@@ -417,9 +434,16 @@ class ActiveSegment:
     def open_existing(cls, path: Path, header: SegmentHeader, size: int) -> ActiveSegment:
         try:
             fd = os.open(path, os.O_WRONLY)
+            length = os.fstat(fd).st_size
         except OSError as exc:
             raise from_os_error(exc, path) from exc
-        return cls(path, header, fd, size)
+        seg = cls(path, header, fd, size)
+        seg.zeroed_end = max(size, length)  # a recovered zero tail (``scan`` checked it)
+        return seg
+
+    @property
+    def fd(self) -> int:
+        return self._fd
 
     def note_records(self, recs: list[tuple[int, int, int]]) -> None:
         """Account for records already present (lsn, time_ns, start offset)."""
@@ -444,9 +468,11 @@ class ActiveSegment:
         """
         start = self.size
         try:
-            written = os.pwrite(self._fd, data, start)
-            if written != len(data):
-                raise OSError(28, "short write")
+            with self.lock:
+                written = os.pwrite(self._fd, data, start)
+                if written != len(data):
+                    raise OSError(28, "short write")
+                self.size = start + len(data)
         except OSError:
             self._cut_back(start)
             raise
@@ -454,22 +480,23 @@ class ActiveSegment:
         for lsn, t, length in meta:
             self._account(lsn, t, pos)
             pos += length
-        self.size = start + len(data)
 
     def truncate(self, size: int) -> None:
-        os.ftruncate(self._fd, size)
-        self.size = size
+        with self.lock:
+            os.ftruncate(self._fd, size)
+            self.size = self.zeroed_end = size
 
     def _cut_back(self, size: int, *, sync: bool = False) -> None:
         """Cut a failed write off again (``sync``: durably); on failure mark ``broken``."""
         try:
-            os.ftruncate(self._fd, size)
+            with self.lock:
+                os.ftruncate(self._fd, size)
+                self.size = self.zeroed_end = size
             if sync:
                 fsutil.fdatasync(self._fd)
         except OSError:
             self.broken = True
             return
-        self.size = size
 
     def mark(self) -> tuple[int, int, int, int, int, int]:
         """The segment's end and accounting now, for ``rollback``."""
@@ -515,20 +542,29 @@ class ActiveSegment:
         footer = self.footer(fingerprint)
         data = footer.encode()
         try:
+            with self.lock:
+                self.closed = True  # the zero-filler stops; on failure it may resume
+                if self.zeroed_end > self.size:  # a sealed segment ends at its footer
+                    os.ftruncate(self._fd, self.size)
+                    self.zeroed_end = self.size
             if os.pwrite(self._fd, data, self.size) != len(data):
                 raise OSError(28, "short write of segment footer")
             fsutil.fdatasync(self._fd)
         except OSError:
             self._cut_back(self.size, sync=True)
+            with self.lock:
+                self.closed = False
             raise
         self.size += len(data)
         self.close()
         return footer
 
     def close(self) -> None:
-        if self._fd >= 0:
-            os.close(self._fd)
-            self._fd = -1
+        with self.lock:
+            self.closed = True
+            if self._fd >= 0:
+                os.close(self._fd)
+                self._fd = -1
 
 
 def iter_segment_files(directory: Path) -> Iterator[tuple[int, Path]]:

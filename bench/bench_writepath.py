@@ -1,0 +1,207 @@
+#!/usr/bin/env python3
+"""The write path (issue 11) against etcd 3.4, interleaved in one run.
+
+    .venv/bin/python bench/bench_writepath.py [--runs 3] [--seconds 5] [--out FILE]
+
+Starts, all on 127.0.0.1, three UnisonDB servers that differ only in write-path flags —
+``before`` (``--wal-preallocate 0 --group-commit-window 0 --ack lmdb``: the write path
+before this work), ``zero+window`` (the new defaults: zero-filled segments, adaptive group
+commit, ``--ack lmdb``) and ``ack-wal`` (the defaults plus ``--ack wal``) — and one
+etcd 3.4. Each run drives every target in turn (the order rotates per run) with ``hey``:
+durable PUTs, 16 connections, 100-byte values; then one connection (single-client
+latency). Writes per fsync come from /metrics before and after each load; the in-memory
+table and LMDB lag of ``ack-wal`` are sampled from /stats during its load. Medians over
+the runs; every process is stopped by its PID. Needs ``hey`` and ``etcd``
+(``apt-get install -y hey etcd-server etcd-client``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+from pathlib import Path
+
+BENCH = Path(__file__).resolve().parent
+sys.path.insert(0, str(BENCH))
+
+import httpx  # noqa: E402
+import lib  # noqa: E402
+import peers  # noqa: E402
+from prometheus_client.parser import text_string_to_metric_families  # noqa: E402
+
+NS = "default"
+KEY = b"bench-key"
+VALUE = b"v" * 100
+CONFIGS: dict[str, list[str]] = {
+    "before": ["--wal-preallocate", "0", "--group-commit-window", "0", "--ack", "lmdb"],
+    "zero+window": ["--ack", "lmdb"],
+    "ack-wal": ["--ack", "wal"],
+}
+
+
+class Uni(peers.Managed):
+    def __init__(self, name: str, data_dir: Path, log_path: Path, flags: list[str]) -> None:
+        self.port = lib.free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cmd = [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir)]
+        cmd += ["--http-addr", f"127.0.0.1:{self.port}", "--namespace", NS, *flags]
+        super().__init__(name, cmd, log_path)
+        self.wait_until(lambda: httpx.get(self.url + "/health", timeout=1).status_code == 200, 120, "health")
+
+    def kv(self) -> str:
+        return f"{self.url}/api/v1/{NS}/kv/{KEY.decode()}"
+
+    def metric(self, name: str) -> float:
+        text = httpx.get(self.url + "/metrics", timeout=30).text
+        return sum(s.value for f in text_string_to_metric_families(text) for s in f.samples if s.name == name)
+
+    def stats(self) -> dict[str, object]:
+        out: dict[str, object] = httpx.get(f"{self.url}/api/v1/{NS}/stats", timeout=30).json()
+        return out
+
+
+def sample_table(uni: Uni, stop: threading.Event, peaks: dict[str, float]) -> None:
+    """Poll /stats during a load: the largest in-memory table and LMDB lag seen."""
+    with httpx.Client(timeout=5) as c:
+        while not stop.wait(0.1):
+            try:
+                s = c.get(f"{uni.url}/api/v1/{NS}/stats").json()
+            except httpx.HTTPError:
+                continue
+            peaks["bytes"] = max(peaks.get("bytes", 0), float(s.get("memtableBytes", 0)))
+            peaks["lag"] = max(peaks.get("lag", 0), float(s.get("lmdbLagRecords", 0)))
+
+
+def put_load(target: object, seconds: float, conns: int) -> lib.Load:
+    if isinstance(target, Uni):
+        body = json.dumps({"value": lib.b64(VALUE)})
+        return lib.hey(target.kv(), seconds, conns, method="PUT", body=body)
+    assert isinstance(target, peers.Etcd)
+    body = json.dumps({"key": lib.b64(KEY), "value": lib.b64(VALUE)})
+    return lib.hey(target.url + "/v3/kv/put", seconds, conns, method="POST", body=body)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument("--seconds", type=float, default=5.0)
+    ap.add_argument("--conns", type=int, default=16)
+    ap.add_argument("--out", type=Path)
+    ap.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="NAME=FLAGS",
+        help='one more UnisonDB target, e.g. "ack-wal-2ms=--ack wal --group-commit-window 2ms"',
+    )
+    args = ap.parse_args()
+    for spec in args.also:
+        name, _, flags = spec.partition("=")
+        CONFIGS[name] = flags.split()
+    for tool in ("hey", "etcd"):
+        if shutil.which(tool) is None:
+            raise SystemExit(f"{tool} not found: apt-get install -y hey etcd-server etcd-client")
+    work = Path(tempfile.mkdtemp(prefix="unisondb-writepath-", dir=os.environ.get("BENCH_DIR")))
+    uptime_before = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+    rows: dict[str, dict[str, list[float]]] = {}
+
+    def add(target: str, what: str, v: float) -> None:
+        rows.setdefault(target, {}).setdefault(what, []).append(v)
+
+    try:
+        targets: dict[str, object] = {
+            name: Uni(name, work / name, work / f"{name}.log", flags) for name, flags in CONFIGS.items()
+        }
+        targets["etcd 3.4"] = peers.Etcd(work / "etcd", work / "etcd.log")
+        for t in targets.values():  # warm-up, not counted
+            put_load(t, 1, args.conns)
+        names = list(targets)
+        for run in range(args.runs):
+            order = names[run % len(names) :] + names[: run % len(names)]
+            print(f"run {run + 1}/{args.runs}: {order}", flush=True)
+            for name in order:
+                t = targets[name]
+                stop, peaks = threading.Event(), dict[str, float]()
+                sampler = None
+                if isinstance(t, Uni):
+                    f0, w0 = t.metric("unisondb_wal_fsyncs_total"), t.metric("unisondb_writes_total")
+                    sampler = threading.Thread(target=sample_table, args=(t, stop, peaks))
+                    sampler.start()
+                load = put_load(t, args.seconds, args.conns)
+                stop.set()
+                add(name, "put16.rps", load.rps)
+                add(name, "put16.p50", load.p50)
+                add(name, "put16.p99", load.p99)
+                if isinstance(t, Uni):
+                    assert sampler is not None
+                    sampler.join()
+                    f1, w1 = t.metric("unisondb_wal_fsyncs_total"), t.metric("unisondb_writes_total")
+                    add(name, "writes_per_fsync", (w1 - w0) / max(1.0, f1 - f0))
+                    add(name, "table_bytes_peak", peaks.get("bytes", 0))
+                    add(name, "lmdb_lag_peak", peaks.get("lag", 0))
+                one = put_load(t, args.seconds, 1)
+                add(name, "put1.rps", one.rps)
+                add(name, "put1.p50", one.p50)
+                add(name, "put1.p99", one.p99)
+                print(
+                    f"  {name}: 16c {load.rps:,.0f}/s p99 {load.p99:.2f} ms; 1c p50 {one.p50:.3f} ms",
+                    flush=True,
+                )
+        rss = {
+            name: (t.vmhwm_kib(), lib.proc_status(t.pid).get("RssAnon", 0))
+            for name, t in targets.items()
+            if isinstance(t, peers.Managed)
+        }
+    finally:
+        peers.stop_all()
+        shutil.rmtree(work, ignore_errors=True)
+    uptime_after = subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
+
+    med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in rows.items()}
+    etcd = med["etcd 3.4"]
+    before = med["before"]
+    lines = [
+        f"Runs: {args.runs} × {args.seconds:g} s per load, interleaved (order rotates per run); "
+        f"hey, {args.conns} connections (and 1), 100-byte values, one key; medians.",
+        "",
+        f"`uptime` before: `{uptime_before}`  ",
+        f"`uptime` after: `{uptime_after}`",
+        "",
+        "| target | PUT/s 16 conns | vs etcd | p50 ms | p99 ms | writes/fsync | 1-client PUT p50 ms "
+        "| vs before | 1-client PUT/s | table peak | LMDB lag peak | VmHWM MiB | RssAnon MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for name, m in med.items():
+        wpf = f"{m['writes_per_fsync']:.1f}" if "writes_per_fsync" in m else "—"
+        wal_mode = "--ack wal" in " ".join(CONFIGS.get(name, []))
+        tb = f"{m['table_bytes_peak'] / 1024:.0f} KiB" if wal_mode else "—"
+        lag = f"{m['lmdb_lag_peak']:.0f}" if wal_mode else "—"
+        lines.append(
+            f"| {name} | {m['put16.rps']:,.0f} | {m['put16.rps'] / etcd['put16.rps']:.2f}× | "
+            f"{m['put16.p50']:.2f} | {m['put16.p99']:.2f} | {wpf} | {m['put1.p50']:.3f} | "
+            f"{m['put1.p50'] / before['put1.p50']:.2f}× | {m['put1.rps']:,.0f} | {tb} | {lag} | "
+            f"{rss.get(name, (0, 0))[0] / 1024:.0f} | {rss.get(name, (0, 0))[1] / 1024:.0f} |"
+        )
+    lines += ["", "Every run (PUT/s with 16 connections):", ""]
+    for name, d in rows.items():
+        lines.append(f"- {name}: " + ", ".join(f"{x:,.0f}" for x in d["put16.rps"]))
+    lines += ["", "Every run (1-client PUT p50 ms):", ""]
+    for name, d in rows.items():
+        lines.append(f"- {name}: " + ", ".join(f"{x:.3f}" for x in d["put1.p50"]))
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.out:
+        args.out.write_text(f"<!-- generated {dt.datetime.now(dt.UTC):%Y-%m-%d %H:%M} UTC -->\n" + text)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,163 @@
+"""The applier thread (``--ack wal``): moves acknowledged records from the table into LMDB.
+
+It takes the oldest batches of the in-memory table (``memtable.py``), a few thousand
+records at a time, and applies them with ``BTree.apply`` in ONE transaction together with
+the checkpoint after the last of them (DESIGN §2.4's rule, unchanged): LMDB therefore
+always holds exactly the state after some WAL record, named by its checkpoint, and the
+state fingerprint is updated from the old values LMDB holds, which are right because
+batches are applied in LSN order and nothing else writes LMDB meanwhile. Only after the
+commit are the records dropped from the table, so a reader that misses the table finds
+them in LMDB.
+
+If LMDB refuses a transaction (a full disk) the records stay in the table (still
+visible, still durable in the WAL), ``on_error`` stalls the engine (new writes are
+refused, reads go on) and the applier retries every ``retry`` seconds or when asked
+(``retry_now``). ``on_recovered`` is called after the first success that follows.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+import structlog
+
+from unisondb.errors import StorageError, UnisonDBError
+from unisondb.storage import testseam
+from unisondb.storage.btree import BTree, Checkpoint
+from unisondb.storage.memtable import MemTable
+
+log = structlog.get_logger(__name__)
+
+#: Records per LMDB transaction (about; one batch is never split).
+BATCH_RECORDS = 4096
+
+
+class Applier:
+    def __init__(
+        self,
+        table: MemTable,
+        btree: BTree,
+        checkpoint: Checkpoint,
+        *,
+        retry: float,
+        on_error: Callable[[UnisonDBError], None],
+        on_recovered: Callable[[], None],
+        name: str = "lmdb-applier",
+    ) -> None:
+        self.table = table
+        self.btree = btree
+        #: The checkpoint LMDB holds (read by the engine from any thread).
+        self.checkpoint = checkpoint
+        self.error: UnisonDBError | None = None
+        self.transactions = 0
+        self._retry = retry
+        self._on_error = on_error
+        self._on_recovered = on_recovered
+        self._paused = False
+        self._stop = False
+        self._kicked = False
+        self._attempts = 0
+        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def _loop(self) -> None:
+        cond = self.table.cond
+        while True:
+            with cond:
+                while (self.table.empty() or self._paused) and not self._stop:
+                    cond.wait()
+                if self._stop:
+                    return
+            batches = self.table.pending(BATCH_RECORDS)
+            recs = [r for b in batches for r in b.records]
+            last = batches[-1]
+            testseam.hold("apply")
+            try:
+                cp = self.btree.apply(
+                    recs, self.checkpoint.advance(recs[-1].lsn, last.segment_id, last.end, recs[-1].time_ns)
+                )
+            except UnisonDBError as exc:
+                self._failed(exc)
+                continue
+            except Exception as exc:  # a bug: stall rather than die silently
+                log.exception("applier.crashed")
+                self._failed(StorageError(f"LMDB applier failed: {exc!r}"))
+                continue
+            self.checkpoint = cp
+            self.transactions += 1
+            recovered = self.error is not None
+            with cond:
+                self.error = None
+                self._attempts += 1
+            self.table.applied(batches)  # notifies drain() waiters
+            if recovered:
+                self._on_recovered()
+
+    def _failed(self, exc: UnisonDBError) -> None:
+        cond = self.table.cond
+        first = self.error is None
+        with cond:
+            self.error = exc
+            self._attempts += 1
+            cond.notify_all()
+        if first:
+            self._on_error(exc)
+        with cond:
+            if not self._kicked and not self._stop:
+                cond.wait(self._retry)
+            self._kicked = False
+
+    # --- the engine's calls ---
+
+    def drain(self) -> bool:
+        """Wait until every record in the table is in LMDB; False if LMDB is refusing."""
+        cond = self.table.cond
+        with cond:
+            while not self.table.empty():
+                if self.error is not None or self._stop:
+                    return False
+                cond.wait()
+        return True
+
+    def wait_applied(self, lsn: int, timeout: float | None = None) -> bool:
+        """Wait until LMDB holds every record up to ``lsn`` (from any thread; records added
+        meanwhile are not waited for); False if LMDB is refusing or the wait timed out."""
+        cond = self.table.cond
+        with cond:
+            return cond.wait_for(
+                lambda: self.checkpoint.applied_lsn >= lsn or self.error is not None or self._stop, timeout
+            ) and (self.checkpoint.applied_lsn >= lsn)
+
+    def retry_now(self, timeout: float = 30.0) -> bool:
+        """Retry a refused transaction now; True if the table could be applied."""
+        cond = self.table.cond
+        with cond:
+            if self.error is None:
+                return True
+            seen = self._attempts
+            self._kicked = True
+            cond.notify_all()
+            cond.wait_for(lambda: self._attempts > seen or self._stop, timeout)
+            return self.error is None
+
+    def stop(self) -> None:
+        with self.table.cond:
+            self._stop = True
+            self.table.cond.notify_all()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    # --- test seams ---
+
+    def pause(self) -> None:
+        """Apply nothing until ``resume`` (the table fills; writes meet backpressure)."""
+        with self.table.cond:
+            self._paused = True
+
+    def resume(self) -> None:
+        with self.table.cond:
+            self._paused = False
+            self.table.cond.notify_all()

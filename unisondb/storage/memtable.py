@@ -1,0 +1,148 @@
+"""Acknowledged writes that LMDB does not hold yet (``--ack wal``): the in-memory table.
+
+With ``--ack wal`` a write is acknowledged once its WAL record is fsynced and it is in
+this table; the applier thread (``applier.py``) moves the table's records into LMDB in
+large transactions, in LSN order, and drops them from the table once committed. Readers
+look here first, then in LMDB: a key in the table has the newest acknowledged value
+(``None`` for a delete).
+
+Everything in the table is in the WAL, after the checkpoint LMDB holds: a crash loses the
+table and recovery replays exactly those records (the WAL is the truth; the table is only
+a view of its tail). The table is bounded (``max_bytes`` of records and ``max_lag``
+records): when either is reached the writer waits (``wait_room``) before it writes the
+next group, so the applier's lag stays bounded and so does memory.
+
+All methods are thread-safe (one lock); ``get`` is a dictionary lookup under it.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from unisondb.storage import record
+from unisondb.storage.record import EntryKind, Record
+
+
+@dataclass(slots=True)
+class Batch:
+    """Records of one group commit (contiguous LSNs) and where the last one ends."""
+
+    records: list[Record]
+    segment_id: int
+    end: int
+    nbytes: int
+
+
+class MemTable:
+    def __init__(self, max_bytes: int, max_lag: int) -> None:
+        self.max_bytes = max_bytes
+        self.max_lag = max_lag
+        self.cond = threading.Condition()
+        self._map: dict[bytes, tuple[int, bytes | None]] = {}
+        self._batches: deque[Batch] = deque()
+        #: Bytes (WAL encoding) and records in the table.
+        self.bytes = 0
+        self.records = 0
+        #: Times and seconds the writer waited for room (backpressure).
+        self.full_waits = 0
+        self.full_wait_seconds = 0.0
+
+    # --- readers (any thread) ---
+
+    def get(self, key: bytes) -> tuple[bool, bytes | None]:
+        """(True, newest value or None if deleted) for a key in the table, else (False, None)."""
+        with self.cond:
+            hit = self._map.get(key)
+        if hit is None:
+            return False, None
+        return True, hit[1]
+
+    def count_keys(self, lmdb_count: Callable[[list[bytes]], tuple[int, list[bool]]]) -> int:
+        """Live keys: LMDB's count corrected by the table (each key in the table counts as
+        its newest value says, instead of as LMDB has it). ``lmdb_count`` reads LMDB in one
+        transaction; the lock is held meanwhile, so nothing leaves the table that the
+        transaction might not see (records leave only after their commit)."""
+        with self.cond:
+            keys = list(self._map)
+            n, present = lmdb_count(keys)
+            for key, was in zip(keys, present, strict=True):
+                n += (self._map[key][1] is not None) - was
+        return n
+
+    # --- the writer thread ---
+
+    def add(self, records: list[Record], segment_id: int, end: int) -> None:
+        """Make durable records visible and queue them for the applier."""
+        if not records:
+            return
+        nbytes = sum(record.encoded_size(r.entries) for r in records)
+        put = EntryKind.PUT
+        with self.cond:
+            m = self._map
+            for rec in records:
+                lsn = rec.lsn
+                for e in rec.entries:
+                    m[e.key] = (lsn, e.value if e.kind == put else None)
+            self._batches.append(Batch(records, segment_id, end, nbytes))
+            self.bytes += nbytes
+            self.records += len(records)
+            self.cond.notify_all()
+
+    def full(self) -> bool:
+        return self.bytes >= self.max_bytes or self.records >= self.max_lag
+
+    def wait_room(self, give_up: Callable[[], bool], clock: Callable[[], float]) -> bool:
+        """Block while the table is full; False if ``give_up()`` became true instead."""
+        with self.cond:
+            if not self.full():
+                return True
+            self.full_waits += 1
+            self.cond.notify_all()  # (for observers of full_waits)
+            started = clock()
+            while self.full():
+                if give_up():
+                    return False
+                self.cond.wait(0.5)
+            self.full_wait_seconds += clock() - started
+            return True
+
+    # --- the applier thread ---
+
+    def pending(self, max_records: int) -> list[Batch]:
+        """The oldest batches (at least one, about ``max_records`` records), not removed."""
+        with self.cond:
+            out: list[Batch] = []
+            n = 0
+            for b in self._batches:
+                if out and n + len(b.records) > max_records:
+                    break
+                out.append(b)
+                n += len(b.records)
+            return out
+
+    def applied(self, batches: list[Batch]) -> None:
+        """LMDB committed these (the oldest) batches: drop them, unless a key was written
+        again later (its newer value stays until that record is applied too)."""
+        if not batches:
+            return
+        upto = batches[-1].records[-1].lsn
+        with self.cond:
+            m = self._map
+            for b in batches:
+                assert self._batches[0] is b
+                self._batches.popleft()
+                self.bytes -= b.nbytes
+                self.records -= len(b.records)
+                for rec in b.records:
+                    for e in rec.entries:
+                        hit = m.get(e.key)
+                        if hit is not None and hit[0] <= upto:
+                            del m[e.key]
+            self.cond.notify_all()
+
+    def empty(self) -> bool:
+        with self.cond:
+            return not self._batches
