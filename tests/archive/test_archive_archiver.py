@@ -16,8 +16,10 @@ from s3server import S3Server, start_s3_server
 from unisondb.archive import naming
 from unisondb.archive.archiver import ArchiveMetrics, Archiver, Backoff, SegmentInfo
 from unisondb.archive.lease import Lease
-from unisondb.archive.objectfmt import ArchiveKey, decode
+from unisondb.archive.objectfmt import ArchiveKey, Kind, decode
+from unisondb.archive.publish import publish_file
 from unisondb.archive.store import ObjectStore
+from unisondb.errors import ArchiveConflict
 
 HISTORY = bytes.fromhex("0123456789abcdef0123456789abcdef")
 RECORDS_PER_SEGMENT = 100
@@ -56,6 +58,7 @@ def _archiver(
     key: ArchiveKey | None = None,
     metrics: ArchiveMetrics | None = None,
     pid: int = 1000,
+    spool_dir: Path | None = None,
 ) -> Archiver:
     clock = (lambda: now[0]) if now is not None else time.time
     lease = Lease(
@@ -79,6 +82,7 @@ def _archiver(
         metrics=metrics,
         clock=clock,
         backoff=Backoff(rng=random.Random(7)),
+        spool_dir=spool_dir,
     )
 
 
@@ -129,6 +133,53 @@ def test_uploads_sealed_segments_in_order_without_listing(
     assert sample("unisondb_archive_uploads_total", {"namespace": "users", "kind": "segment"}) == 4
     assert sample("unisondb_archive_archived_lsn", {"namespace": "users"}) == 400
     assert sample("unisondb_archive_pending_segments", {"namespace": "users"}) == 0
+
+
+def test_a_failure_mid_pass_confirms_what_came_before_and_leaks_no_spool(
+    s3_server: S3Server, bucket: str, tmp_path: Path
+) -> None:
+    """The next segment is encoded while one uploads: a conflict on segment 2 must still confirm
+    segment 1 only, upload nothing after 2 (no hole hidden by a later object), and leave no
+    encoded spool file behind (the one encoded ahead is dropped)."""
+    store = ObjectStore(bucket, client=s3_server.client())
+    wal = LocalWal(tmp_path / "wal")
+    for _ in range(4):
+        wal.seal()
+    spool = tmp_path / "spool"
+    spool.mkdir()
+    archiver = _archiver(store, wal, "a", spool_dir=spool)
+    second = naming.segment_key("arch", "users", HISTORY, 101, 200, 2, False)
+    other = tmp_path / "other.wal"
+    other.write_bytes(os.urandom(1000))
+    publish_file(  # another writer's segment 2
+        store,
+        second,
+        other,
+        kind=Kind.SEGMENT,
+        namespace="users",
+        history_id=HISTORY,
+        first_lsn=101,
+        last_lsn=200,
+    )
+    with pytest.raises(ArchiveConflict):
+        archiver.run_once()
+    assert archiver.is_archived(1) and not any(archiver.is_archived(s) for s in (2, 3, 4))
+    assert len(_segment_keys(store)) == 2  # segment 1 and the foreign object
+    assert list(spool.iterdir()) == [] and _open_files_under(spool) == []
+
+
+def _open_files_under(root: Path) -> list[str]:
+    """This process's open files under ``root`` (a spool file is unlinked at once, so only its
+    descriptor shows it was not closed)."""
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except OSError:
+            continue
+        if target.startswith(str(root)):
+            found.append(target)
+    return found
 
 
 def test_restart_after_crash_resumes_without_duplicates(

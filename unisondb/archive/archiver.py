@@ -8,7 +8,9 @@ It is given two narrow callables instead of reaching into the engine:
 
 A background thread (or a caller, through :meth:`run_once`) repeatedly: renews the writer lease when
 due, then publishes every sealed segment that is not yet confirmed, lowest id first, and stops the
-pass at the first failure so the archive never gets a hole that a later upload hides.
+pass at the first failure so the archive never gets a hole that a later upload hides. While one
+segment uploads, the next is encoded (compressed, hashed, encrypted) on a second thread — confirmation
+stays strictly in id order; only the CPU work of the next one overlaps the network wait of this one.
 
 Confirmed ids are kept in memory, and the newest one is persisted after every pass that confirmed
 something (``state_path``, ``<data-dir>/<ns>/archive-segments.json``)::
@@ -46,6 +48,7 @@ import random
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -54,7 +57,7 @@ import structlog
 from unisondb.archive import naming, retention
 from unisondb.archive.lease import Lease
 from unisondb.archive.objectfmt import ArchiveKey, Kind
-from unisondb.archive.publish import publish_file
+from unisondb.archive.publish import Spooled, encode_spooled, publish_spooled
 from unisondb.archive.store import ObjectStore
 from unisondb.errors import ArchiveUnavailable, CorruptArchive, LeaseHeld, UnisonDBError
 from unisondb.metrics import ArchiveMetrics
@@ -163,14 +166,28 @@ class Archiver:
         pending = sorted((sid, path) for sid, path in self._list_sealed() if not self.is_archived(sid))
         self._set_pending(len(pending))
         done = 0
+        ahead: Future[tuple[SegmentInfo, Spooled]] | None = None
+        pool = ThreadPoolExecutor(1, thread_name_prefix="archive-encode") if len(pending) > 1 else None
         try:
-            for segment_id, path in pending:
+            for i, (segment_id, path) in enumerate(pending):
                 if self._stop.is_set() and not self._draining:
                     break
-                self._publish(segment_id, path)
+                current = ahead.result() if ahead is not None else self._encode(segment_id, path)
+                ahead = None
+                with current[1]:
+                    if pool is not None and i + 1 < len(pending):
+                        ahead = pool.submit(self._encode, *pending[i + 1])
+                    self._publish(segment_id, *current)
                 done += 1
                 self._set_pending(len(pending) - done)
         finally:
+            if ahead is not None:  # a failure or a stop with the next one encoded: drop it
+                try:
+                    ahead.result()[1].close()
+                except Exception:  # its error is not this pass's error
+                    pass
+            if pool is not None:
+                pool.shutdown(wait=True)
             if done:
                 self._save_state()
         return done
@@ -240,7 +257,9 @@ class Archiver:
             log.warning("archive.watermark_not_saved", path=str(self._state_path), error=str(exc))
 
     def _key_of(self, segment_id: int, path: Path) -> str:
-        info = self._describe(segment_id, path)
+        return self._segment_key(segment_id, self._describe(segment_id, path))
+
+    def _segment_key(self, segment_id: int, info: SegmentInfo) -> str:
         return naming.segment_key(
             self.prefix,
             self.namespace,
@@ -251,15 +270,9 @@ class Archiver:
             self._key is not None,
         )
 
-    def _publish(self, segment_id: int, path: Path) -> None:
+    def _encode(self, segment_id: int, path: Path) -> tuple[SegmentInfo, Spooled]:
         info = self._describe(segment_id, path)
-        encrypted = self._key is not None
-        key = naming.segment_key(
-            self.prefix, self.namespace, info.history_id, info.first_lsn, info.last_lsn, segment_id, encrypted
-        )
-        published = publish_file(
-            self.store,
-            key,
+        spooled = encode_spooled(
             path,
             kind=Kind.SEGMENT,
             namespace=self.namespace,
@@ -270,6 +283,11 @@ class Archiver:
             archive_key=self._key,
             spool_dir=self._spool_dir,
         )
+        return info, spooled
+
+    def _publish(self, segment_id: int, info: SegmentInfo, spooled: Spooled) -> None:
+        key = self._segment_key(segment_id, info)
+        published = publish_spooled(self.store, key, spooled)
         with self._lock:
             self._archived.add(segment_id)
             self._archived_lsn = max(self._archived_lsn, info.last_lsn)

@@ -45,6 +45,67 @@ def _identity(h: ObjectHeader) -> tuple[object, ...]:
     return (h.kind, h.namespace, h.history_id, h.first_lsn, h.last_lsn, h.plain_size, h.sha256, h.fingerprint)
 
 
+class Spooled:
+    """An object encoded to a temporary file, ready to publish; close it when done (a context manager).
+
+    Encoding is split from uploading so the archiver can encode the next segment while this one
+    uploads (zstd, hashlib, AES-GCM and socket I/O all release the GIL)."""
+
+    def __init__(self, spool: IO[bytes], header: ObjectHeader, size: int) -> None:
+        self.spool = spool
+        self.header = header
+        self.size = size
+
+    def close(self) -> None:
+        self.spool.close()
+
+    def __enter__(self) -> Spooled:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def encode_spooled(
+    path: Path,
+    *,
+    kind: Kind,
+    namespace: str,
+    history_id: bytes,
+    first_lsn: int,
+    last_lsn: int,
+    fingerprint: bytes | None = None,
+    archive_key: ArchiveKey | None = None,
+    spool_dir: Path | None = None,
+) -> Spooled:
+    """Encode ``path`` to a temporary file (bounded memory; S3 needs a known length)."""
+    spool = tempfile.TemporaryFile(dir=spool_dir)
+    try:
+        header = objectfmt.encode_file(
+            path,
+            spool,
+            kind=kind,
+            namespace=namespace,
+            history_id=history_id,
+            first_lsn=first_lsn,
+            last_lsn=last_lsn,
+            fingerprint=fingerprint,
+            key=archive_key,
+        )
+        size = spool.tell()
+        spool.seek(0)
+    except BaseException:
+        spool.close()
+        raise
+    return Spooled(spool, header, size)
+
+
+def publish_spooled(store: ObjectStore, key: str, spooled: Spooled) -> Published:
+    """Publish an encoded object under ``key`` (create-if-absent, see the module docstring)."""
+    spooled.spool.seek(0)
+    return _publish(store, key, spooled.spool, spooled.header, spooled.size)
+
+
 def publish_file(
     store: ObjectStore,
     key: str,
@@ -59,22 +120,19 @@ def publish_file(
     archive_key: ArchiveKey | None = None,
     spool_dir: Path | None = None,
 ) -> Published:
-    """Encode ``path`` to a temporary file (bounded memory; S3 needs a known length) and publish it."""
-    with tempfile.TemporaryFile(dir=spool_dir) as spool:
-        header = objectfmt.encode_file(
-            path,
-            spool,
-            kind=kind,
-            namespace=namespace,
-            history_id=history_id,
-            first_lsn=first_lsn,
-            last_lsn=last_lsn,
-            fingerprint=fingerprint,
-            key=archive_key,
-        )
-        size = spool.tell()
-        spool.seek(0)
-        return _publish(store, key, spool, header, size)
+    """Encode ``path`` and publish it."""
+    with encode_spooled(
+        path,
+        kind=kind,
+        namespace=namespace,
+        history_id=history_id,
+        first_lsn=first_lsn,
+        last_lsn=last_lsn,
+        fingerprint=fingerprint,
+        archive_key=archive_key,
+        spool_dir=spool_dir,
+    ) as spooled:
+        return publish_spooled(store, key, spooled)
 
 
 def publish_bytes(
