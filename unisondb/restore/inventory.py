@@ -30,7 +30,7 @@ from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
 from unisondb.storage import layout, lmdbfile, segment, snapfile
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
-from unisondb.storage.fingerprint import Fingerprint
+from unisondb.storage.fingerprint import scan_lmdb
 from unisondb.storage.fingerprint import short as fp_short
 from unisondb.storage.history import NO_HISTORY, Lineage
 
@@ -273,28 +273,31 @@ def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
     return SnapshotInfo(origin, st.st_size, cp, has_cp, keys, problems)
 
 
-def check_snapshot_content(info: SnapshotInfo) -> None:
+#: (file, sha256 of its bytes, fingerprint state) triples whose content was proven in this
+#: process: ``backup verify --replay`` checks the snapshot, then restores it, and the same
+#: bytes (same sha256, computed again by the restore) are not hashed pair by pair twice.
+_CONTENT_PROVEN: set[tuple[Path, str, bytes]] = set()
+
+
+def check_snapshot_content(info: SnapshotInfo, sha256: str | None = None) -> None:
     """Hash every key/value pair of the snapshot and compare with the state fingerprint its
     checkpoint recorded: a changed value is caught without any ``.sha256`` sidecar (and
-    also in a plain LMDB copy that has no trailer). One cursor pass, read-only."""
+    also in a plain LMDB copy that has no trailer). One cursor pass, read-only, in key
+    ranges hashed in parallel (``fingerprint.scan_lmdb``).
+
+    ``sha256`` is the digest of the file's bytes the caller has just computed; content
+    already proven in this process for the same bytes is not scanned again."""
     if not info.has_checkpoint:
+        return
+    cp = info.checkpoint
+    memo = None if sha256 is None else (info.path.resolve(), sha256, cp.fp_state)
+    if memo is not None and memo in _CONTENT_PROVEN:
         return
     local = sources.materialize(info.path)  # the plain copy of a compressed snapshot
     try:
-        env = lmdb.open(
-            str(local), subdir=False, readonly=True, lock=False, max_dbs=4, map_size=max(info.size, 1 << 20)
-        )
-    except lmdb.Error as exc:
-        raise BackupCorrupt(f"cannot open snapshot {info.path} as LMDB: {exc}") from exc
-    try:
-        kv = env.open_db(b"kv", create=False)
-        with env.begin(db=kv) as txn:
-            scanned = Fingerprint.of_items(txn.cursor().iternext(keys=True, values=True))
+        scanned = scan_lmdb(local, max(info.size, 1 << 20))
     except lmdb.Error as exc:
         raise BackupCorrupt(f"cannot read snapshot {info.path}: {exc}") from exc
-    finally:
-        env.close()
-    cp = info.checkpoint
     if scanned.state() != cp.fp_state:
         raise BackupCorrupt(
             f"snapshot {info.path} does not hold the state it recorded: its keys and values "
@@ -303,6 +306,8 @@ def check_snapshot_content(info: SnapshotInfo) -> None:
             hint="the file was altered or damaged after it was written; use another copy or "
             "an older snapshot",
         )
+    if memo is not None:
+        _CONTENT_PROVEN.add(memo)
 
 
 def _read_checkpoint_readonly(local: Path, size: int, path: Path) -> tuple[Checkpoint, bool, int]:

@@ -183,7 +183,7 @@ def verify_plan(plan: RestorePlan, progress: Progress | None = None) -> Verified
     progress.phase("verify checksums", total)
     snap_sha = sha256_file(snap.path, progress.advance)
     progress.phase("verify snapshot content", snap.keys, unit="keys")
-    check_snapshot_content(snap)
+    check_snapshot_content(snap, snap_sha)
     res = check_sidecar(snap.path, snap_sha)
     raise_on_mismatch(res)
     checksums.append(res)
@@ -356,7 +356,7 @@ def _verify_snapshot(path: Path, rep: VerifyReport, progress: Progress) -> Snaps
         elif res.status == "missing":
             rep.warnings.append(f"snapshot {path}: no .sha256 sidecar")
         snap = inspect_snapshot(path, structural=True)
-        check_snapshot_content(snap)
+        check_snapshot_content(snap, digest)
     except (UnisonDBError, OSError) as exc:
         rep.problems.append(f"snapshot: {exc}")
         info["lmdb"] = "failed"
