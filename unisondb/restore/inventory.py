@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
 from unisondb.storage import layout, lmdbfile, segment, snapfile
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
-from unisondb.storage.fingerprint import scan_lmdb
+from unisondb.storage.fingerprint import Fingerprint, ScanJob, scan_lmdb, start_scan
 from unisondb.storage.fingerprint import short as fp_short
 from unisondb.storage.history import NO_HISTORY, Lineage
 
@@ -287,17 +288,66 @@ def check_snapshot_content(info: SnapshotInfo, sha256: str | None = None) -> Non
 
     ``sha256`` is the digest of the file's bytes the caller has just computed; content
     already proven in this process for the same bytes is not scanned again."""
-    if not info.has_checkpoint:
-        return
+    start_content_check(info, sha256, background=False).wait()
+
+
+class ContentCheck:
+    """A snapshot content check (``check_snapshot_content``), possibly still running in
+    worker processes: ``wait`` returns once it is proven, or raises ``BackupCorrupt``."""
+
+    def __init__(self, info: SnapshotInfo, memo: tuple[Path, str, bytes] | None, job: ScanJob | None) -> None:
+        self.info, self._memo, self._job = info, memo, job
+        self._done = job is None
+        #: Seconds ``wait`` blocked (the part of the scan nothing else overlapped).
+        self.waited = 0.0
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        started = time.perf_counter()
+        assert self._job is not None
+        try:
+            scanned = self._job.result()
+        except lmdb.Error as exc:
+            raise BackupCorrupt(f"cannot read snapshot {self.info.path}: {exc}") from exc
+        finally:
+            self.waited += time.perf_counter() - started
+        _compare_content(self.info, scanned)
+        self._done = True
+        if self._memo is not None:
+            _CONTENT_PROVEN.add(self._memo)
+
+    def cancel(self) -> None:
+        if self._job is not None and not self._done:
+            self._job.cancel()
+
+
+def start_content_check(info: SnapshotInfo, sha256: str | None, *, background: bool) -> ContentCheck:
+    """Start ``check_snapshot_content``: in the background (one worker process, for a
+    restore that replays the WAL meanwhile), or now (``background=False``, every core)."""
     cp = info.checkpoint
     memo = None if sha256 is None else (info.path.resolve(), sha256, cp.fp_state)
-    if memo is not None and memo in _CONTENT_PROVEN:
-        return
+    if not info.has_checkpoint or (memo is not None and memo in _CONTENT_PROVEN):
+        return ContentCheck(info, None, None)
     local = sources.materialize(info.path)  # the plain copy of a compressed snapshot
+    map_size = max(info.size, 1 << 20)
+    if background:
+        try:
+            return ContentCheck(info, memo, start_scan(local, map_size))
+        except lmdb.Error as exc:
+            raise BackupCorrupt(f"cannot read snapshot {info.path}: {exc}") from exc
     try:
-        scanned = scan_lmdb(local, max(info.size, 1 << 20))
+        scanned = scan_lmdb(local, map_size)
     except lmdb.Error as exc:
         raise BackupCorrupt(f"cannot read snapshot {info.path}: {exc}") from exc
+    _compare_content(info, scanned)
+    if memo is not None:
+        _CONTENT_PROVEN.add(memo)
+    return ContentCheck(info, None, None)
+
+
+def _compare_content(info: SnapshotInfo, scanned: Fingerprint) -> None:
+    cp = info.checkpoint
     if scanned.state() != cp.fp_state:
         raise BackupCorrupt(
             f"snapshot {info.path} does not hold the state it recorded: its keys and values "
@@ -306,8 +356,6 @@ def check_snapshot_content(info: SnapshotInfo, sha256: str | None = None) -> Non
             hint="the file was altered or damaged after it was written; use another copy or "
             "an older snapshot",
         )
-    if memo is not None:
-        _CONTENT_PROVEN.add(memo)
 
 
 def _read_checkpoint_readonly(local: Path, size: int, path: Path) -> tuple[Checkpoint, bool, int]:

@@ -163,13 +163,8 @@ def scan_lmdb(path: Path, map_size: int, *, db: bytes = b"kv", workers: int | No
     The file is opened read-only without a lock file, so it must not change while it is
     scanned (a snapshot file, a staged copy). With ``workers`` > 1 and at least
     ``PARALLEL_MIN_PAIRS`` pairs, the keyspace is cut into ranges holding equal numbers of
-    pairs (the cut keys come from one keys-only pass, ~20x cheaper than hashing), ranges
-    1.. are hashed by worker processes (``python -c``, not ``multiprocessing``: nothing of
-    the caller's ``__main__`` is run again) while this one hashes range 0, and the sums are
-    added. Each range must end exactly at the next range's first key, so the ranges cover
-    every pair once. A worker that cannot start or fails makes this process hash
-    everything itself (so damage is reported the same way). ``lmdb.Error`` (damage)
-    propagates to the caller.
+    pairs (``ScanJob``): ranges 1.. are hashed by worker processes while this one hashes
+    range 0, and the sums are added. ``lmdb.Error`` (damage) propagates to the caller.
     """
     import lmdb  # here, so importing this module does not need LMDB
 
@@ -179,55 +174,110 @@ def scan_lmdb(path: Path, map_size: int, *, db: bytes = b"kv", workers: int | No
         sub = env.open_db(db, create=False)
         with env.begin(db=sub) as txn:
             entries = int(txn.stat(sub)["entries"])
-            parts: list[int | None] | None = None
-            if workers > 1 and entries >= PARALLEL_MIN_PAIRS:
-                parts = _scan_parallel(txn, path, map_size, db, entries, workers)
-            if parts is None:
+            if workers == 1 or entries < PARALLEL_MIN_PAIRS:
                 return Fingerprint(sum_items(txn.cursor().iternext(keys=True, values=True)) & _MASK)
+            ranges = _ranges(txn, entries, workers)
+            job = ScanJob(path, map_size, db, ranges[1:])
+            try:
+                first = _sum_range(txn.cursor(), *ranges[0])
+            except BaseException:
+                job.cancel()
+                raise
     finally:
         env.close()
-    total = 0
-    for part in parts:
-        if part is None:
-            # The file changed between the cut and the scan: the ranges would not cover
-            # every pair exactly once.
-            raise CorruptSnapshot(
-                f"{path} changed while its key/value pairs were being hashed",
-                hint="nothing may write to a snapshot file; run the command again",
-            )
-        total += part
-    return Fingerprint(total & _MASK)
+    return job.result(first)
 
 
-def _scan_parallel(
-    txn: Any, path: Path, map_size: int, db: bytes, entries: int, workers: int
-) -> list[int | None] | None:
-    """Per-range sums (range 0 here, the rest in worker processes); None if a worker failed."""
-    cuts = _cut_keys(txn.cursor(), entries, workers)
-    workers = len(cuts) + 1
-    bounds = [b"", *cuts]
-    counts = [entries * (i + 1) // workers - entries * i // workers for i in range(workers)]
-    ends: list[bytes | None] = [*cuts, None]
-    procs: list[subprocess.Popen[bytes]] = []
+def start_scan(path: Path, map_size: int, *, db: bytes = b"kv", workers: int = 1) -> ScanJob:
+    """``scan_lmdb`` entirely in ``workers`` background processes (this one keeps working:
+    a restore replays the WAL meanwhile); ``ScanJob.result()`` waits for the fingerprint."""
+    import lmdb
+
+    env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_dbs=4, map_size=map_size)
     try:
-        try:
-            for i in range(1, workers):
-                procs.append(_start_worker(path, map_size, db, bounds[i], counts[i], ends[i]))
-        except OSError:
-            return None
-        parts = [_sum_range(txn.cursor(), bounds[0], counts[0], ends[0])]
-        for proc in procs:
-            out, _err = proc.communicate()
-            words = out.split()
-            if proc.returncode != 0 or len(words) != 2 or words[0] not in (b"sum", b"range"):
-                return None
-            parts.append(int(words[1], 16) if words[0] == b"sum" else None)
-        return parts
+        sub = env.open_db(db, create=False)
+        with env.begin(db=sub) as txn:
+            entries = int(txn.stat(sub)["entries"])
+            ranges = _ranges(txn, entries, workers if entries >= PARALLEL_MIN_PAIRS else 1)
     finally:
-        for proc in procs:  # only the processes started here, by their own handle
+        env.close()
+    return ScanJob(path, map_size, db, ranges)
+
+
+#: One key range of a scan: (first key, b"" for the first of the keyspace; number of
+#: pairs; the key of the pair just after them, None at the end).
+_Range = tuple[bytes, int, "bytes | None"]
+
+
+def _ranges(txn: Any, entries: int, workers: int) -> list[_Range]:
+    # Range i starts at position entries*i//workers; no range is empty.
+    positions = sorted({entries * i // workers for i in range(1, workers)} - {0})
+    cuts = _cut_keys(txn.cursor(), positions)
+    starts = [0, *positions[: len(cuts)], entries]
+    bounds = [b"", *cuts]
+    ends: list[bytes | None] = [*cuts, None]
+    return [(bounds[i], starts[i + 1] - starts[i], ends[i]) for i in range(len(bounds))]
+
+
+class ScanJob:
+    """Key ranges of one LMDB file being hashed by worker processes (``python -c``, not
+    ``multiprocessing``: nothing of the caller's ``__main__`` is run again).
+
+    Each range must end exactly at the next range's first key, so together they cover
+    every pair once. A worker that cannot start or fails makes ``result`` hash the whole
+    file in this process instead, so damage is reported the same way as without workers.
+    """
+
+    def __init__(self, path: Path, map_size: int, db: bytes, ranges: list[_Range]) -> None:
+        self.path, self.map_size, self.db = path, map_size, db
+        self._procs: list[subprocess.Popen[bytes]] | None = []
+        try:
+            for r in ranges:
+                self._procs.append(_start_worker(path, map_size, db, *r))
+        except OSError:
+            self.cancel()
+            self._procs = None
+
+    def result(self, *more: int | None) -> Fingerprint:
+        """Wait for the workers; ``more`` are sums of ranges hashed elsewhere (``scan_lmdb``)."""
+        parts = None if self._procs is None else self._collect()
+        if parts is None:
+            return scan_lmdb(self.path, self.map_size, db=self.db, workers=1)
+        total = 0
+        for part in (*more, *parts):
+            if part is None:
+                # The file changed between the cut and the scan: the ranges would not
+                # cover every pair exactly once.
+                raise CorruptSnapshot(
+                    f"{self.path} changed while its key/value pairs were being hashed",
+                    hint="nothing may write to a snapshot file; run the command again",
+                )
+            total += part
+        return Fingerprint(total & _MASK)
+
+    def _collect(self) -> list[int | None] | None:
+        assert self._procs is not None
+        parts: list[int | None] = []
+        try:
+            for proc in self._procs:
+                out, _err = proc.communicate()
+                words = out.split()
+                if proc.returncode != 0 or len(words) != 2 or words[0] not in (b"sum", b"range"):
+                    return None
+                parts.append(int(words[1], 16) if words[0] == b"sum" else None)
+            return parts
+        finally:
+            self.cancel()
+
+    def cancel(self) -> None:
+        """Stop the workers still running (only the processes this job started)."""
+        for proc in self._procs or ():
             if proc.poll() is None:
                 proc.kill()
                 proc.wait()
+            for stream in (proc.stdout, proc.stderr):
+                if stream is not None:
+                    stream.close()
 
 
 def _start_worker(
@@ -240,7 +290,10 @@ def _start_worker(
     )
     args = [str(path), str(map_size), db.hex(), start.hex(), str(count), "-" if end is None else end.hex()]
     return subprocess.Popen(
-        [sys.executable, "-c", code, *args], stdin=subprocess.DEVNULL, stdout=subprocess.PIPE
+        [sys.executable, "-c", code, *args],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # a failed worker is redone here, which reports the error
     )
 
 
@@ -261,13 +314,12 @@ def _worker() -> None:
     sys.stdout.write("range 0\n" if total is None else f"sum {total:x}\n")
 
 
-def _cut_keys(cursor: Any, entries: int, workers: int) -> list[bytes]:
-    """The first key of ranges 1..workers-1 (positions entries*i//workers)."""
+def _cut_keys(cursor: Any, positions: list[int]) -> list[bytes]:
+    """The keys at ``positions`` (increasing, > 0): the first keys of ranges 1.."""
     keys = cursor.iternext(keys=True, values=False)
     cuts: list[bytes] = []
-    pos = 0
-    for i in range(1, workers):
-        at = entries * i // workers
+    pos = 0  # position of the next key ``keys`` yields
+    for at in positions:
         key = next(itertools.islice(keys, at - pos, None), None)
         if key is None:
             break
@@ -281,7 +333,7 @@ def _sum_range(cursor: Any, start: bytes, count: int, end: bytes | None) -> int 
     unless the pair after them has key ``end`` (None: there is none)."""
     found = cursor.set_range(start) if start else cursor.first()
     if not found:
-        return None
+        return 0 if count == 0 and end is None else None
     it = cursor.iternext(keys=True, values=True)
     total = sum_items(itertools.islice(it, count))
     after = next(it, None)
