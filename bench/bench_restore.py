@@ -173,9 +173,10 @@ def ab(args: argparse.Namespace) -> int:
         loads = [os.getloadavg()]
         for i in range(args.runs):
             for side in sides if i % 2 == 0 else sides[::-1]:
+                # PYTHONPATH picks the package; the scratch dir as cwd keeps ``-m`` from
+                # putting this checkout first on sys.path for side A too.
                 env = dict(os.environ)
-                if side == "A":
-                    env["PYTHONPATH"] = str(args.ab)
+                env["PYTHONPATH"] = str(args.ab if side == "A" else Path(__file__).resolve().parents[1])
                 target = root / f"data-{side}-{i}"
                 cmd = [sys.executable, "-m", "unisondb", "restore", "--data-dir", str(target)]
                 cmd += ["--namespace", NS, "--snapshot", str(snap), "--json"]
