@@ -39,13 +39,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import lmdb
 
-from unisondb.backup import checksum, files
+from unisondb.backup import checksum, files, phases
 from unisondb.backup.files import TargetDir, path_lock
 from unisondb.backup.paths import Resolved, open_dir
 from unisondb.errors import Conflict, UnisonDBError, from_os_error
@@ -101,14 +102,20 @@ def take_snapshot(engine: Engine, target: Resolved) -> Snapshot:
             existing_digest = _existing_same(engine, tdir, name, target.path, *result)
             return False  # the same snapshot is already there: keep the existing file
 
+        started = time.perf_counter()
+        ph = phases.current()
+        before = sum(ph.values()) if ph is not None else 0.0
         cp, size, digest = tdir.publish(name, lambda fd: write_snapshot(engine, fd, target.path), keep)
+        if ph is not None:  # what publish spent beyond the copy and hash: fsyncs and rename
+            phases.add(ph, "sync", time.perf_counter() - started - (sum(ph.values()) - before))
         if dest_exists:
             checksum.ensure_sidecar(tdir, name, existing_digest)
             tdir.sync()  # a previous run may have died before its directory fsync
             st = tdir.stat(name)
             return Snapshot(target.path, st.st_size if st else size, existing_digest, cp, copied=False)
         _test_hold("snapshot-published")
-        checksum.complete_publish(tdir, name, digest)
+        with phases.timed("sidecar"):
+            checksum.complete_publish(tdir, name, digest)
         return Snapshot(target.path, size, digest, cp, copied=True)
 
 
@@ -200,13 +207,18 @@ def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint,
     huge flush that the WAL's fsyncs would queue behind.
     """
     outcome = _Outcome()
+    ph = phases.current()  # the copy thread below does not inherit the context
 
     def run() -> None:
         _lower_priority()
         try:
+            started = time.perf_counter()
             with os.fdopen(out_fd, "wb", closefd=False) as f:
                 outcome.checkpoint = cp = copy_env(engine, f)
+            copied = time.perf_counter()
+            phases.add(ph, "copy", copied - started)
             h, data_len = files.sha256_fd(out_fd)
+            phases.add(ph, "hash", time.perf_counter() - copied)
             trailer = snapfile.encode_trailer(data_len, h.copy().digest(), engine.namespace, cp.encode())
             os.lseek(out_fd, data_len, os.SEEK_SET)
             files.write_all(out_fd, trailer)
