@@ -184,7 +184,11 @@ def ab(args: argparse.Namespace) -> int:
                     cmd += ["--wal", str(wal_dir)]
                 t = time.perf_counter()
                 proc = subprocess.run(
-                    [sys.executable, "-c", _RSS_WRAPPER, *cmd], capture_output=True, text=True, env=env
+                    [sys.executable, "-c", _RSS_WRAPPER, *cmd],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=root,
                 )
                 times[side].append(time.perf_counter() - t)
                 if proc.returncode != 0:
