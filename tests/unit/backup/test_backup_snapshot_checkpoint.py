@@ -20,6 +20,7 @@ import pytest
 from unisondb.backup import paths, snapshot
 from unisondb.backup.snapshot import take_snapshot
 from unisondb.config import EngineConfig
+from unisondb.restore import inventory
 from unisondb.storage import layout, snapfile
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
 from unisondb.storage.engine import Engine
@@ -105,5 +106,9 @@ def test_stated_checkpoint_is_exactly_the_content(
             f"snapshot at LSN {cp.applied_lsn} does not hold exactly LSNs 1..{cp.applied_lsn}"
         )
         assert Fingerprint.of_items(pairs.items()).state() == cp.fp_state
+        # What restore checks first: LMDB structure (every page), trailer, content scan.
+        info = inventory.inspect_snapshot(snap.path)
+        assert info.checkpoint == cp
+        inventory.check_snapshot_content(info)
     # The writers really raced the copies: later records exist beyond the first snapshot.
     assert max(lsn for lsn, _k, _v in log) > snaps[0].checkpoint.applied_lsn
