@@ -31,7 +31,7 @@ from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
 from unisondb.storage import layout, lmdbfile, segment, snapfile
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
-from unisondb.storage.fingerprint import Fingerprint, ScanJob, scan_lmdb, start_scan
+from unisondb.storage.fingerprint import PARALLEL_MIN_PAIRS, Fingerprint, ScanJob, scan_lmdb, start_scan
 from unisondb.storage.fingerprint import short as fp_short
 from unisondb.storage.history import NO_HISTORY, Lineage
 
@@ -331,7 +331,8 @@ def start_content_check(info: SnapshotInfo, sha256: str | None, *, background: b
         return ContentCheck(info, None, None)
     local = sources.materialize(info.path)  # the plain copy of a compressed snapshot
     map_size = max(info.size, 1 << 20)
-    if background:
+    # A worker process costs ~0.1-0.3 s to start: worth it only for a big keyspace.
+    if background and info.keys >= PARALLEL_MIN_PAIRS:
         try:
             return ContentCheck(info, memo, start_scan(local, map_size))
         except lmdb.Error as exc:

@@ -60,6 +60,7 @@ def test_stated_checkpoint_is_exactly_the_content(
     engine: Engine, monkeypatch: pytest.MonkeyPatch, compact: bool
 ) -> None:
     # Force the mode: 0 % free pages never exceeds -1 (compact), always stays under 2 (plain).
+    monkeypatch.setattr(snapshot, "PLAIN_COPY", True)
     monkeypatch.setattr(snapshot, "COMPACT_FREE_FRACTION", -1.0 if compact else 2.0)
     log: list[tuple[int, bytes, bytes | None]] = []  # (lsn, key, value or None: delete)
     for i in range(300):
