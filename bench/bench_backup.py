@@ -34,8 +34,10 @@ import sys
 import tempfile
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any
 
 import httpx
 
@@ -189,6 +191,60 @@ def put_throughput(url: str, seconds: float, clients: int = 16) -> float:
     return sum(counts) / (time.monotonic() - t)
 
 
+def copy_ab(root: Path, size_gb: float, repeat: int) -> int:
+    """In-process, interleaved: LMDB's compacting copy (``BTree.snapshot_to``, the snapshot's
+    copy before issue 10) vs its plain copy (``BTree.copy_plain_to``, now the default) vs
+    ``cp`` + fsync, each followed by an fsync of the copy; medians of ``repeat``."""
+    import statistics
+
+    from unisondb.storage.btree import BTree, Checkpoint
+    from unisondb.storage.record import Entry, EntryKind, Record
+
+    bt = BTree(root / "db", map_size=1 << 36, durable=False)
+    value = os.urandom(4000)
+    n = int(size_gb * (1 << 30) / 4096)
+    cp = Checkpoint()
+    for lo in range(0, n, 10_000):
+        recs = [
+            Record(i + 1, i, (Entry(EntryKind.PUT, b"k%010d" % i, value[i % 64 :] + value[: i % 64]),))
+            for i in range(lo, min(n, lo + 10_000))
+        ]
+        cp = bt.apply(recs, cp.advance(recs[-1].lsn, 0, 0, 0))
+    bt.sync()
+    src = root / "db" / "data.mdb"
+    print(f"data.mdb {src.stat().st_size / 2**20:.0f} MiB, free fraction {bt.free_fraction():.3f}")
+
+    def timed(fn: Callable[[Any], object]) -> float:
+        out = root / "copy.db"
+        t = time.perf_counter()
+        with open(out, "wb") as f:
+            fn(f)
+            f.flush()
+            os.fsync(f.fileno())
+        took = time.perf_counter() - t
+        out.unlink()
+        return took
+
+    variants: dict[str, Callable[[Any], object]] = {
+        "compacting": bt.snapshot_to,
+        "plain": bt.copy_plain_to,
+        "cp+fsync": lambda f: shutil.copyfileobj(open(src, "rb"), f, 1 << 20),
+    }
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    for r in range(repeat):
+        for name in variants if r % 2 == 0 else list(reversed(variants)):
+            times[name].append(timed(variants[name]))
+    base = statistics.median(times["cp+fsync"])
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(
+            f"{name:11s} median {med:6.2f} s  {med / base:4.2f}x cp  runs {' '.join(f'{t:.2f}' for t in ts)}"
+        )
+    print(f"load {os.getloadavg()}")
+    bt.close()
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="database size (default 1)")
@@ -198,12 +254,20 @@ def main() -> None:
     ap.add_argument("--cold", action="store_true", help="drop the page cache before every timing (root only)")
     ap.add_argument("--dir", type=Path, default=None, help="scratch dir (default: a tmp dir)")
     ap.add_argument("--keep", action="store_true", help="keep the scratch dir")
+    ap.add_argument(
+        "--copy-ab", action="store_true", help="only the in-process copy A/B (compacting vs plain vs cp)"
+    )
     args = ap.parse_args()
     size = int(args.size_gb * (1 << 30))
     segment_size = max(64 << 10, size // args.segments)
     scratch = Path(tempfile.mkdtemp(prefix="bench-backup-", dir=args.dir))
     data = scratch / "data"
     rows: list[tuple[str, str, str, str]] = []
+    if args.copy_ab:
+        try:
+            return copy_ab(scratch, args.size_gb, args.repeat)
+        finally:
+            shutil.rmtree(scratch, ignore_errors=True)
     try:
         t = timed(lambda: build_database(data, size, segment_size))
         print(f"built {size / 2**30:.2f} GiB in {t:.1f}s (segment size {segment_size})", file=sys.stderr)

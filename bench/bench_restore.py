@@ -28,6 +28,7 @@ import json
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -37,8 +38,9 @@ from pathlib import Path
 import lmdb
 
 from unisondb.restore.apply import REPLAY_BATCH
-from unisondb.storage import record, segment
+from unisondb.storage import record, segment, snapfile
 from unisondb.storage.btree import BTree, Checkpoint
+from unisondb.storage.history import Lineage
 from unisondb.storage.record import Entry, EntryKind, Record
 from unisondb.storage.wal import Wal
 
@@ -60,45 +62,72 @@ def sidecar(path: Path) -> None:
 
 
 def build(root: Path, snapshot_keys: int, records: int, keys: int, value_size: int) -> tuple[Path, Path]:
+    """Source B-tree → self-verifying snapshot (trailer + sidecar, as POST /btree/backup
+    writes it) → WAL segments on the snapshot's history whose headers and footers carry
+    the true state fingerprints (the records are applied to the source B-tree too, as the
+    server does), so a restore proves every boundary."""
     src = root / "src"
-    bt = BTree(src / "db", map_size=1 << 34)
+    bt = BTree(src / "db", map_size=1 << 34, durable=False)
+    lineage = Lineage.create()
+    cp = Checkpoint(time_ns=T0).on_lineage(lineage, 1)
     batch: list[Record] = []
     for i in range(snapshot_keys):
         batch.append(
             Record(i + 1, T0 + i, (Entry(EntryKind.PUT, key(i, snapshot_keys), value(i, value_size)),))
         )
         if len(batch) == 50_000 or i == snapshot_keys - 1:
-            bt.apply(batch, Checkpoint(i + 1, 0, 0, 1, T0 + i))
+            cp = bt.apply(batch, cp.advance(i + 1, 0, 0, T0 + i))
             batch = []
     snap = root / "backups" / "snapshot.db"
     snap.parent.mkdir(parents=True)
-    with open(snap, "wb") as f:
-        bt.snapshot_to(f)
-    bt.close()
+    with open(snap, "w+b") as f:
+        cp = bt.snapshot_to(f)
+        f.flush()
+        f.seek(0)
+        h = hashlib.sha256()
+        while chunk := f.read(4 << 20):
+            h.update(chunk)
+        f.seek(0, os.SEEK_END)
+        f.write(snapfile.encode_trailer(f.tell(), h.digest(), NS, cp.encode()))
     sidecar(snap)
     wal_dir = root / "backups" / "wal"
+    if records == 0:  # the document's full restore: a snapshot alone
+        wal_dir.mkdir()
+        bt.close()
+        return snap, wal_dir
     wal = Wal.open(wal_dir, NS)
     lsn = snapshot_keys + 1
-    wal.start_segment(1, 1, lsn)
-    chunk: list[bytes] = []
+    seg_id = 1
+    wal.start_segment(seg_id, lineage, lsn, cp.fingerprint)
+    chunk_b: list[bytes] = []
     meta: list[tuple[int, int, int]] = []
+    recs: list[Record] = []
     size = segment.HEADER_SIZE
+
+    def flush() -> None:
+        nonlocal cp
+        wal.append(b"".join(chunk_b), meta)
+        wal.sync()
+        cp = bt.apply(recs, cp.advance(recs[-1].lsn, seg_id, size, recs[-1].time_ns))
+
     for i in range(records):
         t = T0 + snapshot_keys + i
-        data = record.encode(lsn, t, [Entry(EntryKind.PUT, key(i * 7919, keys), value(lsn, value_size))])
+        entry = Entry(EntryKind.PUT, key(i * 7919, keys), value(lsn, value_size))
+        data = record.encode(lsn, t, [entry])
         if size + len(data) > 16 << 20:
-            wal.append(b"".join(chunk), meta)
-            wal.sync()
-            wal.rotate(lsn)
-            chunk, meta, size = [], [], segment.HEADER_SIZE
-        chunk.append(data)
+            flush()
+            wal.rotate(lsn, cp.fingerprint)
+            seg_id += 1
+            chunk_b, meta, recs, size = [], [], [], segment.HEADER_SIZE
+        chunk_b.append(data)
         meta.append((lsn, t, len(data)))
+        recs.append(Record(lsn, t, (entry,)))
         size += len(data)
         lsn += 1
-    wal.append(b"".join(chunk), meta)
-    wal.sync()
-    wal.seal_active_if_nonempty()
+    flush()
+    wal.seal_active_if_nonempty(cp.fingerprint)
     wal.close()
+    bt.close()
     for p in wal_dir.glob("*.wal"):
         sidecar(p)
     return snap, wal_dir
@@ -130,6 +159,75 @@ def raw_lmdb(root: Path, snap: Path, wal_dir: Path, *, predecoded: bool) -> tupl
     return seconds, n
 
 
+def ab(args: argparse.Namespace) -> int:
+    """Interleaved same-run A/B of ``unisondb restore``: A = the package under ``--ab SRC``
+    (PYTHONPATH), B = this checkout; order alternates run by run; medians of wall time,
+    phases and peak RSS."""
+    root = Path(tempfile.mkdtemp(prefix="bench-restore-ab-", dir=args.dir))
+    try:
+        snap, wal_dir = build(root, args.snapshot_keys, args.records, args.keys, args.value_size)
+        sides = ("A", "B")
+        times: dict[str, list[float]] = {k: [] for k in sides}
+        rss: dict[str, list[float]] = {k: [] for k in sides}
+        phases: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
+        loads = [os.getloadavg()]
+        for i in range(args.runs):
+            for side in sides if i % 2 == 0 else sides[::-1]:
+                # PYTHONPATH picks the package; the scratch dir as cwd keeps ``-m`` from
+                # putting this checkout first on sys.path for side A too.
+                env = dict(os.environ)
+                env["PYTHONPATH"] = str(args.ab if side == "A" else Path(__file__).resolve().parents[1])
+                target = root / f"data-{side}-{i}"
+                cmd = [sys.executable, "-m", "unisondb", "restore", "--data-dir", str(target)]
+                cmd += ["--namespace", NS, "--snapshot", str(snap), "--json"]
+                if args.records:
+                    cmd += ["--wal", str(wal_dir)]
+                t = time.perf_counter()
+                proc = subprocess.run(
+                    [sys.executable, "-c", _RSS_WRAPPER, *cmd],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    cwd=root,
+                )
+                times[side].append(time.perf_counter() - t)
+                if proc.returncode != 0:
+                    print(proc.stderr, file=sys.stderr)
+                    return 1
+                out, _, peak = proc.stdout.rpartition("\nPEAK ")
+                rss[side].append(round(float(peak) / 1024, 1))
+                phases[side].append(json.loads(out)["summary"]["seconds"])
+                shutil.rmtree(target)
+            loads.append(os.getloadavg())
+        med = {k: statistics.median(v) for k, v in times.items()}
+        result = {
+            "snapshotKeys": args.snapshot_keys,
+            "snapshotBytes": snap.stat().st_size,
+            "records": args.records,
+            "walBytes": sum(p.stat().st_size for p in wal_dir.glob("*.wal")),
+            "runs": args.runs,
+            "wallSeconds": times,
+            "peakRssMiB": rss,
+            "phases": phases,
+            "medianA": round(med["A"], 3),
+            "medianB": round(med["B"], 3),
+            "ratioBoverA": round(med["B"] / med["A"], 3),
+            "loadavg": loads,
+        }
+        print(json.dumps(result, indent=1))
+        return 0
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+#: Runs the command, then prints the peak RSS (KiB) of its process tree's largest member.
+_RSS_WRAPPER = (
+    "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
+    "print('\\nPEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+    "sys.exit(p.returncode)"
+)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--snapshot-keys", type=int, default=500_000)
@@ -138,7 +236,18 @@ def main() -> int:
     ap.add_argument("--value-size", type=int, default=100)
     ap.add_argument("--dir", type=Path, default=None, help="scratch dir (default: temp dir)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument(
+        "--ab",
+        type=Path,
+        default=None,
+        metavar="SRC",
+        help="A/B instead: restore with the unisondb package under SRC (PYTHONPATH, e.g. a "
+        "worktree of main) and with this checkout, interleaved, --runs times each",
+    )
+    ap.add_argument("--runs", type=int, default=3)
     args = ap.parse_args()
+    if args.ab is not None:
+        return ab(args)
     root = Path(tempfile.mkdtemp(prefix="bench-restore-", dir=args.dir))
     try:
         t = time.perf_counter()

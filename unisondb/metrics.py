@@ -78,6 +78,12 @@ class Metrics:
         self.backup_duration = Histogram(
             "unisondb_backup_duration_seconds", "Backup duration", labels, buckets=BACKUP_BUCKETS, registry=r
         )
+        self.backup_phase_seconds = Counter(
+            "unisondb_backup_phase_seconds_total",
+            "Seconds backups spent in each phase (backup/phases.py)",
+            [*labels, "phase"],
+            registry=r,
+        )
         self.backup_wal_gap = Counter(
             "unisondb_backup_wal_gap_total",
             "WAL backup requests that asked for segments already deleted by retention",
@@ -108,8 +114,18 @@ class Metrics:
             self.backup_duration.labels(namespace, kind)
         self.backup_wal_gap.labels(namespace)
 
-    def record_backup(self, namespace: str, kind: str, ok: bool, nbytes: int, seconds: float) -> None:
+    def record_backup(
+        self,
+        namespace: str,
+        kind: str,
+        ok: bool,
+        nbytes: int,
+        seconds: float,
+        phases: dict[str, float] | None = None,
+    ) -> None:
         self.backup_duration.labels(namespace, kind).observe(seconds)
+        for phase, spent in (phases or {}).items():
+            self.backup_phase_seconds.labels(namespace, kind, phase).inc(spent)
         if ok:
             self.backup_success.labels(namespace, kind).inc()
             self.backup_bytes.labels(namespace, kind).inc(nbytes)

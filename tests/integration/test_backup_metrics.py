@@ -192,3 +192,25 @@ def test_every_documented_series_exists_at_0_on_a_fresh_server(
                 elif name.startswith("unisondb_backup_"):
                     assert s[key] == 0, (key, s[key])
     assert not missing, missing
+
+
+def test_backup_phases_are_in_metrics(server_factory: Callable[..., Server], tmp_path: Path) -> None:
+    """``unisondb_backup_phase_seconds_total`` shows where each kind of backup spent its time
+    (backup/phases.py), and the phases never add up to more than the whole backups."""
+    srv = server_factory(tmp_path / "data", "default", "users", extra_args=["--wal-segment-size", "64KiB"])
+    with srv.client() as c:
+        fill_segments(c, 200_000, "p")
+        assert wal_backup(c, {"backupDir": "wal/p", "rotate": True}).status_code == 200
+        assert btree_backup(c, "snap/p.db").status_code == 200
+        s = metric_samples(c)
+        for kind, names in (
+            ("wal", ("read", "write", "sidecar")),
+            ("btree", ("copy", "hash", "sync", "sidecar")),
+        ):
+            spent = {
+                n: sample(s, "unisondb_backup_phase_seconds_total", namespace=NS, kind=kind, phase=n)
+                for n in names
+            }
+            assert all(v > 0 for v in spent.values()), (kind, spent)
+            total = sample(s, "unisondb_backup_duration_seconds_sum", namespace=NS, kind=kind)
+            assert sum(spent.values()) <= total, (kind, spent, total)

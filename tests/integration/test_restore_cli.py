@@ -56,7 +56,7 @@ def test_restore_text_and_json_output(base: Base, tmp_path: Path, capsys: pytest
     assert doc["dryRun"] is False
     assert doc["summary"]["lsn"] == h.last_lsn and doc["summary"]["recordsReplayed"] == 150
     assert doc["summary"]["replacedExisting"] is True
-    assert set(doc["summary"]["seconds"]) == {"verify", "copy", "replay", "publish", "total"}
+    assert set(doc["summary"]["seconds"]) == {"verify", "copy", "replay", "contentWait", "publish", "total"}
     assert doc["plan"]["snapshot"]["sidecar"] == "ok"
     assert all(s["sidecar"] == "ok" for s in doc["plan"]["wal"]["replay"])
     assert read_keyspace(tmp_path / "d") == h.state_at(h.last_lsn)

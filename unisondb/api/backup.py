@@ -29,7 +29,7 @@ from starlette.routing import Route
 from unisondb import lifecycle
 from unisondb.api.kv import engine_for, json_response
 from unisondb.api.parsing import read_json_object
-from unisondb.backup import paths
+from unisondb.backup import paths, phases
 from unisondb.backup.snapshot import Snapshot, take_snapshot
 from unisondb.backup.wal_backup import WalCopy, backup_wal
 from unisondb.errors import BackupGap, Conflict, InvalidRequest, Unavailable, UnisonDBError
@@ -229,20 +229,30 @@ def _recorded(
 ) -> T:
     """Run one backup, recording success or failure, bytes and duration."""
     started = time.perf_counter()
-    try:
-        result = fn()
-    except BaseException as exc:
-        seconds = time.perf_counter() - started
-        metrics.record_backup(namespace, kind, False, 0, seconds)
-        if isinstance(exc, BackupGap):
-            metrics.backup_wal_gap.labels(namespace).inc()
-        message = exc.message if isinstance(exc, UnisonDBError) else repr(exc)
-        log.warning("backup.failed", namespace=namespace, kind=kind, error=message, seconds=round(seconds, 3))
-        raise
+    with phases.collecting() as spent:
+        try:
+            result = fn()
+        except BaseException as exc:
+            seconds = time.perf_counter() - started
+            metrics.record_backup(namespace, kind, False, 0, seconds, spent)
+            if isinstance(exc, BackupGap):
+                metrics.backup_wal_gap.labels(namespace).inc()
+            message = exc.message if isinstance(exc, UnisonDBError) else repr(exc)
+            log.warning(
+                "backup.failed", namespace=namespace, kind=kind, error=message, seconds=round(seconds, 3)
+            )
+            raise
     seconds = time.perf_counter() - started
     written = nbytes(result)
-    metrics.record_backup(namespace, kind, True, written, seconds)
-    log.info("backup.done", namespace=namespace, kind=kind, bytes_written=written, seconds=round(seconds, 3))
+    metrics.record_backup(namespace, kind, True, written, seconds, spent)
+    log.info(
+        "backup.done",
+        namespace=namespace,
+        kind=kind,
+        bytes_written=written,
+        seconds=round(seconds, 3),
+        phases={k: round(v, 3) for k, v in spent.items()},
+    )
     return result
 
 

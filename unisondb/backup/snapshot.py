@@ -1,8 +1,10 @@
 """Consistent B-tree snapshots: ``backups/<ns>/<path>`` is a valid LMDB ``data.mdb``.
 
-``BTree.snapshot_to`` runs LMDB's compacting copy (``mdb_env_copyfd3``) inside ONE read
-transaction and returns the checkpoint read in that same transaction, so the file holds
-exactly the committed state up to ``lsn`` and knows where WAL replay resumes. LMDB readers
+``copy_env`` runs LMDB's compacting copy (``BTree.snapshot_to``: ``mdb_env_copyfd3``
+inside ONE read transaction, checkpoint read in that same transaction) or, with
+``PLAIN_COPY``, its plain copy (``BTree.copy_plain_to``; the checkpoint is read back from
+the copy); either way the file holds exactly the committed state up to the
+checkpoint's ``lsn`` and knows where WAL replay resumes. LMDB readers
 never block the writer: PUTs keep being acknowledged while a snapshot runs.
 
 Steps: LMDB writes the copy straight into ``<path>.tmp`` (no Python in the data path; the
@@ -37,13 +39,14 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
 import lmdb
 
-from unisondb.backup import checksum, files
+from unisondb.backup import checksum, files, phases
 from unisondb.backup.files import TargetDir, path_lock
 from unisondb.backup.paths import Resolved, open_dir
 from unisondb.errors import Conflict, UnisonDBError, from_os_error
@@ -56,6 +59,16 @@ FLUSH_EVERY = 32 << 20
 FLUSH_POLL_SECONDS = 0.05
 #: CPU niceness of the thread running LMDB's copy (the event loop and WAL writer keep 0).
 SNAPSHOT_NICE = 10
+#: Above this share of free pages a snapshot uses LMDB's compacting copy (see copy_env):
+#: compacting costs about 2x per page it writes, so below ~50 % free the plain copy is
+#: faster; 25 % also bounds the free space a snapshot file carries.
+COMPACT_FREE_FRACTION = 0.25
+#: Off for now: a plain copy is not byte-identical for one committed state (it carries free
+#: pages and transaction ids), and the archive refuses a second, different object for the
+#: same LSN range (tests/archive/test_archive_server.py::
+#: test_namespace_survives_loss_of_its_data_directory got 409 with it on). The compacting
+#: copy is. Turn on once the archive compares snapshots by state, not bytes.
+PLAIN_COPY = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -95,14 +108,20 @@ def take_snapshot(engine: Engine, target: Resolved) -> Snapshot:
             existing_digest = _existing_same(engine, tdir, name, target.path, *result)
             return False  # the same snapshot is already there: keep the existing file
 
+        started = time.perf_counter()
+        ph = phases.current()
+        before = sum(ph.values()) if ph is not None else 0.0
         cp, size, digest = tdir.publish(name, lambda fd: write_snapshot(engine, fd, target.path), keep)
+        if ph is not None:  # what publish spent beyond the copy and hash: fsyncs and rename
+            phases.add(ph, "sync", time.perf_counter() - started - (sum(ph.values()) - before))
         if dest_exists:
             checksum.ensure_sidecar(tdir, name, existing_digest)
             tdir.sync()  # a previous run may have died before its directory fsync
             st = tdir.stat(name)
             return Snapshot(target.path, st.st_size if st else size, existing_digest, cp, copied=False)
         _test_hold("snapshot-published")
-        checksum.complete_publish(tdir, name, digest)
+        with phases.timed("sidecar"):
+            checksum.complete_publish(tdir, name, digest)
         return Snapshot(target.path, size, digest, cp, copied=True)
 
 
@@ -149,9 +168,33 @@ _test_hold = testseam.hold
 
 
 def copy_env(engine: Engine, f: BinaryIO) -> Checkpoint:
-    """LMDB's consistent compacting copy into ``f`` (tests replace this to fake ENOSPC),
-    holding every write acknowledged before it (``Engine.snapshot_to``)."""
-    return engine.snapshot_to(f)
+    """A consistent copy of the environment into ``f`` and the checkpoint it holds (tests
+    replace this to fake ENOSPC).
+
+    With ``PLAIN_COPY`` (off, see there): LMDB's plain copy (``write()`` of every page,
+    checkpoint read back from the copy), and the compacting copy (a walk of the B-trees,
+    about 1.6-1.9x the time per page, bench/results/2026-12-01-speed.md) only when more
+    than ``COMPACT_FREE_FRACTION`` of the pages are free. Without it: the compacting copy.
+    Before the copy the data file is read ahead (``POSIX_FADV_WILLNEED``): the serving
+    environment maps it with readahead off, so a cold map would otherwise be copied one
+    page fault at a time.
+    """
+    bt = engine.btree
+    _read_ahead(bt.path / "data.mdb")
+    return engine.snapshot_to(f, compact=not PLAIN_COPY or bt.free_fraction() > COMPACT_FREE_FRACTION)
+
+
+def _read_ahead(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return  # best effort: the copy then faults pages in itself
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_WILLNEED)
+    except (OSError, AttributeError):
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint, int, str]:
@@ -168,13 +211,18 @@ def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint,
     huge flush that the WAL's fsyncs would queue behind.
     """
     outcome = _Outcome()
+    ph = phases.current()  # the copy thread below does not inherit the context
 
     def run() -> None:
         _lower_priority()
         try:
+            started = time.perf_counter()
             with os.fdopen(out_fd, "wb", closefd=False) as f:
                 outcome.checkpoint = cp = copy_env(engine, f)
+            copied = time.perf_counter()
+            phases.add(ph, "copy", copied - started)
             h, data_len = files.sha256_fd(out_fd)
+            phases.add(ph, "hash", time.perf_counter() - copied)
             trailer = snapfile.encode_trailer(data_len, h.copy().digest(), engine.namespace, cp.encode())
             os.lseek(out_fd, data_len, os.SEEK_SET)
             files.write_all(out_fd, trailer)

@@ -30,7 +30,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from unisondb.backup import checksum, files
+from unisondb.backup import checksum, files, phases
 from unisondb.backup.files import CHUNK, TargetDir, path_lock
 from unisondb.backup.paths import Resolved, open_dir
 from unisondb.errors import BackupGap, Conflict, CorruptLog, StorageError, from_os_error
@@ -114,8 +114,9 @@ def copy_segment(engine: Engine, info: SegmentInfo, tdir: TargetDir) -> WalCopy:
         except OSError as exc:
             raise from_os_error(exc, info.path) from exc
         try:
-            _check_source(engine, info, src)
-            data, source_hex = _read_checked(src, info)
+            with phases.timed("read"):
+                _check_source(engine, info, src)
+                data, source_hex = _read_checked(src, info)
             _drop_cache(src)
             dest_st = tdir.require_regular(name)
             if dest_st is not None:
@@ -132,8 +133,10 @@ def copy_segment(engine: Engine, info: SegmentInfo, tdir: TargetDir) -> WalCopy:
                 return WalCopy(info.segment_id, dest, info.size, source_hex, copied=False)
             if tdir.require_regular(checksum.sidecar_name(name)) is not None:
                 checksum.ensure_sidecar(tdir, name, source_hex)  # Conflict before copying
-            tdir.publish(name, lambda fd: _write(fd, data))
-            checksum.complete_publish(tdir, name, source_hex)
+            with phases.timed("write"):
+                tdir.publish(name, lambda fd: _write(fd, data))
+            with phases.timed("sidecar"):
+                checksum.complete_publish(tdir, name, source_hex)
             return WalCopy(info.segment_id, dest, info.size, source_hex, copied=True)
         finally:
             os.close(src)

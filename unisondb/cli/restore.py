@@ -325,6 +325,7 @@ def summary_to_json(s: RestoreSummary) -> dict[str, Any]:
             "verify": round(s.verify_seconds, 4),
             "copy": round(s.copy_seconds, 4),
             "replay": round(s.replay_seconds, 4),
+            "contentWait": round(s.content_wait_seconds, 4),
             "publish": round(s.publish_seconds, 4),
             "total": round(s.total_seconds, 4),
         },

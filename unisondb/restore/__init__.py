@@ -50,8 +50,11 @@ def prepare(
     history_choice: str | None = None,
     progress: Progress | None = None,
     check_namespace: bool = True,
+    background_content: bool = False,
 ) -> VerifiedPlan:
-    """Inventory, plan and verify; raises if the restore cannot be done. Writes nothing."""
+    """Inventory, plan and verify; raises if the restore cannot be done. Writes nothing.
+
+    ``background_content``: see ``verify_plan`` (the caller then owns ``vp.content``)."""
     progress = progress or Progress()
     snap = inspect_snapshot(snapshot)
     inv = collect_wal(wal_dirs)
@@ -66,7 +69,7 @@ def prepare(
         existing=existing,
         check_namespace=check_namespace,
     )
-    return verify_plan(plan, progress)
+    return verify_plan(plan, progress, background_content=background_content)
 
 
 def restore(
@@ -135,6 +138,9 @@ def _restore(
         history_choice=history_choice,
         progress=progress,
         check_namespace=check_namespace,
+        # A dry run reports only what is proven; a restore overlaps the content check
+        # with its copy and replay, and apply_plan waits for it before publishing.
+        background_content=not dry_run,
     )
     prepare_seconds = time.perf_counter() - started
     vp.seconds = prepare_seconds
@@ -144,5 +150,7 @@ def _restore(
     try:
         summary = apply_plan(vp, force=force, progress=progress, started=started)
     finally:
+        if vp.content is not None:
+            vp.content.cancel()  # a no-op once it was waited for; stops workers on errors
         progress.close()
     return RestoreOutcome(vp, summary, prepare_seconds)

@@ -80,6 +80,8 @@ class RestoreSummary:
     verify_seconds: float
     copy_seconds: float
     replay_seconds: float
+    #: Time spent waiting, after the replay, for the snapshot content check to finish.
+    content_wait_seconds: float
     publish_seconds: float
     total_seconds: float
     removed_staging: list[Path] = field(default_factory=list)
@@ -174,6 +176,11 @@ def apply_plan(
         proof = _replay(vp, staging / "db", progress)
         replay_seconds = time.perf_counter() - t_replay
         _step("replayed")
+        # The snapshot's content check ran in worker processes while we copied and
+        # replayed (verify_plan(background_content=True)); nothing is published before it
+        # has proven every pair.
+        if vp.content is not None:
+            vp.content.wait()
         t_pub = time.perf_counter()
         try:
             (staging / "wal").mkdir()
@@ -203,6 +210,8 @@ def apply_plan(
         _step("published")
         publish_seconds = time.perf_counter() - t_pub
     except BaseException:
+        if vp.content is not None:
+            vp.content.cancel()
         if staging is not None:
             _rmtree_quietly(staging)
         raise
@@ -229,6 +238,7 @@ def apply_plan(
         verify_seconds=vp.seconds,
         copy_seconds=copy_seconds,
         replay_seconds=replay_seconds,
+        content_wait_seconds=vp.content.waited if vp.content is not None else 0.0,
         publish_seconds=publish_seconds,
         total_seconds=total,
         removed_staging=removed,
@@ -350,9 +360,9 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
             raise BackupCorrupt(
                 f"the staged snapshot's checkpoint {got} differs from the one verified ({cp})"
             )
-        # The snapshot's content was proven against its recorded fingerprint by
-        # ``verify_plan`` (check_snapshot_content), and the staged copy has the verified
-        # sha256, so it is not hashed a second time here.
+        # The snapshot's content is proven against its recorded fingerprint by
+        # ``verify_plan``'s content check (waited for before publishing), and the staged
+        # copy has the verified sha256, so it is not hashed a second time here.
         proven: int | None = cp.applied_lsn
         boundaries = 0
         last_lsn = cp.applied_lsn

@@ -18,6 +18,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +31,7 @@ from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, CompressedInput
 from unisondb.storage import layout, lmdbfile, segment, snapfile
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
-from unisondb.storage.fingerprint import Fingerprint
+from unisondb.storage.fingerprint import PARALLEL_MIN_PAIRS, Fingerprint, ScanJob, scan_lmdb, start_scan
 from unisondb.storage.fingerprint import short as fp_short
 from unisondb.storage.history import NO_HISTORY, Lineage
 
@@ -273,27 +274,80 @@ def inspect_snapshot(path: Path, *, structural: bool = True) -> SnapshotInfo:
     return SnapshotInfo(origin, st.st_size, cp, has_cp, keys, problems)
 
 
-def check_snapshot_content(info: SnapshotInfo) -> None:
+#: (file, sha256 of its bytes, fingerprint state) triples whose content was proven in this
+#: process: ``backup verify --replay`` checks the snapshot, then restores it, and the same
+#: bytes (same sha256, computed again by the restore) are not hashed pair by pair twice.
+_CONTENT_PROVEN: set[tuple[Path, str, bytes]] = set()
+
+
+def check_snapshot_content(info: SnapshotInfo, sha256: str | None = None) -> None:
     """Hash every key/value pair of the snapshot and compare with the state fingerprint its
     checkpoint recorded: a changed value is caught without any ``.sha256`` sidecar (and
-    also in a plain LMDB copy that has no trailer). One cursor pass, read-only."""
-    if not info.has_checkpoint:
-        return
+    also in a plain LMDB copy that has no trailer). One cursor pass, read-only, in key
+    ranges hashed in parallel (``fingerprint.scan_lmdb``).
+
+    ``sha256`` is the digest of the file's bytes the caller has just computed; content
+    already proven in this process for the same bytes is not scanned again."""
+    start_content_check(info, sha256, background=False).wait()
+
+
+class ContentCheck:
+    """A snapshot content check (``check_snapshot_content``), possibly still running in
+    worker processes: ``wait`` returns once it is proven, or raises ``BackupCorrupt``."""
+
+    def __init__(self, info: SnapshotInfo, memo: tuple[Path, str, bytes] | None, job: ScanJob | None) -> None:
+        self.info, self._memo, self._job = info, memo, job
+        self._done = job is None
+        #: Seconds ``wait`` blocked (the part of the scan nothing else overlapped).
+        self.waited = 0.0
+
+    def wait(self) -> None:
+        if self._done:
+            return
+        started = time.perf_counter()
+        assert self._job is not None
+        try:
+            scanned = self._job.result()
+        except lmdb.Error as exc:
+            raise BackupCorrupt(f"cannot read snapshot {self.info.path}: {exc}") from exc
+        finally:
+            self.waited += time.perf_counter() - started
+        _compare_content(self.info, scanned)
+        self._done = True
+        if self._memo is not None:
+            _CONTENT_PROVEN.add(self._memo)
+
+    def cancel(self) -> None:
+        if self._job is not None and not self._done:
+            self._job.cancel()
+
+
+def start_content_check(info: SnapshotInfo, sha256: str | None, *, background: bool) -> ContentCheck:
+    """Start ``check_snapshot_content``: in the background (one worker process, for a
+    restore that replays the WAL meanwhile), or now (``background=False``, every core)."""
+    cp = info.checkpoint
+    memo = None if sha256 is None else (info.path.resolve(), sha256, cp.fp_state)
+    if not info.has_checkpoint or (memo is not None and memo in _CONTENT_PROVEN):
+        return ContentCheck(info, None, None)
     local = sources.materialize(info.path)  # the plain copy of a compressed snapshot
+    map_size = max(info.size, 1 << 20)
+    # A worker process costs ~0.1-0.3 s to start: worth it only for a big keyspace.
+    if background and info.keys >= PARALLEL_MIN_PAIRS:
+        try:
+            return ContentCheck(info, memo, start_scan(local, map_size))
+        except lmdb.Error as exc:
+            raise BackupCorrupt(f"cannot read snapshot {info.path}: {exc}") from exc
     try:
-        env = lmdb.open(
-            str(local), subdir=False, readonly=True, lock=False, max_dbs=4, map_size=max(info.size, 1 << 20)
-        )
-    except lmdb.Error as exc:
-        raise BackupCorrupt(f"cannot open snapshot {info.path} as LMDB: {exc}") from exc
-    try:
-        kv = env.open_db(b"kv", create=False)
-        with env.begin(db=kv) as txn:
-            scanned = Fingerprint.of_items(txn.cursor().iternext(keys=True, values=True))
+        scanned = scan_lmdb(local, map_size)
     except lmdb.Error as exc:
         raise BackupCorrupt(f"cannot read snapshot {info.path}: {exc}") from exc
-    finally:
-        env.close()
+    _compare_content(info, scanned)
+    if memo is not None:
+        _CONTENT_PROVEN.add(memo)
+    return ContentCheck(info, None, None)
+
+
+def _compare_content(info: SnapshotInfo, scanned: Fingerprint) -> None:
     cp = info.checkpoint
     if scanned.state() != cp.fp_state:
         raise BackupCorrupt(

@@ -26,6 +26,7 @@ from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, BackupMismatch, BadTarget
 from unisondb.restore.inventory import (
     ChecksumResult,
+    ContentCheck,
     SegmentMeta,
     SnapshotInfo,
     WalInventory,
@@ -36,6 +37,7 @@ from unisondb.restore.inventory import (
     raise_on_mismatch,
     sha256_bytes,
     sha256_file,
+    start_content_check,
 )
 from unisondb.restore.plan import RestorePlan
 from unisondb.restore.progress import Progress
@@ -70,6 +72,9 @@ class VerifiedPlan:
     checksums: list[ChecksumResult]
     seconds: float
     warnings: list[str] = field(default_factory=list)
+    #: The snapshot content check, still running in the background when ``verify_plan``
+    #: was asked not to wait for it: ``apply_plan`` waits before it publishes anything.
+    content: ContentCheck | None = None
 
     @property
     def records(self) -> int:
@@ -171,22 +176,46 @@ def read_verified(meta: SegmentMeta, expected_sha256: str | None = None) -> tupl
     return data, digest
 
 
-def verify_plan(plan: RestorePlan, progress: Progress | None = None) -> VerifiedPlan:
+def verify_plan(
+    plan: RestorePlan, progress: Progress | None = None, *, background_content: bool = False
+) -> VerifiedPlan:
+    """Verify everything the plan reads. With ``background_content`` the snapshot's
+    content check (every pair hashed, CPU-bound) runs on in a worker process, overlapping
+    the copy and the replay; the caller must ``content.wait()`` before publishing, and
+    ``content.cancel()`` if it gives up."""
     progress = progress or Progress()
     started = time.perf_counter()
     warnings = list(plan.warnings)
     checksums: list[ChecksumResult] = []
     snap = plan.snapshot
-    cp = snap.checkpoint
     links = plan.chain.links if plan.end_lsn is None else plan.links_through(plan.end_lsn)
     total = snap.size + sum(ln.segment.size for ln in links)
     progress.phase("verify checksums", total)
     snap_sha = sha256_file(snap.path, progress.advance)
-    progress.phase("verify snapshot content", snap.keys, unit="keys")
-    check_snapshot_content(snap)
     res = check_sidecar(snap.path, snap_sha)
     raise_on_mismatch(res)
     checksums.append(res)
+    if not background_content:
+        progress.phase("verify snapshot content", snap.keys, unit="keys")
+    content = start_content_check(snap, snap_sha, background=background_content)
+    try:
+        return _verify_wal(plan, progress, started, snap_sha, checksums, warnings, links, content)
+    except BaseException:
+        content.cancel()
+        raise
+
+
+def _verify_wal(
+    plan: RestorePlan,
+    progress: Progress,
+    started: float,
+    snap_sha: str,
+    checksums: list[ChecksumResult],
+    warnings: list[str],
+    links: list[Link],
+    content: ContentCheck,
+) -> VerifiedPlan:
+    cp = plan.snapshot.checkpoint
     steps: list[ReplayStep] = []
     end_lsn = plan.end_lsn
     end_time = cp.time_ns
@@ -238,7 +267,7 @@ def verify_plan(plan: RestorePlan, progress: Progress | None = None) -> Verified
         shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
         warnings.append(f"no .sha256 sidecar for {shown}: checked by CRC/LMDB structure only")
     return VerifiedPlan(
-        plan, end_lsn, end_time, steps, snap_sha, checksums, time.perf_counter() - started, warnings
+        plan, end_lsn, end_time, steps, snap_sha, checksums, time.perf_counter() - started, warnings, content
     )
 
 
@@ -356,7 +385,7 @@ def _verify_snapshot(path: Path, rep: VerifyReport, progress: Progress) -> Snaps
         elif res.status == "missing":
             rep.warnings.append(f"snapshot {path}: no .sha256 sidecar")
         snap = inspect_snapshot(path, structural=True)
-        check_snapshot_content(snap)
+        check_snapshot_content(snap, digest)
     except (UnisonDBError, OSError) as exc:
         rep.problems.append(f"snapshot: {exc}")
         info["lmdb"] = "failed"

@@ -540,14 +540,15 @@ class Engine:
             return True
         return self._applier.wait_applied(self._acked_lsn, timeout)
 
-    def snapshot_to(self, f: BinaryIO) -> Checkpoint:
-        """A consistent copy of LMDB (``BTree.snapshot_to``) holding every write acknowledged
-        before the call: with ``--ack wal`` the applier catches up first, so a snapshot-only
-        backup never misses a write that was answered 200 before it was requested."""
+    def snapshot_to(self, f: BinaryIO, *, compact: bool = True) -> Checkpoint:
+        """A consistent copy of LMDB (``BTree.snapshot_to``, or ``BTree.copy_plain_to`` when not
+        ``compact``) holding every write acknowledged before the call: with ``--ack wal`` the
+        applier catches up first, so a snapshot-only backup never misses a write that was
+        answered 200 before it was requested."""
         if not self.catch_up():
             assert self._applier is not None
             raise self._applier.error or Unavailable(f"namespace {self.namespace} is shutting down")
-        return self.btree.snapshot_to(f)
+        return self.btree.snapshot_to(f) if compact else self.btree.copy_plain_to(f)
 
     @property
     def applied_lsn(self) -> int:
