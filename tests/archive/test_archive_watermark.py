@@ -16,6 +16,7 @@ from test_archive_archiver import HISTORY, LocalWal, _segment_keys
 from unisondb.archive import naming
 from unisondb.archive.archiver import Archiver, SegmentInfo
 from unisondb.archive.lease import Lease
+from unisondb.archive.publish import Spooled
 from unisondb.archive.store import ObjectStore
 
 URL = "s3://bucket/arch"
@@ -79,13 +80,13 @@ def test_restart_trusts_the_watermark_without_list_or_reupload(
     calls.reset()
     again = _archiver(store, wal, state, pid=2000)
     encoded: list[int] = []
-    original = again._publish
+    original = again._encode
 
-    def publish(segment_id: int, path: Path) -> None:
+    def encode(segment_id: int, path: Path) -> tuple[SegmentInfo, Spooled]:
         encoded.append(segment_id)
-        original(segment_id, path)
+        return original(segment_id, path)
 
-    again._publish = publish  # type: ignore[method-assign]
+    again._encode = encode  # type: ignore[method-assign]
     assert again.run_once() == 1
     assert encoded == [4]  # segments 1..3 were neither re-encoded nor re-uploaded
     assert calls.counts.get("ListObjectsV2", 0) + calls.counts.get("ListObjects", 0) == 0
