@@ -41,7 +41,8 @@ from test_restore_support import NS
 from unisondb.restore.inventory import inspect_snapshot
 from unisondb.storage import segment
 
-SEED_DOC = Path("/work/shared/seed/000_58be15a38d7ce787.txt")
+# The contract document lives beside the repository (``../shared/seed/``), not in it.
+SEED_DOC = Path(__file__).resolve().parents[3] / "shared" / "seed" / "000_58be15a38d7ce787.txt"
 
 DOC_FULL_RESTORE = """\
 # 1. Stop UnisonDB
