@@ -35,7 +35,7 @@ import hmac
 import os
 import re
 import stat
-from collections.abc import Awaitable, Mapping
+from collections.abc import Awaitable, Iterator, Mapping
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
@@ -80,28 +80,37 @@ class TokenTable:
         return found
 
 
-def load_tokens(path: Path) -> TokenTable:
-    """Read and check a token file; every problem is one ``InvalidRequest`` naming the line."""
+def read_config_lines(path: Path, label: str, forbidden_mode: int, hint: str) -> Iterator[tuple[str, str]]:
+    """The meaningful lines of a small credentials file (``label`` names it in messages), as
+    (``"<label> <path> line N"``, stripped line), skipping blanks and ``#`` comments. The file
+    must be UTF-8 and have none of the ``forbidden_mode`` bits; each problem is one
+    ``InvalidRequest``. Shared by the token file and the TLS client roles file."""
     try:
         st = os.stat(path)
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
-        raise InvalidRequest(f"cannot read auth token file {path}: {exc.strerror}") from exc
+        raise InvalidRequest(f"cannot read {label} {path}: {exc.strerror}") from exc
     except UnicodeDecodeError:
-        raise InvalidRequest(f"auth token file {path} is not UTF-8 text") from None
-    if st.st_mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise InvalidRequest(f"{label} {path} is not UTF-8 text") from None
+    if st.st_mode & forbidden_mode:
+        who = "readable" if forbidden_mode & (stat.S_IRGRP | stat.S_IROTH) else "writable"
         raise InvalidRequest(
-            f"auth token file {path} is readable by other users (mode {stat.S_IMODE(st.st_mode):04o})",
-            hint=f"chmod 600 {path}",
+            f"{label} {path} is {who} by other users (mode {stat.S_IMODE(st.st_mode):04o})",
+            hint=hint,
         )
+    for lineno, raw in enumerate(text.splitlines(), 1):
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            yield f"{label} {path} line {lineno}", line
+
+
+def load_tokens(path: Path) -> TokenTable:
+    """Read and check a token file; every problem is one ``InvalidRequest`` naming the line."""
     entries: list[tuple[bytes, Role]] = []
     seen: set[str] = set()
-    for lineno, line in enumerate(text.splitlines(), 1):
-        line = line.strip()
-        if not line or line.startswith("#"):
-            continue
+    lines = read_config_lines(path, "auth token file", stat.S_IRWXG | stat.S_IRWXO, f"chmod 600 {path}")
+    for where, line in lines:
         fields = line.split()
-        where = f"auth token file {path} line {lineno}"
         if len(fields) != 2:
             raise InvalidRequest(f"{where}: expected '<token> <role>', got {len(fields)} field(s)")
         token, role_name = fields

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import os
 import re
 import stat
 from collections.abc import Mapping
@@ -34,7 +33,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from unisondb.api.auth import CLIENT_CERT_SCOPE_KEY, ROLE_NAMES, Role
+from unisondb.api.auth import CLIENT_CERT_SCOPE_KEY, ROLE_NAMES, Role, read_config_lines
 from unisondb.errors import InvalidRequest
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
@@ -67,25 +66,10 @@ class ClientRoles:
 
 def load_client_roles(path: Path) -> ClientRoles:
     """Read and check a roles file; every problem is one ``InvalidRequest`` naming the line."""
-    try:
-        st = os.stat(path)
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise InvalidRequest(f"cannot read TLS client roles file {path}: {exc.strerror}") from exc
-    except UnicodeDecodeError:
-        raise InvalidRequest(f"TLS client roles file {path} is not UTF-8 text") from None
-    if st.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
-        raise InvalidRequest(
-            f"TLS client roles file {path} is writable by other users (mode {stat.S_IMODE(st.st_mode):04o})",
-            hint=f"chmod 644 {path}",
-        )
     by_sha256: dict[str, Role] = {}
     by_cn: dict[str, Role] = {}
-    for lineno, raw in enumerate(text.splitlines(), 1):
-        line = raw.strip()
-        if not line or line.startswith("#"):
-            continue
-        where = f"TLS client roles file {path} line {lineno}"
+    lines = read_config_lines(path, "TLS client roles file", stat.S_IWGRP | stat.S_IWOTH, f"chmod 644 {path}")
+    for where, line in lines:
         fields = line.rsplit(None, 1)
         if len(fields) != 2:
             raise InvalidRequest(f"{where}: expected '<cn:NAME | sha256:HEX> <role>'")
