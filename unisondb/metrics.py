@@ -339,7 +339,7 @@ class EngineCollector(Collector):
         now = time.time_ns()
         for eng in self._engines():
             n = [eng.namespace]
-            wal = eng.wal
+            wal = eng.wal_stats(now)
             wal_bytes.add_metric(n, wal.bytes_written)
             fsyncs.add_metric(n, wal.fsyncs)
             rotations.add_metric(n, wal.rotations)
@@ -352,13 +352,10 @@ class EngineCollector(Collector):
             table_full.add_metric(n, eng.table_full_waits)
             replayed.add_metric(n, eng.recovery.records_replayed)
             rec_secs.add_metric(n, eng.recovery.seconds)
-            truncated.add_metric(n, wal.report.truncated_bytes)
-            segs = wal.segments()
-            sealed = [s.segment_id for s in segs if s.sealed]
-            sealed_max.add_metric(n, max(sealed, default=0))
-            oldest.add_metric(n, segs[0].segment_id if segs else 0)
-            act = wal.active
-            age.add_metric(n, (now - act.header.created_ns) / 1e9 if act else 0.0)
+            truncated.add_metric(n, wal.truncated_bytes)
+            sealed_max.add_metric(n, wal.newest_sealed)
+            oldest.add_metric(n, wal.oldest_segment)
+            age.add_metric(n, wal.active_age_seconds)
             last_lsn.add_metric(n, eng.last_lsn)
             applied.add_metric(n, eng.applied_lsn)
             durable_failed.add_metric(n, eng.stats.durable_but_failed)

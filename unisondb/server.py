@@ -30,6 +30,7 @@ from unisondb.api.app import build_app
 from unisondb.api.auth import TokenTable, load_tokens
 from unisondb.api.clientcert import ClientRoles, load_client_roles, with_client_certs
 from unisondb.api.protocol import limited_protocol
+from unisondb.backup import repair
 from unisondb.config import SecurityConfig, ServerConfig
 from unisondb.errors import InvalidRequest, from_os_error
 from unisondb.lifecycle import Shutdown
@@ -56,7 +57,7 @@ def open_engines(cfg: ServerConfig) -> dict[str, Engine]:
     engines: dict[str, Engine] = {}
     try:
         for ns in names:
-            engines[ns] = Engine.open(cfg.data_dir, ns, cfg.engine)
+            engines[ns] = Engine.open(cfg.data_dir, ns, cfg.engine, on_locked=repair.complete_interrupted)
     except BaseException:
         close_engines(engines)
         raise

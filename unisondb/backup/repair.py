@@ -3,7 +3,8 @@
 A snapshot is renamed into place and then gets its ``.sha256`` sidecar
 (``snapshot.take_snapshot``). A kill -9 between the two leaves a snapshot without a
 sidecar. The file proves itself by its trailer (``storage/snapfile.py``), so
-``complete_interrupted`` — called by ``Engine._recover`` right after the ``.tmp`` cleanup —
+``complete_interrupted`` — run by the server through ``Engine.open(on_locked=...)``, under
+the namespace lock, right after the ``.tmp`` cleanup —
 verifies every sidecar-less file under the namespace's backup root that has a trailer:
 
 * intact → its sidecar is written, as the request would have done;

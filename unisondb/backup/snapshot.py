@@ -181,9 +181,9 @@ def copy_env(engine: Engine, f: BinaryIO) -> Checkpoint:
     environment maps it with readahead off, so a cold map would otherwise be copied one
     page fault at a time.
     """
-    bt = engine.btree
-    _read_ahead(bt.path / "data.mdb")
-    return engine.snapshot_to(f, compact=not PLAIN_COPY or bt.free_fraction() > COMPACT_FREE_FRACTION)
+    _read_ahead(engine.data_file)
+    compact = not PLAIN_COPY or engine.free_fraction() > COMPACT_FREE_FRACTION
+    return engine.snapshot_to(f, compact=compact)
 
 
 def _read_ahead(path: Path) -> None:

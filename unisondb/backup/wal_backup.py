@@ -63,13 +63,13 @@ def plan(engine: Engine, after_segment_id: int) -> list[SegmentInfo]:
     them) and silently skipping them would leave a hole in the caller's archive. After a
     restore, ids below the new timeline's first segment are not part of this history.
     """
-    on_disk = engine.wal.segments()
+    on_disk = engine.segments()
     # Ids below the current timeline's first segment (after a restore) belong to an abandoned
     # history: nobody can back them up any more, and nobody needs to.
     first_missing = max(after_segment_id + 1, engine.checkpoint().timeline_first_segment)
     if after_segment_id > 0 and on_disk and on_disk[0].segment_id > first_missing:
         raise gap_error(engine, first_missing, on_disk[0].segment_id - 1, on_disk[0].segment_id)
-    return [s for s in engine.wal.sealed_segments() if s.segment_id > after_segment_id]
+    return [s for s in engine.sealed_segments() if s.segment_id > after_segment_id]
 
 
 def gap_error(engine: Engine, first: int, last: int, oldest: int) -> BackupGap:
@@ -105,7 +105,7 @@ def copy_segment(engine: Engine, info: SegmentInfo, tdir: TargetDir) -> WalCopy:
         try:
             src = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            oldest = min((s.segment_id for s in engine.wal.segments()), default=0)
+            oldest = min((s.segment_id for s in engine.segments()), default=0)
             raise BackupGap(
                 f"WAL backup gap in namespace {engine.namespace}: segment id "
                 f"{info.segment_id} was deleted by WAL retention (--wal-retention) while this "

@@ -71,8 +71,6 @@ from typing import Any, BinaryIO
 
 import structlog
 
-from unisondb.backup.repair import complete_interrupted
-from unisondb.config import EngineConfig
 from unisondb.errors import (
     CorruptSnapshot,
     InvalidRequest,
@@ -90,6 +88,7 @@ from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.history import Lineage, fork_segment_id
 from unisondb.storage.lockfile import NamespaceLock
 from unisondb.storage.memtable import MemTable
+from unisondb.storage.options import EngineConfig
 from unisondb.storage.record import Entry, EntryKind, Record
 from unisondb.storage.recovery import RecoveryResult, recover
 from unisondb.storage.wal import SegmentInfo, Wal
@@ -98,6 +97,22 @@ log = structlog.get_logger(__name__)
 
 #: Groups over which the peak number of writers in flight is remembered (adaptive commit).
 _CONCURRENCY_GROUPS = 64
+
+
+@dataclass(frozen=True, slots=True)
+class WalStats:
+    """What ``/metrics`` shows of one namespace's WAL (``Engine.wal_stats``)."""
+
+    bytes_written: int
+    fsyncs: int
+    rotations: int
+    #: Bytes of torn tail cut off when the WAL was opened.
+    truncated_bytes: int
+    #: Highest sealed segment id (0: none) and the oldest segment id on disk (0: none).
+    newest_sealed: int
+    oldest_segment: int
+    #: Seconds since the active segment was created (0.0: no active segment).
+    active_age_seconds: float
 
 
 @dataclass(slots=True)
@@ -204,8 +219,19 @@ class Engine:
     # --- lifecycle ---
 
     @classmethod
-    def open(cls, data_dir: Path, namespace: str, config: EngineConfig | None = None) -> Engine:
-        """Lock the namespace, recover, and start the writer thread."""
+    def open(
+        cls,
+        data_dir: Path,
+        namespace: str,
+        config: EngineConfig | None = None,
+        *,
+        on_locked: Callable[[Path], object] | None = None,
+    ) -> Engine:
+        """Lock the namespace, recover, and start the writer thread.
+
+        ``on_locked(backup_root)`` runs once the namespace lock is held, after the ``.tmp``
+        files there were removed: the backup layer finishes interrupted publications
+        (``backup.repair``) without the storage layer importing it."""
         layout.validate_namespace(namespace)
         eng = cls(data_dir, namespace, config or EngineConfig())
         ns_dir = layout.namespace_dir(data_dir, namespace)
@@ -216,7 +242,7 @@ class Engine:
             raise from_os_error(exc, ns_dir) from exc
         eng._lock.acquire()
         try:
-            eng._recover()
+            eng._recover(on_locked)
         except BaseException:
             eng._lock.release()
             raise
@@ -236,10 +262,11 @@ class Engine:
         eng._thread.start()
         return eng
 
-    def _recover(self) -> None:
+    def _recover(self, on_locked: Callable[[Path], object] | None) -> None:
         removed = fsutil.clean_tmp_files(layout.backup_root(self.data_dir, self.namespace))
         removed += fsutil.clean_tmp_files(layout.wal_dir(self.data_dir, self.namespace))
-        complete_interrupted(layout.backup_root(self.data_dir, self.namespace))
+        if on_locked is not None:
+            on_locked(layout.backup_root(self.data_dir, self.namespace))
         if removed:
             log.warning(
                 "startup.removed_tmp_files", namespace=self.namespace, files=[str(p) for p in removed]
@@ -603,7 +630,33 @@ class Engine:
         return 0, 0
 
     def segments(self) -> list[SegmentInfo]:
+        """Every segment on disk (sealed and active), ascending by id."""
         return self.wal.segments()
+
+    def wal_stats(self, now_ns: int | None = None) -> WalStats:
+        """Counters and positions of the WAL for ``/metrics`` (``now_ns``: a clock seam)."""
+        wal = self.wal
+        segs = wal.segments()
+        act = wal.active
+        now = time.time_ns() if now_ns is None else now_ns
+        return WalStats(
+            bytes_written=wal.bytes_written,
+            fsyncs=wal.fsyncs,
+            rotations=wal.rotations,
+            truncated_bytes=wal.report.truncated_bytes,
+            newest_sealed=max((s.segment_id for s in segs if s.sealed), default=0),
+            oldest_segment=segs[0].segment_id if segs else 0,
+            active_age_seconds=(now - act.header.created_ns) / 1e9 if act is not None else 0.0,
+        )
+
+    @property
+    def data_file(self) -> Path:
+        """LMDB's ``data.mdb`` of this namespace (what a snapshot copies)."""
+        return self.btree.path / "data.mdb"
+
+    def free_fraction(self) -> float:
+        """Share of LMDB's pages no B-tree uses (``BTree.free_fraction``)."""
+        return self.btree.free_fraction()
 
     def sealed_segments(self) -> list[SegmentInfo]:
         """Sealed (immutable) segments, ascending by id: id, path, LSN range, history id
