@@ -81,7 +81,7 @@ from unisondb.archive.archiver import Archiver, SegmentInfo  # noqa: E402
 from unisondb.archive.fetch import PARALLEL, fetch_for_restore  # noqa: E402
 from unisondb.archive.lease import Lease  # noqa: E402
 from unisondb.archive.naming import NameKind  # noqa: E402
-from unisondb.archive.objectfmt import ArchiveKey, Kind  # noqa: E402
+from unisondb.archive.objectfmt import ArchiveKey, Identity, Kind  # noqa: E402
 from unisondb.archive.store import ArchiveURL, ObjectStore  # noqa: E402
 from unisondb.config import EngineConfig  # noqa: E402
 from unisondb.storage.engine import Engine  # noqa: E402
@@ -568,17 +568,8 @@ def measure_upload(
         t0 = time.perf_counter()
         for s in segs.infos:
             with tempfile.TemporaryFile(dir=spool) as out:
-                objectfmt.encode_file(
-                    s.path,
-                    out,
-                    kind=Kind.SEGMENT,
-                    namespace=NS,
-                    history_id=s.history,
-                    first_lsn=s.first_lsn,
-                    last_lsn=s.last_lsn,
-                    fingerprint=s.fingerprint,
-                    key=key if encrypt else None,
-                )
+                ident = Identity(Kind.SEGMENT, NS, s.history, s.first_lsn, s.last_lsn, s.fingerprint)
+                objectfmt.encode_file(s.path, out, ident, key if encrypt else None)
         return time.perf_counter() - t0
 
     variants: dict[str, Callable[[], float]] = {

@@ -16,7 +16,7 @@ from s3server import S3Server, start_s3_server
 from unisondb.archive import naming
 from unisondb.archive.archiver import ArchiveMetrics, Archiver, Backoff, SegmentInfo
 from unisondb.archive.lease import Lease
-from unisondb.archive.objectfmt import ArchiveKey, Kind, decode
+from unisondb.archive.objectfmt import ArchiveKey, Identity, Kind, decode
 from unisondb.archive.publish import publish_file
 from unisondb.archive.store import ObjectStore
 from unisondb.errors import ArchiveConflict
@@ -151,16 +151,7 @@ def test_a_failure_mid_pass_confirms_what_came_before_and_leaks_no_spool(
     second = naming.segment_key("arch", "users", HISTORY, 101, 200, 2, False)
     other = tmp_path / "other.wal"
     other.write_bytes(os.urandom(1000))
-    publish_file(  # another writer's segment 2
-        store,
-        second,
-        other,
-        kind=Kind.SEGMENT,
-        namespace="users",
-        history_id=HISTORY,
-        first_lsn=101,
-        last_lsn=200,
-    )
+    publish_file(store, second, other, Identity(Kind.SEGMENT, "users", HISTORY, 101, 200))  # another writer's
     with pytest.raises(ArchiveConflict):
         archiver.run_once()
     assert archiver.is_archived(1) and not any(archiver.is_archived(s) for s in (2, 3, 4))

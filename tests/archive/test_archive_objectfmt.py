@@ -15,6 +15,7 @@ from unisondb.archive.objectfmt import (
     HEADER_SIZE,
     TRAILER_SIZE,
     ArchiveKey,
+    Identity,
     Kind,
     decode,
     encode,
@@ -36,17 +37,8 @@ def _content(size: int) -> bytes:
 
 
 def _encode(content: bytes, key: ArchiveKey | None) -> bytes:
-    header = new_header(
-        Kind.SEGMENT,
-        "users",
-        HISTORY,
-        10,
-        99,
-        len(content),
-        hashlib.sha256(content).digest(),
-        FINGERPRINT,
-        key,
-    )
+    ident = Identity(Kind.SEGMENT, "users", HISTORY, 10, 99, FINGERPRINT)
+    header = new_header(ident, len(content), hashlib.sha256(content).digest(), key)
     out = io.BytesIO()
     assert encode(io.BytesIO(content), out, header, key) == len(out.getvalue())
     return out.getvalue()
@@ -215,7 +207,7 @@ def test_wrong_key_with_the_same_id_fails_authentication() -> None:
 def test_content_that_changes_while_encoding_is_refused() -> None:
     content = _content(10_000)
     header = new_header(
-        Kind.SEGMENT, "users", HISTORY, 1, 2, len(content), hashlib.sha256(b"other").digest(), None, None
+        Identity(Kind.SEGMENT, "users", HISTORY, 1, 2), len(content), hashlib.sha256(b"other").digest()
     )
     with pytest.raises(InvalidRequest, match="changed while it was archived"):
         encode(io.BytesIO(content), io.BytesIO(), header, None)
@@ -225,16 +217,7 @@ def test_encode_file_streams_a_file(tmp_path: Path) -> None:
     src = tmp_path / "000000001.wal"
     src.write_bytes(_content(2_000_000))
     out = io.BytesIO()
-    header = encode_file(
-        src,
-        out,
-        kind=Kind.SEGMENT,
-        namespace="default",
-        history_id=HISTORY,
-        first_lsn=1,
-        last_lsn=500,
-        key=KEY,
-    )
+    header = encode_file(src, out, Identity(Kind.SEGMENT, "default", HISTORY, 1, 500), KEY)
     assert header.plain_size == 2_000_000
     assert _decode(out.getvalue(), KEY) == src.read_bytes()
 

@@ -36,7 +36,7 @@ from test_archive_server import (
 from unisondb.archive import naming
 from unisondb.archive.manifest import publish_snapshot, read_manifest
 from unisondb.archive.naming import ArchiveName, NameKind
-from unisondb.archive.objectfmt import ArchiveKey, Kind
+from unisondb.archive.objectfmt import ArchiveKey, Identity, Kind
 from unisondb.archive.publish import publish_file
 from unisondb.archive.retention import Retention, RetentionPolicy, SnapshotEntry, plan, read_record
 from unisondb.archive.store import ObjectStore
@@ -119,9 +119,7 @@ def _build(store: ObjectStore, tmp: Path) -> None:
     blob.write_bytes(os.urandom(2000))
     for i, (first, last) in enumerate(SEGMENTS):
         key = naming.segment_key(PREFIX, NS, H, first, last, i + 1, False)
-        publish_file(
-            store, key, blob, kind=Kind.SEGMENT, namespace=NS, history_id=H, first_lsn=first, last_lsn=last
-        )
+        publish_file(store, key, blob, Identity(Kind.SEGMENT, NS, H, first, last))
     for lsn, created in SNAPSHOTS:
         publish_snapshot(
             store,
@@ -218,17 +216,7 @@ def test_snapshots_of_another_key_keep_their_place_in_the_window(
     for i, (first, last) in enumerate(SEGMENTS):
         k = old if first < 500 else new
         key = naming.segment_key(PREFIX, NS, H, first, last, i + 1, True)
-        publish_file(
-            store,
-            key,
-            blob,
-            kind=Kind.SEGMENT,
-            namespace=NS,
-            history_id=H,
-            first_lsn=first,
-            last_lsn=last,
-            archive_key=k,
-        )
+        publish_file(store, key, blob, Identity(Kind.SEGMENT, NS, H, first, last), archive_key=k)
     stored = time.time()
     for lsn in (0, 250, 500, 750, 950):
         k = old if lsn < 500 else new

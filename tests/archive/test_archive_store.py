@@ -14,7 +14,7 @@ from unisondb.archive import naming
 from unisondb.archive.lease import Lease
 from unisondb.archive.manifest import publish_snapshot, read_manifest
 from unisondb.archive.naming import NameKind
-from unisondb.archive.objectfmt import ArchiveKey, Kind, decode
+from unisondb.archive.objectfmt import ArchiveKey, Identity, Kind, decode
 from unisondb.archive.publish import publish_file
 from unisondb.archive.store import ObjectStore, parse_url
 from unisondb.errors import (
@@ -137,15 +137,7 @@ def test_publish_is_idempotent_and_never_overwrites(
 
     def publish() -> object:
         return publish_file(
-            store,
-            key,
-            path,
-            kind=Kind.SEGMENT,
-            namespace="users",
-            history_id=HISTORY,
-            first_lsn=1,
-            last_lsn=50,
-            archive_key=archive_key,
+            store, key, path, Identity(Kind.SEGMENT, "users", HISTORY, 1, 50), archive_key=archive_key
         )
 
     first = publish()

@@ -19,7 +19,7 @@ from serverproc import ServerProcess
 from test_archive_server import NS, archive_args, put, s3_env, wait_for  # noqa: F401  (s3_env: a fixture)
 
 from unisondb.archive import objectfmt
-from unisondb.archive.objectfmt import ArchiveKey, Kind
+from unisondb.archive.objectfmt import ArchiveKey, Identity, Kind
 from unisondb.archive.publish import publish_file
 from unisondb.archive.ratelimit import TokenBucket
 from unisondb.archive.store import MIN_PART_SIZE, ObjectStore
@@ -129,12 +129,10 @@ def test_large_segment_published_in_parts_round_trips(
     store = ObjectStore(bucket, client=client, multipart_threshold=MIN_PART_SIZE, part_size=MIN_PART_SIZE)
     path = tmp_path / "000000001.wal"
     path.write_bytes(os.urandom(11 << 20))  # incompressible: the object stays above the threshold
-    args = dict(
-        kind=Kind.SEGMENT, namespace="users", history_id=HISTORY, first_lsn=1, last_lsn=9, archive_key=key
-    )
-    first = publish_file(store, "seg/one", path, spool_dir=tmp_path, **args)  # type: ignore[arg-type]
+    ident = Identity(Kind.SEGMENT, "users", HISTORY, 1, 9)
+    first = publish_file(store, "seg/one", path, ident, archive_key=key, spool_dir=tmp_path)
     assert not first.already and parts[0] == 3
-    again = publish_file(store, "seg/one", path, spool_dir=tmp_path, **args)  # type: ignore[arg-type]
+    again = publish_file(store, "seg/one", path, ident, archive_key=key, spool_dir=tmp_path)
     assert again.already  # recognised by its header, not re-uploaded over
     out = io.BytesIO()
     objectfmt.decode(store.open("seg/one"), out, key, "seg/one")

@@ -56,7 +56,7 @@ import structlog
 
 from unisondb.archive import naming, retention
 from unisondb.archive.lease import Lease
-from unisondb.archive.objectfmt import ArchiveKey, Kind
+from unisondb.archive.objectfmt import ArchiveKey, Identity, Kind
 from unisondb.archive.publish import Spooled, encode_spooled, publish_spooled
 from unisondb.archive.store import ObjectStore
 from unisondb.errors import ArchiveUnavailable, CorruptArchive, LeaseHeld, UnisonDBError
@@ -272,17 +272,10 @@ class Archiver:
 
     def _encode(self, segment_id: int, path: Path) -> tuple[SegmentInfo, Spooled]:
         info = self._describe(segment_id, path)
-        spooled = encode_spooled(
-            path,
-            kind=Kind.SEGMENT,
-            namespace=self.namespace,
-            history_id=info.history_id,
-            first_lsn=info.first_lsn,
-            last_lsn=info.last_lsn,
-            fingerprint=info.fingerprint,
-            archive_key=self._key,
-            spool_dir=self._spool_dir,
+        ident = Identity(
+            Kind.SEGMENT, self.namespace, info.history_id, info.first_lsn, info.last_lsn, info.fingerprint
         )
+        spooled = encode_spooled(path, ident, archive_key=self._key, spool_dir=self._spool_dir)
         return info, spooled
 
     def _publish(self, segment_id: int, info: SegmentInfo, spooled: Spooled) -> None:

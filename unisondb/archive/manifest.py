@@ -24,7 +24,7 @@ from typing import Any
 
 from unisondb.archive import naming, objectfmt
 from unisondb.archive.naming import NameKind
-from unisondb.archive.objectfmt import ArchiveKey, Kind
+from unisondb.archive.objectfmt import ArchiveKey, Identity, Kind
 from unisondb.archive.publish import publish_bytes, publish_file
 from unisondb.archive.store import ObjectStore
 from unisondb.errors import CorruptArchive, NotFound
@@ -67,19 +67,8 @@ def publish_snapshot(
     """Upload a snapshot file, then its manifest, then the manifest copy (in that order)."""
     encrypted = archive_key is not None
     key = naming.snapshot_key(prefix, namespace, history_id, lsn, encrypted)
-    published = publish_file(
-        store,
-        key,
-        path,
-        kind=Kind.SNAPSHOT,
-        namespace=namespace,
-        history_id=history_id,
-        first_lsn=lsn,
-        last_lsn=lsn,
-        fingerprint=fingerprint,
-        archive_key=archive_key,
-        spool_dir=spool_dir,
-    )
+    ident = Identity(Kind.SNAPSHOT, namespace, history_id, lsn, lsn, fingerprint)
+    published = publish_file(store, key, path, ident, archive_key=archive_key, spool_dir=spool_dir)
     size = published.size
     if published.already:
         info = store.head(key)
@@ -112,17 +101,8 @@ def publish_snapshot(
             pass
     content = manifest.encode()
     for kind in (NameKind.MANIFEST, NameKind.MANIFEST_COPY):
-        header = objectfmt.new_header(
-            Kind.MANIFEST,
-            namespace,
-            history_id,
-            lsn,
-            lsn,
-            len(content),
-            hashlib.sha256(content).digest(),
-            published.header.fingerprint,
-            archive_key,
-        )
+        ident = Identity(Kind.MANIFEST, namespace, history_id, lsn, lsn, published.header.fingerprint)
+        header = objectfmt.new_header(ident, len(content), hashlib.sha256(content).digest(), archive_key)
         publish_bytes(
             store,
             naming.snapshot_key(prefix, namespace, history_id, lsn, encrypted, kind),

@@ -227,19 +227,27 @@ def parse_header(data: bytes, where: str) -> ObjectHeader:
     )
 
 
+@dataclass(frozen=True, slots=True)
+class Identity:
+    """What an object holds, as its header states it: the fields the archive's writers pass
+    for every object (one value instead of six keyword arguments at every layer)."""
+
+    kind: Kind
+    namespace: str
+    history_id: bytes
+    first_lsn: int
+    last_lsn: int
+    #: State fingerprint after ``last_lsn`` (None: not known, stored as zeros).
+    fingerprint: bytes | None = None
+
+
 def new_header(
-    kind: Kind,
-    namespace: str,
-    history_id: bytes,
-    first_lsn: int,
-    last_lsn: int,
-    plain_size: int,
-    sha256: bytes,
-    fingerprint: bytes | None = None,
-    key: ArchiveKey | None = None,
+    ident: Identity, plain_size: int, sha256: bytes, key: ArchiveKey | None = None
 ) -> ObjectHeader:
     """A header for new content; the nonce prefix is drawn fresh for every encrypted object."""
-    fingerprint = fingerprint if fingerprint is not None else bytes(32)
+    kind, namespace, history_id = ident.kind, ident.namespace, ident.history_id
+    first_lsn, last_lsn = ident.first_lsn, ident.last_lsn
+    fingerprint = ident.fingerprint if ident.fingerprint is not None else bytes(32)
     if len(history_id) != 16 or len(sha256) != 32 or len(fingerprint) != 32:
         raise ValueError("history_id is 16 bytes, sha256 and fingerprint 32 bytes")
     if len(namespace.encode("utf-8")) > 64 or not 0 <= first_lsn <= last_lsn:
@@ -304,21 +312,10 @@ def encode(src: IO[bytes], dst: IO[bytes], header: ObjectHeader, key: ArchiveKey
     return HEADER_SIZE + body_size + TRAILER_SIZE
 
 
-def encode_file(
-    path: Path,
-    dst: IO[bytes],
-    *,
-    kind: Kind,
-    namespace: str,
-    history_id: bytes,
-    first_lsn: int,
-    last_lsn: int,
-    fingerprint: bytes | None = None,
-    key: ArchiveKey | None = None,
-) -> ObjectHeader:
+def encode_file(path: Path, dst: IO[bytes], ident: Identity, key: ArchiveKey | None = None) -> ObjectHeader:
     """Encode a file (a sealed segment, a snapshot): hash it, then stream it through ``encode``."""
     size, sha = file_digest(path)
-    header = new_header(kind, namespace, history_id, first_lsn, last_lsn, size, sha, fingerprint, key)
+    header = new_header(ident, size, sha, key)
     try:
         with open(path, "rb") as f:
             encode(f, dst, header, key)

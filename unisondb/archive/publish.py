@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import IO
 
 from unisondb.archive import objectfmt
-from unisondb.archive.objectfmt import ArchiveKey, Kind, ObjectHeader
+from unisondb.archive.objectfmt import ArchiveKey, Identity, Kind, ObjectHeader
 from unisondb.archive.store import ObjectStore
 from unisondb.errors import ArchiveConflict, ObjectExists
 
@@ -67,31 +67,12 @@ class Spooled:
 
 
 def encode_spooled(
-    path: Path,
-    *,
-    kind: Kind,
-    namespace: str,
-    history_id: bytes,
-    first_lsn: int,
-    last_lsn: int,
-    fingerprint: bytes | None = None,
-    archive_key: ArchiveKey | None = None,
-    spool_dir: Path | None = None,
+    path: Path, ident: Identity, *, archive_key: ArchiveKey | None = None, spool_dir: Path | None = None
 ) -> Spooled:
     """Encode ``path`` to a temporary file (bounded memory; S3 needs a known length)."""
     spool = tempfile.TemporaryFile(dir=spool_dir)
     try:
-        header = objectfmt.encode_file(
-            path,
-            spool,
-            kind=kind,
-            namespace=namespace,
-            history_id=history_id,
-            first_lsn=first_lsn,
-            last_lsn=last_lsn,
-            fingerprint=fingerprint,
-            key=archive_key,
-        )
+        header = objectfmt.encode_file(path, spool, ident, archive_key)
         size = spool.tell()
         spool.seek(0)
     except BaseException:
@@ -110,28 +91,13 @@ def publish_file(
     store: ObjectStore,
     key: str,
     path: Path,
+    ident: Identity,
     *,
-    kind: Kind,
-    namespace: str,
-    history_id: bytes,
-    first_lsn: int,
-    last_lsn: int,
-    fingerprint: bytes | None = None,
     archive_key: ArchiveKey | None = None,
     spool_dir: Path | None = None,
 ) -> Published:
     """Encode ``path`` and publish it."""
-    with encode_spooled(
-        path,
-        kind=kind,
-        namespace=namespace,
-        history_id=history_id,
-        first_lsn=first_lsn,
-        last_lsn=last_lsn,
-        fingerprint=fingerprint,
-        archive_key=archive_key,
-        spool_dir=spool_dir,
-    ) as spooled:
+    with encode_spooled(path, ident, archive_key=archive_key, spool_dir=spool_dir) as spooled:
         return publish_spooled(store, key, spooled)
 
 
