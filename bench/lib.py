@@ -21,11 +21,16 @@ import signal
 import socket
 import statistics
 import subprocess
+import sys
+import tempfile
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 # --- every command the run executes, in order, for the report ---
 
@@ -104,7 +109,9 @@ def parse_hey(out: str) -> Load:
     """Parse hey's summary; refuse a run with any non-2xx response or error."""
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     p50 = re.search(r"50%+ in ([\d.]+) secs", out)
-    p99 = re.search(r"99%+ in ([\d.]+) secs", out)
+    # With under ~100 responses hey prints "0% in 0.0000 secs" in place of its 99 % line;
+    # the slowest response is then the p99.
+    p99 = re.search(r"99%+ in ([\d.]+) secs", out) or re.search(r"Slowest:\s+([\d.]+) secs", out)
     if not (rps and p50 and p99):
         raise BenchError(f"cannot parse hey output:\n{out}")
     codes = re.findall(r"\[(\d{3})\]\s+(\d+) responses", out)
@@ -179,8 +186,28 @@ def b64(data: bytes) -> str:
 
 
 def median(xs: Iterable[float]) -> float:
-    vals = list(xs)
+    """The median, NaN (a missing run) ignored; NaN when nothing is left."""
+    vals = [x for x in xs if x == x]
     return statistics.median(vals) if vals else float("nan")
+
+
+def paired_ratios(ours: Sequence[float], theirs: Sequence[float]) -> list[float]:
+    """Run i of ours ÷ run i of theirs (both measured in the same round, so a load spike
+    that hits one round hits both sides); a pair with a missing or zero side is dropped."""
+    return [a / b for a, b in zip(ours, theirs, strict=False) if b and a == a and b == b]
+
+
+def interleave(groups: Sequence[Sequence[T]], run: int) -> list[T]:
+    """The order of round ``run``: the groups rotated by one per round, and each group's
+    members reversed on odd rounds — the sides of one comparison run back to back, and no
+    side always goes first or always follows the same neighbour."""
+    if not groups:
+        return []
+    k = run % len(groups)
+    out: list[T] = []
+    for g in [*groups[k:], *groups[:k]]:
+        out.extend(reversed(g) if run % 2 else g)
+    return out
 
 
 def median_load(loads: Sequence[Load]) -> Load:
@@ -294,6 +321,112 @@ class RssSampler:
     def _loop(self) -> None:
         while not self._stop.wait(self.interval):
             self.sample()
+
+
+#: Runs argv[3:] as a grandchild of the harness and writes "<exit code> <wall s> <ru_maxrss KiB>"
+#: to argv[1]. Why a launcher: a forked child starts with its parent's RSS as its peak, and
+#: Linux carries that peak across exec into ru_maxrss — a child of the (large) harness would
+#: report the harness's size. The launcher is a fresh interpreter (~10 MiB), which is then the
+#: floor of the figure. argv[2] is the signal the grandchild gets if the launcher dies.
+_MAXRSS_LAUNCHER = """
+import ctypes, os, resource, sys, time
+t = time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, int(sys.argv[2]))
+        os.execvp(sys.argv[3], sys.argv[3:])
+    finally:
+        os._exit(127)
+_, status, ru = os.wait4(pid, 0)
+wall = time.perf_counter() - t
+with open(sys.argv[1], "w") as f:
+    f.write(f"{os.waitstatus_to_exitcode(status)} {wall:.6f} {ru.ru_maxrss}")
+"""
+
+
+@dataclass(frozen=True)
+class Measured:
+    returncode: int
+    stdout: str
+    stderr: str
+    wall: float
+    #: ru_maxrss of the command itself (KiB): its peak resident set, file-backed pages included.
+    maxrss_kib: int
+
+
+def run_maxrss(cmd: Sequence[str], timeout: float, scratch: Path) -> Measured:
+    """Run ``cmd`` with a hard timeout; return its output, wall time and peak RSS (ru_maxrss)."""
+    COMMANDS.add(shlex.join(cmd))
+    result = scratch / f"maxrss-{os.getpid()}-{time.monotonic_ns()}.txt"
+    with tempfile.TemporaryFile(dir=scratch) as out, tempfile.TemporaryFile(dir=scratch) as err:
+        proc = subprocess.Popen(
+            [sys.executable, "-c", _MAXRSS_LAUNCHER, str(result), str(int(signal.SIGKILL)), *cmd],
+            stdout=out,
+            stderr=err,
+            start_new_session=True,
+            preexec_fn=die_with_parent,
+        )
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            # The launcher and the command are alone in the session this call created.
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+            raise BenchError(f"timed out after {timeout:.0f}s: {shlex.join(cmd)}") from None
+        out.seek(0)
+        err.seek(0)
+        stdout, stderr = out.read().decode(errors="replace"), err.read().decode(errors="replace")
+    try:
+        code, wall, rss = result.read_text().split()
+    except (OSError, ValueError):
+        raise BenchError(
+            f"launcher failed ({proc.returncode}) for {shlex.join(cmd)}:\n{stderr[-2000:]}"
+        ) from None
+    finally:
+        result.unlink(missing_ok=True)
+    return Measured(int(code), stdout, stderr, float(wall), int(rss))
+
+
+# --- page cache and disk ---
+
+
+def drop_from_page_cache(path: Path) -> None:
+    """fsync ``path`` and ask the kernel to drop its pages (POSIX_FADV_DONTNEED).
+
+    Not a cold cache: only this file's clean, unmapped pages go; inodes, directory entries,
+    LMDB's lock file and the device's own cache stay warm."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # dirty pages are not dropped
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def resident_bytes(path: Path) -> int | None:
+    """Bytes of ``path`` in the page cache (util-linux ``fincore``), None if unknown."""
+    if shutil.which("fincore") is None:
+        return None
+    p = subprocess.run(
+        ["fincore", "--bytes", "--noheadings", "--output", "RES", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    try:
+        return int(p.stdout.split()[0])
+    except (IndexError, ValueError):
+        return None
+
+
+def free_bytes(path: Path) -> int:
+    return shutil.disk_usage(path).free
+
+
+def load1() -> float:
+    """The 1-minute load average."""
+    return float(Path("/proc/loadavg").read_text().split()[0])
 
 
 # --- the machine ---

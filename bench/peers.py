@@ -30,6 +30,8 @@ BINARIES = {
     "wrk": "wrk",
     "hey": "hey",
 }
+#: Used when present (a context row), never required.
+OPTIONAL = frozenset({"wrk"})
 DEBS = ("etcd-server", "etcd-client", "redis-server", "redis-tools", "wrk", "hey")
 
 
@@ -127,6 +129,7 @@ class Etcd(Managed):
     def __init__(
         self, data_dir: Path, log_path: Path, *, name: str = "bench", quota_bytes: int = 8 << 30
     ) -> None:
+        self.data_dir = data_dir
         self.client_port, self.peer_port, self.metrics_port = (free_port(), free_port(), free_port())
         self.url = f"http://127.0.0.1:{self.client_port}"
         self.endpoint = f"127.0.0.1:{self.client_port}"
