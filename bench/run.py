@@ -1111,7 +1111,7 @@ def write_report(
     cmd = ".venv/bin/python bench/run.py" + ("".join(f" {a}" for a in argv))
     md.p(
         f"Command: `{cmd}` — started {started:%Y-%m-%d %H:%M:%S %Z}, took {elapsed / 60:.1f} "
-        f"min. {plan.runs} run(s) of each measurement, **medians** shown; loads of "
+        f"min. {plan.runs} round(s) of each measurement, **medians** shown; loads of "
         f"{plan.load_s:g} s, {plan.conns} connections, {plan.value_size}-byte values. Everything "
         "on 127.0.0.1, server and load generator sharing the same cores."
     )
@@ -1147,6 +1147,11 @@ def write_report(
             else "No previous full report was found: every row is new."
         )
     )
+    if plan.mode != "full":
+        md.p(
+            f"**{plan.mode} mode**: tiny sizes, {plan.runs} round(s) — a check of the harness; "
+            "its figures are not comparable with a full report's."
+        )
     md.table(
         goals.HEADER,
         goals.table_rows(goal_rows(plan, res, previous), previous),
