@@ -175,8 +175,8 @@ class Row:
 def load_range(loads: Sequence[float]) -> str:
     if not loads:
         return "—"
-    lo, hi = min(loads), max(loads)
-    return f"{lo:.1f}" if abs(hi - lo) < 0.05 else f"{lo:.1f}–{hi:.1f}"
+    lo, hi = f"{min(loads):.1f}", f"{max(loads):.1f}"
+    return lo if lo == hi else f"{lo}–{hi}"
 
 
 # --- the previous report ---

@@ -142,6 +142,12 @@ def test_goals_table_round_trips_and_compares() -> None:
     assert "10.wal_backup" not in again
 
 
+def test_load_range() -> None:
+    assert goals.load_range([]) == "—"
+    assert goals.load_range([9.36, 9.44]) == "9.4"
+    assert goals.load_range([2.0, 11.5, 3.25]) == "2.0–11.5"
+
+
 def test_change_text_follows_the_goal_direction() -> None:
     put = goals.BY_ID["11.put_vs_etcd"]  # higher is better
     assert goals.change_text(put, 2.2, 1.1) == "2.00× (better)"
