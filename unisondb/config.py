@@ -34,6 +34,7 @@ TOML file (every key optional; flags given on the command line win)::
     header_timeout = "10s"       # whole request head, from its first byte → 408
     body_timeout = "30s"         # whole request body, from the end of the head → 408
     max_connections = 1024       # beyond it: 503 + Retry-After
+    lean = true                  # hot KV routes and /health answered in the protocol (api/lean.py)
 
     [auth]
     token_file = "/etc/unisondb/tokens"   # "<token> <role>" per line; unset = no auth
@@ -132,6 +133,8 @@ class HttpLimits:
     body_timeout: float = 30.0
     #: Open connections served at once; the ones beyond get 503 with ``Retry-After``.
     max_connections: int = 1024
+    #: GET/PUT/DELETE of a key and GET /health answered by the protocol (``api/lean.py``).
+    lean: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -256,7 +259,7 @@ def load_config(
             },
         ),
         ("btree", {"map_size"}),
-        ("http", set(_HTTP_KEYS)),
+        ("http", {*_HTTP_KEYS, "lean"}),
         ("auth", {"token_file", "metrics", "insecure_no_auth"}),
         ("tls", {"cert", "key", "client_ca", "client_roles"}),
         ("archive", set(_ARCHIVE_KEYS)),
@@ -453,9 +456,18 @@ def _merged(raw: dict[str, Any], table: str, flags: dict[str, Any] | None) -> di
     return merged
 
 
+def _on_off(name: str, value: object) -> bool:
+    """``on``/``off`` from a flag, or a TOML boolean."""
+    if isinstance(value, bool):
+        return value
+    if value in ("on", "off"):
+        return value == "on"
+    raise InvalidRequest(f"invalid {name} {value!r}: expected on or off")
+
+
 def _http_limits(values: dict[str, Any], config_file: Path | None) -> HttpLimits:
     default = HttpLimits()
-    parsed: dict[str, Any] = {}
+    parsed: dict[str, Any] = {"lean": _on_off("http lean", values.get("lean", default.lean))}
     for key, parse in _HTTP_KEYS.items():
         value = parse(values[key]) if key in values else getattr(default, key)
         if value < _HTTP_MIN[key]:

@@ -220,16 +220,18 @@ def serve(cfg: ServerConfig) -> int:
         archive=archive,
         shutdown=shutdown,
     )
+    lean = app.lean if cfg.http.lean else None
     uv = uvicorn.Config(
         app,
         host=cfg.host,
         port=cfg.port,
         loop="uvloop",
         lifespan="off",
-        # httptools parsing with the limits it lacks (api/protocol.py, docs/OPERATIONS.md).
-        http=limited_protocol(cfg.http)
+        # httptools parsing with the limits it lacks (api/protocol.py, docs/OPERATIONS.md),
+        # and the lean path of the hot routes (api/lean.py) unless --http-lean off.
+        http=limited_protocol(cfg.http, lean)
         if client_roles is None
-        else with_client_certs(limited_protocol(cfg.http), client_roles),
+        else with_client_certs(limited_protocol(cfg.http, lean), client_roles),
         access_log=False,
         log_level="warning",
         timeout_graceful_shutdown=max(1, int(cfg.shutdown_timeout * lifecycle.HTTP_GRACE_AT)),
@@ -247,6 +249,7 @@ def serve(cfg: ServerConfig) -> int:
         auth="tokens" if tokens is not None else "none",
         client_cert_roles=client_roles is not None,
         tls=cfg.security.tls_cert is not None,
+        http_lean=cfg.http.lean,
     )
     # uvicorn restores the previous handlers after a graceful shutdown and re-raises the
     # signal it caught; with the default SIGTERM handler that would kill the process

@@ -3,27 +3,31 @@
 from __future__ import annotations
 
 import asyncio
-import base64
-import binascii
 import time
 from collections.abc import Mapping
 from typing import Any
 
-import orjson
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from starlette.applications import Starlette
 from starlette.convertors import PathConvertor, register_url_convertor
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Route
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from unisondb.api import kv
 from unisondb.api.auth import BearerAuth, TokenTable
-from unisondb.api.errors import EXCEPTION_HANDLERS
+from unisondb.api.errors import (
+    EXCEPTION_HANDLERS,
+    TIMED_OUT_SCOPE_KEY,
+    disconnect_status,
+    error_body,
+    error_status,
+)
+from unisondb.api.lean import LeanRoutes
 from unisondb.api.openapi import build_openapi
-from unisondb.api.parsing import decode_key_segment
-from unisondb.errors import InvalidRequest, UnisonDBError
+from unisondb.api.parsing import decode_key_segment, put_value, read_body_from
+from unisondb.errors import InvalidRequest
 from unisondb.lifecycle import Shutdown
 from unisondb.metrics import Metrics
 from unisondb.storage.engine import Engine
@@ -45,12 +49,18 @@ class _KeyConvertor(PathConvertor):
 register_url_convertor("key", _KeyConvertor())
 
 
-async def health(request: Request) -> Response:
-    engines: Mapping[str, Engine] = request.app.state.engines
+def health_body(engines: Mapping[str, Engine], archive: Any) -> bytes:
+    """The body of ``GET /health``: the routed app's and the lean path's."""
     body: dict[str, Any] = {"status": "ok", "namespaces": sorted(engines)}
-    if (service := request.app.state.archive) is not None:
-        body["archive"] = service.health()
-    return kv.json_response(body)
+    if archive is not None:
+        body["archive"] = archive.health()
+    return kv.json_bytes(body)
+
+
+async def health(request: Request) -> Response:
+    return Response(
+        health_body(request.app.state.engines, request.app.state.archive), media_type="application/json"
+    )
 
 
 async def metrics_endpoint(request: Request) -> Response:
@@ -91,6 +101,7 @@ class RequestMetrics:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app = app
         self.metrics = metrics
+        self.lean: LeanRoutes | None = None  # set by build_app
         # Bound label children, cached: ``labels()`` is a dict lookup plus locking per call.
         self._counters: dict[tuple[str, str, int], Any] = {}
         self._histograms: dict[str, Any] = {}
@@ -112,32 +123,34 @@ class RequestMetrics:
             await self.app(scope, receive, send_wrapper)
         finally:
             endpoint = scope.get("endpoint")
-            route = getattr(endpoint, "__name__", "unmatched")
-            key = (route, scope["method"], status)
-            counter = self._counters.get(key)
-            if counter is None:
-                counter = self.metrics.http_requests.labels(route, scope["method"], str(status))
-                self._counters[key] = counter
-            counter.inc()
-            hist = self._histograms.get(route)
-            if hist is None:
-                hist = self._histograms[route] = self.metrics.http_latency.labels(route)
-            hist.observe(time.perf_counter() - started)
+            self.record(getattr(endpoint, "__name__", "unmatched"), scope["method"], status, started)
+
+    def record(self, route: str, method: str, status: int, started: float) -> None:
+        """Count one request and time it since ``started`` (``perf_counter``); the lean
+        path (``api/lean.py``) records through this too."""
+        key = (route, method, status)
+        counter = self._counters.get(key)
+        if counter is None:
+            counter = self.metrics.http_requests.labels(route, method, str(status))
+            self._counters[key] = counter
+        counter.inc()
+        hist = self._histograms.get(route)
+        if hist is None:
+            hist = self._histograms[route] = self.metrics.http_latency.labels(route)
+        hist.observe(time.perf_counter() - started)
 
 
 class KvFastPath:
     """``GET`` and ``PUT /api/v1/{ns}/kv/{key}`` without Starlette's router and middleware.
 
     These are the hottest routes, and most of their cost is per-request framework overhead
-    (the LMDB lookup is ~2 % of a GET). This answers only the plain success case: a served
-    namespace, a valid key and, for PUT, a well-formed body within the limit. Anything else
-    is handed to the full app (with the body replayed), so there is still exactly one
-    place that shapes input errors. Errors of the write itself (after the engine took it)
-    are answered here with the shared error envelope, never retried through the slow path.
+    (the LMDB lookup is ~2 % of a GET). This takes only a served namespace and a valid key
+    (anything else is the full app's); the body is read, parsed and refused by the same
+    functions as the full app's (``parsing.read_body_from``, ``parsing.put_value``,
+    ``errors.error_status``), so both answer every case alike. With ``--http-lean on`` the
+    protocol answers most of these before ASGI (``api/lean.py``); this still serves the
+    rest (pipelined requests, chunked bodies, ``Expect``, HTTP/1.0).
     """
-
-    _HEADERS = [(b"content-type", b"application/json")]
-    _PUT_OK = kv.json_bytes({"success": True})
 
     def __init__(self, app: ASGIApp, engines: Mapping[str, Engine], max_body_bytes: int) -> None:
         self.app = app
@@ -166,40 +179,45 @@ class KvFastPath:
                             await self.app(scope, receive, send)
                             return
                         scope["endpoint"] = kv.get_kv  # the same metrics label as the slow path
-                        await self._send(send, 200, body)
+                        await _send(send, 200, body)
                         return
+                    scope["endpoint"] = kv.put_kv
                     await self._put(engine, key, scope, receive, send)
                     return
         await self.app(scope, receive, send)
 
     async def _put(self, engine: Engine, key: bytes, scope: Scope, receive: Receive, send: Send) -> None:
+        declared = None
         for name, raw in scope["headers"]:
-            if name == b"content-length" and (not raw.isdigit() or int(raw) > self.max_body_bytes):
-                # Refused on the header alone, before a byte of the body is read.
-                await self.app(scope, receive, send)
-                return
-        body, complete = await _read_body(receive, self.max_body_bytes)
-        value = _fast_value(body) if complete else None
-        if value is None:
-            await self.app(scope, _replay(body, complete, receive), send)
-            return
-        scope["endpoint"] = kv.put_kv
+            if name == b"content-length":  # the first one, as Starlette's headers.get
+                declared = raw.decode("latin-1")
+                break
         try:
+            value = put_value(await read_body_from(receive, declared, self.max_body_bytes))
             await asyncio.wrap_future(engine.submit([Entry(EntryKind.PUT, key, value)]))
-        except UnisonDBError as exc:
-            await self._send(send, exc.http_status, kv.json_bytes({"error": exc.message}))
+        except ClientDisconnect:
+            status, message = disconnect_status(bool(scope.get(TIMED_OUT_SCOPE_KEY)), "PUT", scope["path"])
+        except Exception as exc:
+            status, message = error_status(exc, scope["path"])
+        else:
+            await _send(send, 200, _SUCCESS)
             return
-        await self._send(send, 200, self._PUT_OK)
+        await _send(send, status, error_body(message))
 
-    async def _send(self, send: Send, status: int, body: bytes) -> None:
-        await send(
-            {
-                "type": "http.response.start",
-                "status": status,
-                "headers": [*self._HEADERS, (b"content-length", b"%d" % len(body))],
-            }
-        )
-        await send({"type": "http.response.body", "body": body})
+
+_SUCCESS = kv.json_bytes({"success": True})
+
+
+async def _send(send: Send, status: int, body: bytes) -> None:
+    """A JSON response with the full app's headers, in its order (Starlette's ``Response``)."""
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-length", b"%d" % len(body)), (b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})
 
 
 def _fast_key(segment: bytes) -> bytes:
@@ -207,46 +225,6 @@ def _fast_key(segment: bytes) -> bytes:
         return decode_key_segment(segment)
     except InvalidRequest:
         return b""  # the full app answers with the precise error
-
-
-def _fast_value(body: bytes) -> bytes | None:
-    """The decoded value of a well-formed ``{"value": "<base64>"}`` body, else None."""
-    try:
-        obj = orjson.loads(body)
-        return base64.b64decode(obj["value"], validate=True)
-    except (orjson.JSONDecodeError, TypeError, KeyError, ValueError, binascii.Error):
-        return None
-
-
-async def _read_body(receive: Receive, limit: int) -> tuple[bytes, bool]:
-    """Read up to ``limit`` bytes; (body so far, True if that is the whole body)."""
-    chunks: list[bytes] = []
-    size = 0
-    while True:
-        message = await receive()
-        if message["type"] != "http.request":
-            return b"".join(chunks), False
-        chunk = message.get("body", b"")
-        chunks.append(chunk)
-        size += len(chunk)
-        if not message.get("more_body", False):
-            return b"".join(chunks), size <= limit
-        if size > limit:
-            return b"".join(chunks), False
-
-
-def _replay(body: bytes, complete: bool, receive: Receive) -> Receive:
-    """A ``receive`` that first returns what was already read, then continues the stream."""
-    sent = False
-
-    async def replay() -> Message:
-        nonlocal sent
-        if not sent:
-            sent = True
-            return {"type": "http.request", "body": body, "more_body": not complete}
-        return await receive()
-
-    return replay
 
 
 def build_app(
@@ -260,11 +238,12 @@ def build_app(
     client_certs: bool = False,
     archive: Any = None,
     shutdown: Shutdown | None = None,
-) -> ASGIApp:
+) -> RequestMetrics:
     """The ASGI app: metrics around (auth around (fast path, else the routed app)).
 
     Auth sits in front of the fast path so both answer every token case identically; with
-    no token file it is not in the chain at all.
+    no token file it is not in the chain at all. ``.lean`` is the lean path over the same
+    engines, guard and metrics, for the protocol (``--http-lean on``).
     """
     app = Starlette(routes=routes(), exception_handlers=dict(EXCEPTION_HANDLERS))
     # No 307 "add/remove a trailing slash" redirects: an API client gets a JSON 404.
@@ -280,6 +259,15 @@ def build_app(
         max_body_bytes, namespaces=list(engines), auth=tokens is not None, metrics_open=metrics_open
     )
     inner: ASGIApp = KvFastPath(app, engines, max_body_bytes)
+    auth = None
     if tokens is not None or client_certs:  # client_certs: the protocol sets the scope key
-        inner = BearerAuth(inner, tokens, metrics_open=metrics_open, client_certs=client_certs)
-    return RequestMetrics(inner, metrics)
+        inner = auth = BearerAuth(inner, tokens, metrics_open=metrics_open, client_certs=client_certs)
+    outer = RequestMetrics(inner, metrics)
+    outer.lean = LeanRoutes(
+        engines,
+        outer.record,
+        max_body_bytes,
+        auth.check if auth is not None else None,
+        lambda: health_body(engines, archive),
+    )
+    return outer

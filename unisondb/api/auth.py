@@ -40,9 +40,9 @@ from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
 
-import orjson
 from starlette.types import ASGIApp, Receive, Scope, Send
 
+from unisondb.api.errors import error_body
 from unisondb.errors import InvalidRequest
 
 
@@ -160,7 +160,7 @@ def required_role(method: str, raw_path: bytes, metrics_open: bool) -> Role | No
 
 
 def _refusal(status: int, message: str, challenge: str) -> tuple[int, bytes, list[tuple[bytes, bytes]]]:
-    body = orjson.dumps({"error": message}) + b"\n"
+    body = error_body(message)
     return (
         status,
         body,

@@ -14,26 +14,42 @@ from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 from starlette.routing import Match
 
-from unisondb.api.protocol import TIMED_OUT_SCOPE_KEY
 from unisondb.errors import UnisonDBError
 
 log = structlog.get_logger(__name__)
 
+#: Set to True in a request's ASGI scope when the server timed its body out
+#: (``api/protocol.py``), so the request is counted as 408, not as a disconnect.
+TIMED_OUT_SCOPE_KEY = "unisondb.timed_out"
+
+
+def error_body(message: str) -> bytes:
+    """The body of every error response: ``{"error": "<message>"}`` and a newline."""
+    return orjson.dumps({"error": message}) + b"\n"
+
 
 def error_response(status: int, message: str, headers: dict[str, str] | None = None) -> Response:
-    return Response(
-        orjson.dumps({"error": message}) + b"\n",
-        status_code=status,
-        media_type="application/json",
-        headers=headers,
-    )
+    return Response(error_body(message), status_code=status, media_type="application/json", headers=headers)
+
+
+def error_status(exc: BaseException, path: str) -> tuple[int, str]:
+    """(status, message) of an exception a handler raised, logged as it deserves.
+
+    The one mapping for the routed app, the ASGI fast path and the lean path
+    (``api/lean.py``): a UnisonDB error says its own status (5xx are logged), anything
+    else is a bug (logged with its traceback, 500).
+    """
+    if isinstance(exc, UnisonDBError):
+        if exc.http_status >= 500:
+            log.error("request.failed", path=path, error=str(exc))
+        return exc.http_status, exc.message
+    log.exception("request.bug", path=path, error=repr(exc), exc_info=exc)
+    return 500, f"internal error: {type(exc).__name__}"
 
 
 async def handle_unisondb_error(request: Request, exc: Exception) -> Response:
     assert isinstance(exc, UnisonDBError)
-    if exc.http_status >= 500:
-        log.error("request.failed", path=request.url.path, error=str(exc))
-    return error_response(exc.http_status, exc.message)
+    return error_response(*error_status(exc, request.url.path))
 
 
 async def handle_http_exception(request: Request, exc: Exception) -> Response:
@@ -70,16 +86,21 @@ async def handle_client_disconnect(request: Request, exc: Exception) -> Response
     Counted as 499 (nginx's "client closed request") or 408 in the request metrics; the
     response goes nowhere, the connection is gone.
     """
-    if request.scope.get(TIMED_OUT_SCOPE_KEY):
-        log.info("request.body_timeout", method=request.method, path=request.url.path)
-        return error_response(408, "request body not received in time")
-    log.info("request.client_disconnected", method=request.method, path=request.url.path)
-    return error_response(499, "client closed the connection before the request was read")
+    timed_out = bool(request.scope.get(TIMED_OUT_SCOPE_KEY))
+    return error_response(*disconnect_status(timed_out, request.method, request.url.path))
+
+
+def disconnect_status(timed_out: bool, method: str, path: str) -> tuple[int, str]:
+    """(status, message) of a request whose body never arrived, logged; every path's."""
+    if timed_out:
+        log.info("request.body_timeout", method=method, path=path)
+        return 408, "request body not received in time"
+    log.info("request.client_disconnected", method=method, path=path)
+    return 499, "client closed the connection before the request was read"
 
 
 async def handle_unexpected(request: Request, exc: Exception) -> Response:
-    log.exception("request.bug", path=request.url.path, error=repr(exc))
-    return error_response(500, f"internal error: {type(exc).__name__}")
+    return error_response(*error_status(exc, request.url.path))
 
 
 EXCEPTION_HANDLERS = {

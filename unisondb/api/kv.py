@@ -18,6 +18,8 @@ from unisondb.api.parsing import (
     encode_b64,
     key_from_path,
     key_from_text,
+    put_value,
+    read_body,
     read_json_object,
 )
 from unisondb.errors import InvalidRequest, NotFound
@@ -53,10 +55,7 @@ async def _write(engine: Engine, entries: list[Entry]) -> int:
 async def put_kv(request: Request) -> Response:
     engine = engine_for(request)
     key = key_from_path(request, _KEY_PREFIX)
-    body = await read_json_object(request)
-    if "value" not in body:
-        raise InvalidRequest("invalid request body: missing field 'value' (base64 string)")
-    value = decode_b64(body["value"])
+    value = put_value(await read_body(request))
     await _write(engine, [Entry(EntryKind.PUT, key, value)])
     return json_response({"success": True})
 

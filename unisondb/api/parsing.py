@@ -12,7 +12,8 @@ from typing import Any
 from urllib.parse import unquote_to_bytes
 
 import orjson
-from starlette.requests import Request
+from starlette.requests import ClientDisconnect, Request
+from starlette.types import Receive
 
 from unisondb.errors import InvalidRequest, NotFound, PayloadTooLarge
 from unisondb.storage.record import MAX_KEY
@@ -28,17 +29,31 @@ KEY_FORMAT_RULE = f"at most {MAX_KEY} bytes once UTF-8 encoded"
 async def read_body(request: Request) -> bytes:
     """The whole body, refusing (413) anything over the server's ``max_body_bytes``."""
     limit: int = request.app.state.max_body_bytes
-    declared = request.headers.get("content-length")
+    return await read_body_from(request.receive, request.headers.get("content-length"), limit)
+
+
+async def read_body_from(receive: Receive, declared: str | None, limit: int) -> bytes:
+    """The one body reader (routed app and ASGI fast path): all of it, at most ``limit`` bytes.
+
+    ``declared`` is the Content-Length header: over the limit is refused before a byte of
+    the body is read. A client that hangs up (or whose body the server timed out) raises
+    ``ClientDisconnect``, as Starlette's own ``Request.stream()`` does.
+    """
     if declared is not None and declared.isdigit() and int(declared) > limit:
         raise PayloadTooLarge(f"request body too large: {declared} bytes, limit is {limit} bytes")
     chunks = []
     size = 0
-    async for chunk in request.stream():
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            raise ClientDisconnect()
+        chunk = message.get("body", b"")
         size += len(chunk)
         if size > limit:
             raise PayloadTooLarge(f"request body too large: limit is {limit} bytes")
         chunks.append(chunk)
-    return b"".join(chunks)
+        if not message.get("more_body", False):
+            return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 async def read_json_object(request: Request) -> dict[str, Any]:
@@ -47,16 +62,27 @@ async def read_json_object(request: Request) -> dict[str, Any]:
     The Backup and Restore document's scripts often send ``curl -d`` without a JSON
     Content-Type, so the header is deliberately not checked.
     """
-    body = await read_body(request)
-    if not body.strip():
-        raise InvalidRequest("invalid request body: empty body, expected a JSON object")
+    return parse_json_object(await read_body(request))
+
+
+def parse_json_object(body: bytes) -> dict[str, Any]:
     try:
         obj = orjson.loads(body)
     except orjson.JSONDecodeError as exc:
+        if not body or body.isspace():  # checked only on failure: no copy on the hot path
+            raise InvalidRequest("invalid request body: empty body, expected a JSON object") from None
         raise InvalidRequest(f"invalid request body: malformed JSON: {exc}") from None
     if not isinstance(obj, dict):
         raise InvalidRequest(f"invalid request body: expected a JSON object, got {type(obj).__name__}")
     return obj
+
+
+def put_value(body: bytes) -> bytes:
+    """The value of a PUT body ``{"value": "<base64>"}``: the one parser of every path."""
+    obj = parse_json_object(body)
+    if "value" not in obj:
+        raise InvalidRequest("invalid request body: missing field 'value' (base64 string)")
+    return decode_b64(obj["value"])
 
 
 def decode_b64(value: Any, what: str = "value") -> bytes:

@@ -35,17 +35,18 @@ A body deadline that fires while the app is reading marks the scope
 from __future__ import annotations
 
 import asyncio
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import orjson
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
+from unisondb.api.errors import TIMED_OUT_SCOPE_KEY, error_body
 from unisondb.config import HttpLimits
+
+if TYPE_CHECKING:
+    from unisondb.api.lean import LeanCycle, LeanRoutes
 
 #: Seconds a refused connection is drained before it is closed.
 _LINGER = 1.0
-#: Set to True in a request's ASGI scope when the server timed its body out.
-TIMED_OUT_SCOPE_KEY = "unisondb.timed_out"
 _REASONS = {
     408: "Request Timeout",
     414: "URI Too Long",
@@ -61,7 +62,7 @@ class _Refused(Exception):
 
 def error_bytes(status: int, message: str, extra: tuple[tuple[str, str], ...] = ()) -> bytes:
     """A complete HTTP/1.1 error response in the API's envelope, closing the connection."""
-    body = orjson.dumps({"error": message}) + b"\n"
+    body = error_body(message)
     head = [
         f"HTTP/1.1 {status} {_REASONS.get(status, '')}".rstrip(),
         "content-type: application/json",
@@ -72,18 +73,23 @@ def error_bytes(status: int, message: str, extra: tuple[tuple[str, str], ...] = 
     return ("\r\n".join(head) + "\r\n\r\n").encode("ascii") + body
 
 
-def limited_protocol(limits: HttpLimits) -> type[asyncio.Protocol]:
-    """The protocol class for ``uvicorn.Config(http=...)``, bound to ``limits``."""
+def limited_protocol(limits: HttpLimits, lean: LeanRoutes | None = None) -> type[asyncio.Protocol]:
+    """The protocol class for ``uvicorn.Config(http=...)``, bound to ``limits``; with
+    ``lean``, the hot routes are answered by ``api/lean.py`` without the ASGI app."""
 
     class LimitedHttpToolsProtocol(_LimitedProtocol):
         pass
 
     LimitedHttpToolsProtocol.limits = limits
+    LimitedHttpToolsProtocol.lean_routes = lean
     return LimitedHttpToolsProtocol
 
 
 class _LimitedProtocol(HttpToolsProtocol):
     limits: HttpLimits
+    lean_routes: LeanRoutes | None = None
+    #: uvicorn's ``RequestResponseCycle``, or this connection's ``LeanCycle`` standing in for it.
+    cycle: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
@@ -97,6 +103,11 @@ class _LimitedProtocol(HttpToolsProtocol):
         self._drained = 0
         self._deadline: asyncio.TimerHandle | None = None  # head or body deadline
         self._write_deadline: asyncio.TimerHandle | None = None
+        self._lean: LeanCycle | None = None
+        if self.lean_routes is not None:
+            from unisondb.api.lean import LeanCycle
+
+            self._lean = LeanCycle(self.lean_routes, self)
 
     # --- connection ---------------------------------------------------------------------
 
@@ -117,6 +128,8 @@ class _LimitedProtocol(HttpToolsProtocol):
         )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._lean is not None and self.cycle is self._lean:
+            self._lean.on_connection_lost()
         self._cancel_deadline()
         if self._write_deadline is not None:
             self._write_deadline.cancel()
@@ -168,6 +181,10 @@ class _LimitedProtocol(HttpToolsProtocol):
         self._head_bytes = 0
         self._header_count = 0
         self._cancel_deadline()
+        if self._lean is not None and self._lean.start():
+            if self._lean.reading_body():
+                self._arm(self.limits.body_timeout, self._body_timed_out)
+            return
         queued = len(self.pipeline)
         super().on_headers_complete()
         # A pipelined request waits (reading paused) until the one before it is answered;
@@ -175,10 +192,22 @@ class _LimitedProtocol(HttpToolsProtocol):
         if len(self.pipeline) == queued and self.cycle is not None:
             self._arm(self.limits.body_timeout, self._body_timed_out)
 
+    def on_body(self, body: bytes) -> None:
+        if self._lean is not None and self.cycle is self._lean:
+            if self._lean.reading:
+                self._lean.on_body(body)
+        else:
+            super().on_body(body)
+
     def on_message_complete(self) -> None:
-        super().on_message_complete()
+        lean = self._lean is not None and self.cycle is self._lean and self._lean.reading
+        if not lean:
+            super().on_message_complete()
         self._in_head = True
         self._cancel_deadline()
+        if lean:
+            assert self._lean is not None
+            self._lean.on_message_complete()
 
     def on_response_complete(self) -> None:
         had_queued = bool(self.pipeline)
@@ -224,10 +253,17 @@ class _LimitedProtocol(HttpToolsProtocol):
     def _body_timed_out(self) -> None:
         self._deadline = None
         cycle = self.cycle
+        if self._lean is not None and cycle is self._lean:
+            if not self._lean.reading:
+                self.transport.close()
+                return
+            self._lean.on_body_timeout()
+            self._refuse(408, f"request body not received within {self.limits.body_timeout:g} s")
+            return
         if cycle is None or cycle.response_started:
             self.transport.close()  # already answering: nothing more to say on this connection
             return
-        cycle.scope[TIMED_OUT_SCOPE_KEY] = True  # type: ignore[literal-required]
+        cycle.scope[TIMED_OUT_SCOPE_KEY] = True
         # The app, waiting for more body, sees a disconnect and answers nobody.
         cycle.disconnected = True
         cycle.message_event.set()

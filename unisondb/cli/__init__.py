@@ -165,6 +165,12 @@ from unisondb.errors import UnisonDBError
     help="Connections served at once; beyond it 503 with Retry-After. Default: 1024",
 )
 @click.option(
+    "--http-lean",
+    type=click.Choice(["on", "off"]),
+    default=None,
+    help="Answer GET/PUT/DELETE of a key and /health in the HTTP protocol (docs/OPERATIONS.md). Default: on",
+)
+@click.option(
     "--auth-token-file",
     type=click.Path(path_type=Path, dir_okay=False),
     default=None,
