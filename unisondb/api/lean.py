@@ -59,7 +59,7 @@ _HEALTH_PATHS = frozenset({b"/health", b"/healthz"})
 _SUCCESS = kv.json_bytes({"success": True})
 #: What follows the date in every response head, in the full app's order (Starlette's
 #: ``Response`` puts content-length before content-type).
-_HEAD_TAIL = b"content-length: %d\r\ncontent-type: application/json\r\n%s\r\n"
+_RESPONSE = b"%s%scontent-length: %d\r\ncontent-type: application/json\r\n%s\r\n%s"
 _CLOSE = b"connection: close\r\n"
 
 #: (route label, method, status, perf_counter at the start) → counted and timed.
@@ -153,13 +153,14 @@ class LeanRoutes:
                 return None
         return kind, engine, key
 
-    def head(self, host: Host, status: int, length: int, close: bool) -> bytes:
-        """Status line, uvicorn's default headers (the date), content-length, content-type."""
+    def response(self, host: Host, status: int, body: bytes, close: bool) -> bytes:
+        """Status line, uvicorn's default headers (the date), content-length, content-type,
+        body: the whole response as one ``bytes``, built in one allocation."""
         defaults = host.server_state.default_headers
         if defaults is not self._date_of:  # uvicorn replaces the list once a second
             self._date = b"".join(b"%s: %s\r\n" % (name, value) for name, value in defaults)
             self._date_of = defaults
-        return STATUS_LINE[status] + self._date + _HEAD_TAIL % (length, _CLOSE if close else b"")
+        return _RESPONSE % (STATUS_LINE[status], self._date, len(body), _CLOSE if close else b"", body)
 
 
 class _NoEvent:
@@ -308,7 +309,7 @@ class LeanCycle:
         transport = host.transport
         if not transport.is_closing():
             close = not self.keep_alive  # a graceful shutdown began while the write was out
-            transport.write(self.routes.head(host, status, len(body), close) + body)
+            transport.write(self.routes.response(host, status, body, close))
             if close:
                 transport.close()
         route, method = _LABELS[self.kind]

@@ -128,10 +128,11 @@ def key_from_path(request: Request, prefix_segments: int) -> bytes:
 def decode_key_segment(segment: bytes) -> bytes:
     """A percent-encoded path segment → the key bytes (valid UTF-8, 1..MAX_KEY bytes)."""
     key = unquote_to_bytes(segment)
-    try:
-        key.decode("utf-8")
-    except UnicodeDecodeError:
-        raise InvalidRequest("key must be valid UTF-8 after percent-decoding") from None
+    if not key.isascii():  # ASCII is UTF-8: the common case needs no decoding
+        try:
+            key.decode("utf-8")
+        except UnicodeDecodeError:
+            raise InvalidRequest("key must be valid UTF-8 after percent-decoding") from None
     _check_key_bytes(key, "key")
     return key
 

@@ -147,6 +147,16 @@ class _LimitedProtocol(HttpToolsProtocol):
                 self.transport.abort()
             return
         limit = self.limits.max_header_bytes
+        if not self._in_head:
+            super().data_received(data)  # body bytes (see below)
+            return
+        if self._head_bytes + len(data) <= limit:
+            # The common case, a whole head (and maybe its body) in one read: no copy.
+            if self._deadline is None:
+                self._arm(self.limits.header_timeout, self._head_timed_out)
+            self._head_bytes += len(data)
+            super().data_received(data)
+            return
         view = memoryview(data)
         while view and not self._refusing:
             if not self._in_head:
