@@ -113,6 +113,7 @@ def main() -> int:
                 names = list(table)
                 for name in names[run % len(names) :] + names[: run % len(names)]:
                     target = table[name]
+                    rows.setdefault(name, {})
                     cpu0 = cpu_seconds(target.pid) if isinstance(target, Uni) else 0.0
                     load = fn(target, args.seconds, args.conns)
                     if isinstance(target, Uni):
@@ -120,7 +121,6 @@ def main() -> int:
                         rows[name].setdefault(f"{what}.cpu_us", []).append(
                             used / max(1.0, load.rps * args.seconds) * 1e6
                         )
-                    rows.setdefault(name, {})
                     for stat in ("rps", "p50", "p99"):
                         rows.setdefault(name, {}).setdefault(f"{what}.{stat}", []).append(getattr(load, stat))
                     print(f"  {what} {name}: {load.rps:,.0f}/s p99 {load.p99:.2f} ms", flush=True)

@@ -151,11 +151,13 @@ class _LimitedProtocol(HttpToolsProtocol):
             super().data_received(data)  # body bytes (see below)
             return
         if self._head_bytes + len(data) <= limit:
-            # The common case, a whole head (and maybe its body) in one read: no copy.
-            if self._deadline is None:
-                self._arm(self.limits.header_timeout, self._head_timed_out)
+            # The common case, a whole head (and maybe its body) in one read: no copy, and
+            # no head deadline unless the head is still incomplete after this read (armed
+            # now or at its first byte makes no difference: no time passed in between).
             self._head_bytes += len(data)
             super().data_received(data)
+            if self._in_head and self._deadline is None and not self._refusing and self._head_bytes:
+                self._arm(self.limits.header_timeout, self._head_timed_out)
             return
         view = memoryview(data)
         while view and not self._refusing:
