@@ -125,37 +125,43 @@ class Checkpoint:
 
 
 class _ReadWriteLock:
-    """Readers share; the map-resize path excludes them (LMDB requires no live txns)."""
+    """Readers share; the map-resize path excludes them (LMDB requires no live txns).
+
+    Every GET takes the read side, so it is built for that: ``read()`` hands out one reused
+    guard object whose ``__enter__``/``__exit__`` take the plain (C) lock once each, and
+    the condition is only waited on or notified when a resize is pending. A
+    ``@contextmanager`` generator and two ``Condition`` blocks per read cost more than the
+    LMDB lookup itself (bench/bench_btree_read.py)."""
 
     def __init__(self) -> None:
-        self._cond = threading.Condition()
+        self._lock = threading.Lock()
+        self._cond = threading.Condition(self._lock)
         self._readers = 0
         self._writer = False
+        self._idle_waiters = 0
+        self._guard = _ReadGuard(self)
 
-    @contextmanager
-    def read(self) -> Iterator[None]:
-        with self._cond:
-            while self._writer:
-                self._cond.wait()
-            self._readers += 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._readers -= 1
-                if self._readers == 0:
-                    self._cond.notify_all()
+    def read(self) -> _ReadGuard:
+        return self._guard
 
     def wait_idle(self, timeout: float) -> bool:
         """Wait up to ``timeout`` seconds until no reader is left; True if none is."""
         with self._cond:
-            return self._cond.wait_for(lambda: self._readers == 0, max(timeout, 0.0))
+            self._idle_waiters += 1
+            try:
+                return self._cond.wait_for(lambda: self._readers == 0, max(timeout, 0.0))
+            finally:
+                self._idle_waiters -= 1
 
     @contextmanager
     def write(self) -> Iterator[None]:
         with self._cond:
-            while self._writer or self._readers:
-                self._cond.wait()
+            self._idle_waiters += 1  # the last reader out notifies
+            try:
+                while self._writer or self._readers:
+                    self._cond.wait()
+            finally:
+                self._idle_waiters -= 1
             self._writer = True
         try:
             yield
@@ -163,6 +169,29 @@ class _ReadWriteLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+class _ReadGuard:
+    """``with lock.read():`` — stateless, so one instance serves every thread."""
+
+    __slots__ = ("_rw",)
+
+    def __init__(self, rw: _ReadWriteLock) -> None:
+        self._rw = rw
+
+    def __enter__(self) -> None:
+        rw = self._rw
+        with rw._lock:
+            while rw._writer:
+                rw._cond.wait()
+            rw._readers += 1
+
+    def __exit__(self, *exc: object) -> None:
+        rw = self._rw
+        with rw._lock:
+            rw._readers -= 1
+            if rw._readers == 0 and rw._idle_waiters:
+                rw._cond.notify_all()
 
 
 class BTree:
