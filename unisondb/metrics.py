@@ -10,7 +10,9 @@ Names follow ``unisondb_<subsystem>_<what>_<unit>``.
 
 from __future__ import annotations
 
+import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -21,8 +23,9 @@ from prometheus_client import (
     Histogram,
     disable_created_metrics,
 )
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
+from prometheus_client.utils import floatToGoString
 
 if TYPE_CHECKING:
     from unisondb.storage.engine import Engine
@@ -39,19 +42,9 @@ class Metrics:
         disable_created_metrics()  # type: ignore[no-untyped-call]
         self.registry = registry or CollectorRegistry()
         r = self.registry
-        self.http_requests = Counter(
-            "unisondb_http_requests_total",
-            "HTTP requests by route, method and status",
-            ["route", "method", "status"],
-            registry=r,
-        )
-        self.http_latency = Histogram(
-            "unisondb_http_request_duration_seconds",
-            "HTTP request latency by route",
-            ["route"],
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+        #: ``unisondb_http_requests_total`` and ``unisondb_http_request_duration_seconds``.
+        self.requests = RequestStats(LATENCY_BUCKETS)
+        r.register(self.requests)
         labels = ["namespace", "kind"]
         self.backup_success = Counter(
             "unisondb_backup_success_total", "Successful backups", labels, registry=r
@@ -262,6 +255,57 @@ class ArchiveCollector(Collector):
             secs.add_metric([namespace], lag_seconds)
             up.add_metric([namespace], ok)
         yield from (lsns, secs, up)
+
+
+class RequestStats(Collector):
+    """Requests by (route, method, status) and their latency by route, counted in plain
+    lists under one lock and turned into Prometheus families at scrape time.
+
+    Every request records here, so it is built for that: one C lock, a dict lookup and a
+    ``bisect`` per request, where a prometheus_client ``Counter`` plus ``Histogram`` took
+    three locked increments and a Python loop over the buckets (bench/bench_read_path.py
+    measures both). The exposition is the same as those metrics'."""
+
+    def __init__(self, bounds: tuple[float, ...]) -> None:
+        self._bounds = bounds
+        self._lock = threading.Lock()
+        self._counts: dict[tuple[str, str, int], int] = {}
+        #: route → per-bucket counts (not cumulative; index len(bounds) is +Inf), then the sum.
+        self._latency: dict[str, list[float]] = {}
+
+    def record(self, route: str, method: str, status: int, seconds: float) -> None:
+        key = (route, method, status)
+        with self._lock:
+            counts = self._counts
+            counts[key] = counts.get(key, 0) + 1
+            row = self._latency.get(route)
+            if row is None:
+                row = self._latency[route] = [0.0] * (len(self._bounds) + 2)
+            row[bisect_left(self._bounds, seconds)] += 1
+            row[-1] += seconds
+
+    def collect(self) -> Iterator[Metric]:
+        with self._lock:
+            counts = list(self._counts.items())
+            latency = [(route, list(row)) for route, row in self._latency.items()]
+        total = CounterMetricFamily(
+            "unisondb_http_requests",
+            "HTTP requests by route, method and status",
+            labels=["route", "method", "status"],
+        )
+        for (route, method, status), n in counts:
+            total.add_metric([route, method, str(status)], n)
+        hist = HistogramMetricFamily(
+            "unisondb_http_request_duration_seconds", "HTTP request latency by route", labels=["route"]
+        )
+        for route, row in latency:
+            buckets: list[tuple[str, float]] = []
+            seen = 0.0
+            for bound, in_bucket in zip((*map(floatToGoString, self._bounds), "+Inf"), row[:-1], strict=True):
+                seen += in_bucket
+                buckets.append((bound, seen))
+            hist.add_metric([route], buckets, row[-1])
+        yield from (total, hist)
 
 
 class EngineCollector(Collector):

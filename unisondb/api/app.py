@@ -102,9 +102,6 @@ class RequestMetrics:
         self.app = app
         self.metrics = metrics
         self.lean: LeanRoutes | None = None  # set by build_app
-        # Bound label children, cached: ``labels()`` is a dict lookup plus locking per call.
-        self._counters: dict[tuple[str, str, int], Any] = {}
-        self._histograms: dict[str, Any] = {}
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,16 +125,7 @@ class RequestMetrics:
     def record(self, route: str, method: str, status: int, started: float) -> None:
         """Count one request and time it since ``started`` (``perf_counter``); the lean
         path (``api/lean.py``) records through this too."""
-        key = (route, method, status)
-        counter = self._counters.get(key)
-        if counter is None:
-            counter = self.metrics.http_requests.labels(route, method, str(status))
-            self._counters[key] = counter
-        counter.inc()
-        hist = self._histograms.get(route)
-        if hist is None:
-            hist = self._histograms[route] = self.metrics.http_latency.labels(route)
-        hist.observe(time.perf_counter() - started)
+        self.metrics.requests.record(route, method, status, time.perf_counter() - started)
 
 
 class KvFastPath:

@@ -131,7 +131,7 @@ class _ReadWriteLock:
     guard object whose ``__enter__``/``__exit__`` take the plain (C) lock once each, and
     the condition is only waited on or notified when a resize is pending. A
     ``@contextmanager`` generator and two ``Condition`` blocks per read cost more than the
-    LMDB lookup itself (bench/bench_btree_read.py)."""
+    LMDB lookup itself (bench/bench_read_path.py)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()

@@ -1,14 +1,18 @@
 #!/usr/bin/env python3
-"""The per-GET cost of the B-tree's read side, A/B in one process.
+"""Two per-GET costs of the read path, each A/B in one process.
 
-    .venv/bin/python bench/bench_btree_read.py [--keys 100000] [--gets 200000] [--runs 5]
+    .venv/bin/python bench/bench_read_path.py [--keys 100000] [--gets 200000] [--runs 5]
 
+1. The B-tree's read lock.
 A = the read lock as it was before (a ``@contextmanager`` generator taking a
 ``threading.Condition`` on entry and on exit, copied verbatim below); B = the lock in
 ``unisondb/storage/btree.py`` today. Both wrap the same LMDB lookup on the same
 environment (``env.begin(buffers=False)`` + ``txn.get``), and a bare lookup without any
 lock is the floor. Runs alternate A/B/bare order run by run; medians of ``--runs``.
 Prints ns per GET, the ratios, and the 1-minute load average.
+
+2. Recording one request in /metrics. A = prometheus_client's ``Counter`` + ``Histogram``
+(label children cached, as ``api/app.py`` did before); B = ``metrics.RequestStats``.
 """
 
 from __future__ import annotations
@@ -28,7 +32,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import lmdb
+from prometheus_client import CollectorRegistry, Counter, Histogram
 
+from unisondb.metrics import LATENCY_BUCKETS, RequestStats
 from unisondb.storage.btree import _ReadWriteLock
 
 
@@ -73,6 +79,39 @@ def _bench(
     return (time.perf_counter_ns() - started) / len(keys)
 
 
+def _bench_metrics(n: int, record: Callable[[float], None]) -> float:
+    started = time.perf_counter_ns()
+    for i in range(n):
+        record((i % 97) * 1e-5)
+    return (time.perf_counter_ns() - started) / n
+
+
+def metrics_ab(n: int, runs: int) -> None:
+    r = CollectorRegistry()
+    counter = Counter("c", "c", ["route", "method", "status"], registry=r).labels("kv_get", "GET", "200")
+    hist = Histogram("h", "h", ["route"], buckets=LATENCY_BUCKETS, registry=r).labels("kv_get")
+
+    def old(seconds: float) -> None:
+        counter.inc()
+        hist.observe(seconds)
+
+    stats = RequestStats(LATENCY_BUCKETS)
+
+    def new(seconds: float) -> None:
+        stats.record("kv_get", "GET", 200, seconds)
+
+    res: dict[str, list[float]] = {"A prometheus_client": [], "B RequestStats": []}
+    for run in range(runs):
+        pairs = [("A prometheus_client", old), ("B RequestStats", new)]
+        for name, fn in pairs if run % 2 == 0 else pairs[::-1]:
+            res[name].append(_bench_metrics(n, fn))
+    med = {k: statistics.median(v) for k, v in res.items()}
+    print(f"record one request, load (1 min) {os.getloadavg()[0]:.2f}, medians of {runs}")
+    for name, v in res.items():
+        print(f"  {name:20s} {med[name]:8.0f} ns   runs: {' '.join(f'{x:.0f}' for x in v)}")
+    print(f"  new/old {med['B RequestStats'] / med['A prometheus_client']:.2f}x")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--keys", type=int, default=100_000)
@@ -112,6 +151,7 @@ def main() -> None:
         f"  lock cost: old {med['A old lock'] - bare:.0f} ns, new {med['B new lock'] - bare:.0f} ns; "
         f"GET new/old {med['B new lock'] / med['A old lock']:.2f}x"
     )
+    metrics_ab(args.gets, args.runs)
 
 
 if __name__ == "__main__":
