@@ -1,6 +1,7 @@
 """Every Prometheus metric UnisonDB exports, bound to one injected ``CollectorRegistry``.
 
-Hot-path counters (requests, backups) are ordinary prometheus_client metrics. Engine
+Backup counters are ordinary prometheus_client metrics; per-request counts and latencies
+are ``RequestStats`` (plain lists, exposed at scrape time: every request records there). Engine
 state (WAL bytes, fsyncs, rotations, segment ids, recovery) is read at scrape time by
 ``EngineCollector`` from counters the engine keeps anyway, so the write path pays
 nothing for it.
