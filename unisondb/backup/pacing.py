@@ -8,8 +8,8 @@ Two brakes, both on the backup's own thread (a PUT never waits for them):
   ``CONGESTED_RATIO`` x the usual latency (and above ``CONGESTED_FLOOR``), the backup
   sleeps ``factor`` x the time it just spent working, the factor doubling while the WAL
   stays slow and halving once it is fast again (so the backup yields the disk queue to the
-  WAL's fsyncs). "Usual" is a floor that follows the lowest recent latency: it drops at
-  once to a faster fsync and creeps up by ``BASE_CREEP`` of the difference per slower one.
+  WAL's fsyncs). "Usual" is the lowest WAL fsync latency of the last minute
+  (``BASE_BUCKETS`` x ``BASE_BUCKET``).
 * **hard cap** — ``--backup-rate-limit`` bytes/s for all backups of the server together
   (``unisondb/ratelimit.py``'s token bucket; 0 = none): for operators who want a bound
   whatever the WAL does.
@@ -55,8 +55,11 @@ CONGESTED_RATIO = 3.0
 CONGESTED_FLOOR = 0.002
 #: A WAL whose last fsync ended longer ago than this is idle: nothing to protect.
 IDLE_AFTER = 0.5
-#: Share of the difference by which the usual latency follows a slower fsync.
-BASE_CREEP = 0.02
+#: The usual latency is the lowest fsync latency seen in the last BASE_BUCKETS x
+#: BASE_BUCKET seconds (a slow disk is not congestion; the pauses of a paced backup let
+#: fast fsyncs through, which keep the floor honest under a long backup).
+BASE_BUCKET = 10.0
+BASE_BUCKETS = 6
 #: First factor when the WAL turns slow (sleep / work); doubles while it stays slow.
 START_FACTOR = 0.25
 #: CPU niceness of a backup thread (the event loop and the WAL writer keep 0).
@@ -92,7 +95,8 @@ class Pacer:
         self._sleep = sleep
         self._bucket = TokenBucket(rate_limit, clock=clock, sleep=sleep) if rate_limit > 0 else None
         self._lock = threading.Lock()
-        self._base: float | None = None
+        #: (start, lowest fsync seconds) per ``BASE_BUCKET`` seconds, the last ``BASE_BUCKETS``.
+        self._minima: list[tuple[float, float]] = []
         self._seen: dict[int, float] = {}
 
     def session(self, namespace: str, kind: str) -> Pacing:
@@ -105,17 +109,21 @@ class Pacer:
             for i, (ended, seconds) in enumerate(self._wal_latency()):
                 if ended <= 0.0:
                     continue
-                if self._seen.get(i) != ended:  # a new sample: follow the usual latency
+                if self._seen.get(i) != ended:  # a new sample: the usual latency
                     self._seen[i] = ended
-                    base = self._base
-                    if base is None or seconds < base:
-                        self._base = seconds
-                    else:
-                        self._base = base + (seconds - base) * BASE_CREEP
+                    self._note(ended, seconds)
                 if now - ended <= IDLE_AFTER:
                     worst = max(worst, seconds)
-            base = self._base or 0.0
+            base = min((m for _, m in self._minima), default=0.0)
         return worst > max(CONGESTED_FLOOR, CONGESTED_RATIO * base)
+
+    def _note(self, at: float, seconds: float) -> None:
+        bucket = at - at % BASE_BUCKET
+        if self._minima and self._minima[-1][0] == bucket:
+            self._minima[-1] = (bucket, min(self._minima[-1][1], seconds))
+        else:
+            self._minima.append((bucket, seconds))
+            del self._minima[:-BASE_BUCKETS]
 
 
 @dataclass(frozen=True, slots=True)
