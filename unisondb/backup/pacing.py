@@ -82,8 +82,9 @@ class Pacer:
         wal_latency: LatencySource = _no_wal,
         clock: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], None] = time.sleep,
-        max_slowdown: float = MAX_SLOWDOWN,
+        max_slowdown: float | None = None,
     ) -> None:
+        max_slowdown = MAX_SLOWDOWN if max_slowdown is None else max_slowdown  # read now: a seam
         if rate_limit < 0:
             raise ValueError(f"rate_limit must be >= 0, got {rate_limit}")
         if max_slowdown < 1:

@@ -43,6 +43,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
@@ -64,8 +65,12 @@ log = structlog.get_logger(__name__)
 
 #: Start the writeback of the snapshot file whenever this much more has been written ...
 KICK_EVERY = 8 << 20
-#: ... and fdatasync it whenever this much more has (bounds what the WAL queues behind).
+#: ... and fdatasync it whenever this much more has (bounds what the WAL queues behind),
+#: from the request's thread, which looks every FLUSH_POLL_SECONDS.
 FLUSH_EVERY = 32 << 20
+FLUSH_POLL_SECONDS = 0.05
+#: Chunks (1 MiB) the hash thread may lag behind the copy.
+HASH_QUEUE = 8
 #: Pipe size asked for (``F_SETPIPE_SZ``, capped by /proc/sys/fs/pipe-max-size) and the
 #: bytes read from it at a time, for LMDB's compacting copy.
 PIPE_CHUNK = 1 << 20
@@ -226,34 +231,42 @@ def write_snapshot(
     """Write a consistent copy of the environment to ``out_fd``; (checkpoint, bytes, sha256).
 
     The file is LMDB's copy followed by the ``snapfile`` trailer; bytes and sha256 are the
-    whole file's (what the ``.sha256`` sidecar records). One pass: every byte of the copy
-    goes through ``_Sink.write`` once, which hashes it, writes it and charges it to the
-    server's pacer (``backup/pacing.py``); the trailer takes the copy's sha256 and the same
-    hash object then takes the trailer, so the whole-file digest costs nothing more.
+    whole file's (what the ``.sha256`` sidecar records). One pass: every chunk of the copy
+    goes through ``_Sink.write`` once, which hands it to a hashing thread, writes it and
+    charges it to the server's pacer (``backup/pacing.py``); the trailer takes the copy's
+    sha256 and the same hash object then takes the trailer, so the whole-file digest costs
+    nothing more.
 
-    The copy runs in its own thread (nice +10, idle I/O priority: ``pacing.background_thread``)
-    and starts the writeback of what it wrote every ``KICK_EVERY`` bytes and fdatasyncs every
-    ``FLUSH_EVERY``, so its dirty pages never pile up into one huge flush that the WAL's
-    fsyncs would queue behind, and the disk writes while the next chunks are hashed.
+    Three threads, so the hash (hashlib releases the GIL), the copy and the disk's writeback
+    overlap: the copy thread (nice +10, idle I/O priority: ``pacing.background_thread``)
+    reads, writes and starts the writeback of every ``KICK_EVERY`` bytes; the hash thread
+    hashes the same chunks; this thread fdatasyncs the growing file every ``FLUSH_EVERY``
+    bytes, so its dirty pages never pile up into one huge flush that the WAL's fsyncs would
+    queue behind.
     """
     outcome = _Outcome()
     ph = phases.current()  # the copy thread below does not inherit the context
     session = (pacer or pacing.current()).session(engine.namespace, "btree")
+    sink = _Sink(out_fd, session)
 
     def run() -> None:
         pacing.background_thread()
-        sink = _Sink(out_fd, session)
         try:
             started = time.perf_counter()
             try:
-                outcome.checkpoint = cp = copy_env(engine, cast(BinaryIO, sink))
+                try:
+                    outcome.checkpoint = cp = copy_env(engine, cast(BinaryIO, sink))
+                finally:
+                    sink.close_pipe()
+                    copied = time.perf_counter()
+                    sink.finish_hash()
+                sink.raise_error()
             finally:
-                sink.close_pipe()
-            sink.raise_error()
-            spent = time.perf_counter() - started
+                sink.done = True
+            hashed = time.perf_counter()
             paced = session.report().total
-            phases.add(ph, "copy", spent - sink.hashing - paced)
-            phases.add(ph, "hash", sink.hashing)
+            phases.add(ph, "copy", copied - started - paced)
+            phases.add(ph, "hash", hashed - copied)  # what the hash thread still had to do
             phases.add(ph, "pace", paced)
             trailer = snapfile.encode_trailer(
                 sink.size, sink.h.copy().digest(), engine.namespace, cp.encode()
@@ -266,7 +279,17 @@ def write_snapshot(
 
     worker = threading.Thread(target=run, name=f"snapshot-{engine.namespace}", daemon=True)
     worker.start()
-    worker.join()
+    flushed = 0
+    flush_error: OSError | None = None
+    while worker.is_alive():
+        worker.join(FLUSH_POLL_SECONDS)
+        if flush_error is None and not sink.done and sink.size - flushed >= FLUSH_EVERY:
+            size = sink.size
+            try:
+                fsutil.fdatasync(out_fd)
+                flushed = size
+            except OSError as exc:
+                flush_error = exc  # the copy goes on to its end; reported then
     error = outcome.error
     if isinstance(error, lmdb.Error):
         raise _storage_error(error, dest) from error
@@ -274,6 +297,8 @@ def write_snapshot(
         raise from_os_error(error, dest) from error
     if isinstance(error, BaseException):
         raise error
+    if flush_error is not None:
+        raise from_os_error(flush_error, dest) from flush_error
     assert outcome.checkpoint is not None
     rep = session.report()
     if rep.total > 0:
@@ -290,44 +315,52 @@ def write_snapshot(
 
 
 class _Sink:
-    """Where a snapshot's bytes go, in order: sha256, the file, pacing.
+    """Where a snapshot's bytes go, in order: the hash thread, the file, pacing.
 
-    ``write`` is what the plain copy calls per chunk. LMDB's compacting copy writes to a
-    descriptor instead: ``fileno()`` hands it the write end of a pipe (made as large as
-    the system allows: fewer wake-ups) that a thread drains into ``write``. A failure of
-    ours (ENOSPC on the file) closes the pipe's read end, so LMDB's copy fails too
-    (EPIPE) instead of blocking, and ours is the error reported.
+    ``write`` is what the plain copy calls per chunk (a fresh ``bytes`` each time, so the
+    hash thread can keep it without a copy). LMDB's compacting copy writes to a descriptor
+    instead: ``fileno()`` hands it the write end of a pipe (made as large as the system
+    allows: fewer wake-ups) that a thread drains into ``write``. A failure of ours (ENOSPC
+    on the file) closes the pipe's read end, so LMDB's copy fails too (EPIPE) instead of
+    blocking, and ours is the error reported.
     """
 
     def __init__(self, fd: int, session: pacing.Pacing) -> None:
         self.h = hashlib.sha256()
         self.size = 0
-        self.hashing = 0.0
         self.error: BaseException | None = None
+        #: Set once the copy has ended (no more fdatasyncs needed from outside).
+        self.done = False
         self._fd = fd
         self._session = session
         self._kicked = 0
-        self._flushed = 0
         self._pipe_w = -1
         self._drain: threading.Thread | None = None
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE)
+        self._hasher = threading.Thread(target=self._hash, name="snapshot-hash", daemon=True)
+        self._hasher.start()
+
+    def _hash(self) -> None:
+        pacing.background_thread()
+        while (chunk := self._chunks.get()) is not None:
+            self.h.update(chunk)
+
+    def finish_hash(self) -> None:
+        self._chunks.put(None)
+        self._hasher.join()
 
     def write(self, data: bytes | memoryview) -> int:
-        view = memoryview(data)
-        started = time.perf_counter()
-        self.h.update(view)
-        self.hashing += time.perf_counter() - started
-        _write_copy(self._fd, view)
-        self.size += len(view)
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        self._chunks.put(chunk)  # waits while the hash thread is HASH_QUEUE chunks behind
+        _write_copy(self._fd, chunk)
+        self.size += len(chunk)
         if self.size - self._kicked >= KICK_EVERY:
             # Start writing back what is written (asynchronously: POSIX_FADV_DONTNEED writes
-            # dirty pages back, WB_SYNC_NONE) so the disk works while we hash the next chunks.
+            # dirty pages back, WB_SYNC_NONE) so the disk works while the next chunks are read.
             _advise(self._fd, self._kicked, self.size - self._kicked, os.POSIX_FADV_DONTNEED)
             self._kicked = self.size
-        if self.size - self._flushed >= FLUSH_EVERY:
-            fsutil.fdatasync(self._fd)
-            self._flushed = self.size
-        self._session.charge(len(view))
-        return len(view)
+        self._session.charge(len(chunk))
+        return len(chunk)
 
     def fileno(self) -> int:
         if self._pipe_w < 0:

@@ -387,8 +387,8 @@ class BTree:
 
     def copy_plain_to(self, f: BinaryIO, chunk: int = PLAIN_COPY_CHUNK) -> Checkpoint:
         """LMDB's plain (non-compacting) copy of the environment, every byte handed to
-        ``f.write`` once (``chunk`` bytes at a time, a reused buffer: the caller hashes,
-        paces and writes it), and the checkpoint of exactly the state it holds.
+        ``f.write`` once (``chunk`` bytes at a time, a new ``bytes`` each: the caller may
+        keep it to hash on another thread), and the checkpoint of exactly the state it holds.
 
         It is what ``mdb_env_copyfd2`` without ``MDB_CP_COMPACT`` writes, done here so the
         bytes pass through Python once instead of being read back from the copy: the two
@@ -429,16 +429,15 @@ class BTree:
                     cp = Checkpoint() if raw is None else Checkpoint.decode(bytes(raw))
                     end = min(end, os.fstat(fd).st_size)  # as LMDB clamps it
                     f.write(head)
-                    buf = memoryview(bytearray(chunk))
                     off = len(head)
                     ahead = 0
                     while off < end:
                         if off >= ahead:  # read ahead one window at a time: paced like the copy
                             ahead = off + PLAIN_COPY_READ_AHEAD
                             _advise_willneed(fd, off, PLAIN_COPY_READ_AHEAD)
-                        n = _preadv(fd, buf[: min(chunk, end - off)], off, path)
-                        f.write(buf[:n])
-                        off += n
+                        data = _pread(fd, min(chunk, end - off), off, path)
+                        f.write(data)
+                        off += len(data)
                 finally:
                     txn.abort()
             finally:
@@ -497,20 +496,15 @@ def read_namespace_label(path: Path) -> str | None:
 
 
 def _pread(fd: int, n: int, off: int, path: Path) -> bytes:
-    buf = bytearray(n)
-    got = _preadv(fd, memoryview(buf), off, path)
-    return bytes(buf[:got])
-
-
-def _preadv(fd: int, view: memoryview, off: int, path: Path) -> int:
-    """Read into ``view`` at ``off``; a short file is an error (it was cut under the copy)."""
+    """Up to ``n`` bytes at ``off`` (a new object each time: the caller may keep it); none
+    is an error (the file was cut under the copy)."""
     try:
-        n = os.preadv(fd, [view], off)
+        data = os.pread(fd, n, off)
     except OSError as exc:
         raise from_os_error(exc, path) from exc
-    if n <= 0:
+    if not data:
         raise CorruptLog(f"data.mdb ended at {off} bytes during a copy", path=path)
-    return n
+    return data
 
 
 def _advise_sequential(fd: int) -> None:
