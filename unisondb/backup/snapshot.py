@@ -258,15 +258,17 @@ def write_snapshot(
                     outcome.checkpoint = cp = copy_env(engine, cast(BinaryIO, sink))
                 finally:
                     sink.close_pipe()
-                    copied = time.perf_counter()
                     sink.finish_hash()
                 sink.raise_error()
             finally:
                 sink.done = True
-            hashed = time.perf_counter()
+            # Phases add up to the wall time: pace (sleeps), hash (the hash thread's busy
+            # time, overlapped with the copy), copy (the rest: reads, writes, waits).
+            wall = time.perf_counter() - started
             paced = session.report().total
-            phases.add(ph, "copy", copied - started - paced)
-            phases.add(ph, "hash", hashed - copied)  # what the hash thread still had to do
+            hashing = min(sink.hashing, max(0.0, wall - paced))
+            phases.add(ph, "copy", wall - paced - hashing)
+            phases.add(ph, "hash", hashing)
             phases.add(ph, "pace", paced)
             trailer = snapfile.encode_trailer(
                 sink.size, sink.h.copy().digest(), engine.namespace, cp.encode()
@@ -328,6 +330,8 @@ class _Sink:
     def __init__(self, fd: int, session: pacing.Pacing) -> None:
         self.h = hashlib.sha256()
         self.size = 0
+        #: Seconds the hash thread spent hashing.
+        self.hashing = 0.0
         self.error: BaseException | None = None
         #: Set once the copy has ended (no more fdatasyncs needed from outside).
         self.done = False
@@ -343,7 +347,9 @@ class _Sink:
     def _hash(self) -> None:
         pacing.background_thread()
         while (chunk := self._chunks.get()) is not None:
+            started = time.perf_counter()
             self.h.update(chunk)
+            self.hashing += time.perf_counter() - started
 
     def finish_hash(self) -> None:
         self._chunks.put(None)
