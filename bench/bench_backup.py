@@ -245,6 +245,167 @@ def copy_ab(root: Path, size_gb: float, repeat: int) -> int:
     return 0
 
 
+# --- snapshot: one pass, cold map, PUTs during snapshots with and without pacing (issue 10) ---
+
+
+def _snap_server(data: Path, extra: list[str], pacing_on: bool = True) -> Server:
+    """A server process on ``data``; ``pacing_on=False`` turns adaptive pacing off
+    (``MAX_SLOWDOWN = 1``) for the A/B, through a ``-c`` wrapper (no flag for it)."""
+    srv = Server.__new__(Server)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        srv.port = s.getsockname()[1]
+    srv.url = f"http://127.0.0.1:{srv.port}"
+    srv.log = open(data.parent / "server.log", "ab")
+    code = (
+        "import sys; import unisondb.backup.pacing as p; "
+        + ("" if pacing_on else "p.MAX_SLOWDOWN = 1.0; ")
+        + "from unisondb.cli import main; sys.exit(main())"
+    )
+    argv = [sys.executable, "-c", code, "--data-dir", str(data), "--http-addr", f"127.0.0.1:{srv.port}"]
+    srv.proc = subprocess.Popen(
+        [*argv, "--namespace", NS, *extra], stdout=srv.log, stderr=subprocess.STDOUT, cwd=data.parent
+    )
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(srv.url + "/health", timeout=1).status_code == 200:
+                return srv
+        except httpx.TransportError:
+            time.sleep(0.2)
+    raise SystemExit("server did not start; see server.log")
+
+
+def _evict(path: Path) -> None:
+    """Drop one file from the page cache (a cold start for it, without touching the others)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+    finally:
+        os.close(fd)
+
+
+def _hey(url: str, seconds: float, clients: int = 16) -> tuple[float, float]:
+    """(PUT req/s, p99 seconds) with ``hey``."""
+    body = '{"value":"' + base64.b64encode(os.urandom(256)).decode() + '"}'
+    out = subprocess.run(
+        ["hey", "-z", f"{seconds}s", "-c", str(clients), "-m", "PUT", "-T", "application/json"]
+        + ["-d", body, f"{url}/api/v1/{NS}/kv/hey-key"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
+    p99 = re.search(r"99%+ in ([\d.]+) secs", out)
+    assert rps and p99, out
+    bad = [c for c in re.findall(r"\[(\d{3})\]\s+(\d+) responses", out) if c[0] != "200"]
+    assert not bad, f"non-200 responses under load: {bad}"
+    return float(rps.group(1)), float(p99.group(1))
+
+
+def snapshot_ab(scratch: Path, size_gb: float, repeat: int, put_seconds: float) -> int:
+    """Same run, interleaved, medians of ``repeat``, against a real server:
+    1. snapshot (HTTP) vs ``cp`` + ``sync`` of ``data.mdb``, warm page cache;
+    2. the first snapshot after a server start (fresh map), page cache warm and with
+       ``data.mdb`` evicted first (cold), vs ``cp`` + ``sync`` from a cold cache;
+    3. PUT req/s and p99 (``hey``, 16 clients) without snapshots, during back-to-back
+       snapshots with pacing (the default) and without (``MAX_SLOWDOWN = 1``).
+    """
+    import statistics
+
+    data = scratch / "data"
+    size = int(size_gb * (1 << 30))
+    t = timed(lambda: build_database(data, size, 64 << 20))
+    mdb = data / NS / "db" / "data.mdb"
+    print(f"built {mdb.stat().st_size / 2**20:.0f} MiB data.mdb in {t:.0f} s", file=sys.stderr)
+    loads: list[float] = []
+
+    def med(xs: list[float]) -> str:
+        return f"{statistics.median(xs):.2f}"
+
+    def cp() -> float:
+        t = timed(lambda: cp_and_fsync([mdb], scratch / "cp"))
+        shutil.rmtree(scratch / "cp")
+        return t
+
+    def snap(url: str) -> float:
+        t0 = time.perf_counter()
+        r = httpx.post(f"{url}/api/v1/{NS}/btree/backup", json={"path": "ab/s.db"}, timeout=3600)
+        took = time.perf_counter() - t0
+        assert r.status_code == 200, r.text
+        os.unlink(r.json()["path"])
+        os.unlink(r.json()["path"] + ".sha256")
+        return took
+
+    # 1 + 2
+    res: dict[str, list[float]] = {k: [] for k in ("snap", "cp", "first_warm", "first_cold", "cp_cold")}
+    for r in range(repeat):
+        loads.append(os.getloadavg()[0])
+        srv = _snap_server(data, [])
+        try:
+            res["first_warm"].append(snap(srv.url))  # fresh process: fresh map, warm cache
+            for k in ("snap", "cp") if r % 2 == 0 else ("cp", "snap"):
+                res[k].append(snap(srv.url) if k == "snap" else cp())
+        finally:
+            srv.stop()
+        _evict(mdb)
+        res["cp_cold"].append(cp())
+        _evict(mdb)
+        srv = _snap_server(data, [])
+        try:
+            res["first_cold"].append(snap(srv.url))
+        finally:
+            srv.stop()
+    base = statistics.median(res["cp"])
+    print(
+        f"\nsnapshot A/B, {mdb.stat().st_size / 2**20:.0f} MiB data.mdb, load {[round(x, 1) for x in loads]}"
+    )
+    for k, v in res.items():
+        ref = statistics.median(res["cp_cold"]) if k in ("first_cold", "cp_cold") else base
+        runs = " ".join(f"{x:.2f}" for x in v)
+        print(f"| {k} | {med(v)} s | {statistics.median(v) / ref:.2f}x | {runs} |")
+
+    # 3
+    put: dict[str, list[tuple[float, float]]] = {"none": [], "paced": [], "unpaced": []}
+    counts: dict[str, int] = {"paced": 0, "unpaced": 0}
+    loads = []
+    for r in range(repeat):
+        for mode in ("paced", "unpaced") if r % 2 == 0 else ("unpaced", "paced"):
+            loads.append(os.getloadavg()[0])
+            srv = _snap_server(data, [], pacing_on=mode == "paced")
+            try:
+                put["none"].append(_hey(srv.url, put_seconds / 2))
+                stop = threading.Event()
+
+                def loop(url: str = srv.url, m: str = mode, stop: threading.Event = stop) -> None:
+                    while not stop.is_set():
+                        snap(url)
+                        counts[m] += 1
+
+                th = threading.Thread(target=loop)
+                th.start()
+                try:
+                    put[mode].append(_hey(srv.url, put_seconds))
+                finally:
+                    stop.set()
+                    th.join()
+            finally:
+                srv.stop()
+    print(f"\nPUT during back-to-back snapshots, load {[round(x, 1) for x in loads]}")
+    b_rps = statistics.median(x[0] for x in put["none"])
+    b_p99 = statistics.median(x[1] for x in put["none"])
+    for k, v in put.items():
+        rps = statistics.median(x[0] for x in v)
+        p99 = statistics.median(x[1] for x in v)
+        runs = " ".join(f"{a:.0f}/{b * 1000:.1f}ms" for a, b in v)
+        print(
+            f"| {k} | {rps:.0f} /s ({rps / b_rps:.2f}x) | p99 {p99 * 1000:.1f} ms ({p99 / b_p99:.2f}x) "
+            f"| snapshots {counts.get(k, 0)} | {runs} |"
+        )
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="database size (default 1)")
@@ -257,12 +418,23 @@ def main() -> None:
     ap.add_argument(
         "--copy-ab", action="store_true", help="only the in-process copy A/B (compacting vs plain vs cp)"
     )
+    ap.add_argument(
+        "--snapshot-ab",
+        action="store_true",
+        help="only the snapshot A/B: vs cp+sync, first snapshot after a start, PUT with/without pacing",
+    )
     args = ap.parse_args()
     size = int(args.size_gb * (1 << 30))
     segment_size = max(64 << 10, size // args.segments)
     scratch = Path(tempfile.mkdtemp(prefix="bench-backup-", dir=args.dir))
     data = scratch / "data"
     rows: list[tuple[str, str, str, str]] = []
+    if args.snapshot_ab:
+        try:
+            return snapshot_ab(scratch, args.size_gb, args.repeat, args.put_seconds)
+        finally:
+            if not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
     if args.copy_ab:
         try:
             return copy_ab(scratch, args.size_gb, args.repeat)

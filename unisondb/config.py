@@ -12,6 +12,7 @@ TOML file (every key optional; flags given on the command line win)::
     shutdown_timeout = "30s"     # SIGTERM → exit within this (docs/OPERATIONS.md)
     disk_full_retry = "1s"       # while the disk is full: retry pending work this often
     disk_full_hold = "2s"        # a durable-but-unapplied write waits this long for a retry
+    backup_rate_limit = "0"      # hard cap on backup I/O, bytes/s (e.g. "50MiB"); 0 = none
 
     [wal]
     segment_size = "16MiB"
@@ -198,6 +199,9 @@ class ServerConfig:
     #: SIGTERM → exit within this many seconds (in-flight writes finish, backups still
     #: running near the deadline are cancelled). See docs/OPERATIONS.md.
     shutdown_timeout: float = 30.0
+    #: Hard cap on backup I/O in bytes per second, all backups together (0 = none; they
+    #: are paced by the WAL's fsync latency either way: backup/pacing.py).
+    backup_rate_limit: int = 0
 
 
 def load_config(
@@ -242,6 +246,7 @@ def load_config(
         "shutdown_timeout",
         "disk_full_retry",
         "disk_full_hold",
+        "backup_rate_limit",
     }
     _check_keys(raw, known, "", config_file)
     for table, keys in (
@@ -280,10 +285,10 @@ def load_config(
     if raw.get("log_format", "console") not in ("console", "json"):
         raise InvalidRequest(f'invalid config in {config_file}: log_format must be "console" or "json"')
     default = EngineConfig()
-    top_keys = ("shutdown_timeout", "disk_full_retry", "disk_full_hold")
+    top_keys = ("shutdown_timeout", "disk_full_retry", "disk_full_hold", "backup_rate_limit")
     wal = dict(raw.get("wal", {}))
     wal.update({k: v for k, v in (overrides or {}).items() if v is not None and k not in top_keys})
-    top = {k: v for k, v in raw.items() if k in ("shutdown_timeout", "disk_full_retry", "disk_full_hold")}
+    top = {k: v for k, v in raw.items() if k in top_keys}
     top.update({k: v for k, v in (overrides or {}).items() if v is not None and k in top_keys})
     engine = EngineConfig(
         segment_size=parse_size(wal.get("segment_size", default.segment_size)),
@@ -306,6 +311,11 @@ def load_config(
         raise InvalidRequest("wal group_commit_window must be between 0 and 100ms")
     if engine.disk_full_retry < 0.01:
         raise InvalidRequest("disk_full_retry must be at least 10ms")
+    backup_rate_limit = _rate(top.get("backup_rate_limit", 0), "backup rate limit")
+    if backup_rate_limit and backup_rate_limit < 1 << 20:
+        raise InvalidRequest(
+            f"backup rate limit must be 0 (none) or at least 1MiB/s, got {backup_rate_limit} bytes/s"
+        )
     shutdown_timeout = parse_duration(top.get("shutdown_timeout", 30.0))
     if shutdown_timeout < 1:
         raise InvalidRequest("shutdown_timeout must be at least 1s")
@@ -332,6 +342,7 @@ def load_config(
         ),
         archive=_archive(_merged(raw, "archive", archive_overrides), config_file),
         shutdown_timeout=shutdown_timeout,
+        backup_rate_limit=backup_rate_limit,
     )
 
 
@@ -414,18 +425,16 @@ def _count(name: str, value: object) -> int:
     return count
 
 
-def _rate(value: object) -> int:
+def _rate(value: object, what: str = "archive rate limit") -> int:
     """'20MiB/s', '20MiB' or a number of bytes per second."""
     if isinstance(value, str) and value.endswith("/s"):
         value = value[:-2]
     if not isinstance(value, (str, int)) or isinstance(value, bool):
-        raise InvalidRequest(f"invalid archive rate limit {value!r}: use e.g. 20MiB/s or a byte count")
+        raise InvalidRequest(f"invalid {what} {value!r}: use e.g. 20MiB/s or a byte count")
     try:
         return parse_size(value)
     except InvalidRequest:
-        raise InvalidRequest(
-            f"invalid archive rate limit {value!r}: use e.g. 20MiB/s or a byte count"
-        ) from None
+        raise InvalidRequest(f"invalid {what} {value!r}: use e.g. 20MiB/s or a byte count") from None
 
 
 #: ``[http]`` keys and how each is parsed.

@@ -30,7 +30,7 @@ from unisondb.api.app import build_app
 from unisondb.api.auth import TokenTable, load_tokens
 from unisondb.api.clientcert import ClientRoles, load_client_roles, with_client_certs
 from unisondb.api.protocol import limited_protocol
-from unisondb.backup import repair
+from unisondb.backup import pacing, repair
 from unisondb.config import SecurityConfig, ServerConfig
 from unisondb.errors import InvalidRequest, from_os_error
 from unisondb.lifecycle import Shutdown
@@ -205,6 +205,12 @@ def serve(cfg: ServerConfig) -> int:
         close_engines(engines)
         raise
     metrics.watch_engines(lambda: list(engines.values()))
+    # One pacer for every backup of this server (backup/pacing.py): watches every WAL.
+    pacing.install(
+        pacing.Pacer(
+            cfg.backup_rate_limit, wal_latency=lambda: [e.wal_sync_latency() for e in engines.values()]
+        )
+    )
     for ns in engines:
         metrics.init_namespace(ns)
     fsutil.fsync_observer = metrics.fsync_seconds.observe

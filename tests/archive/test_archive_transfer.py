@@ -21,9 +21,9 @@ from test_archive_server import NS, archive_args, put, s3_env, wait_for  # noqa:
 from unisondb.archive import objectfmt
 from unisondb.archive.objectfmt import ArchiveKey, Identity, Kind
 from unisondb.archive.publish import publish_file
-from unisondb.archive.ratelimit import TokenBucket
 from unisondb.archive.store import MIN_PART_SIZE, ObjectStore
 from unisondb.errors import ObjectExists
+from unisondb.ratelimit import TokenBucket
 
 HISTORY = bytes.fromhex("00112233445566778899aabbccddeeff")
 

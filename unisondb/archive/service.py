@@ -47,12 +47,12 @@ from unisondb.archive.archiver import Archiver, SegmentInfo
 from unisondb.archive.lease import Lease
 from unisondb.archive.manifest import SnapshotManifest, publish_snapshot
 from unisondb.archive.objectfmt import ArchiveKey, load_key
-from unisondb.archive.ratelimit import TokenBucket
 from unisondb.archive.retention import PruneResult, Retention, RetentionPolicy
 from unisondb.archive.store import ArchiveURL, ObjectStore, parse_url
 from unisondb.config import ArchiveConfig
 from unisondb.errors import ArchiveUnavailable, InvalidRequest, UnisonDBError, from_os_error
 from unisondb.metrics import ArchiveCollector, ArchiveLag, ArchiveMetrics
+from unisondb.ratelimit import TokenBucket
 from unisondb.storage import fsutil, layout
 from unisondb.storage.engine import Engine
 

@@ -11,7 +11,7 @@ Objects above ``multipart_threshold`` (default 64 MiB; one S3 PUT holds at most 
 multipart upload whose ``CompleteMultipartUpload`` carries ``If-None-Match: *`` (AWS since 2024-08,
 SeaweedFS too: ``tests/archive/test_archive_multipart.py``), so a big object is created-if-absent
 exactly like a small one; a failed or refused upload is aborted. Every upload (not the lease) first
-takes its bytes from the ``--archive-rate-limit`` token bucket (``ratelimit.py``).
+takes its bytes from the ``--archive-rate-limit`` token bucket (``unisondb/ratelimit.py``).
 
 Every call goes through :func:`_translate`, so callers only ever see ``unisondb.errors``:
 
@@ -39,7 +39,6 @@ import boto3
 from botocore.config import Config
 from botocore.exceptions import BotoCoreError, ClientError
 
-from unisondb.archive.ratelimit import TokenBucket
 from unisondb.errors import (
     ArchiveUnavailable,
     InvalidRequest,
@@ -49,6 +48,7 @@ from unisondb.errors import (
     PermissionDenied,
     UnisonDBError,
 )
+from unisondb.ratelimit import TokenBucket
 
 _URL_RE = re.compile(r"^s3://(?P<bucket>[a-z0-9][a-z0-9.-]{1,61}[a-z0-9])(?:/(?P<prefix>.*))?$")
 _THROTTLED = {

@@ -5,10 +5,11 @@ times its steps with ``timed("copy")`` or, from a thread it started itself (whic
 inherit the context), with ``add(into, ...)`` on the dict it captured with ``current()``.
 Outside ``collecting`` every call is a no-op, so the backup functions stay usable alone.
 
-Phases: snapshot (``kind="btree"``) ``copy`` (LMDB's copy), ``hash`` (sha256 of the copy and
-its trailer), ``sync`` (fsyncs, rename, directory fsync), ``sidecar``; WAL backup
+Phases: snapshot (``kind="btree"``) ``copy`` (reads, writes, waits of the copy), ``hash``
+(the hash thread's busy time, overlapped with the copy), ``pace`` (sleeps of
+backup/pacing.py), ``sync`` (fsyncs, rename, directory fsync), ``sidecar``; WAL backup
 (``kind="wal"``) ``read`` (read + every record CRC + sha256), ``write`` (write, fsync,
-rename, directory fsync), ``sidecar``.
+rename, directory fsync), ``sidecar``. A snapshot's phases add up to its duration.
 """
 
 from __future__ import annotations

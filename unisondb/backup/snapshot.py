@@ -1,16 +1,17 @@
 """Consistent B-tree snapshots: ``backups/<ns>/<path>`` is a valid LMDB ``data.mdb``.
 
-``copy_env`` runs LMDB's compacting copy (``BTree.snapshot_to``: ``mdb_env_copyfd3``
-inside ONE read transaction, checkpoint read in that same transaction) or, with
-``PLAIN_COPY``, its plain copy (``BTree.copy_plain_to``; the checkpoint is read back from
-the copy); either way the file holds exactly the committed state up to the
-checkpoint's ``lsn`` and knows where WAL replay resumes. LMDB readers
+``copy_env`` runs the plain copy (``BTree.copy_plain_to``: every page up to the last used
+one; its checkpoint read in the read transaction that pins the copied state) or, when more
+than ``COMPACT_FREE_FRACTION`` of the pages are free, LMDB's compacting copy
+(``BTree.snapshot_to``: ``mdb_env_copyfd3`` inside ONE read transaction, checkpoint read
+in that same transaction); either way the file holds exactly the committed state up to
+the checkpoint's ``lsn`` and knows where WAL replay resumes. LMDB readers
 never block the writer: PUTs keep being acknowledged while a snapshot runs.
 
-Steps: LMDB writes the copy straight into ``<path>.tmp`` (no Python in the data path; the
-GIL is released) from a thread running at nice +10, while the request's thread fdatasyncs
-the growing file every 32 MiB → sha256 of the copy (read back from the page cache) → the
-4096-byte self-verifying trailer (``storage/snapfile.py``: data length, that sha256,
+Steps: the copy is written into ``<path>.tmp`` from a thread at nice +10 and idle I/O
+priority, hashed chunk by chunk as it is written, paced (``backup/pacing.py``), its
+writeback started every 8 MiB and fdatasynced every 32 MiB → the 4096-byte self-verifying
+trailer (``storage/snapfile.py``: data length, that sha256,
 namespace, checkpoint, CRC) appended → fsync → drop the file from the page cache →
 (existing file? the same snapshot → keep it; different → ``Conflict``) → rename →
 directory fsync → ``<path>.sha256`` sidecar (whole-file digest, so ``sha256sum -c`` works).
@@ -20,15 +21,17 @@ integrity record appear together. Between the rename and the sidecar only a kill
 intervene; the file proves itself by its trailer and the next start writes the missing
 sidecar (``backup/repair.py``).
 
-"The same snapshot" is byte-identical, or an intact self-verifying snapshot of the same
-namespace and checkpoint (the same committed state; only the trailer's creation time
-differs): a retry of a request that died before its sidecar gets 200, not 409 forever.
+"The same snapshot" is an intact self-verifying snapshot of the same namespace and state
+(history, LSN, fingerprint), whatever its bytes (a plain copy of one state differs from
+the next in free pages and transaction ids), or a byte-identical file: a retry of a request
+that died before its sidecar gets 200, not 409 forever.
 
-Why not stream LMDB's copy through a pipe and hash it on the way (one pass fewer)? It was
-measured (bench/bench_backup.py, 2 CPUs, 205 MiB data.mdb, snapshots back to back):
-acknowledged PUT/s under the snapshot loop fell to ~680 with the pipe versus ~1200 with
-the direct copy, because every byte then crosses user space twice more on a CPU the
-event loop and the WAL writer need. Re-reading a just-written file costs only the hash.
+One pass: the plain copy is done by ``BTree.copy_plain_to`` (what LMDB's plain copy does,
+in 1 MiB ``pread`` chunks), each chunk hashed, written and paced by ``_Sink``; the file is
+never read back. (Streaming LMDB's own copy through a pipe instead was measured slower:
+every byte crosses user space twice more, 2.0-2.7x ``cp`` versus 1.3-1.5x for copy +
+read-back at load 5-10, 1 GiB; the pipe is kept only for the compacting copy, which LMDB
+must write itself.)
 
 LMDB reports a failed copy as ``lmdb.Error`` with the C library's message (e.g.
 ``mdb_env_copyfd3: No space left on device``), not an errno; ``_storage_error`` maps the
@@ -37,16 +40,20 @@ messages we act on back to our error tree (507 for ENOSPC, 500 permission denied
 
 from __future__ import annotations
 
+import fcntl
+import hashlib
 import os
+import queue
 import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO
+from typing import BinaryIO, cast
 
 import lmdb
+import structlog
 
-from unisondb.backup import checksum, files, phases
+from unisondb.backup import checksum, files, pacing, phases
 from unisondb.backup.files import TargetDir, path_lock
 from unisondb.backup.paths import Resolved, open_dir
 from unisondb.errors import Conflict, UnisonDBError, from_os_error
@@ -54,23 +61,27 @@ from unisondb.storage import fsutil, lmdberrors, snapfile, testseam
 from unisondb.storage.btree import Checkpoint
 from unisondb.storage.engine import Engine
 
-#: fdatasync the snapshot file whenever this much more has been written.
+log = structlog.get_logger(__name__)
+
+#: Start the writeback of the snapshot file whenever this much more has been written ...
+KICK_EVERY = 8 << 20
+#: ... and fdatasync it whenever this much more has (bounds what the WAL queues behind),
+#: from the request's thread, which looks every FLUSH_POLL_SECONDS.
 FLUSH_EVERY = 32 << 20
 FLUSH_POLL_SECONDS = 0.05
-#: CPU niceness of the thread running LMDB's copy (the event loop and WAL writer keep 0).
-SNAPSHOT_NICE = 10
+#: Chunks (1 MiB) the hash thread may lag behind the copy.
+HASH_QUEUE = 8
+#: Pipe size asked for (``F_SETPIPE_SZ``, capped by /proc/sys/fs/pipe-max-size) and the
+#: bytes read from it at a time, for LMDB's compacting copy.
+PIPE_CHUNK = 1 << 20
+F_SETPIPE_SZ = 1031
 #: Above this share of free pages a snapshot uses LMDB's compacting copy (see copy_env):
 #: compacting costs about 2x per page it writes, so below ~50 % free the plain copy is
 #: faster; 25 % also bounds the free space a snapshot file carries.
 COMPACT_FREE_FRACTION = 0.25
-#: Off for now: a plain copy is not byte-identical for one committed state (it carries free
-#: pages and transaction ids), and the archive refuses a second, different object for the
-#: same LSN range (tests/archive/test_archive_server.py::
-#: test_namespace_survives_loss_of_its_data_directory got 409 with it on). The compacting
-#: copy is. The archive now compares snapshots by state (history, LSN, fingerprint:
-#: archive/publish.py); what remains before turning it on is the same check for a local
-#: snapshot published again at the same path, and a full-suite run with it on.
-PLAIN_COPY = False
+#: The plain copy by default (False: always compact; for measurements). Snapshots of one
+#: state are compared by state, not bytes (``_same_state``; the archive: archive/publish.py).
+PLAIN_COPY = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -132,10 +143,11 @@ def _existing_same(
 ) -> str:
     """Whole-file sha256 of the existing ``name`` if it holds this same snapshot, else 409.
 
-    Same means byte-identical, or a self-verifying snapshot (intact) of the same namespace
-    and checkpoint: the same committed state, written by an earlier request that may have
-    died before its sidecar (only the trailer's time differs). Anything else is another
-    snapshot under this name, and names are never reused for different bytes.
+    Same means a self-verifying snapshot (intact) of the same namespace and state (history,
+    LSN, fingerprint: ``_same_state``), e.g. written by an earlier request that may have
+    died before its sidecar, or the same request retried (two plain copies of one state
+    are not byte-identical), or else byte-identical (a file without a trailer). Anything
+    else is another snapshot under this name, and names are never reused for other states.
     """
     fd = tdir.open_read(name)
     try:
@@ -143,7 +155,7 @@ def _existing_same(
         if (
             trailer is not None
             and trailer.namespace == engine.namespace
-            and trailer.checkpoint == cp.encode()
+            and _same_state(trailer.checkpoint, cp)
         ):
             return snapfile.verify_fd(
                 fd,
@@ -166,6 +178,19 @@ def _existing_same(
     )
 
 
+def _same_state(raw: bytes, cp: Checkpoint) -> bool:
+    """Does the checkpoint ``raw`` (a trailer's) state what ``cp`` states: the same history,
+    LSN and state fingerprint? Two copies of one committed state differ in their bytes (a
+    plain copy carries free pages and transaction ids) and may differ in the checkpoint's
+    wall-clock field; the fingerprint proves they hold the same pairs (as the archive
+    compares snapshots: archive/publish.py)."""
+    try:
+        other = Checkpoint.decode(raw)
+    except UnisonDBError:
+        return False
+    return (other.history, other.applied_lsn, other.fp_state) == (cp.history, cp.applied_lsn, cp.fp_state)
+
+
 _test_hold = testseam.hold
 
 
@@ -173,16 +198,17 @@ def copy_env(engine: Engine, f: BinaryIO) -> Checkpoint:
     """A consistent copy of the environment into ``f`` and the checkpoint it holds (tests
     replace this to fake ENOSPC).
 
-    With ``PLAIN_COPY`` (off, see there): LMDB's plain copy (``write()`` of every page,
-    checkpoint read back from the copy), and the compacting copy (a walk of the B-trees,
-    about 1.6-1.9x the time per page, bench/results/2026-12-01-speed.md) only when more
-    than ``COMPACT_FREE_FRACTION`` of the pages are free. Without it: the compacting copy.
-    Before the copy the data file is read ahead (``POSIX_FADV_WILLNEED``): the serving
-    environment maps it with readahead off, so a cold map would otherwise be copied one
-    page fault at a time.
+    LMDB's plain copy (every page up to the last used one, through ``f.write``:
+    ``BTree.copy_plain_to``), and LMDB's compacting copy (a walk of the B-trees, about
+    1.6-1.9x the time per page, bench/results/2026-12-01-speed.md; written by LMDB to
+    ``f.fileno()``) only when more than ``COMPACT_FREE_FRACTION`` of the pages are free.
+    The compacting copy walks the serving map, which has readahead off: the data file is
+    read ahead (``POSIX_FADV_WILLNEED``) first so a cold map is not copied one page fault
+    at a time. (The plain copy reads ahead window by window itself.)
     """
-    _read_ahead(engine.data_file)
     compact = not PLAIN_COPY or engine.free_fraction() > COMPACT_FREE_FRACTION
+    if compact:
+        _read_ahead(engine.data_file)
     return engine.snapshot_to(f, compact=compact)
 
 
@@ -199,39 +225,59 @@ def _read_ahead(path: Path) -> None:
         os.close(fd)
 
 
-def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint, int, str]:
+def write_snapshot(
+    engine: Engine, out_fd: int, dest: Path, *, pacer: pacing.Pacer | None = None
+) -> tuple[Checkpoint, int, str]:
     """Write a consistent copy of the environment to ``out_fd``; (checkpoint, bytes, sha256).
 
     The file is LMDB's copy followed by the ``snapfile`` trailer; bytes and sha256 are the
-    whole file's (what the ``.sha256`` sidecar records). The copy is read back once (from
-    the page cache): its sha256 goes into the trailer, and the same hash object then takes
-    the trailer bytes, so the whole-file digest costs no second pass.
+    whole file's (what the ``.sha256`` sidecar records). One pass: every chunk of the copy
+    goes through ``_Sink.write`` once, which hands it to a hashing thread, writes it and
+    charges it to the server's pacer (``backup/pacing.py``); the trailer takes the copy's
+    sha256 and the same hash object then takes the trailer, so the whole-file digest costs
+    nothing more.
 
-    Copy and hash run in their own thread at a lower CPU priority (nice +10; Linux niceness
-    is per thread and LMDB's internal copy thread inherits it), while this thread fdatasyncs
-    the growing file every ``FLUSH_EVERY`` bytes so its dirty pages never pile up into one
-    huge flush that the WAL's fsyncs would queue behind.
+    Three threads, so the hash (hashlib releases the GIL), the copy and the disk's writeback
+    overlap: the copy thread (nice +10, idle I/O priority: ``pacing.background_thread``)
+    reads, writes and starts the writeback of every ``KICK_EVERY`` bytes; the hash thread
+    hashes the same chunks; this thread fdatasyncs the growing file every ``FLUSH_EVERY``
+    bytes, so its dirty pages never pile up into one huge flush that the WAL's fsyncs would
+    queue behind.
     """
     outcome = _Outcome()
     ph = phases.current()  # the copy thread below does not inherit the context
+    session = (pacer or pacing.current()).session(engine.namespace, "btree")
+    sink = _Sink(out_fd, session)
 
     def run() -> None:
-        _lower_priority()
+        pacing.background_thread()
         try:
             started = time.perf_counter()
-            with os.fdopen(out_fd, "wb", closefd=False) as f:
-                outcome.checkpoint = cp = copy_env(engine, f)
-            copied = time.perf_counter()
-            phases.add(ph, "copy", copied - started)
-            h, data_len = files.sha256_fd(out_fd)
-            phases.add(ph, "hash", time.perf_counter() - copied)
-            trailer = snapfile.encode_trailer(data_len, h.copy().digest(), engine.namespace, cp.encode())
-            os.lseek(out_fd, data_len, os.SEEK_SET)
+            try:
+                try:
+                    outcome.checkpoint = cp = copy_env(engine, cast(BinaryIO, sink))
+                finally:
+                    sink.close_pipe()
+                    sink.finish_hash()
+                sink.raise_error()
+            finally:
+                sink.done = True
+            # Phases add up to the wall time: pace (sleeps), hash (the hash thread's busy
+            # time, overlapped with the copy), copy (the rest: reads, writes, waits).
+            wall = time.perf_counter() - started
+            paced = session.report().total
+            hashing = min(sink.hashing, max(0.0, wall - paced))
+            phases.add(ph, "copy", wall - paced - hashing)
+            phases.add(ph, "hash", hashing)
+            phases.add(ph, "pace", paced)
+            trailer = snapfile.encode_trailer(
+                sink.size, sink.h.copy().digest(), engine.namespace, cp.encode()
+            )
             files.write_all(out_fd, trailer)
-            h.update(trailer)
-            outcome.digest, outcome.size = h.hexdigest(), data_len + len(trailer)
+            sink.h.update(trailer)
+            outcome.digest, outcome.size = sink.h.hexdigest(), sink.size + len(trailer)
         except BaseException as exc:  # handed to the waiting thread below
-            outcome.error = exc
+            outcome.error = sink.error or exc
 
     worker = threading.Thread(target=run, name=f"snapshot-{engine.namespace}", daemon=True)
     worker.start()
@@ -239,14 +285,13 @@ def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint,
     flush_error: OSError | None = None
     while worker.is_alive():
         worker.join(FLUSH_POLL_SECONDS)
-        if flush_error is None:
+        if flush_error is None and not sink.done and sink.size - flushed >= FLUSH_EVERY:
+            size = sink.size
             try:
-                size = os.fstat(out_fd).st_size
-                if size - flushed >= FLUSH_EVERY:
-                    fsutil.fdatasync(out_fd)
-                    flushed = size
+                fsutil.fdatasync(out_fd)
+                flushed = size
             except OSError as exc:
-                flush_error = exc  # LMDB's copy cannot be interrupted; report after it ends
+                flush_error = exc  # the copy goes on to its end; reported then
     error = outcome.error
     if isinstance(error, lmdb.Error):
         raise _storage_error(error, dest) from error
@@ -257,7 +302,126 @@ def write_snapshot(engine: Engine, out_fd: int, dest: Path) -> tuple[Checkpoint,
     if flush_error is not None:
         raise from_os_error(flush_error, dest) from flush_error
     assert outcome.checkpoint is not None
+    rep = session.report()
+    if rep.total > 0:
+        log.info(
+            "backup.paced",
+            namespace=engine.namespace,
+            kind="btree",
+            adaptive_seconds=round(rep.adaptive, 3),
+            limit_seconds=round(rep.limit, 3),
+            work_seconds=round(rep.work, 3),
+            at_bound=rep.at_bound,
+        )
     return outcome.checkpoint, outcome.size, outcome.digest
+
+
+class _Sink:
+    """Where a snapshot's bytes go, in order: the hash thread, the file, pacing.
+
+    ``write`` is what the plain copy calls per chunk (a fresh ``bytes`` each time, so the
+    hash thread can keep it without a copy). LMDB's compacting copy writes to a descriptor
+    instead: ``fileno()`` hands it the write end of a pipe (made as large as the system
+    allows: fewer wake-ups) that a thread drains into ``write``. A failure of ours (ENOSPC
+    on the file) closes the pipe's read end, so LMDB's copy fails too (EPIPE) instead of
+    blocking, and ours is the error reported.
+    """
+
+    def __init__(self, fd: int, session: pacing.Pacing) -> None:
+        self.h = hashlib.sha256()
+        self.size = 0
+        #: Seconds the hash thread spent hashing.
+        self.hashing = 0.0
+        self.error: BaseException | None = None
+        #: Set once the copy has ended (no more fdatasyncs needed from outside).
+        self.done = False
+        self._fd = fd
+        self._session = session
+        self._kicked = 0
+        self._pipe_w = -1
+        self._drain: threading.Thread | None = None
+        self._chunks: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE)
+        self._hasher = threading.Thread(target=self._hash, name="snapshot-hash", daemon=True)
+        self._hasher.start()
+
+    def _hash(self) -> None:
+        pacing.background_thread()
+        while (chunk := self._chunks.get()) is not None:
+            started = time.perf_counter()
+            self.h.update(chunk)
+            self.hashing += time.perf_counter() - started
+
+    def finish_hash(self) -> None:
+        self._chunks.put(None)
+        self._hasher.join()
+
+    def write(self, data: bytes | memoryview) -> int:
+        chunk = data if isinstance(data, bytes) else bytes(data)
+        self._chunks.put(chunk)  # waits while the hash thread is HASH_QUEUE chunks behind
+        _write_copy(self._fd, chunk)
+        self.size += len(chunk)
+        if self.size - self._kicked >= KICK_EVERY:
+            # Start writing back what is written (asynchronously: POSIX_FADV_DONTNEED writes
+            # dirty pages back, WB_SYNC_NONE) so the disk works while the next chunks are read.
+            _advise(self._fd, self._kicked, self.size - self._kicked, os.POSIX_FADV_DONTNEED)
+            self._kicked = self.size
+        self._session.charge(len(chunk))
+        return len(chunk)
+
+    def fileno(self) -> int:
+        if self._pipe_w < 0:
+            r, w = os.pipe2(os.O_CLOEXEC)
+            _grow_pipe(w)
+            self._pipe_w = w
+            self._drain = threading.Thread(
+                target=self._drain_pipe, args=(r,), name="snapshot-pipe", daemon=True
+            )
+            self._drain.start()
+        return self._pipe_w
+
+    def _drain_pipe(self, r: int) -> None:
+        pacing.background_thread()
+        buf = memoryview(bytearray(PIPE_CHUNK))
+        try:
+            while n := os.readv(r, [buf]):
+                self.write(buf[:n])
+        except BaseException as exc:
+            self.error = exc
+        finally:
+            os.close(r)
+
+    def close_pipe(self) -> None:
+        if self._pipe_w >= 0:
+            os.close(self._pipe_w)  # end of the copy: the drain thread reads EOF
+            self._pipe_w = -1
+        if self._drain is not None:
+            self._drain.join()
+            self._drain = None
+
+    def raise_error(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+
+#: The copy's writes (``files.write_all``, bound here: the sidecar's ENOSPC test budgets the
+#: module's ``write_all`` for the trailer and the sidecar, the bytes after the copy).
+_write_copy = files.write_all
+
+
+def _grow_pipe(fd: int) -> None:
+    try:
+        with open("/proc/sys/fs/pipe-max-size") as f:
+            size = min(int(f.read()), PIPE_CHUNK)
+        fcntl.fcntl(fd, F_SETPIPE_SZ, size)
+    except (OSError, ValueError):
+        pass  # the default 64 KiB pipe works, with more wake-ups
+
+
+def _advise(fd: int, offset: int, length: int, advice: int) -> None:
+    try:
+        os.posix_fadvise(fd, offset, length, advice)
+    except OSError:
+        pass  # advice only
 
 
 @dataclass(slots=True)
@@ -266,13 +430,6 @@ class _Outcome:
     digest: str = ""
     size: int = 0
     error: BaseException | None = None
-
-
-def _lower_priority() -> None:
-    try:
-        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), SNAPSHOT_NICE)
-    except (OSError, AttributeError):
-        pass  # best effort: without it the snapshot only competes harder for the CPU
 
 
 def _storage_error(exc: lmdb.Error, dest: Path) -> UnisonDBError:

@@ -103,6 +103,13 @@ from unisondb.errors import UnisonDBError
     "still running near the deadline are cancelled (503). Default: 30s",
 )
 @click.option(
+    "--backup-rate-limit",
+    default=None,
+    metavar="BYTES/S",
+    help="Hard cap on backup I/O of the whole server (e.g. 50MiB/s); backups are also paced "
+    "by the WAL's fsync latency (docs/OPERATIONS.md). Default: 0 = no cap",
+)
+@click.option(
     "--disk-full-retry",
     default=None,
     metavar="DURATION",
@@ -295,6 +302,7 @@ def cli(
     ack: str | None,
     memtable_size: str | None,
     shutdown_timeout: str | None,
+    backup_rate_limit: str | None,
     disk_full_retry: str | None,
     disk_full_hold: str | None,
     log_format: str | None,
@@ -323,6 +331,7 @@ def cli(
             "ack": ack,
             "memtable_size": memtable_size,
             "shutdown_timeout": shutdown_timeout,
+            "backup_rate_limit": backup_rate_limit,
             "disk_full_retry": disk_full_retry,
             "disk_full_hold": disk_full_hold,
         },

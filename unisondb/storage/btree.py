@@ -57,6 +57,10 @@ CHECKPOINT_KEY = b"checkpoint"
 NAMESPACE_KEY = b"namespace"
 CHECKPOINT = struct.Struct("<QQQQQQ16s16sQ256s")
 DEFAULT_MAP_SIZE = 1 << 30  # 1 GiB of address space to start; grows by doubling
+#: Bytes per ``f.write`` of a plain copy (``BTree.copy_plain_to``).
+PLAIN_COPY_CHUNK = 1 << 20
+#: The window of ``data.mdb`` a plain copy asks the kernel to read ahead (``WILLNEED``).
+PLAIN_COPY_READ_AHEAD = 8 << 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -381,20 +385,64 @@ class BTree:
             self.env.copyfd(f.fileno(), compact=True, txn=txn)
         return cp
 
-    def copy_plain_to(self, f: BinaryIO) -> Checkpoint:
-        """LMDB's plain (non-compacting) copy of the environment to ``f``: every page up
-        to the last used one, free pages too, at the speed of ``write()``.
+    def copy_plain_to(self, f: BinaryIO, chunk: int = PLAIN_COPY_CHUNK) -> Checkpoint:
+        """LMDB's plain (non-compacting) copy of the environment, every byte handed to
+        ``f.write`` once (``chunk`` bytes at a time, a new ``bytes`` each: the caller may
+        keep it to hash on another thread), and the checkpoint of exactly the state it holds.
 
-        py-lmdb cannot hand our read transaction to a plain copy (LMDB takes its own), so
-        the checkpoint is read back *from the copy*: it is exactly the one committed with
-        the data the copy holds, whatever the writer did meanwhile.
+        It is what ``mdb_env_copyfd2`` without ``MDB_CP_COMPACT`` writes, done here so the
+        bytes pass through Python once instead of being read back from the copy: the two
+        meta pages and a read transaction are taken while holding LMDB's writer lock (an
+        empty write transaction: no commit can fall between them, so the newest meta page
+        copied is the state the read transaction pins and the checkpoint is read from),
+        then pages 2 .. ``last_pgno`` are read from ``data.mdb`` with ``pread``. The pinned
+        state's pages cannot change while the read transaction lives (LMDB never reuses a
+        page a live reader can see); free pages can, and are garbage in LMDB's own plain
+        copy just the same. The file is read ahead sequentially on its own descriptor
+        (``POSIX_FADV_SEQUENTIAL``, and ``WILLNEED`` one ``PLAIN_COPY_READ_AHEAD`` window at
+        a time, so a paced copy also paces its reads): the serving map keeps readahead off
+        (``MADV_RANDOM``), which is right for GETs and would make a cold copy fault page by
+        page.
         """
         self._ensure_headroom()
+        path = self.path / "data.mdb"
         with self._rw.read():
             testseam.hold("snapshot-copy")
-            self.env.copyfd(f.fileno(), compact=False)
-        f.flush()
-        return read_checkpoint_fd(f.fileno())
+            # Our own reads fail as errors about data.mdb; what ``f.write`` raises (a full
+            # backup disk) passes through untouched for the caller to name its own file.
+            try:
+                fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            except OSError as exc:
+                raise from_os_error(exc, path) from exc
+            try:
+                _advise_sequential(fd)
+                psize = int(self.env.stat()["psize"])
+                writer = self.env.begin(write=True)  # LMDB's writer lock, as mdb_env_copyfd0 takes it
+                try:
+                    txn = self.env.begin(db=self._meta)
+                    end = (int(self.env.info()["last_pgno"]) + 1) * psize
+                    head = _pread(fd, 2 * psize, 0, path)
+                finally:
+                    writer.abort()  # nothing written: no commit, no new transaction id
+                try:
+                    raw = txn.get(CHECKPOINT_KEY)
+                    cp = Checkpoint() if raw is None else Checkpoint.decode(bytes(raw))
+                    end = min(end, os.fstat(fd).st_size)  # as LMDB clamps it
+                    f.write(head)
+                    off = len(head)
+                    ahead = 0
+                    while off < end:
+                        if off >= ahead:  # read ahead one window at a time: paced like the copy
+                            ahead = off + PLAIN_COPY_READ_AHEAD
+                            _advise_willneed(fd, off, PLAIN_COPY_READ_AHEAD)
+                        data = _pread(fd, min(chunk, end - off), off, path)
+                        f.write(data)
+                        off += len(data)
+                finally:
+                    txn.abort()
+            finally:
+                os.close(fd)
+        return cp
 
     def free_fraction(self) -> float:
         """Share of the file's pages (up to the last used one) that no B-tree uses: what a
@@ -447,23 +495,30 @@ def read_namespace_label(path: Path) -> str | None:
     return None if raw is None else bytes(raw).decode("utf-8", errors="replace")
 
 
-def read_checkpoint_fd(fd: int) -> Checkpoint:
-    """The checkpoint in a complete LMDB file open at ``fd`` (a copy just written).
-
-    Opened read-only through ``/proc/self/fd`` without a lock file: nothing is written
-    next to it. A file without a checkpoint (an empty database) gives ``Checkpoint()``;
-    ``lmdb.Error`` propagates (the caller names the file)."""
-    size = os.fstat(fd).st_size
-    env = lmdb.open(
-        f"/proc/self/fd/{fd}", subdir=False, readonly=True, lock=False, max_dbs=4, map_size=max(size, 1 << 20)
-    )
+def _pread(fd: int, n: int, off: int, path: Path) -> bytes:
+    """Up to ``n`` bytes at ``off`` (a new object each time: the caller may keep it); none
+    is an error (the file was cut under the copy)."""
     try:
-        meta = env.open_db(b"meta", create=False)
-        with env.begin(db=meta) as txn:
-            raw = txn.get(CHECKPOINT_KEY)
-    finally:
-        env.close()
-    return Checkpoint() if raw is None else Checkpoint.decode(bytes(raw))
+        data = os.pread(fd, n, off)
+    except OSError as exc:
+        raise from_os_error(exc, path) from exc
+    if not data:
+        raise CorruptLog(f"data.mdb ended at {off} bytes during a copy", path=path)
+    return data
+
+
+def _advise_sequential(fd: int) -> None:
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_SEQUENTIAL)
+    except OSError:
+        pass  # advice only
+
+
+def _advise_willneed(fd: int, offset: int, length: int) -> None:
+    try:
+        os.posix_fadvise(fd, offset, length, os.POSIX_FADV_WILLNEED)
+    except OSError:
+        pass  # advice only: the reads then wait for the disk themselves
 
 
 #: Bytes reserved for ``lock.mdb``: LMDB needs 64 per reader slot (512) plus a header.

@@ -649,6 +649,11 @@ class Engine:
             active_age_seconds=(now - act.header.created_ns) / 1e9 if act is not None else 0.0,
         )
 
+    def wal_sync_latency(self) -> tuple[float, float]:
+        """(``time.monotonic()`` when the last WAL fsync ended, its seconds); (0, 0) before the
+        first. Read without a lock from any thread (a tuple is replaced whole): backup pacing."""
+        return self.wal.last_sync
+
     @property
     def data_file(self) -> Path:
         """LMDB's ``data.mdb`` of this namespace (what a snapshot copies)."""

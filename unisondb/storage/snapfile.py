@@ -2,7 +2,7 @@
 
 A snapshot written by ``POST /api/v1/<ns>/btree/backup`` is::
 
-    [0, data_len)              LMDB's compacting copy (a complete data.mdb)
+    [0, data_len)              LMDB's copy, plain or compacting (a complete data.mdb)
     [data_len, data_len+4096)  the trailer below
 
 LMDB reads only the pages its meta page names and never looks past the last one, so the

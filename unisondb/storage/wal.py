@@ -85,6 +85,7 @@ class Wal:
         #: Counters for metrics (read by the metrics collector).
         self.bytes_written = 0
         self.fsyncs = 0
+        self.last_sync = (0.0, 0.0)
         self.rotations = 0
         #: (id, lineage, first LSN, start fingerprint) of the segment a rotation still has
         #: to create after its predecessor was sealed (set while that fails).
@@ -264,8 +265,12 @@ class Wal:
 
     def sync(self) -> None:
         assert self.active is not None
+        started = time.monotonic()
         self.active.sync()
         self.fsyncs += 1
+        # (when it ended, seconds it took): what backup pacing watches (backup/pacing.py)
+        ended = time.monotonic()
+        self.last_sync = (ended, ended - started)
 
     def rotate(self, next_lsn: int, fingerprint: bytes) -> int | None:
         """Seal the active segment if it holds records and start the next; return the sealed id.

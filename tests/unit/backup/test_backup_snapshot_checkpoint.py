@@ -1,11 +1,11 @@
 """The checkpoint a snapshot states is exactly its content, for both copy modes.
 
-A plain LMDB copy cannot run inside our read transaction, so ``BTree.copy_plain_to`` reads
-the checkpoint back from the copy; the compacting copy reads it in the copy's own
-transaction. Either way, with writers racing the copy: write, snapshot, then rebuild the
-expected state from a model of every acknowledged write up to the *stated* LSN (the WAL
-replay a restore would do from that LSN starts after it) and compare it pair by pair with
-the snapshot's content. Real engine, real LMDB files, real threads; no fakes.
+The plain copy (``BTree.copy_plain_to``) takes the meta pages and its read transaction
+under LMDB's writer lock and reads the checkpoint in that transaction; the compacting copy
+reads it in the copy's own transaction. Either way, with writers racing the copy: write,
+snapshot, then rebuild the expected state from a model of every acknowledged write up to
+the *stated* LSN (the WAL replay a restore would do from that LSN starts after it) and
+compare it pair by pair with the snapshot's content. Real engine, real LMDB files, real threads; no fakes.
 """
 
 from __future__ import annotations

@@ -1,11 +1,12 @@
-"""A token bucket that bounds the archive's upload bandwidth (``--archive-rate-limit``).
+"""A token bucket: the one bandwidth bound, shared by the archive's uploads
+(``--archive-rate-limit``) and backup I/O (``--backup-rate-limit``, ``backup/pacing.py``).
 
-``take(n)`` is called with the size of each PUT (or multipart part) before it is sent. The bucket
-holds at most ``burst`` bytes of credit (default: one second's worth) and refills at ``rate``
-bytes per second. A request larger than the credit is let through after the caller has waited
-until the credit would cover it: the balance goes negative (a debt) and later callers wait for
-it to be repaid. So over any span of ``T`` seconds, the bytes *started* are at most
-``burst + rate * T`` — the bound is on average bandwidth; one request is never split (a
+``take(n)`` is called with the size of each PUT (or multipart part, or backup chunk) before it
+is sent. The bucket holds at most ``burst`` bytes of credit (default: one second's worth) and
+refills at ``rate`` bytes per second. A request larger than the credit is let through after the
+caller has waited until the credit would cover it: the balance goes negative (a debt) and later
+callers wait for it to be repaid. So over any span of ``T`` seconds, the bytes *started* are at
+most ``burst + rate * T`` — the bound is on average bandwidth; one request is never split (a
 multipart part is the unit, so a large object is smoothed part by part).
 
 The clock and the sleep are seams, so tests drive time without sleeping.
