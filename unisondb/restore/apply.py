@@ -65,6 +65,9 @@ REPLAY_BATCH = 100_000
 #: transactions cost little.
 REPLAY_BATCH_BYTES = 16 << 20
 _PAGE = 4096
+#: Records between two releases of the staged B-tree's mapped pages: a put at a random key
+#: maps up to 64 KiB (fault-around), so this bounds that part of the RSS to ~16 MiB.
+RELEASE_RECORDS = 256
 _COPY_CHUNK = 4 << 20
 _STAGING_RE = re.compile(r"^\.restore-(?P<ns>.+)-(?P<token>[0-9a-f]{12})$")
 
@@ -445,12 +448,16 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
             nonlocal cp, batch, size
             if batch:
                 assert where is not None
-                cp = _apply_batch(btree, batch, cp, *where)
+                cp = _apply_batch(btree, batch, cp, *where, release)
                 progress.advance(len(batch))
                 batch, size = [], 0
-                # LMDB maps the whole file; pages the replay read stay in this process's
-                # RSS until it lets go of them (they stay in the page cache).
-                pages.release()
+
+        # LMDB maps the whole file; the pages the replay reads would stay in this
+        # process's RSS (up to the B-tree's size): they are given back to the page cache
+        # every RELEASE_RECORDS records, inside each transaction (``storage/mapped.py``;
+        # the map size names the mapping: LMDB maps the file anew when it grows).
+        def release() -> None:
+            pages.release(btree.map_size)
 
         for kind, link, rec, start, end in chain.walk(decode=True):
             if kind == RECORD:
@@ -546,9 +553,12 @@ def _prove(cp: Checkpoint, recorded: bytes, seg: SegmentMeta, where: str) -> Non
         )
 
 
-def _apply_batch(btree: BTree, batch: list[Record], cp: Checkpoint, link: Link, end: int) -> Checkpoint:
+def _apply_batch(
+    btree: BTree, batch: list[Record], cp: Checkpoint, link: Link, end: int, release: Callable[[], None]
+) -> Checkpoint:
     last = batch[-1]
-    return btree.apply(batch, cp.advance(last.lsn, link.segment.segment_id, end, last.time_ns))
+    cp = cp.advance(last.lsn, link.segment.segment_id, end, last.time_ns)
+    return btree.apply(batch, cp, every=(RELEASE_RECORDS, release))
 
 
 # --- atomic directory publication ---

@@ -346,7 +346,7 @@ def _sum_released(it: Iterator[tuple[bytes, bytes]], count: int, pages: MappedFi
         n = min(count, RELEASE_EVERY)
         total += sum_items(itertools.islice(it, n))
         count -= n
-        pages.release()
+        pages.release(generation=0)  # a read-only map is never mapped anew
     return total
 
 

@@ -8,6 +8,21 @@ process's page tables and the next touch maps them again from the page cache (a 
 fault; nothing is lost or re-read from disk). A restore and a snapshot content scan call
 ``release`` between batches, which bounds their peak RSS whatever the file's size.
 
+Why between transactions is not enough: on a page fault Linux maps up to 16 neighbouring
+pages that are in the page cache ("fault-around", measured here even under
+``MADV_RANDOM``, which LMDB sets), so a transaction of a few thousand puts at random keys
+maps ~64 KiB per put — hundreds of MiB of a big B-tree within one transaction. A restore
+therefore releases every few hundred records inside its transactions
+(``BTree.apply(every=...)``). That is safe in the middle of an LMDB transaction: without
+``MDB_WRITEMAP`` LMDB never writes through the map, and the pages a transaction reads are
+not rewritten while it runs, so a page touched again is mapped again with the same bytes.
+
+Reading ``/proc/self/maps`` costs milliseconds, so the ranges are cached per
+``generation``: the caller passes a value that changes whenever the file may have been
+mapped anew (the LMDB map size: ``set_mapsize`` unmaps and maps again, and an old address
+may by then hold other memory, which ``MADV_DONTNEED`` would zero). The same thread that
+maps (LMDB's writer) calls ``release``, so the mapping cannot change in between.
+
 The mapping's address is not exposed by py-lmdb, so it is found in ``/proc/self/maps``
 (Linux; elsewhere ``release`` does nothing). Only mappings of exactly this file are
 touched.
@@ -52,6 +67,7 @@ class MappedFile:
         self._fn = _madvise() if self._ident is not None else None
         #: Bytes of mappings released so far (for tests).
         self.released = 0
+        self._cached: tuple[object, list[tuple[int, int]]] | None = None
 
     def ranges(self) -> list[tuple[int, int]]:
         """(start, end) addresses of this process's mappings of the file."""
@@ -71,12 +87,15 @@ class MappedFile:
             return []
         return out
 
-    def release(self) -> None:
+    def release(self, generation: object = None) -> None:
         """Drop every page of the file from this process's resident set (not from the
-        page cache). Best effort: a failure only leaves the pages mapped."""
+        page cache). ``generation``: see the module docstring (None: read the ranges
+        afresh). Best effort: a failure only leaves the pages mapped."""
         if self._fn is None:
             return
-        for lo, hi in self.ranges():
+        if generation is None or self._cached is None or self._cached[0] != generation:
+            self._cached = (generation, self.ranges())
+        for lo, hi in self._cached[1]:
             if self._fn(lo, hi - lo, MADV_DONTNEED) == 0:
                 self.released += hi - lo
 
