@@ -7,10 +7,16 @@ Steps (the target namespace is untouched until step 5)::
                server holds it); delete leftover .restore-<ns>-<hex> staging dirs of killed
                runs
     2. stage   <data>/.restore-<ns>-<hex>/ with its own LOCK (held), db/data.mdb = the
-               snapshot (copied while hashing; must equal the verified sha256), wal/ empty
-    3. replay  records snapshot+1..end in batches, each one LMDB transaction with its
-               checkpoint; then the final checkpoint: new timeline, segment id = highest seen
-    4. sync    fsync data.mdb (env.sync), every staged directory and the data dir
+               snapshot's LMDB bytes, read once: hashed while copied (trailer and
+               sidecar checked), then its structure walked on the staged copy and its
+               content check started; wal/ empty
+    3. replay  each segment read once (``verify.ChainWalk``: sha256 + sidecar, every
+               record CRC, LSN contiguity, footer, anchor, time target) and its records
+               applied from the same bytes, in LMDB transactions (``sync=False``) with
+               their checkpoint; then the final checkpoint: new timeline, segment id =
+               highest seen
+    4. sync    wait for the content check; env.sync(True), fsync every staged directory
+               and the data dir — nothing is published before this (see ``_replay``)
     5. publish <ns> exists: renameat2(RENAME_EXCHANGE) swaps the two directories in one
                atomic step, the data dir is fsynced, and the old tree (now at the staging
                name) is deleted; <ns> absent: renameat2(RENAME_NOREPLACE)
@@ -63,11 +69,13 @@ REPLAY_BATCH = 100_000
 #: over a big tree dirty about a leaf page per record), so this, not the record count,
 #: bounds the restore's memory. With ``sync=False`` a commit costs no fsync, so smaller
 #: transactions cost little.
-REPLAY_BATCH_BYTES = 16 << 20
+REPLAY_BATCH_BYTES = 8 << 20
 _PAGE = 4096
-#: Records between two releases of the staged B-tree's mapped pages: a put at a random key
-#: maps up to 64 KiB (fault-around), so this bounds that part of the RSS to ~16 MiB.
-RELEASE_RECORDS = 256
+#: Records between two looks at this process's file-backed RSS, and the level above which
+#: the staged B-tree's mapped pages are given back: one put at a random key maps 64 KiB
+#: (fault-around) to ~256 KiB (large page-cache folios) measured here.
+RELEASE_RECORDS = 64
+RELEASE_ABOVE = 32 << 20
 _COPY_CHUNK = 4 << 20
 _STAGING_RE = re.compile(r"^\.restore-(?P<ns>.+)-(?P<token>[0-9a-f]{12})$")
 
@@ -457,7 +465,7 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
         # every RELEASE_RECORDS records, inside each transaction (``storage/mapped.py``;
         # the map size names the mapping: LMDB maps the file anew when it grows).
         def release() -> None:
-            pages.release(btree.map_size)
+            pages.release_over(RELEASE_ABOVE, btree.map_size)
 
         for kind, link, rec, start, end in chain.walk(decode=True):
             if kind == RECORD:

@@ -35,6 +35,7 @@ import os
 from pathlib import Path
 
 MADV_DONTNEED = 4
+_PAGE_SIZE = os.sysconf("SC_PAGE_SIZE") if hasattr(os, "sysconf") else 4096
 
 _libc: ctypes.CDLL | None = None
 
@@ -98,6 +99,17 @@ class MappedFile:
         for lo, hi in self._cached[1]:
             if self._fn(lo, hi - lo, MADV_DONTNEED) == 0:
                 self.released += hi - lo
+
+    def release_over(self, limit: int, generation: object = None) -> None:
+        """``release`` if this process's file-backed resident memory exceeds ``limit``
+        bytes (read from ``/proc/self/statm``, far cheaper than a release)."""
+        try:
+            with open("/proc/self/statm", "rb") as f:
+                shared = int(f.read().split()[2]) * _PAGE_SIZE
+        except (OSError, ValueError, IndexError):
+            shared = limit + 1
+        if shared > limit:
+            self.release(generation)
 
     def close(self) -> None:
         self._fn = None
