@@ -51,12 +51,16 @@ def prepare(
     progress: Progress | None = None,
     check_namespace: bool = True,
     background_content: bool = False,
+    deferred: bool = False,
 ) -> VerifiedPlan:
     """Inventory, plan and verify; raises if the restore cannot be done. Writes nothing.
 
-    ``background_content``: see ``verify_plan`` (the caller then owns ``vp.content``)."""
+    ``background_content``: see ``verify_plan`` (the caller then owns ``vp.content``).
+    ``deferred``: a restore follows at once — only what planning needs is read here (the
+    snapshot's meta pages, trailer and checkpoint; segment headers and footers), and
+    ``apply_plan`` checks every byte as it reads it once to copy and replay."""
     progress = progress or Progress()
-    snap = inspect_snapshot(snapshot)
+    snap = inspect_snapshot(snapshot, structural=not deferred)
     inv = collect_wal(wal_dirs)
     existing = inspect_target(data_dir, namespace)
     plan = build_plan(
@@ -69,7 +73,7 @@ def prepare(
         existing=existing,
         check_namespace=check_namespace,
     )
-    return verify_plan(plan, progress, background_content=background_content)
+    return verify_plan(plan, progress, background_content=background_content, deferred=deferred)
 
 
 def restore(
@@ -138,9 +142,12 @@ def _restore(
         history_choice=history_choice,
         progress=progress,
         check_namespace=check_namespace,
-        # A dry run reports only what is proven; a restore overlaps the content check
-        # with its copy and replay, and apply_plan waits for it before publishing.
+        # A dry run verifies (and reports) everything here. A restore reads each input
+        # byte once: apply_plan checks the snapshot while copying it and each segment
+        # while replaying it, overlaps the content check with the replay, and publishes
+        # nothing before every check passed.
         background_content=not dry_run,
+        deferred=not dry_run,
     )
     prepare_seconds = time.perf_counter() - started
     vp.seconds = prepare_seconds

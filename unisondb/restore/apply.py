@@ -7,10 +7,16 @@ Steps (the target namespace is untouched until step 5)::
                server holds it); delete leftover .restore-<ns>-<hex> staging dirs of killed
                runs
     2. stage   <data>/.restore-<ns>-<hex>/ with its own LOCK (held), db/data.mdb = the
-               snapshot (copied while hashing; must equal the verified sha256), wal/ empty
-    3. replay  records snapshot+1..end in batches, each one LMDB transaction with its
-               checkpoint; then the final checkpoint: new timeline, segment id = highest seen
-    4. sync    fsync data.mdb (env.sync), every staged directory and the data dir
+               snapshot's LMDB bytes, read once: hashed while copied (trailer and
+               sidecar checked), then its structure walked on the staged copy and its
+               content check started; wal/ empty
+    3. replay  each segment read once (``verify.ChainWalk``: sha256 + sidecar, every
+               record CRC, LSN contiguity, footer, anchor, time target) and its records
+               applied from the same bytes, in LMDB transactions (``sync=False``) with
+               their checkpoint; then the final checkpoint: new timeline, segment id =
+               highest seen
+    4. sync    wait for the content check; env.sync(True), fsync every staged directory
+               and the data dir — nothing is published before this (see ``_replay``)
     5. publish <ns> exists: renameat2(RENAME_EXCHANGE) swaps the two directories in one
                atomic step, the data dir is fsynced, and the old tree (now at the staging
                name) is deleted; <ns> absent: renameat2(RENAME_NOREPLACE)
@@ -26,32 +32,56 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import hashlib
 import os
 import re
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
-from unisondb.errors import Conflict, LockedError, StorageError, UnisonDBError, from_os_error
+from unisondb.errors import Conflict, CorruptSnapshot, LockedError, StorageError, UnisonDBError, from_os_error
 from unisondb.restore import sources
 from unisondb.restore.errors import BackupCorrupt, DataExists
-from unisondb.restore.inventory import SegmentMeta, inspect_target
+from unisondb.restore.inventory import (
+    SegmentMeta,
+    check_sidecar,
+    inspect_target,
+    raise_on_mismatch,
+    start_content_check,
+)
 from unisondb.restore.progress import Progress
 from unisondb.restore.timeline import Link
-from unisondb.restore.verify import VerifiedPlan, read_verified
-from unisondb.storage import fingerprint, fsutil, layout, record, segment, snapfile
+from unisondb.restore.verify import BEGIN, END, RECORD, ChainWalk, VerifiedPlan, checksum_warnings
+from unisondb.storage import fingerprint, fsutil, layout, lmdbfile, mapped, segment, snapfile
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.history import Lineage
 from unisondb.storage.lockfile import NamespaceLock
 from unisondb.storage.record import Record
 
 #: Records per LMDB transaction while replaying (bounded also by REPLAY_BATCH_BYTES).
-REPLAY_BATCH = 20_000
-REPLAY_BATCH_BYTES = 32 << 20
+REPLAY_BATCH = 100_000
+#: Budget of one replay transaction, counting each record as at least one LMDB page: a
+#: write transaction keeps every page it dirties in memory until it commits (random keys
+#: over a big tree dirty about a leaf page per record), so this, not the record count,
+#: bounds the restore's memory. With ``sync=False`` a commit costs no fsync, so smaller
+#: transactions cost little.
+REPLAY_BATCH_BYTES = 8 << 20
+_PAGE = 4096
+#: Records between two looks at this process's file-backed RSS, and the level above which
+#: the staged B-tree's mapped pages are given back: one put at a random key maps 64 KiB
+#: (fault-around) to ~256 KiB (large page-cache folios) measured here.
+RELEASE_RECORDS = 64
+RELEASE_ABOVE = 32 << 20
 _COPY_CHUNK = 4 << 20
+#: The staged copy is written in pieces this small: the page cache keeps what a write
+#: brings in as folios of up to its size, and a fault on a mapped file maps the whole
+#: folio — after 4 MiB writes, every put the replay makes at a random key mapped ~1.6 MiB
+#: of the B-tree (measured), after 64 KiB writes 64 KiB.
+_WRITE_PIECE = 64 << 10
 _STAGING_RE = re.compile(r"^\.restore-(?P<ns>.+)-(?P<token>[0-9a-f]{12})$")
 
 #: Test hook: called with the name of each step boundary (tests kill the process there).
@@ -277,31 +307,79 @@ def _remove_stale_staging(data_dir: Path, ns: str) -> list[Path]:
 
 
 def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> None:
-    import hashlib
+    """Copy the snapshot's LMDB bytes into staging, reading each byte once.
 
-    src = vp.plan.snapshot.path
+    Every chunk is hashed on a second thread (hashlib runs without the GIL) while this one
+    writes it: one pass gives the sha256 of the LMDB bytes (the self-verifying trailer's,
+    ``snapfile.py``) and, with the trailer added, of the whole file (the ``.sha256``
+    sidecar's). The trailer itself is not copied, so the staged file is a plain data.mdb.
+    Then, on the staged copy (page cache, not the input again): the checksums, LMDB's
+    structure (``lmdbfile`` page walk, before LMDB maps it), and the content check starts.
+    """
+    snap = vp.plan.snapshot
+    src = snap.path
+    trailer = snapfile.read_trailer(sources.materialize(src))
+    data_len = trailer.data_len if trailer is not None else snap.size
     h = hashlib.sha256()
-    progress.phase("copy snapshot", vp.plan.snapshot.size)
+    progress.phase("copy snapshot", snap.size)
     try:
         dest.parent.mkdir(parents=True, exist_ok=True)
-        with sources.open_plain(src) as fin, open(dest, "xb") as fout:
-            while chunk := fin.read(_COPY_CHUNK):
-                h.update(chunk)
-                fout.write(chunk)
+        with (
+            ThreadPoolExecutor(1, thread_name_prefix="restore-sha256") as pool,
+            sources.open_plain(src) as fin,
+            open(dest, "xb") as fout,
+        ):
+            left = data_len
+            hashing: Future[None] | None = None
+            while left > 0:
+                chunk = fin.read(min(_COPY_CHUNK, left))
+                if not chunk:
+                    break
+                if hashing is not None:
+                    hashing.result()  # in order: the previous chunk is in the digest
+                hashing = pool.submit(h.update, chunk)
+                view = memoryview(chunk)
+                for at in range(0, len(chunk), _WRITE_PIECE):
+                    fout.write(view[at : at + _WRITE_PIECE])
+                left -= len(chunk)
                 progress.advance(len(chunk))
+            if hashing is not None:
+                hashing.result()
+            tail = fin.read(snapfile.TRAILER_SIZE + 1)
             fout.flush()
             fsutil.fsync(fout.fileno())
     except OSError as exc:
         raise from_os_error(exc, dest if exc.filename == str(dest) else src) from exc
-    if h.hexdigest() != vp.snapshot_sha256:
+    whole = h.copy()
+    whole.update(tail)
+    digest = whole.hexdigest()
+    if left or (trailer is not None and tail != trailer.raw) or (trailer is None and tail):
+        raise BackupCorrupt(f"snapshot {src} changed while the restore was reading it (its size changed)")
+    if vp.snapshot_sha256 and digest != vp.snapshot_sha256:
         raise BackupCorrupt(
-            f"snapshot {src} changed after it was verified (sha256 "
-            f"{h.hexdigest()}, verified {vp.snapshot_sha256})"
+            f"snapshot {src} changed after it was verified (sha256 {digest}, verified {vp.snapshot_sha256})"
         )
-    # The staged copy has the verified bytes: drop its trailer now, so opening it as a
-    # B-tree (snapfile.install_check) does not hash the whole file once more.
-    if snapfile.read_trailer(dest) is not None:
-        snapfile.strip(dest)
+    if vp.deferred:
+        res = check_sidecar(src, digest)
+        raise_on_mismatch(res)
+        vp.checksums.insert(0, res)
+        vp.snapshot_sha256 = digest
+    if trailer is not None and h.digest() != trailer.data_sha256:
+        raise CorruptSnapshot(
+            f"{src} is corrupt: sha256 of its {trailer.data_len} data bytes is "
+            f"{h.hexdigest()} but its trailer records {trailer.data_sha256_hex}",
+            hint="the file changed after it was written (disk or transfer damage); "
+            "use another copy of this snapshot or an older one",
+        )
+    if vp.deferred:
+        # Every page LMDB can reach is present and well formed before LMDB maps the file
+        # (a damaged file is reported, never opened): the walk reads the staged copy.
+        lmdbfile.check_file(dest, "snapshot", shown=src, walk=True)
+        # The content check reads the input's pages (LMDB maps the file; the copy just
+        # read them, so they come from the page cache) in a worker process, while this one
+        # replays; the staged copy cannot be scanned by a lock-less reader while it is
+        # being written. ``apply_plan`` waits for it before publishing.
+        vp.content = start_content_check(snap, digest, background=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -342,71 +420,91 @@ class Proof:
 
 
 def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
-    """Replay the verified steps into the staged B-tree and start the new history.
+    """Replay the plan's WAL into the staged B-tree and start the new history.
 
-    The staged environment runs with ``sync=False``: a crash mid-replay leaves a staging
-    directory that nothing uses (the next restore deletes it), and ``btree.sync()`` makes
-    everything durable before the directory is published. That lets the replay commit at
-    every segment boundary, where the state fingerprint is compared with the one the
-    server recorded, without paying an fsync each time.
+    Every segment is read once: ``ChainWalk`` hashes it, checks its sidecar, walks its
+    records (CRC, LSN contiguity, footer, anchor, time target) and yields the decoded
+    records this loop applies, from the same bytes.
+
+    Safety of ``sync=False`` (``BTree(durable=False)``) and of replaying records whose
+    file is still being checked: the staged directory is ``.restore-<ns>-<hex>``, which
+    nothing opens (a server opens ``<ns>``; both LOCKs are held). Nothing is published
+    before ``btree.sync()`` (``env.sync(True)``) here and the fsyncs of every staged
+    directory and of the data dir in ``apply_plan``; a check that fails later deletes the
+    staging directory, and a restore killed at any instant leaves one that the next
+    restore deletes (``_remove_stale_staging``) before it stages anything. So a lost or
+    half-written page of the staged environment can never be served, and the replay
+    commits at every segment boundary — where the state fingerprint is compared with the
+    one the server recorded — without paying an fsync each time.
     """
     plan = vp.plan
     cp = plan.snapshot.checkpoint
     progress.phase("replay WAL", vp.records, unit="records")
     btree = BTree(db_dir, durable=False)
+    pages = mapped.MappedFile(db_dir / "data.mdb")
     try:
         got = btree.read_checkpoint()
         if got != cp:
             raise BackupCorrupt(
                 f"the staged snapshot's checkpoint {got} differs from the one verified ({cp})"
             )
-        # The snapshot's content is proven against its recorded fingerprint by
-        # ``verify_plan``'s content check (waited for before publishing), and the staged
-        # copy has the verified sha256, so it is not hashed a second time here.
+        # The snapshot's content is proven against its recorded fingerprint by the
+        # content check (waited for before publishing), and the staged copy has the
+        # checked sha256, so it is not hashed a second time here.
         proven: int | None = cp.applied_lsn
         boundaries = 0
         last_lsn = cp.applied_lsn
         batch: list[Record] = []
         size = 0
         where: tuple[Link, int] | None = None
-        for step in vp.steps:
-            link = step.link
-            seg = link.segment
-            if link.from_lsn == seg.first_lsn and seg.start_fp is not None:
-                if batch:
-                    assert where is not None
-                    cp = _apply_batch(btree, batch, cp, *where)
-                    progress.advance(len(batch))
-                    batch, size = [], 0
-                _prove(cp, seg.start_fp, seg, "before its first record")
-                boundaries += 1
-                proven = cp.applied_lsn
-            data, _digest = read_verified(seg, step.sha256)
-            for rec, start, end in _records(link, data):
+        chain = ChainWalk(plan, [s.link for s in vp.steps], end_lsn=None if vp.deferred else vp.end_lsn)
+
+        def flush() -> None:
+            nonlocal cp, batch, size
+            if batch:
+                assert where is not None
+                cp = _apply_batch(btree, batch, cp, *where, release)
+                progress.advance(len(batch))
+                batch, size = [], 0
+
+        # LMDB maps the whole file; the pages the replay reads would stay in this
+        # process's RSS (up to the B-tree's size): they are given back to the page cache
+        # every RELEASE_RECORDS records, inside each transaction (``storage/mapped.py``;
+        # the map size names the mapping: LMDB maps the file anew when it grows).
+        def release() -> None:
+            pages.release_over(RELEASE_ABOVE, btree.map_size)
+
+        for kind, link, rec, start, end in chain.walk(decode=True):
+            if kind == RECORD:
+                assert rec is not None
                 if rec.lsn != last_lsn + 1:
-                    raise BackupCorrupt(f"{seg.path}: LSN {rec.lsn} where {last_lsn + 1} was expected")
+                    raise BackupCorrupt(
+                        f"{link.segment.path}: LSN {rec.lsn} where {last_lsn + 1} was expected"
+                    )
                 batch.append(rec)
-                size += end - start
+                size += max(end - start, _PAGE)
                 where = (link, end)
                 last_lsn = rec.lsn
                 if len(batch) >= REPLAY_BATCH or size >= REPLAY_BATCH_BYTES:
-                    cp = _apply_batch(btree, batch, cp, *where)
-                    progress.advance(len(batch))
-                    batch, size = [], 0
-            del data
-            if link.to_lsn == seg.last_lsn and seg.end_fp is not None:
-                if batch:
-                    assert where is not None
-                    cp = _apply_batch(btree, batch, cp, *where)
-                    progress.advance(len(batch))
-                    batch, size = [], 0
+                    flush()
+                continue
+            seg = link.segment
+            if kind == BEGIN and link.from_lsn == seg.first_lsn and seg.start_fp is not None:
+                flush()
+                _prove(cp, seg.start_fp, seg, "before its first record")
+                boundaries += 1
+                proven = cp.applied_lsn
+            elif kind == END and link.to_lsn == seg.last_lsn and seg.end_fp is not None:
+                flush()
                 _prove(cp, seg.end_fp, seg, "after its last record")
                 boundaries += 1
                 proven = cp.applied_lsn
-        if batch:
-            assert where is not None
-            cp = _apply_batch(btree, batch, cp, *where)
-            progress.advance(len(batch))
+        flush()
+        assert chain.end_lsn is not None
+        vp.steps, vp.end_lsn, vp.end_time_ns = chain.steps, chain.end_lsn, chain.end_time_ns
+        if vp.deferred:
+            vp.checksums += chain.checksums
+            vp.warnings += checksum_warnings(vp.checksums)
         if last_lsn != vp.end_lsn:
             raise BackupCorrupt(f"replay ended at LSN {last_lsn}, verified end is {vp.end_lsn}")
         # The new history (a fork of the one the chain ended on): a random id, a timeline
@@ -430,6 +528,7 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
         btree.write_namespace(plan.namespace)
         btree.sync()
     finally:
+        pages.close()
         btree.close()
     return Proof(cp.fingerprint, True, boundaries, proven, vp.end_lsn)
 
@@ -469,35 +568,12 @@ def _prove(cp: Checkpoint, recorded: bytes, seg: SegmentMeta, where: str) -> Non
         )
 
 
-def _records(link: Link, data: bytes) -> Iterator[tuple[Record, int, int]]:
-    """Decode the records ``link.from_lsn..link.to_lsn`` of a verified segment, one by one.
-
-    The bytes are the ones ``verify`` checked (same sha256), so records before the link
-    are skipped by their length alone; each record used is fully decoded (CRC included).
-    """
-    seg = link.segment
-    stop = len(data) - segment.FOOTER_SIZE if seg.sealed else len(data)
-    view = memoryview(data)
-    pos, lsn = segment.HEADER_SIZE, seg.first_lsn
-    while pos < stop and lsn <= link.to_lsn:
-        if lsn < link.from_lsn:
-            _crc, body_len = record.HEADER.unpack_from(view, pos)
-            pos += record.HEADER_SIZE + body_len
-        else:
-            try:
-                rec, nxt = record.decode(view, pos)
-            except record.RecordError as exc:
-                raise BackupCorrupt(
-                    f"WAL segment {seg.path} is damaged at offset {pos}: {exc.reason}"
-                ) from None
-            yield rec, pos, nxt
-            pos = nxt
-        lsn += 1
-
-
-def _apply_batch(btree: BTree, batch: list[Record], cp: Checkpoint, link: Link, end: int) -> Checkpoint:
+def _apply_batch(
+    btree: BTree, batch: list[Record], cp: Checkpoint, link: Link, end: int, release: Callable[[], None]
+) -> Checkpoint:
     last = batch[-1]
-    return btree.apply(batch, cp.advance(last.lsn, link.segment.segment_id, end, last.time_ns))
+    cp = cp.advance(last.lsn, link.segment.segment_id, end, last.time_ns)
+    return btree.apply(batch, cp, every=(RELEASE_RECORDS, release))
 
 
 # --- atomic directory publication ---

@@ -500,42 +500,27 @@ def read_segment_meta(path: Path) -> SegmentMeta:
         and data[size - segment.FOOTER_SIZE : size - segment.FOOTER_SIZE + 4] == segment.FOOTER_MAGIC
     ):
         damage = damage or "footer checksum mismatch (the footer is damaged)"
+    last, count, tmin, tmax = h.first_lsn - 1, 0, 0, 0
     try:
-        scan = segment.scan(path, data)
+        # Every record CRC-checked by the one record walker; entries are not decoded.
+        w = segment.walk_bytes(path, data)
     except CorruptLog as exc:
         damage = damage or exc.message
-        return SegmentMeta(
-            path,
-            h.segment_id,
-            h.timeline,
-            h.first_lsn,
-            h.first_lsn - 1,
-            0,
-            0,
-            0,
-            h.created_ns,
-            h.ns_crc,
-            size,
-            False,
-            damage,
-            h.lineage,
-            h.start_fp,
-        )
-    recs = [r for r, _s, _e in scan.records]
-    if scan.tail_error is not None:
-        damage = damage or (
-            f"damaged or incomplete record ({scan.tail_error}); the file is truncated or corrupt"
-        )
-    times = [r.time_ns for r in recs]
+    else:
+        last, count, tmin, tmax = w.last_lsn, w.count, w.min_time_ns, w.max_time_ns
+        if w.tail_error is not None:
+            damage = damage or (
+                f"damaged or incomplete record ({w.tail_error}); the file is truncated or corrupt"
+            )
     return SegmentMeta(
         path,
         h.segment_id,
         h.timeline,
         h.first_lsn,
-        scan.last_lsn,
-        len(recs),
-        min(times, default=0),
-        max(times, default=0),
+        last,
+        count,
+        tmin,
+        tmax,
         h.created_ns,
         h.ns_crc,
         size,

@@ -31,7 +31,8 @@ what it is; for a compressed file the decompressed start is examined)::
 Reading, bounded in memory (never the whole stored file at once):
 
 * a compressed **segment** is decompressed on each read into one ``bytes`` (a plain segment
-  is read whole too; ``MAX_SEGMENT_BYTES`` caps both) — no disk needed;
+  is read whole too, in one ``read``; ``MAX_SEGMENT_BYTES`` caps both) — no disk needed; a
+  restore holds one segment at a time;
 * a compressed **snapshot** is decompressed once into the staging directory (LMDB needs a
   real file), hashing the stored and the plain bytes in the same pass;
 * an **archive** is read once in ``tarfile`` streaming mode; its segment and sidecar
@@ -409,17 +410,32 @@ def stored_codec(path: Path) -> str:
 
 
 def read_segment(path: Path) -> bytes:
-    """All plain bytes of a segment input (plain, gzip, zstd or an archive member)."""
-    out = bytearray()
+    """All plain bytes of a segment input (plain, gzip, zstd or an archive member).
+
+    One buffer of the file's size: a plain file is read into it in one call, a
+    decompressed stream is joined once at the end (no growing buffer copied again)."""
+    chunks: list[bytes] = []
+    n = 0
     with open_plain(path) as f:
+        try:
+            size = os.fstat(f.fileno()).st_size if codec_of(path) == "none" else -1
+        except (OSError, io.UnsupportedOperation):
+            size = -1
+        if 0 <= size <= MAX_SEGMENT_BYTES:
+            data = f.read(size + 1)  # one more: a file that grew is read whole below
+            if len(data) <= size:
+                return data
+            chunks.append(data)
+            n = len(data)
         while chunk := f.read(_COPY_CHUNK):
-            out += chunk
-            if len(out) > MAX_SEGMENT_BYTES:
+            chunks.append(chunk)
+            n += len(chunk)
+            if n > MAX_SEGMENT_BYTES:
                 raise BackupCorrupt(
                     f"{path} holds more than {MAX_SEGMENT_BYTES >> 20} MiB of plain data: not a WAL segment",
                     hint="move it out of the --wal directory",
                 )
-    return bytes(out)
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
 
 
 def sha256_plain(path: Path) -> str:

@@ -1,13 +1,21 @@
-"""Verification: everything a restore needs is checked before anything is written.
+"""Verification: everything a restore needs is checked before anything is published.
 
-``verify_plan`` (restore) stops at the first fatal problem:
+The checks (``verify_plan`` stops at the first fatal problem):
 
-* the snapshot's ``.sha256`` sidecar (mismatch is fatal, a missing sidecar a warning) —
-  its structure (``lmdbfile`` page walk) and checkpoint were checked when it was inspected;
+* the snapshot's ``.sha256`` sidecar (mismatch is fatal, a missing sidecar a warning), its
+  self-verifying trailer, its LMDB structure (``lmdbfile`` page walk) and its content
+  against the state fingerprint its checkpoint recorded;
 * every segment the plan replays: sidecar, header, every record CRC, LSN contiguity and
-  footer (``segment.scan``), and that the files did not change since the inventory;
+  footer (the one record walker, ``storage/walk.py``, through ``ChainWalk``), and that the
+  files did not change since the inventory;
 * the snapshot's checkpoint against the segment it names (same history);
 * for ``--target-time``: the exact last LSN with time ≤ target.
+
+Where they run: ``--dry-run`` runs them here, reading the inputs. A restore that is going
+to run calls ``verify_plan(deferred=True)``, which reads nothing, and ``apply_plan`` makes
+the same checks on the bytes it reads once anyway — the snapshot while it copies it into
+the staging directory, each segment while it replays it (``ChainWalk``) — and publishes
+nothing before all of them passed. The target namespace is untouched either way.
 
 ``verify_backup_set`` (``unisondb backup verify``) checks a whole backup set and collects
 every problem instead of stopping at the first one.
@@ -16,10 +24,10 @@ every problem instead of stopping at the first one.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-
-import crc32c
 
 from unisondb.errors import CorruptLog, LsnGap, UnisonDBError
 from unisondb.restore import sources
@@ -50,7 +58,9 @@ from unisondb.restore.timeline import (
     unlinked_after,
 )
 from unisondb.storage import history as hist
-from unisondb.storage import record, segment
+from unisondb.storage import segment
+from unisondb.storage.record import Record
+from unisondb.storage.walk import Walk
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +85,10 @@ class VerifiedPlan:
     #: The snapshot content check, still running in the background when ``verify_plan``
     #: was asked not to wait for it: ``apply_plan`` waits before it publishes anything.
     content: ContentCheck | None = None
+    #: Made by ``verify_plan(deferred=True)``: nothing was read yet. ``apply_plan`` makes
+    #: every check as it copies the snapshot and replays the WAL, reading each byte once,
+    #: and fills in ``steps``, ``end_lsn``, ``end_time_ns``, the checksums and warnings.
+    deferred: bool = False
 
     @property
     def records(self) -> int:
@@ -85,110 +99,240 @@ class VerifiedPlan:
         return sum(s.size for s in self.steps)
 
 
-@dataclass(frozen=True, slots=True)
-class RecordIndex:
-    """LSN, time and end offset of every record of one verified segment."""
-
-    path: Path
-    lsns: list[int]
-    times: list[int]
-    ends: list[int]
-
-    @property
-    def last_lsn(self) -> int:
-        return self.lsns[-1] if self.lsns else 0
+def _damaged(path: Path, offset: int | None, reason: str) -> BackupCorrupt:
+    return BackupCorrupt(
+        f"WAL segment {path} is damaged at offset {offset}: {reason}",
+        hint="fetch another copy of this segment (compare with its .sha256)",
+    )
 
 
-def check_segment_bytes(meta: SegmentMeta, data: bytes) -> RecordIndex:
-    """Verify every record CRC, LSN contiguity and the footer of one segment; raise on damage.
+def _reason(exc: CorruptLog) -> str:
+    """The walker's message without the "<path> at offset <n>: " it starts with."""
+    prefix = f"{exc.path} at offset {exc.offset}: " if exc.path is not None else ""
+    return exc.message.removeprefix(prefix)
 
-    A fast walk over the record framing (``record.py``): the CRC covers each record's length
-    and body, so a damaged byte anywhere is caught without decoding the entries. (Replay
-    then decodes every record with ``segment.scan``, which re-checks all of it.)
+
+#: ``ChainWalk.walk`` events: the first record of a step is next; a record; a step is done.
+BEGIN, RECORD, END = 0, 1, 2
+#: (kind, link, record or None, record start offset, record end offset).
+Event = tuple[int, Link, "Record | None", int, int]
+
+
+class ChainWalk:
+    """The plan's WAL segments, each read **once**: sha256 (on a second thread: hashlib
+    runs without the GIL) and ``.sha256`` sidecar, header against the inventory, then every
+    record through the one record walker (``storage/walk.py``: CRC, LSN contiguity,
+    footer), the snapshot's anchor record, and the ``--target-time`` cut.
+
+    ``verify_plan`` (``--dry-run``) walks it without decoding entries; ``apply_plan``
+    replays the decoded records it yields from the same bytes, so no segment is read or
+    CRC-checked twice. A segment's checksum is compared when its walk ends, before the
+    next one starts; what was replayed from a file that then fails is in the staging
+    directory only, which the failing restore deletes. Only one segment's bytes are in
+    memory at a time.
     """
-    path = meta.path
 
-    def bad(reason: str, offset: int) -> BackupCorrupt:
-        return BackupCorrupt(
-            f"WAL segment {path} is damaged at offset {offset}: {reason}",
-            hint="fetch another copy of this segment (compare with its .sha256)",
-        )
+    def __init__(
+        self,
+        plan: RestorePlan,
+        links: list[Link],
+        on_bytes: Callable[[int], None] | None = None,
+        *,
+        end_lsn: int | None = None,
+    ) -> None:
+        self.plan, self.links, self.on_bytes = plan, links, on_bytes
+        cp = plan.snapshot.checkpoint
+        self.steps: list[ReplayStep] = []
+        self.checksums: list[ChecksumResult] = []
+        #: Resolved while walking for a time target (``plan.end_lsn`` is None then).
+        self.end_lsn: int | None = plan.end_lsn if end_lsn is None else end_lsn
+        self.end_time_ns = cp.time_ns
 
-    try:
-        header = segment.decode_header(data, path)
-    except CorruptLog as exc:
-        raise bad(exc.message, 0) from None
-    if (header.segment_id, header.lineage, header.first_lsn, header.ns_crc) != (
-        meta.segment_id,
-        meta.lineage,
-        meta.first_lsn,
-        meta.ns_crc,
-    ):
-        raise BackupCorrupt(f"WAL segment {path} changed while the restore was reading it")
-    footer = segment.try_decode_footer(data) if meta.sealed else None
-    if meta.sealed and footer is None:
-        raise bad("footer missing or damaged", len(data) - segment.FOOTER_SIZE)
-    end = len(data) - segment.FOOTER_SIZE if footer is not None else len(data)
-    view = memoryview(data)
-    lsns: list[int] = []
-    times: list[int] = []
-    ends: list[int] = []
-    pos, expected = segment.HEADER_SIZE, header.first_lsn
-    crc_fn = crc32c.crc32c
-    unpack_head, unpack_body = record.HEADER.unpack_from, record.BODY_FIXED.unpack_from
-    while pos < end:
-        if end - pos < record.HEADER_SIZE:
-            raise bad("record header is cut short", pos)
-        crc, body_len = unpack_head(view, pos)
-        nxt = pos + record.HEADER_SIZE + body_len
-        if body_len < record.MIN_BODY or body_len > record.MAX_BODY or nxt > end:
-            raise bad(f"record length {body_len} out of range", pos)
-        if crc_fn(view[pos + 4 : nxt]) != crc:
-            raise bad("record checksum mismatch", pos)
-        lsn, time_ns, _op, _count = unpack_body(view, pos + record.HEADER_SIZE)
-        if lsn != expected:
-            raise bad(f"record LSN {lsn} where {expected} was expected", pos)
-        lsns.append(lsn)
-        times.append(time_ns)
-        ends.append(nxt)
-        expected += 1
-        pos = nxt
-    if footer is not None and (
-        footer.count != len(lsns)
-        or footer.last_lsn != expected - 1
-        or (lsns and (footer.min_time_ns != min(times) or footer.max_time_ns != max(times)))
-    ):
-        raise bad("segment footer does not match its records", end)
-    if (lsns[-1] if lsns else header.first_lsn - 1) < meta.last_lsn:
-        raise BackupCorrupt(f"WAL segment {path} changed while the restore was reading it")
-    return RecordIndex(path, lsns, times, ends)
+    def walk(self, *, decode: bool) -> Iterator[Event]:
+        """Events (see ``BEGIN``/``RECORD``/``END``); records are decoded with ``decode``."""
+        plan = self.plan
+        cp = plan.snapshot.checkpoint
+        target_time = plan.target.time_ns if plan.target.kind == "time" else None
+        anchor = plan.anchor
+        anchor_done = anchor is None
+        with ThreadPoolExecutor(1, thread_name_prefix="restore-sha256") as pool:
+            for link in self.links:
+                seg = link.segment
+                data = sources.read_segment(seg.path)
+                hashing = pool.submit(sha256_bytes, data)
+                w = self._open(seg, data, hashing)
+                is_anchor = anchor is not None and anchor.segment_id == seg.segment_id
+                anchor_seen = False
+                begun = False
+                cut: int | None = None
+                last_time = self.end_time_ns
+                lo, hi = (link.from_lsn, link.to_lsn) if decode else (1, 0)
+                try:
+                    for lsn, t, start, end, rec in w.records(lo, hi):
+                        if is_anchor and lsn == cp.applied_lsn:
+                            _check_anchor(plan, seg.path, end, t)
+                            anchor_seen = True
+                        if cut is not None or not link.from_lsn <= lsn <= link.to_lsn:
+                            continue
+                        if target_time is not None and t > target_time:
+                            cut = lsn  # the rest of the file is still walked (CRC, footer)
+                            continue
+                        if not begun:
+                            yield BEGIN, link, None, 0, 0
+                            begun = True
+                        yield RECORD, link, rec, start, end
+                        last_time = t
+                except CorruptLog as exc:
+                    self._sidecar(seg, hashing)  # a checksum mismatch says it first
+                    raise _damaged(seg.path, exc.offset, _reason(exc)) from None
+                digest = self._finish(seg, w, hashing)
+                if self.on_bytes is not None:
+                    self.on_bytes(len(data))
+                del data
+                if is_anchor:
+                    if not anchor_seen:
+                        _anchor_mismatch(plan, seg.path)
+                    anchor_done = True
+                if w.last_lsn < link.to_lsn:
+                    raise LsnGap(
+                        f"{seg.path} does not hold LSNs {link.from_lsn}..{link.to_lsn} as its footer claims",
+                        path=seg.path,
+                    )
+                if cut is not None:
+                    self.end_lsn = cut - 1
+                    if begun:
+                        self.end_time_ns = last_time
+                        step = ReplayStep(Link(seg, link.from_lsn, cut - 1), digest, w.file_size)
+                        self.steps.append(step)
+                        yield END, step.link, None, 0, 0
+                    break
+                self.end_time_ns = last_time
+                self.steps.append(ReplayStep(link, digest, w.file_size))
+                yield END, link, None, 0, 0
+            if not anchor_done:
+                assert anchor is not None
+                self._check_anchor_segment(anchor, pool)
+        if self.end_lsn is None:
+            assert target_time is not None
+            raise BadTarget(
+                f"target time {format_ns(target_time)} is after the last record the WAL backups "
+                f"hold (LSN {plan.chain.end_lsn}); records written after that are not in the backup",
+                hint=f"add newer WAL segments, or omit --target-time to restore to LSN {plan.chain.end_lsn}",
+            )
+        if self.end_lsn == cp.applied_lsn:
+            self.end_time_ns = cp.time_ns
+
+    def run(self) -> None:
+        """Walk every segment without replaying (verification only)."""
+        for _event in self.walk(decode=False):
+            pass
+
+    def _open(self, seg: SegmentMeta, data: bytes, hashing: Future[str]) -> Walk:
+        try:
+            header = segment.decode_header(data, seg.path)
+        except CorruptLog as exc:
+            self._sidecar(seg, hashing)
+            raise _damaged(seg.path, 0, _reason(exc)) from None
+        if (header.segment_id, header.lineage, header.first_lsn, header.ns_crc) != (
+            seg.segment_id,
+            seg.lineage,
+            seg.first_lsn,
+            seg.ns_crc,
+        ):
+            raise BackupCorrupt(f"WAL segment {seg.path} changed while the restore was reading it")
+        footer = segment.try_decode_footer(data) if seg.sealed else None
+        if seg.sealed and footer is None:
+            self._sidecar(seg, hashing)
+            raise _damaged(seg.path, len(data) - segment.FOOTER_SIZE, "footer missing or damaged")
+        return Walk(seg.path, data, header, footer)
+
+    def _sidecar(self, seg: SegmentMeta, hashing: Future[str]) -> str:
+        digest = hashing.result()
+        res = check_sidecar(seg.path, digest)
+        raise_on_mismatch(res)
+        self.checksums.append(res)
+        return digest
+
+    def _finish(self, seg: SegmentMeta, w: Walk, hashing: Future[str]) -> str:
+        digest = self._sidecar(seg, hashing)
+        if w.tail_error is not None:
+            raise _damaged(seg.path, w.tail_offset, w.tail_error.rsplit(" at offset ", 1)[0])
+        if w.last_lsn < seg.last_lsn:
+            raise BackupCorrupt(f"WAL segment {seg.path} changed while the restore was reading it")
+        return digest
+
+    def _check_anchor_segment(self, anchor: SegmentMeta, pool: ThreadPoolExecutor) -> None:
+        """The anchor is not replayed (the snapshot ends at its last record): walk it only."""
+        cp = self.plan.snapshot.checkpoint
+        data = sources.read_segment(anchor.path)
+        hashing = pool.submit(sha256_bytes, data)
+        w = self._open(anchor, data, hashing)
+        seen = False
+        try:
+            for lsn, t, _start, end, _rec in w.records(1, 0):
+                if lsn == cp.applied_lsn:
+                    _check_anchor(self.plan, anchor.path, end, t)
+                    seen = True
+        except CorruptLog as exc:
+            self._sidecar(anchor, hashing)
+            raise _damaged(anchor.path, exc.offset, _reason(exc)) from None
+        self._finish(anchor, w, hashing)
+        self.checksums.pop()  # reported with the plan's segments only
+        if not seen:
+            _anchor_mismatch(self.plan, anchor.path)
 
 
-def read_verified(meta: SegmentMeta, expected_sha256: str | None = None) -> tuple[bytes, str]:
-    """The bytes of a segment file and their sha256 (checked against ``expected`` if given)."""
-    data = sources.read_segment(meta.path)
-    digest = sha256_bytes(data)
-    if expected_sha256 is not None and digest != expected_sha256:
-        raise BackupCorrupt(
-            f"WAL segment {meta.path} changed after it was verified "
-            f"(sha256 {digest}, verified {expected_sha256})"
-        )
-    return data, digest
+def checksum_warnings(checksums: list[ChecksumResult]) -> list[str]:
+    """Notes of the sidecars checked, and one line for the files that have none."""
+    out = [c.note for c in checksums if c.note and c.status != "missing"]
+    missing = [c.path.name for c in checksums if c.status == "missing"]
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        out.append(f"no .sha256 sidecar for {shown}: checked by CRC/LMDB structure only")
+    return out
+
+
+def plan_links(plan: RestorePlan) -> list[Link]:
+    return plan.chain.links if plan.end_lsn is None else plan.links_through(plan.end_lsn)
 
 
 def verify_plan(
-    plan: RestorePlan, progress: Progress | None = None, *, background_content: bool = False
+    plan: RestorePlan,
+    progress: Progress | None = None,
+    *,
+    background_content: bool = False,
+    deferred: bool = False,
 ) -> VerifiedPlan:
     """Verify everything the plan reads. With ``background_content`` the snapshot's
     content check (every pair hashed, CPU-bound) runs on in a worker process, overlapping
     the copy and the replay; the caller must ``content.wait()`` before publishing, and
-    ``content.cancel()`` if it gives up."""
+    ``content.cancel()`` if it gives up.
+
+    ``deferred`` (a restore that is going to run): read nothing here. ``apply_plan`` then
+    makes every one of these checks on the bytes it reads once to copy and replay, before
+    anything is published (``VerifiedPlan.deferred``)."""
     progress = progress or Progress()
     started = time.perf_counter()
+    snap = plan.snapshot
+    links = plan_links(plan)
+    if deferred:
+        cp = snap.checkpoint
+        steps = [ReplayStep(ln, "", ln.segment.size) for ln in links]
+        end_time = links[-1].segment.max_time_ns if links else cp.time_ns
+        return VerifiedPlan(
+            plan,
+            plan.end_lsn if plan.end_lsn is not None else plan.chain.end_lsn,
+            end_time,
+            steps,
+            "",
+            [],
+            time.perf_counter() - started,
+            list(plan.warnings),
+            None,
+            deferred=True,
+        )
     warnings = list(plan.warnings)
     checksums: list[ChecksumResult] = []
-    snap = plan.snapshot
-    links = plan.chain.links if plan.end_lsn is None else plan.links_through(plan.end_lsn)
     total = snap.size + sum(ln.segment.size for ln in links)
     progress.phase("verify checksums", total)
     snap_sha = sha256_file(snap.path, progress.advance)
@@ -199,86 +343,38 @@ def verify_plan(
         progress.phase("verify snapshot content", snap.keys, unit="keys")
     content = start_content_check(snap, snap_sha, background=background_content)
     try:
-        return _verify_wal(plan, progress, started, snap_sha, checksums, warnings, links, content)
+        chain = ChainWalk(plan, links, progress.advance)
+        chain.run()
     except BaseException:
         content.cancel()
         raise
-
-
-def _verify_wal(
-    plan: RestorePlan,
-    progress: Progress,
-    started: float,
-    snap_sha: str,
-    checksums: list[ChecksumResult],
-    warnings: list[str],
-    links: list[Link],
-    content: ContentCheck,
-) -> VerifiedPlan:
-    cp = plan.snapshot.checkpoint
-    steps: list[ReplayStep] = []
-    end_lsn = plan.end_lsn
-    end_time = cp.time_ns
-    anchor_done = plan.anchor is None
-    target_time = plan.target.time_ns if plan.target.kind == "time" else None
-    for link in links:
-        data, digest = read_verified(link.segment)
-        progress.advance(len(data))
-        res = check_sidecar(link.segment.path, digest)
-        raise_on_mismatch(res)
-        checksums.append(res)
-        idx = check_segment_bytes(link.segment, data)
-        if plan.anchor is not None and plan.anchor.segment_id == link.segment.segment_id:
-            _check_anchor(plan, idx)
-            anchor_done = True
-        first = link.from_lsn - link.segment.first_lsn
-        last = link.to_lsn - link.segment.first_lsn
-        if first < 0 or last >= len(idx.lsns):
-            raise LsnGap(
-                f"{link.segment.path} does not hold LSNs {link.from_lsn}..{link.to_lsn} as its footer claims",
-                path=link.segment.path,
-            )
-        if target_time is not None:
-            cut = next((i for i in range(first, last + 1) if idx.times[i] > target_time), None)
-            if cut is not None:
-                end_lsn = idx.lsns[cut] - 1
-                if cut > first:
-                    end_time = idx.times[cut - 1]
-                    steps.append(ReplayStep(Link(link.segment, link.from_lsn, end_lsn), digest, len(data)))
-                break
-        end_time = idx.times[last]
-        steps.append(ReplayStep(link, digest, len(data)))
-    if not anchor_done:
-        assert plan.anchor is not None
-        data, _digest = read_verified(plan.anchor)
-        _check_anchor(plan, check_segment_bytes(plan.anchor, data))
-    if end_lsn is None:
-        assert target_time is not None
-        raise BadTarget(
-            f"target time {format_ns(target_time)} is after the last record the WAL backups "
-            f"hold (LSN {plan.chain.end_lsn}); records written after that are not in the backup",
-            hint=f"add newer WAL segments, or omit --target-time to restore to LSN {plan.chain.end_lsn}",
-        )
-    if end_lsn == cp.applied_lsn:
-        end_time = cp.time_ns
-    warnings += [c.note for c in checksums if c.note and c.status != "missing"]
-    missing = [c.path.name for c in checksums if c.status == "missing"]
-    if missing:
-        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
-        warnings.append(f"no .sha256 sidecar for {shown}: checked by CRC/LMDB structure only")
+    checksums += chain.checksums
+    warnings += checksum_warnings(checksums)
+    assert chain.end_lsn is not None
     return VerifiedPlan(
-        plan, end_lsn, end_time, steps, snap_sha, checksums, time.perf_counter() - started, warnings, content
+        plan,
+        chain.end_lsn,
+        chain.end_time_ns,
+        chain.steps,
+        snap_sha,
+        checksums,
+        time.perf_counter() - started,
+        warnings,
+        content,
     )
 
 
-def _check_anchor(plan: RestorePlan, idx: RecordIndex) -> None:
+def _check_anchor(plan: RestorePlan, path: Path, end: int, time_ns: int) -> None:
     cp = plan.snapshot.checkpoint
-    i = cp.applied_lsn - plan.anchor.first_lsn if plan.anchor is not None else -1
-    if 0 <= i < len(idx.lsns) and idx.ends[i] == cp.offset and idx.times[i] == cp.time_ns:
-        return
+    if end != cp.offset or time_ns != cp.time_ns:
+        _anchor_mismatch(plan, path)
+
+
+def _anchor_mismatch(plan: RestorePlan, path: Path) -> None:
+    cp = plan.snapshot.checkpoint
     raise BackupMismatch(
         f"the snapshot's checkpoint (LSN {cp.applied_lsn} ending at offset {cp.offset}, "
-        f"{format_ns(cp.time_ns)}) does not match that record in {idx.path}: the snapshot "
+        f"{format_ns(cp.time_ns)}) does not match that record in {path}: the snapshot "
         "and the WAL come from different histories",
         hint="use the WAL backups of the server the snapshot was taken from",
     )
@@ -438,7 +534,7 @@ def _verify_segments(inv: WalInventory, namespace: str | None, rep: VerifyReport
         if res.status == "mismatch":
             rep.problems.append(f"{path}: sha256 does not match its sidecar")
         try:
-            scan = segment.scan(path, data)
+            scan = segment.walk_bytes(path, data)
         except CorruptLog as exc:
             entry["crc"] = "damaged"
             entry["damage"] = exc.message
@@ -453,7 +549,7 @@ def _verify_segments(inv: WalInventory, namespace: str | None, rep: VerifyReport
             rep.problems.append(f"{path}: {meta.damage}")
         else:
             entry["crc"] = "ok"
-            if not scan.sealed:
+            if scan.footer is None:
                 rep.warnings.append(f"{path}: not sealed (no footer); copied from a live WAL?")
     missing = [s for s in rep.segments if s.get("sidecar") == "missing"]
     if missing:

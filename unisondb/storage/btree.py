@@ -286,31 +286,46 @@ class BTree:
 
     # --- writes (engine writer thread only) ---
 
-    def apply(self, records: list[Record], checkpoint: Checkpoint) -> Checkpoint:
+    def apply(
+        self,
+        records: list[Record],
+        checkpoint: Checkpoint,
+        *,
+        every: tuple[int, Callable[[], None]] | None = None,
+    ) -> Checkpoint:
         """Apply records and the checkpoint that ends after them in one durable transaction.
 
         ``checkpoint.fp_state`` is the fingerprint *before* these records; the returned
         checkpoint (the one written) carries the fingerprint after them. The old value of
         every key comes from the same write transaction (``replace``/``pop`` return it at
         no extra lookup), so the fingerprint is exact for the data it is committed with.
+        ``every=(n, fn)``: ``fn()`` runs after each ``n`` records, inside the transaction
+        (a restore gives the map's pages back there: ``mapped.py``).
         """
         written: list[Checkpoint] = []
         put_kind = EntryKind.PUT
+        if every is None:
+            chunks: list[list[Record]] = [records]
+        else:
+            chunks = [records[i : i + every[0]] for i in range(0, len(records), max(every[0], 1))]
 
         def body(txn: Any) -> None:
             fp = Fingerprint(checkpoint.fp_state)
             kv = self._kv
-            for rec in records:
-                for e in rec.entries:
-                    if e.kind == put_kind:
-                        old = txn.replace(e.key, e.value, db=kv)
-                        if old is not None:
-                            fp.remove(e.key, old)
-                        fp.add(e.key, e.value)
-                    else:
-                        old = txn.pop(e.key, db=kv)
-                        if old is not None:
-                            fp.remove(e.key, old)
+            for chunk in chunks:
+                for rec in chunk:
+                    for e in rec.entries:
+                        if e.kind == put_kind:
+                            old = txn.replace(e.key, e.value, db=kv)
+                            if old is not None:
+                                fp.remove(e.key, old)
+                            fp.add(e.key, e.value)
+                        else:
+                            old = txn.pop(e.key, db=kv)
+                            if old is not None:
+                                fp.remove(e.key, old)
+                if every is not None:
+                    every[1]()
             cp = replace(checkpoint, fp_state=fp.state())
             txn.put(CHECKPOINT_KEY, cp.encode(), db=self._meta)
             written[:] = [cp]

@@ -48,11 +48,12 @@ import os
 import struct
 import subprocess
 import sys
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
 from unisondb.errors import CorruptSnapshot
+from unisondb.storage.mapped import MappedFile
 
 STATE_BYTES = 256
 DIGEST_BYTES = 32
@@ -69,6 +70,9 @@ _BASE = hashlib.shake_256(_PREFIX)
 PARALLEL_MIN_PAIRS = 200_000
 #: At most this many processes hash one keyspace.
 MAX_WORKERS = 4
+#: Pairs hashed between two releases of the file's mapped pages (``mapped.py``): the
+#: scan's resident set stays bounded whatever the file's size (a release costs ~0.1 ms).
+RELEASE_EVERY = 4096
 
 
 def item_hash(key: bytes, value: bytes) -> int:
@@ -176,11 +180,12 @@ def scan_lmdb(path: Path, map_size: int, *, db: bytes = b"kv", workers: int | No
         with env.begin(db=sub) as txn:
             entries = int(txn.stat(sub)["entries"])
             if workers == 1 or entries < PARALLEL_MIN_PAIRS:
-                return Fingerprint(sum_items(txn.cursor().iternext(keys=True, values=True)) & _MASK)
+                it = txn.cursor().iternext(keys=True, values=True)
+                return Fingerprint(_sum_released(it, entries, MappedFile(path)) & _MASK)
             ranges = _ranges(txn, entries, workers)
             job = ScanJob(path, map_size, db, ranges[1:])
             try:
-                first = _sum_range(txn.cursor(), *ranges[0])
+                first = _sum_range(txn.cursor(), *ranges[0], MappedFile(path))
             except BaseException:
                 job.cancel()
                 raise
@@ -308,7 +313,11 @@ def _worker() -> None:
         sub = env.open_db(bytes.fromhex(db), create=False)
         with env.begin(db=sub) as txn:
             total = _sum_range(
-                txn.cursor(), bytes.fromhex(start), int(count), None if end == "-" else bytes.fromhex(end)
+                txn.cursor(),
+                bytes.fromhex(start),
+                int(count),
+                None if end == "-" else bytes.fromhex(end),
+                MappedFile(Path(path)),
             )
     finally:
         env.close()
@@ -329,14 +338,26 @@ def _cut_keys(cursor: Any, positions: list[int]) -> list[bytes]:
     return cuts
 
 
-def _sum_range(cursor: Any, start: bytes, count: int, end: bytes | None) -> int | None:
+def _sum_released(it: Iterator[tuple[bytes, bytes]], count: int, pages: MappedFile) -> int:
+    """``sum_items`` over at most ``count`` pairs of ``it``, giving the mapped pages back
+    every ``RELEASE_EVERY`` pairs."""
+    total = 0
+    while count > 0:
+        n = min(count, RELEASE_EVERY)
+        total += sum_items(itertools.islice(it, n))
+        count -= n
+        pages.release(generation=0)  # a read-only map is never mapped anew
+    return total
+
+
+def _sum_range(cursor: Any, start: bytes, count: int, end: bytes | None, pages: MappedFile) -> int | None:
     """The unreduced sum over ``count`` pairs from ``start`` (b"": the first key); None
     unless the pair after them has key ``end`` (None: there is none)."""
     found = cursor.set_range(start) if start else cursor.first()
     if not found:
         return 0 if count == 0 and end is None else None
     it = cursor.iternext(keys=True, values=True)
-    total = sum_items(itertools.islice(it, count))
+    total = _sum_released(it, count, pages)
     after = next(it, None)
     if (None if after is None else bytes(after[0])) != end:
         return None

@@ -330,14 +330,17 @@ def _page_past_end(f: BinaryIO, size: int, psize: int, meta: _Meta) -> str | Non
         for name, db in (("free-page", meta.free), ("main", meta.main))
         if db.root != P_INVALID
     ]
-    seen: set[int] = set()
+    # One bit per page of the file (a set of ints would grow with the file: ~70 B a page).
+    seen = bytearray(size // psize // 8 + 1)
+    reached = 0
     while stack:
         pgno, name = stack.pop()
         if (pgno + 1) * psize > size:
             return f"page {pgno} of the {name} B-tree is past the end of the file"
-        if pgno in seen or len(seen) > meta.last_page:
+        if seen[pgno >> 3] & (1 << (pgno & 7)) or reached > meta.last_page:
             return f"page {pgno} of the {name} B-tree is reached twice: damaged"
-        seen.add(pgno)
+        seen[pgno >> 3] |= 1 << (pgno & 7)
+        reached += 1
         page = _read_at(f, pgno * psize, psize)
         _pgno, _pad, flags, lower, upper = _PAGE_HEADER.unpack_from(page)
         if not flags & (P_BRANCH | P_LEAF) or not PAGE_HEADER_SIZE <= lower <= upper <= psize:

@@ -49,14 +49,15 @@ from __future__ import annotations
 import os
 import struct
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import crc32c
 
 from unisondb.errors import CorruptLog, from_os_error
-from unisondb.storage import fsutil, record
+from unisondb.storage import fsutil, record, walk
 from unisondb.storage.fingerprint import EMPTY_DIGEST
 from unisondb.storage.history import NO_HISTORY, Lineage
 from unisondb.storage.layout import segment_name
@@ -70,6 +71,7 @@ HEADER_SIZE = HEADER.size  # 128
 FOOTER_SIZE = FOOTER.size  # 80
 _HEADER_CRC_AT = HEADER_SIZE - 4
 _FOOTER_CRC_AT = FOOTER_SIZE - 4
+assert (HEADER_SIZE, FOOTER_SIZE) == (walk.SEGMENT_HEADER_SIZE, walk.SEGMENT_FOOTER_SIZE)
 FOOTER_HAS_FINGERPRINT = 1
 
 
@@ -241,7 +243,7 @@ def read_file(path: Path) -> bytes:
 
 
 def scan(path: Path, buf: bytes | None = None) -> SegmentScan:
-    """Read and verify a whole segment.
+    """Read and verify a whole segment, every record decoded.
 
     A sealed segment must be perfect: every record valid, LSNs contiguous from the
     header's ``first_lsn``, and the footer matching; anything else is ``CorruptLog``.
@@ -249,129 +251,51 @@ def scan(path: Path, buf: bytes | None = None) -> SegmentScan:
     ``tail_error``; whether that is a torn tail or corruption is the caller's call
     (only the newest segment may have a torn tail). A file whose last bytes merely look
     like a footer (a value can end with them) but that reads as whole records without
-    one is reported as unsealed.
+    one is reported as unsealed. The checks are the record walker's (``walk.py``).
     """
     data = read_file(path) if buf is None else buf
+    w, records = _walk_either(path, data, _decoded)
+    result = SegmentScan(path, w.header, w.footer, records, w.data_end, len(data))
+    result.tail_error = w.tail_error
+    result.tail_is_midlog = w.tail_is_midlog
+    return result
+
+
+def walk_bytes(path: Path, data: bytes) -> walk.Walk:
+    """``scan`` without decoding the entries or keeping the records: every check, the
+    counts, LSN and time range, and the tail (for ``verify`` and listings)."""
+    return _walk_either(path, data, walk.Walk.run)[0]
+
+
+_T = TypeVar("_T")
+
+
+def _decoded(w: walk.Walk) -> list[tuple[record.Record, int, int]]:
+    return [(rec, start, end) for _lsn, _t, start, end, rec in w.records() if rec is not None]
+
+
+def _walk_either(path: Path, data: bytes, run: Callable[[walk.Walk], _T]) -> tuple[walk.Walk, _T]:
+    """Walk ``data`` as sealed if its end reads as a footer, else as unsealed."""
     header = decode_header(data, path)
     footer = try_decode_footer(data)
     if footer is None:
-        return _scan(path, data, header, None)
+        w = walk.Walk(path, data, header, None)
+        return w, run(w)
     try:
-        return _scan(path, data, header, footer)
+        w = walk.Walk(path, data, header, footer)
+        return w, run(w)
     except CorruptLog as sealed_error:
         # Values are user data: an unsealed segment whose last record's value ends with
         # the bytes of a valid footer looks sealed. If the whole file reads as whole
         # records without a footer, that is what it is.
         try:
-            plain = _scan(path, data, header, None)
+            w = walk.Walk(path, data, header, None)
+            out = run(w)
         except CorruptLog:
             raise sealed_error from None
-        if plain.tail_error is not None or not plain.records:
+        if w.tail_error is not None or not w.count:
             raise sealed_error from None
-        return plain
-
-
-def _scan(path: Path, data: bytes, header: SegmentHeader, footer: SegmentFooter | None) -> SegmentScan:
-    end = len(data) - FOOTER_SIZE if footer is not None else len(data)
-    result = SegmentScan(path, header, footer, file_size=len(data))
-    view = memoryview(data)[:end]
-    pos = HEADER_SIZE
-    expected = header.first_lsn
-    while pos < end:
-        try:
-            rec, nxt = record.decode(view, pos)
-        except record.RecordError as exc:
-            if footer is not None:
-                raise CorruptLog(
-                    f"invalid record in sealed segment: {exc.reason}",
-                    path=path,
-                    offset=pos,
-                    hint="restore this segment from a backup copy (unisondb backup verify "
-                    "names the good copies)",
-                ) from None
-            if footer is None and _zero_from(view, pos):
-                # Zero-filled space ahead of the writer (``zerofill.py``): the clean end of
-                # the log. A record never starts with 8 zero bytes, so this cannot hide one.
-                break
-            result.tail_error = f"{exc.reason} at offset {pos}"
-            result.tail_is_midlog = _valid_record_follows(view, pos, expected)
-            break
-        if rec.lsn != expected:
-            raise CorruptLog(f"record LSN {rec.lsn} where {expected} was expected", path=path, offset=pos)
-        result.records.append((rec, pos, nxt))
-        expected += 1
-        pos = nxt
-    result.data_end = pos
-    if footer is not None:
-        _check_footer(result, footer)
-    return result
-
-
-def _zero_from(view: memoryview, pos: int) -> bool:
-    """Whether every byte from ``pos`` to the end of ``view`` is zero."""
-    rest = view[pos:]
-    return rest.nbytes > 0 and rest.tobytes().count(0) == rest.nbytes
-
-
-def _valid_record_follows(view: memoryview, pos: int, lsn: int) -> bool:
-    """After a bad record at ``pos`` (which should carry ``lsn``), does a good one follow?
-
-    First where the bad record's length says it ends: damage inside a record whose
-    successor is intact. Then the case of a flipped *length* bit, which must not turn the
-    rest of the log into a "torn tail" and silently drop it: look for record ``lsn + 1``
-    after ``pos``, and accept a hit only if the bad record's checksum is right for the
-    length that the hit implies. That proves only the length field was damaged; a hit
-    inside a torn record's own value bytes (a value may embed anything) fails that check.
-    """
-    if len(view) - pos < record.HEADER_SIZE:
-        return False
-    crc, body_len = record.HEADER.unpack_from(view, pos)
-    if record.MIN_BODY <= body_len <= record.MAX_BODY and _decodes_at(
-        view, pos + record.HEADER_SIZE + body_len, None
-    ):
-        return True
-    # The LSN sits 8 bytes into a record; search for it (C speed) and verify each hit.
-    base = pos + record.HEADER_SIZE + record.MIN_BODY
-    rest = bytes(view[base:])
-    needle = struct.pack("<Q", lsn + 1)
-    hit = rest.find(needle)
-    while hit >= 0:
-        start = base + hit - record.HEADER_SIZE
-        implied = start - pos - record.HEADER_SIZE
-        if (
-            _decodes_at(view, start, lsn + 1)
-            and crc32c.crc32c(
-                view[pos + record.HEADER_SIZE : start], crc32c.crc32c(struct.pack("<I", implied))
-            )
-            == crc
-        ):
-            return True
-        hit = rest.find(needle, hit + 1)
-    return False
-
-
-def _decodes_at(view: memoryview, pos: int, lsn: int | None) -> bool:
-    try:
-        rec, _end = record.decode(view, pos)
-    except record.RecordError:
-        return False
-    return lsn is None or rec.lsn == lsn
-
-
-def _check_footer(result: SegmentScan, footer: SegmentFooter) -> None:
-    recs = [r for r, _s, _e in result.records]
-    times = [r.time_ns for r in recs]
-    ok = (
-        footer.count == len(recs)
-        and footer.last_lsn == result.last_lsn
-        and (not recs or (footer.min_time_ns == min(times) and footer.max_time_ns == max(times)))
-    )
-    if not ok:
-        raise CorruptLog(
-            "segment footer does not match its records",
-            path=result.path,
-            offset=result.file_size - FOOTER_SIZE,
-        )
+        return w, out
 
 
 @dataclass(frozen=True, slots=True)

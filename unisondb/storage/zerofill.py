@@ -7,7 +7,7 @@ zeros does not: the data blocks are all there is to flush. So a thread keeps the
 segment's size limit; the writer never waits for it (if it overtakes the filler, its
 writes simply grow the file, as without preallocation).
 
-What this leaves on disk, and why recovery is exact about it (``segment._scan``): an
+What this leaves on disk, and why recovery is exact about it (``walk.py``): an
 active segment is its records followed by zeros. A record never starts with eight zero
 bytes (its length field is at least ``record.MIN_BODY``), so the first record position
 whose bytes up to the end of the file are all zero is the clean end of the log, not

@@ -1,0 +1,233 @@
+"""The one walk over the records of a WAL segment: recovery, ``verify`` and restore use it.
+
+Given a segment's bytes, its decoded header and its footer (``segment.py``; None when the
+segment is unsealed), ``Walk.records`` goes from offset ``segment.HEADER_SIZE`` to the
+footer (sealed) or to the end of the bytes (unsealed) and checks, for every record:
+
+* its framing and CRC32C (``record.py``): the length field within
+  ``[MIN_BODY, MAX_BODY]``, the record inside the data, the CRC over length and body,
+  the operation; records it is asked to decode also have their entries checked;
+* LSN contiguity: the i-th record carries ``header.first_lsn + i`` — an LSN out of
+  sequence is ``CorruptLog`` whatever else holds;
+* at the end of a sealed segment, the footer: record count, last LSN, min and max time.
+
+Where the records stop before the end:
+
+* **sealed** segment: any invalid record is ``CorruptLog`` ("invalid record in sealed
+  segment"); a sealed segment is complete by construction, so nothing is a torn tail;
+* **unsealed**, every byte from the bad position to the end is zero: preallocated space
+  ahead of the writer (``zerofill.py``), the clean end of the log (a record never starts
+  with 8 zero bytes, so zeros cannot hide one);
+* **unsealed**, anything else: ``tail_error`` says what and where, and ``tail_is_midlog``
+  whether a valid record follows (damage in the middle of the log, not a torn tail; see
+  ``_valid_record_follows``). The walk does not raise: whether a tail may be torn is the
+  caller's call (recovery: only the newest segment; ``verify``: never).
+
+The walk reads nothing itself: the caller hands it the bytes it has read once (and
+hashed, for ``verify``), so each byte of a segment is read and CRC-checked once.
+"""
+
+from __future__ import annotations
+
+import struct
+from collections.abc import Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import crc32c
+
+from unisondb.errors import CorruptLog
+from unisondb.storage import record
+from unisondb.storage.record import Record
+
+if TYPE_CHECKING:
+    from unisondb.storage.segment import SegmentFooter, SegmentHeader
+
+#: Sizes of the segment header and footer (``segment.py`` asserts they agree).
+SEGMENT_HEADER_SIZE = 128
+SEGMENT_FOOTER_SIZE = 80
+
+SEALED_HINT = "restore this segment from a backup copy (unisondb backup verify names the good copies)"
+
+#: One walked record: (lsn, time_ns, start offset, end offset, the decoded record or None
+#: when it was only CRC-checked).
+Item = tuple[int, int, int, int, "Record | None"]
+
+
+class Walk:
+    """One pass over one segment's bytes (see the module docstring)."""
+
+    def __init__(
+        self,
+        path: Path,
+        data: bytes | memoryview,
+        header: SegmentHeader,
+        footer: SegmentFooter | None,
+    ) -> None:
+        self.path = path
+        self.header = header
+        self.footer = footer
+        self.file_size = len(data)
+        self.end = len(data) - SEGMENT_FOOTER_SIZE if footer is not None else len(data)
+        self._view = memoryview(data)[: self.end]
+        #: Offset just past the last valid record (where the next record would go).
+        self.data_end = SEGMENT_HEADER_SIZE
+        self.count = 0
+        self.last_lsn = header.first_lsn - 1
+        self.min_time_ns = 0
+        self.max_time_ns = 0
+        #: Why an unsealed segment stopped before its end ("<reason> at offset <n>").
+        self.tail_error: str | None = None
+        #: The bad record is followed by a valid one: damage in the middle, not a torn tail.
+        self.tail_is_midlog = False
+        self.tail_offset: int | None = None
+
+    def records(self, decode_from: int = 0, decode_to: int | None = None) -> Iterator[Item]:
+        """Every valid record, in order; those with ``decode_from <= lsn <= decode_to``
+        fully decoded (entries too), the others CRC-checked only. Raises ``CorruptLog``
+        as the module docstring says; the footer is checked when the iteration ends."""
+        view, end, path = self._view, self.end, self.path
+        sealed = self.footer is not None
+        pos, expected = SEGMENT_HEADER_SIZE, self.header.first_lsn
+        stop_decode = expected + (1 << 62) if decode_to is None else decode_to
+        crc_fn = crc32c.crc32c
+        unpack_head, unpack_body = record.HEADER.unpack_from, record.BODY_FIXED.unpack_from
+        head, min_body, max_body, op_write = (
+            record.HEADER_SIZE,
+            record.MIN_BODY,
+            record.MAX_BODY,
+            record.OP_WRITE,
+        )
+        decode = record.decode
+        tmin, tmax = 0, 0
+        try:
+            while pos < end:
+                rec: Record | None = None
+                if decode_from <= expected <= stop_decode:
+                    try:
+                        rec, nxt = decode(view, pos)
+                    except record.RecordError as exc:
+                        self._stop(pos, expected, exc)
+                        break
+                    lsn, time_ns = rec.lsn, rec.time_ns
+                else:
+                    # The framing checks of ``record.decode`` without building entries; on
+                    # any failure ``decode`` itself names the reason (one source of truth).
+                    ok = end - pos >= head
+                    if ok:
+                        crc, body_len = unpack_head(view, pos)
+                        nxt = pos + head + body_len
+                        ok = (
+                            min_body <= body_len <= max_body
+                            and nxt <= end
+                            and crc_fn(view[pos + 4 : nxt]) == crc
+                        )
+                    if ok:
+                        lsn, time_ns, op, _count = unpack_body(view, pos + head)
+                        ok = op == op_write
+                    if not ok:
+                        try:
+                            decode(view, pos)
+                            raise record.RecordError("record framing is inconsistent")
+                        except record.RecordError as exc:
+                            self._stop(pos, expected, exc)
+                        break
+                if lsn != expected:
+                    raise CorruptLog(f"record LSN {lsn} where {expected} was expected", path=path, offset=pos)
+                if self.count == 0:
+                    tmin = tmax = time_ns
+                elif time_ns < tmin:
+                    tmin = time_ns
+                elif time_ns > tmax:
+                    tmax = time_ns
+                self.count += 1
+                yield lsn, time_ns, pos, nxt, rec
+                expected += 1
+                pos = nxt
+        finally:
+            self.data_end = pos
+            self.last_lsn = expected - 1
+            self.min_time_ns, self.max_time_ns = tmin, tmax
+        if sealed:
+            self._check_footer()
+
+    def run(self) -> Walk:
+        """Walk every record, CRC-check only (no entries decoded); return ``self``."""
+        for _item in self.records(decode_from=1, decode_to=0):
+            pass
+        return self
+
+    def _stop(self, pos: int, expected: int, exc: record.RecordError) -> None:
+        if self.footer is not None:
+            raise CorruptLog(
+                f"invalid record in sealed segment: {exc.reason}",
+                path=self.path,
+                offset=pos,
+                hint=SEALED_HINT,
+            ) from None
+        if zero_from(self._view, pos):
+            return  # zero-filled space ahead of the writer: the clean end of the log
+        self.tail_error = f"{exc.reason} at offset {pos}"
+        self.tail_offset = pos
+        self.tail_is_midlog = _valid_record_follows(self._view, pos, expected)
+
+    def _check_footer(self) -> None:
+        f = self.footer
+        assert f is not None
+        if not (
+            f.count == self.count
+            and f.last_lsn == self.last_lsn
+            and (not self.count or (f.min_time_ns == self.min_time_ns and f.max_time_ns == self.max_time_ns))
+        ):
+            raise CorruptLog("segment footer does not match its records", path=self.path, offset=self.end)
+
+
+def zero_from(view: memoryview, pos: int) -> bool:
+    """Whether every byte from ``pos`` to the end of ``view`` is zero (and there is one)."""
+    rest = view[pos:]
+    return rest.nbytes > 0 and rest.tobytes().count(0) == rest.nbytes
+
+
+def _valid_record_follows(view: memoryview, pos: int, lsn: int) -> bool:
+    """After a bad record at ``pos`` (which should carry ``lsn``), does a good one follow?
+
+    First where the bad record's length says it ends: damage inside a record whose
+    successor is intact. Then the case of a flipped *length* bit, which must not turn the
+    rest of the log into a "torn tail" and silently drop it: look for record ``lsn + 1``
+    after ``pos``, and accept a hit only if the bad record's checksum is right for the
+    length that the hit implies. That proves only the length field was damaged; a hit
+    inside a torn record's own value bytes (a value may embed anything) fails that check.
+    """
+    if len(view) - pos < record.HEADER_SIZE:
+        return False
+    crc, body_len = record.HEADER.unpack_from(view, pos)
+    if record.MIN_BODY <= body_len <= record.MAX_BODY and _decodes_at(
+        view, pos + record.HEADER_SIZE + body_len, None
+    ):
+        return True
+    # The LSN sits 8 bytes into a record; search for it (C speed) and verify each hit.
+    base = pos + record.HEADER_SIZE + record.MIN_BODY
+    rest = bytes(view[base:])
+    needle = struct.pack("<Q", lsn + 1)
+    hit = rest.find(needle)
+    while hit >= 0:
+        start = base + hit - record.HEADER_SIZE
+        implied = start - pos - record.HEADER_SIZE
+        if (
+            _decodes_at(view, start, lsn + 1)
+            and crc32c.crc32c(
+                view[pos + record.HEADER_SIZE : start], crc32c.crc32c(struct.pack("<I", implied))
+            )
+            == crc
+        ):
+            return True
+        hit = rest.find(needle, hit + 1)
+    return False
+
+
+def _decodes_at(view: memoryview, pos: int, lsn: int | None) -> bool:
+    try:
+        rec, _end = record.decode(view, pos)
+    except record.RecordError:
+        return False
+    return lsn is None or rec.lsn == lsn
