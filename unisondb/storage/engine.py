@@ -1228,14 +1228,17 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         act = self.wal.active
+        # One read of each: the fingerprint, timeline and appliedLsn are of the same LMDB
+        # state even while the applier commits (``--ack wal``), and the lag is their gap.
         cp = self._lmdb_checkpoint()
+        last = max(self._acked_lsn, cp.applied_lsn)
         return {
             "namespace": self.namespace,
             "opsReceived": self.stats.ops_received,
             "opsFlushed": self.stats.ops_flushed,
             "currentSegment": act.header.segment_id if act else 0,
             "currentOffset": act.size if act else 0,
-            "lastLsn": self.last_lsn,
+            "lastLsn": last,
             "timeline": cp.timeline,
             "history": history.show(cp.history),
             "fingerprint": cp.fingerprint.hex(),
@@ -1243,9 +1246,10 @@ class Engine:
             "groupCommits": self.stats.group_commits,
             "writesPerFsync": round(self.writes_per_fsync, 2),
             "ack": self.config.ack,
-            "appliedLsn": self.applied_lsn,
-            "lmdbLagRecords": self.lmdb_lag,
+            "appliedLsn": cp.applied_lsn,
+            "lmdbLagRecords": last - cp.applied_lsn,
             "memtableBytes": self.table_bytes,
+            "memtableFullWaits": self.table_full_waits,
         }
 
     @property
