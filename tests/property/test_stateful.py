@@ -229,10 +229,13 @@ class EngineMachine(RuleBasedStateMachine):
     # --- the applier (ack="wal") ---
 
     @precondition(lambda self: self.wal_ack and not self.paused)
-    @rule()
-    def pause_applier(self) -> None:
+    @rule(then=st.lists(st.tuples(keys, st.binary(max_size=64)), max_size=6))
+    def pause_applier(self, then: list[tuple[bytes, bytes]]) -> None:
+        """Hold the applier, then write: LMDB lags from here until a seal or ``resume``."""
         self.engine.pause_applier()
         self.paused = True
+        for key, value in then:
+            self._wrote(self.engine.put(key, value), [Entry(EntryKind.PUT, key, value)])
 
     @precondition(lambda self: self.wal_ack and self.paused)
     @rule()

@@ -200,6 +200,9 @@ class Engine:
         self._next_retry = 0.0
         #: Monotonic clock of the group-commit window (a seam: tests install their own).
         self.clock: Callable[[], float] = time.monotonic
+        #: Wall clock (ns) that segment ages are measured by: ``--wal-segment-max-age`` and
+        #: the archive's seal interval (a seam: tests install their own and ``housekeep``).
+        self.wall_clock: Callable[[], int] = time.time_ns
         #: Writes of the group being committed whose answers are not out yet (zeroed just
         #: before the answers go out, so a client coming straight back is not counted
         #: twice); with the queue, the writes in flight. Peak of that count over the
@@ -498,7 +501,7 @@ class Engine:
                     f"failure: {self._failed.message}",
                     hint="fix the cause and restart the server; recovery replays the WAL",
                 )
-            if self._stalled is not None and req.command != "retry":
+            if self._stalled is not None and req.command not in ("retry", "housekeep"):
                 raise self._refusal(self._stalled)  # 507 at once; reads go on
             self._queue.append(req)
             if req.entries is not None:
@@ -522,6 +525,12 @@ class Engine:
         """Seal the active segment if it holds records; return its id (None if it was empty)."""
         result: int | None = self._enqueue(_Request(None, Future(), "rotate")).result()
         return result
+
+    def housekeep(self) -> None:
+        """Run the writer's between-groups work now (age-based seals, retention, the
+        disk-full retry timer) and return once it ran: what the writer thread does on its
+        own when idle or after a group. A seam for tests that move ``wall_clock``."""
+        self._enqueue(_Request(None, Future(), "housekeep")).result()
 
     def retry_now(self) -> bool:
         """Retry the work a full disk stopped, now (what ``disk_full_retry`` does
@@ -692,7 +701,7 @@ class Engine:
         act = self.wal.active
         if act is None or not act.count:
             return False
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        now_ns = self.wall_clock() if now_ns is None else now_ns
         return now_ns - act.min_time_ns >= seconds * 1e9
 
     def oldest_unarchived_ns(self, is_archived: Callable[[int], bool]) -> int | None:
@@ -1157,6 +1166,10 @@ class Engine:
         if req.command == "retry":
             req.future.set_result(self._try_resume())
             return
+        if req.command == "housekeep":
+            self._housekeeping()
+            req.future.set_result(None)
+            return
         if req.command != "rotate":
             req.future.set_exception(StorageError(f"unknown engine command {req.command}"))
             return
@@ -1183,7 +1196,7 @@ class Engine:
             act is not None
             and act.count
             and self.config.segment_max_age > 0
-            and time.time_ns() - act.header.created_ns > self.config.segment_max_age * 1e9
+            and self.wall_clock() - act.header.created_ns > self.config.segment_max_age * 1e9
         )
         if by_age or (self._seal_after > 0 and self.rotate_if_idle_since(self._seal_after)):
             try:
