@@ -6,11 +6,14 @@ Write path (durable when the returned future resolves)::
                                    ├─ assign contiguous LSNs, encode records
                                    ├─ append to the active segment (rotate by size)
                                    ├─ ONE fdatasync for the whole group
-                                   ├─ apply to LMDB + checkpoint in ONE transaction
+                                   ├─ ack="wal" (default): into the in-memory table
+                                   │  (the applier thread commits it to LMDB later)
+                                   │  ack="lmdb": apply to LMDB + checkpoint in ONE transaction
                                    └─ resolve every request's future with its LSN
 
-Concurrent writers therefore share one WAL fsync and one LMDB commit. A request is
-acknowledged only after its record is on disk *and* visible to readers.
+Concurrent writers therefore share one WAL fsync (and with ``ack="lmdb"`` one LMDB
+commit). A request is acknowledged only after its record is on disk *and* visible to
+readers.
 
 Adaptive group commit: when other writers have been in flight recently (the peak number
 of unanswered writes over the last groups is above one), the writer thread waits up to
@@ -19,10 +22,10 @@ it, so one fsync serves all of them instead of two alternating cohorts. A writer
 alone never waits: its latency is the same as without the window. Time comes from
 ``self.clock`` (a seam tests replace); ``wake()`` re-checks a waiting writer at once.
 
-Reads go straight to LMDB from the caller's thread (read transactions never block on
-the writer).
+Reads look in the in-memory table (``ack="wal"``), then in LMDB, from the caller's thread
+(read transactions never block on the writer).
 
-``ack="wal"`` (``--ack wal``): a group is acknowledged once its WAL fdatasync returned and
+``ack="wal"`` (``--ack wal``, the default): a group is acknowledged once its WAL fdatasync returned and
 its records are in the in-memory table (``memtable.py``), which readers check before
 LMDB; the applier thread (``applier.py``) commits the table to LMDB in large
 transactions, each with its checkpoint (the same one-transaction rule), in LSN order.
