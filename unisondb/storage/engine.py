@@ -621,8 +621,10 @@ class Engine:
 
     @property
     def lmdb_lag(self) -> int:
-        """Acknowledged records LMDB does not hold yet."""
-        return self.last_lsn - self.applied_lsn
+        """Acknowledged records LMDB does not hold yet (one read of LMDB's LSN: the applier
+        may commit a group before the writer has counted it acknowledged)."""
+        applied = self.applied_lsn
+        return max(self._acked_lsn, applied) - applied
 
     def offset(self) -> tuple[int, int]:
         """(segment id, start offset) of the last record appended; zeros before the first."""
@@ -1226,8 +1228,13 @@ class Engine:
         ]
         if not candidates:
             return
+        # The checkpoint is read BEFORE the sync, so it names a durable state: with --ack
+        # wal the applier may commit meanwhile, and a commit after the sync is not durable
+        # yet (MDB_NOMETASYNC). (A sealed segment's records were committed before its seal,
+        # on this thread, so they are covered either way; this keeps the name honest.)
+        committed = self._lmdb_checkpoint().applied_lsn
         self.btree.sync()  # everything committed so far is now durable
-        self._durable_lsn = self._lmdb_checkpoint().applied_lsn
+        self._durable_lsn = committed
         guard = self._retention_guard
         for s in candidates:
             if guard is not None and not guard(s.segment_id):
