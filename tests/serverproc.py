@@ -97,3 +97,17 @@ def wait_healthy(srv: ServerProcess, timeout: float = 30.0) -> None:
             time.sleep(0.05)
     srv.kill9()
     raise RuntimeError(f"server did not become healthy in {timeout}s:\n{srv.log()}")
+
+
+def wait_applied(client: httpx.Client, stats_path: str, timeout: float = 30.0) -> int:
+    """Wait until LMDB holds every write the server acknowledged before the call, and
+    return that LSN. With ``--ack wal`` (the default) a write is answered once its WAL
+    record is durable and LMDB follows from the applier thread, so ``/checkpoint`` (LMDB's)
+    may trail ``/stats`` ``lastLsn`` by a few records: this reads ``lastLsn`` once, then
+    re-reads ``/stats`` until ``appliedLsn`` reaches it (each read is a round trip to the
+    server; no sleeping on a guess)."""
+    target: int = client.get(stats_path).json()["lastLsn"]
+    deadline = time.monotonic() + timeout
+    while client.get(stats_path).json()["appliedLsn"] < target:
+        assert time.monotonic() < deadline, f"LMDB did not reach LSN {target} in {timeout} s"
+    return target

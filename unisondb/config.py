@@ -20,7 +20,7 @@ TOML file (every key optional; flags given on the command line win)::
     retention = "24h"
     preallocate = "2MiB"         # zero-filled ahead of the writer (cheaper fdatasync); 0 = off
     group_commit_window = "250us"  # with other writers in flight, wait up to this for more
-    ack = "lmdb"                 # "wal": acknowledge at the WAL fsync, LMDB follows (memtable)
+    ack = "wal"                  # "lmdb": also wait for the LMDB commit (two fsyncs per write)
     memtable_size = "8MiB"       # ack = "wal": acknowledged records not yet in LMDB, at most
     memtable_max_lag = 100000    # ... and at most this many records; then writes wait
 

@@ -286,7 +286,7 @@ class CrashRun:
     total_acked: int = 0
     #: Rounds that hit the bug pinned by ``test_stats_last_lsn_is_never_reused``.
     known_bug_hits: list[str] = field(default_factory=list)
-    #: More server flags (``--ack wal``).
+    #: More server flags (``--ack lmdb``).
     extra: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -527,22 +527,27 @@ def test_kill9_with_large_values(server_factory: Callable[..., object], tmp_path
 
 
 def test_kill9_during_continuous_rotation(server_factory: Callable[..., object], tmp_path: Path) -> None:
-    """8 KiB segments and values up to 900 bytes: nearly every group commit rotates."""
+    """8 KiB segments and values up to 900 bytes: nearly every group commit rotates (and
+    with ``--ack wal`` every seal waits for the applier to catch up)."""
     run = run_rounds(server_factory, tmp_path, ROTATING, 2)
     assert len(run.wal.sealed) > 20, "the load did not rotate segments"
 
 
-def test_kill9_ack_wal_under_mixed_load(server_factory: Callable[..., object], tmp_path: Path) -> None:
-    """``--ack wal``: acknowledged at the WAL fsync, LMDB behind; every kill loses the
-    in-memory table and recovery must replay it (same checks as above)."""
-    run_rounds(server_factory, tmp_path, MIXED, 5, extra=["--ack", "wal"])
+# The tests above run the default, ``--ack wal``: acknowledged at the WAL fsync, LMDB
+# behind; every kill loses the in-memory table and recovery must replay it. The two below
+# pin ``--ack lmdb`` (every write in LMDB before its answer: the two-fsync path).
 
 
-def test_kill9_ack_wal_during_continuous_rotation(
+def test_kill9_ack_lmdb_under_mixed_load(server_factory: Callable[..., object], tmp_path: Path) -> None:
+    """``--ack lmdb``: the same checks, with LMDB committed before every answer."""
+    run_rounds(server_factory, tmp_path, MIXED, 5, extra=["--ack", "lmdb"])
+
+
+def test_kill9_ack_lmdb_during_continuous_rotation(
     server_factory: Callable[..., object], tmp_path: Path
 ) -> None:
-    """``--ack wal`` with nearly every group sealing a segment (each seal waits for LMDB)."""
-    run = run_rounds(server_factory, tmp_path, ROTATING, 2, extra=["--ack", "wal"])
+    """``--ack lmdb`` with nearly every group sealing a segment."""
+    run = run_rounds(server_factory, tmp_path, ROTATING, 2, extra=["--ack", "lmdb"])
     assert len(run.wal.sealed) > 20, "the load did not rotate segments"
 
 

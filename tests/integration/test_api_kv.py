@@ -14,7 +14,7 @@ from typing import Any
 import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serverproc import start_server
+from serverproc import start_server, wait_applied
 
 NAMESPACES = ("default", "users", "fresh")
 
@@ -152,6 +152,7 @@ def test_batch_put_is_one_record(users: httpx.Client) -> None:
     body = ok_json(users.post("/kv/batch", json={"operation": "put", "items": items}))
     assert body == {"success": True, "count": 50}
     assert last_lsn(users) == before + 1, "a batch must be exactly one WAL record"
+    assert wait_applied(users, "/stats") == before + 1  # /checkpoint is LMDB's (ack=wal: it follows)
     cp = ok_json(users.get("/checkpoint"))
     assert cp["recordProcessed"] == before + 1
     for i in range(50):
@@ -226,6 +227,7 @@ def test_fresh_namespace_metadata_is_zero_and_never_drops_the_connection(srv: An
 def test_metadata_after_writes(http: httpx.Client) -> None:
     ns = "/api/v1/default"
     ok_json(http.put(f"{ns}/kv/meta", json={"value": b64(b"m")}))
+    wait_applied(http, f"{ns}/stats")  # /checkpoint is LMDB's (ack=wal: it follows the WAL)
     off = ok_json(http.get(f"{ns}/offset"))
     stats = ok_json(http.get(f"{ns}/stats"))
     cp = ok_json(http.get(f"{ns}/checkpoint"))

@@ -22,6 +22,7 @@ from typing import Any
 
 import httpx
 import pytest
+from serverproc import wait_applied
 from test_backup_helpers import (
     NS,
     OwnServer,
@@ -236,6 +237,8 @@ def test_snapshot_under_load_restores_to_exactly_its_lsn(load_run: LoadRun, tmp_
                 assert get(c, f"w{w:02d}-{n:06d}") is None
             # The restored namespace takes writes with the next LSN.
             c.put(f"/api/v1/{NS}/kv/after-restore", json={"value": b64(b"x")})
+            assert c.get(f"/api/v1/{NS}/stats").json()["lastLsn"] == resp["lsn"] + 1
+            assert wait_applied(c, f"/api/v1/{NS}/stats") == resp["lsn"] + 1
             assert c.get(f"/api/v1/{NS}/checkpoint").json()["lsn"] == resp["lsn"] + 1
         assert srv.stop() == 0
     finally:

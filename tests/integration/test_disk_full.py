@@ -183,7 +183,8 @@ def _fill_so_lmdb_fails(disk: SmallDisk) -> tuple[Path, bytes]:
 def test_lmdb_enospc_stalls_writes_and_acknowledges_the_durable_write_once_space_returns(
     disk: SmallDisk,
 ) -> None:
-    srv = disk.start("--disk-full-hold", "60s")
+    # --ack lmdb: a write waits for LMDB, so LMDB's refusal comes before the answer.
+    srv = disk.start("--ack", "lmdb", "--disk-full-hold", "60s")
     acked = {f"k{i}": b"v%d" % i for i in range(5)}
     with srv.client() as c:
         for key, value in acked.items():
@@ -214,7 +215,7 @@ def test_lmdb_enospc_stalls_writes_and_acknowledges_the_durable_write_once_space
 
 
 def test_a_durable_write_answered_507_is_counted_and_applied_once_space_returns(disk: SmallDisk) -> None:
-    srv = disk.start("--disk-full-hold", "0s")
+    srv = disk.start("--ack", "lmdb", "--disk-full-hold", "0s")  # (durable-but-failed: --ack lmdb only)
     with srv.client() as c:
         assert c.put("/api/v1/default/kv/a", json=_b64(b"1")).status_code == 200
         filler, big = _fill_so_lmdb_fails(disk)
@@ -237,6 +238,45 @@ def test_a_durable_write_answered_507_is_counted_and_applied_once_space_returns(
     with again.client() as c:
         assert base64.b64decode(c.get("/api/v1/default/kv/big").json()["value"]) == big
         assert c.get("/api/v1/default/kv/b").status_code == 200
+
+
+def test_ack_wal_lmdb_enospc_after_the_answer_keeps_the_write_visible_and_stalls_new_ones(
+    disk: SmallDisk,
+) -> None:
+    """``--ack wal`` (the default): the write is answered once its WAL record is durable;
+    LMDB refuses it afterwards, in the applier. It stays visible (the in-memory table),
+    new writes and rotations get 507 while LMDB refuses, reads go on, the applier's retry
+    takes it once space returns, and nothing is ever answered 507 although durable."""
+    srv = disk.start()
+    acked = {f"k{i}": b"v%d" % i for i in range(5)}
+    with srv.client() as c:
+        assert c.get("/api/v1/default/stats").json()["ack"] == "wal"
+        for key, value in acked.items():
+            assert c.put(f"/api/v1/default/kv/{key}", json=_b64(value)).status_code == 200
+        filler, big = _fill_so_lmdb_fails(disk)
+        r = c.put("/api/v1/default/kv/big", json=_b64(big))
+        assert r.status_code == 200, r.text  # durable in the WAL: acknowledged
+        acked["big"] = big
+        _eventually(lambda: _metric(c, "unisondb_writes_stalled") == 1, "the applier's stall")
+        got = c.get("/api/v1/default/kv/big")  # read-your-writes although LMDB refused it
+        assert got.status_code == 200 and base64.b64decode(got.json()["value"]) == big
+        stats = c.get("/api/v1/default/stats").json()
+        assert stats["lmdbLagRecords"] >= 1 and stats["memtableBytes"] > len(big)
+        assert stats["appliedLsn"] < stats["lastLsn"]
+        r = c.put("/api/v1/default/kv/other", json=_b64(b"x"))
+        assert r.status_code == 507, r.text
+        assert r.json()["error"].startswith(NO_SPACE) and "data.mdb" in r.json()["error"]
+        r = c.post("/api/v1/default/wal/backup", json={"backupDir": "w", "rotate": True})
+        assert r.status_code == 507, r.text  # a seal needs LMDB to hold the segment's records
+        assert c.get("/api/v1/default/kv/k1").status_code == 200  # reads go on
+        filler.unlink()
+        _eventually(lambda: _metric(c, "unisondb_writes_stalled") == 0, "the applier's retry")
+        assert c.put("/api/v1/default/kv/after", json=_b64(b"y")).status_code == 200
+        acked["after"] = b"y"
+        _eventually(lambda: c.get("/api/v1/default/stats").json()["lmdbLagRecords"] == 0, "LMDB to catch up")
+        assert _metric(c, "unisondb_writes_durable_but_failed_total") == 0
+    assert "engine.resumed" in srv.log()
+    _check_after_restart(disk, srv, acked)
 
 
 def test_enospc_during_a_snapshot_is_507_leaves_nothing_and_the_namespace_keeps_working(

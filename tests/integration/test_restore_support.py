@@ -211,7 +211,7 @@ class History:
         path = self.backup_root / "snapshots" / name
         path.parent.mkdir(parents=True, exist_ok=True)
         with open(path, "wb") as f:
-            cp = self.eng.btree.snapshot_to(f)
+            cp = self.eng.snapshot_to(f)  # (catches up: every acknowledged write is in it)
         write_sidecar(path)
         return path, cp
 

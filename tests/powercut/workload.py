@@ -16,12 +16,19 @@ The checks after a cut:
   ``sha256sum -c``; a sidecar without its file is a problem too.
 
 The cut point is a count of acknowledged writes, not a delay, so a seed picks it.
+
+The server runs with its defaults unless ``extra_args`` say otherwise: ``--ack wal`` (a
+write is answered at its WAL fsync, LMDB follows) and WAL preallocation (segments
+zero-filled ahead of the writer). Before each start the newest segment of what survived
+is scanned: ``zero_tails`` counts the cuts that left zero-filled space after the last
+record, which recovery must take for the clean end of the log.
 """
 
 from __future__ import annotations
 
 import base64
 import random
+import re
 import subprocess
 import threading
 from dataclasses import dataclass, field
@@ -30,6 +37,8 @@ from pathlib import Path
 import httpx
 from powercut_mount import PowerCutMount
 from serverproc import ServerProcess, start_server
+
+from unisondb.storage import segment
 
 NS = "default"
 WRITERS = 4
@@ -69,8 +78,14 @@ class Rounds:
         seed: int,
         *,
         sync_first_start: bool = True,
+        extra_args: tuple[str, ...] = (),
     ) -> None:
         self.sync_first_start = sync_first_start
+        self.extra_args = list(extra_args)
+        #: Cuts after which the newest segment ended in zero-filled (preallocated) space,
+        #: and starts whose recovery replayed WAL records LMDB had lost or never had.
+        self.zero_tails = 0
+        self.replays = 0
         self.fs, self.servers, self.logs = fs, servers, logs
         self.workload = workload
         self.rng = random.Random(seed)
@@ -98,7 +113,7 @@ class Rounds:
             srv = start_server(
                 self.data_dir,
                 (NS,),
-                ["--wal-segment-size", SEGMENT_SIZE],
+                ["--wal-segment-size", SEGMENT_SIZE, *self.extra_args],
                 log_path=self.logs / f"server-{n}.log",
             )
         except RuntimeError as exc:
@@ -221,6 +236,9 @@ class Rounds:
         old = [k for k in m.acked if k not in fresh]
         keys = m.new_keys + self.rng.sample(old, min(CHECK_OLD_KEYS, len(old)))
         with srv.client() as c:
+            metric = rf'^unisondb_recovery_records_replayed{{namespace="{NS}"}} (\S+)$'
+            replayed = re.search(metric, c.get("/metrics").text, re.M)
+            self.replays += bool(replayed and float(replayed.group(1)) > 0)
             for key in keys:
                 r = c.get(f"/api/v1/{NS}/kv/{key}")
                 body = r.json()
@@ -271,6 +289,17 @@ class Rounds:
 
     # --- rounds ---
 
+    def zero_tail(self) -> int:
+        """Bytes of zeros after the last record of the newest segment on the mount (0: none)."""
+        wal_dir = self.data_dir / NS / "wal"
+        if not wal_dir.is_dir():
+            return 0
+        files = list(segment.iter_segment_files(wal_dir))
+        if not files:
+            return 0
+        scan = segment.scan(files[-1][1])
+        return 0 if scan.sealed or scan.tail_error is not None else scan.file_size - scan.data_end
+
     def run(self, rounds: int, *, stop_at_first_problem: bool = False) -> list[str]:
         """Run ``rounds`` cuts and a final check; return every problem found (empty: none)."""
         problems: list[str] = []
@@ -278,6 +307,8 @@ class Rounds:
             if self.fs.proc is None:
                 self.fs.mount()
             self.fs.remove_old_generations()  # the soak would otherwise keep a copy per cut
+            if self.round > 1 and self.zero_tail():
+                self.zero_tails += 1
             srv = self.start()
             if isinstance(srv, str):
                 problems.append(f"round {self.round}: {srv}")
@@ -304,6 +335,8 @@ class Rounds:
                 f"{stats['fsyncdir']} directory syncs this mount"
             )
         self.fs.mount()
+        if self.zero_tail():
+            self.zero_tails += 1
         srv = self.start()
         if isinstance(srv, str):
             problems.append(f"final start: {srv}")
@@ -312,7 +345,9 @@ class Rounds:
             srv.stop()
         self.lines.append(
             f"{len(self.model.acked)} acknowledged writes checked, "
-            f"{self.verified} published backup files passed sha256sum -c"
+            f"{self.verified} published backup files passed sha256sum -c, "
+            f"{self.zero_tails} of {self.round} cuts left zero-filled space after the last record, "
+            f"{self.replays} restarts replayed records LMDB did not hold"
         )
         self.fs.unmount()
         return problems

@@ -154,6 +154,7 @@ class LineageMachine(RuleBasedStateMachine):
 
     def check_engine(self) -> None:
         """The engine serves the model's state and its checkpoint says so."""
+        assert self.eng.catch_up()  # (ack="wal": LMDB follows the acknowledged writes)
         served = dict(self.eng.btree.items())
         assert served == self.state
         cp = self.eng.checkpoint()

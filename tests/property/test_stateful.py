@@ -6,6 +6,14 @@ writer pass), rotations, clean restarts and *simulated* crashes, and after every
 checks that the engine serves exactly the model, that LSNs are contiguous and that the
 WAL on disk is a gapless chain of whole segments.
 
+Two machines: ``ack="wal"`` (the default: acknowledged at the WAL fsync, LMDB following
+from the applier thread) with the applier **paused and resumed at random** through the
+engine's seam, so LMDB lags the acknowledged state by a random amount at every step,
+crashes included; and ``ack="lmdb"`` (every write in LMDB before its answer). While the
+applier is paused LMDB must hold exactly the model as of its checkpoint's LSN (the
+one-transaction rule), and every snapshot must hold exactly the state its checkpoint
+names; ``catch_up`` (a rule) brings LMDB to the model.
+
 Simulated crashes copy the namespace directory (``db/data.mdb`` + ``wal/``) while the
 engine is open, between two completed writes, and restart on the copy, optionally after
 damaging the copy the way an interrupted writer would:
@@ -31,6 +39,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import ClassVar
 
 from hypothesis import HealthCheck, event, settings
 from hypothesis import strategies as st
@@ -38,13 +47,14 @@ from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, 
 
 from unisondb.config import EngineConfig
 from unisondb.storage import layout, record, segment
+from unisondb.storage.btree import BTree
 from unisondb.storage.engine import Engine
 from unisondb.storage.record import Entry, EntryKind
 
 NS = "default"
 #: Small segments (rotation every few records, records larger than a segment) and a tiny
 #: LMDB map (so the map-growth path runs). Age rotation is off: the test is deterministic.
-CONFIG = EngineConfig(segment_size=4096, segment_max_age=0, map_size=32 << 10)
+CONFIG = EngineConfig(segment_size=4096, segment_max_age=0, map_size=32 << 10, ack="wal")
 
 KEYS = [
     b"a",
@@ -110,14 +120,21 @@ def check_wal_files(wal_dir: Path, last_lsn: int) -> None:
 
 
 class EngineMachine(RuleBasedStateMachine):
+    #: The engine's configuration (the subclass below pins ``ack="lmdb"``).
+    config: ClassVar[EngineConfig] = CONFIG
+
     def __init__(self) -> None:
         super().__init__()
         self.root = Path(tempfile.mkdtemp(prefix="unisondb-prop-"))
         self.generation = 0
         self.data_dir = self.root / "gen0"
-        self.engine = Engine.open(self.data_dir, NS, CONFIG)
+        self.engine = Engine.open(self.data_dir, NS, self.config)
         self.model: dict[bytes, bytes] = {}
+        #: The model after every LSN (what LMDB must hold when its checkpoint names it).
+        self.history: dict[int, dict[bytes, bytes]] = {0: {}}
         self.lsn = 0
+        #: ``ack="wal"``: is the applier held (``Engine.pause_applier``)?
+        self.paused = False
         #: Does the active segment hold records (so that ``rotate`` must seal it)?
         self.active_dirty = False
         #: Hot B-tree snapshots taken so far: (file, checkpoint LSN).
@@ -129,11 +146,28 @@ class EngineMachine(RuleBasedStateMachine):
         assert lsn == self.lsn + 1, f"write got LSN {lsn}, expected {self.lsn + 1}"
         self.lsn = lsn
         apply_entries(self.model, batch)
+        self.history[lsn] = dict(self.model)
         self.active_dirty = True
         if not last_of_group:
             return
         assert self.engine.last_lsn == lsn
-        assert self.engine.applied_lsn == lsn
+        if self.wal_ack:
+            assert self.engine.applied_lsn <= lsn
+        else:
+            assert self.engine.applied_lsn == lsn
+
+    @property
+    def wal_ack(self) -> bool:
+        return self.config.ack == "wal"
+
+    def _assert_lmdb_holds_its_checkpoint(self) -> None:
+        """LMDB (stable: applier paused or caught up) holds exactly the model at its LSN."""
+        eng = self.engine
+        cp = eng.checkpoint()
+        assert cp.applied_lsn == eng.applied_lsn <= self.lsn
+        want = self.history[cp.applied_lsn]
+        assert eng.btree.count() == len(want)
+        assert list(eng.btree.items()) == sorted(want.items())
 
     @property
     def wal_dir(self) -> Path:
@@ -152,8 +186,9 @@ class EngineMachine(RuleBasedStateMachine):
 
     def _reopen(self, data_dir: Path) -> Engine:
         self.data_dir = data_dir
-        self.engine = Engine.open(data_dir, NS, CONFIG)
+        self.engine = Engine.open(data_dir, NS, self.config)
         self.active_dirty = False
+        self.paused = False
         check_wal_files(self.wal_dir, self.lsn)
         return self.engine
 
@@ -173,19 +208,49 @@ class EngineMachine(RuleBasedStateMachine):
 
     @rule(requests=st.lists(writes, min_size=2, max_size=6))
     def group_commit(self, requests: list[list[Entry]]) -> None:
-        # Holding the engine's queue condition while submitting keeps the writer thread
-        # from taking the first request alone, so all of them form ONE group commit
-        # (which may rotate in the middle with these small segments). The condition is
-        # re-entrant, so ``submit`` can take it again from this thread.
+        # With the writer paused (the engine's seam) nothing is taken while the requests
+        # are queued, so all of them form ONE group commit (which may rotate in the middle
+        # with these small segments).
         assert self.engine.wal.active is not None
         seg_before = self.engine.wal.active.header.segment_id
-        with self.engine._cond:
+        groups_before = self.engine.stats.group_commits
+        self.engine.pause_writer()
+        try:
             futures = [self.engine.submit(r) for r in requests]
+        finally:
+            self.engine.resume_writer()
         for i, (fut, req) in enumerate(zip(futures, requests, strict=True)):
             self._wrote(fut.result(timeout=30), req, last_of_group=i == len(requests) - 1)
         assert self.engine.wal.active is not None
         if self.engine.wal.active.header.segment_id != seg_before:
             event("group commit rotated mid-group")
+        assert self.engine.stats.group_commits == groups_before + 1, "not one group commit"
+
+    # --- the applier (ack="wal") ---
+
+    @precondition(lambda self: self.wal_ack and not self.paused)
+    @rule(then=st.lists(st.tuples(keys, st.binary(max_size=64)), max_size=6))
+    def pause_applier(self, then: list[tuple[bytes, bytes]]) -> None:
+        """Hold the applier, then write: LMDB lags from here until a seal or ``resume``."""
+        self.engine.pause_applier()
+        self.paused = True
+        for key, value in then:
+            self._wrote(self.engine.put(key, value), [Entry(EntryKind.PUT, key, value)])
+
+    @precondition(lambda self: self.wal_ack and self.paused)
+    @rule()
+    def resume_applier(self) -> None:
+        if self.engine.lmdb_lag:
+            event("applier resumed with LMDB behind")
+        self.engine.resume_applier()
+        self.paused = False
+
+    @precondition(lambda self: not self.paused)
+    @rule()
+    def catch_up(self) -> None:
+        assert self.engine.catch_up(timeout=60)
+        assert self.engine.applied_lsn == self.lsn and self.engine.lmdb_lag == 0
+        self._assert_lmdb_holds_its_checkpoint()
 
     # --- WAL and lifecycle ---
 
@@ -196,6 +261,9 @@ class EngineMachine(RuleBasedStateMachine):
         active_id = before.header.segment_id
         sealed = self.engine.rotate()
         if self.active_dirty:
+            # Sealed only once LMDB holds its last record (the footer's fingerprint), even
+            # with the applier paused.
+            assert self.engine.applied_lsn == self.lsn
             assert sealed == active_id
             assert self.engine.wal.active is not None
             assert self.engine.wal.active.header.segment_id == active_id + 1
@@ -214,13 +282,36 @@ class EngineMachine(RuleBasedStateMachine):
     def take_snapshot(self) -> None:
         path = self.root / f"snap{len(self.snapshots)}.mdb"
         with open(path, "wb") as f:
-            cp = self.engine.btree.snapshot_to(f)
-        assert cp.applied_lsn == self.lsn
+            if self.paused:
+                # The engine's snapshot_to would wait for the held applier: copy LMDB as
+                # it is (behind), which must still be exactly the state it names.
+                cp = self.engine.btree.snapshot_to(f)
+                if cp.applied_lsn < self.lsn:
+                    event("snapshot of a lagging LMDB")
+            else:
+                cp = self.engine.snapshot_to(f)  # every acknowledged write is in it
+                assert cp.applied_lsn == self.lsn
+        snap_dir = self.root / f"snapdb{len(self.snapshots)}"
+        snap_dir.mkdir()
+        shutil.copyfile(path, snap_dir / "data.mdb")
+        bt = BTree(snap_dir, map_size=CONFIG.map_size)
+        try:
+            assert bt.read_checkpoint() == cp
+            assert list(bt.items()) == sorted(self.history[cp.applied_lsn].items())
+        finally:
+            bt.close()
+        shutil.rmtree(snap_dir)
         self.snapshots.append((path, cp.applied_lsn))
 
     @rule(cut=st.floats(0.0, 1.0, exclude_max=True, exclude_min=True), torn=st.booleans())
     def crash_restart(self, cut: float, torn: bool) -> None:
-        """Restart on a copy taken between two writes, maybe with a torn unacked record."""
+        """Restart on a copy taken between two writes, maybe with a torn unacked record.
+        With ``ack="wal"`` LMDB of the copy may lag (the applier paused): recovery replays
+        exactly the records after its checkpoint."""
+        if not self.paused:
+            # The applier may be committing right now: a file copy needs LMDB still.
+            assert self.engine.catch_up(timeout=60)
+        in_lmdb = self.engine.applied_lsn
         new_dir = self._copy_namespace()
         newest = list(segment.iter_segment_files(layout.wal_dir(new_dir, NS)))[-1][1]
         garbage = b""
@@ -238,7 +329,9 @@ class EngineMachine(RuleBasedStateMachine):
             file_len = newest.stat().st_size
         self.engine.close()
         eng = self._reopen(new_dir)
-        assert eng.recovery.records_replayed == 0
+        assert eng.recovery.records_replayed == self.lsn - in_lmdb
+        if self.lsn > in_lmdb:
+            event("crash replayed acknowledged writes LMDB did not hold")
         if torn and any(garbage):
             event("recovered from a torn tail")
             assert eng.wal.report.truncated_bytes == file_len - end
@@ -288,12 +381,15 @@ class EngineMachine(RuleBasedStateMachine):
         if eng.btree.map_size > CONFIG.map_size:
             event("LMDB map grew")
         assert eng.last_lsn == self.lsn
-        assert eng.applied_lsn == self.lsn
-        assert eng.checkpoint().applied_lsn == self.lsn
-        assert eng.btree.count() == len(self.model)
+        # Read-your-writes through the engine (the in-memory table, then LMDB).
         for k in KEYS:
             assert eng.get(k) == self.model.get(k), f"key {k!r}"
-        assert list(eng.btree.items()) == sorted(self.model.items())
+        assert eng.key_count() == len(self.model)
+        if self.wal_ack and not self.paused:
+            return  # the applier is moving the table into LMDB right now (see catch_up)
+        if not self.wal_ack:
+            assert eng.applied_lsn == self.lsn
+        self._assert_lmdb_holds_its_checkpoint()
 
     @invariant()
     def segment_table_is_a_chain(self) -> None:
@@ -313,11 +409,20 @@ class EngineMachine(RuleBasedStateMachine):
             shutil.rmtree(self.root, ignore_errors=True)
 
 
-EngineMachine.TestCase.settings = settings(
-    # ~10-20 s by default; raise for a soak, e.g. UNISONDB_PROPERTY_EXAMPLES=2000.
+class LmdbAckMachine(EngineMachine):
+    """The same machine with ``ack="lmdb"``: LMDB holds every write before its answer."""
+
+    config = EngineConfig(segment_size=4096, segment_max_age=0, map_size=32 << 10, ack="lmdb")
+
+
+_SETTINGS = settings(
+    # ~10-20 s each by default; raise for a soak, e.g. UNISONDB_PROPERTY_EXAMPLES=2000.
     max_examples=int(os.environ.get("UNISONDB_PROPERTY_EXAMPLES", "60")),
     stateful_step_count=int(os.environ.get("UNISONDB_PROPERTY_STEPS", "40")),
     deadline=None,
     suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
 )
+EngineMachine.TestCase.settings = _SETTINGS
+LmdbAckMachine.TestCase.settings = _SETTINGS
 test_engine_matches_dict_model = EngineMachine.TestCase
+test_engine_matches_dict_model_ack_lmdb = LmdbAckMachine.TestCase

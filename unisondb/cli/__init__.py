@@ -85,8 +85,9 @@ from unisondb.errors import UnisonDBError
     "ack",
     type=click.Choice(["lmdb", "wal"]),
     default=None,
-    help="Acknowledge a write once it is in the WAL and in LMDB (lmdb), or once it is in "
-    "the WAL and the in-memory table, LMDB following from a separate thread (wal). Default: lmdb",
+    help="Acknowledge a write once it is in the WAL and the in-memory table, LMDB following "
+    "from a separate thread (wal), or only once it is in the WAL and in LMDB (lmdb: two "
+    "fsyncs per write). Default: wal",
 )
 @click.option(
     "--memtable-size",

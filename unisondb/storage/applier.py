@@ -55,6 +55,10 @@ class Applier:
         self._on_error = on_error
         self._on_recovered = on_recovered
         self._paused = False
+        #: Writers waiting in ``drain`` (a seal needs the table applied, paused or not).
+        self._draining = 0
+        #: A batch taken from the table is being applied (``pause`` waits for it).
+        self._busy = False
         self._stop = False
         self._kicked = False
         self._attempts = 0
@@ -67,34 +71,45 @@ class Applier:
         cond = self.table.cond
         while True:
             with cond:
-                while (self.table.empty() or self._paused) and not self._stop:
+                while (self.table.empty() or (self._paused and not self._draining)) and not self._stop:
                     cond.wait()
                 if self._stop:
                     return
-            batches = self.table.pending(BATCH_RECORDS)
-            recs = [r for b in batches for r in b.records]
-            last = batches[-1]
-            testseam.hold("apply")
+                self._busy = True
             try:
-                cp = self.btree.apply(
-                    recs, self.checkpoint.advance(recs[-1].lsn, last.segment_id, last.end, recs[-1].time_ns)
-                )
-            except UnisonDBError as exc:
-                self._failed(exc)
-                continue
-            except Exception as exc:  # a bug: stall rather than die silently
-                log.exception("applier.crashed")
-                self._failed(StorageError(f"LMDB applier failed: {exc!r}"))
-                continue
-            self.checkpoint = cp
-            self.transactions += 1
-            recovered = self.error is not None
-            with cond:
-                self.error = None
-                self._attempts += 1
-            self.table.applied(batches)  # notifies drain() waiters
-            if recovered:
-                self._on_recovered()
+                error = self._apply_oldest()
+            finally:
+                with cond:
+                    self._busy = False
+                    cond.notify_all()
+            if error is not None:
+                self._failed(error)
+
+    def _apply_oldest(self) -> UnisonDBError | None:
+        """One LMDB transaction: the oldest batches of the table and their checkpoint."""
+        batches = self.table.pending(BATCH_RECORDS)
+        recs = [r for b in batches for r in b.records]
+        last = batches[-1]
+        testseam.hold("apply")
+        try:
+            cp = self.btree.apply(
+                recs, self.checkpoint.advance(recs[-1].lsn, last.segment_id, last.end, recs[-1].time_ns)
+            )
+        except UnisonDBError as exc:
+            return exc
+        except Exception as exc:  # a bug: stall rather than die silently
+            log.exception("applier.crashed")
+            return StorageError(f"LMDB applier failed: {exc!r}")
+        self.checkpoint = cp
+        self.transactions += 1
+        recovered = self.error is not None
+        with self.table.cond:
+            self.error = None
+            self._attempts += 1
+        self.table.applied(batches)  # notifies drain() waiters
+        if recovered:
+            self._on_recovered()
+        return None
 
     def _failed(self, exc: UnisonDBError) -> None:
         cond = self.table.cond
@@ -113,13 +128,22 @@ class Applier:
     # --- the engine's calls ---
 
     def drain(self) -> bool:
-        """Wait until every record in the table is in LMDB; False if LMDB is refusing."""
+        """Wait until every record in the table is in LMDB; False if LMDB is refusing.
+
+        The writer calls this before it seals a segment (the footer needs the state after
+        its last record), so it applies the table even while the applier is paused
+        (``pause``): a paused applier would otherwise hold the writer forever."""
         cond = self.table.cond
         with cond:
-            while not self.table.empty():
-                if self.error is not None or self._stop:
-                    return False
-                cond.wait()
+            self._draining += 1
+            cond.notify_all()
+            try:
+                while not self.table.empty():
+                    if self.error is not None or self._stop:
+                        return False
+                    cond.wait()
+            finally:
+                self._draining -= 1
         return True
 
     def wait_applied(self, lsn: int, timeout: float | None = None) -> bool:
@@ -153,9 +177,12 @@ class Applier:
     # --- test seams ---
 
     def pause(self) -> None:
-        """Apply nothing until ``resume`` (the table fills; writes meet backpressure)."""
+        """Apply nothing until ``resume`` (the table fills; writes meet backpressure), except
+        what a seal needs (``drain``). Returns once no transaction is in progress, so LMDB's
+        files and ``checkpoint`` stay still until the next seal or ``resume``."""
         with self.table.cond:
             self._paused = True
+            self.table.cond.wait_for(lambda: not self._busy)
 
     def resume(self) -> None:
         with self.table.cond:

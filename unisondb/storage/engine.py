@@ -6,11 +6,14 @@ Write path (durable when the returned future resolves)::
                                    ├─ assign contiguous LSNs, encode records
                                    ├─ append to the active segment (rotate by size)
                                    ├─ ONE fdatasync for the whole group
-                                   ├─ apply to LMDB + checkpoint in ONE transaction
+                                   ├─ ack="wal" (default): into the in-memory table
+                                   │  (the applier thread commits it to LMDB later)
+                                   │  ack="lmdb": apply to LMDB + checkpoint in ONE transaction
                                    └─ resolve every request's future with its LSN
 
-Concurrent writers therefore share one WAL fsync and one LMDB commit. A request is
-acknowledged only after its record is on disk *and* visible to readers.
+Concurrent writers therefore share one WAL fsync (and with ``ack="lmdb"`` one LMDB
+commit). A request is acknowledged only after its record is on disk *and* visible to
+readers.
 
 Adaptive group commit: when other writers have been in flight recently (the peak number
 of unanswered writes over the last groups is above one), the writer thread waits up to
@@ -19,10 +22,10 @@ it, so one fsync serves all of them instead of two alternating cohorts. A writer
 alone never waits: its latency is the same as without the window. Time comes from
 ``self.clock`` (a seam tests replace); ``wake()`` re-checks a waiting writer at once.
 
-Reads go straight to LMDB from the caller's thread (read transactions never block on
-the writer).
+Reads look in the in-memory table (``ack="wal"``), then in LMDB, from the caller's thread
+(read transactions never block on the writer).
 
-``ack="wal"`` (``--ack wal``): a group is acknowledged once its WAL fdatasync returned and
+``ack="wal"`` (``--ack wal``, the default): a group is acknowledged once its WAL fdatasync returned and
 its records are in the in-memory table (``memtable.py``), which readers check before
 LMDB; the applier thread (``applier.py``) commits the table to LMDB in large
 transactions, each with its checkpoint (the same one-transaction rule), in LSN order.
@@ -200,6 +203,9 @@ class Engine:
         self._next_retry = 0.0
         #: Monotonic clock of the group-commit window (a seam: tests install their own).
         self.clock: Callable[[], float] = time.monotonic
+        #: Wall clock (ns) that segment ages are measured by: ``--wal-segment-max-age`` and
+        #: the archive's seal interval (a seam: tests install their own and ``housekeep``).
+        self.wall_clock: Callable[[], int] = time.time_ns
         #: Writes of the group being committed whose answers are not out yet (zeroed just
         #: before the answers go out, so a client coming straight back is not counted
         #: twice); with the queue, the writes in flight. Peak of that count over the
@@ -498,7 +504,7 @@ class Engine:
                     f"failure: {self._failed.message}",
                     hint="fix the cause and restart the server; recovery replays the WAL",
                 )
-            if self._stalled is not None and req.command != "retry":
+            if self._stalled is not None and req.command not in ("retry", "housekeep"):
                 raise self._refusal(self._stalled)  # 507 at once; reads go on
             self._queue.append(req)
             if req.entries is not None:
@@ -522,6 +528,12 @@ class Engine:
         """Seal the active segment if it holds records; return its id (None if it was empty)."""
         result: int | None = self._enqueue(_Request(None, Future(), "rotate")).result()
         return result
+
+    def housekeep(self) -> None:
+        """Run the writer's between-groups work now (age-based seals, retention, the
+        disk-full retry timer) and return once it ran: what the writer thread does on its
+        own when idle or after a group. A seam for tests that move ``wall_clock``."""
+        self._enqueue(_Request(None, Future(), "housekeep")).result()
 
     def retry_now(self) -> bool:
         """Retry the work a full disk stopped, now (what ``disk_full_retry`` does
@@ -609,8 +621,10 @@ class Engine:
 
     @property
     def lmdb_lag(self) -> int:
-        """Acknowledged records LMDB does not hold yet."""
-        return self.last_lsn - self.applied_lsn
+        """Acknowledged records LMDB does not hold yet (one read of LMDB's LSN: the applier
+        may commit a group before the writer has counted it acknowledged)."""
+        applied = self.applied_lsn
+        return max(self._acked_lsn, applied) - applied
 
     def offset(self) -> tuple[int, int]:
         """(segment id, start offset) of the last record appended; zeros before the first."""
@@ -697,7 +711,7 @@ class Engine:
         act = self.wal.active
         if act is None or not act.count:
             return False
-        now_ns = time.time_ns() if now_ns is None else now_ns
+        now_ns = self.wall_clock() if now_ns is None else now_ns
         return now_ns - act.min_time_ns >= seconds * 1e9
 
     def oldest_unarchived_ns(self, is_archived: Callable[[int], bool]) -> int | None:
@@ -1162,6 +1176,10 @@ class Engine:
         if req.command == "retry":
             req.future.set_result(self._try_resume())
             return
+        if req.command == "housekeep":
+            self._housekeeping()
+            req.future.set_result(None)
+            return
         if req.command != "rotate":
             req.future.set_exception(StorageError(f"unknown engine command {req.command}"))
             return
@@ -1188,7 +1206,7 @@ class Engine:
             act is not None
             and act.count
             and self.config.segment_max_age > 0
-            and time.time_ns() - act.header.created_ns > self.config.segment_max_age * 1e9
+            and self.wall_clock() - act.header.created_ns > self.config.segment_max_age * 1e9
         )
         if by_age or (self._seal_after > 0 and self.rotate_if_idle_since(self._seal_after)):
             try:
@@ -1215,8 +1233,13 @@ class Engine:
         ]
         if not candidates:
             return
+        # The checkpoint is read BEFORE the sync, so it names a durable state: with --ack
+        # wal the applier may commit meanwhile, and a commit after the sync is not durable
+        # yet (MDB_NOMETASYNC). (A sealed segment's records were committed before its seal,
+        # on this thread, so they are covered either way; this keeps the name honest.)
+        committed = self._lmdb_checkpoint().applied_lsn
         self.btree.sync()  # everything committed so far is now durable
-        self._durable_lsn = self._lmdb_checkpoint().applied_lsn
+        self._durable_lsn = committed
         guard = self._retention_guard
         for s in candidates:
             if guard is not None and not guard(s.segment_id):
@@ -1233,14 +1256,17 @@ class Engine:
 
     def describe(self) -> dict[str, Any]:
         act = self.wal.active
+        # One read of each: the fingerprint, timeline and appliedLsn are of the same LMDB
+        # state even while the applier commits (``--ack wal``), and the lag is their gap.
         cp = self._lmdb_checkpoint()
+        last = max(self._acked_lsn, cp.applied_lsn)
         return {
             "namespace": self.namespace,
             "opsReceived": self.stats.ops_received,
             "opsFlushed": self.stats.ops_flushed,
             "currentSegment": act.header.segment_id if act else 0,
             "currentOffset": act.size if act else 0,
-            "lastLsn": self.last_lsn,
+            "lastLsn": last,
             "timeline": cp.timeline,
             "history": history.show(cp.history),
             "fingerprint": cp.fingerprint.hex(),
@@ -1248,9 +1274,10 @@ class Engine:
             "groupCommits": self.stats.group_commits,
             "writesPerFsync": round(self.writes_per_fsync, 2),
             "ack": self.config.ack,
-            "appliedLsn": self.applied_lsn,
-            "lmdbLagRecords": self.lmdb_lag,
+            "appliedLsn": cp.applied_lsn,
+            "lmdbLagRecords": last - cp.applied_lsn,
             "memtableBytes": self.table_bytes,
+            "memtableFullWaits": self.table_full_waits,
         }
 
     @property

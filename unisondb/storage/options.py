@@ -34,10 +34,11 @@ class EngineConfig:
     #: With other writers in flight, a group commit waits up to this many seconds for more
     #: to join before its fsync (never when a writer is alone); 0 disables the wait.
     group_commit_window: float = 250e-6
-    #: When a write is acknowledged: "lmdb" once it is in the WAL and in LMDB (one chain of
-    #: two fsyncs); "wal" once it is in the WAL and in the in-memory table, LMDB following
-    #: from a separate thread (``storage/applier.py``).
-    ack: str = "lmdb"
+    #: When a write is acknowledged: "wal" (the default) once it is in the WAL and in the
+    #: in-memory table, LMDB following from a separate thread (``storage/applier.py``);
+    #: "lmdb" once it is in the WAL and in LMDB (one chain of two fsyncs). Equally durable:
+    #: docs/ARCHITECTURE.md "Acknowledging at the WAL".
+    ack: str = "wal"
     #: ``ack="wal"``: the in-memory table's bound in bytes of records and in records; when
     #: full, writes wait (backpressure) until LMDB has caught up.
     memtable_bytes: int = 8 << 20

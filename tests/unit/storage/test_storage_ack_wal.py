@@ -9,6 +9,7 @@ real server process.
 
 from __future__ import annotations
 
+import os
 import random
 import shutil
 import threading
@@ -16,6 +17,7 @@ from collections.abc import Callable
 from concurrent.futures import Future
 from pathlib import Path
 
+import pytest
 from _storage_helpers import NS
 
 from unisondb.config import EngineConfig
@@ -35,7 +37,7 @@ def _copy_running(data: Path, dest: Path) -> Path:
 def test_acknowledged_writes_are_visible_before_lmdb_has_them(open_engine: Callable[..., Engine]) -> None:
     eng = open_engine(ACK_WAL)
     eng.put(b"base", b"0")
-    assert eng._drain()
+    assert eng.catch_up()
     eng.pause_applier()
     applied = eng.applied_lsn
     for i in range(20):
@@ -51,7 +53,7 @@ def test_acknowledged_writes_are_visible_before_lmdb_has_them(open_engine: Calla
     assert eng.btree.count() == 1 and eng.key_count() == 20  # 20 new keys, "base" deleted
     assert eng.describe()["lmdbLagRecords"] == 21
     eng.resume_applier()
-    assert eng._drain()
+    assert eng.catch_up()
     assert eng.applied_lsn == eng.last_lsn and eng.lmdb_lag == 0 and eng.table_bytes == 0
     for i in range(20):
         assert eng.btree.get(b"k%d" % i) == b"v%d" % i
@@ -65,7 +67,7 @@ def test_a_crash_with_acknowledged_writes_not_in_lmdb_replays_them(
     eng = open_engine(ACK_WAL, directory=data)
     for i in range(10):
         eng.put(b"a%d" % i, b"x")
-    assert eng._drain()
+    assert eng.catch_up()
     eng.pause_applier()
     for i in range(50):
         eng.put(b"k%d" % i, b"v%d" % i)
@@ -111,7 +113,7 @@ def test_a_full_table_holds_writes_back_and_loses_or_reorders_none(
     for w in workers:
         w.join(timeout=60)
         assert not w.is_alive()
-    assert eng._drain()
+    assert eng.catch_up()
     for t in range(threads):
         assert results[t] == sorted(results[t]) and len(results[t]) == per_thread
         assert eng.get(b"t%d" % t) == b"%06d" % (per_thread - 1)
@@ -146,7 +148,7 @@ def test_read_your_writes_under_concurrent_load(open_engine: Callable[..., Engin
     for w in workers:
         w.join(timeout=120)
     assert not errors, errors[:5]
-    assert eng._drain()
+    assert eng.catch_up()
     assert eng.applied_lsn == eng.last_lsn == 6 * 150
 
 
@@ -247,3 +249,58 @@ def test_a_snapshot_holds_every_write_acknowledged_before_it(
         assert all(bt.get(b"k%d" % i) == b"v%d" % i for i in range(30))
     finally:
         bt.close()
+
+
+def test_pause_waits_for_the_transaction_in_progress(
+    tmp_path: Path, open_engine: Callable[..., Engine], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``pause_applier`` returns only once no LMDB transaction is running, so LMDB's files
+    and checkpoint stand still while paused (the applier is held inside its transaction
+    by the ``UNISONDB_TEST_HOLD=apply`` seam, an exact point)."""
+    fifo = tmp_path / "hold"
+    os.mkfifo(fifo)
+    monkeypatch.setenv("UNISONDB_TEST_HOLD", f"apply:{fifo}")
+    eng = open_engine(ACK_WAL)
+    eng.put(b"a", b"1")
+    reached = Path(str(fifo) + ".reached")
+    while not reached.exists():  # the applier took the batch and waits at the hold
+        threading.Event().wait(0.01)
+    paused = threading.Event()
+    t = threading.Thread(target=lambda: (eng.pause_applier(), paused.set()))
+    t.start()
+    assert not paused.wait(0.2), "pause returned while a transaction was in progress"
+    monkeypatch.delenv("UNISONDB_TEST_HOLD")
+    with open(fifo, "wb") as f:
+        f.write(b"x")
+    assert paused.wait(30)
+    t.join()
+    assert eng.applied_lsn == 1  # the transaction in progress finished
+    eng.put(b"b", b"2")
+    assert eng.applied_lsn == 1 and eng.get(b"b") == b"2"  # then nothing more while paused
+    eng.resume_applier()
+    assert eng.catch_up(timeout=30) and eng.applied_lsn == 2
+
+
+def test_a_seal_applies_the_table_even_while_the_applier_is_paused(
+    open_engine: Callable[..., Engine],
+) -> None:
+    """A segment's footer needs the state after its last record: ``rotate`` (and a
+    size rotation mid-group) drains the table although the applier is paused, instead of
+    waiting for ``resume`` forever; afterwards the pause holds again."""
+    eng = open_engine(EngineConfig(ack="wal", segment_size=4096))
+    eng.pause_applier()
+    for i in range(5):
+        eng.put(b"k%d" % i, b"v")
+    assert eng.applied_lsn == 0
+    assert eng.rotate() == 1
+    assert eng.applied_lsn == 5 and eng.lmdb_lag == 0
+    # Size rotations inside a group, paused: 60 writes of ~300 bytes over 4 KiB segments.
+    futures = [eng.submit([Entry(EntryKind.PUT, b"r%d" % i, b"x" * 300)]) for i in range(60)]
+    lsns = [f.result(timeout=60) for f in futures]
+    assert lsns == list(range(6, 66))
+    assert len(eng.sealed_segments()) >= 4
+    assert eng.applied_lsn >= eng.sealed_segments()[-1].last_lsn  # every sealed record is in LMDB
+    eng.put(b"after", b"y")
+    assert eng.applied_lsn < eng.last_lsn  # paused again for what no seal needs
+    eng.resume_applier()
+    assert eng.catch_up(timeout=30) and eng.applied_lsn == eng.last_lsn == 66

@@ -78,6 +78,7 @@ def test_a_btree_without_its_wal_forks_a_new_history(
     eng = open_engine(SMALL)
     for i in range(100):
         eng.put(b"k%d" % i, b"x" * 100)
+    assert eng.catch_up()
     before = eng.checkpoint()
     last_id = eng.wal.max_segment_id()
     eng.close()
@@ -117,6 +118,7 @@ def test_an_empty_btree_is_rebuilt_from_a_complete_wal(
     eng = open_engine(SMALL)
     for i in range(80):
         eng.put(b"k%d" % (i % 30), b"v%d" % i)
+    assert eng.catch_up()
     before = eng.checkpoint()
     eng.close()
     shutil.rmtree(db_dir)
@@ -136,6 +138,7 @@ def test_a_snapshot_installed_by_hand_forks_even_when_the_wal_continues_it(
         cp_snap, _size, _sha = write_snapshot(eng, f.fileno(), snap)
     for i in range(40, 60):
         eng.put(b"k%d" % i, b"b" * 50)
+    assert eng.catch_up()
     tip = eng.checkpoint()
     eng.close()
     assert snapfile.read_trailer(snap) is not None

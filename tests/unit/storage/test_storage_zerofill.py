@@ -81,6 +81,85 @@ def test_crash_at_every_offset_of_the_last_record_in_zero_filled_space(
     assert seen == {"clean": 1, "torn": end - start - 1, "whole": 1}
 
 
+def test_crash_at_every_offset_with_the_head_of_the_last_record_lost_in_zero_filled_space(
+    tmp_path: Path, build_wal: Callable[..., int]
+) -> None:
+    """The other half of a torn write into preallocated space: the last record's first
+    ``cut`` bytes never reached the disk (still the filler's zeros), the rest did (page
+    writeback in another order), zeros after it. Zeros followed by anything non-zero is
+    never the clean end of the log: the record is cut off and kept as ``.broken``; only
+    when nothing of it survived is it the clean end (nothing cut)."""
+    template = tmp_path / "template"
+    assert build_wal(template, [4, 3]) == LAST
+    newest = template / segment_name(2)
+    scan = segment.scan(newest)
+    _rec, start, end = scan.records[-1]
+    original = newest.read_bytes()
+    seen = {"clean": 0, "torn": 0}
+    for cut in range(start + 1, end + 1):
+        work = tmp_path / f"cut{cut}"
+        wal_dir = work / "wal"
+        shutil.copytree(template, wal_dir)
+        seg = wal_dir / segment_name(2)
+        crashed = original[:start] + bytes(cut - start) + original[cut:end] + bytes(PREALLOCATED)
+        seg.write_bytes(crashed)
+        wal, next_lsn, btree = _reopen(wal_dir, work / "db")
+        broken = seg.with_name(seg.name + ".broken")
+        try:
+            assert wal.last_lsn == LAST - 1 and next_lsn == LAST, cut
+            assert btree.read_checkpoint().applied_lsn == LAST - 1
+            assert btree.get(key_for(LAST)) is None
+            if not any(original[cut:end]):
+                kind = "clean"
+                assert not broken.exists() and wal.report.truncated_bytes == 0, cut
+            else:
+                kind = "torn"
+                assert broken.read_bytes() == crashed, cut
+                assert wal.report.truncated_bytes == len(crashed) - start, cut
+                assert seg.stat().st_size == start
+            assert wal.active is not None and wal.active.size == start
+            seen[kind] += 1
+        finally:
+            wal.close()
+            btree.close()
+        shutil.rmtree(work)
+    assert seen["clean"] + seen["torn"] == end - start and seen["torn"] >= end - start - 8
+
+
+def test_ack_wal_copy_with_lmdb_behind_and_zeros_ahead_replays_every_acked_write(
+    tmp_path: Path, open_engine: Callable[..., Engine]
+) -> None:
+    """``--ack wal`` (the default) and preallocation together: the applier held (LMDB at
+    LSN 0), 150 acknowledged writes only in the zero-filled WAL, the last record torn at
+    every 7th offset into the zeros: the copy replays exactly the whole records."""
+    data = tmp_path / "data"
+    cfg = EngineConfig(ack="wal", wal_preallocate=64 << 10, segment_size=1 << 20)
+    eng = open_engine(cfg, directory=data)
+    eng.pause_applier()
+    for i in range(150):
+        eng.put(b"k%03d" % i, b"%d" % i * 20)
+    _fill_all(eng)
+    act = eng.wal.active
+    assert act is not None and act.zeroed_end > act.size and eng.applied_lsn == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(data, copy, ignore=shutil.ignore_patterns("LOCK", "*.lock"))
+    seg = layout.wal_dir(copy, NS) / act.path.name
+    whole = seg.read_bytes()
+    _rec, start, end = segment.scan(seg).records[-1]
+    for cut in range(start, end + 1, 7):
+        work = tmp_path / f"c{cut}"
+        shutil.copytree(copy, work)
+        (layout.wal_dir(work, NS) / seg.name).write_bytes(whole[:cut] + bytes(len(whole) - cut))
+        again = open_engine(cfg, directory=work)
+        n = 150 if cut == end else 149
+        assert again.recovery.records_replayed == n and again.last_lsn == n, cut
+        assert all(again.get(b"k%03d" % i) == b"%d" % i * 20 for i in range(n))
+        assert again.get(b"k%03d" % 149) == (b"149" * 20 if cut == end else None)
+        again.close()
+        shutil.rmtree(work)
+    eng.resume_applier()
+
+
 def _fill_all(eng: Engine) -> int:
     """Run the zero-filler's steps on this thread until nothing is due (deterministic)."""
     zf = eng.wal.zerofill
