@@ -245,6 +245,121 @@ def copy_ab(root: Path, size_gb: float, repeat: int) -> int:
     return 0
 
 
+# --- WAL backup A/B: this tree vs another checkout (main) vs cp + sync, same run ---
+
+_WAL_RUNNER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from unisondb.backup import paths
+from unisondb.backup.wal_backup import backup_wal
+from unisondb.config import EngineConfig
+from unisondb.storage import layout
+from unisondb.storage.engine import Engine
+data, ns, dest = Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+eng = Engine.open(data, ns, EngineConfig(segment_size=int(sys.argv[5])))
+try:
+    parts = paths.parse_relative(dest, "backupDir", is_file=False)
+    target = paths.resolve(layout.backup_root(data, ns), parts, "backupDir", is_file=False)
+    t = time.perf_counter()
+    copies = backup_wal(eng, target, 0)
+    took = time.perf_counter() - t
+    assert all(c.copied for c in copies), "destination was not empty"
+    print("RESULT", len(copies), took)
+finally:
+    eng.close()
+"""
+
+
+def build_wal(data_dir: Path, segments: int, segment_size: int, record: int) -> list[Path]:
+    """``segments`` sealed segments of ``segment_size`` bytes of ``record``-byte records."""
+    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=segment_size, map_size=1 << 34))
+    per = max(1, record // VALUE)
+    stop = threading.Event()
+
+    def writer(w: int) -> None:  # 8 of them: group commits, not one fsync per record
+        i = 0
+        while not stop.is_set():
+            eng.write(
+                [Entry(EntryKind.PUT, b"w%d-%09d-%03d" % (w, i, j), os.urandom(VALUE)) for j in range(per)]
+            )
+            i += 1
+            if len(eng.sealed_segments()) >= segments:
+                stop.set()
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(writer, range(8)))
+    finally:
+        eng.close()
+    return sorted((data_dir / NS / "wal").glob("*.wal"))[:segments]
+
+
+def wal_ab(root: Path, args: argparse.Namespace) -> int:
+    """Interleaved, same run: WAL backup of the same ``--segments`` sealed segments by this
+    tree and by ``--other-src`` (a main checkout), vs ``cp`` + ``sync`` of the files; each
+    from a warm page cache (sources read in first, as a backup of recent segments finds
+    them); medians of ``--repeat``, and the 1-minute load average next to every run."""
+    import statistics
+
+    seg_size = args.segment_mib << 20
+    data = root / "data"
+    t = time.perf_counter()
+    segs = build_wal(data, args.segments, seg_size, args.record_kib << 10)
+    total = sum(p.stat().st_size for p in segs)
+    took = time.perf_counter() - t
+    print(f"built {len(segs)} segments, {total / 2**20:.0f} MiB in {took:.0f} s", flush=True)
+    here = str(Path(__file__).resolve().parent.parent)
+    variants: dict[str, Callable[[str], float]] = {}
+
+    def ours(src: str) -> Callable[[str], float]:
+        def run(dest: str) -> float:
+            out = subprocess.run(
+                [sys.executable, "-c", _WAL_RUNNER, src, str(data), NS, dest, str(seg_size)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            (line,) = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]  # logs go to stdout too
+            _tag, n, took = line.split()
+            assert int(n) >= len(segs), line
+            return float(took)
+
+        return run
+
+    def cp_sync(dest: str) -> float:
+        d = root / dest
+        t = time.perf_counter()
+        cp_and_fsync(segs, d)
+        return time.perf_counter() - t
+
+    variants["branch"] = ours(here)
+    if args.other_src:
+        variants["main"] = ours(str(args.other_src))
+    variants["cp+sync"] = cp_sync
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    loads: list[float] = []
+    names = list(variants)
+    for r in range(args.repeat):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            prepare_cache(segs, cold=False)
+            dest = f"ab-{name}-{r}"
+            times[name].append(variants[name](dest))
+            loads.append(os.getloadavg()[0])
+            shutil.rmtree(root / dest, ignore_errors=True)
+            shutil.rmtree(data / "backups" / NS / dest, ignore_errors=True)
+    base = statistics.median(times["cp+sync"])
+    print(f"\nWAL backup of {len(segs)} segments ({total / 2**20:.0f} MiB, {args.record_kib} KiB records)")
+    print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}\n")
+    print("| variant | median | vs cp + sync | runs |")
+    print("|---|---:|---:|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.2f} s | {med / base:.2f}x | {' '.join(f'{x:.2f}' for x in ts)} |")
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="database size (default 1)")
@@ -257,12 +372,26 @@ def main() -> None:
     ap.add_argument(
         "--copy-ab", action="store_true", help="only the in-process copy A/B (compacting vs plain vs cp)"
     )
+    ap.add_argument(
+        "--wal-ab",
+        action="store_true",
+        help="only the WAL backup A/B (this tree vs --other-src vs cp + sync), in-process servers-free",
+    )
+    ap.add_argument("--other-src", type=Path, default=None, help="checkout to compare with (e.g. main)")
+    ap.add_argument("--segment-mib", type=int, default=16, help="--wal-ab segment size (16, the default)")
+    ap.add_argument("--record-kib", type=int, default=64, help="--wal-ab record size (64 KiB)")
     args = ap.parse_args()
     size = int(args.size_gb * (1 << 30))
     segment_size = max(64 << 10, size // args.segments)
     scratch = Path(tempfile.mkdtemp(prefix="bench-backup-", dir=args.dir))
     data = scratch / "data"
     rows: list[tuple[str, str, str, str]] = []
+    if args.wal_ab:
+        try:
+            sys.exit(wal_ab(scratch, args))
+        finally:
+            if not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
     if args.copy_ab:
         try:
             return copy_ab(scratch, args.size_gb, args.repeat)

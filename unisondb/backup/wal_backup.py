@@ -363,9 +363,7 @@ def _cross_check(info: SegmentInfo, checked_hex: str) -> None:
             path=str(info.path),
             recorded=recorded,
             checked=checked_hex,
-            source="sealed by this process"
-            if in_memory is not None
-            else str(seghash.sidecar_path(info.path)),
+            source=str(seghash.sidecar_path(info.path)) if in_memory is None else "this process's seal",
             reason="the segment's records all check, so its bytes are kept and the backup's "
             ".sha256 is theirs; the recorded hash is stale (the file was replaced?) and is rewritten",
         )
