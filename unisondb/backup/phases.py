@@ -7,8 +7,8 @@ Outside ``collecting`` every call is a no-op, so the backup functions stay usabl
 
 Phases: snapshot (``kind="btree"``) ``copy`` (LMDB's copy), ``hash`` (sha256 of the copy and
 its trailer), ``sync`` (fsyncs, rename, directory fsync), ``sidecar``; WAL backup
-(``kind="wal"``) ``read`` (read + every record CRC + sha256), ``write`` (write, fsync,
-rename, directory fsync), ``sidecar``.
+(``kind="wal"``) ``read`` (read + every record CRC + sha256), ``write`` (the kernel copy),
+``sidecar``, ``sync`` (fsyncs, renames, one directory fsync per batch).
 """
 
 from __future__ import annotations
