@@ -26,6 +26,7 @@ import argparse
 import base64
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -251,7 +252,7 @@ _WAL_RUNNER = """
 import sys, time
 sys.path.insert(0, sys.argv[1])
 from pathlib import Path
-from unisondb.backup import paths
+from unisondb.backup import paths, phases
 from unisondb.backup.wal_backup import backup_wal
 from unisondb.config import EngineConfig
 from unisondb.storage import layout
@@ -261,11 +262,13 @@ eng = Engine.open(data, ns, EngineConfig(segment_size=int(sys.argv[5])))
 try:
     parts = paths.parse_relative(dest, "backupDir", is_file=False)
     target = paths.resolve(layout.backup_root(data, ns), parts, "backupDir", is_file=False)
-    t = time.perf_counter()
-    copies = backup_wal(eng, target, 0)
-    took = time.perf_counter() - t
+    with phases.collecting() as spent:
+        t, cpu = time.perf_counter(), time.process_time()
+        copies = backup_wal(eng, target, 0)
+        took = time.perf_counter() - t
+        spent["cpu"] = time.process_time() - cpu  # every thread of the process
     assert all(c.copied for c in copies), "destination was not empty"
-    print("RESULT", len(copies), took)
+    print("RESULT", len(copies), took, " ".join(f"{k}={v:.2f}" for k, v in sorted(spent.items())))
 finally:
     eng.close()
 """
@@ -311,6 +314,7 @@ def wal_ab(root: Path, args: argparse.Namespace) -> int:
     print(f"built {len(segs)} segments, {total / 2**20:.0f} MiB in {took:.0f} s", flush=True)
     here = str(Path(__file__).resolve().parent.parent)
     variants: dict[str, Callable[[str], float]] = {}
+    phase_log: list[str] = []
 
     def ours(src: str) -> Callable[[str], float]:
         def run(dest: str) -> float:
@@ -321,21 +325,27 @@ def wal_ab(root: Path, args: argparse.Namespace) -> int:
                 check=True,
             ).stdout
             (line,) = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]  # logs go to stdout too
-            _tag, n, took = line.split()
+            _tag, n, took, *spent = line.split()
             assert int(n) >= len(segs), line
+            phase_log.append(f"{Path(src).name}: {float(took):.2f} s {' '.join(spent)}")
             return float(took)
 
         return run
 
     def cp_sync(dest: str) -> float:
         d = root / dest
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
         t = time.perf_counter()
         cp_and_fsync(segs, d)
-        return time.perf_counter() - t
+        took = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        phase_log.append(f"cp+sync: {took:.2f} s cpu={cpu:.2f}")
+        return took
 
-    variants["branch"] = ours(here)
-    if args.other_src:
-        variants["main"] = ours(str(args.other_src))
+    variants["this tree"] = ours(here)
+    for other in args.other_src:
+        variants[other.name] = ours(str(other))
     variants["cp+sync"] = cp_sync
     times: dict[str, list[float]] = {k: [] for k in variants}
     loads: list[float] = []
@@ -351,7 +361,8 @@ def wal_ab(root: Path, args: argparse.Namespace) -> int:
             shutil.rmtree(data / "backups" / NS / dest, ignore_errors=True)
     base = statistics.median(times["cp+sync"])
     print(f"\nWAL backup of {len(segs)} segments ({total / 2**20:.0f} MiB, {args.record_kib} KiB records)")
-    print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}\n")
+    print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}")
+    print("phases (seconds, backup/phases.py) per run:\n  " + "\n  ".join(phase_log) + "\n")
     print("| variant | median | vs cp + sync | runs |")
     print("|---|---:|---:|---|")
     for name, ts in times.items():
@@ -377,7 +388,13 @@ def main() -> None:
         action="store_true",
         help="only the WAL backup A/B (this tree vs --other-src vs cp + sync), in-process servers-free",
     )
-    ap.add_argument("--other-src", type=Path, default=None, help="checkout to compare with (e.g. main)")
+    ap.add_argument(
+        "--other-src",
+        type=Path,
+        action="append",
+        default=[],
+        help="--wal-ab: a checkout to compare with (e.g. main; repeatable; named by its directory)",
+    )
     ap.add_argument("--segment-mib", type=int, default=16, help="--wal-ab segment size (16, the default)")
     ap.add_argument("--record-kib", type=int, default=64, help="--wal-ab record size (64 KiB)")
     args = ap.parse_args()

@@ -332,7 +332,7 @@ def _read_checked(src: int, info: SegmentInfo, hasher: ThreadPoolExecutor) -> st
         ) from None
     finally:
         hexdigest = digest.result()
-    if not scanned.sealed:
+    if scanned.footer is None:
         raise CorruptLog(
             f"refusing to back up WAL segment {info.segment_id}: its records do not end in a valid footer",
             path=info.path,
