@@ -16,7 +16,8 @@ published with one directory fsync each (``files.Batch``). Per segment:
    footer with ``segment.scan`` while a second thread computes their SHA-256 (hashlib
    runs without the GIL): a damaged segment is refused (``CorruptLog``, 500, naming the
    file and offset) instead of copied and vouched for;
-3. compare that SHA-256 with the one the WAL writer recorded at seal time
+3. (once the hash is done — it runs on behind the checks and the copy) compare that
+   SHA-256 with the one the WAL writer recorded at seal time
    (``SegmentInfo.sha256``, else ``<segment>.sha256`` in ``wal/``; ``storage/seghash.py``).
    The checked bytes win: a missing record is written (first need), a disagreeing one is
    logged (``wal_backup.recorded_sha256_mismatch``) and rewritten, and never published;
@@ -39,7 +40,7 @@ from __future__ import annotations
 import hashlib
 import os
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
@@ -200,10 +201,22 @@ def _stage_segment(
         with phases.timed("read"):
             _check_source(engine, info, src)
             before = _identity(src, info)
-            source_hex = _read_checked(src, info, hasher)
-            _cross_check(info, source_hex)
+            hashed = _read_checked(src, info, hasher)
+        checked = [False]
+
+        def checked_hex() -> str:
+            # The hash runs on ``hasher`` behind the record checks and the copy; it is
+            # waited for only where its value is needed.
+            with phases.timed("read"):
+                digest = hashed.result()
+                if not checked[0]:
+                    _cross_check(info, digest)
+                    checked[0] = True
+            return digest
+
         dest_st = tdir.require_regular(name)
         if dest_st is not None:
+            source_hex = checked_hex()
             existing = tdir.hash_file(name)
             if existing != source_hex:
                 raise Conflict(
@@ -221,13 +234,12 @@ def _stage_segment(
         ]
         side = checksum.sidecar_name(name)
         if tdir.require_regular(side) is not None:
-            checksum.ensure_sidecar(tdir, name, source_hex)  # Conflict before copying
+            checksum.ensure_sidecar(tdir, name, checked_hex())  # Conflict before copying
         else:
-            line = checksum.sidecar_line(source_hex, name).encode()
-            group.append((side, lambda fd: _write_sidecar(fd, line)))
+            group.append((side, lambda fd: _write_sidecar(fd, name, checked_hex())))
         batch.add(group)
         _drop_cache(src)
-        return WalCopy(info.segment_id, dest, info.size, source_hex, copied=True)
+        return WalCopy(info.segment_id, dest, info.size, checked_hex(), copied=True)
     finally:
         os.close(src)
 
@@ -253,9 +265,9 @@ def _copy(
         )
 
 
-def _write_sidecar(fd: int, line: bytes) -> None:
+def _write_sidecar(fd: int, name: str, hexdigest: str) -> None:
     with phases.timed("sidecar"):
-        files.write_all(fd, line)
+        files.write_all(fd, checksum.sidecar_line(hexdigest, name).encode())
 
 
 def _check_source(engine: Engine, info: SegmentInfo, src: int) -> None:
@@ -295,8 +307,9 @@ def _drop_cache(src: int) -> None:
         pass  # advice only
 
 
-def _read_checked(src: int, info: SegmentInfo, hasher: ThreadPoolExecutor) -> str:
-    """Read the whole sealed segment once and check it record by record; its sha256 hex.
+def _read_checked(src: int, info: SegmentInfo, hasher: ThreadPoolExecutor) -> Future[str]:
+    """Read the whole sealed segment once and check it record by record; its sha256 hex
+    (being computed on ``hasher``).
 
     Every record's CRC32C, LSN contiguity from the header's first LSN, and the footer
     (count, last LSN, time range) are checked by the same scanner recovery uses, on the
@@ -323,6 +336,7 @@ def _read_checked(src: int, info: SegmentInfo, hasher: ThreadPoolExecutor) -> st
     try:
         scanned = segment.scan(info.path, data)
     except CorruptLog as exc:
+        digest.cancel()
         # The HTTP edge shows only the message, so what to do is part of it.
         raise CorruptLog(
             f"refusing to back up damaged WAL segment {info.segment_id}: {exc.message}; the "
@@ -330,15 +344,13 @@ def _read_checked(src: int, info: SegmentInfo, hasher: ThreadPoolExecutor) -> st
             "segment (its .sha256 still checks it), check the disk, and take a new B-tree "
             "snapshot so the archive does not need this segment",
         ) from None
-    finally:
-        hexdigest = digest.result()
     if scanned.footer is None:
         raise CorruptLog(
             f"refusing to back up WAL segment {info.segment_id}: its records do not end in a valid footer",
             path=info.path,
             offset=scanned.data_end,
         )
-    return hexdigest
+    return digest
 
 
 def _sha256_hex(data: bytes) -> str:
