@@ -318,13 +318,15 @@ def _read_checked(src: int, info: SegmentInfo, hasher: ThreadPoolExecutor) -> Fu
     default).
     """
     try:
-        chunks = [os.pread(src, info.size + 1, 0)]  # one read; + 1: a file that grew is seen
-        got = len(chunks[0])
-        while chunks[-1] and got <= info.size:
-            chunks.append(os.pread(src, info.size + 1 - got, got))
-            got += len(chunks[-1])
-        data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-        del chunks
+        data = os.pread(src, info.size + 1, 0)  # one read; + 1: a file that grew is seen
+        if 0 < len(data) < info.size:  # a short read (not seen on Linux for regular files)
+            chunks = [data]
+            got = len(data)
+            while got <= info.size and (more := os.pread(src, info.size + 1 - got, got)):
+                chunks.append(more)
+                got += len(more)
+            data = b"".join(chunks)
+            del chunks
     except OSError as exc:
         raise from_os_error(exc, info.path) from exc
     if len(data) != info.size:
