@@ -13,15 +13,15 @@ it).
 
 Trust: **none**. The file is a hint that a WAL backup cross-checks, not a proof:
 
-* it is written ``<name>.sha256.tmp`` → rename, *without* fsync (the seal is on the
-  writer's path and must not pay two more fsyncs). After a power cut it may be missing,
-  empty or torn; ``read`` then returns None (torn/unparseable files are ignored) and the
-  hash is computed again on first need;
+* it is written ``<name>.sha256.<pid>-<n>.tmp`` → rename, *without* fsync (the seal is on
+  the writer's path and must not pay two more fsyncs). After a power cut it may be
+  missing, empty or torn; ``read`` then returns None (torn/unparseable files are ignored,
+  and removed at the next open) and the hash is computed again on first need;
 * it may be stale (a segment file replaced by hand beside an old sidecar): a WAL backup
   hashes the bytes it checked record by record and compares; on a mismatch the bytes win,
   the mismatch is logged and the sidecar rewritten (``unisondb/backup/wal_backup.py``);
 * it is removed with its segment (``Wal.delete_segment``); one left by a crash between the
-  two unlinks, or a ``.tmp``, is removed when the WAL is opened.
+  two unlinks, a torn one, or a ``.tmp``, is removed when the WAL is opened (``clean``).
 """
 
 from __future__ import annotations
@@ -99,8 +99,12 @@ def remove(segment_path: Path) -> None:
         pass
 
 
-def remove_orphans(directory: Path) -> list[Path]:
-    """Remove sidecars whose segment is gone (a crash between the two unlinks)."""
+def clean(directory: Path) -> list[Path]:
+    """At WAL open: remove sidecars whose segment is gone (a crash between the two unlinks)
+    and sidecars that do not parse or name another file (torn by a power cut after their
+    unsynced rename), so that nothing reading ``wal/`` as a backup input — ``sha256sum -c``,
+    ``unisondb backup verify`` — meets a damaged checksum file. Costs one small read per
+    sealed segment."""
     removed: list[Path] = []
     try:
         names = set(os.listdir(directory))
@@ -108,12 +112,15 @@ def remove_orphans(directory: Path) -> list[Path]:
         return removed
     for name in names:
         seg = name[: -len(SUFFIX)]
-        if name.endswith(SUFFIX) and SEGMENT_RE.match(seg) and seg not in names:
-            try:
-                os.unlink(directory / name)
-                removed.append(directory / name)
-            except OSError:
-                pass  # a hint: harmless if it stays
+        if not (name.endswith(SUFFIX) and SEGMENT_RE.match(seg)):
+            continue  # not ours
+        if seg in names and read(directory / seg) is not None:
+            continue
+        try:
+            os.unlink(directory / name)
+            removed.append(directory / name)
+        except OSError:
+            pass  # a hint: harmless if it stays
     return removed
 
 

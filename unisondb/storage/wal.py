@@ -18,7 +18,7 @@ Opening (``Wal.open``) repairs what a crash can leave behind and refuses everyth
   last record and the footer) is scanned fully and sealed;
 * zeros after the last record of a segment are space the zero-filler wrote ahead of the
   writer (``zerofill.py``), not damage: the log ends there;
-* a recorded-hash sidecar (``seghash.py``) whose segment is gone is removed.
+* a recorded-hash sidecar (``seghash.py``) whose segment is gone, or that is torn, is removed.
 
 Sealing records the segment's SHA-256, hashed while its bytes were appended
 (``seghash.SegmentHasher``), in ``SegmentInfo.sha256`` and in ``<segment>.sha256`` beside
@@ -120,7 +120,7 @@ class Wal:
         except OSError as exc:
             raise from_os_error(exc, directory) from exc
         files = list(segment.iter_segment_files(directory))
-        seghash.remove_orphans(directory)
+        seghash.clean(directory)
         for i, (seg_id, path) in enumerate(files):
             is_last = i == len(files) - 1
             summary = segment.read_summary(path)

@@ -126,8 +126,10 @@ def test_hasher_gives_up_after_a_rollback() -> None:
     assert h.finish(2, b"F") is None  # the file ends elsewhere than what was hashed
 
 
-def test_retention_deletes_the_sidecar_and_open_removes_orphans(engine: Engine, data_dir: Path) -> None:
-    first, second = engine.sealed_segments()[:2]
+def test_retention_deletes_the_sidecar_and_open_removes_orphans_and_torn_ones(
+    engine: Engine, data_dir: Path
+) -> None:
+    first, second, third, fourth = engine.sealed_segments()[:4]
     engine.wal.delete_segment(first.segment_id)  # what retention does
     assert not first.path.exists() and not seghash.sidecar_path(first.path).exists()
     # A crash between the segment's unlink and its sidecar's leaves an orphan:
@@ -135,9 +137,12 @@ def test_retention_deletes_the_sidecar_and_open_removes_orphans(engine: Engine, 
     engine.close()
     assert seghash.sidecar_path(second.path).exists()
     (data_dir / NS / "wal" / "notes.sha256").write_text("an operator's file\n")
+    seghash.sidecar_path(third.path).write_bytes(b"")  # torn by a power cut after its rename
     eng = Engine.open(data_dir, NS, EngineConfig(segment_size=64 << 10))
     try:
         assert not seghash.sidecar_path(second.path).exists()
+        assert not seghash.sidecar_path(third.path).exists()
+        assert seghash.read(fourth.path) == fourth.sha256  # whole ones stay
         assert (data_dir / NS / "wal" / "notes.sha256").exists()  # not ours: left alone
     finally:
         eng.close()
