@@ -187,6 +187,7 @@ class Wal:
         self.report.broken_copy = broken
 
     def _set_active(self, scan: segment.SegmentScan) -> None:
+        _remove_sidecar_quietly(scan.path)  # an unsealed segment has no recorded hash
         act = ActiveSegment.open_existing(scan.path, scan.header, scan.data_end)
         act.note_records([(r.lsn, r.time_ns, start) for r, start, _end in scan.records])
         self.active = act
@@ -324,10 +325,13 @@ class Wal:
         it; None when the hasher does not cover the file (opened after a crash, rolled
         back). Never fails the seal: a missing sidecar only means "compute on first need"."""
         hasher, self._hasher = self._hasher, None
-        if hasher is None or hasher[0] != act.header.segment_id:
-            return None
-        digest = hasher[1].finish(records_end, footer.encode())
+        digest = None
+        if hasher is not None and hasher[0] == act.header.segment_id:
+            digest = hasher[1].finish(records_end, footer.encode())
         if digest is None:
+            # A sidecar of an earlier version of this file (cut back by a torn-tail repair,
+            # or put there by hand) must not outlive it: computed on first need instead.
+            _remove_sidecar_quietly(act.path)
             return None
         try:
             seghash.write(act.path, digest)
@@ -394,6 +398,13 @@ class Wal:
             while start < len(scan.records) and scan.records[start][0].lsn <= after_lsn:
                 start += 1
             yield scan, start
+
+
+def _remove_sidecar_quietly(path: Path) -> None:
+    try:
+        seghash.remove(path)
+    except OSError as exc:
+        log.warning("wal.sha256_not_removed", path=str(path), error=str(exc))
 
 
 def _info_from_footer(

@@ -115,6 +115,30 @@ def test_a_segment_sealed_on_open_has_its_hash_computed_on_first_need(data_dir: 
         eng.close()
 
 
+def test_a_segment_cut_back_and_sealed_again_loses_its_old_recorded_hash(data_dir: Path) -> None:
+    """A sealed segment whose footer is cut off (what a torn-tail repair sees) is active
+    again at open and sealed on the next start: its old sidecar is gone, not stale."""
+    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=1 << 20))
+    fill(eng, 5)
+    eng.rotate()
+    seg = eng.sealed_segments()[-1].path
+    eng.close()
+    assert seghash.read(seg) is not None
+    for p in seg.parent.glob("*.wal"):
+        if p != seg:
+            p.unlink()  # the empty segment the clean stop began
+    with open(seg, "r+b") as f:
+        f.truncate(seg.stat().st_size - 80)  # footer gone: an unsealed newest segment
+    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=1 << 20))
+    try:
+        assert seghash.read(seg) is None and not seghash.sidecar_path(seg).exists()
+        copies = backup_wal(eng, target(eng, "w"), 0)
+        assert [c.sha256 for c in copies] == [sha(s.path) for s in eng.sealed_segments()]
+        sha256sum_c(seg.parent)
+    finally:
+        eng.close()
+
+
 def test_hasher_gives_up_after_a_rollback() -> None:
     h = SegmentHasher(b"H" * 128)
     h.update(128, b"r1")
