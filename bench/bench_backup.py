@@ -26,6 +26,7 @@ import argparse
 import base64
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -406,6 +407,131 @@ def snapshot_ab(scratch: Path, size_gb: float, repeat: int, put_seconds: float) 
     return 0
 
 
+# --- WAL backup A/B: this tree vs another checkout (main) vs cp + sync, same run ---
+
+_WAL_RUNNER = """
+import sys, time
+sys.path.insert(0, sys.argv[1])
+from pathlib import Path
+from unisondb.backup import paths, phases
+from unisondb.backup.wal_backup import backup_wal
+from unisondb.config import EngineConfig
+from unisondb.storage import layout
+from unisondb.storage.engine import Engine
+data, ns, dest = Path(sys.argv[2]), sys.argv[3], sys.argv[4]
+eng = Engine.open(data, ns, EngineConfig(segment_size=int(sys.argv[5])))
+try:
+    parts = paths.parse_relative(dest, "backupDir", is_file=False)
+    target = paths.resolve(layout.backup_root(data, ns), parts, "backupDir", is_file=False)
+    with phases.collecting() as spent:
+        t, cpu = time.perf_counter(), time.process_time()
+        copies = backup_wal(eng, target, 0)
+        took = time.perf_counter() - t
+        spent["cpu"] = time.process_time() - cpu  # every thread of the process
+    assert all(c.copied for c in copies), "destination was not empty"
+    print("RESULT", len(copies), took, " ".join(f"{k}={v:.2f}" for k, v in sorted(spent.items())))
+finally:
+    eng.close()
+"""
+
+
+def build_wal(data_dir: Path, segments: int, segment_size: int, record: int) -> list[Path]:
+    """``segments`` sealed segments of ``segment_size`` bytes of ``record``-byte records."""
+    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=segment_size, map_size=1 << 34))
+    per = max(1, record // VALUE)
+    stop = threading.Event()
+
+    def writer(w: int) -> None:  # 8 of them: group commits, not one fsync per record
+        i = 0
+        while not stop.is_set():
+            eng.write(
+                [Entry(EntryKind.PUT, b"w%d-%09d-%03d" % (w, i, j), os.urandom(VALUE)) for j in range(per)]
+            )
+            i += 1
+            if len(eng.sealed_segments()) >= segments:
+                stop.set()
+
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(writer, range(8)))
+    finally:
+        eng.close()
+    return sorted((data_dir / NS / "wal").glob("*.wal"))[:segments]
+
+
+def wal_ab(root: Path, args: argparse.Namespace) -> int:
+    """Interleaved, same run: WAL backup of the same ``--segments`` sealed segments by this
+    tree and by ``--other-src`` (a main checkout), vs ``cp`` + ``sync`` of the files; each
+    from a warm page cache (sources read in first, as a backup of recent segments finds
+    them); medians of ``--repeat``, and the 1-minute load average next to every run."""
+    import statistics
+
+    seg_size = args.segment_mib << 20
+    data = root / "data"
+    t = time.perf_counter()
+    segs = build_wal(data, args.segments, seg_size, args.record_kib << 10)
+    total = sum(p.stat().st_size for p in segs)
+    took = time.perf_counter() - t
+    print(f"built {len(segs)} segments, {total / 2**20:.0f} MiB in {took:.0f} s", flush=True)
+    here = str(Path(__file__).resolve().parent.parent)
+    variants: dict[str, Callable[[str], float]] = {}
+    phase_log: list[str] = []
+
+    def ours(src: str) -> Callable[[str], float]:
+        def run(dest: str) -> float:
+            out = subprocess.run(
+                [sys.executable, "-c", _WAL_RUNNER, src, str(data), NS, dest, str(seg_size)],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout
+            (line,) = [ln for ln in out.splitlines() if ln.startswith("RESULT ")]  # logs go to stdout too
+            _tag, n, took, *spent = line.split()
+            assert int(n) >= len(segs), line
+            phase_log.append(f"{Path(src).name}: {float(took):.2f} s {' '.join(spent)}")
+            return float(took)
+
+        return run
+
+    def cp_sync(dest: str) -> float:
+        d = root / dest
+        before = resource.getrusage(resource.RUSAGE_CHILDREN)
+        t = time.perf_counter()
+        cp_and_fsync(segs, d)
+        took = time.perf_counter() - t
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
+        phase_log.append(f"cp+sync: {took:.2f} s cpu={cpu:.2f}")
+        return took
+
+    variants["this tree"] = ours(here)
+    for other in args.other_src:
+        variants[other.name] = ours(str(other))
+    variants["cp+sync"] = cp_sync
+    times: dict[str, list[float]] = {k: [] for k in variants}
+    loads: list[float] = []
+    names = list(variants)
+    for r in range(args.repeat):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for name in order:
+            prepare_cache(segs, cold=False)
+            dest = f"ab-{name}-{r}"
+            times[name].append(variants[name](dest))
+            loads.append(os.getloadavg()[0])
+            shutil.rmtree(root / dest, ignore_errors=True)
+            shutil.rmtree(data / "backups" / NS / dest, ignore_errors=True)
+    base = statistics.median(times["cp+sync"])
+    print(f"\nWAL backup of {len(segs)} segments ({total / 2**20:.0f} MiB, {args.record_kib} KiB records)")
+    print(f"load average (1 min) during the runs: {min(loads):.1f}-{max(loads):.1f}")
+    print("phases (seconds, backup/phases.py) per run:\n  " + "\n  ".join(phase_log) + "\n")
+    print("| variant | median | vs cp + sync | runs |")
+    print("|---|---:|---:|---|")
+    for name, ts in times.items():
+        med = statistics.median(ts)
+        print(f"| {name} | {med:.2f} s | {med / base:.2f}x | {' '.join(f'{x:.2f}' for x in ts)} |")
+    return 0
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--size-gb", type=float, default=1.0, help="database size (default 1)")
@@ -423,6 +549,20 @@ def main() -> None:
         action="store_true",
         help="only the snapshot A/B: vs cp+sync, first snapshot after a start, PUT with/without pacing",
     )
+    ap.add_argument(
+        "--wal-ab",
+        action="store_true",
+        help="only the WAL backup A/B (this tree vs --other-src vs cp + sync), in-process servers-free",
+    )
+    ap.add_argument(
+        "--other-src",
+        type=Path,
+        action="append",
+        default=[],
+        help="--wal-ab: a checkout to compare with (e.g. main; repeatable; named by its directory)",
+    )
+    ap.add_argument("--segment-mib", type=int, default=16, help="--wal-ab segment size (16, the default)")
+    ap.add_argument("--record-kib", type=int, default=64, help="--wal-ab record size (64 KiB)")
     args = ap.parse_args()
     size = int(args.size_gb * (1 << 30))
     segment_size = max(64 << 10, size // args.segments)
@@ -432,6 +572,12 @@ def main() -> None:
     if args.snapshot_ab:
         try:
             return snapshot_ab(scratch, args.size_gb, args.repeat, args.put_seconds)
+        finally:
+            if not args.keep:
+                shutil.rmtree(scratch, ignore_errors=True)
+    if args.wal_ab:
+        try:
+            sys.exit(wal_ab(scratch, args))
         finally:
             if not args.keep:
                 shutil.rmtree(scratch, ignore_errors=True)

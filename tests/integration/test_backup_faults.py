@@ -86,8 +86,9 @@ def test_permission_denied_both_endpoints(server_factory: Callable[..., Server],
 # --- no space left on device: FAKE (in-process) ---
 # A full disk cannot be produced on demand on every machine, so these two tests fake the
 # moment the disk fills up, and say so:
-# * WAL: ``unisondb.backup.files.write_all`` — the one function every copied WAL byte goes
-#   through — raises a real OSError(ENOSPC) once a byte budget is used up;
+# * WAL: ``unisondb.backup.files.copy_range`` — the one function every copied WAL byte goes
+#   through (a kernel copy) — and ``files.write_all`` (sidecars) raise a real
+#   OSError(ENOSPC) once a byte budget is used up;
 # * snapshot: LMDB writes the copy itself (C code, no Python seam), so
 #   ``unisondb.backup.snapshot.copy_env`` writes part of a copy and then raises exactly
 #   what py-lmdb raises on a full disk (``test_lmdb_reports_enospc_as_the_fake_does``
@@ -133,7 +134,19 @@ def enospc_after(monkeypatch: pytest.MonkeyPatch, budget: int) -> None:
         used += len(data)
         real(fd, data)
 
+    real_copy = files.copy_range
+
+    def fake_copy_range(src: int, dst: int, size: int, throttle: Callable[[int], None] | None = None) -> None:
+        nonlocal used
+        if used + size > budget:
+            real_copy(src, dst, budget - used)  # the disk fills up part-way through the copy
+            used = budget
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        used += size
+        real_copy(src, dst, size, throttle)
+
     monkeypatch.setattr(files, "write_all", fake_write_all)
+    monkeypatch.setattr(files, "copy_range", fake_copy_range)
 
 
 def failures(metrics: Metrics, kind: str) -> float:

@@ -5,7 +5,8 @@ Content is one line in GNU ``sha256sum`` format, ``<64 hex>  <basename>\\n``, so
 the sidecar stays valid when the directory is moved, tarred or synced elsewhere. (Names with
 newlines cannot occur: the path rules reject control characters.)
 
-A sidecar is written like any backup file (``.tmp`` → fsync → rename → directory fsync).
+A sidecar is written like any backup file (``.tmp`` → fsync → rename → directory fsync), or
+as part of a ``files.Batch`` (then renamed with the batch, after the file it is for).
 An existing sidecar that says the same thing is left alone; one that says something else is
 a ``Conflict``: we never silently overwrite a checksum somebody may rely on.
 """
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from unisondb import sha256sum
 from unisondb.backup import files
-from unisondb.backup.files import TargetDir
+from unisondb.backup.files import Batch, TargetDir
 from unisondb.errors import Conflict
 
 SUFFIX = ".sha256"
@@ -39,8 +40,10 @@ def parse_sidecar(text: str) -> tuple[str, str] | None:
     return entries[0].digest, entries[0].name
 
 
-def ensure_sidecar(tdir: TargetDir, name: str, hexdigest: str) -> bool:
-    """Make ``<name>.sha256`` say ``hexdigest``; return True if it had to be written."""
+def ensure_sidecar(tdir: TargetDir, name: str, hexdigest: str, batch: Batch | None = None) -> bool:
+    """Make ``<name>.sha256`` say ``hexdigest``; return True if it had to be written.
+
+    With ``batch`` a missing sidecar is staged in it (published by ``batch.publish()``)."""
     side = sidecar_name(name)
     want = sidecar_line(hexdigest, name)
     if tdir.require_regular(side) is not None:
@@ -57,7 +60,10 @@ def ensure_sidecar(tdir: TargetDir, name: str, hexdigest: str) -> bool:
             )
         return False  # same digest and name, only formatted differently (e.g. '*' mode)
     data = want.encode()
-    tdir.publish(side, lambda fd: files.write_all(fd, data))
+    if batch is not None:
+        batch.add([(side, lambda fd: files.write_all(fd, data))])
+    else:
+        tdir.publish(side, lambda fd: files.write_all(fd, data))
     return True
 
 

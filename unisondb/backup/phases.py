@@ -8,8 +8,9 @@ Outside ``collecting`` every call is a no-op, so the backup functions stay usabl
 Phases: snapshot (``kind="btree"``) ``copy`` (reads, writes, waits of the copy), ``hash``
 (the hash thread's busy time, overlapped with the copy), ``pace`` (sleeps of
 backup/pacing.py), ``sync`` (fsyncs, rename, directory fsync), ``sidecar``; WAL backup
-(``kind="wal"``) ``read`` (read + every record CRC + sha256), ``write`` (write, fsync,
-rename, directory fsync), ``sidecar``. A snapshot's phases add up to its duration.
+(``kind="wal"``) ``read`` (read + every record CRC + sha256), ``write`` (the kernel copy),
+``sidecar``, ``sync`` (fsyncs, renames, one directory fsync per batch), ``pace``. A
+snapshot's phases add up to its duration.
 """
 
 from __future__ import annotations

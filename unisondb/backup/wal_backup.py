@@ -5,39 +5,66 @@ writing again), so a copy is byte-identical to the source whenever it is taken. 
 active segment is never copied; ``rotate=True`` seals it first (if it holds records), so
 the backup reaches the latest acknowledged write.
 
-Per segment, in ascending id order:
+Segments are copied in ascending id order, in batches (``BATCH_BYTES``/``BATCH_FILES``)
+published with one directory fsync each (``files.Batch``). Per segment:
 
 1. open the source read-only (a segment deleted by retention since the listing is a
    ``BackupGap``), check its size against the segment table and its header/footer
    (segment id, namespace, last LSN) — cheap, and it catches a wrong or truncated file;
-2. read it whole (one segment in memory) and check every record's CRC32C, LSN contiguity
-   and the footer with ``segment.scan``: a damaged segment is refused (``CorruptLog``, 500,
-   naming the file and offset) instead of copied and vouched for by a fresh ``.sha256``;
-3. if ``%09d.wal`` already exists in the target: identical (sha256) → nothing to copy, it
+2. read it whole, once (one segment in memory; from the page cache when it was written
+   recently), and on those bytes check every record's CRC32C, LSN contiguity and the
+   footer with ``segment.scan`` while a second thread computes their SHA-256 (hashlib
+   runs without the GIL): a damaged segment is refused (``CorruptLog``, 500, naming the
+   file and offset) instead of copied and vouched for;
+3. (once the hash is done — it runs on behind the checks and the copy) compare that
+   SHA-256 with the one the WAL writer recorded at seal time
+   (``SegmentInfo.sha256``, else ``<segment>.sha256`` in ``wal/``; ``storage/seghash.py``).
+   The checked bytes win: a missing record is written (first need), a disagreeing one is
+   logged (``wal_backup.recorded_sha256_mismatch``) and rewritten, and never published;
+4. if ``%09d.wal`` already exists in the target: identical (sha256) → nothing to copy, it
    is still reported; different → ``Conflict`` naming the file, never an overwrite;
-4. otherwise write those checked bytes to ``%09d.wal.tmp`` → fsync → rename → dir fsync;
-5. write ``%09d.wal.sha256`` the same way (or check the one already there); if that fails,
-   the segment just published is removed again (``checksum.complete_publish``).
+5. otherwise kernel-copy the source to ``%09d.wal.tmp`` (``files.copy_range``: the pages
+   just read are copied from the page cache, not read from disk again) and write
+   ``%09d.wal.sha256.tmp``; the source's identity (inode, size, mtime) must be unchanged
+   after the copy, so the bytes copied are the bytes checked;
+6. at the end of the batch: every ``.tmp`` fsynced (behind the copy, on another thread),
+   all renamed — segment, then its sidecar — then ONE directory fsync.
 
-A failure part-way leaves the segments before it complete and verified (re-running is
-safe) and nothing partial for the one that failed.
+A failure part-way publishes the whole segments staged before it (complete and verified,
+re-running is safe) and nothing of the one that failed. A kill -9 at any step leaves only
+whole files (``files.Batch``); ``.tmp`` files are removed at the next start.
 """
 
 from __future__ import annotations
 
 import hashlib
 import os
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
+import structlog
+
 from unisondb.backup import checksum, files, phases
-from unisondb.backup.files import CHUNK, TargetDir, path_lock
+from unisondb.backup.files import Batch, TargetDir, path_lock
 from unisondb.backup.paths import Resolved, open_dir
 from unisondb.errors import BackupGap, Conflict, CorruptLog, StorageError, from_os_error
-from unisondb.storage import segment
+from unisondb.storage import seghash, segment
 from unisondb.storage.engine import Engine
 from unisondb.storage.layout import segment_name
 from unisondb.storage.wal import SegmentInfo
+
+log = structlog.get_logger(__name__)
+
+#: A batch ends after this many bytes or files: one directory fsync per batch, and a
+#: kill -9 loses at most one batch of copying (re-running redoes it).
+BATCH_BYTES = 256 << 20
+BATCH_FILES = 64
+
+#: Called with the number of bytes about to be copied (the backup pacer's seam).
+Throttle = Callable[[int], None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +110,11 @@ def gap_error(engine: Engine, first: int, last: int, oldest: int) -> BackupGap:
 
 
 def backup_wal(
-    engine: Engine, target: Resolved, after_segment_id: int, rotate: bool = False
+    engine: Engine,
+    target: Resolved,
+    after_segment_id: int,
+    rotate: bool = False,
+    throttle: Throttle | None = None,
 ) -> list[WalCopy]:
     """Run one WAL backup request (blocking: call it from a worker thread)."""
     if rotate:
@@ -92,54 +123,151 @@ def backup_wal(
     if not todo:
         return []
     copies: list[WalCopy] = []
-    with TargetDir(open_dir(target), target.path) as tdir:
-        for info in todo:
-            copies.append(copy_segment(engine, info, tdir))
+    with (
+        TargetDir(open_dir(target), target.path) as tdir,
+        ThreadPoolExecutor(1, thread_name_prefix="wal-backup-hash") as hasher,
+    ):
+        for batch in _batches(todo):
+            copies += _copy_batch(engine, batch, tdir, hasher, throttle)
     return copies
 
 
-def copy_segment(engine: Engine, info: SegmentInfo, tdir: TargetDir) -> WalCopy:
+def _batches(todo: list[SegmentInfo]) -> Iterator[list[SegmentInfo]]:
+    batch: list[SegmentInfo] = []
+    size = 0
+    for info in todo:
+        if batch and (size + info.size > BATCH_BYTES or len(batch) >= BATCH_FILES):
+            yield batch
+            batch, size = [], 0
+        batch.append(info)
+        size += info.size
+    if batch:
+        yield batch
+
+
+def _copy_batch(
+    engine: Engine,
+    infos: list[SegmentInfo],
+    tdir: TargetDir,
+    hasher: ThreadPoolExecutor,
+    throttle: Throttle | None,
+) -> list[WalCopy]:
+    out: list[WalCopy] = []
+    # Destination locks are taken in ascending id order by every request, so two requests
+    # over overlapping ranges wait for each other instead of deadlocking; they are held
+    # until the batch is published (the second then finds identical files).
+    with ExitStack() as held, tdir.batch() as batch:
+        try:
+            for info in infos:
+                held.enter_context(path_lock(tdir.path / segment_name(info.segment_id)))
+                out.append(_stage_segment(engine, info, tdir, batch, hasher, throttle))
+        except BaseException:
+            # The segments staged before the failing one are whole and verified: publish
+            # them (what a per-segment backup had already done). If that fails too, the
+            # first error is the one to report; nothing partial is left either way.
+            try:
+                with phases.timed("sync"):
+                    batch.publish()
+            except Exception:
+                pass
+            raise
+        with phases.timed("sync"):
+            batch.publish()
+    return out
+
+
+def _stage_segment(
+    engine: Engine,
+    info: SegmentInfo,
+    tdir: TargetDir,
+    batch: Batch,
+    hasher: ThreadPoolExecutor,
+    throttle: Throttle | None,
+) -> WalCopy:
     name = segment_name(info.segment_id)
     dest = tdir.path / name
-    with path_lock(dest):
-        try:
-            src = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC)
-        except FileNotFoundError:
-            oldest = min((s.segment_id for s in engine.segments()), default=0)
-            raise BackupGap(
-                f"WAL backup gap in namespace {engine.namespace}: segment id "
-                f"{info.segment_id} was deleted by WAL retention (--wal-retention) while this "
-                f"backup was running. The oldest segment still on disk is {oldest}",
-            ) from None
-        except OSError as exc:
-            raise from_os_error(exc, info.path) from exc
-        try:
+    try:
+        src = os.open(info.path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        oldest = min((s.segment_id for s in engine.segments()), default=0)
+        raise BackupGap(
+            f"WAL backup gap in namespace {engine.namespace}: segment id "
+            f"{info.segment_id} was deleted by WAL retention (--wal-retention) while this "
+            f"backup was running. The oldest segment still on disk is {oldest}",
+        ) from None
+    except OSError as exc:
+        raise from_os_error(exc, info.path) from exc
+    try:
+        with phases.timed("read"):
+            _check_source(engine, info, src)
+            before = _identity(src, info)
+            hashed = _read_checked(src, info, hasher)
+        checked = [False]
+
+        def checked_hex() -> str:
+            # The hash runs on ``hasher`` behind the record checks and the copy; it is
+            # waited for only where its value is needed.
             with phases.timed("read"):
-                _check_source(engine, info, src)
-                data, source_hex = _read_checked(src, info)
+                digest = hashed.result()
+                if not checked[0]:
+                    _cross_check(info, digest)
+                    checked[0] = True
+            return digest
+
+        dest_st = tdir.require_regular(name)
+        if dest_st is not None:
+            source_hex = checked_hex()
+            existing = tdir.hash_file(name)
+            if existing != source_hex:
+                raise Conflict(
+                    f"{dest} already exists with different content (sha256 {existing}) "
+                    f"than sealed segment {info.segment_id} (sha256 {source_hex}); "
+                    "refusing to overwrite a backup file: choose another backupDir or "
+                    "move the old file away"
+                )
+            checksum.ensure_sidecar(tdir, name, source_hex, batch)
+            batch.dir_dirty = True  # a previous run may have died before its directory fsync
             _drop_cache(src)
-            dest_st = tdir.require_regular(name)
-            if dest_st is not None:
-                existing = tdir.hash_file(name)
-                if existing != source_hex:
-                    raise Conflict(
-                        f"{dest} already exists with different content (sha256 {existing}) "
-                        f"than sealed segment {info.segment_id} (sha256 {source_hex}); "
-                        "refusing to overwrite a backup file: choose another backupDir or "
-                        "move the old file away"
-                    )
-                checksum.ensure_sidecar(tdir, name, source_hex)
-                tdir.sync()  # a previous run may have died before its directory fsync
-                return WalCopy(info.segment_id, dest, info.size, source_hex, copied=False)
-            if tdir.require_regular(checksum.sidecar_name(name)) is not None:
-                checksum.ensure_sidecar(tdir, name, source_hex)  # Conflict before copying
-            with phases.timed("write"):
-                tdir.publish(name, lambda fd: _write(fd, data))
-            with phases.timed("sidecar"):
-                checksum.complete_publish(tdir, name, source_hex)
-            return WalCopy(info.segment_id, dest, info.size, source_hex, copied=True)
-        finally:
-            os.close(src)
+            return WalCopy(info.segment_id, dest, info.size, source_hex, copied=False)
+        group: list[tuple[str, Callable[[int], object]]] = [
+            (name, lambda fd: _copy(src, fd, info, before, throttle))
+        ]
+        side = checksum.sidecar_name(name)
+        if tdir.require_regular(side) is not None:
+            checksum.ensure_sidecar(tdir, name, checked_hex())  # Conflict before copying
+        else:
+            group.append((side, lambda fd: _write_sidecar(fd, name, checked_hex())))
+        batch.add(group)
+        _drop_cache(src)
+        return WalCopy(info.segment_id, dest, info.size, checked_hex(), copied=True)
+    finally:
+        os.close(src)
+
+
+def _identity(src: int, info: SegmentInfo) -> tuple[int, int, int, int]:
+    try:
+        st = os.fstat(src)
+    except OSError as exc:
+        raise from_os_error(exc, info.path) from exc
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _copy(
+    src: int, dst: int, info: SegmentInfo, before: tuple[int, int, int, int], throttle: Throttle | None
+) -> None:
+    with phases.timed("write"):
+        files.copy_range(src, dst, info.size, throttle)
+    if _identity(src, info) != before:
+        raise StorageError(
+            f"{info.path} changed while being backed up (inode, size or mtime differ from "
+            "when its records were checked); a sealed segment must never change: check "
+            "what writes to the WAL directory"
+        )
+
+
+def _write_sidecar(fd: int, name: str, hexdigest: str) -> None:
+    with phases.timed("sidecar"):
+        files.write_all(fd, checksum.sidecar_line(hexdigest, name).encode())
 
 
 def _check_source(engine: Engine, info: SegmentInfo, src: int) -> None:
@@ -179,32 +307,40 @@ def _drop_cache(src: int) -> None:
         pass  # advice only
 
 
-def _read_checked(src: int, info: SegmentInfo) -> tuple[bytes, str]:
-    """The whole sealed segment, checked record by record; (bytes, sha256 hex).
+def _read_checked(src: int, info: SegmentInfo, hasher: ThreadPoolExecutor) -> Future[str]:
+    """Read the whole sealed segment once and check it record by record; its sha256 hex
+    (being computed on ``hasher``).
 
     Every record's CRC32C, LSN contiguity from the header's first LSN, and the footer
     (count, last LSN, time range) are checked by the same scanner recovery uses, on the
-    bytes that are then written to the backup — what the ``.sha256`` vouches for is what
-    was checked. Memory is one segment (``--wal-segment-size``, 16 MiB by default).
+    bytes just read, while ``hasher`` hashes those same bytes: what the ``.sha256`` vouches
+    for is what was checked. Memory is one segment (``--wal-segment-size``, 16 MiB by
+    default).
     """
-    chunks: list[bytes] = []
-    off = 0
     try:
-        while chunk := os.pread(src, CHUNK, off):
-            chunks.append(chunk)
-            off += len(chunk)
+        data = os.pread(src, info.size + 1, 0)  # one read; + 1: a file that grew is seen
+        if 0 < len(data) < info.size:  # a short read (not seen on Linux for regular files)
+            chunks = [data]
+            got = len(data)
+            while got <= info.size and (more := os.pread(src, info.size + 1 - got, got)):
+                chunks.append(more)
+                got += len(more)
+            data = b"".join(chunks)
+            del chunks
     except OSError as exc:
         raise from_os_error(exc, info.path) from exc
-    if off != info.size:
+    if len(data) != info.size:
         raise StorageError(
-            f"{info.path} changed size while being copied ({off} bytes read, "
+            f"{info.path} changed size while being copied ({len(data)} bytes read, "
             f"{info.size} expected); a sealed segment must never change"
         )
-    data = b"".join(chunks)
-    del chunks
+    digest = hasher.submit(_sha256_hex, data)
     try:
+        # ``scan`` also decodes every entry, which a backup does not need; the record
+        # walker's CRC-only walk (``segment.walk_bytes``, branch walker) is a drop-in here.
         scanned = segment.scan(info.path, data)
     except CorruptLog as exc:
+        digest.cancel()
         # The HTTP edge shows only the message, so what to do is part of it.
         raise CorruptLog(
             f"refusing to back up damaged WAL segment {info.segment_id}: {exc.message}; the "
@@ -212,16 +348,42 @@ def _read_checked(src: int, info: SegmentInfo) -> tuple[bytes, str]:
             "segment (its .sha256 still checks it), check the disk, and take a new B-tree "
             "snapshot so the archive does not need this segment",
         ) from None
-    if not scanned.sealed:
+    if scanned.footer is None:
         raise CorruptLog(
             f"refusing to back up WAL segment {info.segment_id}: its records do not end in a valid footer",
             path=info.path,
             offset=scanned.data_end,
         )
-    return data, hashlib.sha256(data).hexdigest()
+    return digest
 
 
-def _write(fd: int, data: bytes) -> None:
-    view = memoryview(data)
-    for off in range(0, len(view), CHUNK):
-        files.write_all(fd, view[off : off + CHUNK])
+def _sha256_hex(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def _cross_check(info: SegmentInfo, checked_hex: str) -> None:
+    """Compare the hash of the checked bytes with the one recorded at seal time.
+
+    The checked bytes win whatever the record says (``seghash.py``: a recorded hash is a
+    hint, never trusted alone): a missing or torn record is written now ("first need"),
+    a disagreeing one is logged and rewritten. Either way the backup's sidecar is the hash
+    of the bytes whose every record was just checked.
+    """
+    in_memory = info.sha256
+    recorded = in_memory if in_memory is not None else seghash.read(info.path)
+    if recorded == checked_hex:
+        return
+    if recorded is not None:
+        log.warning(
+            "wal_backup.recorded_sha256_mismatch",
+            path=str(info.path),
+            recorded=recorded,
+            checked=checked_hex,
+            source=str(seghash.sidecar_path(info.path)) if in_memory is None else "this process's seal",
+            reason="the segment's records all check, so its bytes are kept and the backup's "
+            ".sha256 is theirs; the recorded hash is stale (the file was replaced?) and is rewritten",
+        )
+    try:
+        seghash.write(info.path, checked_hex)
+    except OSError as exc:
+        log.warning("wal_backup.sha256_not_recorded", path=str(info.path), error=str(exc))

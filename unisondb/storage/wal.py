@@ -17,7 +17,12 @@ Opening (``Wal.open``) repairs what a crash can leave behind and refuses everyth
 * an older segment without a footer (only possible if a crash hit between writing the
   last record and the footer) is scanned fully and sealed;
 * zeros after the last record of a segment are space the zero-filler wrote ahead of the
-  writer (``zerofill.py``), not damage: the log ends there.
+  writer (``zerofill.py``), not damage: the log ends there;
+* a recorded-hash sidecar (``seghash.py``) whose segment is gone, or that is torn, is removed.
+
+Sealing records the segment's SHA-256, hashed while its bytes were appended
+(``seghash.SegmentHasher``), in ``SegmentInfo.sha256`` and in ``<segment>.sha256`` beside
+it; a WAL backup cross-checks it against the bytes it checked (never trusts it alone).
 """
 
 from __future__ import annotations
@@ -32,7 +37,7 @@ from pathlib import Path
 import structlog
 
 from unisondb.errors import CorruptLog, from_os_error
-from unisondb.storage import fsutil, segment
+from unisondb.storage import fsutil, seghash, segment
 from unisondb.storage.history import Lineage
 from unisondb.storage.segment import ActiveSegment, SegmentFooter, SegmentHeader
 from unisondb.storage.zerofill import ZeroFiller
@@ -58,6 +63,10 @@ class SegmentInfo:
     lineage: Lineage = Lineage()
     #: State fingerprint digest after the last record (sealed segments; None if unknown).
     fingerprint: bytes | None = None
+    #: SHA-256 hex of the whole file as this process wrote and sealed it (None: sealed by
+    #: an earlier run or on open; ``seghash.read`` may know it, else it is computed on
+    #: first need). A hint to cross-check, never a proof (``seghash.py``).
+    sha256: str | None = None
 
     @property
     def history(self) -> bytes:
@@ -92,6 +101,9 @@ class Wal:
         self.unstarted: tuple[int, Lineage, int, bytes] | None = None
         #: Zero-fills the active segment ahead of the writer (None: preallocation off).
         self.zerofill: ZeroFiller | None = None
+        #: (segment id, hasher) of the active segment's bytes as they are appended; None
+        #: for a segment this process did not create (its hash is computed on first need).
+        self._hasher: tuple[int, seghash.SegmentHasher] | None = None
 
     # --- opening ---
 
@@ -109,6 +121,7 @@ class Wal:
         except OSError as exc:
             raise from_os_error(exc, directory) from exc
         files = list(segment.iter_segment_files(directory))
+        seghash.clean(directory)
         for i, (seg_id, path) in enumerate(files):
             is_last = i == len(files) - 1
             summary = segment.read_summary(path)
@@ -175,6 +188,7 @@ class Wal:
         self.report.broken_copy = broken
 
     def _set_active(self, scan: segment.SegmentScan) -> None:
+        _remove_sidecar_quietly(scan.path)  # an unsealed segment has no recorded hash
         act = ActiveSegment.open_existing(scan.path, scan.header, scan.data_end)
         act.note_records([(r.lsn, r.time_ns, start) for r, start, _end in scan.records])
         self.active = act
@@ -250,6 +264,7 @@ class Wal:
             segment_id, lineage, first_lsn, time.time_ns(), self.ns_crc, start_fp
         )
         self.active = ActiveSegment.create(self.dir, header)
+        self._hasher = (segment_id, seghash.SegmentHasher(header.encode()))
         fsutil.fsync_dir(self.dir)
         if self.zerofill is not None:
             self.zerofill.attach(self.active)
@@ -257,7 +272,12 @@ class Wal:
     def append(self, data: bytes, meta: list[tuple[int, int, int]]) -> tuple[int, int]:
         """Append encoded records; return (segment id, end offset). Durable after ``sync``."""
         assert self.active is not None
+        start = self.active.size
         self.active.append(data, meta)
+        if self._hasher is not None and self._hasher[0] == self.active.header.segment_id:
+            # After the write succeeded: a failed one was cut back and never hashed. A
+            # rollback since the last append shows as ``start`` below the hashed end.
+            self._hasher[1].update(start, data)
         self.bytes_written += len(data)
         if self.zerofill is not None:
             self.zerofill.poke()
@@ -295,13 +315,34 @@ class Wal:
             self.unstarted = None
 
     def _seal(self, act: ActiveSegment, fingerprint: bytes | None) -> None:
+        records_end = act.size
         try:
             footer = act.seal(fingerprint)
         except OSError as exc:
             raise from_os_error(exc, act.path) from exc
-        info = _info_from_footer(act.header, footer, act.path, act.size)
+        digest = self._sealed_digest(act, records_end, footer)
+        info = _info_from_footer(act.header, footer, act.path, act.size, digest)
         with self._lock:
             self._sealed[info.segment_id] = info
+
+    def _sealed_digest(self, act: ActiveSegment, records_end: int, footer: SegmentFooter) -> str | None:
+        """The sealed file's SHA-256 from the bytes hashed while appending, recorded beside
+        it; None when the hasher does not cover the file (opened after a crash, rolled
+        back). Never fails the seal: a missing sidecar only means "compute on first need"."""
+        hasher, self._hasher = self._hasher, None
+        digest = None
+        if hasher is not None and hasher[0] == act.header.segment_id:
+            digest = hasher[1].finish(records_end, footer.encode())
+        if digest is None:
+            # A sidecar of an earlier version of this file (cut back by a torn-tail repair,
+            # or put there by hand) must not outlive it: computed on first need instead.
+            _remove_sidecar_quietly(act.path)
+            return None
+        try:
+            seghash.write(act.path, digest)
+        except OSError as exc:
+            log.warning("wal.sha256_not_recorded", path=str(act.path), error=str(exc))
+        return digest
 
     def seal_active_if_nonempty(self, fingerprint: bytes | None) -> None:
         """Seal the active segment (or drop it if empty): at startup, so this run starts
@@ -324,9 +365,18 @@ class Wal:
             info = self._sealed.pop(segment_id)
         try:
             info.path.unlink()
-            fsutil.fsync_dir(self.dir)
         except FileNotFoundError:
-            pass
+            gone = True
+        except OSError as exc:
+            raise from_os_error(exc, info.path) from exc
+        else:
+            gone = False
+        try:
+            # Segment first: a crash in between leaves an orphan sidecar (removed at the
+            # next open), never a segment whose recorded hash vanished early.
+            seghash.remove(info.path)
+            if not gone:
+                fsutil.fsync_dir(self.dir)
         except OSError as exc:
             raise from_os_error(exc, info.path) from exc
 
@@ -355,7 +405,16 @@ class Wal:
             yield scan, start
 
 
-def _info_from_footer(h: SegmentHeader, f: SegmentFooter, path: Path, size: int) -> SegmentInfo:
+def _remove_sidecar_quietly(path: Path) -> None:
+    try:
+        seghash.remove(path)
+    except OSError as exc:
+        log.warning("wal.sha256_not_removed", path=str(path), error=str(exc))
+
+
+def _info_from_footer(
+    h: SegmentHeader, f: SegmentFooter, path: Path, size: int, sha256: str | None = None
+) -> SegmentInfo:
     return SegmentInfo(
         h.segment_id,
         path,
@@ -370,4 +429,5 @@ def _info_from_footer(h: SegmentHeader, f: SegmentFooter, path: Path, size: int)
         True,
         h.lineage,
         f.fingerprint,
+        sha256,
     )
