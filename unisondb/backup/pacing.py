@@ -191,6 +191,20 @@ class Pacing:
         return PacingReport(self.adaptive, self.limit, self.work, self.at_bound)
 
 
+def log_report(namespace: str, kind: str, rep: PacingReport) -> None:
+    """One ``backup.paced`` line for a backup that was held back at all."""
+    if rep.total > 0:
+        log.info(
+            "backup.paced",
+            namespace=namespace,
+            kind=kind,
+            adaptive_seconds=round(rep.adaptive, 3),
+            limit_seconds=round(rep.limit, 3),
+            work_seconds=round(rep.work, 3),
+            at_bound=rep.at_bound,
+        )
+
+
 # --- the server's pacer ---
 
 _server = Pacer()

@@ -302,17 +302,7 @@ def write_snapshot(
     if flush_error is not None:
         raise from_os_error(flush_error, dest) from flush_error
     assert outcome.checkpoint is not None
-    rep = session.report()
-    if rep.total > 0:
-        log.info(
-            "backup.paced",
-            namespace=engine.namespace,
-            kind="btree",
-            adaptive_seconds=round(rep.adaptive, 3),
-            limit_seconds=round(rep.limit, 3),
-            work_seconds=round(rep.work, 3),
-            at_bound=rep.at_bound,
-        )
+    pacing.log_report(engine.namespace, "btree", session.report())
     return outcome.checkpoint, outcome.size, outcome.digest
 
 

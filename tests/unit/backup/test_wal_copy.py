@@ -373,3 +373,29 @@ def test_the_source_changing_under_the_copy_is_refused(
     out = dest_dir(engine, "w")
     first = engine.sealed_segments()[0].path.name
     assert sorted(p.name for p in out.iterdir()) == [first, first + ".sha256"]
+
+
+# --- pacing (backup/pacing.py) ---
+
+
+def test_a_wal_backup_is_charged_to_the_servers_pacer(engine: Engine) -> None:
+    """Without an explicit throttle the copy goes through the installed pacer: with a
+    ``--backup-rate-limit`` below its size it waits (recorded by a fake sleep, nothing
+    sleeps) and the wait is the ``pace`` phase, taken out of ``write``."""
+    from unisondb.backup import pacing, phases
+
+    slept: list[float] = []
+    size = sum(s.size for s in engine.sealed_segments())
+    assert size > 128 << 10
+    pacer = pacing.Pacer(64 << 10, sleep=slept.append)  # 64 KiB/s, 1 s of burst
+    previous = pacing.current()
+    pacing.install(pacer)
+    try:
+        with phases.collecting() as ph:
+            copies = backup_wal(engine, target(engine, "paced"), 0)
+    finally:
+        pacing.install(previous)
+    assert sum(c.size for c in copies) == size
+    assert sum(slept) > 0.5 and ph["pace"] == pytest.approx(sum(slept))
+    assert ph["write"] >= 0.0  # the (here: fake) sleeps moved out of the copy's time
+    sha256sum_c(dest_dir(engine, "paced"))
