@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import shutil
 import statistics
@@ -29,24 +28,16 @@ sys.path.insert(0, str(BENCH))
 import httpx  # noqa: E402
 import lib  # noqa: E402
 import peers  # noqa: E402
-
-NS = "default"
-KEY = b"bench-key"
-VALUE = b"v" * 100
+from bench_writepath import VALUE, put_load  # noqa: E402
+from bench_writepath import Uni as _Uni  # noqa: E402
 
 
-class Uni(peers.Managed):
+class Uni(_Uni):
+    """bench_writepath's server, with the key the GETs read written once."""
+
     def __init__(self, name: str, data_dir: Path, log_path: Path, flags: list[str]) -> None:
-        self.port = lib.free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir)]
-        cmd += ["--http-addr", f"127.0.0.1:{self.port}", "--namespace", NS, *flags]
-        super().__init__(name, cmd, log_path)
-        self.wait_until(lambda: httpx.get(self.url + "/health", timeout=1).status_code == 200, 120, "health")
+        super().__init__(name, data_dir, log_path, flags)
         httpx.put(self.kv(), json={"value": lib.b64(VALUE)}, timeout=30).raise_for_status()
-
-    def kv(self) -> str:
-        return f"{self.url}/api/v1/{NS}/kv/{KEY.decode()}"
 
 
 def cpu_seconds(pid: int) -> float:
@@ -64,15 +55,6 @@ def get_load(target: object, seconds: float, conns: int) -> lib.Load:
     cmd = ["redis-benchmark", "-h", "127.0.0.1", "-p", str(target.port), "-c", str(conns)]
     cmd += ["-t", "get", "-n", str(int(40_000 * seconds)), "-d", str(len(VALUE)), "--csv"]
     return lib.parse_redis_csv(lib.run(cmd, seconds * 20 + 60).stdout)["GET"]
-
-
-def put_load(target: object, seconds: float, conns: int) -> lib.Load:
-    if isinstance(target, Uni):
-        body = json.dumps({"value": lib.b64(VALUE)})
-        return lib.hey(target.kv(), seconds, conns, method="PUT", body=body)
-    assert isinstance(target, peers.Etcd)
-    body = json.dumps({"key": lib.b64(KEY), "value": lib.b64(VALUE)})
-    return lib.hey(target.url + "/v3/kv/put", seconds, conns, method="POST", body=body)
 
 
 def main() -> int:
