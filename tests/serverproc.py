@@ -111,3 +111,18 @@ def wait_applied(client: httpx.Client, stats_path: str, timeout: float = 30.0) -
     while client.get(stats_path).json()["appliedLsn"] < target:
         assert time.monotonic() < deadline, f"LMDB did not reach LSN {target} in {timeout} s"
     return target
+
+
+def wait_hold_reached(fifo: Path, srv: ServerProcess | None = None, timeout: float = 30.0) -> Path:
+    """Wait until the ``UNISONDB_TEST_HOLD=<point>:<fifo>`` seam (``storage/testseam.py``)
+    says the process stopped at its point (it creates ``<fifo>.reached``); return that
+    path. With ``srv``, a server that died meanwhile fails at once, with its log."""
+    reached = Path(str(fifo) + ".reached")
+    deadline = time.monotonic() + timeout
+    while not reached.exists():
+        alive = srv is None or srv.proc.poll() is None
+        assert time.monotonic() < deadline and alive, (
+            srv.log() if srv is not None else f"{fifo} never reached"
+        )
+        time.sleep(0.01)
+    return reached

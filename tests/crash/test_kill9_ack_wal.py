@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING
 import httpx
 import lmdb
 import pytest
+from serverproc import wait_hold_reached
 
 from unisondb.storage import layout
 from unisondb.storage.btree import CHECKPOINT_KEY, Checkpoint
@@ -64,11 +65,7 @@ def test_kill9_with_acknowledged_writes_not_in_lmdb_replays_them(
         for key, value in values.items():
             r = c.put(f"{API}/kv/{key}", json={"value": base64.b64encode(value).decode()})
             assert r.status_code == 200, r.text
-        reached = Path(str(fifo) + ".reached")
-        deadline = time.monotonic() + 30
-        while not reached.exists():  # the applier is at the hold, before its first commit
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.01)
+        wait_hold_reached(fifo, srv)  # the applier is at the hold, before its first commit
         for key, value in values.items():  # read-your-writes from the table
             r = c.get(f"{API}/kv/{key}")
             assert r.status_code == 200 and base64.b64decode(r.json()["value"]) == value
@@ -90,14 +87,6 @@ def test_kill9_with_acknowledged_writes_not_in_lmdb_replays_them(
             assert r.status_code == 200, (key, r.text)
             assert base64.b64decode(r.json()["value"]) == value
         assert c.get(f"{API}/stats").json()["appliedLsn"] == 100
-
-
-def _wait_reached(fifo: Path, srv: ServerProcess) -> None:
-    reached = Path(str(fifo) + ".reached")
-    deadline = time.monotonic() + 30
-    while not reached.exists():  # the applier is at the hold, before its first commit
-        assert time.monotonic() < deadline, srv.log()
-        time.sleep(0.01)
 
 
 MAX_LAG = 20
@@ -150,7 +139,7 @@ def test_a_full_table_holds_writers_back_and_kill9_loses_no_acknowledged_write(
     clients = [threading.Thread(target=client, args=(t,), daemon=True) for t in range(4)]
     for th in clients:
         th.start()
-    _wait_reached(fifo, srv)
+    wait_hold_reached(fifo, srv)  # the applier is at the hold, before its first commit
     with srv.client() as c:
         deadline = time.monotonic() + 30
         while (stats := c.get(f"{API}/stats").json())["memtableFullWaits"] < 1:

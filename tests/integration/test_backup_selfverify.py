@@ -15,12 +15,12 @@ import os
 import subprocess
 import sys
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from serverproc import wait_hold_reached
 from test_backup_helpers import (
     NS,
     Server,
@@ -186,11 +186,7 @@ def kill_in_sidecar_window(srv: Server, fifo: Path, path: str) -> None:
 
     t = threading.Thread(target=request)
     t.start()
-    reached = Path(str(fifo) + ".reached")
-    deadline = time.monotonic() + 60
-    while not reached.exists():
-        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log()
-        time.sleep(0.01)
+    reached = wait_hold_reached(fifo, srv, timeout=60)
     srv.kill9()
     t.join()
     reached.unlink()

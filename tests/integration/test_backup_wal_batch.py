@@ -13,12 +13,12 @@ from __future__ import annotations
 import os
 import subprocess
 import threading
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import httpx
 import pytest
+from serverproc import wait_hold_reached
 from test_backup_helpers import NS, Server, backup_root, fill_segments, sha256sum_check, tmp_files, wal_backup
 
 
@@ -31,11 +31,7 @@ def kill_at(srv: Server, fifo: Path, body: dict[str, object]) -> None:
 
     t = threading.Thread(target=request)
     t.start()
-    reached = Path(str(fifo) + ".reached")
-    deadline = time.monotonic() + 60
-    while not reached.exists():
-        assert time.monotonic() < deadline and srv.proc.poll() is None, srv.log()
-        time.sleep(0.01)
+    wait_hold_reached(fifo, srv, timeout=60)
     srv.kill9()
     t.join()
 

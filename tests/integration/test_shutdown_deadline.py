@@ -17,7 +17,7 @@ from pathlib import Path
 
 import httpx
 import pytest
-from serverproc import start_server
+from serverproc import start_server, wait_hold_reached
 
 TIMEOUT = 4.0
 
@@ -42,11 +42,7 @@ def test_sigterm_during_a_snapshot_answers_json_publishes_nothing_and_exits_in_t
             )
         )
         t.start()
-        reached = Path(str(fifo) + ".reached")
-        deadline = time.monotonic() + 20
-        while not reached.exists():  # the copy is now inside LMDB
-            assert time.monotonic() < deadline, srv.log()
-            time.sleep(0.02)
+        wait_hold_reached(fifo, srv, timeout=20)  # the copy is now inside LMDB
         started = time.monotonic()
         srv.proc.send_signal(signal.SIGTERM)
         srv.proc.wait(timeout=TIMEOUT + 5)

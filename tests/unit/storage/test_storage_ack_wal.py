@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from _storage_helpers import NS
+from serverproc import wait_hold_reached
 
 from unisondb.config import EngineConfig
 from unisondb.storage import layout
@@ -262,9 +263,7 @@ def test_pause_waits_for_the_transaction_in_progress(
     monkeypatch.setenv("UNISONDB_TEST_HOLD", f"apply:{fifo}")
     eng = open_engine(ACK_WAL)
     eng.put(b"a", b"1")
-    reached = Path(str(fifo) + ".reached")
-    while not reached.exists():  # the applier took the batch and waits at the hold
-        threading.Event().wait(0.01)
+    wait_hold_reached(fifo)  # the applier took the batch and waits at the hold
     paused = threading.Event()
     t = threading.Thread(target=lambda: (eng.pause_applier(), paused.set()))
     t.start()
