@@ -112,7 +112,7 @@ def _common_name(cert: Mapping[str, Any]) -> str:
 
 
 def with_client_certs(protocol: type[asyncio.Protocol], roles: ClientRoles) -> type[asyncio.Protocol]:
-    """``protocol`` (uvicorn's httptools protocol or a subclass) plus the scope key above."""
+    """``protocol`` (a class of ``api/protocol.py`` ``limited_protocol``) plus the scope key above."""
 
     class ClientCertProtocol(protocol):  # type: ignore[valid-type, misc]
         _client_cert: CertIdentity | None = None
@@ -126,9 +126,10 @@ def with_client_certs(protocol: type[asyncio.Protocol], roles: ClientRoles) -> t
                     self._client_cert = roles.identify(der, _common_name(ssl_object.getpeercert() or {}))
             super().connection_made(transport)
 
-        def on_message_begin(self) -> None:
-            super().on_message_begin()
-            self.scope[CLIENT_CERT_SCOPE_KEY] = self._client_cert
+        def _build_scope(self) -> Any:
+            scope = super()._build_scope()
+            scope[CLIENT_CERT_SCOPE_KEY] = self._client_cert
+            return scope
 
     ClientCertProtocol.__name__ = f"ClientCert{protocol.__name__}"
     return ClientCertProtocol

@@ -44,7 +44,7 @@ from unisondb.api.errors import disconnect_status, error_body, error_status
 from unisondb.api.parsing import decode_key_segment, put_value
 from unisondb.errors import InvalidRequest
 from unisondb.storage.engine import Engine
-from unisondb.storage.record import Entry, EntryKind
+from unisondb.storage.record import MAX_KEY, Entry, EntryKind
 
 GET, PUT, DELETE, HEALTH = 1, 2, 3, 4
 #: (metrics route label, method) of each kind: the full app's endpoint names.
@@ -56,6 +56,7 @@ _LABELS = {
 }
 _KINDS = {b"GET": GET, b"PUT": PUT, b"DELETE": DELETE}
 _HEALTH_PATHS = frozenset({b"/health", b"/healthz"})
+_PREFIX = b"/api/v1/"
 _SUCCESS = kv.json_bytes({"success": True})
 #: What follows the date in every response head, in the full app's order (Starlette's
 #: ``Response`` puts content-length before content-type).
@@ -76,13 +77,15 @@ class Host(Protocol):
     parser: Any
     url: bytes
     headers: list[tuple[bytes, bytes]]
-    scope: Any
     cycle: Any
     flow: Any
     expect_100_continue: bool
     server_state: Any
 
     def on_response_complete(self) -> None: ...
+
+    def _build_scope(self) -> Any:
+        """The ASGI scope of the head just read (built only when needed)."""
 
 
 class LeanRoutes:
@@ -105,34 +108,39 @@ class LeanRoutes:
         self._date = b""
 
     def match(
-        self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], scope: Any
+        self, method: bytes, url: bytes, headers: list[tuple[bytes, bytes]], host: Host
     ) -> tuple[int, Engine | None, bytes] | None:
         """(kind, engine, key) if this request is the lean path's to answer, else None."""
         kind = _KINDS.get(method)
-        if kind is None or not url.isascii() or b"?" in url or b"#" in url:
+        if kind is None:
             return None
         engine: Engine | None = None
         key = b""
         if kind == GET and url in _HEALTH_PATHS:
             kind = HEALTH
         else:
-            parts = url.split(b"/")
-            # [b"", b"api", b"v1", ns, b"kv", key]
+            # /api/v1/<ns>/kv/<segment>: a served namespace (none holds a "/", "?" or "%"),
+            # then exactly one non-empty ASCII path segment, no query or fragment.
+            if not url.startswith(_PREFIX):
+                return None
+            ns, _, segment = url[8:].partition(b"/kv/")
+            engine = self.engines.get(ns)
             if (
-                len(parts) != 6
-                or parts[4] != b"kv"
-                or parts[1] != b"api"
-                or parts[2] != b"v1"
-                or not parts[5]
+                engine is None
+                or not segment
+                or b"/" in segment
+                or b"?" in segment
+                or b"#" in segment
+                or not segment.isascii()
             ):
                 return None
-            engine = self.engines.get(parts[3])
-            if engine is None:
-                return None
-            try:
-                key = decode_key_segment(parts[5])
-            except InvalidRequest:
-                return None  # the full app words the error
+            if b"%" in segment or len(segment) > MAX_KEY:
+                try:
+                    key = decode_key_segment(segment)
+                except InvalidRequest:
+                    return None  # the full app words the error
+            else:
+                key = segment  # ASCII, 1..MAX_KEY bytes: decode_key_segment would return it as is
         length: bytes | None = None
         for name, value in headers:
             if name == b"content-length":
@@ -147,6 +155,7 @@ class LeanRoutes:
         elif length is not None and length != b"0":
             return None
         if self.auth is not None and kind != HEALTH:
+            scope = host._build_scope()
             scope["method"] = method.decode("ascii")
             scope["raw_path"] = url
             if self.auth(scope) is not None:
@@ -234,23 +243,29 @@ class LeanCycle:
         if parser.get_http_version() != "1.1" or not parser.should_keep_alive() or parser.should_upgrade():
             return False
         routes = self.routes
-        matched = routes.match(parser.get_method(), host.url, host.headers, host.scope)
+        url = host.url
+        matched = routes.match(parser.get_method(), url, host.headers, host)
         if matched is None:
             return False
         started = time.perf_counter()
         kind, engine, key = matched
-        if kind == GET or kind == HEALTH:
+        if kind == GET:
             try:
-                assert engine is not None or kind == HEALTH
-                self.response = kv.get_body(engine.get(key)) if engine is not None else routes.health_body()
+                assert engine is not None
+                self.response = kv.get_body(engine.get(key))
             except Exception:  # the full app does it again and shapes the error
                 return False
-        self.kind, self.engine, self.key, self.url, self.started = kind, engine, key, host.url, started
-        self.body = b""
+        elif kind == HEALTH:
+            try:
+                self.response = routes.health_body()
+            except Exception:
+                return False
+        else:
+            self.body = b""
+        self.kind, self.engine, self.key, self.url, self.started = kind, engine, key, url, started
         self.reading = True
         self.response_complete = self.response_started = self.disconnected = False
         self.keep_alive = True
-        self.scope = host.scope
         host.cycle = self
         return True
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import asyncio
 from typing import TYPE_CHECKING, Any
 
+import httptools
 from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
 
 from unisondb.api.errors import TIMED_OUT_SCOPE_KEY, error_body
@@ -82,19 +83,38 @@ def limited_protocol(limits: HttpLimits, lean: LeanRoutes | None = None) -> type
 
     LimitedHttpToolsProtocol.limits = limits
     LimitedHttpToolsProtocol.lean_routes = lean
+    # Read on every request: plain class attributes, not ``self.limits.x`` lookups.
+    LimitedHttpToolsProtocol._max_headers = limits.max_headers
+    LimitedHttpToolsProtocol._max_request_line = limits.max_request_line
+    LimitedHttpToolsProtocol._max_header_bytes = limits.max_header_bytes
+    LimitedHttpToolsProtocol._idle_timeout = limits.idle_timeout
     return LimitedHttpToolsProtocol
 
 
 class _LimitedProtocol(HttpToolsProtocol):
     limits: HttpLimits
     lean_routes: LeanRoutes | None = None
+    _max_headers: int
+    _max_request_line: int
+    _max_header_bytes: int
+    _idle_timeout: float
     #: uvicorn's ``RequestResponseCycle``, or this connection's ``LeanCycle`` standing in for it.
     cycle: Any
+    #: uvicorn's scope, built by ``_build_scope`` only for a request that goes to the ASGI
+    #: app (or the auth guard); None while a head is read and for lean requests.
+    scope: Any
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
-        # uvicorn's keep-alive timer, armed after each response, is our idle timeout.
+        # The idle timeout replaces uvicorn's keep-alive timer (never armed here): one timer
+        # per connection that re-checks ``_idle_since`` when it fires, instead of a timer
+        # armed after every response and cancelled by the next request's first byte.
         self.timeout_keep_alive = self.limits.idle_timeout  # type: ignore[assignment]
+        self._idle = False  # no request in flight and none being read
+        self._idle_since = 0.0
+        self._idle_timer: asyncio.TimerHandle | None = None
+        self._body_pending = False  # a lean PUT's body is still to come (deadline not armed yet)
+        self._begun = False  # a request head has begun (the parser called on_message_begin)
         self._in_head = True  # between two requests' heads' ends, i.e. reading a head
         self._head_bytes = 0
         self._header_count = 0
@@ -122,15 +142,17 @@ class _LimitedProtocol(HttpToolsProtocol):
                 (("retry-after", "1"),),
             )
             return
-        # Idle before the first request too; uvicorn cancels it on the first byte.
-        self.timeout_keep_alive_task = self.loop.call_later(
-            self.limits.idle_timeout, self.timeout_keep_alive_handler
-        )
+        # Idle before the first request too.
+        self._become_idle()
 
     def connection_lost(self, exc: Exception | None) -> None:
         if self._lean is not None and self.cycle is self._lean:
             self._lean.on_connection_lost()
         self._cancel_deadline()
+        self._idle = False
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         if self._write_deadline is not None:
             self._write_deadline.cancel()
             self._write_deadline = None
@@ -139,64 +161,119 @@ class _LimitedProtocol(HttpToolsProtocol):
     # --- reading ------------------------------------------------------------------------
 
     def data_received(self, data: bytes) -> None:
+        self._idle = False
         if self._refusing:
             # Drained and dropped; a client that keeps flooding is cut off (reset) once it
             # has sent another head's worth, so draining costs bounded time as well.
             self._drained += len(data)
-            if self._drained > self.limits.max_header_bytes:
+            if self._drained > self._max_header_bytes:
                 self.transport.abort()
             return
-        limit = self.limits.max_header_bytes
+        limit = self._max_header_bytes
         if not self._in_head:
-            super().data_received(data)  # body bytes (see below)
-            return
-        if self._head_bytes + len(data) <= limit:
+            self._feed(data)  # body bytes (see below)
+        elif self._head_bytes + len(data) <= limit:
             # The common case, a whole head (and maybe its body) in one read: no copy, and
             # no head deadline unless the head is still incomplete after this read (armed
             # now or at its first byte makes no difference: no time passed in between).
             self._head_bytes += len(data)
-            super().data_received(data)
-            if self._in_head and self._deadline is None and not self._refusing and self._head_bytes:
+            self._feed(data)
+            if (
+                self._in_head
+                and self._deadline is None
+                and not self._refusing
+                and (self._head_bytes or self._begun)
+            ):
                 self._arm(self.limits.header_timeout, self._head_timed_out)
-            return
+        else:
+            self._feed_split(data, limit)
+        if self._body_pending and self._deadline is None and not self._refusing:
+            # A lean PUT whose body did not come with its head: from the end of the head
+            # (this read) the body deadline runs.
+            self._arm(self.limits.body_timeout, self._body_timed_out)
+
+    def _feed_split(self, data: bytes, limit: int) -> None:
         view = memoryview(data)
         while view and not self._refusing:
             if not self._in_head:
                 # Body bytes (and, for pipelined requests, possibly the start of the next
                 # head: at most one read is counted late).
-                super().data_received(bytes(view))
+                self._feed(bytes(view))
                 return
             if self._deadline is None:
                 self._arm(self.limits.header_timeout, self._head_timed_out)
             room = limit - self._head_bytes + 1  # one byte over the limit is enough to know
             part, view = view[:room], view[room:]
             self._head_bytes += len(part)
-            super().data_received(bytes(part))
+            self._feed(bytes(part))
             if self._in_head and self._head_bytes > limit and not self._refusing:
                 self._refuse(431, f"request head too large: over {limit} bytes of request line and headers")
 
+    def _feed(self, data: bytes) -> None:
+        """uvicorn's ``data_received`` without its keep-alive timer (see ``__init__``)."""
+        try:
+            self.parser.feed_data(data)
+        except httptools.HttpParserError:
+            msg = "Invalid HTTP request received."
+            self.logger.warning(msg)
+            self.send_400_response(msg)
+        except httptools.HttpParserUpgrade:
+            if self._should_upgrade():
+                self.handle_websocket_upgrade()
+            else:
+                self._unsupported_upgrade_warning()
+
+    def on_message_begin(self) -> None:
+        # uvicorn's, less the scope: most requests are lean and never need one.
+        self._idle = False  # a pipelined request, parsed from a read that began idle
+        self._begun = True
+        self.url = b""
+        self.expect_100_continue = False
+        self.headers = []
+        self.scope = None
+
+    def _build_scope(self) -> Any:
+        """uvicorn's request scope for the head just read (its ``on_message_begin``, after
+        the fact), for a request that goes to the ASGI app or the auth guard."""
+        url, headers, expect = self.url, self.headers, self.expect_100_continue
+        HttpToolsProtocol.on_message_begin(self)
+        self.url, self.headers, self.expect_100_continue = url, headers, expect
+        self.scope["headers"] = headers
+        return self.scope
+
     def on_url(self, url: bytes) -> None:
-        super().on_url(url)
-        if len(self.url) > self.limits.max_request_line:
-            self._refusal = (414, f"request target too long: over {self.limits.max_request_line} bytes")
+        url = self.url + url
+        self.url = url
+        if len(url) > self._max_request_line:
+            self._refusal = (414, f"request target too long: over {self._max_request_line} bytes")
             raise _Refused
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._header_count += 1
-        if self._header_count > self.limits.max_headers:
-            self._refusal = (431, f"too many header fields: over {self.limits.max_headers}")
+        # uvicorn's, with the count limit, in one call.
+        count = self._header_count + 1
+        self._header_count = count
+        if count > self._max_headers:
+            self._refusal = (431, f"too many header fields: over {self._max_headers}")
             raise _Refused
-        super().on_header(name, value)
+        name = name.lower()
+        if name == b"expect" and value.lower() == b"100-continue":
+            self.expect_100_continue = True
+        self.headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         self._in_head = False
+        self._begun = False
         self._head_bytes = 0
         self._header_count = 0
-        self._cancel_deadline()
-        if self._lean is not None and self._lean.start():
-            if self._lean.reading_body():
-                self._arm(self.limits.body_timeout, self._body_timed_out)
+        if self._deadline is not None:
+            self._cancel_deadline()
+        lean = self._lean
+        if lean is not None and lean.start():
+            # The body deadline is armed only if the body does not come in this read.
+            self._body_pending = lean.reading_body()
             return
+        if self.scope is None:
+            self._build_scope()
         queued = len(self.pipeline)
         super().on_headers_complete()
         # A pipelined request waits (reading paused) until the one before it is answered;
@@ -205,27 +282,61 @@ class _LimitedProtocol(HttpToolsProtocol):
             self._arm(self.limits.body_timeout, self._body_timed_out)
 
     def on_body(self, body: bytes) -> None:
-        if self._lean is not None and self.cycle is self._lean:
-            if self._lean.reading:
-                self._lean.on_body(body)
+        lean = self._lean
+        if lean is not None and self.cycle is lean:
+            if lean.reading:
+                lean.on_body(body)
         else:
             super().on_body(body)
 
     def on_message_complete(self) -> None:
-        lean = self._lean is not None and self.cycle is self._lean and self._lean.reading
-        if not lean:
-            super().on_message_complete()
+        lean = self._lean
+        if lean is not None and self.cycle is lean and lean.reading:
+            self._in_head = True
+            self._body_pending = False
+            if self._deadline is not None:
+                self._cancel_deadline()
+            lean.on_message_complete()
+            return
+        super().on_message_complete()
         self._in_head = True
         self._cancel_deadline()
-        if lean:
-            assert self._lean is not None
-            self._lean.on_message_complete()
+        cycle = self.cycle
+        if cycle is not None and cycle.response_complete and not self.pipeline:
+            self._become_idle()  # answered before its body was read: idle from now
 
     def on_response_complete(self) -> None:
-        had_queued = bool(self.pipeline)
-        super().on_response_complete()
-        if had_queued and not self.pipeline and self.cycle is not None and self.cycle.more_body:
-            self._arm(self.limits.body_timeout, self._body_timed_out)
+        # uvicorn's, with the idle timeout of ``_become_idle`` for its keep-alive timer.
+        self.server_state.total_requests += 1
+        if self.transport.is_closing():
+            return
+        flow = self.flow
+        if flow.read_paused:
+            flow.resume_reading()
+        if self.pipeline:
+            cycle, app = self.pipeline.pop()
+            self._start_asgi_task(cycle, app)
+            if not self.pipeline and cycle.more_body:
+                self._arm(self.limits.body_timeout, self._body_timed_out)
+        elif self._in_head and not self._head_bytes:
+            # Nothing of a next request read yet (pipelined bytes would be parsed already).
+            self._become_idle()
+
+    def _become_idle(self) -> None:
+        self._idle = True
+        self._idle_since = self.loop.time()
+        if self._idle_timer is None:
+            self._idle_timer = self.loop.call_later(self._idle_timeout, self._idle_check)
+
+    def _idle_check(self) -> None:
+        self._idle_timer = None
+        if not self._idle or self.transport.is_closing():
+            return  # a request came since: the next response re-arms
+        left = self._idle_since + self._idle_timeout - self.loop.time()
+        if left > 0:
+            self._idle_timer = self.loop.call_later(left, self._idle_check)
+        else:
+            self.transport.close()  # uvicorn's timeout_keep_alive_handler
 
     def send_400_response(self, msg: str) -> None:
         """Parser errors (and our own ``_Refused``) get the JSON envelope, not plain text."""
@@ -287,7 +398,10 @@ class _LimitedProtocol(HttpToolsProtocol):
             return
         self._refusing = True
         self._cancel_deadline()
-        self._unset_keepalive_if_required()
+        self._idle = False
+        if self._idle_timer is not None:
+            self._idle_timer.cancel()
+            self._idle_timer = None
         self.transport.write(error_bytes(status, message, extra))
         if self.transport.can_write_eof():
             self.transport.write_eof()
