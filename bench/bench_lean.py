@@ -2,12 +2,15 @@
 """The lean HTTP path (issue 11 item 4): ``--http-lean on`` vs ``off``, Redis 7 and etcd 3.4.
 
     .venv/bin/python bench/bench_lean.py [--runs 3] [--seconds 4] [--flags "--ack wal"] [--out FILE]
+        [--baseline CHECKOUT]
 
 Starts, all on 127.0.0.1, two UnisonDB servers that differ only in ``--http-lean`` (both
 get ``--flags``), one Redis 7 and one etcd 3.4. Each run (the order rotates) drives:
 GET of one 100-byte value with ``hey -c 16`` against both servers and
 ``redis-benchmark -c 16 -t get`` against Redis; durable PUTs of 100-byte values with
-``hey -c 16`` against both servers and etcd's v3 JSON gateway. Medians over the runs, the
+``hey -c 16`` against both servers and etcd's v3 JSON gateway. With ``--baseline DIR`` a
+third server runs the ``unisondb`` package of another checkout (e.g. main) with
+``--http-lean on``: the A/B of a change to the lean path itself. Medians over the runs, the
 1-minute load average of each run beside it; every process is stopped by its PID.
 """
 
@@ -28,15 +31,28 @@ sys.path.insert(0, str(BENCH))
 import httpx  # noqa: E402
 import lib  # noqa: E402
 import peers  # noqa: E402
-from bench_writepath import VALUE, put_load  # noqa: E402
+from bench_writepath import NS, VALUE, put_load  # noqa: E402
 from bench_writepath import Uni as _Uni  # noqa: E402
 
 
 class Uni(_Uni):
-    """bench_writepath's server, with the key the GETs read written once."""
+    """bench_writepath's server, with the key the GETs read written once; with ``checkout``,
+    the ``unisondb`` package of that source tree instead of this one."""
 
-    def __init__(self, name: str, data_dir: Path, log_path: Path, flags: list[str]) -> None:
-        super().__init__(name, data_dir, log_path, flags)
+    def __init__(
+        self, name: str, data_dir: Path, log_path: Path, flags: list[str], checkout: Path | None = None
+    ) -> None:
+        if checkout is None:
+            super().__init__(name, data_dir, log_path, flags)
+        else:
+            self.port = lib.free_port()
+            self.url = f"http://127.0.0.1:{self.port}"
+            # env execs the interpreter: the PID stays the server's (for cpu_seconds).
+            cmd = ["env", f"PYTHONPATH={checkout}", sys.executable, "-m", "unisondb"]
+            cmd += ["--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{self.port}"]
+            cmd += ["--namespace", NS, *flags]
+            peers.Managed.__init__(self, name, cmd, log_path)
+            self.wait_until(lambda: httpx.get(self.url + "/health", timeout=1).status_code == 200, 120, "up")
         httpx.put(self.kv(), json={"value": lib.b64(VALUE)}, timeout=30).raise_for_status()
 
 
@@ -64,6 +80,7 @@ def main() -> int:
     ap.add_argument("--conns", type=int, default=16)
     ap.add_argument("--flags", default="", help="more UnisonDB flags for both servers, e.g. '--ack wal'")
     ap.add_argument("--out", type=Path)
+    ap.add_argument("--baseline", type=Path, help="another checkout (its unisondb package) as a third server")
     args = ap.parse_args()
     for tool in ("hey", "etcd", "redis-server", "redis-benchmark"):
         if shutil.which(tool) is None:
@@ -77,6 +94,11 @@ def main() -> int:
             f"lean {m}": Uni(f"lean-{m}", work / m, work / f"{m}.log", [*flags, "--http-lean", m])
             for m in ("on", "off")
         }
+        if args.baseline is not None:
+            base = args.baseline.resolve()
+            unis["baseline lean on"] = Uni(
+                "baseline", work / "base", work / "base.log", [*flags, "--http-lean", "on"], base
+            )
         redis = peers.Redis(work / "redis", work / "redis.log")
         redis.cli("set", "key:__rand_int__", VALUE.decode())  # redis-benchmark's GET key
         etcd = peers.Etcd(work / "etcd", work / "etcd.log")
@@ -144,6 +166,18 @@ def main() -> int:
         f"PUT {on['put.rps'] / off['put.rps']:.2f}× the req/s, "
         f"{on['put.cpu_us'] / off['put.cpu_us']:.2f}× the CPU",
         "",
+    ]
+    if "baseline lean on" in med:
+        base = med["baseline lean on"]
+        lines += [
+            f"lean on / baseline ({args.baseline}) lean on: "
+            f"GET {on['get.rps'] / base['get.rps']:.2f}× the req/s, "
+            f"{on['get.cpu_us'] / base['get.cpu_us']:.2f}× the CPU per request; "
+            f"PUT {on['put.rps'] / base['put.rps']:.2f}× the req/s, "
+            f"{on['put.cpu_us'] / base['put.cpu_us']:.2f}× the CPU",
+            "",
+        ]
+    lines += [
         "Every run (req/s):",
         "",
     ]

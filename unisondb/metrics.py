@@ -15,7 +15,7 @@ import threading
 import time
 from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -270,24 +270,32 @@ class RequestStats(Collector):
     def __init__(self, bounds: tuple[float, ...]) -> None:
         self._bounds = bounds
         self._lock = threading.Lock()
-        self._counts: dict[tuple[str, str, int], int] = {}
-        #: route → per-bucket counts (not cumulative; index len(bounds) is +Inf), then the sum.
+        #: (route, method, status) → [count, that route's latency row]: one dict lookup per
+        #: request. A row holds per-bucket counts (not cumulative; index len(bounds) is
+        #: +Inf), then the sum; every key of one route shares its row.
+        self._cells: dict[tuple[str, str, int], list[Any]] = {}
         self._latency: dict[str, list[float]] = {}
 
     def record(self, route: str, method: str, status: int, seconds: float) -> None:
-        key = (route, method, status)
+        cell = self._cells.get((route, method, status))
+        if cell is None:
+            cell = self._new_cell(route, method, status)
+        row = cell[1]
         with self._lock:
-            counts = self._counts
-            counts[key] = counts.get(key, 0) + 1
-            row = self._latency.get(route)
-            if row is None:
-                row = self._latency[route] = [0.0] * (len(self._bounds) + 2)
+            cell[0] += 1
             row[bisect_left(self._bounds, seconds)] += 1
             row[-1] += seconds
 
+    def _new_cell(self, route: str, method: str, status: int) -> list[Any]:
+        with self._lock:
+            row = self._latency.get(route)
+            if row is None:
+                row = self._latency[route] = [0.0] * (len(self._bounds) + 2)
+            return self._cells.setdefault((route, method, status), [0, row])
+
     def collect(self) -> Iterator[Metric]:
         with self._lock:
-            counts = list(self._counts.items())
+            counts = [(key, cell[0]) for key, cell in self._cells.items()]
             latency = [(route, list(row)) for route, row in self._latency.items()]
         total = CounterMetricFamily(
             "unisondb_http_requests",
