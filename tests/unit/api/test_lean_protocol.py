@@ -165,6 +165,49 @@ def test_a_graceful_shutdown_during_a_lean_put_closes_after_its_answer(engine: E
     asyncio.run(run())
 
 
+class TimerCountingLoop:
+    """The running loop, with its ``call_later`` calls counted (a spy, not a fake: every
+    call goes to the real loop)."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.timers = 0
+
+    def call_later(self, delay: float, callback: Any, *args: Any) -> asyncio.TimerHandle:
+        self.timers += 1
+        return self._loop.call_later(delay, callback, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._loop, name)
+
+
+def test_lean_requests_whole_in_one_read_arm_no_timer_each(engine: Engine) -> None:
+    """One idle timer per connection, re-armed only when it fires; no head or body deadline
+    for a request whose head and body come in one read (each would be a timer armed and
+    cancelled per request)."""
+
+    async def run() -> None:
+        proto, transport = _protocol(engine, True, [])
+        spy = TimerCountingLoop(asyncio.get_running_loop())
+        proto.loop = spy
+        for n in range(1, 41):
+            proto.data_received(REQS[(n - 1) % len(REQS)])
+            await _settle(transport, n)
+        assert spy.timers == 0
+        # A head alone does arm its deadline, and a body after its head the body deadline.
+        proto.data_received(b"GET /health HTTP/1.1\r\n")
+        assert spy.timers == 1
+        proto.data_received(b"Host: x\r\n\r\n")
+        head, sep, body = REQS[0].partition(b"\r\n\r\n")
+        proto.data_received(head + sep)
+        assert spy.timers == 2
+        proto.data_received(body)
+        await _settle(transport, 42)
+        assert spy.timers == 2 and not transport.closed
+
+    asyncio.run(run())
+
+
 @pytest.mark.parametrize("value", [b"", b"v", b"\x00\xff" * 50, bytes(range(256)), b"x" * 100_000])
 def test_the_get_body_template_is_the_json_the_full_app_would_write(value: bytes) -> None:
     assert kv.get_body(value) == kv.json_bytes({"value": base64.b64encode(value).decode(), "found": True})
