@@ -333,7 +333,7 @@ class _LimitedProtocol(HttpToolsProtocol):
         if not self._idle or self.transport.is_closing():
             return  # a request came since: the next response re-arms
         left = self._idle_since + self._idle_timeout - self.loop.time()
-        if left > 0:
+        if left > 0.001:  # the loop's clock has millisecond steps: no re-arm for less
             self._idle_timer = self.loop.call_later(left, self._idle_check)
         else:
             self.transport.close()  # uvicorn's timeout_keep_alive_handler
