@@ -13,6 +13,15 @@ latency). Writes per fsync come from /metrics before and after each load; the in
 table and LMDB lag of ``ack-wal`` are sampled from /stats during its load. Medians over
 the runs; every process is stopped by its PID. Needs ``hey`` and ``etcd``
 (``apt-get install -y hey etcd-server etcd-client``).
+
+``--engine`` measures the engine alone, in this process, the way the HTTP layer drives it:
+one asyncio loop, ``--conns`` coroutines each awaiting ``engine.submit_async(...)`` of one
+100-byte PUT in turn (``asyncio.wrap_future(engine.submit(...))`` with ``--wrap-future`` or
+where ``submit_async`` does not exist), ``--seconds`` per run; it prints writes/s, writes
+per WAL fsync, LMDB transactions per second and the process's CPU per write (the figure
+that a loaded machine disturbs least). It imports ``unisondb`` from ``sys.path``, so an A/B
+against another checkout is ``PYTHONPATH=<checkout> python bench/bench_writepath.py --engine``
+(interleave the two commands; medians).
 """
 
 from __future__ import annotations
@@ -89,8 +98,88 @@ def put_load(target: object, seconds: float, conns: int) -> lib.Load:
     return lib.hey(target.url + "/v3/kv/put", seconds, conns, method="POST", body=body)
 
 
+def engine_rate(seconds: float, conns: int, flags: dict[str, object], wrap: bool) -> dict[str, float]:
+    """One in-process run (``--engine``): see the module docstring."""
+    import asyncio
+    import time
+
+    from unisondb.storage.engine import Engine
+    from unisondb.storage.options import EngineConfig
+    from unisondb.storage.record import Entry, EntryKind
+
+    with tempfile.TemporaryDirectory(prefix="unisondb-engine-", dir=os.environ.get("BENCH_DIR")) as d:
+        eng = Engine.open(Path(d), NS, EngineConfig(**flags))  # type: ignore[arg-type]
+        entry = [Entry(EntryKind.PUT, KEY, VALUE)]
+
+        async def client(until: float, counts: list[int]) -> None:
+            loop = asyncio.get_running_loop()
+            direct = hasattr(eng, "submit_async") and not wrap
+            while time.monotonic() < until:
+                if direct:
+                    await eng.submit_async(entry, loop)
+                else:
+                    await asyncio.wrap_future(eng.submit(entry))
+                counts[0] += 1
+
+        async def load(secs: float) -> tuple[int, float]:
+            counts = [0]
+            t0 = time.monotonic()
+            await asyncio.gather(*(client(t0 + secs, counts) for _ in range(conns)))
+            return counts[0], time.monotonic() - t0
+
+        try:
+            asyncio.run(load(0.5))  # warm-up
+            f0, g0 = eng.wal_stats().fsyncs, eng.stats.group_commits
+            a0 = eng._applier.transactions if eng._applier is not None else 0
+            c0 = time.process_time()
+            n, took = asyncio.run(load(seconds))
+            cpu = time.process_time() - c0
+            f1, g1 = eng.wal_stats().fsyncs, eng.stats.group_commits
+            a1 = eng._applier.transactions if eng._applier is not None else g1 - g0
+        finally:
+            eng.close()
+    return {
+        "rate": n / took,
+        "writes_per_fsync": n / max(1, f1 - f0),
+        "lmdb_txns_per_s": (a1 - a0) / took,
+        "cpu_us_per_write": cpu / max(1, n) * 1e6,
+    }
+
+
+def engine_main(args: argparse.Namespace) -> int:
+    flags: dict[str, object] = {}
+    for spec in args.set:
+        k, _, v = spec.partition("=")
+        flags[k] = type(getattr(__import__("unisondb.storage.options").storage.options.EngineConfig(), k))(v)
+    load = os.getloadavg()[0]
+    rows = [engine_rate(args.seconds, args.conns, flags, args.wrap_future) for _ in range(args.runs)]
+    for r in rows:
+        print(
+            f"  {r['rate']:,.0f} writes/s, {r['writes_per_fsync']:.1f} writes/fsync, "
+            f"{r['lmdb_txns_per_s']:,.0f} LMDB txns/s, {r['cpu_us_per_write']:.0f} us CPU/write"
+        )
+    med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    print(
+        f"engine {args.conns} conns {flags or ''}{' wrap_future' if args.wrap_future else ''}: "
+        f"median {med['rate']:,.0f} writes/s, "
+        f"{med['writes_per_fsync']:.1f} writes/fsync, {med['lmdb_txns_per_s']:,.0f} LMDB txns/s, "
+        f"{med['cpu_us_per_write']:.0f} us CPU/write "
+        f"(load {load:.2f} -> {os.getloadavg()[0]:.2f})"
+    )
+    return 0
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--engine", action="store_true", help="the engine alone, in this process")
+    ap.add_argument(
+        "--wrap-future",
+        action="store_true",
+        help="--engine: asyncio.wrap_future(submit()) even where submit_async exists",
+    )
+    ap.add_argument(
+        "--set", action="append", default=[], metavar="FIELD=VALUE", help="--engine: an EngineConfig field"
+    )
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--seconds", type=float, default=5.0)
     ap.add_argument("--conns", type=int, default=16)
@@ -103,6 +192,8 @@ def main() -> int:
         help='one more UnisonDB target, e.g. "ack-wal-2ms=--ack wal --group-commit-window 2ms"',
     )
     args = ap.parse_args()
+    if args.engine:
+        return engine_main(args)
     for spec in args.also:
         name, _, flags = spec.partition("=")
         CONFIGS[name] = flags.split()

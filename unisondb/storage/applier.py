@@ -9,6 +9,15 @@ batches are applied in LSN order and nothing else writes LMDB meanwhile. Only af
 commit are the records dropped from the table, so a reader that misses the table finds
 them in LMDB.
 
+Each transaction costs LMDB's commit fsync, on the same disk as the WAL's fdatasync that
+every acknowledgement waits for. So under load the applier commits at most once per
+``interval`` seconds (after one commit, the next waits until ``interval`` has passed since
+it began), in one larger transaction, and at once when something cannot wait: the table is
+full (the writer is held by backpressure) or holds ``BATCH_RECORDS`` records, a seal needs
+the table applied (``drain``), a caller waits for LMDB (``wait_applied``: a snapshot, a
+catch-up), the applier is stopping. A write alone after a quiet spell is applied at once.
+The lag this adds is bounded by ``interval`` (and, as before, by the table's bounds).
+
 If LMDB refuses a transaction (a full disk) the records stay in the table (still
 visible, still durable in the WAL), ``on_error`` stalls the engine (new writes are
 refused, reads go on) and the applier retries every ``retry`` seconds or when asked
@@ -18,6 +27,7 @@ refused, reads go on) and the applier retries every ``retry`` seconds or when as
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Callable
 
 import structlog
@@ -41,6 +51,7 @@ class Applier:
         checkpoint: Checkpoint,
         *,
         retry: float,
+        interval: float = 0.0,
         on_error: Callable[[UnisonDBError], None],
         on_recovered: Callable[[], None],
         name: str = "lmdb-applier",
@@ -52,6 +63,11 @@ class Applier:
         self.error: UnisonDBError | None = None
         self.transactions = 0
         self._retry = retry
+        self._interval = interval
+        #: ``time.monotonic()`` when the last transaction began (0: none yet).
+        self._last_commit = 0.0
+        #: Callers inside ``wait_applied`` (they make the next transaction start at once).
+        self._waiters = 0
         self._on_error = on_error
         self._on_recovered = on_recovered
         self._paused = False
@@ -71,11 +87,18 @@ class Applier:
         cond = self.table.cond
         while True:
             with cond:
-                while (self.table.empty() or (self._paused and not self._draining)) and not self._stop:
-                    cond.wait()
+                while not self._stop:
+                    if self.table.empty() or (self._paused and not self._draining):
+                        cond.wait()
+                        continue
+                    left = self._wait_left()
+                    if left <= 0:
+                        break
+                    cond.wait(left)
                 if self._stop:
                     return
                 self._busy = True
+                self._last_commit = time.monotonic()
             try:
                 error = self._apply_oldest()
             finally:
@@ -84,6 +107,14 @@ class Applier:
                     cond.notify_all()
             if error is not None:
                 self._failed(error)
+
+    def _wait_left(self) -> float:
+        """Seconds until the next transaction is due (``table.cond`` held; see the module
+        docstring): 0 when something waits for it."""
+        t = self.table
+        if self._interval <= 0 or self._draining or self._waiters or t.full() or t.records >= BATCH_RECORDS:
+            return 0.0
+        return self._last_commit + self._interval - time.monotonic()
 
     def _apply_oldest(self) -> UnisonDBError | None:
         """One LMDB transaction: the oldest batches of the table and their checkpoint."""
@@ -151,9 +182,15 @@ class Applier:
         meanwhile are not waited for); False if LMDB is refusing or the wait timed out."""
         cond = self.table.cond
         with cond:
-            return cond.wait_for(
-                lambda: self.checkpoint.applied_lsn >= lsn or self.error is not None or self._stop, timeout
-            ) and (self.checkpoint.applied_lsn >= lsn)
+            self._waiters += 1
+            cond.notify_all()  # (an applier waiting out its interval starts now)
+            try:
+                return cond.wait_for(
+                    lambda: self.checkpoint.applied_lsn >= lsn or self.error is not None or self._stop,
+                    timeout,
+                ) and (self.checkpoint.applied_lsn >= lsn)
+            finally:
+                self._waiters -= 1
 
     def retry_now(self, timeout: float = 30.0) -> bool:
         """Retry a refused transaction now; True if the table could be applied."""

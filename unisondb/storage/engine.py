@@ -22,6 +22,12 @@ it, so one fsync serves all of them instead of two alternating cohorts. A writer
 alone never waits: its latency is the same as without the window. Time comes from
 ``self.clock`` (a seam tests replace); ``wake()`` re-checks a waiting writer at once.
 
+Answers to an event loop (``submit_async``): a write submitted from an asyncio loop gets
+an ``asyncio.Future`` of that loop. The writer records every outcome of a group in an
+outbox and hands the whole group's answers to each loop with ONE
+``call_soon_threadsafe`` after the group (``_post_replies``), instead of one
+thread-safe future, one callback and one loop wake-up per write.
+
 Reads look in the in-memory table (``ack="wal"``), then in LMDB, from the caller's thread
 (read transactions never block on the writer).
 
@@ -63,6 +69,7 @@ truncate itself fails: the segment's end is unknown) or a bug stops the engine f
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections import deque
@@ -118,10 +125,50 @@ class WalStats:
     active_age_seconds: float
 
 
+class _LoopReply:
+    """The writer's side of an ``asyncio.Future`` (``submit_async``): it has the three
+    methods the writer uses of a ``concurrent.futures.Future`` and puts the outcome in the
+    engine's outbox; ``Engine._post_replies`` delivers the outbox on the loop."""
+
+    __slots__ = ("future", "loop", "outbox", "settled")
+
+    def __init__(
+        self, future: asyncio.Future[Any], loop: asyncio.AbstractEventLoop, outbox: list[Any]
+    ) -> None:
+        self.future = future
+        self.loop = loop
+        self.outbox = outbox
+        self.settled = False
+
+    def done(self) -> bool:
+        return self.settled
+
+    def set_result(self, value: Any) -> None:
+        self.settled = True
+        self.outbox.append((self, value, None))
+
+    def set_exception(self, exc: BaseException) -> None:
+        self.settled = True
+        self.outbox.append((self, None, exc))
+
+
+def _deliver(items: list[tuple[_LoopReply, Any, BaseException | None]]) -> None:
+    """On the event loop: settle the futures of one group's answers (a future its caller
+    cancelled meanwhile is left alone)."""
+    for reply, value, exc in items:
+        fut = reply.future
+        if fut.done():
+            continue
+        if exc is not None:
+            fut.set_exception(exc)
+        else:
+            fut.set_result(value)
+
+
 @dataclass(slots=True)
 class _Request:
     entries: tuple[Entry, ...] | None  # None = a control command
-    future: Future[Any]
+    future: Future[Any] | _LoopReply
     command: str = ""
 
 
@@ -221,6 +268,8 @@ class Engine:
         self._applier: Applier | None = None
         #: Highest LSN acknowledged (durable in the WAL and visible to readers).
         self._acked_lsn = 0
+        #: Answers of ``submit_async`` writes not yet handed to their loops (``_LoopReply``).
+        self._outbox: list[tuple[_LoopReply, Any, BaseException | None]] = []
 
     # --- lifecycle ---
 
@@ -259,6 +308,7 @@ class Engine:
                 eng.btree,
                 eng._checkpoint,
                 retry=eng.config.disk_full_retry,
+                interval=eng.config.apply_interval,
                 on_error=eng._apply_refused,
                 on_recovered=eng._apply_recovered,
                 name=f"lmdb-applier-{namespace}",
@@ -470,6 +520,7 @@ class Engine:
                     )
             self.btree.sync()
         finally:
+            self._post_replies()  # answers given after the writer stopped (held writes)
             self.wal.close()
             wait = None if readers_until is None else readers_until - time.monotonic()
             idle = self.btree.wait_readers(wait if wait is not None else 1e9)
@@ -492,9 +543,39 @@ class Engine:
         """Queue one atomic write; the future resolves to its LSN once durable and visible."""
         entries = tuple(entries)
         _validate_entries(entries)
-        return self._enqueue(_Request(entries, Future()))
+        future: Future[int] = Future()
+        self._enqueue(_Request(entries, future))
+        return future
 
-    def _enqueue(self, req: _Request) -> Future[Any]:
+    def submit_async(
+        self, entries: tuple[Entry, ...] | list[Entry], loop: asyncio.AbstractEventLoop
+    ) -> asyncio.Future[int]:
+        """``submit`` for a caller on ``loop`` (call it there): the returned future of that
+        loop resolves to the LSN once durable and visible. Answers reach the loop once per
+        group commit, not once per write (module docstring)."""
+        entries = tuple(entries)
+        _validate_entries(entries)
+        fut: asyncio.Future[int] = loop.create_future()
+        self._enqueue(_Request(entries, _LoopReply(fut, loop, self._outbox)))
+        return fut
+
+    def _post_replies(self) -> None:
+        """Hand the answers in the outbox to their loops: one wake-up per loop. Runs on the
+        writer thread after every group, and in ``close`` (after the writer stopped)."""
+        if not self._outbox:
+            return
+        items = self._outbox[:]
+        del self._outbox[: len(items)]
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_LoopReply, Any, BaseException | None]]] = {}
+        for item in items:
+            by_loop.setdefault(item[0].loop, []).append(item)
+        for loop, batch in by_loop.items():
+            try:
+                loop.call_soon_threadsafe(_deliver, batch)
+            except RuntimeError:  # the loop is closed: nobody is waiting for these answers
+                pass
+
+    def _enqueue(self, req: _Request) -> None:
         with self._cond:
             if self._closing:
                 raise Unavailable(f"namespace {self.namespace} is shutting down")
@@ -513,7 +594,6 @@ class Engine:
                 if inflight > self._peak_now:
                     self._peak_now = inflight
             self._cond.notify()
-        return req.future
 
     def write(self, entries: tuple[Entry, ...] | list[Entry]) -> int:
         return self.submit(entries).result()
@@ -526,21 +606,25 @@ class Engine:
 
     def rotate(self) -> int | None:
         """Seal the active segment if it holds records; return its id (None if it was empty)."""
-        result: int | None = self._enqueue(_Request(None, Future(), "rotate")).result()
-        return result
+        return self._command("rotate")  # type: ignore[no-any-return]
 
     def housekeep(self) -> None:
         """Run the writer's between-groups work now (age-based seals, retention, the
         disk-full retry timer) and return once it ran: what the writer thread does on its
         own when idle or after a group. A seam for tests that move ``wall_clock``."""
-        self._enqueue(_Request(None, Future(), "housekeep")).result()
+        self._command("housekeep")
 
     def retry_now(self) -> bool:
         """Retry the work a full disk stopped, now (what ``disk_full_retry`` does
         periodically); True if the engine accepts writes afterwards. A test seam and an
         operator's shortcut: it never waits for the timer."""
-        result: bool = self._enqueue(_Request(None, Future(), "retry")).result()
-        return result
+        return bool(self._command("retry"))
+
+    def _command(self, command: str) -> Any:
+        """Run a control command on the writer thread, after the writes queued before it."""
+        future: Future[Any] = Future()
+        self._enqueue(_Request(None, future, command))
+        return future.result()
 
     @staticmethod
     def _refusal(cause: UnisonDBError) -> UnisonDBError:
@@ -746,6 +830,7 @@ class Engine:
                 self._fail(StorageError(f"WAL writer failed: {exc!r}"), group)
             finally:
                 self._group_done(group)
+                self._post_replies()
 
     def _gather(self, group: list[_Request]) -> None:
         """Adaptive group commit (``self._cond`` held): with other writers recently in

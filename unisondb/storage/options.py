@@ -42,4 +42,8 @@ class EngineConfig:
     #: ``ack="wal"``: the in-memory table's bound in bytes of records and in records; when
     #: full, writes wait (backpressure) until LMDB has caught up.
     memtable_bytes: int = 8 << 20
+    #: ``ack="wal"``: under load the applier commits LMDB at most this often (fewer, larger
+    #: transactions: fewer LMDB fsyncs beside the WAL's); sooner when the table is full,
+    #: a seal or a snapshot waits for it. 0: commit whenever records are waiting.
+    apply_interval: float = 0.01
     memtable_max_lag: int = 100_000

@@ -6,12 +6,15 @@ with ``pause_writer`` to queue a known number of writes; nothing sleeps.
 
 from __future__ import annotations
 
+import asyncio
 import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future
+from typing import Any
 
 from unisondb.config import EngineConfig
+from unisondb.errors import StorageError, Unavailable, UnisonDBError
 from unisondb.storage.engine import Engine
 from unisondb.storage.record import Entry, EntryKind
 
@@ -112,3 +115,61 @@ def test_a_lone_writer_answered_fast_is_not_counted_as_a_second_one(
     assert done.wait(20), f"only {len(lsns)} of 50 chained writes done: a lone writer waited"
     assert lsns == list(range(1, 51))
     assert eng.stats.group_waits == 0
+
+
+class _CountingLoop(asyncio.SelectorEventLoop):
+    """A real event loop that counts its thread-safe wake-ups."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.wakeups = 0
+
+    def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> Any:
+        self.wakeups += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_submit_async_answers_a_whole_group_with_one_loop_wakeup(open_engine: Callable[..., Engine]) -> None:
+    eng = open_engine(EngineConfig(group_commit_window=0))
+    loop = _CountingLoop()
+    try:
+
+        async def main() -> list[int]:
+            eng.pause_writer()
+            futs = [eng.submit_async([Entry(EntryKind.PUT, b"k%d" % i, b"v")], loop) for i in range(8)]
+            cancelled = eng.submit_async([Entry(EntryKind.PUT, b"gone", b"v")], loop)
+            cancelled.cancel()  # its caller went away: the others are still answered
+            eng.resume_writer()
+            return list(await asyncio.gather(*futs))
+
+        lsns = loop.run_until_complete(main())
+    finally:
+        loop.close()
+    assert lsns == list(range(lsns[0], lsns[0] + 8))
+    assert eng.stats.group_commits == 1 and loop.wakeups == 1
+    assert eng.get(b"k7") == b"v" and eng.get(b"gone") == b"v"  # written although nobody waits
+
+
+def test_submit_async_delivers_a_refusal_to_the_loop(open_engine: Callable[..., Engine]) -> None:
+    eng = open_engine()
+    loop = asyncio.new_event_loop()
+    try:
+
+        async def main() -> BaseException | None:
+            eng.pause_writer()
+            fut = eng.submit_async([Entry(EntryKind.PUT, b"k", b"v")], loop)
+            # A fake fault: the state ``_fail`` leaves after a cut back that itself failed
+            # (a real one needs a truncate to fail under the segment).
+            eng._failed = StorageError("injected: the engine stopped")
+            eng.resume_writer()
+            try:
+                await fut
+            except UnisonDBError as exc:
+                return exc
+            return None
+
+        exc = loop.run_until_complete(main())
+    finally:
+        loop.close()
+        eng._failed = None
+    assert isinstance(exc, Unavailable)

@@ -1,0 +1,68 @@
+"""``apply_interval``: under load the applier commits LMDB at most once per interval, in
+one larger transaction, and at once whenever something waits for LMDB.
+
+Real WAL and LMDB. The interval is set to an hour, so anything that must not wait for it
+(a catch-up, a seal, a full table) would hang the test (pytest-timeout) if it did; no test
+sleeps for the interval to pass.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+from unisondb.config import EngineConfig
+from unisondb.storage.engine import Engine
+
+HOUR = EngineConfig(ack="wal", apply_interval=3600.0)
+
+
+def _until(cond: Callable[[], bool], seconds: float = 10.0) -> None:
+    deadline = time.monotonic() + seconds
+    while not cond():
+        assert time.monotonic() < deadline, "condition not reached"
+        time.sleep(0.001)
+
+
+def test_writes_after_a_commit_wait_for_the_interval_and_go_in_one_transaction(
+    open_engine: Callable[..., Engine],
+) -> None:
+    eng = open_engine(HOUR)
+    eng.put(b"first", b"0")
+    # The first write after a quiet spell is applied at once (no waiter asks for it).
+    _until(lambda: eng.applied_lsn == eng.last_lsn)
+    assert eng._applier is not None
+    txns = eng._applier.transactions
+    for i in range(10):
+        eng.put(b"k%d" % i, b"v%d" % i)
+    assert eng.lmdb_lag == 10  # within the interval: still only in the table (and the WAL)
+    assert eng.get(b"k9") == b"v9" and eng.btree.get(b"k9") is None
+    assert eng.catch_up(timeout=10)  # a waiter makes the next transaction start now
+    assert eng._applier.transactions == txns + 1
+    assert eng.lmdb_lag == 0 and eng.btree.get(b"k9") == b"v9"
+
+
+def test_a_seal_does_not_wait_for_the_interval(open_engine: Callable[..., Engine]) -> None:
+    eng = open_engine(HOUR)
+    eng.put(b"a", b"1")
+    _until(lambda: eng.lmdb_lag == 0)
+    eng.put(b"b", b"2")
+    assert eng.lmdb_lag == 1
+    sealed = eng.rotate()  # the footer needs the state after "b": drains the table now
+    assert sealed is not None and eng.lmdb_lag == 0 and eng.btree.get(b"b") == b"2"
+
+
+def test_a_full_table_does_not_wait_for_the_interval(open_engine: Callable[..., Engine]) -> None:
+    eng = open_engine(EngineConfig(ack="wal", apply_interval=3600.0, memtable_max_lag=4))
+    for i in range(40):  # backpressure every 4 records: each needs a commit at once
+        eng.put(b"k%d" % i, b"v%d" % i)
+    assert eng.table_full_waits > 0
+    assert eng.lmdb_lag <= 4
+    assert all(eng.get(b"k%d" % i) == b"v%d" % i for i in range(40))
+
+
+def test_interval_zero_commits_whenever_records_wait(open_engine: Callable[..., Engine]) -> None:
+    eng = open_engine(EngineConfig(ack="wal", apply_interval=0.0))
+    for i in range(5):
+        eng.put(b"k%d" % i, b"v")
+        _until(lambda: eng.lmdb_lag == 0)  # nothing asks, yet LMDB follows at once
