@@ -33,7 +33,6 @@ from __future__ import annotations
 import asyncio
 import time
 from collections.abc import Callable
-from concurrent.futures import Future
 from typing import Any, Protocol
 from urllib.parse import unquote
 
@@ -301,11 +300,12 @@ class LeanCycle:
             entry = Entry(EntryKind.DELETE, self.key)
         assert self.engine is not None
         try:
-            future = self.engine.submit([entry])
+            # Answered on this loop, one wake-up per group commit (Engine.submit_async).
+            future = self.engine.submit_async([entry], self.host.loop)
         except Exception as exc:
             self._failed(exc)
             return
-        future.add_done_callback(self._written_elsewhere)
+        future.add_done_callback(self._written)
 
     def on_body_timeout(self) -> None:
         """The body did not arrive in time: counted as the full app counts it (the protocol
@@ -331,11 +331,7 @@ class LeanCycle:
         self.routes.record(route, method, status, self.started)
         host.on_response_complete()
 
-    def _written_elsewhere(self, future: Future[int]) -> None:
-        # On the engine's writer thread: the rest belongs on the event loop.
-        self.host.loop.call_soon_threadsafe(self._written, future)
-
-    def _written(self, future: Future[int]) -> None:
+    def _written(self, future: asyncio.Future[int]) -> None:
         exc = future.exception()
         if exc is not None:
             self._failed(exc)
