@@ -56,14 +56,25 @@ CONFIGS: dict[str, list[str]] = {
 }
 
 
+#: Targets that run another checkout's code (``--checkout``): name -> its directory.
+CHECKOUTS: dict[str, Path] = {}
+
+
 class Uni(peers.Managed):
     def __init__(self, name: str, data_dir: Path, log_path: Path, flags: list[str]) -> None:
         self.port = lib.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        cmd = [sys.executable, "-m", "unisondb", "--data-dir", str(data_dir)]
+        # ``env`` execs the interpreter: the PID stays the server's.
+        where = ["env", f"PYTHONPATH={CHECKOUTS[name]}"] if name in CHECKOUTS else []
+        cmd = [*where, sys.executable, "-m", "unisondb", "--data-dir", str(data_dir)]
         cmd += ["--http-addr", f"127.0.0.1:{self.port}", "--namespace", NS, *flags]
         super().__init__(name, cmd, log_path)
         self.wait_until(lambda: httpx.get(self.url + "/health", timeout=1).status_code == 200, 120, "health")
+
+    def cpu_seconds(self) -> float:
+        """User + system CPU the server used so far (``/proc/<pid>/stat``)."""
+        fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def kv(self) -> str:
         return f"{self.url}/api/v1/{NS}/kv/{KEY.decode()}"
@@ -191,9 +202,24 @@ def main() -> int:
         metavar="NAME=FLAGS",
         help='one more UnisonDB target, e.g. "ack-wal-2ms=--ack wal --group-commit-window 2ms"',
     )
+    ap.add_argument(
+        "--checkout",
+        action="append",
+        default=[],
+        metavar="NAME=DIR",
+        help="one more target: the server of another checkout (e.g. main=../main), default flags",
+    )
+    ap.add_argument("--no-old", action="store_true", help="leave out the 'before' and 'zero+window' targets")
     args = ap.parse_args()
     if args.engine:
         return engine_main(args)
+    if args.no_old:
+        for old in ("before", "zero+window"):
+            CONFIGS.pop(old, None)
+    for spec in args.checkout:
+        name, _, where = spec.partition("=")
+        CHECKOUTS[name] = Path(where).resolve()
+        CONFIGS[name] = []
     for spec in args.also:
         name, _, flags = spec.partition("=")
         CONFIGS[name] = flags.split()
@@ -224,6 +250,7 @@ def main() -> int:
                 sampler = None
                 if isinstance(t, Uni):
                     f0, w0 = t.metric("unisondb_wal_fsyncs_total"), t.metric("unisondb_writes_total")
+                    c0 = t.cpu_seconds()
                     sampler = threading.Thread(target=sample_table, args=(t, stop, peaks))
                     sampler.start()
                 load = put_load(t, args.seconds, args.conns)
@@ -234,16 +261,23 @@ def main() -> int:
                 if isinstance(t, Uni):
                     assert sampler is not None
                     sampler.join()
+                    c1 = t.cpu_seconds()
                     f1, w1 = t.metric("unisondb_wal_fsyncs_total"), t.metric("unisondb_writes_total")
                     add(name, "writes_per_fsync", (w1 - w0) / max(1.0, f1 - f0))
+                    add(name, "cpu_us_per_put", (c1 - c0) / max(1.0, w1 - w0) * 1e6)
                     add(name, "table_bytes_peak", peaks.get("bytes", 0))
                     add(name, "lmdb_lag_peak", peaks.get("lag", 0))
                 one = put_load(t, args.seconds, 1)
                 add(name, "put1.rps", one.rps)
                 add(name, "put1.p50", one.p50)
                 add(name, "put1.p99", one.p99)
+                extra = ""
+                if isinstance(t, Uni):
+                    extra = f", {rows[name]['writes_per_fsync'][-1]:.1f} w/fsync, "
+                    extra += f"{rows[name]['cpu_us_per_put'][-1]:.0f} us CPU/PUT"
                 print(
-                    f"  {name}: 16c {load.rps:,.0f}/s p99 {load.p99:.2f} ms; 1c p50 {one.p50:.3f} ms",
+                    f"  {name}: 16c {load.rps:,.0f}/s p99 {load.p99:.2f} ms{extra}; "
+                    f"1c p50 {one.p50:.3f} ms (load {os.getloadavg()[0]:.2f})",
                     flush=True,
                 )
         rss = {
@@ -258,7 +292,8 @@ def main() -> int:
 
     med = {t: {k: statistics.median(v) for k, v in d.items()} for t, d in rows.items()}
     etcd = med["etcd 3.4"]
-    before = med["before"]
+    base = "before" if "before" in med else next(iter(CHECKOUTS), "ack-wal")
+    before = med[base]
     lines = [
         f"Runs: {args.runs} × {args.seconds:g} s per load, interleaved (order rotates per run); "
         f"hey, {args.conns} connections (and 1), 100-byte values, one key; medians.",
@@ -266,18 +301,22 @@ def main() -> int:
         f"`uptime` before: `{uptime_before}`  ",
         f"`uptime` after: `{uptime_after}`",
         "",
-        "| target | PUT/s 16 conns | vs etcd | p50 ms | p99 ms | writes/fsync | 1-client PUT p50 ms "
-        "| vs before | 1-client PUT/s | table peak | LMDB lag peak | VmHWM MiB | RssAnon MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| target | PUT/s 16 conns | vs etcd | p50 ms | p99 ms | writes/fsync | server CPU µs/PUT "
+        "| 1-client PUT p50 ms "
+        f"| vs {base} | 1-client PUT/s | table peak | LMDB lag peak | VmHWM MiB | RssAnon MiB |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for name, m in med.items():
         wpf = f"{m['writes_per_fsync']:.1f}" if "writes_per_fsync" in m else "—"
-        wal_mode = "--ack wal" in " ".join(CONFIGS.get(name, []))
+        cpu = f"{m['cpu_us_per_put']:.0f}" if "cpu_us_per_put" in m else "—"
+        wal_mode = name in CONFIGS and "--ack lmdb" not in " ".join(
+            CONFIGS.get(name, [])
+        )  # (wal: the default)
         tb = f"{m['table_bytes_peak'] / 1024:.0f} KiB" if wal_mode else "—"
         lag = f"{m['lmdb_lag_peak']:.0f}" if wal_mode else "—"
         lines.append(
             f"| {name} | {m['put16.rps']:,.0f} | {m['put16.rps'] / etcd['put16.rps']:.2f}× | "
-            f"{m['put16.p50']:.2f} | {m['put16.p99']:.2f} | {wpf} | {m['put1.p50']:.3f} | "
+            f"{m['put16.p50']:.2f} | {m['put16.p99']:.2f} | {wpf} | {cpu} | {m['put1.p50']:.3f} | "
             f"{m['put1.p50'] / before['put1.p50']:.2f}× | {m['put1.rps']:,.0f} | {tb} | {lag} | "
             f"{rss.get(name, (0, 0))[0] / 1024:.0f} | {rss.get(name, (0, 0))[1] / 1024:.0f} |"
         )

@@ -824,6 +824,7 @@ class Engine:
             try:
                 if group:
                     self._commit_group(group)
+                    self._post_replies()  # the answers go out before any housekeeping
                 self._housekeeping()
             except Exception as exc:  # a bug or an unexpected failure: never die silently
                 log.exception("engine.writer_crashed", namespace=self.namespace)
