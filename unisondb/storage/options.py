@@ -45,5 +45,5 @@ class EngineConfig:
     #: ``ack="wal"``: under load the applier commits LMDB at most this often (fewer, larger
     #: transactions: fewer LMDB fsyncs beside the WAL's); sooner when the table is full,
     #: a seal or a snapshot waits for it. 0: commit whenever records are waiting.
-    apply_interval: float = 0.01
+    apply_interval: float = 0.05
     memtable_max_lag: int = 100_000
