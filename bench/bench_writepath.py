@@ -15,7 +15,7 @@ the runs; every process is stopped by its PID. Needs ``hey`` and ``etcd``
 (``apt-get install -y hey etcd-server etcd-client``).
 
 ``--engine`` measures the engine alone, in this process, the way the HTTP layer drives it:
-one asyncio loop, ``--conns`` coroutines each awaiting ``engine.submit_async(...)`` of one
+one uvloop event loop (the server's), ``--conns`` coroutines each awaiting ``engine.submit_async(...)`` of one
 100-byte PUT in turn (``asyncio.wrap_future(engine.submit(...))`` with ``--wrap-future`` or
 where ``submit_async`` does not exist), ``--seconds`` per run; it prints writes/s, writes
 per WAL fsync, LMDB transactions per second and the process's CPU per write (the figure
@@ -37,6 +37,7 @@ import sys
 import tempfile
 import threading
 from pathlib import Path
+from typing import Any
 
 BENCH = Path(__file__).resolve().parent
 sys.path.insert(0, str(BENCH))
@@ -109,6 +110,23 @@ def put_load(target: object, seconds: float, conns: int) -> lib.Load:
     return lib.hey(target.url + "/v3/kv/put", seconds, conns, method="POST", body=body)
 
 
+def thread_cpu() -> dict[str, float]:
+    """CPU seconds (user + system; and system alone as ``<name>/sys``) of each thread of
+    this process, by thread name."""
+    out: dict[str, float] = {}
+    tick = os.sysconf("SC_CLK_TCK")
+    names = {t.native_id: t.name.split("-default")[0] for t in threading.enumerate()}
+    for task in Path("/proc/self/task").iterdir():
+        try:
+            name = names.get(int(task.name), "other")
+            fields = (task / "stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            continue
+        out[name] = out.get(name, 0.0) + (int(fields[11]) + int(fields[12])) / tick
+        out[name + "/sys"] = out.get(name + "/sys", 0.0) + int(fields[12]) / tick
+    return out
+
+
 def engine_rate(seconds: float, conns: int, flags: dict[str, object], wrap: bool) -> dict[str, float]:
     """One in-process run (``--engine``): see the module docstring."""
     import asyncio
@@ -138,13 +156,22 @@ def engine_rate(seconds: float, conns: int, flags: dict[str, object], wrap: bool
             await asyncio.gather(*(client(t0 + secs, counts) for _ in range(conns)))
             return counts[0], time.monotonic() - t0
 
+        import uvloop  # the server's loop (server.py)
+
+        def run(coro: Any) -> Any:
+            loop = uvloop.new_event_loop()
+            try:
+                return loop.run_until_complete(coro)
+            finally:
+                loop.close()
+
         try:
-            asyncio.run(load(0.5))  # warm-up
+            run(load(0.5))  # warm-up
             f0, g0 = eng.wal_stats().fsyncs, eng.stats.group_commits
             a0 = eng._applier.transactions if eng._applier is not None else 0
-            c0 = time.process_time()
-            n, took = asyncio.run(load(seconds))
-            cpu = time.process_time() - c0
+            c0, t0 = time.process_time(), thread_cpu()
+            n, took = run(load(seconds))
+            cpu, t1 = time.process_time() - c0, thread_cpu()
             f1, g1 = eng.wal_stats().fsyncs, eng.stats.group_commits
             a1 = eng._applier.transactions if eng._applier is not None else g1 - g0
         finally:
@@ -154,10 +181,13 @@ def engine_rate(seconds: float, conns: int, flags: dict[str, object], wrap: bool
         "writes_per_fsync": n / max(1, f1 - f0),
         "lmdb_txns_per_s": (a1 - a0) / took,
         "cpu_us_per_write": cpu / max(1, n) * 1e6,
+        **{f"cpu_us.{k}": (v - t0.get(k, 0.0)) / max(1, n) * 1e6 for k, v in t1.items()},
     }
 
 
 def engine_main(args: argparse.Namespace) -> int:
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
     flags: dict[str, object] = {}
     for spec in args.set:
         k, _, v = spec.partition("=")
@@ -167,7 +197,9 @@ def engine_main(args: argparse.Namespace) -> int:
     for r in rows:
         print(
             f"  {r['rate']:,.0f} writes/s, {r['writes_per_fsync']:.1f} writes/fsync, "
-            f"{r['lmdb_txns_per_s']:,.0f} LMDB txns/s, {r['cpu_us_per_write']:.0f} us CPU/write"
+            f"{r['lmdb_txns_per_s']:,.0f} LMDB txns/s, {r['cpu_us_per_write']:.0f} us CPU/write ("
+            + ", ".join(f"{k[7:]} {v:.0f}" for k, v in r.items() if k.startswith("cpu_us.") and v >= 0.5)
+            + ")"
         )
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(
@@ -188,6 +220,7 @@ def main() -> int:
         action="store_true",
         help="--engine: asyncio.wrap_future(submit()) even where submit_async exists",
     )
+    ap.add_argument("--switch-interval", type=float, default=0.0, help="--engine: sys.setswitchinterval")
     ap.add_argument(
         "--set", action="append", default=[], metavar="FIELD=VALUE", help="--engine: an EngineConfig field"
     )

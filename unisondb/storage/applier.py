@@ -33,14 +33,14 @@ from collections.abc import Callable
 import structlog
 
 from unisondb.errors import StorageError, UnisonDBError
-from unisondb.storage import testseam
+from unisondb.storage import memtable, testseam
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.memtable import MemTable
 
 log = structlog.get_logger(__name__)
 
 #: Records per LMDB transaction (about; one batch is never split).
-BATCH_RECORDS = 4096
+BATCH_RECORDS = memtable.WAKE_RECORDS
 
 
 class Applier:

@@ -25,6 +25,10 @@ from dataclasses import dataclass
 from unisondb.storage import record
 from unisondb.storage.record import EntryKind, Record
 
+#: Records in the table at which ``add`` wakes the applier even inside its interval (it
+#: then applies about this many in one transaction: ``applier.BATCH_RECORDS``).
+WAKE_RECORDS = 4096
+
 
 @dataclass(slots=True)
 class Batch:
@@ -81,6 +85,7 @@ class MemTable:
         nbytes = sum(record.encoded_size(r.entries) for r in records)
         put = EntryKind.PUT
         with self.cond:
+            was_empty = not self._batches
             m = self._map
             for rec in records:
                 lsn = rec.lsn
@@ -89,7 +94,12 @@ class MemTable:
             self._batches.append(Batch(records, segment_id, end, nbytes))
             self.bytes += nbytes
             self.records += len(records)
-            self.cond.notify_all()
+            # Only the applier waits for records to arrive: wake it if it sleeps on an
+            # empty table or if it must not wait out its interval (full, or a big batch
+            # due); otherwise it comes back by itself (applier.py). A wake-up per group
+            # commit cost the writer thread more than the rest of this method.
+            if was_empty or self.full() or self.records >= WAKE_RECORDS:
+                self.cond.notify_all()
 
     def full(self) -> bool:
         return self.bytes >= self.max_bytes or self.records >= self.max_lag

@@ -69,7 +69,18 @@ class ZeroFiller:
         self.poke()
 
     def poke(self) -> None:
-        """The writer appended: fill further if the zeros ahead run short (never blocks)."""
+        """The writer appended: fill further if the zeros ahead run short (never blocks).
+
+        The thread is woken only when a step is due (``fill_step``'s test, read without
+        the lock: a stale read only delays the wake to a later append), not after every
+        append: a wake-up per group commit cost the writer more than the zeros saved."""
+        seg = self._seg
+        if seg is not None and seg.count:
+            start = max(seg.zeroed_end, seg.size)
+            stop = min(self.limit, seg.size + self.ahead)
+            n = min(self.chunk, stop - start)
+            if n <= 0 or (n < self.chunk and stop < self.limit):
+                return
         self._wake.set()
 
     def close(self) -> None:
