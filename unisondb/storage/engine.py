@@ -170,6 +170,8 @@ class _Request:
     entries: tuple[Entry, ...] | None  # None = a control command
     future: Future[Any] | _LoopReply
     command: str = ""
+    #: Bytes of its WAL record (``record.encoded_size``, computed once at submit).
+    size: int = 0
 
 
 @dataclass(slots=True)
@@ -542,9 +544,8 @@ class Engine:
     def submit(self, entries: tuple[Entry, ...] | list[Entry]) -> Future[int]:
         """Queue one atomic write; the future resolves to its LSN once durable and visible."""
         entries = tuple(entries)
-        _validate_entries(entries)
         future: Future[int] = Future()
-        self._enqueue(_Request(entries, future))
+        self._enqueue(_Request(entries, future, size=_validate_entries(entries)))
         return future
 
     def submit_async(
@@ -554,9 +555,9 @@ class Engine:
         loop resolves to the LSN once durable and visible. Answers reach the loop once per
         group commit, not once per write (module docstring)."""
         entries = tuple(entries)
-        _validate_entries(entries)
+        size = _validate_entries(entries)
         fut: asyncio.Future[int] = loop.create_future()
-        self._enqueue(_Request(entries, _LoopReply(fut, loop, self._outbox)))
+        self._enqueue(_Request(entries, _LoopReply(fut, loop, self._outbox), size=size))
         return fut
 
     def _post_replies(self) -> None:
@@ -843,13 +844,12 @@ class Engine:
             return
         started = self.clock()
         deadline = started + window
-        size = sum(record.encoded_size(r.entries) for r in group if r.entries is not None)
+        size = sum(r.size for r in group)
         while not self._closing:
             while self._queue and size < self.config.max_group_bytes and group[-1].entries is not None:
                 req = self._queue.popleft()
                 group.append(req)
-                if req.entries is not None:
-                    size += record.encoded_size(req.entries)
+                size += req.size
             if len(group) >= target or group[-1].entries is None or size >= self.config.max_group_bytes:
                 break
             remaining = deadline - self.clock()
@@ -907,7 +907,7 @@ class Engine:
             group.append(req)
             if req.entries is None:
                 break  # control commands run alone, after the writes queued before them
-            size += record.encoded_size(req.entries)
+            size += req.size
         return group
 
     def _commit_group(self, group: list[_Request]) -> None:
@@ -956,7 +956,8 @@ class Engine:
             return
         if self._table is not None:
             # Durable: visible through the table now, in LMDB once the applier is there.
-            self._table.add(records[self._applied_in_group :], seg_id, end)
+            done = self._applied_in_group
+            self._table.add(records[done:], seg_id, end, sum(r.size for r in writes[done:]))
             self._ack(writes, records)
             return
         try:
@@ -1380,7 +1381,8 @@ def _as_storage_error(exc: BaseException, path: Path) -> UnisonDBError:
     return StorageError(repr(exc))
 
 
-def _validate_entries(entries: tuple[Entry, ...]) -> None:
+def _validate_entries(entries: tuple[Entry, ...]) -> int:
+    """Refuse a write no record can hold; return its record's size in bytes."""
     if not entries:
         raise InvalidRequest("a write needs at least one entry")
     size = record.encoded_size(entries)
@@ -1393,3 +1395,4 @@ def _validate_entries(entries: tuple[Entry, ...]) -> None:
             raise InvalidRequest("key cannot be empty")
         if len(e.key) > record.MAX_KEY:
             raise InvalidRequest(f"key is {len(e.key)} bytes; the maximum is {record.MAX_KEY} bytes (UTF-8)")
+    return size

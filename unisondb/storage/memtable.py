@@ -78,11 +78,13 @@ class MemTable:
 
     # --- the writer thread ---
 
-    def add(self, records: list[Record], segment_id: int, end: int) -> None:
-        """Make durable records visible and queue them for the applier."""
+    def add(self, records: list[Record], segment_id: int, end: int, nbytes: int | None = None) -> None:
+        """Make durable records visible and queue them for the applier (``nbytes``: their
+        encoded size, if the caller knows it)."""
         if not records:
             return
-        nbytes = sum(record.encoded_size(r.entries) for r in records)
+        if nbytes is None:
+            nbytes = sum(record.encoded_size(r.entries) for r in records)
         put = EntryKind.PUT
         with self.cond:
             was_empty = not self._batches
