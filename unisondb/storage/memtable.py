@@ -18,6 +18,7 @@ All methods are thread-safe (one lock); ``get`` is a dictionary lookup under it.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -50,6 +51,9 @@ class MemTable:
         #: Bytes (WAL encoding) and records in the table.
         self.bytes = 0
         self.records = 0
+        #: ``time.monotonic()`` of the last ``add`` (the applier stops deferring once the
+        #: writes pause: ``applier.py``).
+        self.last_add = 0.0
         #: Times and seconds the writer waited for room (backpressure).
         self.full_waits = 0
         self.full_wait_seconds = 0.0
@@ -88,6 +92,7 @@ class MemTable:
         put = EntryKind.PUT
         with self.cond:
             was_empty = not self._batches
+            self.last_add = time.monotonic()
             m = self._map
             for rec in records:
                 lsn = rec.lsn
