@@ -63,8 +63,21 @@ def sidecar(path: Path) -> None:
     path.with_name(path.name + ".sha256").write_text(f"{h}  {path.name}\n")
 
 
-def build(root: Path, snapshot_keys: int, records: int, keys: int, value_size: int) -> tuple[Path, Path]:
-    """Source B-tree → self-verifying snapshot (trailer + sidecar, as POST /btree/backup
+def build(
+    root: Path,
+    snapshot_keys: int,
+    records: int,
+    keys: int,
+    value_size: int,
+    *,
+    wal_value_size: int | None = None,
+    new_keys: bool = False,
+) -> tuple[Path, Path]:
+    """``wal_value_size``: the WAL's values (default ``value_size``); ``new_keys``: the WAL
+    writes keys the snapshot does not hold, in order (``b"r%09d"``, as ``bench/run.py``'s
+    restore input does) instead of ``keys`` distinct keys spread over the snapshot's.
+
+    Source B-tree → self-verifying snapshot (trailer + sidecar, as POST /btree/backup
     writes it) → WAL segments on the snapshot's history whose headers and footers carry
     the true state fingerprints (the records are applied to the source B-tree too, as the
     server does), so a restore proves every boundary."""
@@ -114,7 +127,8 @@ def build(root: Path, snapshot_keys: int, records: int, keys: int, value_size: i
 
     for i in range(records):
         t = T0 + snapshot_keys + i
-        entry = Entry(EntryKind.PUT, key(i * 7919, keys), value(lsn, value_size))
+        k = b"r%09d" % i if new_keys else key(i * 7919, keys)
+        entry = Entry(EntryKind.PUT, k, value(lsn, wal_value_size or value_size))
         data = record.encode(lsn, t, [entry])
         if size + len(data) > 16 << 20:
             flush()
@@ -182,7 +196,18 @@ def ab(args: argparse.Namespace) -> int:
     phases and peak RSS."""
     root = Path(tempfile.mkdtemp(prefix="bench-restore-ab-", dir=args.dir))
     try:
-        snap, wal_dir = build(root, args.snapshot_keys, args.records, args.keys, args.value_size)
+        if args.input is not None:  # an input built before (``build``'s layout)
+            snap, wal_dir = args.input / "backups" / "snapshot.db", args.input / "backups" / "wal"
+        else:
+            snap, wal_dir = build(
+                root,
+                args.snapshot_keys,
+                args.records,
+                args.keys,
+                args.value_size,
+                wal_value_size=args.wal_value_size,
+                new_keys=args.new_keys,
+            )
         sides = ("A", "B")
         times: dict[str, list[float]] = {k: [] for k in sides}
         rss: dict[str, list[float]] = {k: [] for k in sides}
@@ -251,6 +276,12 @@ def main() -> int:
     ap.add_argument("--records", type=int, default=500_000)
     ap.add_argument("--keys", type=int, default=1_000_000, help="distinct keys the WAL writes")
     ap.add_argument("--value-size", type=int, default=100)
+    ap.add_argument("--wal-value-size", type=int, default=None, help="default: --value-size")
+    ap.add_argument(
+        "--new-keys",
+        action="store_true",
+        help="the WAL writes new keys in order (bench/run.py's restore input) instead of --keys spread ones",
+    )
     ap.add_argument("--dir", type=Path, default=None, help="scratch dir (default: temp dir)")
     ap.add_argument("--json", action="store_true")
     ap.add_argument(
@@ -262,13 +293,30 @@ def main() -> int:
         "worktree of main) and with this checkout, interleaved, --runs times each",
     )
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--input",
+        type=Path,
+        default=None,
+        metavar="DIR",
+        help="with --ab: restore this input (a scratch dir left by build(): backups/snapshot.db, "
+        "backups/wal) "
+        "instead of building one",
+    )
     args = ap.parse_args()
     if args.ab is not None:
         return ab(args)
     root = Path(tempfile.mkdtemp(prefix="bench-restore-", dir=args.dir))
     try:
         t = time.perf_counter()
-        snap, wal_dir = build(root, args.snapshot_keys, args.records, args.keys, args.value_size)
+        snap, wal_dir = build(
+            root,
+            args.snapshot_keys,
+            args.records,
+            args.keys,
+            args.value_size,
+            wal_value_size=args.wal_value_size,
+            new_keys=args.new_keys,
+        )
         build_s = time.perf_counter() - t
         loads = [os.getloadavg()]
         wal_bytes = sum(p.stat().st_size for p in wal_dir.glob("*.wal"))

@@ -32,11 +32,13 @@ from __future__ import annotations
 import ctypes
 import errno
 import fcntl
+import gc
 import hashlib
 import os
 import re
 import secrets
 import shutil
+import threading
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -199,7 +201,7 @@ def apply_plan(
         stage_lock.acquire()
         _step("staging-created")
         t_copy = time.perf_counter()
-        _copy_snapshot(vp, staging / "db" / "data.mdb", progress)
+        flushing = _copy_snapshot(vp, staging / "db" / "data.mdb", progress)
         copy_seconds = time.perf_counter() - t_copy
         _step("snapshot-copied")
         t_replay = time.perf_counter()
@@ -211,6 +213,7 @@ def apply_plan(
         # has proven every pair.
         if vp.content is not None:
             vp.content.wait()
+        flushing.result()  # done long ago (the replay's env.sync(True) flushed it too)
         t_pub = time.perf_counter()
         try:
             (staging / "wal").mkdir()
@@ -306,20 +309,66 @@ def _remove_stale_staging(data_dir: Path, ns: str) -> list[Path]:
     return removed
 
 
-def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> None:
+class _Flush:
+    """The staged copy's ``fdatasync``, on a thread of its own (the call runs without the
+    GIL): the disk writes the copy while this process walks, replays and hashes.
+
+    Nothing waits for it until publication, and nothing depends on it for safety: the
+    replay's ``env.sync(True)`` (``btree.sync()``) is an ``fdatasync`` of the same file, so
+    it makes every byte of the copy durable as well, and nothing is published before it
+    (see ``_replay``). This thread only starts the writeback early; ``result`` reports its
+    error, if any, before anything is published."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._error: OSError | None = None
+        self._thread = threading.Thread(target=self._run, name="restore-flush", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            fd = os.open(self.path, os.O_RDONLY)
+            try:
+                os.fdatasync(fd)
+            finally:
+                os.close(fd)
+        except OSError as exc:
+            self._error = exc
+
+    def result(self) -> None:
+        self._thread.join()
+        if self._error is not None:
+            raise from_os_error(self._error, self.path) from self._error
+
+
+def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> _Flush:
     """Copy the snapshot's LMDB bytes into staging, reading each byte once.
 
     Every chunk is hashed on a second thread (hashlib runs without the GIL) while this one
     writes it: one pass gives the sha256 of the LMDB bytes (the self-verifying trailer's,
     ``snapfile.py``) and, with the trailer added, of the whole file (the ``.sha256``
     sidecar's). The trailer itself is not copied, so the staged file is a plain data.mdb.
-    Then, on the staged copy (page cache, not the input again): the checksums, LMDB's
-    structure (``lmdbfile`` page walk, before LMDB maps it), and the content check starts.
+    Then, on the staged copy (page cache, not the input again): the checksums and LMDB's
+    structure (``lmdbfile`` page walk, before LMDB maps it). The copy is not fsynced here
+    (``_Flush``: the writeback runs behind the replay).
+
+    The content check (every pair of the input hashed, ``start_content_check``) starts
+    before the copy, in a worker process, so it overlaps the copy, the walk and the replay
+    instead of starting after them. It maps the input before the walk has checked it, but
+    only in that worker: a damaged file can at worst kill the worker, whose failure makes
+    ``ContentCheck.wait`` scan in this process — which it does only after the walk here
+    has passed, on bytes proven equal to the walked copy by their sha256. Its result counts
+    only if that sha256 matches too, and ``apply_plan`` waits for it before publishing.
     """
     snap = vp.plan.snapshot
     src = snap.path
     trailer = snapfile.read_trailer(sources.materialize(src))
     data_len = trailer.data_len if trailer is not None else snap.size
+    if vp.deferred and snap.keys >= fingerprint.PARALLEL_MIN_PAIRS:
+        # One worker: more would have this process cut the keyspace into ranges — a cursor
+        # pass over the input before the walk has checked it. (A smaller keyspace is
+        # scanned in this process, so only after the walk, below.)
+        vp.content = start_content_check(snap, None, background=True)
     h = hashlib.sha256()
     progress.phase("copy snapshot", snap.size)
     try:
@@ -347,9 +396,9 @@ def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> None:
                 hashing.result()
             tail = fin.read(snapfile.TRAILER_SIZE + 1)
             fout.flush()
-            fsutil.fsync(fout.fileno())
     except OSError as exc:
         raise from_os_error(exc, dest if exc.filename == str(dest) else src) from exc
+    flushing = _Flush(dest)
     whole = h.copy()
     whole.update(tail)
     digest = whole.hexdigest()
@@ -373,13 +422,14 @@ def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> None:
         )
     if vp.deferred:
         # Every page LMDB can reach is present and well formed before LMDB maps the file
-        # (a damaged file is reported, never opened): the walk reads the staged copy.
+        # in this process (a damaged file is reported, never opened): the walk reads the
+        # staged copy, from the page cache.
         lmdbfile.check_file(dest, "snapshot", shown=src, walk=True)
-        # The content check reads the input's pages (LMDB maps the file; the copy just
-        # read them, so they come from the page cache) in a worker process, while this one
-        # replays; the staged copy cannot be scanned by a lock-less reader while it is
-        # being written. ``apply_plan`` waits for it before publishing.
-        vp.content = start_content_check(snap, digest, background=True)
+        if vp.content is not None:
+            vp.content.remember(digest)
+        else:
+            vp.content = start_content_check(snap, digest, background=True)
+    return flushing
 
 
 @dataclass(frozen=True, slots=True)
@@ -437,9 +487,21 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
     commits at every segment boundary — where the state fingerprint is compared with the
     one the server recorded — without paying an fsync each time.
     """
+    progress.phase("replay WAL", vp.records, unit="records")
+    # The replay makes millions of small acyclic objects (records, entries, keys): the
+    # cycle collector would scan the live ones again and again and find nothing.
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        return _replay_chain(vp, db_dir, progress)
+    finally:
+        if collecting:
+            gc.enable()
+
+
+def _replay_chain(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
     plan = vp.plan
     cp = plan.snapshot.checkpoint
-    progress.phase("replay WAL", vp.records, unit="records")
     btree = BTree(db_dir, durable=False)
     pages = mapped.MappedFile(db_dir / "data.mdb")
     try:

@@ -321,10 +321,18 @@ class ContentCheck:
         if self._job is not None and not self._done:
             self._job.cancel()
 
+    def remember(self, sha256: str) -> None:
+        """The input's sha256, known only once a check started before it was computed
+        is under way: a proven content is then remembered for this file and digest."""
+        if self._memo is None and self.info.has_checkpoint:
+            self._memo = (self.info.path.resolve(), sha256, self.info.checkpoint.fp_state)
 
-def start_content_check(info: SnapshotInfo, sha256: str | None, *, background: bool) -> ContentCheck:
-    """Start ``check_snapshot_content``: in the background (one worker process, for a
-    restore that replays the WAL meanwhile), or now (``background=False``, every core)."""
+
+def start_content_check(
+    info: SnapshotInfo, sha256: str | None, *, background: bool, workers: int = 1
+) -> ContentCheck:
+    """Start ``check_snapshot_content``: in the background (``workers`` processes, for a
+    restore that copies and replays meanwhile), or now (``background=False``, every core)."""
     cp = info.checkpoint
     memo = None if sha256 is None else (info.path.resolve(), sha256, cp.fp_state)
     if not info.has_checkpoint or (memo is not None and memo in _CONTENT_PROVEN):
@@ -334,7 +342,7 @@ def start_content_check(info: SnapshotInfo, sha256: str | None, *, background: b
     # A worker process costs ~0.1-0.3 s to start: worth it only for a big keyspace.
     if background and info.keys >= PARALLEL_MIN_PAIRS:
         try:
-            return ContentCheck(info, memo, start_scan(local, map_size))
+            return ContentCheck(info, memo, start_scan(local, map_size, workers=workers))
         except lmdb.Error as exc:
             raise BackupCorrupt(f"cannot read snapshot {info.path}: {exc}") from exc
     try:

@@ -312,20 +312,27 @@ class BTree:
         def body(txn: Any) -> None:
             fp = Fingerprint(checkpoint.fp_state)
             kv = self._kv
+            put, pop = txn.replace, txn.pop
+            # The pairs added and removed, hashed once per chunk (``Fingerprint.change``).
+            added: list[tuple[bytes, bytes]] = []
+            removed: list[tuple[bytes, bytes]] = []
             for chunk in chunks:
                 for rec in chunk:
                     for e in rec.entries:
                         if e.kind == put_kind:
-                            old = txn.replace(e.key, e.value, db=kv)
-                            if old is not None:
-                                fp.remove(e.key, old)
-                            fp.add(e.key, e.value)
+                            old = put(e.key, e.value, db=kv)
+                            added.append((e.key, e.value))
                         else:
-                            old = txn.pop(e.key, db=kv)
-                            if old is not None:
-                                fp.remove(e.key, old)
+                            old = pop(e.key, db=kv)
+                        if old is not None:
+                            removed.append((e.key, old))
+                    if len(added) + len(removed) >= 1024:
+                        fp.change(added, removed)
+                        added.clear()
+                        removed.clear()
                 if every is not None:
                     every[1]()
+            fp.change(added, removed)
             cp = replace(checkpoint, fp_state=fp.state())
             txn.put(CHECKPOINT_KEY, cp.encode(), db=self._meta)
             written[:] = [cp]

@@ -76,10 +76,10 @@ RELEASE_EVERY = 4096
 
 
 def item_hash(key: bytes, value: bytes) -> int:
+    # One ``update`` of the joined bytes absorbs exactly what three would (the same
+    # output), for a third of the calls; the copy of the joined pair costs less.
     h = _BASE.copy()
-    h.update(_KEYLEN.pack(len(key)))
-    h.update(key)
-    h.update(value)
+    h.update(_KEYLEN.pack(len(key)) + key + value)
     return int.from_bytes(h.digest(STATE_BYTES), "little")
 
 
@@ -95,9 +95,7 @@ def sum_items(items: Iterable[tuple[bytes, bytes]]) -> int:
     total = 0
     for key, value in items:
         h = copy()
-        h.update(pack(len(key)))
-        h.update(key)
-        h.update(value)
+        h.update(pack(len(key)) + key + value)  # see ``item_hash``
         total += from_bytes(h.digest(size), "little")
     return total
 
@@ -120,6 +118,11 @@ class Fingerprint:
 
     def remove(self, key: bytes, value: bytes) -> None:
         self._value = (self._value - item_hash(key, value)) & _MASK
+
+    def change(self, added: Iterable[tuple[bytes, bytes]], removed: Iterable[tuple[bytes, bytes]]) -> None:
+        """``add`` every pair of ``added`` and ``remove`` every pair of ``removed`` (the
+        order does not matter), reducing once."""
+        self._value = (self._value + sum_items(added) - sum_items(removed)) & _MASK
 
     def state(self) -> bytes:
         return self._value.to_bytes(STATE_BYTES, "little")

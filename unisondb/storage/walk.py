@@ -38,7 +38,7 @@ import crc32c
 
 from unisondb.errors import CorruptLog
 from unisondb.storage import record
-from unisondb.storage.record import Record
+from unisondb.storage.record import Entry, Record
 
 if TYPE_CHECKING:
     from unisondb.storage.segment import SegmentFooter, SegmentHeader
@@ -70,6 +70,8 @@ class Walk:
         self.file_size = len(data)
         self.end = len(data) - SEGMENT_FOOTER_SIZE if footer is not None else len(data)
         self._view = memoryview(data)[: self.end]
+        #: Keys and values are sliced from ``bytes`` directly (one copy, no memoryview).
+        self._bytes = data if type(data) is bytes else None
         #: Offset just past the last valid record (where the next record would go).
         self.data_end = SEGMENT_HEADER_SIZE
         self.count = 0
@@ -99,39 +101,38 @@ class Walk:
             record.OP_WRITE,
         )
         decode = record.decode
+        entries = _entries
+        raw = self._bytes if self._bytes is not None else view
         tmin, tmax = 0, 0
         try:
             while pos < end:
                 rec: Record | None = None
-                if decode_from <= expected <= stop_decode:
+                # The checks of ``record.decode``, inline (the decode of a replay is this
+                # loop's cost); on any failure ``decode`` itself names the reason (one
+                # source of truth for what a valid record is).
+                ok = end - pos >= head
+                if ok:
+                    crc, body_len = unpack_head(view, pos)
+                    nxt = pos + head + body_len
+                    ok = (
+                        min_body <= body_len <= max_body and nxt <= end and crc_fn(view[pos + 4 : nxt]) == crc
+                    )
+                if ok:
+                    lsn, time_ns, op, count = unpack_body(view, pos + head)
+                    ok = op == op_write
+                if ok and decode_from <= expected <= stop_decode:
+                    got = entries(raw, view, pos + head + min_body, nxt, count)
+                    if got is None:
+                        ok = False
+                    else:
+                        rec = _new(Record, (lsn, time_ns, got, op_write))
+                if not ok:
                     try:
-                        rec, nxt = decode(view, pos)
+                        decode(view, pos)
+                        raise record.RecordError("record framing is inconsistent")
                     except record.RecordError as exc:
                         self._stop(pos, expected, exc)
-                        break
-                    lsn, time_ns = rec.lsn, rec.time_ns
-                else:
-                    # The framing checks of ``record.decode`` without building entries; on
-                    # any failure ``decode`` itself names the reason (one source of truth).
-                    ok = end - pos >= head
-                    if ok:
-                        crc, body_len = unpack_head(view, pos)
-                        nxt = pos + head + body_len
-                        ok = (
-                            min_body <= body_len <= max_body
-                            and nxt <= end
-                            and crc_fn(view[pos + 4 : nxt]) == crc
-                        )
-                    if ok:
-                        lsn, time_ns, op, _count = unpack_body(view, pos + head)
-                        ok = op == op_write
-                    if not ok:
-                        try:
-                            decode(view, pos)
-                            raise record.RecordError("record framing is inconsistent")
-                        except record.RecordError as exc:
-                            self._stop(pos, expected, exc)
-                        break
+                    break
                 if lsn != expected:
                     raise CorruptLog(f"record LSN {lsn} where {expected} was expected", path=path, offset=pos)
                 if self.count == 0:
@@ -180,6 +181,51 @@ class Walk:
             and (not self.count or (f.min_time_ns == self.min_time_ns and f.max_time_ns == self.max_time_ns))
         ):
             raise CorruptLog("segment footer does not match its records", path=self.path, offset=self.end)
+
+
+_new = tuple.__new__  # builds a NamedTuple without its Python-level ``__new__``
+_ENTRY = record.ENTRY_HEAD.unpack_from
+_ENTRY_SIZE = record.ENTRY_HEAD.size
+_KINDS = {int(k): k for k in record.EntryKind}
+
+
+def _entries(
+    raw: bytes | memoryview, view: memoryview, pos: int, end: int, count: int
+) -> tuple[Entry, ...] | None:
+    """The ``count`` entries of a record whose body ends at ``end`` (the layout and checks
+    of ``record.decode``), or None if they are malformed (``decode`` then says how).
+    ``raw``: the segment's bytes, so a key or value is one slice (``bytes`` if it is)."""
+    if count == 1 and pos + _ENTRY_SIZE <= end:  # the common record: one put or delete
+        kind, klen, vlen = _ENTRY(view, pos)
+        pos += _ENTRY_SIZE
+        ekind = _KINDS.get(kind)
+        if ekind is None or pos + klen + vlen != end:
+            return None
+        key, value = raw[pos : pos + klen], raw[pos + klen : end]
+        if type(key) is not bytes:
+            key, value = bytes(key), bytes(value)
+        return (_new(Entry, (ekind, key, value)),)
+    out = []
+    for _ in range(count):
+        if pos + _ENTRY_SIZE > end:
+            return None
+        kind, klen, vlen = _ENTRY(view, pos)
+        pos += _ENTRY_SIZE
+        stop = pos + klen + vlen
+        if stop > end:
+            return None
+        ekind = _KINDS.get(kind)
+        if ekind is None:
+            return None
+        key = raw[pos : pos + klen]
+        value = raw[pos + klen : stop]
+        if type(key) is not bytes:
+            key, value = bytes(key), bytes(value)
+        out.append(_new(Entry, (ekind, key, value)))
+        pos = stop
+    if pos != end:
+        return None
+    return tuple(out)
 
 
 def zero_from(view: memoryview, pos: int) -> bool:
