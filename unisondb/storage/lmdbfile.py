@@ -347,8 +347,8 @@ def _page_past_end(f: BinaryIO, size: int, psize: int, meta: _Meta) -> str | Non
             return f"page {pgno} of the {name} B-tree is not a B-tree page: damaged"
         if flags & P_LEAF2:  # fixed-size duplicate keys: no nodes, no page references
             continue
-        for i in range((lower - PAGE_HEADER_SIZE) // 2):
-            (off,) = struct.unpack_from("=H", page, PAGE_HEADER_SIZE + 2 * i)
+        n = (lower - PAGE_HEADER_SIZE) // 2
+        for off in struct.unpack_from(f"={n}H", page, PAGE_HEADER_SIZE):  # the node-offset array
             if off + _NODE.size > psize:
                 return f"page {pgno} of the {name} B-tree has a node past its end: damaged"
             lo, hi, nflags, ksize = _NODE.unpack_from(page, off)
@@ -532,8 +532,9 @@ def _decode_meta(raw: bytes) -> _Meta:
 
 
 def _read_at(f: BinaryIO, offset: int, n: int) -> bytes:
-    f.seek(offset)
-    return f.read(n)
+    # One pread of exactly n bytes: a seek and a buffered read cost two system calls and
+    # fill a buffer twice the size of a page (the walk reads pages in tree order).
+    return os.pread(f.fileno(), n, offset)
 
 
 def _all_zero(f: BinaryIO, size: int) -> bool:
