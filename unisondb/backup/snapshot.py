@@ -10,7 +10,7 @@ never block the writer: PUTs keep being acknowledged while a snapshot runs.
 
 Steps: the copy is written into ``<path>.tmp`` from a thread at nice +10 and idle I/O
 priority, hashed chunk by chunk as it is written, paced (``backup/pacing.py``), its
-writeback started every 8 MiB and fdatasynced every 32 MiB → the 4096-byte self-verifying
+writeback bounded to two 4 MiB windows (``backup/writeback.py``) → the 4096-byte self-verifying
 trailer (``storage/snapfile.py``: data length, that sha256,
 namespace, checkpoint, CRC) appended → fsync → drop the file from the page cache →
 (existing file? the same snapshot → keep it; different → ``Conflict``) → rename →
@@ -53,22 +53,16 @@ from typing import BinaryIO, cast
 import lmdb
 import structlog
 
-from unisondb.backup import checksum, files, pacing, phases
+from unisondb.backup import checksum, files, pacing, phases, writeback
 from unisondb.backup.files import TargetDir, path_lock
 from unisondb.backup.paths import Resolved, open_dir
 from unisondb.errors import Conflict, UnisonDBError, from_os_error
-from unisondb.storage import fsutil, lmdberrors, snapfile, testseam
+from unisondb.storage import lmdberrors, snapfile, testseam
 from unisondb.storage.btree import Checkpoint
 from unisondb.storage.engine import Engine
 
 log = structlog.get_logger(__name__)
 
-#: Start the writeback of the snapshot file whenever this much more has been written ...
-KICK_EVERY = 8 << 20
-#: ... and fdatasync it whenever this much more has (bounds what the WAL queues behind),
-#: from the request's thread, which looks every FLUSH_POLL_SECONDS.
-FLUSH_EVERY = 32 << 20
-FLUSH_POLL_SECONDS = 0.05
 #: Chunks (1 MiB) the hash thread may lag behind the copy.
 HASH_QUEUE = 8
 #: Pipe size asked for (``F_SETPIPE_SZ``, capped by /proc/sys/fs/pipe-max-size) and the
@@ -237,12 +231,12 @@ def write_snapshot(
     sha256 and the same hash object then takes the trailer, so the whole-file digest costs
     nothing more.
 
-    Three threads, so the hash (hashlib releases the GIL), the copy and the disk's writeback
-    overlap: the copy thread (nice +10, idle I/O priority: ``pacing.background_thread``)
-    reads, writes and starts the writeback of every ``KICK_EVERY`` bytes; the hash thread
-    hashes the same chunks; this thread fdatasyncs the growing file every ``FLUSH_EVERY``
-    bytes, so its dirty pages never pile up into one huge flush that the WAL's fsyncs would
-    queue behind.
+    Two threads, so the hash (hashlib releases the GIL) and the copy overlap: the copy
+    thread (nice +10, idle I/O priority: ``pacing.background_thread``) reads, writes and
+    keeps the file's writeback to two windows (``writeback.Writeback``: it waits for the
+    disk, so the copy runs no faster than the disk and its dirty pages never pile up into
+    one huge flush that the WAL's fsyncs would queue behind); the hash thread hashes the
+    same chunks.
     """
     outcome = _Outcome()
     ph = phases.current()  # the copy thread below does not inherit the context
@@ -254,14 +248,12 @@ def write_snapshot(
         try:
             started = time.perf_counter()
             try:
-                try:
-                    outcome.checkpoint = cp = copy_env(engine, cast(BinaryIO, sink))
-                finally:
-                    sink.close_pipe()
-                    sink.finish_hash()
-                sink.raise_error()
+                outcome.checkpoint = cp = copy_env(engine, cast(BinaryIO, sink))
             finally:
-                sink.done = True
+                sink.close_pipe()
+                sink.finish_hash()
+            sink.raise_error()
+            sink.finish_writeback()
             # Phases add up to the wall time: pace (sleeps), hash (the hash thread's busy
             # time, overlapped with the copy), copy (the rest: reads, writes, waits).
             wall = time.perf_counter() - started
@@ -281,17 +273,7 @@ def write_snapshot(
 
     worker = threading.Thread(target=run, name=f"snapshot-{engine.namespace}", daemon=True)
     worker.start()
-    flushed = 0
-    flush_error: OSError | None = None
-    while worker.is_alive():
-        worker.join(FLUSH_POLL_SECONDS)
-        if flush_error is None and not sink.done and sink.size - flushed >= FLUSH_EVERY:
-            size = sink.size
-            try:
-                fsutil.fdatasync(out_fd)
-                flushed = size
-            except OSError as exc:
-                flush_error = exc  # the copy goes on to its end; reported then
+    worker.join()
     error = outcome.error
     if isinstance(error, lmdb.Error):
         raise _storage_error(error, dest) from error
@@ -299,8 +281,6 @@ def write_snapshot(
         raise from_os_error(error, dest) from error
     if isinstance(error, BaseException):
         raise error
-    if flush_error is not None:
-        raise from_os_error(flush_error, dest) from flush_error
     assert outcome.checkpoint is not None
     pacing.log_report(engine.namespace, "btree", session.report())
     return outcome.checkpoint, outcome.size, outcome.digest
@@ -323,11 +303,9 @@ class _Sink:
         #: Seconds the hash thread spent hashing.
         self.hashing = 0.0
         self.error: BaseException | None = None
-        #: Set once the copy has ended (no more fdatasyncs needed from outside).
-        self.done = False
         self._fd = fd
         self._session = session
-        self._kicked = 0
+        self._writeback = writeback.Writeback(fd)
         self._pipe_w = -1
         self._drain: threading.Thread | None = None
         self._chunks: queue.Queue[bytes | None] = queue.Queue(HASH_QUEUE)
@@ -350,11 +328,7 @@ class _Sink:
         self._chunks.put(chunk)  # waits while the hash thread is HASH_QUEUE chunks behind
         _write_copy(self._fd, chunk)
         self.size += len(chunk)
-        if self.size - self._kicked >= KICK_EVERY:
-            # Start writing back what is written (asynchronously: POSIX_FADV_DONTNEED writes
-            # dirty pages back, WB_SYNC_NONE) so the disk works while the next chunks are read.
-            _advise(self._fd, self._kicked, self.size - self._kicked, os.POSIX_FADV_DONTNEED)
-            self._kicked = self.size
+        self._writeback.advance(self.size)  # may wait for the disk: part of the work paced
         self._session.charge(len(chunk))
         return len(chunk)
 
@@ -388,6 +362,10 @@ class _Sink:
             self._drain.join()
             self._drain = None
 
+    def finish_writeback(self) -> None:
+        """Wait for the copy's last windows (the trailer and the publisher's fsync follow)."""
+        self._writeback.finish(self.size)
+
     def raise_error(self) -> None:
         if self.error is not None:
             raise self.error
@@ -405,13 +383,6 @@ def _grow_pipe(fd: int) -> None:
         fcntl.fcntl(fd, F_SETPIPE_SZ, size)
     except (OSError, ValueError):
         pass  # the default 64 KiB pipe works, with more wake-ups
-
-
-def _advise(fd: int, offset: int, length: int, advice: int) -> None:
-    try:
-        os.posix_fadvise(fd, offset, length, advice)
-    except OSError:
-        pass  # advice only
 
 
 @dataclass(slots=True)
