@@ -34,6 +34,7 @@ once per process.
 from __future__ import annotations
 
 import ctypes
+import enum
 import os
 import platform
 import threading
@@ -60,8 +61,16 @@ IDLE_AFTER = 0.5
 #: fast fsyncs through, which keep the floor honest under a long backup).
 BASE_BUCKET = 10.0
 BASE_BUCKETS = 6
-#: First factor when the WAL turns slow (sleep / work); doubles while it stays slow.
-START_FACTOR = 0.25
+#: AIMD on the copy rate: a slow WAL fsync cuts it to this share of the copy's speed ...
+DECREASE = 0.5
+#: ... fast ones let it grow back by this many bytes/s per second ...
+INCREASE = 64 << 20
+#: ... and it is never cut below this (the bound below is the other floor).
+MIN_RATE = 2 << 20
+#: A backup stretched to this share of its bound has reached it (and says so).
+AT_BOUND_SHARE = 0.9
+#: Weight of the newest chunk in the copy's moving-average speed.
+SPEED_EWMA = 0.2
 #: CPU niceness of a backup thread (the event loop and the WAL writer keep 0).
 BACKUP_NICE = 10
 
@@ -70,6 +79,12 @@ LatencySource = Callable[[], Iterable[tuple[float, float]]]
 
 def _no_wal() -> Iterable[tuple[float, float]]:
     return ()
+
+
+class WalState(enum.Enum):
+    IDLE = "idle"
+    FAST = "fast"
+    SLOW = "slow"
 
 
 class Pacer:
@@ -103,20 +118,37 @@ class Pacer:
     def session(self, namespace: str, kind: str) -> Pacing:
         return Pacing(self, namespace, kind)
 
-    def congested(self, now: float) -> bool:
-        """Is any WAL's latest fsync, ended within ``IDLE_AFTER``, slower than usual?"""
-        worst = 0.0
+    def wal_state(self, now: float, seen: dict[int, float], since: float = float("-inf")) -> WalState:
+        """IDLE when no WAL fsync ended within ``IDLE_AFTER``; SLOW when one that ended
+        since the caller last looked (``seen``: WAL index → end time, updated) took more
+        than ``CONGESTED_RATIO`` x the usual latency (and ``CONGESTED_FLOOR``); else FAST.
+        Each slow fsync is reported once per caller, and only one that started at or
+        after ``since``."""
+        slow = active = False
         with self._lock:
-            for i, (ended, seconds) in enumerate(self._wal_latency()):
-                if ended <= 0.0:
-                    continue
-                if self._seen.get(i) != ended:  # a new sample: the usual latency
+            samples = list(enumerate(self._wal_latency()))
+            for i, (ended, seconds) in samples:
+                if ended > 0.0 and self._seen.get(i) != ended:  # a new sample: the usual latency
                     self._seen[i] = ended
                     self._note(ended, seconds)
-                if now - ended <= IDLE_AFTER:
-                    worst = max(worst, seconds)
             base = min((m for _, m in self._minima), default=0.0)
-        return worst > max(CONGESTED_FLOOR, CONGESTED_RATIO * base)
+        limit = max(CONGESTED_FLOOR, CONGESTED_RATIO * base)
+        for i, (ended, seconds) in samples:
+            if ended <= 0.0:
+                continue
+            if now - ended <= IDLE_AFTER:
+                active = True
+            if seen.get(i, 0.0) < ended:
+                seen[i] = ended
+                fresh = now - ended <= IDLE_AFTER and ended - seconds >= since
+                slow = slow or (fresh and seconds > limit)
+        if slow:
+            return WalState.SLOW
+        return WalState.FAST if active else WalState.IDLE
+
+    def congested(self, now: float) -> bool:
+        """Is any WAL's latest fsync, ended within ``IDLE_AFTER``, slower than usual?"""
+        return self.wal_state(now, {}) is WalState.SLOW
 
     def _note(self, at: float, seconds: float) -> None:
         bucket = at - at % BASE_BUCKET
@@ -136,6 +168,10 @@ class PacingReport:
     work: float
     #: The adaptive brake reached ``MAX_SLOWDOWN`` (logged once as ``backup.pacing_at_bound``).
     at_bound: bool
+    #: Lowest copy rate (bytes/s) the adaptive brake set; 0 = it never braked.
+    min_rate: float = 0.0
+    #: Times the brake cut the rate (slow WAL fsyncs seen).
+    cuts: int = 0
 
     @property
     def total(self) -> float:
@@ -144,51 +180,97 @@ class PacingReport:
 
 class Pacing:
     """One backup's pacing: ``charge()`` after every chunk written, ``report()`` at the end.
-    Called from one thread (the backup's)."""
+    Called from one thread (the backup's).
+
+    The adaptive brake is AIMD on the copy rate, as TCP does on its window: unlimited while
+    the WAL is idle or fast; each new WAL fsync slower than ``CONGESTED_RATIO`` x the usual
+    latency cuts the rate to ``DECREASE`` x (the lower of the rate and the speed the copy
+    was actually going); while fsyncs are fast again the rate grows by ``INCREASE`` bytes/s
+    every second, and once it is above the copy's own speed the brake is off. A chunk then
+    takes at least ``bytes / rate``: the difference is slept. The sleep is clipped so the
+    backup never exceeds ``MAX_SLOWDOWN`` x its working time (said once, at the clip)."""
 
     def __init__(self, pacer: Pacer, namespace: str, kind: str) -> None:
         self._p = pacer
         self._namespace = namespace
         self._kind = kind
         self._mark = pacer._clock()
-        self._factor = 0.0
-        self._max_factor = pacer.max_slowdown - 1.0
+        #: Bytes/s the brake allows; None = unlimited.
+        self.rate: float | None = None
+        #: The copy's own speed (bytes/s of work time; moving average).
+        self.speed = 0.0
+        self._seen: dict[int, float] = {}
+        self._max_extra = pacer.max_slowdown - 1.0
         self.work = 0.0
         self.adaptive = 0.0
         self.limit = 0.0
         self.at_bound = False
+        self.min_rate = 0.0
+        self.cuts = 0
+        #: Seconds slept after the previous chunk (the rate grows over sleeps too).
+        self._last_pause = 0.0
+        #: When the rate was last cut: only an fsync that started after it is news about
+        #: the new rate (those already queued were slowed by the old one; one cut per
+        #: "round trip", as TCP does).
+        self._cut_at = float("-inf")
 
     def charge(self, nbytes: int) -> None:
         p = self._p
         now = p._clock()
         worked = max(0.0, now - self._mark)
         self.work += worked
-        if p.congested(now):
-            self._factor = min(self._max_factor, max(START_FACTOR, self._factor * 2))
-            if self._factor >= self._max_factor and self._max_factor > 0 and not self.at_bound:
-                self.at_bound = True
-                log.warning(
-                    "backup.pacing_at_bound",
-                    namespace=self._namespace,
-                    kind=self._kind,
-                    max_slowdown=p.max_slowdown,
-                    hint="the WAL's fsyncs stay slow with the backup at its slowest: "
-                    "put backups/ on another disk (docs/OPERATIONS.md)",
-                )
-        else:
-            self._factor = self._factor / 2 if self._factor >= START_FACTOR / 4 else 0.0
-        delay = worked * self._factor
+        if worked > 0:
+            inst = nbytes / worked
+            self.speed = inst if self.speed == 0.0 else SPEED_EWMA * inst + (1 - SPEED_EWMA) * self.speed
+        state = p.wal_state(now, self._seen, since=self._cut_at)
+        if state is WalState.IDLE:
+            self.rate = None  # nothing to protect: full speed
+        elif state is WalState.SLOW:
+            top = self.speed if self.rate is None else min(self.rate, self.speed or self.rate)
+            self.rate = max(MIN_RATE, top * DECREASE)
+            self.cuts += 1
+            self._cut_at = now
+            self.min_rate = self.rate if self.min_rate == 0.0 else min(self.min_rate, self.rate)
+        elif self.rate is not None:  # fast again: grow back
+            self.rate += INCREASE * (worked + self._last_pause)
+            if self.speed and self.rate > self.speed:
+                self.rate = None
+        delay = max(0.0, nbytes / self.rate - worked) if self.rate else 0.0
         waited = p._bucket.take(nbytes) if p._bucket is not None else 0.0
         self.limit += waited
         # The cap's wait already gave the disk a pause: sleep only what it did not cover.
         delay = max(0.0, delay - waited)
+        allowed = max(0.0, self._max_extra * self.work - self.adaptive)
+        if delay > allowed:
+            delay = allowed
+            self._say_at_bound()
+        elif (
+            delay > 0
+            and self.work + self.adaptive + delay >= AT_BOUND_SHARE * self._p.max_slowdown * self.work
+        ):
+            self._say_at_bound()  # close enough that the operator should know
+        self._last_pause = delay + waited
         if delay > 0:
             self.adaptive += delay
             p._sleep(delay)
         self._mark = p._clock()
 
+    def _say_at_bound(self) -> None:
+        if self.at_bound or self._max_extra <= 0:
+            return
+        self.at_bound = True
+        log.warning(
+            "backup.pacing_at_bound",
+            namespace=self._namespace,
+            kind=self._kind,
+            max_slowdown=self._p.max_slowdown,
+            rate=round(self.rate or 0.0),
+            hint="the WAL's fsyncs stay slow with the backup at its slowest: "
+            "put backups/ on another disk (docs/OPERATIONS.md)",
+        )
+
     def report(self) -> PacingReport:
-        return PacingReport(self.adaptive, self.limit, self.work, self.at_bound)
+        return PacingReport(self.adaptive, self.limit, self.work, self.at_bound, self.min_rate, self.cuts)
 
 
 def log_report(namespace: str, kind: str, rep: PacingReport) -> None:
@@ -202,6 +284,8 @@ def log_report(namespace: str, kind: str, rep: PacingReport) -> None:
             limit_seconds=round(rep.limit, 3),
             work_seconds=round(rep.work, 3),
             at_bound=rep.at_bound,
+            cuts=rep.cuts,
+            min_rate_mib_s=round(rep.min_rate / (1 << 20), 1),
         )
 
 

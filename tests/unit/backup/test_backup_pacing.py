@@ -98,13 +98,31 @@ def test_slow_fsyncs_back_off_and_fast_ones_release() -> None:
     t = FakeTime()
     wal = Wal(t)
     pacer = Pacer(wal_latency=wal.samples, clock=t.clock, sleep=t.sleep)
-    script = [0.001] * 20 + [0.030] * 3 + [0.001] * 40  # a burst of slow fsyncs
+    script = [0.001] * 20 + [0.030] * 3 + [0.001] * 200  # a burst of slow fsyncs
+    paused: list[int] = []
+    session = pacer.session("ns", "btree")
+    started = t.now
     with structlog.testing.capture_logs() as logs:
-        rep, took = run_backup(t, pacer, len(script), wal=wal, script=script)
-    assert rep.adaptive > 0  # it backed off during the burst ...
+        for i, lat in enumerate(script):
+            wal.latency = lat
+            t.now += 0.01  # 1 MiB per 10 ms: the copy's own speed is 100 MiB/s
+            before = len(t.slept)
+            session.charge(MiB)
+            if len(t.slept) > before:
+                paused.append(i)
+    rep, took = session.report(), t.now - started
+    # Unpaced before the burst; the first slow fsync halves the rate, the second one started
+    # before that cut (it says nothing about the new rate: no cut), the third halves it again ...
+    assert paused and paused[0] == 20 and rep.cuts == 2
+    assert t.slept[0] == pytest.approx(0.01, rel=0.01)  # 1 MiB at 50 MiB/s takes 20 ms
+    assert 25 * MiB <= rep.min_rate < 27 * MiB
     assert not rep.at_bound and not [e for e in logs if e["event"] == "backup.pacing_at_bound"]
-    # ... and stopped once the WAL was fast again: the last chunks ran unpaced.
-    assert t.slept and t.slept[-1] < 0.01 * 0.1
+    # ... which grows back by INCREASE bytes/s per second of fast fsyncs: unpaced again
+    # once above the copy's own speed, after (100 MiB/s - min_rate) / INCREASE seconds.
+    recover = (100 * MiB - rep.min_rate) / pacing.INCREASE
+    assert paused == list(range(20, paused[-1] + 1))
+    assert t.slept[-1] < 0.001 and rep.adaptive < recover
+    assert paused[-1] < 200 and script[paused[-1] + 1 :]  # the rest ran unpaced
     assert took == pytest.approx(rep.work + rep.adaptive)
 
 
