@@ -3,20 +3,24 @@
 Every chunk a backup writes is charged (``Pacing.charge(nbytes)``) before the next is read.
 Two brakes, both on the backup's own thread (a PUT never waits for them):
 
-* **adaptive** — full speed while the WAL is idle or its fsyncs are as fast as usual; when
-  the latest WAL fsync (``Engine.wal_sync_latency``, any namespace) is slower than
-  ``CONGESTED_RATIO`` x the usual latency (and above ``CONGESTED_FLOOR``), the backup
-  sleeps ``factor`` x the time it just spent working, the factor doubling while the WAL
-  stays slow and halving once it is fast again (so the backup yields the disk queue to the
-  WAL's fsyncs). "Usual" is the lowest WAL fsync latency of the last minute
-  (``BASE_BUCKETS`` x ``BASE_BUCKET``).
+* **adaptive** — AIMD on the copy rate (``Pacing``): full speed while the WAL is idle or
+  its fsyncs are as fast as usual; each new WAL fsync (``Engine.wal_sync_latency``, any
+  namespace) slower than ``CONGESTED_RATIO`` x the usual latency (and above
+  ``CONGESTED_FLOOR``) cuts the rate to ``DECREASE`` x the copy's speed, fast fsyncs let
+  it grow back by ``INCREASE`` bytes/s per second, and a chunk that took less than
+  ``bytes / rate`` is followed by a sleep of the difference (so the backup yields the disk
+  queue to the WAL's fsyncs). "Usual" is the lowest WAL fsync latency of the last minute
+  (``BASE_BUCKETS`` x ``BASE_BUCKET``). It acts on what it is given: the snapshot's bounded
+  writeback (``backup/writeback.py``) makes the copy's speed the disk's, and its pauses
+  real pauses for the disk.
 * **hard cap** — ``--backup-rate-limit`` bytes/s for all backups of the server together
   (``unisondb/ratelimit.py``'s token bucket; 0 = none): for operators who want a bound
   whatever the WAL does.
 
 **The bound.** Adaptive pacing never makes a backup take more than ``MAX_SLOWDOWN`` x its
-working time (its factor is capped at ``MAX_SLOWDOWN - 1``). When it reaches the cap it
-says so, once per backup: the warning ``backup.pacing_at_bound`` (the WAL stays slow even
+working time (its sleeps are clipped to ``MAX_SLOWDOWN - 1`` x the work so far). When it
+reaches ``AT_BOUND_SHARE`` of the bound it says so, once per backup: the warning
+``backup.pacing_at_bound`` (the WAL stays slow even
 with the backup at 1/``MAX_SLOWDOWN`` of its speed: the backup and the WAL need separate
 disks, docs/OPERATIONS.md). The hard cap is what the operator asked for; it bounds the
 duration below by ``bytes / rate``. Either way the seconds paced are reported: the
