@@ -211,6 +211,9 @@ class Pacing:
         self.at_bound = False
         self.min_rate = 0.0
         self.cuts = 0
+        #: No WAL fsync ended within IDLE_AFTER at the last charge (nothing to protect: the
+        #: snapshot's writeback may run a deep queue, ``writeback.Writeback.advance``).
+        self.wal_idle = True
         #: Seconds slept after the previous chunk (the rate grows over sleeps too).
         self._last_pause = 0.0
         #: When the rate was last cut: only an fsync that started after it is news about
@@ -227,6 +230,7 @@ class Pacing:
             inst = nbytes / worked
             self.speed = inst if self.speed == 0.0 else SPEED_EWMA * inst + (1 - SPEED_EWMA) * self.speed
         state = p.wal_state(now, self._seen, since=self._cut_at)
+        self.wal_idle = state is WalState.IDLE
         if state is WalState.IDLE:
             self.rate = None  # nothing to protect: full speed
         elif state is WalState.SLOW:

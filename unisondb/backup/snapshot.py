@@ -10,9 +10,9 @@ never block the writer: PUTs keep being acknowledged while a snapshot runs.
 
 Steps: the copy is written into ``<path>.tmp`` from a thread at nice +10 and idle I/O
 priority, hashed chunk by chunk as it is written, paced (``backup/pacing.py``), its
-writeback bounded to two 4 MiB windows (``backup/writeback.py``) → the 4096-byte self-verifying
-trailer (``storage/snapfile.py``: data length, that sha256,
-namespace, checkpoint, CRC) appended → fsync → drop the file from the page cache →
+writeback bounded to two 4 MiB windows while the WAL is busy (``backup/writeback.py``)
+→ the 4096-byte self-verifying trailer (``storage/snapfile.py``: data length, that
+sha256, namespace, checkpoint, CRC) appended → fsync → drop the file from the page cache →
 (existing file? the same snapshot → keep it; different → ``Conflict``) → rename →
 directory fsync → ``<path>.sha256`` sidecar (whole-file digest, so ``sha256sum -c`` works).
 Any failure before the rename removes the ``.tmp``; a failure writing the sidecar removes
@@ -328,7 +328,9 @@ class _Sink:
         self._chunks.put(chunk)  # waits while the hash thread is HASH_QUEUE chunks behind
         _write_copy(self._fd, chunk)
         self.size += len(chunk)
-        self._writeback.advance(self.size)  # may wait for the disk: part of the work paced
+        # May wait for the disk (part of the work paced); a deep queue only while no WAL
+        # fsync can be stuck behind it.
+        self._writeback.advance(self.size, deep=self._session.wal_idle)
         self._session.charge(len(chunk))
         return len(chunk)
 

@@ -42,6 +42,11 @@ from unisondb.storage import fsutil
 #: windows (8 MiB: ~20 ms on a 400 MB/s disk). Small enough for the WAL, large enough that
 #: the two syscalls per window cost nothing next to the copy.
 WINDOW = 4 << 20
+#: Windows in flight while nobody waits for the disk (``advance(..., deep=True)``: the
+#: WAL is idle): writeback still starts window by window, but the copy waits only for the
+#: window this many behind, so the disk gets a deep queue and the copy runs at full speed
+#: (two windows measured 1.6-2.0x slower than the kernel's own writeback on an idle WAL).
+DEEP_WINDOWS = 32
 
 SYNC_FILE_RANGE_WAIT_BEFORE = 1
 SYNC_FILE_RANGE_WRITE = 2
@@ -101,16 +106,21 @@ class Writeback:
         #: True once the fdatasync fallback is in use (no sync_file_range here).
         self.fallback = self._sync_range is None
 
-    def advance(self, end: int) -> None:
+    def advance(self, end: int, deep: bool = False) -> None:
+        """The file is written up to ``end``: start the writeback of every full window not
+        started yet, then wait for all but the newest one (``deep``: all but the newest
+        ``DEEP_WINDOWS``). So at most two windows are dirty or in flight: the one started
+        last and the one being written."""
+        keep = (DEEP_WINDOWS if deep else 1) * self._window
+        t = time.perf_counter()
         while end - self.started >= self._window:
-            older = self.started
+            self._start(self.started, self._window)
             self.started += self._window
-            t = time.perf_counter()
-            self._start(older, self._window)
-            if self.durable < older:  # wait for the window before the one just started
-                self._wait(self.durable, older - self.durable)
-                self.durable = older
-            self.waited += time.perf_counter() - t
+        if self.started - self.durable > keep:  # also catches up when deep mode ends
+            length = self.started - keep - self.durable
+            self._wait(self.durable, length)
+            self.durable += length
+        self.waited += time.perf_counter() - t
 
     def finish(self, end: int) -> None:
         """Wait for everything up to ``end`` and drop it from the page cache (the caller's
