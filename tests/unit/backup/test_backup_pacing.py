@@ -254,3 +254,15 @@ def test_a_real_snapshot_is_paced_within_its_bound(engine: Engine, tmp_path: Pat
     assert sum(slept) <= (MAX_SLOWDOWN - 1) * (ph["copy"] + ph["hash"] + ph["pace"]) + 0.05
     assert snapfile.verify_fd(os.open(out, os.O_RDONLY), out)[1] == digest
     assert cp.applied_lsn == 64 and out.stat().st_size == size
+
+
+def test_a_session_says_whether_the_wal_is_idle() -> None:
+    """What the snapshot's writeback reads to choose a deep or a two-window queue."""
+    t = FakeTime()
+    wal = Wal(t, latency=0.001, age=10.0)
+    session = Pacer(wal_latency=wal.samples, clock=t.clock, sleep=t.sleep).session("ns", "btree")
+    session.charge(MiB)
+    assert session.wal_idle
+    wal.age = 0.0
+    session.charge(MiB)
+    assert not session.wal_idle

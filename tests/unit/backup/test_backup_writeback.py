@@ -15,6 +15,7 @@ import ctypes
 import errno
 import mmap
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -186,22 +187,32 @@ def _fill(engine: Engine, mib: int) -> None:
 
 
 @needs_sfr
+@pytest.mark.parametrize("wal_busy", [False, True])
 def test_a_snapshot_leaves_its_copy_out_of_the_page_cache(
-    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    engine: Engine, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, wal_busy: bool
 ) -> None:
     _fill(engine, 24)
     spy = Spy()
     monkeypatch.setattr(writeback, "sync_file_range", spy)
+
+    def wal() -> list[tuple[float, float]]:  # a fast fsync that just ended (busy) or none
+        return [(time.monotonic(), 0.0005)] if wal_busy else []
+
     path = tmp_path / "s.db"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        _cp, size, digest = write_snapshot(engine, fd, path, pacer=pacing.Pacer())
+        _cp, size, digest = write_snapshot(engine, fd, path, pacer=pacing.Pacer(wal_latency=wal))
     finally:
         os.close(fd)
     assert size > 24 * MiB
+    starts = [c for c in spy.calls if c[2] == SYNC_FILE_RANGE_WRITE]
     waits = [c for c in spy.calls if c[2] == WAIT]
-    assert len(waits) >= size // writeback.WINDOW - 1
-    # The copy's windows were written back as it went and dropped: the server's own pages
+    assert len(starts) == (size - snapfile.TRAILER_SIZE) // writeback.WINDOW
+    if wal_busy:  # two windows at most: a wait per window
+        assert len(waits) >= len(starts) - 1
+    else:  # idle WAL: a deep queue, waited for at the end
+        assert len(waits) <= 2
+    # Either way the copy's windows were written back and dropped: the server's own pages
     # (data.mdb) are not evicted by a copy that fills the cache with its own.
     copied = size - snapfile.TRAILER_SIZE
     assert cached_mib(path, 0, copied // mmap.PAGESIZE * mmap.PAGESIZE) < 1.0
@@ -226,3 +237,24 @@ def test_a_disk_error_during_a_snapshot_writeback_fails_it_cleanly(
     finally:
         os.close(fd)
     assert str(path) in str(exc.value) and "input/output error" in str(exc.value).lower()
+
+
+@needs_sfr
+def test_deep_queue_while_the_wal_is_idle_then_two_windows(
+    out: tuple[Path, int], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    path, fd = out
+    monkeypatch.setattr(writeback, "DEEP_WINDOWS", 8)
+    spy = Spy()
+    wb = Writeback(fd, MiB, sync_range=spy)
+    block = os.urandom(MiB)
+    for n in range(1, 13):  # WAL idle: every window started, waits only 8 windows behind
+        os.write(fd, block)
+        wb.advance(n * MiB, deep=True)
+        assert wb.started == n * MiB and wb.durable == max(0, n - 8) * MiB
+    assert [c for c in spy.calls if c[2] == WAIT] == [(k * MiB, MiB, WAIT) for k in range(4)]
+    spy.calls.clear()
+    os.write(fd, block)
+    wb.advance(13 * MiB)  # the WAL woke up: back to two windows at once
+    assert spy.calls == [(12 * MiB, MiB, SYNC_FILE_RANGE_WRITE), (4 * MiB, 8 * MiB, WAIT)]
+    assert wb.durable == 12 * MiB and cached_mib(path, 0, 12 * MiB) == 0.0
