@@ -11,7 +11,9 @@ bytes written, ``Writeback.advance``
    the pages, returns without waiting), so the disk works while the next window is read;
 2. waits for the window before it (``WAIT_BEFORE | WRITE | WAIT_AFTER``), so at most two
    windows of this file are ever dirty or in flight: the copy runs at the disk's speed,
-   and a WAL fsync never waits behind more than that;
+   and a WAL fsync never waits behind more than that. While the WAL is idle
+   (``advance(..., deep=True)``) it waits only for the window ``DEEP_WINDOWS`` behind: a
+   deep queue for a disk nobody else is waiting for;
 3. drops that window, now clean, from the page cache (``POSIX_FADV_DONTNEED``), so a big
    copy does not evict the server's hot pages.
 
