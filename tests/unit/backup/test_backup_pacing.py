@@ -245,13 +245,17 @@ def test_a_real_snapshot_is_paced_within_its_bound(engine: Engine, tmp_path: Pat
     out = tmp_path / "s.db"
     fd = os.open(out, os.O_RDWR | os.O_CREAT, 0o600)
     try:
-        with phases.collecting() as ph:
+        with phases.collecting() as ph, structlog.testing.capture_logs() as logs:
             cp, size, digest = write_snapshot(engine, fd, out, pacer=pacer)
     finally:
         os.close(fd)
     assert slept and ph["pace"] == pytest.approx(sum(slept))
-    # The sleeps are recorded, not slept: the copy's wall time (its phases' sum) is its work.
-    assert sum(slept) <= (MAX_SLOWDOWN - 1) * (ph["copy"] + ph["hash"] + ph["pace"]) + 0.05
+    # The sleeps are recorded, not slept: the pacer's work time is the copy's real time.
+    (paced,) = [e for e in logs if e["event"] == "backup.paced"]
+    assert paced["adaptive_seconds"] == pytest.approx(sum(slept), abs=1e-3)
+    assert sum(slept) <= (MAX_SLOWDOWN - 1) * paced["work_seconds"] + 1e-3
+    if sum(slept) >= (pacing.AT_BOUND_SHARE * MAX_SLOWDOWN - 1) * paced["work_seconds"] + 1e-3:
+        assert paced["at_bound"]
     assert snapfile.verify_fd(os.open(out, os.O_RDONLY), out)[1] == digest
     assert cp.applied_lsn == 64 and out.stat().st_size == size
 
