@@ -150,10 +150,6 @@ class Pacer:
             return WalState.SLOW
         return WalState.FAST if active else WalState.IDLE
 
-    def congested(self, now: float) -> bool:
-        """Is any WAL's latest fsync, ended within ``IDLE_AFTER``, slower than usual?"""
-        return self.wal_state(now, {}) is WalState.SLOW
-
     def _note(self, at: float, seconds: float) -> None:
         bucket = at - at % BASE_BUCKET
         if self._minima and self._minima[-1][0] == bucket:
@@ -192,7 +188,7 @@ class Pacing:
     was actually going); while fsyncs are fast again the rate grows by ``INCREASE`` bytes/s
     every second, and once it is above the copy's own speed the brake is off. A chunk then
     takes at least ``bytes / rate``: the difference is slept. The sleep is clipped so the
-    backup never exceeds ``MAX_SLOWDOWN`` x its working time (said once, at the clip)."""
+    backup never exceeds ``MAX_SLOWDOWN`` x its working time (said once, at 90 % of it)."""
 
     def __init__(self, pacer: Pacer, namespace: str, kind: str) -> None:
         self._p = pacer
