@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any
 import structlog
 import uvicorn
 
-from unisondb import lifecycle
+from unisondb import lifecycle, memory
 from unisondb import logging as ulog
 from unisondb.api.app import build_app
 from unisondb.api.auth import TokenTable, load_tokens
@@ -189,6 +189,7 @@ def _tls_kwargs(sec: SecurityConfig) -> dict[str, Any]:
 
 def serve(cfg: ServerConfig) -> int:
     ulog.configure(cfg.log_format)
+    memory.limit_arenas()  # before the threads below start (unisondb/memory.py)
     tokens, client_roles = check_security(cfg)
     try:
         # Not Path.mkdir: a data dir this start creates must be fsynced into its parent, or a
@@ -198,6 +199,7 @@ def serve(cfg: ServerConfig) -> int:
     except OSError as exc:
         raise from_os_error(exc, cfg.data_dir) from exc
     engines = open_engines(cfg)
+    memory.release_free_heap()  # recovery's and the fingerprint check's buffers
     metrics = Metrics()
     try:
         archive = start_archive(cfg, engines, metrics)

@@ -26,7 +26,7 @@ from starlette.requests import Request
 from starlette.responses import Response
 from starlette.routing import Route
 
-from unisondb import lifecycle
+from unisondb import lifecycle, memory
 from unisondb.api.kv import engine_for, json_response
 from unisondb.api.parsing import read_json_object
 from unisondb.backup import paths, phases
@@ -233,6 +233,7 @@ def _recorded(
         try:
             result = fn()
         except BaseException as exc:
+            memory.release_free_heap()
             seconds = time.perf_counter() - started
             metrics.record_backup(namespace, kind, False, 0, seconds, spent)
             if isinstance(exc, BackupGap):
@@ -242,6 +243,8 @@ def _recorded(
                 "backup.failed", namespace=namespace, kind=kind, error=message, seconds=round(seconds, 3)
             )
             raise
+    # The backup's big buffers are free now: hand them back (unisondb/memory.py).
+    memory.release_free_heap()
     seconds = time.perf_counter() - started
     written = nbytes(result)
     metrics.record_backup(namespace, kind, True, written, seconds, spent)
