@@ -48,7 +48,9 @@ class Uni(_Uni):
             self.port = lib.free_port()
             self.url = f"http://127.0.0.1:{self.port}"
             # env execs the interpreter: the PID stays the server's (for cpu_seconds).
-            cmd = ["env", f"PYTHONPATH={checkout}", sys.executable, "-m", "unisondb"]
+            # -P: without it ``-m`` puts the working directory first on sys.path, and a
+            # bench started from a checkout would run that checkout's code as the baseline.
+            cmd = ["env", f"PYTHONPATH={checkout}", sys.executable, "-P", "-m", "unisondb"]
             cmd += ["--data-dir", str(data_dir), "--http-addr", f"127.0.0.1:{self.port}"]
             cmd += ["--namespace", NS, *flags]
             peers.Managed.__init__(self, name, cmd, log_path)

@@ -66,8 +66,10 @@ class Uni(peers.Managed):
         self.port = lib.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         # ``env`` execs the interpreter: the PID stays the server's.
+        # -P: without it ``-m`` puts the working directory first on sys.path, and a bench
+        # started from a checkout would run that checkout's code as the other one.
         where = ["env", f"PYTHONPATH={CHECKOUTS[name]}"] if name in CHECKOUTS else []
-        cmd = [*where, sys.executable, "-m", "unisondb", "--data-dir", str(data_dir)]
+        cmd = [*where, sys.executable, "-P", "-m", "unisondb", "--data-dir", str(data_dir)]
         cmd += ["--http-addr", f"127.0.0.1:{self.port}", "--namespace", NS, *flags]
         super().__init__(name, cmd, log_path)
         self.wait_until(lambda: httpx.get(self.url + "/health", timeout=1).status_code == 200, 120, "health")
