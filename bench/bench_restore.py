@@ -190,6 +190,19 @@ def copy_and_sync(root: Path, snap: Path) -> float:
     return seconds
 
 
+def build_from_args(root: Path, args: argparse.Namespace) -> tuple[Path, Path]:
+    """``build`` with the sizes the command line asked for."""
+    return build(
+        root,
+        args.snapshot_keys,
+        args.records,
+        args.keys,
+        args.value_size,
+        wal_value_size=args.wal_value_size,
+        new_keys=args.new_keys,
+    )
+
+
 def ab(args: argparse.Namespace) -> int:
     """Interleaved same-run A/B of ``unisondb restore``: A = the package under ``--ab SRC``
     (PYTHONPATH), B = this checkout; order alternates run by run; medians of wall time,
@@ -199,15 +212,7 @@ def ab(args: argparse.Namespace) -> int:
         if args.input is not None:  # an input built before (``build``'s layout)
             snap, wal_dir = args.input / "backups" / "snapshot.db", args.input / "backups" / "wal"
         else:
-            snap, wal_dir = build(
-                root,
-                args.snapshot_keys,
-                args.records,
-                args.keys,
-                args.value_size,
-                wal_value_size=args.wal_value_size,
-                new_keys=args.new_keys,
-            )
+            snap, wal_dir = build_from_args(root, args)
         sides = ("A", "B")
         times: dict[str, list[float]] = {k: [] for k in sides}
         rss: dict[str, list[float]] = {k: [] for k in sides}
@@ -308,15 +313,7 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="bench-restore-", dir=args.dir))
     try:
         t = time.perf_counter()
-        snap, wal_dir = build(
-            root,
-            args.snapshot_keys,
-            args.records,
-            args.keys,
-            args.value_size,
-            wal_value_size=args.wal_value_size,
-            new_keys=args.new_keys,
-        )
+        snap, wal_dir = build_from_args(root, args)
         build_s = time.perf_counter() - t
         loads = [os.getloadavg()]
         wal_bytes = sum(p.stat().st_size for p in wal_dir.glob("*.wal"))

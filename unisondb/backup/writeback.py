@@ -133,27 +133,26 @@ class Writeback:
             self.durable = self.started = end
         self.waited += time.perf_counter() - t
 
-    def _start(self, offset: int, length: int) -> None:
+    def _range(self, offset: int, length: int, flags: int) -> None:
+        """``sync_file_range`` if we still have it; a file system that refuses it switches
+        this file to the ``fdatasync`` fallback for good."""
         if self._sync_range is None:
             return
         try:
-            self._sync_range(self._fd, offset, length, SYNC_FILE_RANGE_WRITE)
+            self._sync_range(self._fd, offset, length, flags)
         except OSError as exc:
             if exc.errno not in _UNSUPPORTED:
                 raise
             self._sync_range = None
             self.fallback = True
 
+    def _start(self, offset: int, length: int) -> None:
+        self._range(offset, length, SYNC_FILE_RANGE_WRITE)
+
     def _wait(self, offset: int, length: int) -> None:
-        if self._sync_range is not None:
-            flags = SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
-            try:
-                self._sync_range(self._fd, offset, length, flags)
-            except OSError as exc:
-                if exc.errno not in _UNSUPPORTED:
-                    raise
-                self._sync_range = None
-                self.fallback = True
+        self._range(
+            offset, length, SYNC_FILE_RANGE_WAIT_BEFORE | SYNC_FILE_RANGE_WRITE | SYNC_FILE_RANGE_WAIT_AFTER
+        )
         if self._sync_range is None:
             fsutil.fdatasync(self._fd)
         if self._drop:
