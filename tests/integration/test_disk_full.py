@@ -148,6 +148,9 @@ def test_wal_enospc_is_507_reads_go_on_and_writes_resume_when_space_is_freed(dis
     with srv.client() as c:
         assert c.put("/api/v1/default/kv/a", json=_b64(b"1")).status_code == 200
         acked["a"] = b"1"
+        # "a" is acknowledged at the WAL fsync and applied to LMDB just after: fill the disk
+        # only once LMDB has it, or its commit (not the WAL) meets the full disk first.
+        _eventually(lambda: _metric(c, "unisondb_lmdb_lag_records") == 0, "LMDB to apply 'a'")
         filler = disk.fill()
         big = os.urandom(200_000)
         r = c.put("/api/v1/default/kv/big", json=_b64(big))

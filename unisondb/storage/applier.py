@@ -27,6 +27,7 @@ refused, reads go on) and the applier retries every ``retry`` seconds or when as
 
 from __future__ import annotations
 
+import math
 import threading
 import time
 from collections.abc import Callable
@@ -70,8 +71,10 @@ class Applier:
         self._interval = interval
         #: ``IDLE_GAP`` (tests that hold LMDB behind on purpose make it long).
         self.idle_gap = IDLE_GAP
-        #: ``time.monotonic()`` when the last transaction began (0: none yet).
-        self._last_commit = 0.0
+        #: ``time.monotonic()`` when the last transaction began (-inf: none yet, so the
+        #: first is due at once). Not 0: the monotonic clock counts from boot, so on a
+        #: machine up for less than ``interval`` a 0 would hold the first commit back.
+        self._last_commit = -math.inf
         #: Callers inside ``wait_applied`` (they make the next transaction start at once).
         self._waiters = 0
         self._on_error = on_error
