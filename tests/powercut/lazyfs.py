@@ -28,10 +28,12 @@ Durability model (strict POSIX, stricter than ext4 in practice):
   or the N-th ``fsync``/``fdatasync``/directory fsync after writing ``cut-at-sync N``)
   freezes the filesystem at once: that write returns after the durable state has
   been written out as a plain directory tree (``--image``), and every later operation
-  fails with ``EIO``. The test then SIGKILLs the program, unmounts, and mounts a new
-  instance on the image: "what survived". Since the durable state changes only at those
-  syncs, cutting just before the N-th one, for N = 1, 2, ..., reaches every state a
-  power cut could leave behind (the restore rounds use this). Reading ``/.powercut`` returns JSON
+  fails with ``EIO`` (reads the kernel serves from its page cache, or through an
+  ``mmap``, never reach this process and still succeed). The test then SIGKILLs the
+  program, unmounts, and mounts a new instance on the image: "what survived". Since the
+  durable state changes only at those syncs, cutting just before the N-th one, for
+  N = 1, 2, ..., reaches every state a power cut could leave behind (the restore rounds
+  use this). Reading ``/.powercut`` returns JSON
   counters (syncs, dir syncs, writes, cut state, whether a write is held).
 * ``hold-write START END`` on the control file holds the next write that overlaps bytes
   [START, END) of any file before it is handled, until ``release``: a seam for tests that
@@ -53,7 +55,8 @@ is in flight, which lost whole LMDB commits (``PowerCutFS.init_with_config``).
 
 Run: ``python tests/powercut/lazyfs.py --backing DIR --state DIR --image DIR MOUNTPOINT``
 (``powercut_mount.py`` does this for the tests). It runs in the foreground until
-unmounted (``fusermount3 -u -z MOUNTPOINT``); ``POWERCUT_DEBUG=1`` logs every operation.
+unmounted (``fusermount3 -u -z MOUNTPOINT``); ``POWERCUT_DEBUG=1`` logs every operation;
+``POWERCUT_WRITE_DELAY=SECONDS`` delays every write (a loaded machine's FUSE round trip).
 """
 
 from __future__ import annotations
@@ -68,6 +71,7 @@ import shutil
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -136,6 +140,10 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
         self.hold_range: tuple[int, int] | None = None
         self.held = False
         self._release = threading.Event()
+        #: ``POWERCUT_WRITE_DELAY`` seconds slept before each write is handled (outside the
+        #: lock, so other requests go on): a slow, loaded FUSE round trip, to stress races
+        #: between a write in flight and the kernel's cache (docs/TESTING.md).
+        self.write_delay = float(os.environ.get("POWERCUT_WRITE_DELAY") or 0)
         os.makedirs(self.state, exist_ok=True)
         self.root = self._load(self.backing)
 
@@ -389,6 +397,8 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
         if fh != CONTROL_FH:
+            if self.write_delay:
+                time.sleep(self.write_delay)
             self._maybe_hold(offset, offset + len(data))
         with self._mu:
             if fh == CONTROL_FH:
