@@ -263,13 +263,15 @@ def _in_thread(fn: Callable[[], object]) -> threading.Thread:
     return t
 
 
-def test_a_write_in_flight_is_what_the_map_shows_after_another_open(pcfs: PowerCutMount) -> None:
+@pytest.mark.parametrize("other", ["open", "stat"])
+def test_a_write_in_flight_is_what_the_map_shows(pcfs: PowerCutMount, other: str) -> None:
     """The kernel puts a write's bytes in the page cache before it sends the WRITE here,
-    so while it is in flight the cache is the only up-to-date copy. An ``open`` of the
-    file by another descriptor must not drop that copy (FUSE's default without
-    ``keep_cache``), or the next read of the page (here through ``mmap``, as LMDB reads)
-    fetches the old bytes from this process and the cache keeps them after the write
-    returned. Found as lost LMDB commits in the snapshot rounds (docs/TESTING.md)."""
+    so while it is in flight the cache is the only up-to-date copy. Neither an ``open`` of
+    the file by another descriptor (FUSE drops the cache there without ``keep_cache``) nor
+    a stat that sees a newer mtime (``auto_inval_data``) may drop that copy, or the next
+    read of the page (here through ``mmap``, as LMDB reads) fetches the old bytes from
+    this process and the cache keeps them after the write returned. Found as lost LMDB
+    commits in the snapshot rounds (docs/TESTING.md)."""
     ps = mmap.PAGESIZE
     path = pcfs.mountpoint / "f"
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -278,12 +280,17 @@ def test_a_write_in_flight_is_what_the_map_shows_after_another_open(pcfs: PowerC
         os.pwrite(fd, b"old." * (2 * ps // 4), 0)
         mm = mmap.mmap(fd, 2 * ps, prot=mmap.PROT_READ)
         assert mm[ps : ps + 4] == b"old."  # page 1 is in the page cache
+        os.stat(path)  # attributes cached...
+        os.pwrite(fd, b"more", 0)  # ...and now older than the file's mtime
         pcfs.hold_write(ps, ps + 1)
         # Part of a page, as LMDB writes its meta page.
         writer = _in_thread(lambda: os.pwrite(fd, b"new." * 16, ps))
         try:
             pcfs.wait_held()
-            os.close(os.open(path, os.O_RDONLY))  # another descriptor opens the file
+            if other == "open":
+                os.close(os.open(path, os.O_RDONLY))
+            else:
+                os.stat(path)
             assert mm[ps : ps + 4] == b"new."  # a read while the write is in flight
         finally:
             pcfs.release()
