@@ -28,11 +28,16 @@ Durability model (strict POSIX, stricter than ext4 in practice):
   or the N-th ``fsync``/``fdatasync``/directory fsync after writing ``cut-at-sync N``)
   freezes the filesystem at once: that write returns after the durable state has
   been written out as a plain directory tree (``--image``), and every later operation
-  fails with ``EIO``. The test then SIGKILLs the program, unmounts, and mounts a new
-  instance on the image: "what survived". Since the durable state changes only at those
-  syncs, cutting just before the N-th one, for N = 1, 2, ..., reaches every state a
-  power cut could leave behind (the restore rounds use this). Reading ``/.powercut`` returns JSON
-  counters (syncs, dir syncs, writes, cut state).
+  fails with ``EIO`` (reads the kernel serves from its page cache, or through an
+  ``mmap``, never reach this process and still succeed). The test then SIGKILLs the
+  program, unmounts, and mounts a new instance on the image: "what survived". Since the
+  durable state changes only at those syncs, cutting just before the N-th one, for
+  N = 1, 2, ..., reaches every state a power cut could leave behind (the restore rounds
+  use this). Reading ``/.powercut`` returns JSON
+  counters (syncs, dir syncs, writes, cut state, whether a write is held).
+* ``hold-write START END`` on the control file holds the next write that overlaps bytes
+  [START, END) of any file before it is handled, until ``release``: a seam for tests that
+  need a write in flight at an exact moment.
 
 What it does NOT model: torn writes inside one ``write`` call (a write is all or
 nothing), reordering or partial persistence of unsynced writes (all unsynced changes
@@ -43,11 +48,15 @@ backing directory with ``renameat2``), and metadata other than sizes: permission
 durable immediately. Files that existed when the filesystem was mounted are durable.
 Kernel caches are safe because a cut is always followed by an unmount; the kernel
 write-back cache is off (libfuse's default), so every ``write`` reaches this process
-before the system call returns.
+before the system call returns. The kernel's page cache of a file is never dropped by
+an ``open`` or an attribute change (``keep_cache``, no ``auto_inval_data``), as on a disk
+file system: FUSE's default would let a read fetch a page's old bytes while a write to it
+is in flight, which lost whole LMDB commits (``PowerCutFS.init_with_config``).
 
 Run: ``python tests/powercut/lazyfs.py --backing DIR --state DIR --image DIR MOUNTPOINT``
 (``powercut_mount.py`` does this for the tests). It runs in the foreground until
-unmounted (``fusermount3 -u -z MOUNTPOINT``); ``POWERCUT_DEBUG=1`` logs every operation.
+unmounted (``fusermount3 -u -z MOUNTPOINT``); ``POWERCUT_DEBUG=1`` logs every operation;
+``POWERCUT_WRITE_DELAY=SECONDS`` delays every write (a loaded machine's FUSE round trip).
 """
 
 from __future__ import annotations
@@ -62,6 +71,7 @@ import shutil
 import stat
 import sys
 import threading
+import time
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -74,6 +84,11 @@ _SYNC_FLAGS = os.O_SYNC | os.O_DSYNC
 _SYNC_BIT = 1 << 32  # set in a file handle opened with O_SYNC/O_DSYNC
 _AT_FDCWD, _RENAME_NOREPLACE, _RENAME_EXCHANGE = -100, 1, 2
 _LIBC = ctypes.CDLL(None, use_errno=True)
+#: libfuse 3's capability bits (fuse_common.h): AUTO_INVAL_DATA drops a file's cached pages
+#: when a getattr shows a new mtime; EXPLICIT_INVAL_DATA stops the kernel from dropping
+#: them on its own (on a size change) at all.
+_FUSE_CAP_AUTO_INVAL_DATA = 1 << 12
+_FUSE_CAP_EXPLICIT_INVAL_DATA = 1 << 25
 _STAT_KEYS = ("st_mode", "st_nlink", "st_uid", "st_gid", "st_size", "st_ino", "st_blocks", "st_blksize")
 
 
@@ -119,8 +134,39 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
         self.dirs: dict[int, str] = {}  # directory handle -> path (libfuse may pass no path)
         self.counters = {"fsync": 0, "fsyncdir": 0, "write": 0, "bytes_synced": 0}
         self.cut_at_sync: int | None = None  # syncs left until an armed cut (None: not armed)
+        #: ``hold-write START END``: the next write overlapping [START, END) waits, outside
+        #: the lock, until ``release`` (a test's way to have a WRITE in flight at an exact
+        #: moment); ``held`` says one is waiting.
+        self.hold_range: tuple[int, int] | None = None
+        self.held = False
+        self._release = threading.Event()
+        #: ``POWERCUT_WRITE_DELAY`` seconds slept before each write is handled (outside the
+        #: lock, so other requests go on): a slow, loaded FUSE round trip, to stress races
+        #: between a write in flight and the kernel's cache (docs/TESTING.md).
+        self.write_delay = float(os.environ.get("POWERCUT_WRITE_DELAY") or 0)
         os.makedirs(self.state, exist_ok=True)
         self.root = self._load(self.backing)
+
+    def init_with_config(self, conn: Any, config: Any) -> None:
+        """Never let the kernel drop a file's cached pages by itself: no
+        ``auto_inval_data``, and ``explicit_inval_data`` where the kernel offers it (with
+        ``keep_cache`` at every open: ``_FUSE.open``).
+
+        FUSE drops them by default at every ``open`` and when a getattr shows a new mtime
+        or size, because a FUSE file may change behind the kernel's back. These files
+        cannot: every change comes through this mount. And dropping them is wrong while a
+        ``write`` is in flight: the kernel puts its bytes in the page cache before it sends
+        the WRITE here, and once that copy is dropped a read of the page (an ``mmap``
+        fault) fetches the old bytes from this process, which the cache then keeps after
+        the write returned. LMDB reads its pages, meta pages included, through ``mmap``: a
+        snapshot opening ``data.mdb`` while a commit wrote its meta page left the next
+        commit building on the meta page before it, dropping whole committed transactions
+        (docs/TESTING.md; test_powercut_fs.py pins both). A disk file system keeps its page
+        cache while a write is in flight: that is what is modelled here.
+        """
+        if conn is not None:
+            conn.want &= ~_FUSE_CAP_AUTO_INVAL_DATA
+            conn.want |= conn.capable & _FUSE_CAP_EXPLICIT_INVAL_DATA
 
     # --- the durable model ---
 
@@ -344,12 +390,16 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
     def read(self, path: str | None, size: int, offset: int, fh: int) -> bytes:
         with self._mu:
             if fh == CONTROL_FH:
-                report = {**self.counters, "frozen": self.frozen}
+                report = {**self.counters, "frozen": self.frozen, "held": self.held}
                 return json.dumps(report).encode()[offset : offset + size]
             self._check()
             return os.pread(self.fds[fh][0], size, offset)
 
     def write(self, path: str | None, data: bytes, offset: int, fh: int) -> int:
+        if fh != CONTROL_FH:
+            if self.write_delay:
+                time.sleep(self.write_delay)
+            self._maybe_hold(offset, offset + len(data))
         with self._mu:
             if fh == CONTROL_FH:
                 command = data.strip()
@@ -360,6 +410,14 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
                     self.sync_all()
                 elif command.startswith(b"cut-at-sync ") and command[12:].isdigit() and int(command[12:]) > 0:
                     self.cut_at_sync = int(command[12:])
+                elif command.startswith(b"hold-write ") and len(words := command.split()) == 3:
+                    if not all(w.isdigit() for w in words[1:]):
+                        raise mfusepy.FuseOSError(errno.EINVAL)
+                    self._release.clear()
+                    self.hold_range = (int(words[1]), int(words[2]))
+                elif command == b"release":
+                    self.hold_range = None
+                    self._release.set()
                 else:
                     raise mfusepy.FuseOSError(errno.EINVAL)
                 return len(data)
@@ -371,6 +429,16 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
             if fh & _SYNC_BIT:
                 self._sync_file(fd, node)
             return n
+
+    def _maybe_hold(self, start: int, end: int) -> None:
+        with self._mu:
+            rng = self.hold_range
+            if rng is None or end <= rng[0] or start >= rng[1]:
+                return
+            self.hold_range, self.held = None, True
+        self._release.wait()
+        with self._mu:
+            self.held = False
 
     def truncate(self, path: str | None, length: int, fh: int | None = None) -> int:
         with self._mu:
@@ -516,7 +584,29 @@ class PowerCutFS(mfusepy.Operations):  # type: ignore[misc]
 
 class _FUSE(mfusepy.FUSE):  # type: ignore[misc]
     """mfusepy drops the file handle of ``ftruncate`` and the flags of ``rename`` under
-    libfuse 3 (a RENAME_EXCHANGE became a plain rename); pass them on."""
+    libfuse 3 (a RENAME_EXCHANGE became a plain rename); pass them on. And every open
+    keeps the kernel's page cache (``keep_cache``: ``PowerCutFS.init_with_config`` says
+    why), except the control file's, which is read past the cache (``direct_io``): its
+    content changes with every report."""
+
+    def open(self, path: bytes, fip: Any) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.open(path.decode(), fi.flags)
+        self._cache_mode(fi)
+        return 0
+
+    def create(self, path: bytes, mode: int, fip: Any) -> int:
+        fi = fip.contents
+        fi.fh = self.operations.create(path.decode(), mode, fi.flags)
+        self._cache_mode(fi)
+        return 0
+
+    @staticmethod
+    def _cache_mode(fi: Any) -> None:
+        if fi.fh == CONTROL_FH:
+            fi.direct_io = 1
+        else:
+            fi.keep_cache = 1
 
     def rename_fuse_3(self, old: bytes, new: bytes, flags: int) -> int:
         result: int = self.operations.rename(old.decode(), new.decode(), flags)

@@ -115,6 +115,28 @@ class PowerCutMount:
         with open(self.mountpoint / CONTROL, "wb", buffering=0) as f:
             f.write(b"cut-at-sync %d" % n)
 
+    def hold_write(self, start: int, end: int) -> None:
+        """Hold the next write that overlaps bytes [start, end) of any file, before the
+        filesystem handles it, until ``release()``: the writer's system call is then in
+        flight, its data already in the kernel's page cache (a seam for races)."""
+        self._control(b"hold-write %d %d" % (start, end))
+
+    def wait_held(self, timeout: float = 10.0) -> None:
+        """Return once the write ``hold_write`` armed is being held."""
+        deadline = time.monotonic() + timeout
+        while not self.stats()["held"]:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no write was held within {timeout}s")
+            time.sleep(0.005)
+
+    def release(self) -> None:
+        """Let a held write go on (and disarm ``hold_write``)."""
+        self._control(b"release")
+
+    def _control(self, command: bytes) -> None:
+        with open(self.mountpoint / CONTROL, "wb", buffering=0) as f:
+            f.write(command)
+
     def cut_if_not_yet(self) -> bool:
         """After an armed cut: take its image, or cut now if it did not fire; True if it fired."""
         fired = bool(self.stats()["frozen"])

@@ -6,9 +6,13 @@ reads it back through the mount.
 
 from __future__ import annotations
 
+import mmap
 import os
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
+import lmdb
 import pytest
 from powercut_mount import PowerCutMount
 
@@ -187,7 +191,14 @@ def test_files_present_at_mount_are_durable(pcfs: PowerCutMount) -> None:
     m = cut_and_remount(pcfs)
     m = cut_and_remount(pcfs)  # nothing changed in between: everything stays
     assert (m / "d" / "f").read_bytes() == b"kept"
-    assert pcfs.stats() == {"fsync": 0, "fsyncdir": 0, "write": 0, "bytes_synced": 0, "frozen": False}
+    assert pcfs.stats() == {
+        "fsync": 0,
+        "fsyncdir": 0,
+        "write": 0,
+        "bytes_synced": 0,
+        "frozen": False,
+        "held": False,
+    }
 
 
 def test_control_file_is_hidden_and_sync_makes_everything_durable(pcfs: PowerCutMount) -> None:
@@ -244,3 +255,87 @@ def test_a_wal_segment_in_a_new_tree_survives_only_if_the_tree_top_was_synced(
     assert sorted(os.listdir(m / "data" / "ns" / "wal")) == ["000000001.wal", "000000002.wal"]
     for seg in ("000000001.wal", "000000002.wal"):
         assert (m / "data" / "ns" / "wal" / seg).read_bytes() == b"H" * 128 + b"R" * 1000
+
+
+def _in_thread(fn: Callable[[], object]) -> threading.Thread:
+    t = threading.Thread(target=fn)
+    t.start()
+    return t
+
+
+@pytest.mark.parametrize("other", ["open", "stat"])
+def test_a_write_in_flight_is_what_the_map_shows(pcfs: PowerCutMount, other: str) -> None:
+    """The kernel puts a write's bytes in the page cache before it sends the WRITE here,
+    so while it is in flight the cache is the only up-to-date copy. Neither an ``open`` of
+    the file by another descriptor (FUSE drops the cache there without ``keep_cache``) nor
+    a stat that sees a newer mtime (``auto_inval_data``) may drop that copy, or the next
+    read of the page (here through ``mmap``, as LMDB reads) fetches the old bytes from
+    this process and the cache keeps them after the write returned. Found as lost LMDB
+    commits in the snapshot rounds (docs/TESTING.md)."""
+    ps = mmap.PAGESIZE
+    path = pcfs.mountpoint / "f"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    mm = None
+    try:
+        os.pwrite(fd, b"old." * (2 * ps // 4), 0)
+        mm = mmap.mmap(fd, 2 * ps, prot=mmap.PROT_READ)
+        assert mm[ps : ps + 4] == b"old."  # page 1 is in the page cache
+        os.stat(path)  # attributes cached...
+        os.pwrite(fd, b"more", 0)  # ...and now older than the file's mtime
+        pcfs.hold_write(ps, ps + 1)
+        # Part of a page, as LMDB writes its meta page.
+        writer = _in_thread(lambda: os.pwrite(fd, b"new." * 16, ps))
+        try:
+            pcfs.wait_held()
+            if other == "open":
+                os.close(os.open(path, os.O_RDONLY))
+            else:
+                os.stat(path)
+            assert mm[ps : ps + 4] == b"new."  # a read while the write is in flight
+        finally:
+            pcfs.release()
+            writer.join()
+        assert mm[ps : ps + 4] == b"new."
+        assert os.pread(fd, 4, ps) == b"new."
+    finally:
+        if mm is not None:
+            mm.close()
+        os.close(fd)
+
+
+def test_lmdb_keeps_every_commit_when_its_file_is_opened_during_a_meta_write(pcfs: PowerCutMount) -> None:
+    """The exact interleaving of the lost writes: the applier's commit of txn 2 is writing
+    its meta page (page 0) when a snapshot opens ``data.mdb`` (``BTree.copy_plain_to``)
+    and reads the meta pages (its ``env.stat()``). If that read caches page 0's old bytes
+    (txn 0's meta), txn 3 starts from the stale meta and commits a tree without txn 1
+    and 2. Opened as ``BTree`` opens it (``metasync=False``)."""
+    db = pcfs.mountpoint / "db"
+    env = lmdb.open(str(db), map_size=1 << 20, metasync=False, max_dbs=2)
+    try:
+        with env.begin(write=True) as txn:  # txn 1: meta page 1
+            txn.put(b"k1", b"1")
+        psize = int(env.stat()["psize"])
+        pcfs.hold_write(0, psize)  # txn 2 writes its meta to page 0
+
+        def commit_txn2() -> None:
+            with env.begin(write=True) as txn:
+                txn.put(b"k2", b"2")
+
+        committer = _in_thread(commit_txn2)
+        try:
+            pcfs.wait_held()
+            os.close(os.open(db / "data.mdb", os.O_RDONLY | os.O_CLOEXEC))
+            env.stat()  # reads both meta pages through the map
+        finally:
+            pcfs.release()
+            committer.join()
+        with env.begin(write=True) as txn:  # txn 3
+            txn.put(b"k3", b"3")
+    finally:
+        env.close()
+    env = lmdb.open(str(db), map_size=1 << 20, max_dbs=2, readonly=True)
+    try:
+        with env.begin() as txn:
+            assert {k: txn.get(k) for k in (b"k1", b"k2", b"k3")} == {b"k1": b"1", b"k2": b"2", b"k3": b"3"}
+    finally:
+        env.close()
