@@ -31,6 +31,7 @@ this, exactly as for the full app.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -55,7 +56,15 @@ _LABELS = {
 }
 _KINDS = {b"GET": GET, b"PUT": PUT, b"DELETE": DELETE}
 _HEALTH_PATHS = frozenset({b"/health", b"/healthz"})
-_PREFIX = b"/api/v1/"
+#: ``/api/v1/<ns>/kv/<segment>``: a served namespace (none holds a "/", "?" or "%", and the
+#: engines dict decides), then exactly one non-empty ASCII path segment, no query or
+#: fragment. ``_PLAIN_KV``: a segment that is the key as it stands (no "%", at most
+#: MAX_KEY bytes); anything else of ``_KV`` is percent-decoded and checked. One regex
+#: instead of ``b"/" in segment`` and the like: each such test on ``bytes`` first tries
+#: the operand as an int and clears a TypeError (0.14 µs apiece; the five were 1.5 µs
+#: of the old matcher, the two regexes take 0.65).
+_PLAIN_KV = re.compile(rb"/api/v1/([^/]+)/kv/([^/?#%%\x80-\xff]{1,%d})" % MAX_KEY).fullmatch
+_KV = re.compile(rb"/api/v1/([^/]+)/kv/([^/?#\x80-\xff]+)").fullmatch
 _SUCCESS = kv.json_bytes({"success": True})
 #: What follows the date in every response head, in the full app's order (Starlette's
 #: ``Response`` puts content-length before content-type).
@@ -116,31 +125,23 @@ class LeanRoutes:
             return None
         engine: Engine | None = None
         key = b""
-        if url.startswith(_PREFIX):
-            # /api/v1/<ns>/kv/<segment>: a served namespace (none holds a "/", "?" or "%"),
-            # then exactly one non-empty ASCII path segment, no query or fragment.
-            ns, _, segment = url[8:].partition(b"/kv/")
-            engine = self.engines.get(ns)
-            if (
-                engine is None
-                or not segment
-                or b"/" in segment
-                or b"?" in segment
-                or b"#" in segment
-                or not segment.isascii()
-            ):
-                return None
-            if b"%" in segment or len(segment) > MAX_KEY:
-                try:
-                    key = decode_key_segment(segment)
-                except InvalidRequest:
-                    return None  # the full app words the error
-            else:
-                key = segment  # ASCII, 1..MAX_KEY bytes: decode_key_segment would return it as is
+        target = _PLAIN_KV(url)
+        if target is not None:
+            ns, key = target.groups()  # decode_key_segment would return the segment as is
+        elif (target := _KV(url)) is not None:
+            ns, segment = target.groups()
+            try:
+                key = decode_key_segment(segment)
+            except InvalidRequest:
+                return None  # the full app words the error
         elif kind == GET and url in _HEALTH_PATHS:
             kind = HEALTH
         else:
             return None
+        if target is not None:
+            engine = self.engines.get(ns)
+            if engine is None:
+                return None
         length: bytes | None = None
         connection = False
         for name, value in headers:
