@@ -212,6 +212,48 @@ CASES = [
         _req("GET", f"{NS}/k6") + _req("GET", "/health?full=app") + _req("GET", f"{NS}/k6"),
         3,
     ),
+    # Keep-alive, version and upgrade come from llhttp's flags, which only Connection and
+    # Proxy-Connection set (the lean matcher asks for the version only when one is there).
+    Case(
+        "get-http10-keep-alive", _req("GET", f"{NS}/k6", None, "Connection: keep-alive", version="1.0"), None
+    ),
+    Case(
+        "get-http10-proxy-keep-alive",
+        _req("GET", f"{NS}/k6", None, "Proxy-Connection: keep-alive", version="1.0"),
+        None,
+    ),
+    Case(
+        "put-http10-keep-alive",
+        _req("PUT", f"{NS}/k13", PUT_OK, "Connection: keep-alive", version="1.0"),
+        None,
+    ),
+    Case("get-http20", _req("GET", f"{NS}/k6", version="2.0"), None),
+    Case("get-http09", _req("GET", f"{NS}/k6", version="0.9"), None),
+    Case("get-keep-alive", _req("GET", f"{NS}/k6", None, "Connection: keep-alive")),
+    Case("put-keep-alive", _req("PUT", f"{NS}/k13", PUT_OK, "Connection: Keep-Alive")),
+    Case("get-proxy-connection-close", _req("GET", f"{NS}/k6", None, "Proxy-Connection: close"), None),
+    Case("get-connection-close-uppercase", _req("GET", f"{NS}/k6", None, "CONNECTION: CLOSE"), None),
+    Case("get-connection-list", _req("GET", f"{NS}/k6", None, "Connection: keep-alive, close"), None),
+    Case("get-upgrade-no-connection", _req("GET", f"{NS}/k6", None, "Upgrade: websocket")),
+    Case("get-upgrade", _req("GET", f"{NS}/k6", None, "Connection: Upgrade", "Upgrade: websocket"), None),
+    Case(
+        "get-proxy-upgrade",
+        _req("GET", f"{NS}/k6", None, "Proxy-Connection: upgrade", "Upgrade: h2c"),
+    ),
+    # Base64 values the decoder refuses (or accepts) alike on both paths.
+    Case("put-b64-non-ascii", _req("PUT", f"{NS}/k14", '{"value": "aGVs\u00e9bG8="}'.encode())),
+    Case("put-b64-space", _req("PUT", f"{NS}/k14", b'{"value": "aGVs bG8="}')),
+    Case("put-b64-newline", _req("PUT", f"{NS}/k14", b'{"value": "aGVs\nbG8="}')),
+    Case("put-b64-no-padding", _req("PUT", f"{NS}/k14", b'{"value": "aGVsbG8"}')),
+    Case("put-b64-extra-padding", _req("PUT", f"{NS}/k14", b'{"value": "aGVsbG8=="}')),
+    Case("put-b64-only-padding", _req("PUT", f"{NS}/k14", b'{"value": "===="}')),
+    Case("put-b64-urlsafe", _req("PUT", f"{NS}/k14", b'{"value": "-_-_"}')),
+    Case("put-b64-nul", _req("PUT", f"{NS}/k14", rb'{"value": "aGk=\u0000"}')),
+    Case("put-b64-surrogate", _req("PUT", f"{NS}/k14", rb'{"value": "\ud800"}')),
+    Case("put-b64-empty", _req("PUT", f"{NS}/k15", b'{"value": ""}')),
+    Case("get-b64-empty", _req("GET", f"{NS}/k15")),
+    Case("put-b64-binary", _req("PUT", f"{NS}/k16", b'{"value": "AP/+AQ=="}')),
+    Case("get-b64-binary", _req("GET", f"{NS}/k16")),
     Case("half-sent-body", _req("PUT", f"{NS}/h1", b"", "Content-Length: 100") + b'{"value":', None),
     Case("half-sent-head", b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n", None),
     Case("get-after-half-sent", _req("GET", f"{NS}/h1")),

@@ -124,7 +124,7 @@ class RequestMetrics:
 
     def record(self, route: str, method: str, status: int, started: float) -> None:
         """Count one request and time it since ``started`` (``perf_counter``); the lean
-        path (``api/lean.py``) records through this too."""
+        path (``api/lean.py``) records into the same ``metrics.requests`` directly."""
         self.metrics.requests.record(route, method, status, time.perf_counter() - started)
 
 
@@ -253,7 +253,7 @@ def build_app(
     outer = RequestMetrics(inner, metrics)
     outer.lean = LeanRoutes(
         engines,
-        outer.record,
+        metrics.requests.record,
         max_body_bytes,
         auth.check if auth is not None else None,
         lambda: health_body(engines, archive),

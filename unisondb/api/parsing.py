@@ -89,7 +89,10 @@ def decode_b64(value: Any, what: str = "value") -> bytes:
     if not isinstance(value, str):
         raise InvalidRequest(f"invalid base64 {what}: expected a string")
     try:
-        return base64.b64decode(value, validate=True)
+        # What base64.b64decode(value, validate=True) does (same result and errors: a
+        # non-ASCII str is the same ValueError), without its two Python frames: 0.77 µs
+        # instead of 1.45 for a 100-byte value.
+        return binascii.a2b_base64(value, strict_mode=True)
     except (binascii.Error, ValueError) as exc:
         raise InvalidRequest(f"invalid base64 {what}: {exc}") from None
 

@@ -177,7 +177,10 @@ class _LimitedProtocol(HttpToolsProtocol):
             # no head deadline unless the head is still incomplete after this read (armed
             # now or at its first byte makes no difference: no time passed in between).
             self._head_bytes += len(data)
-            self._feed(data)
+            try:  # _feed, inline: one Python call less per request
+                self.parser.feed_data(data)
+            except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+                self._feed_failed(exc)
             if (
                 self._in_head
                 and self._deadline is None
@@ -213,15 +216,19 @@ class _LimitedProtocol(HttpToolsProtocol):
         """uvicorn's ``data_received`` without its keep-alive timer (see ``__init__``)."""
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError:
-            msg = "Invalid HTTP request received."
-            self.logger.warning(msg)
-            self.send_400_response(msg)
-        except httptools.HttpParserUpgrade:
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._feed_failed(exc)
+
+    def _feed_failed(self, exc: Exception) -> None:
+        if isinstance(exc, httptools.HttpParserUpgrade):
             if self._should_upgrade():
                 self.handle_websocket_upgrade()
             else:
                 self._unsupported_upgrade_warning()
+            return
+        msg = "Invalid HTTP request received."
+        self.logger.warning(msg)
+        self.send_400_response(msg)
 
     def on_message_begin(self) -> None:
         # uvicorn's, less the scope: most requests are lean and never need one.

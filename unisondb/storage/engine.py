@@ -649,9 +649,9 @@ class Engine:
         (``--ack wal``; it is dropped only after LMDB committed it), else from LMDB."""
         table = self._table
         if table is not None:
-            found, value = table.get(key)
-            if found:
-                return value
+            hit = table.lookup(key)
+            if hit is not None:
+                return hit[1]
         return self.btree.get(key)
 
     def checkpoint(self) -> Checkpoint:

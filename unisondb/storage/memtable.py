@@ -12,7 +12,8 @@ a view of its tail). The table is bounded (``max_bytes`` of records and ``max_la
 records): when either is reached the writer waits (``wait_room``) before it writes the
 next group, so the applier's lag stays bounded and so does memory.
 
-All methods are thread-safe (one lock); ``get`` is a dictionary lookup under it.
+All methods are thread-safe: the writer and the applier change the table under one lock;
+a reader (``lookup``, every GET) takes no lock at all, see ``lookup``.
 """
 
 from __future__ import annotations
@@ -47,6 +48,14 @@ class MemTable:
         self.max_lag = max_lag
         self.cond = threading.Condition()
         self._map: dict[bytes, tuple[int, bytes | None]] = {}
+        #: ``lookup(key)`` → ``(lsn, newest value or None if deleted)`` for a key in the
+        #: table, else None. The map's own ``get``, without the lock: one dict lookup is
+        #: atomic (the GIL; a free-threaded build locks each dict), and its readers need no
+        #: more than that, because a key leaves the map only after LMDB committed it
+        #: (``applied``): a reader that misses here and then reads LMDB finds the value
+        #: there, and one that hits finds the newest acknowledged value. Under the lock
+        #: (a Python method and a ``with`` block) it was 0.45 µs of a GET's 1.7 µs lookup.
+        self.lookup = self._map.get
         self._batches: deque[Batch] = deque()
         #: Bytes (WAL encoding) and records in the table.
         self.bytes = 0
@@ -59,14 +68,6 @@ class MemTable:
         self.full_wait_seconds = 0.0
 
     # --- readers (any thread) ---
-
-    def get(self, key: bytes) -> tuple[bool, bytes | None]:
-        """(True, newest value or None if deleted) for a key in the table, else (False, None)."""
-        with self.cond:
-            hit = self._map.get(key)
-        if hit is None:
-            return False, None
-        return True, hit[1]
 
     def count_keys(self, lmdb_count: Callable[[list[bytes]], tuple[int, list[bool]]]) -> int:
         """Live keys: LMDB's count corrected by the table (each key in the table counts as

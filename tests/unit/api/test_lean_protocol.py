@@ -212,3 +212,43 @@ def test_lean_requests_whole_in_one_read_arm_no_timer_each(engine: Engine) -> No
 def test_the_get_body_template_is_the_json_the_full_app_would_write(value: bytes) -> None:
     assert kv.get_body(value) == kv.json_bytes({"value": base64.b64encode(value).decode(), "found": True})
     assert kv.get_body(None) == kv.json_bytes({"value": "", "found": False})
+
+
+_GET = "GET /api/v1/users/kv/k HTTP/{v}\r\nHost: x\r\n{h}\r\n"
+
+
+@pytest.mark.parametrize(
+    ("version", "headers", "lean"),
+    [
+        ("1.1", "", True),
+        ("1.1", "Connection: keep-alive\r\n", True),
+        ("1.1", "Proxy-Connection: Keep-Alive\r\n", True),
+        ("1.1", "Upgrade: websocket\r\n", True),  # no Connection: upgrade, so no upgrade
+        ("1.1", "Connection: close\r\n", False),
+        ("1.1", "Proxy-Connection: close\r\n", False),
+        # (Connection: upgrade + Upgrade: websocket is uvicorn's WebSocket handshake, which
+        # this transport cannot carry: the "get-upgrade" case of test_http_lean.py has it.)
+        ("1.1", "Proxy-Connection: upgrade\r\nUpgrade: h2c\r\n", False),
+        ("1.0", "", False),
+        ("1.0", "Connection: keep-alive\r\n", False),
+        ("1.0", "Proxy-Connection: keep-alive\r\n", False),
+        ("2.0", "", False),
+        ("0.9", "", False),
+    ],
+)
+def test_only_http11_keep_alive_without_upgrade_is_lean(
+    engine: Engine, version: str, headers: str, lean: bool
+) -> None:
+    """The matcher asks llhttp for the version only when a Connection or Proxy-Connection
+    header is there (``LeanRoutes.match``): every combination still goes where it must."""
+
+    async def run() -> None:
+        calls: list[str] = []
+        proto, transport = _protocol(engine, True, calls)
+        proto.data_received(_GET.format(v=version, h=headers).encode())
+        await _settle(transport, 1)
+        for _ in range(20):  # the full app may answer in two writes: let it finish
+            await asyncio.sleep(0.005)
+        assert (calls == []) is lean, (calls, transport.writes)
+
+    asyncio.run(run())

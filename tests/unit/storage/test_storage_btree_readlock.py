@@ -8,8 +8,10 @@ block by a short bounded ``wait`` that must time out, then released explicitly.
 from __future__ import annotations
 
 import threading
+from pathlib import Path
 
-from unisondb.storage.btree import _ReadWriteLock
+from unisondb.storage.btree import BTree, Checkpoint, _ReadWriteLock
+from unisondb.storage.record import Entry, EntryKind, Record
 
 BLOCKED = 0.2  # how long a step that must block is given to (wrongly) get through
 DONE = 10.0  # how long a step that must get through may take on a loaded machine
@@ -83,3 +85,77 @@ def test_a_reader_that_raises_still_leaves() -> None:
     except KeyError:
         pass
     assert rw.wait_idle(0.0)
+
+
+# --- BTree.get: no lock, an item in ``getting`` instead (see _ReadWriteLock) ---
+
+
+def test_a_resize_waits_for_a_get_inside_lmdb() -> None:
+    rw = _ReadWriteLock()
+    rw.getting.append(None)  # what BTree.get does for the length of its lookup
+    writing = threading.Event()
+
+    def writer() -> None:
+        with rw.write():
+            writing.set()
+
+    w = threading.Thread(target=writer)
+    w.start()
+    assert not writing.wait(BLOCKED)  # a GET inside LMDB keeps the resize out
+    assert rw._writer  # ... and the flag is up: a GET that starts now backs off to read()
+    rw.getting.pop()
+    rw.get_done()
+    assert writing.wait(DONE)
+    w.join(DONE)
+    assert not rw._writer
+
+
+def test_wait_idle_waits_for_a_get_inside_lmdb() -> None:
+    rw = _ReadWriteLock()
+    rw.getting.append(None)
+    assert not rw.wait_idle(BLOCKED)
+    result: list[bool] = []
+    t = threading.Thread(target=lambda: result.append(rw.wait_idle(DONE)))
+    t.start()
+    rw.getting.pop()
+    rw.get_done()
+    t.join(DONE)
+    assert result == [True]
+
+
+def test_gets_go_on_while_a_resize_waits_for_a_long_reader(tmp_path: Path) -> None:
+    """A snapshot copy holds read() for long; a resize waiting for it must not stop GETs
+    (the flag goes up only once the long readers are gone)."""
+    bt = BTree(tmp_path / "db")
+    try:
+        bt.apply([Record(1, 0, (Entry(EntryKind.PUT, b"k", b"v"),))], Checkpoint().advance(1, 1, 0, 0))
+        rw = bt._rw
+        snapshot = rw.read()
+        snapshot.__enter__()
+        writing = threading.Event()
+        release = threading.Event()
+
+        def writer() -> None:
+            with rw.write():
+                writing.set()
+                release.wait(DONE)
+
+        w = threading.Thread(target=writer)
+        w.start()
+        assert not writing.wait(BLOCKED)
+        assert bt.get(b"k") == b"v"  # not held back by the waiting resize
+        snapshot.__exit__(None, None, None)
+        assert writing.wait(DONE)
+        got: list[bytes | None] = []
+        r = threading.Thread(target=lambda: got.append(bt.get(b"k")))
+        r.start()
+        r.join(BLOCKED)
+        assert r.is_alive() and not got  # during the resize a GET waits
+        assert not rw.getting  # ... on the lock, not inside LMDB
+        release.set()
+        r.join(DONE)
+        w.join(DONE)
+        assert got == [b"v"]
+        assert rw.wait_idle(0.0)
+    finally:
+        bt.close()
