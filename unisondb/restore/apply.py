@@ -34,7 +34,6 @@ import errno
 import fcntl
 import gc
 import hashlib
-import mmap
 import os
 import re
 import secrets
@@ -45,7 +44,6 @@ from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
 
 from unisondb.errors import Conflict, CorruptSnapshot, LockedError, StorageError, UnisonDBError, from_os_error
 from unisondb.restore import sources
@@ -65,9 +63,6 @@ from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.history import Lineage
 from unisondb.storage.lockfile import NamespaceLock
 from unisondb.storage.walk import Op
-
-if TYPE_CHECKING:
-    from hashlib import _Hash as Hash
 
 #: Records per LMDB transaction while replaying (bounded also by REPLAY_BATCH_BYTES).
 REPLAY_BATCH = 100_000
@@ -349,10 +344,8 @@ class _Flush:
 def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> _Flush:
     """Copy the snapshot's LMDB bytes into staging, reading each byte once.
 
-    The kernel copies them (``_copy_in_kernel``; through this process for a stream,
-    ``_copy_through``) and every chunk of the staged copy is hashed on a second thread
-    (hashlib runs without the GIL) while the next one is copied: one pass gives the
-    sha256 of the LMDB bytes (the self-verifying trailer's,
+    Every chunk is hashed on a second thread (hashlib runs without the GIL) while this one
+    writes it: one pass gives the sha256 of the LMDB bytes (the self-verifying trailer's,
     ``snapfile.py``) and, with the trailer added, of the whole file (the ``.sha256``
     sidecar's). The trailer itself is not copied, so the staged file is a plain data.mdb.
     Then, on the staged copy (page cache, not the input again): the checksums and LMDB's
@@ -383,14 +376,25 @@ def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> _Flush:
         with (
             ThreadPoolExecutor(1, thread_name_prefix="restore-sha256") as pool,
             sources.open_plain(src) as fin,
-            open(dest, "x+b") as fout,
+            open(dest, "xb") as fout,
         ):
-            left = _copy_in_kernel(fin, fout, data_len, h, pool, progress)
-            if left is None:
-                left = _copy_through(fin, fout, data_len, h, pool, progress)
-                tail = fin.read(snapfile.TRAILER_SIZE + 1)
-            else:
-                tail = os.pread(fin.fileno(), snapfile.TRAILER_SIZE + 1, data_len)
+            left = data_len
+            hashing: Future[None] | None = None
+            while left > 0:
+                chunk = fin.read(min(_COPY_CHUNK, left))
+                if not chunk:
+                    break
+                if hashing is not None:
+                    hashing.result()  # in order: the previous chunk is in the digest
+                hashing = pool.submit(h.update, chunk)
+                view = memoryview(chunk)
+                for at in range(0, len(chunk), _WRITE_PIECE):
+                    fout.write(view[at : at + _WRITE_PIECE])
+                left -= len(chunk)
+                progress.advance(len(chunk))
+            if hashing is not None:
+                hashing.result()
+            tail = fin.read(snapfile.TRAILER_SIZE + 1)
             fout.flush()
     except OSError as exc:
         raise from_os_error(exc, dest if exc.filename == str(dest) else src) from exc
@@ -426,92 +430,6 @@ def _copy_snapshot(vp: VerifiedPlan, dest: Path, progress: Progress) -> _Flush:
         else:
             vp.content = start_content_check(snap, digest, background=True)
     return flushing
-
-
-def _copy_in_kernel(
-    fin: BinaryIO, fout: BinaryIO, data_len: int, h: Hash, pool: ThreadPoolExecutor, progress: Progress
-) -> int | None:
-    """Copy the first ``data_len`` bytes of ``fin`` into the empty ``fout`` with
-    ``copy_file_range`` (the kernel copies page cache to page cache: no pass through this
-    process, which ``read`` + ``write`` make twice), and hash the *staged* bytes, chunk by
-    chunk behind the copy, on the pool's thread from a read-only map of ``fout`` (no copy
-    either; hashlib and the page faults run without the GIL). So the digest is of exactly
-    the bytes LMDB will open. Each hashed chunk's pages are unmapped again
-    (``MADV_DONTNEED``: the resident set stays at a chunk or two).
-
-    Returns the bytes not copied because the input ended early (0: all), or None when
-    the kernel cannot copy between these files (nothing was copied then)."""
-    try:
-        fd_in, fd_out = fin.fileno(), fout.fileno()
-    except (OSError, AttributeError, ValueError):
-        return None  # a stream, not a file (io.UnsupportedOperation)
-    if data_len < _COPY_CHUNK or not hasattr(os, "copy_file_range"):
-        return None
-    # The map needs the file's final size; copy_file_range then fills it in place.
-    os.ftruncate(fd_out, data_len)
-    with mmap.mmap(fd_out, data_len, access=mmap.ACCESS_READ) as mm, memoryview(mm) as staged:
-
-        def digest(lo: int, hi: int) -> None:
-            with staged[lo:hi] as piece:
-                h.update(piece)
-            start = lo - lo % mmap.PAGESIZE  # a short copy may leave ``lo`` unaligned
-            mm.madvise(mmap.MADV_DONTNEED, start, hi - start)
-
-        done = 0
-        hashing: Future[None] | None = None
-        try:
-            while done < data_len:
-                end = min(done + _COPY_CHUNK, data_len)
-                try:
-                    n = os.copy_file_range(fd_in, fd_out, end - done, done, done)
-                except OSError as exc:
-                    if done == 0 and exc.errno in _NO_KERNEL_COPY:
-                        os.ftruncate(fd_out, 0)
-                        return None
-                    raise
-                if n == 0:
-                    break  # the input is shorter than it was
-                if hashing is not None:
-                    hashing.result()  # in order: the previous chunk is in the digest
-                hashing = pool.submit(digest, done, done + n)
-                done += n
-                progress.advance(n)
-        finally:
-            if hashing is not None:
-                hashing.result()
-    if done < data_len:
-        os.ftruncate(fd_out, done)
-    return data_len - done
-
-
-#: ``copy_file_range`` errors that mean "not between these two files" (another file
-#: system type on an older kernel, a file system without it): copy through this process.
-_NO_KERNEL_COPY = frozenset({errno.EXDEV, errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP})
-
-
-def _copy_through(
-    fin: BinaryIO, fout: BinaryIO, data_len: int, h: Hash, pool: ThreadPoolExecutor, progress: Progress
-) -> int:
-    """``_copy_in_kernel`` through this process (a decompressing stream, or no kernel copy):
-    each chunk read is hashed on the pool's thread while this one writes it (in
-    ``_WRITE_PIECE`` pieces). Returns the bytes not copied (the input ended early)."""
-    left = data_len
-    hashing: Future[None] | None = None
-    while left > 0:
-        chunk = fin.read(min(_COPY_CHUNK, left))
-        if not chunk:
-            break
-        if hashing is not None:
-            hashing.result()  # in order: the previous chunk is in the digest
-        hashing = pool.submit(h.update, chunk)
-        view = memoryview(chunk)
-        for at in range(0, len(chunk), _WRITE_PIECE):
-            fout.write(view[at : at + _WRITE_PIECE])
-        left -= len(chunk)
-        progress.advance(len(chunk))
-    if hashing is not None:
-        hashing.result()
-    return left
 
 
 @dataclass(frozen=True, slots=True)
