@@ -147,10 +147,10 @@ class ChainWalk:
 
     ``verify_plan`` (``--dry-run``) walks it without decoding entries; ``apply_plan``
     replays the entries it decodes from the same bytes (``walk(ops=...)``, reported run
-    by run), so no segment is read or CRC-checked twice. A segment's checksum is compared when its walk ends, before the
-    next one starts; what was replayed from a file that then fails is in the staging
-    directory only, which the failing restore deletes. Only one segment's bytes are in
-    memory at a time.
+    by run), so no segment is read or CRC-checked twice. A segment's checksum is
+    compared when its walk ends, before the next one starts; what was replayed from a
+    file that then fails is in the staging directory only, which the failing restore
+    deletes. Only one segment's bytes are in memory at a time.
     """
 
     def __init__(
