@@ -175,6 +175,45 @@ def raw_lmdb(root: Path, snap: Path, wal_dir: Path, *, predecoded: bool) -> tupl
     return seconds, n
 
 
+def limit(root: Path, snap: Path, wal_dir: Path) -> tuple[float, float]:
+    """The issue's physical limit, as ``bench/run.py`` measures it: ``cp`` + ``sync`` of the
+    snapshot into a directory, then raw py-lmdb puts of the WAL's records (decoded before
+    the clock starts) into that copy, ``REPLAY_BATCH`` per transaction, same environment
+    flags as the restore's (``sync=True``, ``metasync=False``), and ``env.sync(True)``.
+    Returns (copy seconds, insert seconds)."""
+    records = [rec for p in sorted(wal_dir.glob("*.wal")) for rec, _s, _e in segment.scan(p).records]
+    dest = root / "limit"
+    dest.mkdir()
+    try:
+        t = time.perf_counter()
+        subprocess.run(["cp", str(snap), str(dest / "data.mdb")], check=True)
+        subprocess.run(["sync", str(dest / "data.mdb")], check=True)
+        t_cp = time.perf_counter() - t
+        env = lmdb.open(
+            str(dest),
+            map_size=max(1 << 30, snap.stat().st_size * 4),
+            max_dbs=4,
+            sync=True,
+            metasync=False,
+            readahead=False,
+        )
+        try:
+            kv = env.open_db(b"kv")
+            t = time.perf_counter()
+            for start in range(0, len(records), REPLAY_BATCH):
+                with env.begin(write=True, db=kv) as txn:
+                    for rec in records[start : start + REPLAY_BATCH]:
+                        for e in rec.entries:
+                            txn.put(e.key, e.value)
+            env.sync(True)
+            t_ins = time.perf_counter() - t
+        finally:
+            env.close()
+    finally:
+        shutil.rmtree(dest)
+    return t_cp, t_ins
+
+
 def copy_and_sync(root: Path, snap: Path) -> float:
     """Seconds for ``cp`` of the snapshot plus an fsync: the copy half of the floor."""
     dest = root / "cp-copy.db"
@@ -215,10 +254,14 @@ def ab(args: argparse.Namespace) -> int:
             snap, wal_dir = build_from_args(root, args)
         sides = ("A", "B")
         times: dict[str, list[float]] = {k: [] for k in sides}
+        cpu: dict[str, list[float]] = {k: [] for k in sides}
         rss: dict[str, list[float]] = {k: [] for k in sides}
         phases: dict[str, list[dict[str, float]]] = {k: [] for k in sides}
+        limits: list[tuple[float, float]] = []
         loads = [os.getloadavg()]
         for i in range(args.runs):
+            if args.limit:
+                limits.append(limit(root, snap, wal_dir))
             for side in sides if i % 2 == 0 else sides[::-1]:
                 # PYTHONPATH picks the package; the scratch dir as cwd keeps ``-m`` from
                 # putting this checkout first on sys.path for side A too.
@@ -226,7 +269,7 @@ def ab(args: argparse.Namespace) -> int:
                 env["PYTHONPATH"] = str(args.ab if side == "A" else Path(__file__).resolve().parents[1])
                 target = root / f"data-{side}-{i}"
                 cmd = [sys.executable, "-m", "unisondb", "restore", "--data-dir", str(target)]
-                cmd += ["--namespace", NS, "--snapshot", str(snap), "--json"]
+                cmd += ["--namespace", args.namespace, "--snapshot", str(snap), "--json"]
                 if args.records:
                     cmd += ["--wal", str(wal_dir)]
                 t = time.perf_counter()
@@ -241,8 +284,10 @@ def ab(args: argparse.Namespace) -> int:
                 if proc.returncode != 0:
                     print(proc.stderr, file=sys.stderr)
                     return 1
-                out, _, peak = proc.stdout.rpartition("\nPEAK ")
+                out, _, tail = proc.stdout.rpartition("\nPEAK ")
+                peak, used = tail.split()
                 rss[side].append(round(float(peak) / 1024, 1))
+                cpu[side].append(round(float(used), 2))
                 phases[side].append(json.loads(out)["summary"]["seconds"])
                 shutil.rmtree(target)
             loads.append(os.getloadavg())
@@ -254,6 +299,7 @@ def ab(args: argparse.Namespace) -> int:
             "walBytes": sum(p.stat().st_size for p in wal_dir.glob("*.wal")),
             "runs": args.runs,
             "wallSeconds": times,
+            "cpuSeconds": cpu,
             "peakRssMiB": rss,
             "phases": phases,
             "medianA": round(med["A"], 3),
@@ -261,16 +307,26 @@ def ab(args: argparse.Namespace) -> int:
             "ratioBoverA": round(med["B"] / med["A"], 3),
             "loadavg": loads,
         }
+        if limits:
+            # Each round's limit next to that round's restores; the goal ratio of a side is
+            # its median wall time over the median limit.
+            floor = statistics.median(c + n for c, n in limits)
+            result["limitSeconds"] = [[round(c, 3), round(n, 3)] for c, n in limits]
+            result["limitMedian"] = round(floor, 3)
+            result["goalRatioA"] = round(med["A"] / floor, 3)
+            result["goalRatioB"] = round(med["B"] / floor, 3)
         print(json.dumps(result, indent=1))
         return 0
     finally:
         shutil.rmtree(root, ignore_errors=True)
 
 
-#: Runs the command, then prints the peak RSS (KiB) of its process tree's largest member.
+#: Runs the command, then prints the peak RSS (KiB) of its process tree's largest member
+#: and the CPU seconds (user + system) of the whole tree.
 _RSS_WRAPPER = (
     "import resource, subprocess, sys; p = subprocess.run(sys.argv[1:]); "
-    "print('\\nPEAK', resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss); "
+    "r = resource.getrusage(resource.RUSAGE_CHILDREN); "
+    "print('\\nPEAK', r.ru_maxrss, r.ru_utime + r.ru_stime); "
     "sys.exit(p.returncode)"
 )
 
@@ -298,6 +354,16 @@ def main() -> int:
         "worktree of main) and with this checkout, interleaved, --runs times each",
     )
     ap.add_argument("--runs", type=int, default=3)
+    ap.add_argument(
+        "--namespace",
+        default=NS,
+        help="with --input: the input's namespace (bench/run.py's inputs are 'default')",
+    )
+    ap.add_argument(
+        "--limit",
+        action="store_true",
+        help="with --ab: also measure the issue's limit (cp + sync, raw py-lmdb insert) once per round",
+    )
     ap.add_argument(
         "--input",
         type=Path,

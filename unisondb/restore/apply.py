@@ -57,12 +57,12 @@ from unisondb.restore.inventory import (
 )
 from unisondb.restore.progress import Progress
 from unisondb.restore.timeline import Link
-from unisondb.restore.verify import BEGIN, END, RECORD, ChainWalk, VerifiedPlan, checksum_warnings
+from unisondb.restore.verify import BEGIN, END, RUN, ChainWalk, Run, VerifiedPlan, checksum_warnings
 from unisondb.storage import fingerprint, fsutil, layout, lmdbfile, mapped, segment, snapfile
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.history import Lineage
 from unisondb.storage.lockfile import NamespaceLock
-from unisondb.storage.record import Record
+from unisondb.storage.walk import Op
 
 #: Records per LMDB transaction while replaying (bounded also by REPLAY_BATCH_BYTES).
 REPLAY_BATCH = 100_000
@@ -473,8 +473,10 @@ def _replay(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
     """Replay the plan's WAL into the staged B-tree and start the new history.
 
     Every segment is read once: ``ChainWalk`` hashes it, checks its sidecar, walks its
-    records (CRC, LSN contiguity, footer, anchor, time target) and yields the decoded
-    records this loop applies, from the same bytes.
+    records (CRC, LSN contiguity, footer, anchor, time target) and decodes the entries
+    of those to replay, from the same bytes, into flat (key, value) pairs
+    (``Walk.records(ops=...)``: no object per record), which this loop gathers run by run
+    into transactions (``BTree.apply_ops``).
 
     Safety of ``sync=False`` (``BTree(durable=False)``) and of replaying records whose
     file is still being checked: the staged directory is ``.restore-<ns>-<hex>``, which
@@ -516,18 +518,21 @@ def _replay_chain(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
         proven: int | None = cp.applied_lsn
         boundaries = 0
         last_lsn = cp.applied_lsn
-        batch: list[Record] = []
-        size = 0
-        where: tuple[Link, int] | None = None
+        # ``ops``: what the walk appends (the entries of the records of the next run);
+        # ``batch``: the entries of the records of the transaction being gathered.
+        ops: list[Op] = []
+        batch: list[Op] = []
+        records = size = 0
+        where: tuple[Link, Run] | None = None
         chain = ChainWalk(plan, [s.link for s in vp.steps], end_lsn=None if vp.deferred else vp.end_lsn)
 
         def flush() -> None:
-            nonlocal cp, batch, size
-            if batch:
+            nonlocal cp, batch, records, size
+            if records:
                 assert where is not None
                 cp = _apply_batch(btree, batch, cp, *where, release)
-                progress.advance(len(batch))
-                batch, size = [], 0
+                progress.advance(records)
+                batch, records, size = [], 0, 0
 
         # LMDB maps the whole file; the pages the replay reads would stay in this
         # process's RSS (up to the B-tree's size): they are given back to the page cache
@@ -536,18 +541,22 @@ def _replay_chain(vp: VerifiedPlan, db_dir: Path, progress: Progress) -> Proof:
         def release() -> None:
             pages.release_over(RELEASE_ABOVE, btree.map_size)
 
-        for kind, link, rec, start, end in chain.walk(decode=True):
-            if kind == RECORD:
-                assert rec is not None
-                if rec.lsn != last_lsn + 1:
+        for kind, link, run in chain.walk(ops=ops):
+            if kind == RUN:
+                assert run is not None
+                if run.first_lsn != last_lsn + 1:
                     raise BackupCorrupt(
-                        f"{link.segment.path}: LSN {rec.lsn} where {last_lsn + 1} was expected"
+                        f"{link.segment.path}: LSN {run.first_lsn} where {last_lsn + 1} was expected"
                     )
-                batch.append(rec)
-                size += max(end - start, _PAGE)
-                where = (link, end)
-                last_lsn = rec.lsn
-                if len(batch) >= REPLAY_BATCH or size >= REPLAY_BATCH_BYTES:
+                batch += ops
+                ops.clear()
+                records += run.records
+                # Each record counted as at least a page (REPLAY_BATCH_BYTES): its bytes
+                # plus a page bounds max(its bytes, a page).
+                size += run.end - run.start + run.records * _PAGE
+                where = (link, run)
+                last_lsn = run.last_lsn
+                if records >= REPLAY_BATCH or size >= REPLAY_BATCH_BYTES:
                     flush()
                 continue
             seg = link.segment
@@ -631,11 +640,11 @@ def _prove(cp: Checkpoint, recorded: bytes, seg: SegmentMeta, where: str) -> Non
 
 
 def _apply_batch(
-    btree: BTree, batch: list[Record], cp: Checkpoint, link: Link, end: int, release: Callable[[], None]
+    btree: BTree, batch: list[Op], cp: Checkpoint, link: Link, last: Run, release: Callable[[], None]
 ) -> Checkpoint:
-    last = batch[-1]
-    cp = cp.advance(last.lsn, link.segment.segment_id, end, last.time_ns)
-    return btree.apply(batch, cp, every=(RELEASE_RECORDS, release))
+    """Apply the entries of the records up to the end of ``last`` (in ``link``)."""
+    cp = cp.advance(last.last_lsn, link.segment.segment_id, last.end, last.time_ns)
+    return btree.apply_ops(batch, cp, every=(RELEASE_RECORDS, release))
 
 
 # --- atomic directory publication ---

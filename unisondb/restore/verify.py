@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import NamedTuple
 
 from unisondb.errors import CorruptLog, LsnGap, UnisonDBError
 from unisondb.restore import sources
@@ -59,8 +60,7 @@ from unisondb.restore.timeline import (
 )
 from unisondb.storage import history as hist
 from unisondb.storage import segment
-from unisondb.storage.record import Record
-from unisondb.storage.walk import Walk
+from unisondb.storage.walk import Op, Walk
 
 
 @dataclass(frozen=True, slots=True)
@@ -112,10 +112,31 @@ def _reason(exc: CorruptLog) -> str:
     return exc.message.removeprefix(prefix)
 
 
-#: ``ChainWalk.walk`` events: the first record of a step is next; a record; a step is done.
-BEGIN, RECORD, END = 0, 1, 2
-#: (kind, link, record or None, record start offset, record end offset).
-Event = tuple[int, Link, "Record | None", int, int]
+#: ``ChainWalk.walk`` events: the first record of a step is next; a run of records; a step
+#: is done.
+BEGIN, RUN, END = 0, 1, 2
+#: Records per ``RUN`` event at most (a step's last run may be shorter).
+RUN_RECORDS = 256
+
+
+class Run(NamedTuple):
+    """Consecutive records of one step, reported by a ``RUN`` event."""
+
+    first_lsn: int
+    last_lsn: int
+    #: Time of the last record.
+    time_ns: int
+    #: Offsets in the segment: where the first record starts, where the last one ends.
+    start: int
+    end: int
+
+    @property
+    def records(self) -> int:
+        return self.last_lsn - self.first_lsn + 1
+
+
+#: (kind, link, the run for ``RUN``, else None).
+Event = tuple[int, Link, "Run | None"]
 
 
 class ChainWalk:
@@ -125,11 +146,11 @@ class ChainWalk:
     footer), the snapshot's anchor record, and the ``--target-time`` cut.
 
     ``verify_plan`` (``--dry-run``) walks it without decoding entries; ``apply_plan``
-    replays the decoded records it yields from the same bytes, so no segment is read or
-    CRC-checked twice. A segment's checksum is compared when its walk ends, before the
-    next one starts; what was replayed from a file that then fails is in the staging
-    directory only, which the failing restore deletes. Only one segment's bytes are in
-    memory at a time.
+    replays the entries it decodes from the same bytes (``walk(ops=...)``, reported run
+    by run), so no segment is read or CRC-checked twice. A segment's checksum is
+    compared when its walk ends, before the next one starts; what was replayed from a
+    file that then fails is in the staging directory only, which the failing restore
+    deletes. Only one segment's bytes are in memory at a time.
     """
 
     def __init__(
@@ -148,13 +169,17 @@ class ChainWalk:
         self.end_lsn: int | None = plan.end_lsn if end_lsn is None else end_lsn
         self.end_time_ns = cp.time_ns
 
-    def walk(self, *, decode: bool) -> Iterator[Event]:
-        """Events (see ``BEGIN``/``RECORD``/``END``); records are decoded with ``decode``."""
+    def walk(self, *, ops: list[Op] | None = None) -> Iterator[Event]:
+        """Events (see ``BEGIN``/``RUN``/``END``). ``ops`` (a replay): the entries of the
+        records to replay are appended to it (``Walk.records(ops=...)``), those of each
+        ``RUN`` before the event; the caller takes them out at each ``RUN`` (at ``BEGIN``
+        the list may already hold the step's first record)."""
         plan = self.plan
         cp = plan.snapshot.checkpoint
         target_time = plan.target.time_ns if plan.target.kind == "time" else None
         anchor = plan.anchor
         anchor_done = anchor is None
+        anchor_lsn = cp.applied_lsn
         with ThreadPoolExecutor(1, thread_name_prefix="restore-sha256") as pool:
             for link in self.links:
                 seg = link.segment
@@ -166,22 +191,33 @@ class ChainWalk:
                 begun = False
                 cut: int | None = None
                 last_time = self.end_time_ns
-                lo, hi = (link.from_lsn, link.to_lsn) if decode else (1, 0)
+                from_lsn, to_lsn = link.from_lsn, link.to_lsn
+                lo, hi = (from_lsn, to_lsn) if ops is not None else (1, 0)
+                # The run being gathered: its first and last LSN, start and end offsets,
+                # and how many records it still takes.
+                first = last = run_start = run_end = 0
+                room = RUN_RECORDS
                 try:
-                    for lsn, t, start, end, rec in w.records(lo, hi):
-                        if is_anchor and lsn == cp.applied_lsn:
+                    for lsn, t, start, end, _rec in w.records(lo, hi, ops=ops, ops_until_ns=target_time):
+                        if is_anchor and lsn == anchor_lsn:
                             _check_anchor(plan, seg.path, end, t)
                             anchor_seen = True
-                        if cut is not None or not link.from_lsn <= lsn <= link.to_lsn:
+                        if cut is not None or not from_lsn <= lsn <= to_lsn:
                             continue
                         if target_time is not None and t > target_time:
                             cut = lsn  # the rest of the file is still walked (CRC, footer)
                             continue
                         if not begun:
-                            yield BEGIN, link, None, 0, 0
+                            yield BEGIN, link, None
                             begun = True
-                        yield RECORD, link, rec, start, end
-                        last_time = t
+                            first, run_start = lsn, start
+                        last, last_time, run_end = lsn, t, end
+                        room -= 1
+                        if not room:
+                            yield RUN, link, Run(first, lsn, t, run_start, end)
+                            first, run_start, room = lsn + 1, end, RUN_RECORDS
+                    if room != RUN_RECORDS:
+                        yield RUN, link, Run(first, last, last_time, run_start, run_end)
                 except CorruptLog as exc:
                     self._sidecar(seg, hashing)  # a checksum mismatch says it first
                     raise _damaged(seg.path, exc.offset, _reason(exc)) from None
@@ -204,11 +240,11 @@ class ChainWalk:
                         self.end_time_ns = last_time
                         step = ReplayStep(Link(seg, link.from_lsn, cut - 1), digest, w.file_size)
                         self.steps.append(step)
-                        yield END, step.link, None, 0, 0
+                        yield END, step.link, None
                     break
                 self.end_time_ns = last_time
                 self.steps.append(ReplayStep(link, digest, w.file_size))
-                yield END, link, None, 0, 0
+                yield END, link, None
             if not anchor_done:
                 assert anchor is not None
                 self._check_anchor_segment(anchor, pool)
@@ -224,7 +260,7 @@ class ChainWalk:
 
     def run(self) -> None:
         """Walk every segment without replaying (verification only)."""
-        for _event in self.walk(decode=False):
+        for _event in self.walk():
             pass
 
     def _open(self, seg: SegmentMeta, data: bytes, hashing: Future[str]) -> Walk:

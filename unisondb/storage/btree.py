@@ -381,6 +381,49 @@ class BTree:
         self._write(body)
         return written[0]
 
+    def apply_ops(
+        self,
+        ops: list[tuple[bytes, bytes | None]],
+        checkpoint: Checkpoint,
+        *,
+        every: tuple[int, Callable[[], None]] | None = None,
+    ) -> Checkpoint:
+        """``apply`` for a restore's replay: the entries of consecutive records as one flat
+        list of (key, value) pairs, value None for a delete (``walk.Walk.records(ops=...)``),
+        so that no object is built per record. The same single transaction, fingerprint
+        (the old value of every key from the same transaction) and returned checkpoint as
+        ``apply``; ``every=(n, fn)`` runs ``fn()`` after each ``n`` entries."""
+        written: list[Checkpoint] = []
+        step = max(len(ops) if every is None else every[0], 1)
+
+        def body(txn: Any) -> None:
+            fp = Fingerprint(checkpoint.fp_state)
+            # A cursor's replace/pop: the transaction's own go through a new cursor and
+            # keyword parsing on every call (measured ~40 % slower per put).
+            cursor = txn.cursor(db=self._kv)
+            put, pop = cursor.replace, cursor.pop
+            removed: list[tuple[bytes, bytes]] = []
+            deletes = False
+            for at in range(0, len(ops), step):
+                for key, value in ops[at : at + step]:
+                    if value is None:
+                        old = pop(key)
+                        deletes = True
+                    else:
+                        old = put(key, value)
+                    if old is not None:
+                        removed.append((key, old))
+                if every is not None:
+                    every[1]()
+            added = [(k, v) for k, v in ops if v is not None] if deletes else ops
+            fp.change(added, removed)  # type: ignore[arg-type]  # no None left in ``added``
+            cp = replace(checkpoint, fp_state=fp.state())
+            txn.put(CHECKPOINT_KEY, cp.encode(), db=self._meta)
+            written[:] = [cp]
+
+        self._write(body)
+        return written[0]
+
     def scan_fingerprint(self) -> tuple[Fingerprint, Checkpoint]:
         """Fingerprint computed from every pair, and the checkpoint, in one read transaction."""
         with self._rw.read(), self.env.begin() as txn:

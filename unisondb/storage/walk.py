@@ -50,8 +50,11 @@ SEGMENT_FOOTER_SIZE = 80
 SEALED_HINT = "restore this segment from a backup copy (unisondb backup verify names the good copies)"
 
 #: One walked record: (lsn, time_ns, start offset, end offset, the decoded record or None
-#: when it was only CRC-checked).
+#: when it was only CRC-checked or decoded into ``ops``).
 Item = tuple[int, int, int, int, "Record | None"]
+#: One entry of a record decoded for a bulk apply (``Walk.records(ops=...)``): (key, value)
+#: for a put, (key, None) for a delete.
+Op = tuple[bytes, "bytes | None"]
 
 
 class Walk:
@@ -84,14 +87,29 @@ class Walk:
         self.tail_is_midlog = False
         self.tail_offset: int | None = None
 
-    def records(self, decode_from: int = 0, decode_to: int | None = None) -> Iterator[Item]:
+    def records(
+        self,
+        decode_from: int = 0,
+        decode_to: int | None = None,
+        *,
+        ops: list[Op] | None = None,
+        ops_until_ns: int | None = None,
+    ) -> Iterator[Item]:
         """Every valid record, in order; those with ``decode_from <= lsn <= decode_to``
         fully decoded (entries too), the others CRC-checked only. Raises ``CorruptLog``
-        as the module docstring says; the footer is checked when the iteration ends."""
+        as the module docstring says; the footer is checked when the iteration ends.
+
+        ``ops`` (a replay): the decoded records' entries are appended to this list as
+        ``Op`` pairs instead of being built into ``Record`` objects (the items then carry
+        None), so applying a record costs no object beyond its key and value. Each
+        record's entries are appended before its item is yielded. ``ops_until_ns``: from
+        the first decoded record whose time is after it on, records are entry-checked
+        but not appended (a restore's ``--target-time`` cut)."""
         view, end, path = self._view, self.end, self.path
         sealed = self.footer is not None
         pos, expected = SEGMENT_HEADER_SIZE, self.header.first_lsn
         stop_decode = expected + (1 << 62) if decode_to is None else decode_to
+        until = (1 << 64) if ops_until_ns is None else ops_until_ns
         crc_fn = crc32c.crc32c
         unpack_head, unpack_body = record.HEADER.unpack_from, record.BODY_FIXED.unpack_from
         head, min_body, max_body, op_write = (
@@ -103,6 +121,12 @@ class Walk:
         decode = record.decode
         entries = _entries
         raw = self._bytes if self._bytes is not None else view
+        # The inline path slices ``bytes`` (a key or value is then one copy).
+        sliced_bytes = self._bytes is not None
+        data: bytes = self._bytes if self._bytes is not None else b""
+        append = ops.append if ops is not None else None
+        unpack_entry, entry_size = _ENTRY, _ENTRY_SIZE
+        put, delete = int(record.EntryKind.PUT), int(record.EntryKind.DELETE)
         tmin, tmax = 0, 0
         try:
             while pos < end:
@@ -121,11 +145,34 @@ class Walk:
                     lsn, time_ns, op, count = unpack_body(view, pos + head)
                     ok = op == op_write
                 if ok and decode_from <= expected <= stop_decode:
-                    got = entries(raw, view, pos + head + min_body, nxt, count)
-                    if got is None:
-                        ok = False
+                    at = pos + head + min_body
+                    if append is None or time_ns > until:
+                        got = entries(raw, view, at, nxt, count)
+                        if got is None:
+                            ok = False
+                        elif append is None:
+                            rec = _new(Record, (lsn, time_ns, got, op_write))
+                        else:
+                            until = -1  # the cut: no later record is appended either
+                    elif count == 1 and at + entry_size <= nxt and sliced_bytes:
+                        # The common record, one put or delete: ``_entries``' checks inline.
+                        kind, klen, vlen = unpack_entry(view, at)
+                        at += entry_size
+                        if at + klen + vlen != nxt:
+                            ok = False
+                        elif kind == put:
+                            append((data[at : at + klen], data[at + klen : nxt]))
+                        elif kind == delete:
+                            append((data[at : at + klen], None))
+                        else:
+                            ok = False
                     else:
-                        rec = _new(Record, (lsn, time_ns, got, op_write))
+                        got = entries(raw, view, at, nxt, count)
+                        if got is None:
+                            ok = False
+                        else:
+                            for e in got:
+                                append((e.key, e.value if e.kind == put else None))
                 if not ok:
                     try:
                         decode(view, pos)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from unisondb.config import EngineConfig
@@ -73,3 +74,37 @@ def test_snapshot_leaves_half_the_map_free_for_writes_during_the_copy(tmp_path: 
         assert bt.map_size >= 2 * used
     finally:
         bt.close()
+
+
+def test_apply_ops_equals_apply(tmp_path: Path) -> None:
+    # The restore's bulk apply (flat entries, ``walk.Walk.records(ops=...)``) writes the
+    # same data and the same checkpoint as ``apply`` of the records: overwrites, deletes
+    # of present and absent keys, a key put twice in one transaction, an empty value.
+    recs = [
+        Record(1, 10, (Entry(EntryKind.PUT, b"a", b"1"), Entry(EntryKind.PUT, b"b", b"2"))),
+        Record(2, 11, (Entry(EntryKind.PUT, b"a", b"3"),)),
+        Record(3, 12, (Entry(EntryKind.DELETE, b"b"), Entry(EntryKind.DELETE, b"zz"))),
+        Record(4, 13, (Entry(EntryKind.PUT, b"c", b""), Entry(EntryKind.PUT, b"c", b"4"))),
+        Record(5, 14, (Entry(EntryKind.PUT, b"d", b"5"),)),
+    ]
+    start = Checkpoint(0, 1, 100, 1, 9)
+    one = BTree(tmp_path / "one", map_size=1 << 20)
+    two = BTree(tmp_path / "two", map_size=1 << 20)
+    try:
+        cp_one = one.apply([Record(0, 1, (Entry(EntryKind.PUT, b"a", b"0"),))], start)
+        cp_two = two.apply([Record(0, 1, (Entry(EntryKind.PUT, b"a", b"0"),))], start)
+        end = Checkpoint(5, 2, 300, 1, 14)
+        calls: list[int] = []
+        cp_one = one.apply(recs, replace(end, fp_state=cp_one.fp_state))
+        ops = [(e.key, e.value if e.kind == EntryKind.PUT else None) for r in recs for e in r.entries]
+        cp_two = two.apply_ops(
+            ops, replace(end, fp_state=cp_two.fp_state), every=(3, lambda: calls.append(1))
+        )
+        assert cp_two == cp_one == two.read_checkpoint()
+        assert list(two.items()) == list(one.items()) == [(b"a", b"3"), (b"c", b"4"), (b"d", b"5")]
+        assert two.scan_fingerprint()[0].state() == cp_two.fp_state
+        assert len(calls) == 3  # after entries 3, 6 and the last (8)
+        assert two.apply_ops([], cp_two) == cp_two
+    finally:
+        one.close()
+        two.close()

@@ -84,3 +84,66 @@ def test_malformed_entries_are_refused_with_the_decoders_reason(
     sealed = Walk(tmp_path / "x.wal", data + footer.encode(), header, footer)
     with pytest.raises(CorruptLog, match=reason):
         list(sealed.records())
+
+
+def _as_ops(records: list[list[Entry]]) -> list[tuple[bytes, bytes | None]]:
+    return [(e.key, e.value if e.kind == EntryKind.PUT else None) for ents in records for e in ents]
+
+
+@settings(max_examples=60, deadline=None, database=None)
+@given(records=RECORDS, as_view=st.booleans(), lo=st.integers(0, 14), span=st.integers(0, 14))
+def test_ops_are_the_decoded_entries_of_the_decoded_records(
+    records: list[list[Entry]], as_view: bool, lo: int, span: int
+) -> None:
+    # The replay's decode (``ops``): the same entries as the records ``record.decode``
+    # gives, for the same LSN range, flat and in order; every record still walked.
+    data = _unsealed(5, [record.encode(5 + i, 100 + i, ents) for i, ents in enumerate(records)])
+    header = segment.decode_header(data, Path("x.wal"))
+    ops: list[tuple[bytes, bytes | None]] = []
+    got = list(
+        Walk(Path("x.wal"), memoryview(data) if as_view else data, header, None).records(
+            lo, lo + span, ops=ops
+        )
+    )
+    assert [item[:4] for item in got] == [
+        item[:4] for item in Walk(Path("x.wal"), data, header, None).records()
+    ]
+    assert all(item[4] is None for item in got)
+    assert ops == _as_ops([ents for i, ents in enumerate(records) if lo <= 5 + i <= lo + span])
+    assert all(type(k) is bytes and (v is None or type(v) is bytes) for k, v in ops)
+
+
+def test_ops_stop_at_the_first_record_after_the_time_bound() -> None:
+    # A ``--target-time`` cut: the record after the bound and every one after it (even an
+    # earlier time: the cut is where the time is first passed) are not appended.
+    ents = [[Entry(EntryKind.PUT, b"k%d" % i, b"v")] for i in range(5)]
+    times = [10, 20, 30, 25, 40]
+    data = _unsealed(
+        1, [record.encode(1 + i, t, e) for i, (t, e) in enumerate(zip(times, ents, strict=True))]
+    )
+    header = segment.decode_header(data, Path("x.wal"))
+    ops: list[tuple[bytes, bytes | None]] = []
+    got = list(Walk(Path("x.wal"), data, header, None).records(1, 5, ops=ops, ops_until_ns=20))
+    assert len(got) == 5
+    assert ops == [(b"k0", b"v"), (b"k1", b"v")]
+
+
+@pytest.mark.parametrize(
+    ("entries", "reason"),
+    [
+        (struct.pack("<BHI", 3, 1, 0) + b"k", "malformed entry"),
+        (struct.pack("<BHI", 1, 5, 0) + b"k", "malformed entry"),
+        (struct.pack("<BHI", 1, 1, 0) + b"kx", "trailing bytes inside record"),
+        (b"\x01\x01", "entry header runs past record end"),
+    ],
+)
+def test_ops_refuse_malformed_entries_and_append_nothing_of_them(entries: bytes, reason: str) -> None:
+    good = record.encode(1, 1, [Entry(EntryKind.PUT, b"a", b"1")])
+    body = record.BODY_FIXED.pack(2, 2, record.OP_WRITE, 1) + entries
+    data = _unsealed(1, [good, _with_crc(body)])
+    header = segment.decode_header(data, Path("x.wal"))
+    w = Walk(Path("x.wal"), data, header, None)
+    ops: list[tuple[bytes, bytes | None]] = []
+    assert [item[0] for item in w.records(ops=ops)] == [1]
+    assert ops == [(b"a", b"1")]
+    assert w.tail_error == f"{reason} at offset {segment.HEADER_SIZE + len(good)}"
