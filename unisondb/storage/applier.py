@@ -70,8 +70,9 @@ class Applier:
         self._interval = interval
         #: ``IDLE_GAP`` (tests that hold LMDB behind on purpose make it long).
         self.idle_gap = IDLE_GAP
-        #: ``time.monotonic()`` when the last transaction began (0: none yet).
-        self._last_commit = 0.0
+        #: ``time.monotonic()`` when the last transaction began (-inf: none yet; not 0,
+        #: which is a real monotonic time, less than ``interval`` after boot).
+        self._last_commit = float("-inf")
         #: Callers inside ``wait_applied`` (they make the next transaction start at once).
         self._waiters = 0
         self._on_error = on_error
