@@ -17,7 +17,8 @@ the runs; every process is stopped by its PID. Needs ``hey`` and ``etcd``
 ``--engine`` measures the engine alone, in this process, the way the HTTP layer drives it:
 one uvloop event loop (the server's), ``--conns`` coroutines each awaiting ``engine.submit_async(...)`` of one
 100-byte PUT in turn (``asyncio.wrap_future(engine.submit(...))`` with ``--wrap-future`` or
-where ``submit_async`` does not exist), ``--seconds`` per run; it prints writes/s, writes
+where ``submit_async`` does not exist) of one key (``--keys N``: N keys, 0: a new key per
+write), ``--seconds`` per run; it prints writes/s, writes
 per WAL fsync, LMDB transactions per second and the process's CPU per write (the figure
 that a loaded machine disturbs least). It imports ``unisondb`` from ``sys.path``, so an A/B
 against another checkout is ``PYTHONPATH=<checkout> python bench/bench_writepath.py --engine``
@@ -129,7 +130,9 @@ def thread_cpu() -> dict[str, float]:
     return out
 
 
-def engine_rate(seconds: float, conns: int, flags: dict[str, object], wrap: bool) -> dict[str, float]:
+def engine_rate(
+    seconds: float, conns: int, flags: dict[str, object], wrap: bool, keys: int = 1
+) -> dict[str, float]:
     """One in-process run (``--engine``): see the module docstring."""
     import asyncio
     import time
@@ -141,11 +144,16 @@ def engine_rate(seconds: float, conns: int, flags: dict[str, object], wrap: bool
     with tempfile.TemporaryDirectory(prefix="unisondb-engine-", dir=os.environ.get("BENCH_DIR")) as d:
         eng = Engine.open(Path(d), NS, EngineConfig(**flags))  # type: ignore[arg-type]
         entry = [Entry(EntryKind.PUT, KEY, VALUE)]
+        serial = iter(range(1 << 62))
 
         async def client(until: float, counts: list[int]) -> None:
+            nonlocal entry
             loop = asyncio.get_running_loop()
             direct = hasattr(eng, "submit_async") and not wrap
             while time.monotonic() < until:
+                if keys != 1:  # --keys: many keys (0: a new one per write)
+                    n = next(serial)
+                    entry = [Entry(EntryKind.PUT, KEY + b"%d" % (n % keys if keys else n), VALUE)]
                 if direct:
                     await eng.submit_async(entry, loop)
                 else:
@@ -195,7 +203,9 @@ def engine_main(args: argparse.Namespace) -> int:
         k, _, v = spec.partition("=")
         flags[k] = type(getattr(__import__("unisondb.storage.options").storage.options.EngineConfig(), k))(v)
     load = os.getloadavg()[0]
-    rows = [engine_rate(args.seconds, args.conns, flags, args.wrap_future) for _ in range(args.runs)]
+    rows = [
+        engine_rate(args.seconds, args.conns, flags, args.wrap_future, args.keys) for _ in range(args.runs)
+    ]
     for r in rows:
         print(
             f"  {r['rate']:,.0f} writes/s, {r['writes_per_fsync']:.1f} writes/fsync, "
@@ -205,7 +215,8 @@ def engine_main(args: argparse.Namespace) -> int:
         )
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     print(
-        f"engine {args.conns} conns {flags or ''}{' wrap_future' if args.wrap_future else ''}: "
+        f"engine {args.conns} conns {flags or ''}{' wrap_future' if args.wrap_future else ''}"
+        f"{f' keys={args.keys}' if args.keys != 1 else ''}: "
         f"median {med['rate']:,.0f} writes/s, "
         f"{med['writes_per_fsync']:.1f} writes/fsync, {med['lmdb_txns_per_s']:,.0f} LMDB txns/s, "
         f"{med['cpu_us_per_write']:.0f} us CPU/write "
@@ -221,6 +232,9 @@ def main() -> int:
         "--wrap-future",
         action="store_true",
         help="--engine: asyncio.wrap_future(submit()) even where submit_async exists",
+    )
+    ap.add_argument(
+        "--keys", type=int, default=1, help="--engine: keys written (1: one, as over HTTP; 0: new per write)"
     )
     ap.add_argument("--switch-interval", type=float, default=0.0, help="--engine: sys.setswitchinterval")
     ap.add_argument(

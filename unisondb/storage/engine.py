@@ -107,6 +107,8 @@ log = structlog.get_logger(__name__)
 
 #: Groups over which the peak number of writers in flight is remembered (adaptive commit).
 _CONCURRENCY_GROUPS = 64
+#: ``Engine._wake_at`` while the writer thread is not waiting: no write needs to wake it.
+_BUSY = 1 << 62
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,6 +265,8 @@ class Engine:
         self._peak_now = 0
         self._peak_prev = 0
         self._peak_groups = 0
+        #: Queued writes at which ``_enqueue`` wakes the writer (``_BUSY``: it is not waiting).
+        self._wake_at = _BUSY
         #: Test seam: while set the writer takes no group (``pause_writer``).
         self._writer_paused = False
         #: ``ack="wal"``: acknowledged records not yet in LMDB, and the thread applying them.
@@ -588,13 +592,21 @@ class Engine:
                 )
             if self._stalled is not None and req.command not in ("retry", "housekeep"):
                 raise self._refusal(self._stalled)  # 507 at once; reads go on
-            self._queue.append(req)
-            if req.entries is not None:
-                self.stats.ops_received += 1
-                inflight = len(self._queue) + self._committing
-                if inflight > self._peak_now:
-                    self._peak_now = inflight
-            self._cond.notify()
+            queue = self._queue
+            queue.append(req)
+            if req.entries is None:
+                self._cond.notify()  # a command ends any wait at once
+                return
+            self.stats.ops_received += 1
+            inflight = len(queue) + self._committing
+            if inflight > self._peak_now:
+                self._peak_now = inflight
+            # Wake the writer only when it waits for this many queued writes (one while it
+            # idles; the writers still missing from its group inside the window; never
+            # while it is busy: it looks at the queue before it waits again). A wake-up per
+            # write cost a futex call here and a GIL hand-off to the writer for each.
+            if len(queue) >= self._wake_at:
+                self._cond.notify()
 
     def write(self, entries: tuple[Entry, ...] | list[Entry]) -> int:
         return self.submit(entries).result()
@@ -813,7 +825,9 @@ class Engine:
         while True:
             with self._cond:
                 while (not self._queue or self._writer_paused) and not self._closing:
+                    self._wake_at = 1
                     self._cond.wait(timeout=self._idle_timeout())
+                    self._wake_at = _BUSY
                     if not self._queue and not self._writer_paused:
                         break
                 if not self._queue and self._closing:
@@ -855,7 +869,9 @@ class Engine:
             remaining = deadline - self.clock()
             if remaining <= 0:
                 break
+            self._wake_at = target - len(group)  # (the queue is empty here)
             self._cond.wait(remaining)
+            self._wake_at = _BUSY
         self.stats.group_waits += 1
         self.stats.group_wait_seconds += self.clock() - started
 

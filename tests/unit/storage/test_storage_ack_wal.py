@@ -303,3 +303,48 @@ def test_a_seal_applies_the_table_even_while_the_applier_is_paused(
     assert eng.applied_lsn < eng.last_lsn  # paused again for what no seal needs
     eng.resume_applier()
     assert eng.catch_up(timeout=30) and eng.applied_lsn == eng.last_lsn == 66
+
+
+def test_a_transaction_of_rewritten_keys_leaves_the_state_and_fingerprint_of_every_write(
+    open_engine: Callable[..., Engine], tmp_path: Path
+) -> None:
+    """The applier writes only the last entry of each key of a transaction (puts over puts,
+    deletes of new and old keys, batches): LMDB, its fingerprint and a full scan must be
+    what applying every write in turn gives (an ``ack="lmdb"`` engine, which does)."""
+    rng = random.Random(11)
+    eng = open_engine(ACK_WAL)
+    ref = Engine.open(tmp_path / "ref", NS, EngineConfig(ack="lmdb"))
+    try:
+        writes: list[list[Entry]] = [[Entry(EntryKind.PUT, b"k%d" % i, b"old%d" % i)] for i in range(4)]
+        for _ in range(300):
+            n = rng.choice([1, 1, 1, 3])
+            writes.append(
+                [
+                    Entry(EntryKind.PUT, b"k%d" % rng.randrange(6), b"v%d" % rng.randrange(10**6))
+                    if rng.random() < 0.7
+                    else Entry(EntryKind.DELETE, b"k%d" % rng.randrange(6))
+                    for _ in range(n)
+                ]
+            )
+        for w in writes[:4]:
+            eng.write(w)
+            ref.write(w)
+        assert eng.catch_up()
+        assert eng._applier is not None
+        txns = eng._applier.transactions
+        eng.pause_applier()
+        for w in writes[4:]:
+            eng.write(w)
+            ref.write(w)
+        eng.resume_applier()
+        assert eng.catch_up()
+        assert eng._applier.transactions == txns + 1  # all 300 in one transaction
+        cp, rcp = eng.btree.read_checkpoint(), ref.btree.read_checkpoint()
+        assert cp.applied_lsn == rcp.applied_lsn == len(writes)
+        assert cp.fingerprint == rcp.fingerprint
+        scanned, _ = eng.btree.scan_fingerprint()
+        assert scanned.state() == cp.fp_state
+        for i in range(6):
+            assert eng.btree.get(b"k%d" % i) == ref.btree.get(b"k%d" % i)
+    finally:
+        ref.close()
