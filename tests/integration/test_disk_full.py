@@ -289,6 +289,9 @@ def test_enospc_during_a_snapshot_is_507_leaves_nothing_and_the_namespace_keeps_
     with srv.client() as c:
         for i in range(12):
             assert c.put(f"/api/v1/default/kv/k{i}", json=_b64(os.urandom(100_000))).status_code == 200
+        # LMDB applies acknowledged writes up to apply_interval later: let it hold them
+        # before the disk fills, so that only the snapshot meets the full disk.
+        _eventually(lambda: _metric(c, "unisondb_lmdb_lag_records") == 0, "LMDB to apply the writes")
         filler = disk.fill(leave=400 << 10)
         r = c.post("/api/v1/default/btree/backup", json={"path": "snaps/s1.db"})
         assert r.status_code == 507, r.text
