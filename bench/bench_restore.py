@@ -38,6 +38,7 @@ import time
 from pathlib import Path
 
 import lmdb
+from run import raw_restore_limit  # the report's own limit: one implementation
 
 from unisondb.restore.apply import REPLAY_BATCH
 from unisondb.storage import record, segment, snapfile
@@ -183,35 +184,10 @@ def limit(root: Path, snap: Path, wal_dir: Path) -> tuple[float, float]:
     Returns (copy seconds, insert seconds)."""
     records = [rec for p in sorted(wal_dir.glob("*.wal")) for rec, _s, _e in segment.scan(p).records]
     dest = root / "limit"
-    dest.mkdir()
     try:
-        t = time.perf_counter()
-        subprocess.run(["cp", str(snap), str(dest / "data.mdb")], check=True)
-        subprocess.run(["sync", str(dest / "data.mdb")], check=True)
-        t_cp = time.perf_counter() - t
-        env = lmdb.open(
-            str(dest),
-            map_size=max(1 << 30, snap.stat().st_size * 4),
-            max_dbs=4,
-            sync=True,
-            metasync=False,
-            readahead=False,
-        )
-        try:
-            kv = env.open_db(b"kv")
-            t = time.perf_counter()
-            for start in range(0, len(records), REPLAY_BATCH):
-                with env.begin(write=True, db=kv) as txn:
-                    for rec in records[start : start + REPLAY_BATCH]:
-                        for e in rec.entries:
-                            txn.put(e.key, e.value)
-            env.sync(True)
-            t_ins = time.perf_counter() - t
-        finally:
-            env.close()
+        return raw_restore_limit(snap, records, dest, REPLAY_BATCH)
     finally:
-        shutil.rmtree(dest)
-    return t_cp, t_ins
+        shutil.rmtree(dest, ignore_errors=True)
 
 
 def copy_and_sync(root: Path, snap: Path) -> float:
