@@ -311,7 +311,12 @@ class Rounds:
                 self.zero_tails += 1
             srv = self.start()
             if isinstance(srv, str):
+                # A server that cannot start on what the cut left is a problem found; the
+                # mount stays up for the final start below (or goes now, when stopping).
                 problems.append(f"round {self.round}: {srv}")
+                if stop_at_first_problem:
+                    self.fs.unmount()
+                    return problems
                 break
             if self.round == 1 and self.sync_first_start:
                 # The first start creates the namespace's directories; a kernel would write
@@ -334,7 +339,8 @@ class Rounds:
                 f"{' (cut mid-backup)' if self.cut_mid_backup else ''}; {stats['fsync']} file and "
                 f"{stats['fsyncdir']} directory syncs this mount"
             )
-        self.fs.mount()
+        if self.fs.proc is None:
+            self.fs.mount()
         if self.zero_tail():
             self.zero_tails += 1
         srv = self.start()
