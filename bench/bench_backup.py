@@ -249,9 +249,13 @@ def copy_ab(root: Path, size_gb: float, repeat: int) -> int:
 # --- snapshot: one pass, cold map, PUTs during snapshots with and without pacing (issue 10) ---
 
 
-def _snap_server(data: Path, extra: list[str], pacing_on: bool = True) -> Server:
+def _snap_server(
+    data: Path, extra: list[str], pacing_on: bool = True, pacing: dict[str, float] | None = None
+) -> Server:
     """A server process on ``data``; ``pacing_on=False`` turns adaptive pacing off
-    (``MAX_SLOWDOWN = 1``) for the A/B, through a ``-c`` wrapper (no flag for it)."""
+    (``MAX_SLOWDOWN = 1``) for the A/B, ``pacing`` sets other constants of
+    ``unisondb.backup.pacing`` (a variant to compare), through a ``-c`` wrapper (no flag
+    for either)."""
     srv = Server.__new__(Server)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -261,6 +265,7 @@ def _snap_server(data: Path, extra: list[str], pacing_on: bool = True) -> Server
     code = (
         "import sys; import unisondb.backup.pacing as p; "
         + ("" if pacing_on else "p.MAX_SLOWDOWN = 1.0; ")
+        + "".join(f"p.{k} = {v!r}; " for k, v in (pacing or {}).items())
         + "from unisondb.cli import main; sys.exit(main())"
     )
     argv = [sys.executable, "-c", code, "--data-dir", str(data), "--http-addr", f"127.0.0.1:{srv.port}"]
@@ -305,13 +310,34 @@ def _hey(url: str, seconds: float, clients: int = 16) -> tuple[float, float]:
     return float(rps.group(1)), float(p99.group(1))
 
 
-def snapshot_ab(scratch: Path, size_gb: float, repeat: int, put_seconds: float) -> int:
+def parse_variant(text: str) -> dict[str, float]:  # int where the text is one
+    """``NAME=VALUE[,NAME=VALUE]`` (constants of ``unisondb.backup.pacing``)."""
+    out: dict[str, float] = {}
+    for part in text.split(","):
+        name, _, value = part.partition("=")
+        if not name.isupper() or not value:
+            raise SystemExit(f"--pacing-variant: want NAME=VALUE[,NAME=VALUE], got {text!r}")
+        out[name] = int(value) if value.lstrip("-").isdigit() else float(value)
+    return out
+
+
+def snapshot_ab(
+    scratch: Path,
+    size_gb: float,
+    repeat: int,
+    put_seconds: float,
+    variants: tuple[str, ...] = (),
+    put_only: bool = False,
+    unpaced: bool = True,
+) -> int:
     """Same run, interleaved, medians of ``repeat``, against a real server:
     1. snapshot (HTTP) vs ``cp`` + ``sync`` of ``data.mdb``, warm page cache;
     2. the first snapshot after a server start (fresh map), page cache warm and with
        ``data.mdb`` evicted first (cold), vs ``cp`` + ``sync`` from a cold cache;
     3. PUT req/s and p99 (``hey``, 16 clients) without snapshots, during back-to-back
-       snapshots with pacing (the default) and without (``MAX_SLOWDOWN = 1``).
+       snapshots with pacing (the default), without (``MAX_SLOWDOWN = 1``; not with
+       ``unpaced=False``) and with each of ``variants`` (``NAME=VALUE,...``: constants of
+       ``unisondb.backup.pacing``); ``put_only`` skips 1 and 2.
     """
     import statistics
 
@@ -340,8 +366,12 @@ def snapshot_ab(scratch: Path, size_gb: float, repeat: int, put_seconds: float) 
         return took
 
     # 1 + 2
+    if put_only:
+        repeat_snap = 0
+    else:
+        repeat_snap = repeat
     res: dict[str, list[float]] = {k: [] for k in ("snap", "cp", "first_warm", "first_cold", "cp_cold")}
-    for r in range(repeat):
+    for r in range(repeat_snap):
         loads.append(os.getloadavg()[0])
         srv = _snap_server(data, [])
         try:
@@ -358,25 +388,37 @@ def snapshot_ab(scratch: Path, size_gb: float, repeat: int, put_seconds: float) 
             res["first_cold"].append(snap(srv.url))
         finally:
             srv.stop()
-    base = statistics.median(res["cp"])
-    print(
-        f"\nsnapshot A/B, {mdb.stat().st_size / 2**20:.0f} MiB data.mdb, load {[round(x, 1) for x in loads]}"
-    )
-    for k, v in res.items():
-        ref = statistics.median(res["cp_cold"]) if k in ("first_cold", "cp_cold") else base
-        runs = " ".join(f"{x:.2f}" for x in v)
-        print(f"| {k} | {med(v)} s | {statistics.median(v) / ref:.2f}x | {runs} |")
+    if repeat_snap:
+        base = statistics.median(res["cp"])
+        print(
+            f"\nsnapshot A/B, {mdb.stat().st_size / 2**20:.0f} MiB data.mdb, "
+            f"load {[round(x, 1) for x in loads]}"
+        )
+        for k, v in res.items():
+            ref = statistics.median(res["cp_cold"]) if k in ("first_cold", "cp_cold") else base
+            runs = " ".join(f"{x:.2f}" for x in v)
+            print(f"| {k} | {med(v)} s | {statistics.median(v) / ref:.2f}x | {runs} |")
 
-    # 3
-    put: dict[str, list[tuple[float, float]]] = {"none": [], "paced": [], "unpaced": []}
-    counts: dict[str, int] = {"paced": 0, "unpaced": 0}
+    # 3: each mode's run is compared with the run without snapshots just before it, on the
+    # same server process (the machine's speed drifts between rounds).
+    modes: dict[str, tuple[bool, dict[str, float]]] = {"paced": (True, {})}
+    if unpaced:
+        modes["unpaced"] = (False, {})
+    for v in variants:
+        modes[v] = (True, parse_variant(v))
+    put: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    ratios: dict[str, list[tuple[float, float]]] = {m: [] for m in modes}
+    counts: dict[str, int] = dict.fromkeys(modes, 0)
     loads = []
+    names = list(modes)
     for r in range(repeat):
-        for mode in ("paced", "unpaced") if r % 2 == 0 else ("unpaced", "paced"):
+        order = names[r % len(names) :] + names[: r % len(names)]
+        for mode in order:
             loads.append(os.getloadavg()[0])
-            srv = _snap_server(data, [], pacing_on=mode == "paced")
+            on, consts = modes[mode]
+            srv = _snap_server(data, [], pacing_on=on, pacing=consts)
             try:
-                put["none"].append(_hey(srv.url, put_seconds / 2))
+                alone = _hey(srv.url, put_seconds / 2)
                 stop = threading.Event()
 
                 def loop(url: str = srv.url, m: str = mode, stop: threading.Event = stop) -> None:
@@ -387,22 +429,26 @@ def snapshot_ab(scratch: Path, size_gb: float, repeat: int, put_seconds: float) 
                 th = threading.Thread(target=loop)
                 th.start()
                 try:
-                    put[mode].append(_hey(srv.url, put_seconds))
+                    during = _hey(srv.url, put_seconds)
                 finally:
                     stop.set()
                     th.join()
+                put[mode].append(during)
+                ratios[mode].append((during[0] / alone[0], during[1] / alone[1]))
             finally:
                 srv.stop()
-    print(f"\nPUT during back-to-back snapshots, load {[round(x, 1) for x in loads]}")
-    b_rps = statistics.median(x[0] for x in put["none"])
-    b_p99 = statistics.median(x[1] for x in put["none"])
+    print(f"\nPUT during back-to-back snapshots ÷ alone just before, load {[round(x, 1) for x in loads]}")
     for k, v in put.items():
         rps = statistics.median(x[0] for x in v)
         p99 = statistics.median(x[1] for x in v)
-        runs = " ".join(f"{a:.0f}/{b * 1000:.1f}ms" for a, b in v)
+        rr = statistics.median(x[0] for x in ratios[k])
+        rp = statistics.median(x[1] for x in ratios[k])
+        runs = " ".join(
+            f"{a:.0f}/{b * 1000:.1f}ms ({x:.2f}x)" for (a, b), (x, _y) in zip(v, ratios[k], strict=True)
+        )
         print(
-            f"| {k} | {rps:.0f} /s ({rps / b_rps:.2f}x) | p99 {p99 * 1000:.1f} ms ({p99 / b_p99:.2f}x) "
-            f"| snapshots {counts.get(k, 0)} | {runs} |"
+            f"| {k} | {rps:.0f} /s ({rr:.2f}x) | p99 {p99 * 1000:.1f} ms ({rp:.2f}x) "
+            f"| snapshots {counts[k]} | {runs} |"
         )
     return 0
 
@@ -550,6 +596,16 @@ def main() -> None:
         help="only the snapshot A/B: vs cp+sync, first snapshot after a start, PUT with/without pacing",
     )
     ap.add_argument(
+        "--pacing-variant",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE[,NAME=VALUE]",
+        help="--snapshot-ab: also PUT during snapshots with these unisondb.backup.pacing constants "
+        "(repeatable), e.g. MAX_SLOWDOWN=8",
+    )
+    ap.add_argument("--put-only", action="store_true", help="--snapshot-ab: only the PUT part")
+    ap.add_argument("--no-unpaced", action="store_true", help="--snapshot-ab: no run without pacing")
+    ap.add_argument(
         "--wal-ab",
         action="store_true",
         help="only the WAL backup A/B (this tree vs --other-src vs cp + sync), in-process servers-free",
@@ -571,7 +627,15 @@ def main() -> None:
     rows: list[tuple[str, str, str, str]] = []
     if args.snapshot_ab:
         try:
-            return snapshot_ab(scratch, args.size_gb, args.repeat, args.put_seconds)
+            return snapshot_ab(
+                scratch,
+                args.size_gb,
+                args.repeat,
+                args.put_seconds,
+                tuple(args.pacing_variant),
+                args.put_only,
+                not args.no_unpaced,
+            )
         finally:
             if not args.keep:
                 shutil.rmtree(scratch, ignore_errors=True)
