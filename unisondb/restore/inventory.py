@@ -328,6 +328,12 @@ class ContentCheck:
             self._memo = (self.info.path.resolve(), sha256, self.info.checkpoint.fp_state)
 
 
+#: CPU niceness of a background content check's workers. A restore's own thread (copy,
+#: structure walk, replay) is its critical path, and the check only has to be done before
+#: publishing: niced, it runs on the CPU time that path leaves (measured, docs/RESTORE.md).
+BACKGROUND_CHECK_NICE = 10
+
+
 def start_content_check(
     info: SnapshotInfo, sha256: str | None, *, background: bool, workers: int = 1
 ) -> ContentCheck:
@@ -342,7 +348,8 @@ def start_content_check(
     # A worker process costs ~0.1-0.3 s to start: worth it only for a big keyspace.
     if background and info.keys >= PARALLEL_MIN_PAIRS:
         try:
-            return ContentCheck(info, memo, start_scan(local, map_size, workers=workers))
+            job = start_scan(local, map_size, workers=workers, nice=BACKGROUND_CHECK_NICE)
+            return ContentCheck(info, memo, job)
         except lmdb.Error as exc:
             raise BackupCorrupt(f"cannot read snapshot {info.path}: {exc}") from exc
     try:

@@ -197,9 +197,11 @@ def scan_lmdb(path: Path, map_size: int, *, db: bytes = b"kv", workers: int | No
     return job.result(first)
 
 
-def start_scan(path: Path, map_size: int, *, db: bytes = b"kv", workers: int = 1) -> ScanJob:
+def start_scan(path: Path, map_size: int, *, db: bytes = b"kv", workers: int = 1, nice: int = 0) -> ScanJob:
     """``scan_lmdb`` entirely in ``workers`` background processes (this one keeps working:
-    a restore replays the WAL meanwhile); ``ScanJob.result()`` waits for the fingerprint."""
+    a restore replays the WAL meanwhile); ``ScanJob.result()`` waits for the fingerprint.
+    ``nice``: the workers' CPU niceness (added to this process's), so that they run on
+    the time the caller's own work leaves over."""
     import lmdb
 
     env = lmdb.open(str(path), subdir=False, readonly=True, lock=False, max_dbs=4, map_size=map_size)
@@ -210,7 +212,7 @@ def start_scan(path: Path, map_size: int, *, db: bytes = b"kv", workers: int = 1
             ranges = _ranges(txn, entries, workers if entries >= PARALLEL_MIN_PAIRS else 1)
     finally:
         env.close()
-    return ScanJob(path, map_size, db, ranges)
+    return ScanJob(path, map_size, db, ranges, nice=nice)
 
 
 #: One key range of a scan: (first key, b"" for the first of the keyspace; number of
@@ -237,12 +239,12 @@ class ScanJob:
     file in this process instead, so damage is reported the same way as without workers.
     """
 
-    def __init__(self, path: Path, map_size: int, db: bytes, ranges: list[_Range]) -> None:
+    def __init__(self, path: Path, map_size: int, db: bytes, ranges: list[_Range], *, nice: int = 0) -> None:
         self.path, self.map_size, self.db = path, map_size, db
         self._procs: list[subprocess.Popen[bytes]] | None = []
         try:
             for r in ranges:
-                self._procs.append(_start_worker(path, map_size, db, *r))
+                self._procs.append(_start_worker(path, map_size, db, *r, nice=nice))
         except OSError:
             self.cancel()
             self._procs = None
@@ -290,14 +292,15 @@ class ScanJob:
 
 
 def _start_worker(
-    path: Path, map_size: int, db: bytes, start: bytes, count: int, end: bytes | None
+    path: Path, map_size: int, db: bytes, start: bytes, count: int, end: bytes | None, *, nice: int = 0
 ) -> subprocess.Popen[bytes]:
     root = str(Path(__file__).resolve().parents[2])  # the directory holding ``unisondb``
     code = (
         f"import sys; sys.path.insert(0, {root!r}); "
         "from unisondb.storage.fingerprint import _worker; _worker()"
     )
-    args = [str(path), str(map_size), db.hex(), start.hex(), str(count), "-" if end is None else end.hex()]
+    end_hex = "-" if end is None else end.hex()
+    args = [str(path), str(map_size), db.hex(), start.hex(), str(count), end_hex, str(nice)]
     return subprocess.Popen(
         [sys.executable, "-c", code, *args],
         stdin=subprocess.DEVNULL,
@@ -310,7 +313,9 @@ def _worker() -> None:
     """Worker process entry: prints ``sum <hex>`` or ``range 0`` (see ``_sum_range``)."""
     import lmdb
 
-    path, map_size, db, start, count, end = sys.argv[1:7]
+    path, map_size, db, start, count, end, nice = sys.argv[1:8]
+    if int(nice):
+        os.nice(int(nice))  # before any work (a plain setpriority: cannot fail upwards)
     env = lmdb.open(path, subdir=False, readonly=True, lock=False, max_dbs=4, map_size=int(map_size))
     try:
         sub = env.open_db(bytes.fromhex(db), create=False)

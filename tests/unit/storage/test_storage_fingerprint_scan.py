@@ -8,6 +8,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import lmdb
@@ -84,3 +85,34 @@ def test_a_keyspace_that_changes_between_cut_and_scan_is_refused(
     env.close()
     with pytest.raises(CorruptSnapshot, match="changed while its key/value pairs were being hashed"):
         fingerprint.ScanJob(path, MAP, b"kv", ranges).result()
+
+
+def _niceness(pid: int) -> int | None:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return None
+    return int(stat.rpartition(")")[2].split()[16])  # field 19, counted after "(comm)"
+
+
+def test_a_background_scan_runs_its_workers_niced(tmp_path: Path) -> None:
+    """A restore's content check runs niced (inventory.BACKGROUND_CHECK_NICE), so the
+    restore's own copy, walk and replay keep their core; the sum is the same."""
+    path = tmp_path / "data.mdb"
+    want = _reference(_db(path, 200_000))  # enough pairs to see the worker while it hashes
+    base = os.getpriority(os.PRIO_PROCESS, 0)
+    job = fingerprint.start_scan(path, MAP, workers=1, nice=7)
+    procs = job._procs
+    assert procs is not None and len(procs) == 1
+    seen: set[int] = set()
+    while procs[0].poll() is None:
+        nice = _niceness(procs[0].pid)
+        if nice is not None:
+            seen.add(nice)
+        time.sleep(0.002)  # a poll interval, not a wait for a guessed moment
+    assert job.result().state() == want
+    assert min(base + 7, 19) in seen, seen
+    plain = fingerprint.start_scan(path, MAP, workers=1)
+    assert plain._procs is not None
+    assert _niceness(plain._procs[0].pid) in (base, None)
+    assert plain.result().state() == want
