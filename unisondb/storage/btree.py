@@ -327,59 +327,18 @@ class BTree:
 
     # --- writes (engine writer thread only) ---
 
-    def apply(
-        self,
-        records: list[Record],
-        checkpoint: Checkpoint,
-        *,
-        every: tuple[int, Callable[[], None]] | None = None,
-    ) -> Checkpoint:
+    def apply(self, records: list[Record], checkpoint: Checkpoint) -> Checkpoint:
         """Apply records and the checkpoint that ends after them in one durable transaction.
 
         ``checkpoint.fp_state`` is the fingerprint *before* these records; the returned
         checkpoint (the one written) carries the fingerprint after them. The old value of
         every key comes from the same write transaction (``replace``/``pop`` return it at
         no extra lookup), so the fingerprint is exact for the data it is committed with.
-        ``every=(n, fn)``: ``fn()`` runs after each ``n`` records, inside the transaction
-        (a restore gives the map's pages back there: ``mapped.py``).
+        The records' entries in order as ``apply_ops`` pairs: one loop for both.
         """
-        written: list[Checkpoint] = []
         put_kind = EntryKind.PUT
-        if every is None:
-            chunks: list[list[Record]] = [records]
-        else:
-            chunks = [records[i : i + every[0]] for i in range(0, len(records), max(every[0], 1))]
-
-        def body(txn: Any) -> None:
-            fp = Fingerprint(checkpoint.fp_state)
-            kv = self._kv
-            put, pop = txn.replace, txn.pop
-            # The pairs added and removed, hashed once per chunk (``Fingerprint.change``).
-            added: list[tuple[bytes, bytes]] = []
-            removed: list[tuple[bytes, bytes]] = []
-            for chunk in chunks:
-                for rec in chunk:
-                    for e in rec.entries:
-                        if e.kind == put_kind:
-                            old = put(e.key, e.value, db=kv)
-                            added.append((e.key, e.value))
-                        else:
-                            old = pop(e.key, db=kv)
-                        if old is not None:
-                            removed.append((e.key, old))
-                    if len(added) + len(removed) >= 1024:
-                        fp.change(added, removed)
-                        added.clear()
-                        removed.clear()
-                if every is not None:
-                    every[1]()
-            fp.change(added, removed)
-            cp = replace(checkpoint, fp_state=fp.state())
-            txn.put(CHECKPOINT_KEY, cp.encode(), db=self._meta)
-            written[:] = [cp]
-
-        self._write(body)
-        return written[0]
+        ops = [(e.key, e.value if e.kind == put_kind else None) for rec in records for e in rec.entries]
+        return self.apply_ops(ops, checkpoint)
 
     def apply_ops(
         self,
@@ -388,11 +347,12 @@ class BTree:
         *,
         every: tuple[int, Callable[[], None]] | None = None,
     ) -> Checkpoint:
-        """``apply`` for a restore's replay: the entries of consecutive records as one flat
-        list of (key, value) pairs, value None for a delete (``walk.Walk.records(ops=...)``),
-        so that no object is built per record. The same single transaction, fingerprint
-        (the old value of every key from the same transaction) and returned checkpoint as
-        ``apply``; ``every=(n, fn)`` runs ``fn()`` after each ``n`` entries."""
+        """``apply`` of a flat list of (key, value) pairs, value None for a delete: what a
+        restore's replay decodes (``walk.Walk.records(ops=...)``, no object per record) and
+        what ``apply`` turns records into. One transaction, the fingerprint from the old
+        value of every key in the same transaction, the checkpoint after them returned;
+        ``every=(n, fn)`` runs ``fn()`` after each ``n`` entries, inside the transaction (a
+        restore gives the map's pages back there: ``mapped.py``)."""
         written: list[Checkpoint] = []
         step = max(len(ops) if every is None else every[0], 1)
 

@@ -13,7 +13,7 @@ pages that are in the page cache ("fault-around", measured here even under
 ``MADV_RANDOM``, which LMDB sets), so a transaction of a few thousand puts at random keys
 maps ~64 KiB per put — hundreds of MiB of a big B-tree within one transaction. A restore
 therefore releases every few hundred records inside its transactions
-(``BTree.apply(every=...)``). That is safe in the middle of an LMDB transaction: without
+(``BTree.apply_ops(every=...)``). That is safe in the middle of an LMDB transaction: without
 ``MDB_WRITEMAP`` LMDB never writes through the map, and the pages a transaction reads are
 not rewritten while it runs, so a page touched again is mapped again with the same bytes.
 

@@ -78,8 +78,9 @@ def test_snapshot_leaves_half_the_map_free_for_writes_during_the_copy(tmp_path: 
 
 def test_apply_ops_equals_apply(tmp_path: Path) -> None:
     # The restore's bulk apply (flat entries, ``walk.Walk.records(ops=...)``) writes the
-    # same data and the same checkpoint as ``apply`` of the records: overwrites, deletes
-    # of present and absent keys, a key put twice in one transaction, an empty value.
+    # same data and the same checkpoint as ``apply`` of the records (its thin wrapper), and
+    # both are checked against the expected pairs and a full scan's fingerprint: overwrites,
+    # deletes of present and absent keys, a key put twice in one transaction, an empty value.
     recs = [
         Record(1, 10, (Entry(EntryKind.PUT, b"a", b"1"), Entry(EntryKind.PUT, b"b", b"2"))),
         Record(2, 11, (Entry(EntryKind.PUT, b"a", b"3"),)),
