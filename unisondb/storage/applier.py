@@ -38,7 +38,8 @@ from unisondb.errors import StorageError, UnisonDBError
 from unisondb.storage import memtable, testseam
 from unisondb.storage.btree import BTree, Checkpoint
 from unisondb.storage.memtable import MemTable
-from unisondb.storage.record import Entry, Record
+from unisondb.storage.record import EntryKind
+from unisondb.storage.walk import Op
 
 log = structlog.get_logger(__name__)
 
@@ -49,18 +50,19 @@ IDLE_GAP = 0.005
 BATCH_RECORDS = memtable.WAKE_RECORDS
 
 
-def _net_effect(batches: list[memtable.Batch], tail: Record) -> Record:
-    """The records of ``batches`` as one record with the same effect: the last entry of
-    each key, in LSN order (LMDB ends in the same state, and the fingerprint, a function
-    of the state, is the same: ``h(k, v0)`` out and ``h(k, vn)`` in, the values between
-    cancel). A key written n times in a transaction then costs one LMDB write and two
-    hashes instead of n and 2n."""
-    net: dict[bytes, Entry] = {}
+def _net_effect(batches: list[memtable.Batch]) -> list[Op]:
+    """The records of ``batches`` as ``BTree.apply_ops`` pairs with the same effect: the
+    last value of each key (None: deleted), keys in the order first written (LMDB ends in
+    the same state, and the fingerprint, a function of the state, is the same: ``h(k, v0)``
+    out and ``h(k, vn)`` in, the values between cancel). A key written n times in a
+    transaction then costs one LMDB write and two hashes instead of n and 2n."""
+    put = EntryKind.PUT
+    net: dict[bytes, bytes | None] = {}
     for b in batches:
         for rec in b.records:
             for e in rec.entries:
-                net[e.key] = e
-    return Record(tail.lsn, tail.time_ns, tuple(net.values()))
+                net[e.key] = e.value if e.kind == put else None
+    return list(net.items())
 
 
 class Applier:
@@ -151,8 +153,8 @@ class Applier:
         tail = last.records[-1]
         testseam.hold("apply")
         try:
-            cp = self.btree.apply(
-                [_net_effect(batches, tail)],
+            cp = self.btree.apply_ops(
+                _net_effect(batches),
                 self.checkpoint.advance(tail.lsn, last.segment_id, last.end, tail.time_ns),
             )
         except UnisonDBError as exc:
