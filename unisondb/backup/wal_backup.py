@@ -13,19 +13,21 @@ published with one directory fsync each (``files.Batch``). Per segment:
    (segment id, namespace, last LSN) — cheap, and it catches a wrong or truncated file;
 2. read it whole, once (one segment in memory; from the page cache when it was written
    recently), and on those bytes check every record's CRC32C, LSN contiguity and the
-   footer with ``segment.scan`` while a second thread computes their SHA-256 (hashlib
-   runs without the GIL): a damaged segment is refused (``CorruptLog``, 500, naming the
-   file and offset) instead of copied and vouched for;
-3. (once the hash is done — it runs on behind the checks and the copy) compare that
-   SHA-256 with the one the WAL writer recorded at seal time
-   (``SegmentInfo.sha256``, else ``<segment>.sha256`` in ``wal/``; ``storage/seghash.py``).
-   The checked bytes win: a missing record is written (first need), a disagreeing one is
-   logged (``wal_backup.recorded_sha256_mismatch``) and rewritten, and never published;
+   footer with the one WAL walker: a damaged segment is refused (``CorruptLog``, 500,
+   naming the file and offset) instead of copied and vouched for. Header, records and
+   footer are all under a CRC, so bytes that pass are the bytes the writer wrote;
+3. the sidecar is the SHA-256 the WAL writer recorded at seal time when it still stands
+   for the file (``_seal_time_hash``: this process's seal, or a ``wal/<segment>.sha256``
+   not older than the segment's last change; ``storage/seghash.py``) — no second hash of
+   every byte. Without one (or for a file already in the target) a second thread hashes
+   the checked bytes and compares with any recorded hash: the checked bytes win, a missing
+   record is written (first need), a stale one logged (``wal_backup.recorded_sha256_mismatch``)
+   and rewritten, and never published;
 4. if ``%09d.wal`` already exists in the target: identical (sha256) → nothing to copy, it
    is still reported; different → ``Conflict`` naming the file, never an overwrite;
 5. otherwise kernel-copy the source to ``%09d.wal.tmp`` (``files.copy_range``: the pages
    just read are copied from the page cache, not read from disk again) and write
-   ``%09d.wal.sha256.tmp``; the source's identity (inode, size, mtime) must be unchanged
+   ``%09d.wal.sha256.tmp``; the source's identity (inode, size, mtime, ctime) must be unchanged
    after the copy, so the bytes copied are the bytes checked;
 6. at the end of the batch: every ``.tmp`` fsynced (behind the copy, on another thread),
    all renamed — segment, then its sidecar — then ONE directory fsync.
@@ -217,11 +219,18 @@ def _stage_segment(
     except OSError as exc:
         raise from_os_error(exc, info.path) from exc
     try:
+        side = checksum.sidecar_name(name)
+        dest_st = tdir.require_regular(name)
+        side_st = tdir.require_regular(side)
         with phases.timed("read"):
             _check_source(engine, info, src)
             before = _identity(src, info)
-            hashed = _read_checked(src, info, hasher)
-        checked = [False]
+            # A file already in the target is compared by content: with the hash of the
+            # bytes checked now, never with a recorded one (a wrong record would read as a
+            # Conflict). Re-running a backup is the rare path.
+            recorded = None if dest_st or side_st else _seal_time_hash(info, before[4])
+            hashed = _read_checked(src, info, hasher, recorded)
+        checked = [recorded is not None]
 
         def checked_hex() -> str:
             # The hash runs on ``hasher`` behind the record checks and the copy; it is
@@ -233,7 +242,6 @@ def _stage_segment(
                     checked[0] = True
             return digest
 
-        dest_st = tdir.require_regular(name)
         if dest_st is not None:
             source_hex = checked_hex()
             existing = tdir.hash_file(name)
@@ -251,8 +259,7 @@ def _stage_segment(
         group: list[tuple[str, Callable[[int], object]]] = [
             (name, lambda fd: _copy(src, fd, info, before, throttle))
         ]
-        side = checksum.sidecar_name(name)
-        if tdir.require_regular(side) is not None:
+        if side_st is not None:
             checksum.ensure_sidecar(tdir, name, checked_hex())  # Conflict before copying
         else:
             group.append((side, lambda fd: _write_sidecar(fd, name, checked_hex())))
@@ -263,16 +270,36 @@ def _stage_segment(
         os.close(src)
 
 
-def _identity(src: int, info: SegmentInfo) -> tuple[int, int, int, int]:
+def _identity(src: int, info: SegmentInfo) -> tuple[int, int, int, int, int]:
+    """(device, inode, size, mtime, ctime) of the open source: unchanged from the check to
+    the end of the copy means the bytes copied are the bytes checked."""
     try:
         st = os.fstat(src)
     except OSError as exc:
         raise from_os_error(exc, info.path) from exc
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _seal_time_hash(info: SegmentInfo, changed_ns: int) -> str | None:
+    """The SHA-256 recorded when the segment was sealed, if it still stands for the file.
+
+    This process's own seal (``SegmentInfo.sha256``: hashed from the bytes the writer
+    wrote, in memory) always does; a ``wal/<segment>.sha256`` from an earlier run does
+    unless the segment changed after it was written (``seghash.read``: ctime vs mtime).
+    Used, it spares the backup a second hash of every byte (the CPU that kept a WAL backup
+    above ``cp``); the record checks still run on every byte (docs/ARCHITECTURE.md, "what
+    a WAL backup's .sha256 vouches for")."""
+    if info.sha256 is not None:
+        return info.sha256
+    return seghash.read(info.path, changed_ns)
 
 
 def _copy(
-    src: int, dst: int, info: SegmentInfo, before: tuple[int, int, int, int], throttle: Throttle | None
+    src: int,
+    dst: int,
+    info: SegmentInfo,
+    before: tuple[int, int, int, int, int],
+    throttle: Throttle | None,
 ) -> None:
     with phases.timed("write"):
         files.copy_range(src, dst, info.size, throttle)
@@ -326,15 +353,18 @@ def _drop_cache(src: int) -> None:
         pass  # advice only
 
 
-def _read_checked(src: int, info: SegmentInfo, hasher: ThreadPoolExecutor) -> Future[str]:
-    """Read the whole sealed segment once and check it record by record; its sha256 hex
-    (being computed on ``hasher``).
+def _read_checked(
+    src: int, info: SegmentInfo, hasher: ThreadPoolExecutor, recorded: str | None
+) -> Future[str]:
+    """Read the whole sealed segment once and check it record by record; its sha256 hex:
+    ``recorded`` (the seal-time hash, ``_seal_time_hash``) or, without one, the hash of
+    these bytes (being computed on ``hasher``).
 
     Every record's CRC32C, LSN contiguity from the header's first LSN, and the footer
     (count, last LSN, time range) are checked by the same scanner recovery uses, on the
-    bytes just read, while ``hasher`` hashes those same bytes: what the ``.sha256`` vouches
-    for is what was checked. Memory is one segment (``--wal-segment-size``, 16 MiB by
-    default).
+    bytes just read (header and footer CRCs by ``_check_source``): every byte of a
+    segment is under a CRC, so bytes that pass are the bytes the writer hashed at seal.
+    Memory is one segment (``--wal-segment-size``, 16 MiB by default).
     """
     try:
         data = os.pread(src, info.size + 1, 0)  # one read; + 1: a file that grew is seen
@@ -353,7 +383,12 @@ def _read_checked(src: int, info: SegmentInfo, hasher: ThreadPoolExecutor) -> Fu
             f"{info.path} changed size while being copied ({len(data)} bytes read, "
             f"{info.size} expected); a sealed segment must never change"
         )
-    digest = hasher.submit(_sha256_hex, data)
+    digest: Future[str]
+    if recorded is not None:
+        digest = Future()
+        digest.set_result(recorded)
+    else:
+        digest = hasher.submit(_sha256_hex, data)
     try:
         # Every check of ``segment.scan`` without decoding the entries (one walker).
         scanned = segment.walk_bytes(info.path, data)
@@ -380,12 +415,12 @@ def _sha256_hex(data: bytes) -> str:
 
 
 def _cross_check(info: SegmentInfo, checked_hex: str) -> None:
-    """Compare the hash of the checked bytes with the one recorded at seal time.
+    """Compare the hash of the checked bytes (computed because no seal-time hash stood
+    for the file, or a file already in the target needed a fresh one) with the recorded one.
 
-    The checked bytes win whatever the record says (``seghash.py``: a recorded hash is a
-    hint, never trusted alone): a missing or torn record is written now ("first need"),
-    a disagreeing one is logged and rewritten. Either way the backup's sidecar is the hash
-    of the bytes whose every record was just checked.
+    The checked bytes win whatever the record says: a missing or torn record is written
+    now ("first need"), a disagreeing one is logged and rewritten. Either way the backup's
+    sidecar is the hash of the bytes whose every record was just checked.
     """
     in_memory = info.sha256
     recorded = in_memory if in_memory is not None else seghash.read(info.path)

@@ -11,15 +11,24 @@ back). A segment sealed on open after a crash, or one written before this file e
 has none until its hash is first needed (a WAL backup hashes what it checked and records
 it).
 
-Trust: **none**. The file is a hint that a WAL backup cross-checks, not a proof:
+Trust: the hash stands for the segment's bytes only while the segment has not changed
+since it was recorded; a WAL backup then publishes it without hashing the segment again
+(it still checks every byte's CRC32C on the way: header, records and footer are all
+CRC-covered). ``read(path, changed_ns=...)`` enforces that:
 
 * it is written ``<name>.sha256.<pid>-<n>.tmp`` → rename, *without* fsync (the seal is on
   the writer's path and must not pay two more fsyncs). After a power cut it may be
   missing, empty or torn; ``read`` then returns None (torn/unparseable files are ignored,
   and removed at the next open) and the hash is computed again on first need;
-* it may be stale (a segment file replaced by hand beside an old sidecar): a WAL backup
-  hashes the bytes it checked record by record and compares; on a mismatch the bytes win,
-  the mismatch is logged and the sidecar rewritten (``unisondb/backup/wal_backup.py``);
+* it may be stale (a segment file replaced, rewritten or re-permissioned after the hash
+  was recorded): the segment's inode-change time (``st_ctime``, which no user call can set)
+  is then later than the sidecar's modification time, and ``read`` returns None, so the
+  backup hashes the bytes it checked and rewrites the file. A sidecar whose mtime was set
+  back (``cp -p``, ``tar``) is only ever *more* suspect, never less;
+* what it cannot see is a sidecar edited by hand to a wrong digest after the seal: the
+  backup would publish that digest, and ``unisondb backup verify`` / every restore (which
+  hash what they read) refuse the copy — the segment's bytes themselves are still
+  CRC-checked and correct (docs/ARCHITECTURE.md, "what a WAL backup's .sha256 vouches for");
 * it is removed with its segment (``Wal.delete_segment``); one left by a crash between the
   two unlinks, a torn one, or a ``.tmp``, is removed when the WAL is opened (``clean``).
 """
@@ -42,13 +51,17 @@ def sidecar_path(segment_path: Path) -> Path:
     return segment_path.with_name(segment_path.name + SUFFIX)
 
 
-def read(segment_path: Path) -> str | None:
+def read(segment_path: Path, changed_ns: int | None = None) -> str | None:
     """The digest recorded for ``segment_path``, or None if there is none usable.
 
     Missing, unreadable, torn, or naming another file: all None (never an error — the
-    caller computes the hash instead)."""
+    caller computes the hash instead). ``changed_ns``: the segment's ``st_ctime_ns``; a
+    sidecar last modified before it is stale (the segment changed after its hash was
+    recorded): None. Both times come from the same kernel clock."""
     try:
         with open(sidecar_path(segment_path), "rb") as f:
+            if changed_ns is not None and os.fstat(f.fileno()).st_mtime_ns < changed_ns:
+                return None
             text = f.read(4096).decode("utf-8", errors="replace")
     except OSError:
         return None

@@ -7,7 +7,6 @@ wrong), and each test says so.
 
 from __future__ import annotations
 
-import dataclasses
 import errno
 import hashlib
 import os
@@ -26,7 +25,6 @@ from unisondb.errors import StorageError
 from unisondb.storage import fsutil, layout, seghash
 from unisondb.storage.engine import Engine
 from unisondb.storage.seghash import SegmentHasher
-from unisondb.storage.wal import SegmentInfo
 
 NS = "users"
 
@@ -175,7 +173,7 @@ def test_retention_deletes_the_sidecar_and_open_removes_orphans_and_torn_ones(
 # --- a stale, torn or wrong recorded hash is detected and never published ---
 
 
-@pytest.mark.parametrize("bad", ["wrong", "torn", "other-name"])
+@pytest.mark.parametrize("bad", ["stale", "torn", "other-name"])
 def test_a_stale_recorded_hash_is_detected_and_never_published(data_dir: Path, bad: str) -> None:
     eng = Engine.open(data_dir, NS, EngineConfig(segment_size=64 << 10))
     fill(eng, 40)
@@ -186,8 +184,12 @@ def test_a_stale_recorded_hash_is_detected_and_never_published(data_dir: Path, b
         seg = eng.sealed_segments()[1]
         assert seg.sha256 is None
         side = seghash.sidecar_path(seg.path)
-        if bad == "wrong":  # e.g. the segment file was replaced beside an old sidecar
+        if bad == "stale":
+            # The segment changed after its hash was recorded (replaced by hand beside an
+            # old sidecar): its inode-change time is later than the sidecar's mtime.
             side.write_text(f"{'ab' * 32}  {seg.path.name}\n")
+            changed = seg.path.stat().st_ctime_ns
+            os.utime(side, ns=(changed - 10**9, changed - 10**9))
         elif bad == "torn":  # a power cut after the unsynced rename
             side.write_bytes(b"3f2a")
         else:
@@ -200,30 +202,99 @@ def test_a_stale_recorded_hash_is_detected_and_never_published(data_dir: Path, b
         assert (out / (seg.path.name + ".sha256")).read_text() == f"{sha(seg.path)}  {seg.path.name}\n"
         assert seghash.read(seg.path) == sha(seg.path)  # repaired
         mismatches = [e for e in logs if e["event"] == "wal_backup.recorded_sha256_mismatch"]
-        assert [e["recorded"] for e in mismatches] == (["ab" * 32] if bad == "wrong" else [])
+        assert [e["recorded"] for e in mismatches] == (["ab" * 32] if bad == "stale" else [])
     finally:
         eng.close()
 
 
-def test_a_wrong_in_memory_hash_is_detected_and_never_published(
+def _count_hashing(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """A spy (the real hash still runs): how many segments the backup hashed itself."""
+    calls: list[int] = []
+    real = wal_backup._sha256_hex
+
+    def counting(data: bytes) -> str:
+        calls.append(len(data))
+        return real(data)
+
+    monkeypatch.setattr(wal_backup, "_sha256_hex", counting)
+    return calls
+
+
+def test_a_seal_time_hash_is_published_without_hashing_again(
+    data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """This process's seal and a sidecar recorded by an earlier run both stand for the
+    file (unchanged since): the backup checks every record's CRC but does not hash again;
+    a segment whose sidecar is missing is hashed (first need), and only that one."""
+    calls = _count_hashing(monkeypatch)
+    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=64 << 10))
+    fill(eng, 40)
+    eng.rotate()
+    try:
+        assert all(s.sha256 for s in eng.sealed_segments())
+        backup_wal(eng, target(eng, "w1"), 0)
+        assert calls == []
+        sha256sum_c(dest_dir(eng, "w1"))
+    finally:
+        eng.close()
+    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=64 << 10))
+    try:
+        sealed = eng.sealed_segments()
+        assert all(s.sha256 is None for s in sealed)  # an earlier run's: from wal/*.sha256
+        seghash.sidecar_path(sealed[2].path).unlink()
+        copies = backup_wal(eng, target(eng, "w2"), 0)
+        assert calls == [sealed[2].size]
+        assert [c.sha256 for c in copies] == [sha(s.path) for s in sealed]
+        sha256sum_c(dest_dir(eng, "w2"))
+    finally:
+        eng.close()
+
+
+def test_a_file_already_in_the_target_is_compared_by_its_checked_bytes(
     engine: Engine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """FAKE: the WAL writer's own hash is wrong (a bug no real part produces on demand);
-    the segment table is handed out with one wrong ``sha256``."""
-    real = engine.sealed_segments()
-    wrong = [dataclasses.replace(s, sha256="00" * 32) if i == 0 else s for i, s in enumerate(real)]
+    """Re-running a backup into the same directory hashes the source: a recorded hash is
+    never what decides between "identical" and Conflict."""
+    calls = _count_hashing(monkeypatch)
+    first = backup_wal(engine, target(engine, "w"), 0)
+    again = backup_wal(engine, target(engine, "w"), 0)
+    assert [c.copied for c in again] == [False] * len(first)
+    assert len(calls) == len(first)
 
-    def sealed() -> list[SegmentInfo]:
-        return wrong
 
-    monkeypatch.setattr(engine, "sealed_segments", sealed)
-    with structlog.testing.capture_logs() as logs:
-        copies = backup_wal(engine, target(engine, "w"), 0)
-    assert copies[0].sha256 == sha(real[0].path)
-    sha256sum_c(dest_dir(engine, "w"))
-    assert [e["source"] for e in logs if e["event"] == "wal_backup.recorded_sha256_mismatch"] == [
-        "this process's seal"
-    ]
+def test_a_sidecar_edited_by_hand_after_the_seal_is_caught_by_the_copy_check(
+    data_dir: Path,
+) -> None:
+    """The one case the seal-time hash cannot see (docs/ARCHITECTURE.md): a wal/ sidecar
+    rewritten by hand, newer than its segment. The backup publishes it, and the copy's own
+    check (sha256sum -c, as every restore and ``backup verify`` do) refuses that file,
+    naming it; the segment's bytes were CRC-checked and are right."""
+    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=64 << 10))
+    fill(eng, 40)
+    eng.rotate()
+    eng.close()
+    eng = Engine.open(data_dir, NS, EngineConfig(segment_size=64 << 10))
+    try:
+        seg = eng.sealed_segments()[1]
+        seghash.sidecar_path(seg.path).write_text(f"{'ab' * 32}  {seg.path.name}\n")
+        backup_wal(eng, target(eng, "w"), 0)
+        out = dest_dir(eng, "w")
+        assert (out / seg.path.name).read_bytes() == seg.path.read_bytes()
+        check = subprocess.run(
+            ["sha256sum", "-c", "--strict", seg.path.name + ".sha256"],
+            cwd=out,
+            capture_output=True,
+            text=True,
+        )
+        assert check.returncode == 1 and f"{seg.path.name}: FAILED" in check.stdout
+        # What docs/OPERATIONS.md tells the operator: delete both sidecars, run it again.
+        seghash.sidecar_path(seg.path).unlink()
+        (out / (seg.path.name + ".sha256")).unlink()
+        again = backup_wal(eng, target(eng, "w"), 0)
+        assert not any(c.copied for c in again)
+        sha256sum_c(out)
+    finally:
+        eng.close()
 
 
 # --- the batched publish ---
