@@ -349,7 +349,7 @@ class Batch:
                 # every value.
                 os.fchmod(st.fd, 0o600)
                 write(st.fd)
-                st.synced = self._syncer.submit(fsutil.fsync, st.fd)
+                st.synced = self._syncer.submit(_fsync_and_uncache, st.fd)
         except OSError as exc:
             self._drop(group)
             raise from_os_error(exc, self.tdir.path / current) from exc
@@ -357,6 +357,17 @@ class Batch:
             self._drop(group)
             raise
         self._groups.append(group)
+
+    def uncache_behind(self, fd: int) -> None:
+        """Evict a source the caller has finished with from the page cache, on the syncer
+        thread: ``posix_fadvise(DONTNEED)`` frees every page, which costs about a sixth
+        of a WAL backup's time when done inline (py-spy). The syncer owns a duplicate of
+        ``fd``; advice only, never an error."""
+        try:
+            dup = os.dup(fd)
+        except OSError:
+            return
+        self._syncer.submit(_uncache_and_close, dup)
 
     def _create(self, name: str) -> _Staged:
         tmp = name + TMP_SUFFIX
@@ -393,7 +404,6 @@ class Batch:
                     failed = st.name
                     assert st.synced is not None
                     st.synced.result()
-                    _drop_cache(st.fd)
             except BaseException as exc:
                 error = exc
                 break
@@ -452,6 +462,18 @@ class Batch:
                 self._job.untrack(st.tmp)
             if not st.renamed:
                 _unlink_quietly(self.tdir.fd, st.tmp)
+
+
+def _fsync_and_uncache(fd: int) -> None:
+    fsutil.fsync(fd)
+    _drop_cache(fd)  # clean pages now: evicted at once
+
+
+def _uncache_and_close(fd: int) -> None:
+    try:
+        _drop_cache(fd)
+    finally:
+        os.close(fd)
 
 
 def _drop_cache(fd: int) -> None:

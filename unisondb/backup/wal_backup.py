@@ -254,7 +254,7 @@ def _stage_segment(
                 )
             checksum.ensure_sidecar(tdir, name, source_hex, batch)
             batch.dir_dirty = True  # a previous run may have died before its directory fsync
-            _drop_cache(src)
+            batch.uncache_behind(src)
             return WalCopy(info.segment_id, dest, info.size, source_hex, copied=False)
         group: list[tuple[str, Callable[[int], object]]] = [
             (name, lambda fd: _copy(src, fd, info, before, throttle))
@@ -264,7 +264,9 @@ def _stage_segment(
         else:
             group.append((side, lambda fd: _write_sidecar(fd, name, checked_hex())))
         batch.add(group)
-        _drop_cache(src)
+        # The server never reads a sealed segment again in normal operation: uncache it
+        # (on the syncer thread; ``add`` has finished copying).
+        batch.uncache_behind(src)
         return WalCopy(info.segment_id, dest, info.size, checked_hex(), copied=True)
     finally:
         os.close(src)
@@ -343,14 +345,6 @@ def _check_source(engine: Engine, info: SegmentInfo, src: int) -> None:
             path=info.path,
             offset=size - segment.FOOTER_SIZE,
         )
-
-
-def _drop_cache(src: int) -> None:
-    """The server never reads a sealed segment again in normal operation: uncache it."""
-    try:
-        os.posix_fadvise(src, 0, 0, os.POSIX_FADV_DONTNEED)
-    except OSError:
-        pass  # advice only
 
 
 def _read_checked(
