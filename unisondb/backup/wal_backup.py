@@ -46,6 +46,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import structlog
 
@@ -228,7 +229,7 @@ def _stage_segment(
             # A file already in the target is compared by content: with the hash of the
             # bytes checked now, never with a recorded one (a wrong record would read as a
             # Conflict). Re-running a backup is the rare path.
-            recorded = None if dest_st or side_st else _seal_time_hash(info, before[4])
+            recorded = None if dest_st or side_st else _seal_time_hash(info, before.ctime_ns)
             hashed = _read_checked(src, info, hasher, recorded)
         checked = [recorded is not None]
 
@@ -272,14 +273,23 @@ def _stage_segment(
         os.close(src)
 
 
-def _identity(src: int, info: SegmentInfo) -> tuple[int, int, int, int, int]:
-    """(device, inode, size, mtime, ctime) of the open source: unchanged from the check to
-    the end of the copy means the bytes copied are the bytes checked."""
+class _Identity(NamedTuple):
+    """Of the open source: unchanged from the check to the end of the copy means the bytes
+    copied are the bytes checked."""
+
+    dev: int
+    ino: int
+    size: int
+    mtime_ns: int
+    ctime_ns: int
+
+
+def _identity(src: int, info: SegmentInfo) -> _Identity:
     try:
         st = os.fstat(src)
     except OSError as exc:
         raise from_os_error(exc, info.path) from exc
-    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+    return _Identity(st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns)
 
 
 def _seal_time_hash(info: SegmentInfo, changed_ns: int) -> str | None:
@@ -300,7 +310,7 @@ def _copy(
     src: int,
     dst: int,
     info: SegmentInfo,
-    before: tuple[int, int, int, int, int],
+    before: _Identity,
     throttle: Throttle | None,
 ) -> None:
     with phases.timed("write"):
